@@ -1,0 +1,1 @@
+"""fractal_pretrain: IFS fractal images (NumPy reference, CuPy kernels) for pre-training."""

@@ -1,0 +1,79 @@
+"""Config helpers shared by every dataclass config: one-line errors, dotted overrides, YAML loading."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad config key or value. The message is one line naming the key, the value and what is allowed."""
+
+
+def check_range(name: str, value, low=None, high=None, *, integer: bool = False) -> None:
+    """Raise ConfigError unless low <= value <= high (either bound may be None)."""
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        wanted = "an integer" if integer else "a number"
+        raise ConfigError(f"{name}={value!r}: must be {wanted}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+        raise ConfigError(f"{name}={value!r}: must be in {bounds}")
+
+
+def check_pair(name: str, pair, low=None, high=None) -> None:
+    """A (lo, hi) range with lo <= hi, both within [low, high]."""
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise ConfigError(f"{name}={pair!r}: must be a pair [low, high]")
+    for value in pair:
+        check_range(name, value, low, high)
+    if pair[0] > pair[1]:
+        raise ConfigError(f"{name}={list(pair)!r}: low must not exceed high")
+
+
+def check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r}: must be one of {', '.join(map(str, allowed))}")
+
+
+def _coerce(cls, name: str, value):
+    """Turn YAML/CLI values into the field's declared type (lists -> tuples for pairs)."""
+    hint = typing.get_type_hints(cls).get(name)
+    origin = typing.get_origin(hint)
+    if origin is tuple and isinstance(value, list):
+        return tuple(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def replace_checked(config, overrides: dict[str, Any] | None):
+    """dataclasses.replace with unknown keys reported by name, values coerced to the field types."""
+    if not overrides:
+        return config
+    fields = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ConfigError(
+            f"unknown key {unknown[0]!r} for {type(config).__name__}; allowed: {', '.join(sorted(fields))}"
+        )
+    cls = type(config)
+    return dataclasses.replace(config, **{k: _coerce(cls, k, v) for k, v in overrides.items()})
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Load a YAML mapping, with an error that names the file."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping, not {type(data).__name__}")
+    return data

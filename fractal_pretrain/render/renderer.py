@@ -1,0 +1,152 @@
+"""Renderers: keys (seed, epoch, sample indices) in, labelled fractal images out.
+
+``ReferenceRenderer`` runs the NumPy reference (``reference.py``) anywhere; ``CupyRenderer``
+(``cupy_renderer.py``) runs the same pipeline as CUDA kernels. Both share planning, labels and
+metadata from this module, so they differ only in where the pixels are made.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fractal_pretrain.config import ConfigError, check_range
+from fractal_pretrain.ifs.bank import SystemBank, cached_bank
+from fractal_pretrain.recipes import Recipe
+from fractal_pretrain.render import reference
+from fractal_pretrain.render.params import (
+    ItemPlan,
+    SamplePlan,
+    object_size,
+    plan_items,
+    plan_samples,
+    slots_per_sample,
+)
+
+MIN_SIZE = 8
+MAX_SIZE = 4096
+
+
+@dataclass
+class RenderedBatch:
+    """Images, labels and the generation record of a batch of samples."""
+
+    images: np.ndarray  # (B, H, W, 3) uint8 on the host
+    labels: np.ndarray  # (B,) int64 classes, or (B, num_classes) uint8 multi-hot
+    recipe: Recipe
+    seed: int
+    epoch: int
+    samples: SamplePlan
+    items: ItemPlan
+    points: np.ndarray  # (I,) recorded points per item (0 = degenerate system)
+    size: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def degenerate(self) -> int:
+        """Active fractals that produced no finite point (they render as background only)."""
+        return int(((self.points == 0) & self.items.active).sum())
+
+    def metadata(self, i: int) -> dict:
+        """JSON-serialisable record of sample i: its key and every generation parameter."""
+        s, slots = self.samples, slots_per_sample(self.recipe)
+        objects = []
+        for item in range(i * slots, i * slots + int(s.num_objects[i])):
+            it = self.items
+            objects.append({
+                "system": int(it.system[item]),
+                "class": int(it.object_class[item]),
+                "jitter": int(it.jitter_try[item]),
+                "shift": [float(v) for v in it.shift[item]],
+                "scale": [float(v) for v in it.scale[item]],
+                "patch_mask": int(it.mask[item]),
+                "flips": int(it.flips[item]),
+                "hue_shift": float(it.hue_shift[item]),
+                "saturation": int(it.sat8[item]),
+                "value": int(it.val8[item]),
+                "points": int(self.points[item]),
+                **({"side": int(it.side[item]), "top": int(it.top[item]), "left": int(it.left[item])}
+                   if self.recipe.multi_object else {}),
+            })
+        label = self.labels[i]
+        return {
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "index": int(s.index[i]),
+            "recipe": self.recipe.name,
+            "size": self.size,
+            "label": label.nonzero()[0].tolist() if self.recipe.multi_label else int(label),
+            "blur_sigma": float(s.blur_sigma[i]) if s.blur[i] else None,
+            "objects": objects,
+        }
+
+
+def make_labels(recipe: Recipe, samples: SamplePlan, items: ItemPlan) -> np.ndarray:
+    if not recipe.multi_label:
+        return samples.label.copy()
+    slots = slots_per_sample(recipe)
+    hot = np.zeros((len(samples.index), recipe.num_classes), dtype=np.uint8)
+    sample = np.arange(len(items.active)) // slots
+    hot[sample[items.active], items.object_class[items.active]] = 1
+    return hot
+
+
+class Renderer:
+    """Shared part of both renderers: validation, the bank, planning and labels."""
+
+    device = "cpu"
+
+    def __init__(self, recipe: Recipe, *, size: int = 256, seed: int = 0,
+                 bank: SystemBank | None = None, cache_dir: Path | None = None):
+        check_range("size", size, MIN_SIZE, MAX_SIZE, integer=True)
+        check_range("seed", seed, 0, 2**32 - 1, integer=True)
+        if recipe.multi_object and size // 2 < MIN_SIZE:
+            raise ConfigError(f"size={size}: multi-object recipes need size >= {2 * MIN_SIZE}")
+        self.recipe, self.size, self.seed = recipe, size, seed
+        self.bank = bank if bank is not None else cached_bank(recipe.bank_spec(), seed, cache_dir)
+        if len(self.bank) != recipe.num_systems:
+            raise ConfigError(
+                f"bank has {len(self.bank)} systems, recipe {recipe.name!r} needs {recipe.num_systems}")
+
+    def plan(self, indices, epoch: int) -> tuple[np.ndarray, SamplePlan, ItemPlan]:
+        check_range("epoch", epoch, 0, 2**32 - 1, integer=True)
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if indices.size and (indices.min() < 0):
+            raise ConfigError(f"sample indices must be >= 0, got {int(indices.min())}")
+        samples = plan_samples(self.recipe, self.seed, epoch, indices)
+        items = plan_items(self.recipe, self.bank, self.size, self.seed, epoch, samples)
+        return indices, samples, items
+
+    def render(self, indices, epoch: int = 0) -> RenderedBatch:
+        raise NotImplementedError
+
+
+class ReferenceRenderer(Renderer):
+    """The NumPy reference: exact semantics, any machine."""
+
+    def render(self, indices, epoch: int = 0) -> RenderedBatch:
+        indices, samples, items = self.plan(indices, epoch)
+        slots = slots_per_sample(self.recipe)
+        index = np.repeat(indices, slots)
+        slot = np.tile(np.arange(slots, dtype=np.int64), len(indices))
+        side = object_size(self.recipe, self.size)
+        rgb, density, points = reference.render_items(
+            self.recipe, self.seed, epoch, items, index, slot, side)
+        images = reference.compose(self.recipe, self.seed, epoch, samples, items, rgb, density, self.size)
+        return RenderedBatch(
+            images=images, labels=make_labels(self.recipe, samples, items), recipe=self.recipe,
+            seed=self.seed, epoch=epoch, samples=samples, items=items, points=points, size=self.size)
+
+
+def make_renderer(recipe: Recipe, *, size: int = 256, seed: int = 0, device: str = "cpu",
+                  bank: SystemBank | None = None) -> Renderer:
+    """A renderer for the recipe on 'cpu' (NumPy reference) or 'cuda' / 'cuda:N' (CuPy kernels)."""
+    if device == "cpu":
+        return ReferenceRenderer(recipe, size=size, seed=seed, bank=bank)
+    if device == "cuda" or device.startswith("cuda:"):
+        from fractal_pretrain.render.cupy_renderer import CupyRenderer
+
+        return CupyRenderer(recipe, size=size, seed=seed, bank=bank, device=device)
+    raise ConfigError(f"device={device!r}: must be one of cpu, cuda, cuda:N")
