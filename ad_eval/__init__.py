@@ -1,0 +1,1 @@
+"""ad_eval: anomaly-detection evaluation of (fractal-)pretrained backbones (see issue 5)."""

@@ -1,0 +1,207 @@
+"""``fractal-pretrain`` command line: list recipes, render preview grids, export shards.
+
+Usage::
+
+    fractal-pretrain recipes
+    fractal-pretrain render --recipe anderson --num 16 --seed 0 --size 256 --device cpu \\
+        --out outputs/preview_anderson.png
+    fractal-pretrain export --recipe anderson --num 64 --seed 0 --size 128 \\
+        --out outputs/shards --shard-size 32
+    fractal-pretrain render --recipe anderson --set num_points=20000 --set num_classes=10 ...
+
+``--set KEY=VALUE`` overrides a recipe field; VALUE is parsed as YAML (``10`` -> int,
+``[1, 2]`` -> list, ``true`` -> bool). Configuration errors (unknown recipe, key or device)
+print one line ``fractal-pretrain: error: ...`` on stderr and exit with status 2.
+
+Every subcommand is reachable from Python as ``main([...])``, which returns the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+PROG = "fractal-pretrain"
+EXIT_USAGE = 2  # argparse's status for bad arguments; used for configuration errors too
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    return value
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    import yaml
+
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        problem = str(exc).splitlines()[0]
+        raise argparse.ArgumentTypeError(f"bad YAML value for {key}: {problem}") from None
+    return key, value
+
+
+def _overrides(pairs: list[tuple[str, Any]] | None) -> dict[str, Any]:
+    return dict(pairs or [])  # a repeated key: the last one wins
+
+
+def _add_render_args(p: argparse.ArgumentParser) -> None:
+    """Arguments shared by ``render`` and ``export``: what to render."""
+    p.add_argument("--recipe", required=True, help="recipe name (see `fractal-pretrain recipes`)")
+    p.add_argument("--num", type=_positive_int, required=True, help="number of images")
+    p.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
+    p.add_argument("--size", type=_positive_int, default=256, help="image side in pixels (256)")
+    p.add_argument("--epoch", type=_non_negative_int, default=0, help="epoch (default 0)")
+    p.add_argument(
+        "--start", type=_non_negative_int, default=0, help="first global sample index (default 0)"
+    )
+    p.add_argument(
+        "--device", default="cpu", help="cpu (NumPy reference) or cuda (CuPy kernels); default cpu"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        type=_key_value,
+        action="append",
+        help="override a recipe field, VALUE parsed as YAML; repeatable",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``fractal-pretrain`` (subcommands recipes, render, export)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Render IFS fractal images for pre-training vision backbones."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("recipes", help="list the recipes")
+    p.set_defaults(handler=_cmd_recipes)
+
+    p = sub.add_parser("render", help="render a preview grid PNG")
+    _add_render_args(p)
+    p.add_argument("--out", required=True, help="output PNG path")
+    p.add_argument("--no-labels", action="store_true", help="no caption under each tile")
+    p.set_defaults(handler=_cmd_render)
+
+    p = sub.add_parser("export", help="write WebDataset tar shards")
+    _add_render_args(p)
+    p.add_argument("--out", required=True, help="output directory for shard-*.tar and manifest")
+    p.add_argument("--shard-size", type=_positive_int, required=True, help="samples per shard")
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=64, help="samples per render call (default 64)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_cmd_export)
+    return parser
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    from fractal_pretrain.recipes import list_recipes
+
+    recipes = list_recipes()
+    width = max(len(name) for name in recipes)
+    for name, description in recipes.items():
+        print(f"{name:<{width}}  {description}")
+    return 0
+
+
+def _caption(index: int, label: Any) -> str:
+    import numpy as np
+
+    label = np.asarray(label)
+    if label.ndim == 0:
+        return f"{index}: c{int(label)}"
+    active = np.flatnonzero(label).tolist()  # multi-hot -> class ids
+    return f"{index}: " + ",".join(str(c) for c in active)
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from fractal_pretrain.preview import save_grid
+    from fractal_pretrain.recipes import get_recipe
+    from fractal_pretrain.render import make_renderer
+
+    recipe = get_recipe(args.recipe, _overrides(args.overrides) or None)
+    renderer = make_renderer(recipe, size=args.size, seed=args.seed, device=args.device)
+    indices = np.arange(args.start, args.start + args.num, dtype=np.int64)
+    batch = renderer.render(indices, epoch=args.epoch)
+    labels = None
+    if not args.no_labels:
+        labels = [_caption(int(i), batch.labels[j]) for j, i in enumerate(indices)]
+    print(save_grid(batch.images, args.out, labels=labels))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from fractal_pretrain.export import MANIFEST_NAME, export_shards
+
+    manifest = export_shards(
+        args.recipe,
+        out_dir=args.out,
+        num=args.num,
+        seed=args.seed,
+        size=args.size,
+        shard_size=args.shard_size,
+        overrides=_overrides(args.overrides),
+        epoch=args.epoch,
+        start=args.start,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    print(
+        f"wrote {manifest['count']} samples in {len(manifest['shards'])} shards to {args.out} "
+        f"(see {MANIFEST_NAME})"
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI.
+
+    Args:
+        argv: arguments without the program name; ``None`` means ``sys.argv[1:]``.
+
+    Returns:
+        Exit status: 0 on success, 2 for bad arguments or configuration errors.
+    """
+    from fractal_pretrain.config import ConfigError
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed usage + error (or --help)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
+    try:
+        return args.handler(args)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        message = " ".join(str(exc).split())  # keep it to one line
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""Export rendered fractals to WebDataset tar shards, and read them back.
+
+Layout of an export directory::
+
+    DIR/shard-000000.tar, shard-000001.tar, ...   # at most shard_size samples each
+    DIR/manifest.json                              # written last: recipe, seed, shards, count
+
+Each sample in a shard has the files ``<key>.png`` (lossless RGB PNG, encoded here with PIL so the
+pixels are exact), ``<key>.cls`` (class id as text; single-label recipes) or ``<key>.multihot.npy``
+(uint8 vector of length num_classes; multi-label recipes), and ``<key>.json`` (the renderer's
+metadata). The key is the global sample index as nine digits, so the same (recipe, seed, epoch,
+index) always lands in the same sample and any slice can be re-rendered and compared.
+
+Reading with webdataset (1.0.x)::
+
+    import webdataset as wds
+    ds = wds.WebDataset(sorted(glob("DIR/shard-*.tar")), shardshuffle=False).decode("rgb8")
+    for sample in ds: sample["png"], sample["cls"], sample["json"]
+
+or with :func:`read_shards`, which needs only the standard library, NumPy and PIL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+SHARD_PATTERN = "shard-%06d.tar"
+SHARD_GLOB = "shard-[0-9]*.tar"
+MANIFEST_NAME = "manifest.json"
+KEY_DIGITS = 9  # keys are f"{index:09d}": sortable, no dots (webdataset splits extensions at dots)
+MANIFEST_FORMAT = 1  # bump when the shard layout changes
+
+
+@dataclass(frozen=True)
+class ExportedSample:
+    """One sample read back from the shards.
+
+    Attributes:
+        key: the ``__key__`` (zero-padded index).
+        index: the global sample index.
+        image: uint8 array (H, W, 3).
+        label: ``int`` class id, or uint8 multi-hot array (num_classes,) for multi-label recipes.
+        meta: the renderer's metadata dict for this sample.
+    """
+
+    key: str
+    index: int
+    image: np.ndarray
+    label: int | np.ndarray
+    meta: dict[str, Any]
+
+
+def sample_key(index: int) -> str:
+    """WebDataset ``__key__`` of the sample with global index ``index``."""
+    return f"{index:0{KEY_DIGITS}d}"
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """Lossless PNG bytes of a uint8 (H, W, 3) image."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image), "RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """uint8 (H, W, 3) array from PNG bytes written by :func:`encode_png`."""
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, default=_json_default, sort_keys=True).encode("utf-8")
+
+
+def _resolved_recipe(recipe: Any) -> dict[str, Any] | None:
+    """The recipe's fields as a JSON-safe dict, when it is a dataclass (for the manifest)."""
+    if not dataclasses.is_dataclass(recipe):
+        return None
+    return json.loads(_json_bytes(dataclasses.asdict(recipe)))
+
+
+def export_shards(
+    recipe_name: str,
+    *,
+    out_dir: str | Path,
+    num: int,
+    seed: int,
+    size: int,
+    shard_size: int,
+    overrides: dict[str, Any] | None = None,
+    epoch: int = 0,
+    start: int = 0,
+    batch_size: int = 64,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Render samples ``start .. start+num-1`` and write them as WebDataset shards.
+
+    Old ``shard-*.tar`` files and the manifest in ``out_dir`` are replaced.
+
+    Args:
+        recipe_name: a name from :func:`fractal_pretrain.recipes.list_recipes`.
+        out_dir: directory for the shards and ``manifest.json`` (created if missing).
+        num: number of samples, >= 1.
+        seed: base seed of the renderer.
+        size: image side in pixels.
+        shard_size: samples per shard (webdataset ``maxcount``).
+        overrides: recipe field overrides, as for :func:`fractal_pretrain.recipes.get_recipe`.
+        epoch: epoch passed to the renderer.
+        start: first global sample index.
+        batch_size: samples rendered per ``render`` call.
+        device: ``"cpu"`` or ``"cuda"``.
+        progress: show a tqdm bar over samples (on stderr).
+
+    Returns:
+        The manifest dict (also written to ``out_dir/manifest.json``).
+
+    Raises:
+        ConfigError: unknown recipe, override key or device (from the library).
+        ValueError: non-positive ``num``, ``size``, ``shard_size`` or ``batch_size``, or
+            negative ``start``/``epoch``.
+    """
+    import webdataset as wds
+    from tqdm import tqdm
+
+    from fractal_pretrain.recipes import get_recipe
+    from fractal_pretrain.render import make_renderer
+
+    for name, value in (
+        ("num", num),
+        ("size", size),
+        ("shard_size", shard_size),
+        ("batch_size", batch_size),
+    ):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    for name, value in (("start", start), ("epoch", epoch)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    overrides = dict(overrides or {})
+    recipe = get_recipe(recipe_name, overrides or None)
+    renderer = make_renderer(recipe, size=size, seed=seed, device=device)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    for old in out_dir.glob(SHARD_GLOB):
+        old.unlink()
+
+    shards: list[str] = []
+
+    def _record_shard(fname: str) -> None:  # ShardWriter calls this after closing each shard
+        shards.append(Path(fname).name)
+
+    count = 0
+    with (
+        tqdm(total=num, unit="img", desc=f"export {recipe.name}", disable=not progress) as bar,
+        wds.ShardWriter(
+            str(out_dir / SHARD_PATTERN), maxcount=shard_size, verbose=0, post=_record_shard
+        ) as sink,
+    ):
+        for lo in range(start, start + num, batch_size):
+            indices = np.arange(lo, min(lo + batch_size, start + num), dtype=np.int64)
+            batch = renderer.render(indices, epoch=epoch)
+            for j, index in enumerate(indices.tolist()):
+                sample: dict[str, Any] = {
+                    "__key__": sample_key(index),
+                    "png": encode_png(batch.images[j]),
+                    "json": _json_bytes(batch.metadata(j)),
+                }
+                if recipe.multi_label:
+                    sample["multihot.npy"] = _npy_bytes(np.asarray(batch.labels[j], np.uint8))
+                else:
+                    sample["cls"] = str(int(batch.labels[j])).encode("ascii")
+                sink.write(sample)
+                count += 1
+            bar.update(len(indices))
+
+    manifest: dict[str, Any] = {
+        "format": MANIFEST_FORMAT,
+        "recipe": recipe.name,
+        "overrides": overrides,
+        "resolved_recipe": _resolved_recipe(recipe),
+        "num_classes": int(recipe.num_classes),
+        "multi_label": bool(recipe.multi_label),
+        "seed": seed,
+        "epoch": epoch,
+        "start": start,
+        "num": num,
+        "size": size,
+        "device": device,
+        "shard_size": shard_size,
+        "shards": shards,
+        "count": count,
+    }
+    tmp = out_dir / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps(manifest, default=_json_default, indent=2) + "\n")
+    os.replace(tmp, out_dir / MANIFEST_NAME)  # the manifest appears only when all shards are done
+    return manifest
+
+
+def load_manifest(out_dir: str | Path) -> dict[str, Any]:
+    """Read ``out_dir/manifest.json``."""
+    path = Path(out_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MANIFEST_NAME} in {out_dir} (is it an export directory?)")
+    return json.loads(path.read_text())
+
+
+def _shard_paths(out_dir: Path) -> list[Path]:
+    manifest_path = out_dir / MANIFEST_NAME
+    if manifest_path.is_file():
+        return [out_dir / name for name in load_manifest(out_dir)["shards"]]
+    paths = sorted(out_dir.glob(SHARD_GLOB))
+    if not paths:
+        raise FileNotFoundError(f"no {MANIFEST_NAME} and no {SHARD_GLOB} files in {out_dir}")
+    return paths
+
+
+def _split_member_name(name: str) -> tuple[str, str]:
+    """``"d/000000012.multihot.npy"`` -> ``("d/000000012", "multihot.npy")`` (webdataset split)."""
+    head, _, base = name.rpartition("/")
+    key, _, ext = base.partition(".")
+    return (f"{head}/{key}" if head else key), ext
+
+
+def _to_sample(key: str, files: dict[str, bytes]) -> ExportedSample:
+    if "multihot.npy" in files:
+        label: int | np.ndarray = np.load(io.BytesIO(files["multihot.npy"]), allow_pickle=False)
+    elif "cls" in files:
+        label = int(files["cls"].decode("ascii"))
+    else:
+        raise ValueError(f"sample {key} has neither .cls nor .multihot.npy")
+    return ExportedSample(
+        key=key,
+        index=int(key.rsplit("/", 1)[-1]),
+        image=decode_png(files["png"]),
+        label=label,
+        meta=json.loads(files["json"]),
+    )
+
+
+def read_shards(out_dir: str | Path) -> Iterator[ExportedSample]:
+    """Yield the samples of an export directory in write order.
+
+    Shards come from ``manifest.json`` if present (else ``shard-*.tar`` sorted by name); samples
+    from each tar in member order, grouped by key exactly as webdataset groups them.
+
+    Args:
+        out_dir: a directory written by :func:`export_shards`.
+
+    Yields:
+        :class:`ExportedSample` per sample.
+
+    Raises:
+        FileNotFoundError: no manifest and no shards in ``out_dir``.
+    """
+    for path in _shard_paths(Path(out_dir)):
+        with tarfile.open(path, "r") as tar:
+            key: str | None = None
+            files: dict[str, bytes] = {}
+            for member in tar:
+                if not member.isfile():
+                    continue
+                member_key, ext = _split_member_name(member.name)
+                if key is not None and member_key != key:
+                    yield _to_sample(key, files)
+                    files = {}
+                key = member_key
+                fobj = tar.extractfile(member)
+                assert fobj is not None  # regular file
+                files[ext] = fobj.read()
+            if key is not None:
+                yield _to_sample(key, files)
