@@ -110,11 +110,19 @@ class Renderer:
             raise ConfigError(
                 f"bank has {len(self.bank)} systems, recipe {recipe.name!r} needs {recipe.num_systems}")
 
-    def plan(self, indices, epoch: int) -> tuple[np.ndarray, SamplePlan, ItemPlan]:
+    @staticmethod
+    def check_keys(indices, epoch: int) -> np.ndarray:
+        """Validated keys: a 1-D int64 array of indices >= 0 and an epoch that fits 32 bits."""
         check_range("epoch", epoch, 0, 2**32 - 1, integer=True)
-        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-        if indices.size and (indices.min() < 0):
+        indices = np.ascontiguousarray(np.asarray(indices, dtype=np.int64).reshape(-1))
+        if indices.size == 0:
+            raise ConfigError("cannot render an empty batch of indices")
+        if indices.min() < 0:
             raise ConfigError(f"sample indices must be >= 0, got {int(indices.min())}")
+        return indices
+
+    def plan(self, indices, epoch: int) -> tuple[np.ndarray, SamplePlan, ItemPlan]:
+        indices = self.check_keys(indices, epoch)
         samples = plan_samples(self.recipe, self.seed, epoch, indices)
         items = plan_items(self.recipe, self.bank, self.size, self.seed, epoch, samples)
         return indices, samples, items

@@ -1,0 +1,75 @@
+"""Fractal rendering throughput: GPU images/s per recipe, and reference images/s per CPU core.
+
+GPU: CUDA-event timing of ``CupyRenderer.render_tensor`` (uint8, channels_last) after warm-up, at
+256x256, batch 512, 100k points per fractal (the recipe defaults). CPU: the NumPy reference on one
+process (``OMP_NUM_THREADS=1``), small batches, reported per core.
+
+    python3 benchmarks/render_throughput.py --device cuda [--recipes anderson,...] [--batch 512]
+    OMP_NUM_THREADS=1 python3 benchmarks/render_throughput.py --device cpu --batch 8 --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+from fractal_pretrain.recipes import get_recipe, list_recipes
+from fractal_pretrain.render import make_renderer
+
+
+def bench_gpu(renderer, batch: int, repeats: int, warmup: int = 3) -> float:
+    import torch
+
+    for i in range(warmup):
+        renderer.render_tensor(np.arange(batch) + i * batch, channels_last=True)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for i in range(repeats):
+        renderer.render_tensor(np.arange(batch) + (i + warmup) * batch, channels_last=True)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1000.0 / repeats
+
+
+def bench_cpu(renderer, batch: int, repeats: int) -> float:
+    renderer.render(np.arange(batch))  # warm-up (bank cache, allocations)
+    start = time.perf_counter()
+    for i in range(repeats):
+        renderer.render(np.arange(batch) + (i + 1) * batch)
+    return (time.perf_counter() - start) / repeats
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--recipes", default=",".join(list_recipes()))
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--set", action="append", default=[], help="recipe override KEY=VALUE (YAML value)")
+    args = parser.parse_args(argv)
+    import yaml
+
+    overrides = dict((kv.split("=", 1)[0], yaml.safe_load(kv.split("=", 1)[1])) for kv in args.set)
+    rows = []
+    for name in args.recipes.split(","):
+        renderer = make_renderer(get_recipe(name, overrides), size=args.size, seed=0, device=args.device)
+        if args.device == "cpu":
+            seconds = bench_cpu(renderer, args.batch, args.repeats)
+        else:
+            seconds = bench_gpu(renderer, args.batch, args.repeats)
+        row = {"recipe": name, "device": args.device, "size": args.size, "batch": args.batch,
+               "ms_per_batch": round(seconds * 1e3, 3), "images_per_s": round(args.batch / seconds, 1)}
+        if args.device != "cpu":
+            row["shared_histogram"] = bool(renderer.use_shared)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,272 @@
+"""CuPy renderer: the reference pipeline as CUDA kernels, a whole batch on the device.
+
+Kernels live in ``kernels/*.cu`` (shared code in ``common.cuh``) and compile with NVRTC on first use,
+never at import. Buffers are torch tensors (one caching allocator for training), kernels run on
+torch's current stream, and the output is a torch tensor in the layout and dtype the model wants:
+no host round trip.
+
+Agreement with the NumPy reference (tests/fractal_pretrain/test_render_gpu.py, marker ``gpu``):
+all arithmetic is float32 with ``--fmad=false`` in the reference's operation order, integer
+histograms are order-independent, so the expected result is *bit-identical* images, labels and
+plans for the same keys. The test asserts identical plans and histogram point counts, and images
+identical in at least 99.9% of pixels with no pixel more than 1 grey level off (slack kept for a
+libm difference we have not seen); see the module docstring of that test.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+
+from fractal_pretrain import rng
+from fractal_pretrain.config import ConfigError
+from fractal_pretrain.recipes import Recipe
+from fractal_pretrain.render import params as P
+from fractal_pretrain.render.renderer import RenderedBatch, Renderer, make_labels
+from fractal_pretrain.render.reference import plasma_grid_size
+
+KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
+KERNEL_FILES = ("plan", "chaos", "compose")
+NVRTC_OPTIONS = ("--std=c++17", "--fmad=false")  # fmad off: float32 ops round like NumPy's
+SAMPLE_FLOATS = 15  # plan.cu
+ITEM_INTS = 12
+ITEM_FLOATS = P.MAX_MAPS * 6 + P.MAX_MAPS + 7
+STATIC_SHARED_BYTES = 4 * (1024 + ITEM_FLOATS + 4)  # chaos.cu: scratch, params, window
+PLAN_BLOCK = 128
+PIXEL_BLOCK = 256
+PLASMA_BLOCK = 512
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Order of the integer and float recipe constants: the RI_* and RF_* defines of common.cuh.
+RECIPE_INTS = (
+    "num_classes", "systems_per_class", "jitter", "jitter_tries", "patch", "flip_bits", "binary",
+    "color", "grey", "background", "multi_object", "source_any", "multi_label", "objects_lo",
+    "objects_hi", "num_points", "chains", "burn_in", "size", "side", "slots",
+)
+RECIPE_FLOAT_PAIRS = (
+    "jitter", "translate", "scale", "sat", "val", "blur_p", "blur_sigma", "object_scale",
+    "plasma_hue_gain", "plasma_hue_offset", "plasma_sat_gain", "plasma_sat_offset",
+    "plasma_val_gain", "plasma_val_offset", "plasma_decay", "hue_shift",
+)
+
+
+def recipe_ints(recipe: Recipe, size: int) -> np.ndarray:
+    """int32 constants read by the kernels (layout: RECIPE_INTS)."""
+    values = {
+        "num_classes": recipe.num_classes,
+        "systems_per_class": recipe.systems_per_class,
+        "jitter": ("none", "basic", "fractaldb").index(recipe.jitter),
+        "jitter_tries": recipe.jitter_tries,
+        "patch": ("none", "image", "point").index(recipe.patch),
+        "flip_bits": {"none": 0, "hv": 6, "dihedral": 7}[recipe.flips],
+        "binary": int(recipe.render_mode == "binary"),
+        "color": int(recipe.color),
+        "grey": recipe.grey_level,
+        "background": int(recipe.background),
+        "multi_object": int(recipe.multi_object),
+        "source_any": int(recipe.object_source == "any"),
+        "multi_label": int(recipe.multi_label),
+        "objects_lo": recipe.objects[0],
+        "objects_hi": recipe.objects[1],
+        "num_points": recipe.num_points,
+        "chains": recipe.chains,
+        "burn_in": recipe.burn_in,
+        "size": size,
+        "side": P.object_size(recipe, size),
+        "slots": P.slots_per_sample(recipe),
+    }
+    return np.array([values[k] for k in RECIPE_INTS], dtype=np.int32)
+
+
+def recipe_floats(recipe: Recipe) -> np.ndarray:
+    """float32 (low, width) pairs read by the kernels (layout: RECIPE_FLOAT_PAIRS, blur_p alone)."""
+    t = recipe.window_translate
+    pairs = {
+        "jitter": recipe.jitter_range,
+        "translate": (-t, t),
+        "scale": recipe.window_scale,
+        "sat": recipe.saturation,
+        "val": recipe.value,
+        "blur_sigma": recipe.blur_sigma,
+        "object_scale": recipe.object_scale or (1.0, 1.0),
+        "plasma_hue_gain": P.PLASMA_HUE_GAIN,
+        "plasma_hue_offset": P.PLASMA_HUE_OFFSET,
+        "plasma_sat_gain": P.PLASMA_SAT_GAIN,
+        "plasma_sat_offset": P.PLASMA_SAT_OFFSET,
+        "plasma_val_gain": P.PLASMA_VAL_GAIN,
+        "plasma_val_offset": P.PLASMA_VAL_OFFSET,
+        "plasma_decay": P.PLASMA_DECAY,
+        "hue_shift": P.HUE_SHIFT,
+    }
+    out: list[np.float32] = []
+    for name in RECIPE_FLOAT_PAIRS:
+        if name == "blur_p":  # a single value, not a range
+            out.append(np.float32(recipe.blur_p))
+        else:
+            out.extend(rng.range_params(*pairs[name]))
+    return np.array(out, dtype=np.float32)
+
+
+def kernel_source(name: str) -> str:
+    return (KERNEL_DIR / f"{name}.cu").read_text()
+
+
+@functools.lru_cache(maxsize=None)
+def _module(name: str, device_id: int):
+    import cupy
+
+    with cupy.cuda.Device(device_id):
+        return cupy.RawModule(code=kernel_source(name), options=NVRTC_OPTIONS + (f"-I{KERNEL_DIR}",))
+
+
+def _ptr(tensor) -> np.uint64:
+    """A torch tensor's device pointer as a kernel argument."""
+    return np.uint64(tensor.data_ptr())
+
+
+class CupyRenderer(Renderer):
+    """The GPU renderer. ``render_tensor`` feeds training; ``render`` returns host arrays like the reference."""
+
+    def __init__(self, recipe: Recipe, *, size: int = 256, seed: int = 0, bank=None, device: str = "cuda",
+                 force_global_histogram: bool = False):
+        super().__init__(recipe, size=size, seed=seed, bank=bank)
+        try:
+            import cupy  # noqa: F401
+            import torch
+        except ImportError as err:
+            raise ConfigError(f"device={device!r} needs CuPy and torch ({err}); install the 'gpu' extra") from None
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={device!r}: no CUDA device is visible")
+        self.torch_device = torch.device(device)
+        self.device_id = self.torch_device.index if self.torch_device.index is not None else torch.cuda.current_device()
+        self.torch_device = torch.device("cuda", self.device_id)
+        self.side = P.object_size(recipe, size)
+        self.slots = P.slots_per_sample(recipe)
+        maps = self.bank.maps.reshape(len(self.bank), -1).astype(np.float32)
+        self._bank_maps = torch.from_numpy(maps).to(self.torch_device)
+        self._bank_num_maps = torch.from_numpy(self.bank.num_maps.astype(np.int32)).to(self.torch_device)
+        self._ri = torch.from_numpy(recipe_ints(recipe, size)).to(self.torch_device)
+        self._rf = torch.from_numpy(recipe_floats(recipe)).to(self.torch_device)
+        hist_bytes = self.side * self.side * 4
+        optin = self._shared_optin()
+        self.use_shared = not force_global_histogram and hist_bytes + STATIC_SHARED_BYTES <= optin
+
+    def _shared_optin(self) -> int:
+        import cupy
+
+        props = cupy.cuda.runtime.getDeviceProperties(self.device_id)
+        return int(props.get("sharedMemPerBlockOptin", props["sharedMemPerBlock"]))
+
+    def _kernel(self, module: str, name: str):
+        return _module(module, self.device_id).get_function(name)
+
+    def render_device(self, indices, epoch: int = 0) -> dict:
+        """Run the pipeline; returns torch tensors: canvas (B, H, W, 3) uint8 before blur, plans, points."""
+        import cupy
+        import torch
+
+        indices = self.check_keys(indices, epoch)
+        dev, b, size, side = self.torch_device, len(indices), self.size, self.side
+        items = b * self.slots
+        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(dev).cuda_stream, self.device_id)
+        t = {
+            "indices": torch.from_numpy(indices).to(dev, non_blocking=False),
+            "label": torch.empty(b, dtype=torch.int64, device=dev),
+            "num_objects": torch.empty(b, dtype=torch.int32, device=dev),
+            "sample_f": torch.empty((b, SAMPLE_FLOATS), dtype=torch.float32, device=dev),
+            "item_i": torch.empty((items, ITEM_INTS), dtype=torch.int32, device=dev),
+            "item_f": torch.empty((items, ITEM_FLOATS), dtype=torch.float32, device=dev),
+            "points": torch.empty(items, dtype=torch.int32, device=dev),
+            "canvas": torch.empty((b, size, size, 3), dtype=torch.uint8, device=dev),
+        }
+        seed, ep = np.uint32(self.seed), np.uint32(epoch)
+        ri, rf = _ptr(self._ri), _ptr(self._rf)
+        with cupy.cuda.Device(self.device_id), stream:
+            self._kernel("plan", "plan_samples")(
+                (-(-b // PLAN_BLOCK),), (PLAN_BLOCK,),
+                (np.int32(b), _ptr(t["indices"]), seed, ep, ri, rf, _ptr(t["label"]), _ptr(t["num_objects"]),
+                 _ptr(t["sample_f"])))
+            self._kernel("plan", "plan_items")(
+                (-(-items // PLAN_BLOCK),), (PLAN_BLOCK,),
+                (np.int32(items), _ptr(t["indices"]), seed, ep, ri, rf, _ptr(t["label"]), _ptr(t["num_objects"]),
+                 _ptr(self._bank_maps), _ptr(self._bank_num_maps), _ptr(t["item_i"]), _ptr(t["item_f"])))
+            if self.recipe.background:
+                n = plasma_grid_size(size)
+                grids = torch.empty((b, n, n), dtype=torch.float32, device=dev)
+                self._kernel("compose", "plasma_background")(
+                    (b,), (PLASMA_BLOCK,),
+                    (_ptr(t["indices"]), seed, ep, np.int32(size), np.int32(n), _ptr(t["sample_f"]), _ptr(grids),
+                     _ptr(t["canvas"])))
+            else:
+                t["canvas"].zero_()
+            target = t["canvas"]
+            if self.recipe.multi_object:
+                target = t["objects"] = torch.empty((items, side, side, 3), dtype=torch.uint8, device=dev)
+            shared = side * side * 4 if self.use_shared else 0
+            hist = torch.empty(1 if self.use_shared else items * side * side, dtype=torch.int32, device=dev)
+            render = self._kernel("chaos", "render_items")
+            if shared > 48 * 1024:
+                render.max_dynamic_shared_size_bytes = shared
+            render((items,), (self.recipe.chains,),
+                   (_ptr(t["indices"]), seed, ep, ri, _ptr(t["item_i"]), _ptr(t["item_f"]), _ptr(hist),
+                    np.int32(self.use_shared), _ptr(target), _ptr(t["points"])), shared_mem=shared)
+            if self.recipe.multi_object:
+                self._kernel("compose", "paste_objects")(
+                    (-(-b * size * size // PIXEL_BLOCK),), (PIXEL_BLOCK,),
+                    (np.int32(b), np.int32(size), np.int32(side), np.int32(self.slots), _ptr(t["num_objects"]),
+                     _ptr(t["item_i"]), _ptr(t["objects"]), _ptr(t["canvas"])))
+        t["stream"] = stream
+        return t
+
+    def finish(self, t: dict, *, dtype: str = "uint8", channels_last: bool = False,
+               mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        """Blur and write the output tensor (B, 3, H, W): uint8, or float32 normalised by mean/std."""
+        import cupy
+        import torch
+
+        if dtype not in ("uint8", "float32"):
+            raise ConfigError(f"dtype={dtype!r}: must be one of uint8, float32 (cast afterwards for bf16)")
+        b, size = t["canvas"].shape[:2]
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        out = torch.empty((b, 3, size, size), dtype=getattr(torch, dtype), device=self.torch_device,
+                          memory_format=fmt)
+        mean_t = torch.tensor(mean, dtype=torch.float32, device=self.torch_device)
+        std_t = torch.tensor(std, dtype=torch.float32, device=self.torch_device)
+        with cupy.cuda.Device(self.device_id), t["stream"]:
+            self._kernel("compose", "finish")(
+                (-(-b * size * size // PIXEL_BLOCK),), (PIXEL_BLOCK,),
+                (np.int32(b), np.int32(size), _ptr(t["sample_f"]), _ptr(t["canvas"]),
+                 np.int32(0 if dtype == "uint8" else 1), np.int32(channels_last), _ptr(mean_t), _ptr(std_t),
+                 _ptr(out)))
+        return out
+
+    def device_labels(self, t: dict):
+        """Labels on the device: (B,) int64 classes, or (B, num_classes) uint8 multi-hot."""
+        import torch
+
+        if not self.recipe.multi_label:
+            return t["label"]
+        item_i = t["item_i"]
+        active = item_i[:, 0].bool()
+        sample = torch.arange(item_i.shape[0], device=item_i.device) // self.slots
+        hot = torch.zeros((t["label"].shape[0], self.recipe.num_classes), dtype=torch.uint8, device=item_i.device)
+        hot[sample[active], item_i[active, 2].long()] = 1
+        return hot
+
+    def render_tensor(self, indices, epoch: int = 0, **finish_kwargs):
+        """(images, labels) as device tensors for training; see ``finish`` for layout and dtype."""
+        t = self.render_device(indices, epoch)
+        return self.finish(t, **finish_kwargs), self.device_labels(t)
+
+    def render(self, indices, epoch: int = 0) -> RenderedBatch:
+        t = self.render_device(indices, epoch)
+        images = self.finish(t, dtype="uint8", channels_last=True)
+        indices, samples, items = self.plan(indices, epoch)  # host plan: identical by construction
+        return RenderedBatch(
+            images=images.permute(0, 2, 3, 1).contiguous().cpu().numpy(),
+            labels=make_labels(self.recipe, samples, items), recipe=self.recipe, seed=self.seed,
+            epoch=epoch, samples=samples, items=items, points=t["points"].cpu().numpy().astype(np.int64),
+            size=self.size, extra={"device_plan": t})

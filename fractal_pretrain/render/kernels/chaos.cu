@@ -1,0 +1,220 @@
+// One block renders one fractal item (mirrors reference.render_items): blockDim.x = chains.
+//   pass 1: every thread runs its chain, the block reduces the bounding box; thread 0 sets the window;
+//   pass 2: the chains run again (same counters, same floats) and bin their points;
+//   then the 3x3 patch stamp, the peak, flips and colour, written to the canvas or the object buffer.
+// Hot pixels (one pixel can take 18% of all points): lanes of a warp that hit the same pixel in the
+// same step are merged with __match_any_sync into one atomicAdd; the histogram lives in shared memory
+// when it fits (dynamic shared size = side * side * 4 bytes) and in a global scratch otherwise.
+#include "common.cuh"
+
+#define F_INF __int_as_float(0x7f800000)
+
+#define ITEM_INTS 12
+#define ITEM_FLOATS (MAX_MAPS * ROW + MAX_MAPS + 7)
+#define IF_CUM (MAX_MAPS * ROW)
+#define IF_START (IF_CUM + MAX_MAPS)
+#define IF_SHIFT (IF_START + 2)
+#define IF_SCALE (IF_SHIFT + 2)
+#define IF_HUE (IF_SCALE + 2)
+
+struct Chain {
+  float x, y;
+};
+
+// The map chosen by uniform word w: the number of cumulative thresholds passed (linear scan).
+__device__ inline int choose_map(u32 w, const float *cum, int nmaps) {
+  float u = to_uniform(w);
+  int k = 0;
+  for (int j = 0; j < nmaps - 1; ++j) k += (u >= cum[j]) ? 1 : 0;
+  return k;
+}
+
+__device__ inline void apply_map(const float *r, float &x, float &y) {
+  float nx = (r[0] * x + r[1] * y) + r[2];
+  float ny = (r[3] * x + r[4] * y) + r[5];
+  x = nx;
+  y = ny;
+}
+
+// Word `step` of a chain's stream (and its patch-mask word when masks are per point).
+__device__ inline void chain_words(u32 seed, u32 epoch, long long index, u32 tag, int step, bool per_point,
+                                   Words &block, int &cached, u32 &map_word, u32 &mask_word) {
+  int per_step = per_point ? 2 : 1;
+  int word = step * per_step;
+  if (word / 4 != cached) {
+    cached = word / 4;
+    block = draw_words(seed, epoch, index, tag, (u32)cached);
+  }
+  map_word = block.w[word % 4];
+  mask_word = per_point ? block.w[(word + 1) % 4] : 0u;
+}
+
+// Min or max over the block, any blockDim <= 1024 (a shared-memory tree; called by every thread).
+__device__ inline float block_reduce(float v, float *red, bool is_max) {
+  __syncthreads();
+  red[threadIdx.x] = v;
+  __syncthreads();
+  for (int stride = 512; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride && threadIdx.x + stride < blockDim.x) {
+      float o = red[threadIdx.x + stride];
+      red[threadIdx.x] = is_max ? fmaxf(red[threadIdx.x], o) : fminf(red[threadIdx.x], o);
+    }
+    __syncthreads();
+  }
+  float r = red[0];
+  __syncthreads();
+  return r;
+}
+
+__device__ inline u32 stamped_value(const u32 *hist, int side, int r, int c, int mask, bool per_point) {
+  u32 total = 0;
+  for (int bit = 0; bit < 9; ++bit) {
+    int dr = bit / 3, dc = bit % 3;
+    int sr = r - dr + 1, sc = c - dc + 1;
+    if (sr < 0 || sr >= side || sc < 0 || sc >= side) continue;
+    u32 h = hist[sr * side + sc];
+    if (per_point) total |= (h >> bit) & 1u;
+    else if ((mask >> bit) & 1) total += h;
+  }
+  return total;
+}
+
+extern "C" __global__ void render_items(const long long *indices, u32 seed, u32 epoch, const int *ri,
+                                        const int *item_i, const float *item_f, u32 *hist_global,
+                                        int use_shared, unsigned char *out, int *points) {
+  extern __shared__ u32 shared_hist[];
+  __shared__ float params[ITEM_FLOATS];
+  __shared__ float scratch[1024];
+  __shared__ float win[4];  // lo x, lo y, pixels per unit x, y
+  const int item = blockIdx.x;
+  const int slots = ri[RI_SLOTS], side = ri[RI_SIDE], size = ri[RI_SIZE];
+  const int chains = ri[RI_CHAINS], burn_in = ri[RI_BURN_IN], num_points = ri[RI_NUM_POINTS];
+  const bool per_point = ri[RI_PATCH] == 2;
+  const int *ii = item_i + (long long)item * ITEM_INTS;
+  if (!ii[0]) {  // inactive object slot: nothing to draw
+    if (threadIdx.x == 0) points[item] = 0;
+    return;
+  }
+  for (int i = threadIdx.x; i < ITEM_FLOATS; i += blockDim.x) params[i] = item_f[(long long)item * ITEM_FLOATS + i];
+  u32 *hist = use_shared ? shared_hist : hist_global + (long long)item * side * side;
+  for (int i = threadIdx.x; i < side * side; i += blockDim.x) hist[i] = 0u;
+  __syncthreads();
+
+  const int nmaps = ii[3], mask = ii[5], flips = ii[6];
+  const long long index = indices[item / slots];
+  const u32 tag = make_tag(STREAM_CHAOS, (u32)(item % slots), (u32)threadIdx.x);
+  const int steps = burn_in + (num_points + chains - 1) / chains;
+  const float *maps = params, *cum = params + IF_CUM;
+
+  // Pass 1: bounding box of recorded points; any non-finite point makes the item degenerate.
+  float xmin = F_INF, xmax = -F_INF, ymin = F_INF, ymax = -F_INF;
+  bool alive = true;
+  {
+    float x = params[IF_START], y = params[IF_START + 1];
+    Words block;
+    int cached = -1;
+    for (int s = 0; s < steps; ++s) {
+      u32 mw, kw;
+      chain_words(seed, epoch, index, tag, s, per_point, block, cached, mw, kw);
+      apply_map(maps + choose_map(mw, cum, nmaps) * ROW, x, y);
+      alive = alive && finite(x) && finite(y);
+      if (s >= burn_in && (long long)(s - burn_in) * chains + threadIdx.x < num_points && alive) {
+        xmin = fminf(xmin, x); xmax = fmaxf(xmax, x);
+        ymin = fminf(ymin, y); ymax = fmaxf(ymax, y);
+      }
+    }
+  }
+  const bool all_alive = __syncthreads_and(alive);
+  xmin = block_reduce(xmin, scratch, false);
+  xmax = block_reduce(xmax, scratch, true);
+  ymin = block_reduce(ymin, scratch, false);
+  ymax = block_reduce(ymax, scratch, true);
+  if (threadIdx.x == 0) {  // reference.window
+    points[item] = all_alive ? num_points : 0;
+    float box[4] = {xmin, xmax, ymin, ymax};
+    for (int axis = 0; axis < 2; ++axis) {
+      float mn = box[2 * axis], mx = box[2 * axis + 1];
+      float extent = mx - mn;
+      float centre = (mn + mx) * 0.5f + extent * params[IF_SHIFT + axis];
+      float half = (extent * params[IF_SCALE + axis]) * 0.5f;
+      float span = half + half;
+      float pixels = (float)(side - 1) / span;
+      bool bad = !(span > 0.0f) || !finite(pixels) || !finite(centre) || !all_alive;
+      win[axis] = !all_alive ? 0.0f : (bad ? mn : centre - half);
+      win[2 + axis] = bad ? (float)(side - 1) : pixels;
+    }
+  }
+  __syncthreads();
+
+  // Pass 2: the same chain again, binned. Lanes that land on the same pixel add once, together.
+  if (all_alive) {
+    float x = params[IF_START], y = params[IF_START + 1];
+    Words block;
+    int cached = -1;
+    const unsigned lane = threadIdx.x % 32;
+    for (int s = 0; s < steps; ++s) {
+      u32 mw, kw;
+      chain_words(seed, epoch, index, tag, s, per_point, block, cached, mw, kw);
+      apply_map(maps + choose_map(mw, cum, nmaps) * ROW, x, y);
+      int pixel = -1;
+      if (s >= burn_in && (long long)(s - burn_in) * chains + threadIdx.x < num_points) {
+        float vr = (x - win[0]) * win[2];
+        float vc = (y - win[1]) * win[3];
+        if (vr >= 0.0f && vr < (float)side && vc >= 0.0f && vc < (float)side) pixel = (int)vr * side + (int)vc;
+      }
+      if (per_point) {
+        if (pixel >= 0) atomicOr(&hist[pixel], 1u + (u32)to_int(kw, 511));
+      } else {
+        unsigned active = __activemask();
+        int key = pixel >= 0 ? pixel : -1 - (int)lane;  // misses never merge
+        unsigned same = __match_any_sync(active, key);
+        if (pixel >= 0 && lane == (unsigned)(__ffs(same) - 1)) atomicAdd(&hist[pixel], (u32)__popc(same));
+      }
+    }
+  }
+  __syncthreads();
+
+  // Peak of the stamped counts (graded density = stamped / peak).
+  float peak = 0.0f;
+  const bool binary = ri[RI_BINARY] || per_point;
+  if (!binary) {
+    u32 local = 0;
+    for (int p = threadIdx.x; p < side * side; p += blockDim.x) {
+      u32 v = stamped_value(hist, side, p / side, p % side, mask, false);
+      local = v > local ? v : local;
+    }
+    peak = block_reduce((float)local, scratch, true);
+  }
+
+  // Flips, colour, output. Single-object items draw over the background already in the canvas.
+  const bool multi = ri[RI_MULTI_OBJECT];
+  for (int p = threadIdx.x; p < side * side; p += blockDim.x) {
+    int r = p / side, c = p % side;
+    int r1 = (flips & 2) ? side - 1 - r : r;
+    int c1 = (flips & 4) ? side - 1 - c : c;
+    int sr = (flips & 1) ? c1 : r1;
+    int sc = (flips & 1) ? r1 : c1;
+    u32 v = stamped_value(hist, side, sr, sc, mask, per_point);
+    float g = binary ? (v > 0 ? 1.0f : 0.0f) : (peak > 0.0f ? (float)v / peak : 0.0f);
+    unsigned char rgb[3] = {0, 0, 0};
+    if (g > 0.0f) {
+      if (ri[RI_COLOR]) {
+        int h8 = ((int)floorf(g * 255.0f + params[IF_HUE])) & 255;
+        hsv_to_rgb(h8, ii[7], ii[8], rgb);
+      } else {
+        unsigned char grey = (unsigned char)(g * (float)ri[RI_GREY]);
+        rgb[0] = rgb[1] = rgb[2] = grey;
+      }
+    }
+    long long at;
+    if (multi) {
+      at = ((long long)item * side * side + p) * 3;
+    } else {
+      at = (((long long)(item / slots) * size + r) * size + c) * 3;
+      if (g <= 0.0f) continue;
+    }
+    out[at] = rgb[0];
+    out[at + 1] = rgb[1];
+    out[at + 2] = rgb[2];
+  }
+}

@@ -1,0 +1,171 @@
+// Image-level kernels (mirror reference.background, paste_objects, blur):
+//   plasma_background: one block per sample, diamond-square in a global grid, coloured into the canvas;
+//   paste_objects: one thread per canvas pixel, objects resized bilinearly and pasted in slot order;
+//   finish: one thread per output pixel, optional 3x3 Gaussian blur, then layout and dtype of the output.
+#include "common.cuh"
+
+#define F_INF __int_as_float(0x7f800000)
+
+#define SAMPLE_FLOATS 15
+
+__device__ inline float block_minmax(float v, float *red, bool is_max) {
+  __syncthreads();
+  red[threadIdx.x] = v;
+  __syncthreads();
+  for (int stride = 512; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride && threadIdx.x + stride < blockDim.x) {
+      float o = red[threadIdx.x + stride];
+      red[threadIdx.x] = is_max ? fmaxf(red[threadIdx.x], o) : fminf(red[threadIdx.x], o);
+    }
+    __syncthreads();
+  }
+  float r = red[0];
+  __syncthreads();
+  return r;
+}
+
+extern "C" __global__ void plasma_background(const long long *indices, u32 seed, u32 epoch, int size, int n,
+                                             const float *sample_f, float *grids, unsigned char *canvas) {
+  __shared__ float red[1024];
+  const int b = blockIdx.x;
+  const long long index = indices[b];
+  const float *sf = sample_f + (long long)b * SAMPLE_FLOATS;
+  float *grid = grids + (long long)b * n * n;
+  const int last = n - 1;
+  const u32 tag = make_tag(STREAM_PLASMA, 0, 0);
+  if (threadIdx.x == 0) {
+    grid[0] = sf[5];
+    grid[last] = sf[6];
+    grid[last * n] = sf[7];
+    grid[last * n + last] = sf[8];
+  }
+  __syncthreads();
+  float amp = 0.5f;
+  for (int step = last; step > 1; step /= 2) {
+    const int half = step / 2, cells = last / step;
+    // Diamond step: square centres.
+    for (int i = threadIdx.x; i < cells * cells; i += blockDim.x) {
+      int r = half + (i / cells) * step, c = half + (i % cells) * step;
+      float tl = grid[(r - half) * n + c - half], tr = grid[(r - half) * n + c + half];
+      float bl = grid[(r + half) * n + c - half], br = grid[(r + half) * n + c + half];
+      float noise = to_uniform(draw_words(seed, epoch, index, tag, (u32)(r * n + c)).w[0]) * 2.0f - 1.0f;
+      grid[r * n + c] = ((tl + tr) + (bl + br)) * 0.25f + noise * amp;
+    }
+    __syncthreads();
+    // Square step: edge midpoints of both sub-lattices; neighbours up, left, right, down.
+    const int rows0 = last / step + 1, cols0 = cells;  // r0 = 0: rows 0, step, ..; cols half, ..
+    const int total = rows0 * cols0 + cells * (last / step + 1);
+    for (int i = threadIdx.x; i < total; i += blockDim.x) {
+      int r, c;
+      if (i < rows0 * cols0) {
+        r = (i / cols0) * step;
+        c = half + (i % cols0) * step;
+      } else {
+        int j = i - rows0 * cols0, cols1 = last / step + 1;
+        r = half + (j / cols1) * step;
+        c = (j % cols1) * step;
+      }
+      float sum = 0.0f, count = 0.0f;
+      const int dr[4] = {-half, 0, 0, half}, dc[4] = {0, -half, half, 0};
+      for (int k = 0; k < 4; ++k) {
+        int rr = r + dr[k], cc = c + dc[k];
+        if (rr < 0 || rr > last || cc < 0 || cc > last) continue;
+        sum = sum + grid[rr * n + cc];
+        count = count + 1.0f;
+      }
+      float noise = to_uniform(draw_words(seed, epoch, index, tag, (u32)(r * n + c)).w[0]) * 2.0f - 1.0f;
+      grid[r * n + c] = sum / count + noise * amp;
+    }
+    __syncthreads();
+    amp = amp * sf[4];
+  }
+  // Normalise the crop to [0, 1] and colour it (reference.background).
+  float lo = F_INF, hi = -F_INF;
+  for (int p = threadIdx.x; p < size * size; p += blockDim.x) {
+    float v = grid[(p / size) * n + p % size];
+    lo = fminf(lo, v);
+    hi = fmaxf(hi, v);
+  }
+  lo = block_minmax(lo, red, false);
+  hi = block_minmax(hi, red, true);
+  for (int p = threadIdx.x; p < size * size; p += blockDim.x) {
+    float v = grid[(p / size) * n + p % size];
+    float x = hi > lo ? (v - lo) / (hi - lo) : 0.0f;
+    int h8 = ((int)floorf(x * sf[9] + sf[10])) & 255;
+    int s8 = (int)(x * sf[11] + sf[12]);
+    int v8 = (int)(x * sf[13] + sf[14]);
+    hsv_to_rgb(h8, s8, v8, canvas + ((long long)b * size * size + p) * 3);
+  }
+}
+
+extern "C" __global__ void paste_objects(int count, int size, int side, int slots, const int *num_objects,
+                                         const int *item_i, const unsigned char *objects, unsigned char *canvas) {
+  long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (p >= (long long)count * size * size) return;
+  const int b = (int)(p / ((long long)size * size));
+  const int r = (int)((p / size) % size), c = (int)(p % size);
+  unsigned char *dst = canvas + p * 3;
+  for (int o = 0; o < num_objects[b]; ++o) {
+    const int item = b * slots + o;
+    const int *ii = item_i + (long long)item * 12;
+    const int obj_side = ii[9], top = ii[10], left = ii[11];
+    const int lr = r - top, lc = c - left;
+    if (lr < 0 || lr >= obj_side || lc < 0 || lc >= obj_side) continue;
+    const float ratio = (float)side / (float)obj_side;
+    float pr = fmaxf(((float)lr + 0.5f) * ratio - 0.5f, 0.0f);
+    float pc = fmaxf(((float)lc + 0.5f) * ratio - 0.5f, 0.0f);
+    int ra = min((int)floorf(pr), side - 1), ca = min((int)floorf(pc), side - 1);
+    int rb = min(ra + 1, side - 1), cb = min(ca + 1, side - 1);
+    float fr = pr - (float)ra, fc = pc - (float)ca;
+    const unsigned char *obj = objects + (long long)item * side * side * 3;
+    unsigned char rgb[3];
+    bool any = false;
+    for (int ch = 0; ch < 3; ++ch) {
+      float p00 = obj[(ra * side + ca) * 3 + ch], p01 = obj[(ra * side + cb) * 3 + ch];
+      float p10 = obj[(rb * side + ca) * 3 + ch], p11 = obj[(rb * side + cb) * 3 + ch];
+      float top_row = p00 * (1.0f - fc) + p01 * fc;
+      float bottom_row = p10 * (1.0f - fc) + p11 * fc;
+      rgb[ch] = round_u8(top_row * (1.0f - fr) + bottom_row * fr);
+      any = any || rgb[ch] > 0;
+    }
+    if (any) {
+      dst[0] = rgb[0];
+      dst[1] = rgb[1];
+      dst[2] = rgb[2];
+    }
+  }
+}
+
+__device__ inline int reflect101(int i, int n) { return i < 0 ? -i : (i >= n ? 2 * n - 2 - i : i); }
+
+// out_kind: 0 uint8, 1 float32 normalised ((x / 255 - mean) / std). channels_last: NHWC, else NCHW.
+extern "C" __global__ void finish(int count, int size, const float *sample_f, const unsigned char *canvas,
+                                  int out_kind, int channels_last, const float *mean, const float *std,
+                                  void *out) {
+  long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (p >= (long long)count * size * size) return;
+  const int b = (int)(p / ((long long)size * size));
+  const int r = (int)((p / size) % size), c = (int)(p % size);
+  const float *sf = sample_f + (long long)b * SAMPLE_FLOATS;
+  const unsigned char *img = canvas + (long long)b * size * size * 3;
+  for (int ch = 0; ch < 3; ++ch) {
+    unsigned char v;
+    if (sf[0] > 0.0f) {
+      const float k0 = sf[1], k1 = sf[2];
+      float rows[3];
+      for (int d = 0; d < 3; ++d) {
+        int rr = reflect101(r + d - 1, size);
+        float left = img[((long long)rr * size + reflect101(c - 1, size)) * 3 + ch];
+        float mid = img[((long long)rr * size + c) * 3 + ch];
+        float right = img[((long long)rr * size + reflect101(c + 1, size)) * 3 + ch];
+        rows[d] = (k1 * left + k0 * mid) + k1 * right;
+      }
+      v = round_u8((k1 * rows[0] + k0 * rows[1]) + k1 * rows[2]);
+    } else {
+      v = img[p * 3 + ch];
+    }
+    long long at = channels_last ? p * 3 + ch : (((long long)b * 3 + ch) * size + r) * size + c;
+    if (out_kind == 0) ((unsigned char *)out)[at] = v;
+    else ((float *)out)[at] = ((float)v * (float)(1.0 / 255.0) - mean[ch]) / std[ch];
+  }
+}

@@ -1,0 +1,152 @@
+"""CUDA kernels without a GPU: they compile (nvcc for sm_80/sm_90, NVRTC with the renderer's own
+options), their constant layouts match the Python side, and their shared helpers (Philox, uniform
+draws, exp_neg, HSV colour), built for the host by nvcc, give the NumPy reference's exact bits.
+
+The GPU comparison of whole images lives in test_render_gpu.py (marker ``gpu``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fractal_pretrain import rng
+from fractal_pretrain.recipes import get_recipe
+from fractal_pretrain.render import cupy_renderer, params, reference
+
+KERNELS = cupy_renderer.KERNEL_DIR
+NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found: CUDA kernels not compiled")
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("name", cupy_renderer.KERNEL_FILES)
+def test_kernel_compiles_with_nvcc(name, arch, tmp_path):
+    result = subprocess.run(
+        [NVCC, f"-arch={arch}", "-cubin", "-fmad=false", "-std=c++17", f"-I{KERNELS}", "-Werror", "all-warnings",
+         "-o", str(tmp_path / f"{name}.cubin"), str(KERNELS / f"{name}.cu")],
+        capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def _nvrtc():
+    """libnvrtc from the CUDA toolkit or torch's nvidia wheels, with its builtins preloaded."""
+    candidates = glob.glob("/usr/local/cuda/lib64/libnvrtc.so*") + glob.glob(
+        os.path.join(sys.prefix, "lib", "python3*", "site-packages", "nvidia", "*", "lib", "libnvrtc.so*"))
+    for path in candidates:
+        folder = os.path.dirname(path)
+        builtins = sorted(glob.glob(os.path.join(folder, "libnvrtc-builtins.so*")))
+        try:
+            for b in builtins:
+                ctypes.CDLL(b, mode=ctypes.RTLD_GLOBAL)
+            return ctypes.CDLL(path)
+        except OSError:
+            continue
+    return None
+
+
+@pytest.mark.parametrize("name", cupy_renderer.KERNEL_FILES)
+def test_kernel_compiles_with_nvrtc_options_of_the_renderer(name):
+    lib = _nvrtc()
+    if lib is None:
+        pytest.skip("libnvrtc not found")
+    header = (KERNELS / "common.cuh").read_bytes()
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), (KERNELS / f"{name}.cu").read_bytes(), name.encode(), 1,
+                                  (ctypes.c_char_p * 1)(header), (ctypes.c_char_p * 1)(b"common.cuh")) == 0
+    options = [o.encode() for o in cupy_renderer.NVRTC_OPTIONS] + [b"--gpu-architecture=compute_90"]
+    rc = lib.nvrtcCompileProgram(prog, len(options), (ctypes.c_char_p * len(options))(*options))
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    assert rc == 0, log.value.decode()
+
+
+def _defines(prefix: str) -> dict[str, int]:
+    text = (KERNELS / "common.cuh").read_text()
+    return {m[0]: int(m[1]) for m in re.findall(rf"#define {prefix}_(\w+) (\d+)", text)}
+
+
+def test_recipe_constant_layout_matches_common_cuh():
+    ints = _defines("RI")
+    assert ints.pop("COUNT") == len(cupy_renderer.RECIPE_INTS)
+    assert {name.upper(): i for i, name in enumerate(cupy_renderer.RECIPE_INTS)} == ints
+    floats = _defines("RF")
+    assert floats.pop("COUNT") == len(cupy_renderer.recipe_floats(get_recipe("anderson")))
+    at, expected = 0, {}
+    for name in cupy_renderer.RECIPE_FLOAT_PAIRS:
+        expected[name.upper()] = at
+        at += 1 if name == "blur_p" else 2
+    assert expected == floats
+
+
+def test_stream_and_draw_numbers_match_common_cuh():
+    streams = _defines("STREAM")
+    assert streams == {"SAMPLE": rng.STREAM_SAMPLE, "ITEM": rng.STREAM_ITEM, "CHAOS": rng.STREAM_CHAOS,
+                       "PLASMA": rng.STREAM_PLASMA}
+    draws = _defines("DRAW")
+    for name, value in draws.items():
+        assert getattr(params, f"DRAW_{name}") == value, name
+
+
+def test_recipe_ints_encode_the_recipe():
+    recipe = get_recipe("multiinstance", {"num_classes": 7})
+    ints = dict(zip(cupy_renderer.RECIPE_INTS, cupy_renderer.recipe_ints(recipe, 64)))
+    assert ints["num_classes"] == 7 and ints["multi_label"] == 1 and ints["source_any"] == 1
+    assert ints["side"] == 32 and ints["slots"] == 5 and ints["jitter"] == 0 and ints["flip_bits"] == 7
+    floats = cupy_renderer.recipe_floats(recipe)
+    lo, width = rng.range_params(*recipe.object_scale)
+    at = _defines("RF")["OBJECT_SCALE"]
+    assert floats[at] == lo and floats[at + 1] == width
+
+
+@pytest.fixture(scope="module")
+def host_check(tmp_path_factory):
+    if NVCC is None:
+        pytest.skip("nvcc not found")
+    exe = tmp_path_factory.mktemp("cuda") / "host_check"
+    src = Path(__file__).parent / "cuda" / "host_check.cu"
+    subprocess.run([NVCC, "-x", "cu", "-std=c++17", "-fmad=false", f"-I{KERNELS}", str(src), "-o", str(exe)],
+                   check=True, capture_output=True)
+
+    def run(lines: list[str]) -> list[str]:
+        out = subprocess.run([str(exe)], input="\n".join(lines) + "\n", capture_output=True, text=True, check=True)
+        return out.stdout.split("\n")[:-1]
+
+    return run
+
+
+def test_host_build_of_philox_matches_numpy(host_check):
+    gen = np.random.default_rng(0)
+    cases = gen.integers(0, 2**32, size=(200, 6), dtype=np.uint64)
+    lines = host_check(["philox " + " ".join(map(str, c)) for c in cases])
+    for c, line in zip(cases, lines):
+        expected = rng.philox4x32(tuple(c[:4].astype(np.uint32)), tuple(c[4:].astype(np.uint32)))
+        assert [int(v) for v in line.split()] == [int(e) for e in expected]
+
+
+def test_host_build_of_exp_neg_is_bit_identical(host_check):
+    xs = np.linspace(0.0, 3.0, 301, dtype=np.float32)
+    lines = host_check([f"expneg {x:.9g}" for x in xs])
+    got = np.array([int(v) for v in lines], dtype=np.uint32).view(np.float32)
+    np.testing.assert_array_equal(got, params.exp_neg(xs))
+    np.testing.assert_allclose(got, np.exp(-xs.astype(np.float64)), rtol=2e-6)
+
+
+def test_host_build_of_hsv_is_identical(host_check):
+    grid = [(h, s, v) for h in range(0, 256, 5) for s in (0, 77, 200, 255) for v in (0, 128, 255)]
+    lines = host_check([f"hsv {h} {s} {v}" for h, s, v in grid])
+    expected = reference.hsv_to_rgb(*(np.array(x) for x in zip(*grid)))
+    got = np.array([[int(v) for v in line.split()] for line in lines])
+    np.testing.assert_array_equal(got, expected)
