@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 
 
@@ -24,3 +27,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     )
     for item in gpu_items:
         item.add_marker(skip)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Banks built by tests go to a throw-away cache, never the user's ~/.cache (subprocesses inherit it).
+    if "FRACTAL_PRETRAIN_CACHE" not in os.environ:
+        os.environ["FRACTAL_PRETRAIN_CACHE"] = tempfile.mkdtemp(prefix="fractal-pretrain-test-cache-")
