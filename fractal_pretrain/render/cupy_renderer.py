@@ -132,14 +132,14 @@ class CupyRenderer(Renderer):
 
     def __init__(self, recipe: Recipe, *, size: int = 256, seed: int = 0, bank=None, device: str = "cuda",
                  force_global_histogram: bool = False):
-        super().__init__(recipe, size=size, seed=seed, bank=bank)
-        try:
+        try:  # check the device before building the bank, which can take a while
             import cupy  # noqa: F401
             import torch
         except ImportError as err:
             raise ConfigError(f"device={device!r} needs CuPy and torch ({err}); install the 'gpu' extra") from None
         if not torch.cuda.is_available():
             raise ConfigError(f"device={device!r}: no CUDA device is visible")
+        super().__init__(recipe, size=size, seed=seed, bank=bank)
         self.torch_device = torch.device(device)
         self.device_id = self.torch_device.index if self.torch_device.index is not None else torch.cuda.current_device()
         self.torch_device = torch.device("cuda", self.device_id)

@@ -150,3 +150,10 @@ def test_host_build_of_hsv_is_identical(host_check):
     expected = reference.hsv_to_rgb(*(np.array(x) for x in zip(*grid)))
     got = np.array([[int(v) for v in line.split()] for line in lines])
     np.testing.assert_array_equal(got, expected)
+
+
+def test_plan_layout_matches_common_cuh():
+    assert _defines("SAMPLE") == {"FLOATS": cupy_renderer.SAMPLE_FLOATS}
+    assert _defines("ITEM") == {"INTS": cupy_renderer.ITEM_INTS}
+    assert "#define ITEM_FLOATS (MAX_MAPS * ROW + MAX_MAPS + 7)" in (KERNELS / "common.cuh").read_text()
+    assert cupy_renderer.ITEM_FLOATS == params.MAX_MAPS * 6 + params.MAX_MAPS + 7

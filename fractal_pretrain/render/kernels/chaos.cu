@@ -9,14 +9,6 @@
 
 #define F_INF __int_as_float(0x7f800000)
 
-#define ITEM_INTS 12
-#define ITEM_FLOATS (MAX_MAPS * ROW + MAX_MAPS + 7)
-#define IF_CUM (MAX_MAPS * ROW)
-#define IF_START (IF_CUM + MAX_MAPS)
-#define IF_SHIFT (IF_START + 2)
-#define IF_SCALE (IF_SHIFT + 2)
-#define IF_HUE (IF_SCALE + 2)
-
 struct Chain {
   float x, y;
 };
@@ -47,23 +39,6 @@ __device__ inline void chain_words(u32 seed, u32 epoch, long long index, u32 tag
   }
   map_word = block.w[word % 4];
   mask_word = per_point ? block.w[(word + 1) % 4] : 0u;
-}
-
-// Min or max over the block, any blockDim <= 1024 (a shared-memory tree; called by every thread).
-__device__ inline float block_reduce(float v, float *red, bool is_max) {
-  __syncthreads();
-  red[threadIdx.x] = v;
-  __syncthreads();
-  for (int stride = 512; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride && threadIdx.x + stride < blockDim.x) {
-      float o = red[threadIdx.x + stride];
-      red[threadIdx.x] = is_max ? fmaxf(red[threadIdx.x], o) : fminf(red[threadIdx.x], o);
-    }
-    __syncthreads();
-  }
-  float r = red[0];
-  __syncthreads();
-  return r;
 }
 
 __device__ inline u32 stamped_value(const u32 *hist, int side, int r, int c, int mask, bool per_point) {

@@ -72,6 +72,19 @@ typedef unsigned long long u64;
 // Finite test that needs no math header (NVRTC) and survives any flags: false for inf and NaN.
 __host__ __device__ inline bool finite(float x) { return fabsf(x) <= 3.402823466e+38f; }
 
+// Plan layouts (cupy_renderer.py: SAMPLE_FLOATS, ITEM_INTS, ITEM_FLOATS).
+// Per sample floats: blur flag, k0, k1, sigma; plasma decay, 4 corners, 6 colour gains x 255.
+#define SAMPLE_FLOATS 15
+// Per item ints: active, system, class, num_maps, jitter, mask, flips, sat8, val8, side, top, left.
+#define ITEM_INTS 12
+// Per item floats: maps (8 x 6), cum (8), start (2), shift (2), scale (2), hue shift.
+#define ITEM_FLOATS (MAX_MAPS * ROW + MAX_MAPS + 7)
+#define IF_CUM (MAX_MAPS * ROW)
+#define IF_START (IF_CUM + MAX_MAPS)
+#define IF_SHIFT (IF_START + 2)
+#define IF_SCALE (IF_SHIFT + 2)
+#define IF_HUE (IF_SCALE + 2)
+
 struct Words {
   u32 w[4];
 };
@@ -151,3 +164,22 @@ __host__ __device__ inline void hsv_to_rgb(int h8, int s8, int v8, unsigned char
   const int order[6][3] = {{0, 3, 1}, {2, 0, 1}, {1, 0, 3}, {1, 2, 0}, {3, 1, 0}, {0, 1, 2}};
   for (int ch = 0; ch < 3; ++ch) rgb[ch] = round_u8(tab[order[sector][ch]] * 255.0f);
 }
+
+#ifdef __CUDACC__
+// Min or max over the block, any blockDim <= 1024 (a shared-memory tree; called by every thread).
+__device__ inline float block_reduce(float v, float *red, bool is_max) {
+  __syncthreads();
+  red[threadIdx.x] = v;
+  __syncthreads();
+  for (int stride = 512; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride && threadIdx.x + stride < blockDim.x) {
+      float o = red[threadIdx.x + stride];
+      red[threadIdx.x] = is_max ? fmaxf(red[threadIdx.x], o) : fminf(red[threadIdx.x], o);
+    }
+    __syncthreads();
+  }
+  float r = red[0];
+  __syncthreads();
+  return r;
+}
+#endif

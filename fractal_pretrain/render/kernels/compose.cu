@@ -6,24 +6,6 @@
 
 #define F_INF __int_as_float(0x7f800000)
 
-#define SAMPLE_FLOATS 15
-
-__device__ inline float block_minmax(float v, float *red, bool is_max) {
-  __syncthreads();
-  red[threadIdx.x] = v;
-  __syncthreads();
-  for (int stride = 512; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride && threadIdx.x + stride < blockDim.x) {
-      float o = red[threadIdx.x + stride];
-      red[threadIdx.x] = is_max ? fmaxf(red[threadIdx.x], o) : fminf(red[threadIdx.x], o);
-    }
-    __syncthreads();
-  }
-  float r = red[0];
-  __syncthreads();
-  return r;
-}
-
 extern "C" __global__ void plasma_background(const long long *indices, u32 seed, u32 epoch, int size, int n,
                                              const float *sample_f, float *grids, unsigned char *canvas) {
   __shared__ float red[1024];
@@ -86,8 +68,8 @@ extern "C" __global__ void plasma_background(const long long *indices, u32 seed,
     lo = fminf(lo, v);
     hi = fmaxf(hi, v);
   }
-  lo = block_minmax(lo, red, false);
-  hi = block_minmax(hi, red, true);
+  lo = block_reduce(lo, red, false);
+  hi = block_reduce(hi, red, true);
   for (int p = threadIdx.x; p < size * size; p += blockDim.x) {
     float v = grid[(p / size) * n + p % size];
     float x = hi > lo ? (v - lo) / (hi - lo) : 0.0f;
@@ -107,7 +89,7 @@ extern "C" __global__ void paste_objects(int count, int size, int side, int slot
   unsigned char *dst = canvas + p * 3;
   for (int o = 0; o < num_objects[b]; ++o) {
     const int item = b * slots + o;
-    const int *ii = item_i + (long long)item * 12;
+    const int *ii = item_i + (long long)item * ITEM_INTS;
     const int obj_side = ii[9], top = ii[10], left = ii[11];
     const int lr = r - top, lc = c - left;
     if (lr < 0 || lr >= obj_side || lc < 0 || lc >= obj_side) continue;

@@ -7,9 +7,6 @@ __constant__ int FDB_POSITION[25] = {0, 0, 0, 0, 0, 1, 1, 1, 1, 3, 3, 3, 3, 4, 4
 __constant__ float FDB_WEIGHT[25] = {0.2f, 0.6f, 1.0f, 1.4f, 1.8f, 0.2f, 0.6f, 1.4f, 1.8f, 0.2f, 0.6f, 1.4f, 1.8f,
                                      0.2f, 0.6f, 1.4f, 1.8f, 0.2f, 0.6f, 1.4f, 1.8f, 0.2f, 0.6f, 1.4f, 1.8f};
 
-// Per sample: label, object count, blur (flag, k0, k1, sigma), plasma (decay, 4 corners, 6 gains x 255).
-#define SAMPLE_FLOATS 15
-
 extern "C" __global__ void plan_samples(int count, const long long *indices, u32 seed, u32 epoch,
                                         const int *ri, const float *rf, long long *label, int *num_objects,
                                         float *sample_f) {
@@ -52,16 +49,6 @@ __device__ inline bool singular_value_too_big(const float *row) {
   float root = sqrtf(fmaxf(disc, 0.0f));
   return (s + root) * 0.5f > 1.0f;
 }
-
-// Per item ints: active, system, class, num_maps, jitter, mask, flips, sat8, val8, side, top, left.
-#define ITEM_INTS 12
-// Per item floats: maps (8 x 6), cum (8), start (2), shift (2), scale (2), hue shift.
-#define ITEM_FLOATS (MAX_MAPS * ROW + MAX_MAPS + 7)
-#define IF_CUM (MAX_MAPS * ROW)
-#define IF_START (IF_CUM + MAX_MAPS)
-#define IF_SHIFT (IF_START + 2)
-#define IF_SCALE (IF_SHIFT + 2)
-#define IF_HUE (IF_SCALE + 2)
 
 extern "C" __global__ void plan_items(int count, const long long *indices, u32 seed, u32 epoch, const int *ri,
                                       const float *rf, const long long *label, const int *num_objects,
