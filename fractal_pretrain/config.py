@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,8 @@ def check_choice(name: str, value, allowed) -> None:
 def _coerce(cls, name: str, value):
     """Turn YAML/CLI values into the field's declared type (lists -> tuples for pairs)."""
     hint = typing.get_type_hints(cls).get(name)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # Optional[X] -> X
+        hint = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
     origin = typing.get_origin(hint)
     if origin is tuple and isinstance(value, list):
         return tuple(value)

@@ -102,12 +102,13 @@ def window(box: np.ndarray, count: np.ndarray, plan: ItemPlan, side: int):
         for axis in range(2):
             mn, mx = box[:, 2 * axis], box[:, 2 * axis + 1]
             extent = mx - mn
-            centre = (mn + mx) * F32(0.5) + extent * plan.shift[:, axis]
             half = (extent * plan.scale[:, axis]) * F32(0.5)
+            # lo = centre - half, written so that an unshifted, unscaled window starts exactly at mn
+            start = mn + ((extent * F32(0.5) + extent * plan.shift[:, axis]) - half)
             span = half + half
             pixels = F32(side - 1) / span
-            bad = ~(span > F32(0.0)) | ~np.isfinite(pixels) | ~np.isfinite(centre) | (count == 0)
-            lo[:, axis] = np.where(bad, mn, centre - half)
+            bad = ~(span > F32(0.0)) | ~np.isfinite(pixels) | ~np.isfinite(start) | (count == 0)
+            lo[:, axis] = np.where(bad, mn, start)
             sc[:, axis] = np.where(bad, F32(side - 1), pixels)
             lo[:, axis] = np.where(count == 0, F32(0.0), lo[:, axis])
     return lo, sc

@@ -110,12 +110,13 @@ extern "C" __global__ void render_items(const long long *indices, u32 seed, u32 
     for (int axis = 0; axis < 2; ++axis) {
       float mn = box[2 * axis], mx = box[2 * axis + 1];
       float extent = mx - mn;
-      float centre = (mn + mx) * 0.5f + extent * params[IF_SHIFT + axis];
       float half = (extent * params[IF_SCALE + axis]) * 0.5f;
+      // lo = centre - half, written so that an unshifted, unscaled window starts exactly at mn
+      float start = mn + ((extent * 0.5f + extent * params[IF_SHIFT + axis]) - half);
       float span = half + half;
       float pixels = (float)(side - 1) / span;
-      bool bad = !(span > 0.0f) || !finite(pixels) || !finite(centre) || !all_alive;
-      win[axis] = !all_alive ? 0.0f : (bad ? mn : centre - half);
+      bool bad = !(span > 0.0f) || !finite(pixels) || !finite(start) || !all_alive;
+      win[axis] = !all_alive ? 0.0f : (bad ? mn : start);
       win[2 + axis] = bad ? (float)(side - 1) : pixels;
     }
   }
