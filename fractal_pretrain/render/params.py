@@ -39,6 +39,7 @@ PLASMA_HUE_GAIN, PLASMA_HUE_OFFSET = (0.25, 1.0), (0.0, 1.0)
 PLASMA_SAT_GAIN, PLASMA_SAT_OFFSET = (0.1, 0.3), (0.4, 0.6)
 PLASMA_VAL_GAIN, PLASMA_VAL_OFFSET = (0.3, 0.6), (0.4, 0.6)
 HUE_SHIFT = (0.0, 255.0)
+PATCH_CENTRE_ONLY = 1 << 4  # mask of the centre cell alone: stamps nothing beyond the point itself
 
 # FractalDB's 25 parameter-weight vectors (weights_0.4.csv): parameter a x {0.2, 0.6, 1.0, 1.4, 1.8},
 # then each of b..f x {0.2, 0.6, 1.4, 1.8}. Parameters a b c d e f live at these flat positions of a
@@ -245,7 +246,7 @@ def plan_items(recipe: Recipe, bank: SystemBank, size: int, seed: int, epoch: in
 
     look = rng.draw_words(seed, epoch, index, rng.STREAM_ITEM, DRAW_ITEM_LOOK, slot)
     # Never an empty mask (FractalDB's randrange(1, 512)); "none" stamps the centre cell only.
-    mask = 1 + rng.to_int(look[0], 511) if recipe.patch == "image" else np.full(len(index), 16)
+    mask = 1 + rng.to_int(look[0], 511) if recipe.patch == "image" else np.full(len(index), PATCH_CENTRE_ONLY)
     flip_bits = {"none": 0, "hv": 6, "dihedral": 7}[recipe.flips]
     flips = (look[1].astype(np.int64) >> 29) & flip_bits
     place = rng.draw_words(seed, epoch, index, rng.STREAM_ITEM, DRAW_ITEM_PLACE, slot)

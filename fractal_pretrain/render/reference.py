@@ -30,9 +30,6 @@ from fractal_pretrain import rng
 from fractal_pretrain.recipes import Recipe
 from fractal_pretrain.render.params import F32, ItemPlan, SamplePlan
 
-PATCH_CENTRE = 16  # mask bit of the centre cell: a mask of only this bit stamps nothing extra
-
-
 # ----------------------------------------------------------------------------- chaos game
 
 def chaos_words(recipe: Recipe, seed: int, epoch: int, index: np.ndarray, slot: np.ndarray):
