@@ -80,6 +80,8 @@ class SamplePlan:
 class ItemPlan:
     """Per-fractal draws, arrays of length I = B * slots."""
 
+    index: np.ndarray  # int64 global sample index of the item
+    slot: np.ndarray  # int64 object slot within its sample
     active: np.ndarray  # bool
     system: np.ndarray  # int64 bank index
     object_class: np.ndarray  # int64 class of the system
@@ -258,6 +260,8 @@ def plan_items(recipe: Recipe, bank: SystemBank, size: int, seed: int, epoch: in
         side = np.full(len(index), size, dtype=np.int64)
         top = left = np.zeros(len(index), dtype=np.int64)
     return ItemPlan(
+        index=index,
+        slot=slot,
         active=active,
         system=system,
         object_class=object_class,

@@ -321,17 +321,16 @@ def blur(images: np.ndarray, samples: SamplePlan) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- the pipeline
 
-def render_items(recipe: Recipe, seed: int, epoch: int, plan: ItemPlan, index: np.ndarray,
-                 slot: np.ndarray, side: int, chunk: int = 16):
+def render_items(recipe: Recipe, seed: int, epoch: int, plan: ItemPlan, side: int, chunk: int = 16):
     """Colour image, density and point count of each item: (I, side, side, 3), (I, side, side), (I,)."""
-    n = len(index)
+    n = len(plan.index)
     rgb = np.zeros((n, side, side, 3), dtype=np.uint8)
     density = np.zeros((n, side, side), dtype=F32)
     points = np.zeros(n, dtype=np.int64)
     for start in range(0, n, chunk):
         sl = slice(start, min(start + chunk, n))
         sub = _subplan(plan, sl)
-        map_words, mask_words = chaos_words(recipe, seed, epoch, index[sl], slot[sl])
+        map_words, mask_words = chaos_words(recipe, seed, epoch, sub.index, sub.slot)
         x, y, recorded = chaos_game(recipe, sub, map_words)
         recorded &= sub.active[:, None, None]
         box, count = bounding_box(x, y, recorded)

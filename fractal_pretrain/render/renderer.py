@@ -135,13 +135,9 @@ class ReferenceRenderer(Renderer):
     """The NumPy reference: exact semantics, any machine."""
 
     def render(self, indices, epoch: int = 0) -> RenderedBatch:
-        indices, samples, items = self.plan(indices, epoch)
-        slots = slots_per_sample(self.recipe)
-        index = np.repeat(indices, slots)
-        slot = np.tile(np.arange(slots, dtype=np.int64), len(indices))
+        _, samples, items = self.plan(indices, epoch)
         side = object_size(self.recipe, self.size)
-        rgb, density, points = reference.render_items(
-            self.recipe, self.seed, epoch, items, index, slot, side)
+        rgb, density, points = reference.render_items(self.recipe, self.seed, epoch, items, side)
         images = reference.compose(self.recipe, self.seed, epoch, samples, items, rgb, density, self.size)
         return RenderedBatch(
             images=images, labels=make_labels(self.recipe, samples, items), recipe=self.recipe,

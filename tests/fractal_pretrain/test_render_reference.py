@@ -48,22 +48,13 @@ def small_recipe(name, **overrides):
     return get_recipe(name, {**SMALL, **overrides})
 
 
-def item_keys(recipe, indices):
-    """(index, slot) of every item of a batch, as the renderer lays them out."""
-    slots = slots_per_sample(recipe)
-    indices = np.asarray(indices, dtype=np.int64)
-    return np.repeat(indices, slots), np.tile(np.arange(slots, dtype=np.int64), len(indices))
-
-
 def render_plan(renderer, indices, epoch=0, plan=None):
     """Per-item (rgb, density, points) of the reference pipeline, plus the plan."""
     idx, samples, items = renderer.plan(indices, epoch)
     if plan is not None:
         items = plan
-    index, slot = item_keys(renderer.recipe, idx)
     side = object_size(renderer.recipe, renderer.size)
-    rgb, dens, pts = reference.render_items(
-        renderer.recipe, renderer.seed, epoch, items, index, slot, side)
+    rgb, dens, pts = reference.render_items(renderer.recipe, renderer.seed, epoch, items, side)
     return rgb, dens, pts, samples, items
 
 
@@ -524,9 +515,8 @@ def test_degenerate_plan_is_finite(degenerate_batch):
 # ----------------------------------------------------------------------------- chaos game
 
 def _chaos(r, indices, epoch=0):
-    idx, _, items = r.plan(indices, epoch)
-    index, slot = item_keys(r.recipe, idx)
-    map_words, mask_words = reference.chaos_words(r.recipe, r.seed, epoch, index, slot)
+    _, _, items = r.plan(indices, epoch)
+    map_words, mask_words = reference.chaos_words(r.recipe, r.seed, epoch, items.index, items.slot)
     x, y, recorded = reference.chaos_game(r.recipe, items, map_words)
     return items, map_words, x, y, recorded
 
@@ -629,8 +619,8 @@ def test_fill_statistics_match_anderson():
         assert (5 + num) / 2 - 1e-9 <= alpha <= (6 + num) / 2 + 1e-9, (k, num, alpha)
         assert sv.max() < 1.0
 
-    idx, _, it = r.plan(np.arange(n), 0)
-    _, dens, pts = reference.render_items(rec, seed, 0, it, idx, np.zeros(n, np.int64), size)
+    _, _, it = r.plan(np.arange(n), 0)
+    _, dens, pts = reference.render_items(rec, seed, 0, it, size)
     assert (pts == rec.num_points).all()
     fill = (dens > 0).mean(axis=(1, 2))
     mask = it.mask
@@ -639,8 +629,8 @@ def test_fill_statistics_match_anderson():
 
     rec_bin = get_recipe("anderson", {**base, "patch": "none", "render_mode": "binary"})
     r_bin = make_renderer(rec_bin, size=size, seed=seed, bank=bank)
-    idx, _, it = r_bin.plan(np.arange(n), 0)
-    _, dens, _ = reference.render_items(rec_bin, seed, 0, it, idx, np.zeros(n, np.int64), size)
+    _, _, it = r_bin.plan(np.arange(n), 0)
+    _, dens, _ = reference.render_items(rec_bin, seed, 0, it, size)
     fill_bin = (dens > 0).mean(axis=(1, 2))
     assert abs(fill_bin.mean() - 0.216) <= 0.03, fill_bin.mean()
     # A patch whose mask includes the centre cell only adds pixels (other masks shift the points).
