@@ -140,8 +140,8 @@ class CupyRenderer(Renderer):
         if not torch.cuda.is_available():
             raise ConfigError(f"device={device!r}: no CUDA device is visible")
         super().__init__(recipe, size=size, seed=seed, bank=bank)
-        self.torch_device = torch.device(device)
-        self.device_id = self.torch_device.index if self.torch_device.index is not None else torch.cuda.current_device()
+        requested = torch.device(device)
+        self.device_id = requested.index if requested.index is not None else torch.cuda.current_device()
         self.torch_device = torch.device("cuda", self.device_id)
         self.side = P.object_size(recipe, size)
         self.slots = P.slots_per_sample(recipe)
