@@ -144,7 +144,7 @@ extern "C" __global__ void finish(int count, int size, const float *sample_f, co
       }
       v = round_u8((k1 * rows[0] + k0 * rows[1]) + k1 * rows[2]);
     } else {
-      v = img[p * 3 + ch];
+      v = canvas[p * 3 + ch];  // p counts pixels of the whole batch; img is already offset by b
     }
     long long at = channels_last ? p * 3 + ch : (((long long)b * 3 + ch) * size + r) * size + c;
     if (out_kind == 0) ((unsigned char *)out)[at] = v;
