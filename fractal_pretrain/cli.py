@@ -1,4 +1,4 @@
-"""``fractal-pretrain`` command line: list recipes, render preview grids, export shards.
+"""``fractal-pretrain`` command line: list recipes, render preview grids, export shards, pre-train.
 
 Usage::
 
@@ -8,6 +8,8 @@ Usage::
     fractal-pretrain export --recipe anderson --num 64 --seed 0 --size 128 \\
         --out outputs/shards --shard-size 32
     fractal-pretrain render --recipe anderson --set num_points=20000 --set num_classes=10 ...
+    fractal-pretrain fit --config jobs/pretrain/smoke.yaml [--trainer.max_steps 20 ...]
+    fractal-pretrain export-backbone runs/smoke/checkpoints/last.ckpt
 
 ``--set KEY=VALUE`` overrides a recipe field; VALUE is parsed as YAML (``10`` -> int,
 ``[1, 2]`` -> list, ``true`` -> bool). Configuration errors (unknown recipe, key or device)
@@ -113,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_export)
+
+    sub.add_parser("fit", help="pre-train a backbone (LightningCLI: fit --help)", add_help=False)
+
+    p = sub.add_parser("export-backbone", help="write backbone.pt + backbone.json from a checkpoint")
+    p.add_argument("checkpoint", help="a pre-training checkpoint (.ckpt)")
+    p.add_argument("--out", default=None, help="output directory (default: the checkpoint's run directory)")
+    p.set_defaults(handler=_cmd_export_backbone)
     return parser
 
 
@@ -178,6 +187,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_backbone(args: argparse.Namespace) -> int:
+    from fractal_pretrain.train.backbone import export_checkpoint
+
+    print(f"wrote {export_checkpoint(args.checkpoint, args.out)}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI.
 
@@ -189,6 +205,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     from fractal_pretrain.config import ConfigError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["fit"]:  # LightningCLI parses its own arguments
+        from fractal_pretrain.train.cli import fit
+
+        try:
+            return fit(argv[1:])
+        except ConfigError as exc:
+            print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+            return EXIT_USAGE
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

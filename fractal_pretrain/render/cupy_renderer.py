@@ -24,7 +24,14 @@ from fractal_pretrain import rng
 from fractal_pretrain.config import ConfigError
 from fractal_pretrain.recipes import Recipe
 from fractal_pretrain.render import params as P
-from fractal_pretrain.render.renderer import RenderedBatch, Renderer, make_labels
+from fractal_pretrain.render.renderer import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    RenderedBatch,
+    Renderer,
+    check_output,
+    make_labels,
+)
 from fractal_pretrain.render.reference import plasma_grid_size
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
@@ -37,8 +44,6 @@ STATIC_SHARED_BYTES = 4 * (1024 + ITEM_FLOATS + 4)  # chaos.cu: scratch, params,
 PLAN_BLOCK = 128
 PIXEL_BLOCK = 256
 PLASMA_BLOCK = 512
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Order of the integer and float recipe constants: the RI_* and RF_* defines of common.cuh.
 RECIPE_INTS = (
@@ -227,8 +232,7 @@ class CupyRenderer(Renderer):
         import cupy
         import torch
 
-        if dtype not in ("uint8", "float32"):
-            raise ConfigError(f"dtype={dtype!r}: must be one of uint8, float32 (cast afterwards for bf16)")
+        check_output(dtype, mean, std)
         b, size = t["canvas"].shape[:2]
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         out = torch.empty((b, 3, size, size), dtype=getattr(torch, dtype), device=self.torch_device,

@@ -27,6 +27,9 @@ from fractal_pretrain.render.params import (
 
 MIN_SIZE = 8
 MAX_SIZE = 4096
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+OUTPUT_DTYPES = ("uint8", "float32")
 
 
 @dataclass
@@ -129,6 +132,48 @@ class Renderer:
 
     def render(self, indices, epoch: int = 0) -> RenderedBatch:
         raise NotImplementedError
+
+    def render_tensor(self, indices, epoch: int = 0, *, dtype: str = "uint8", channels_last: bool = False,
+                      mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        """(images (B, 3, H, W), labels) as torch tensors: uint8, or float32 ``(x / 255 - mean) / std``.
+
+        This host version renders with ``render`` and converts; the CuPy renderer overrides it to stay
+        on the device. Same arithmetic on both, so a model sees the same inputs on CPU and GPU.
+        """
+        batch = self.render(indices, epoch)
+        return images_to_tensor(batch.images, dtype=dtype, channels_last=channels_last, mean=mean, std=std), \
+            torch_labels(batch.labels)
+
+
+def check_output(dtype: str, mean, std) -> None:
+    if dtype not in OUTPUT_DTYPES:
+        raise ConfigError(f"dtype={dtype!r}: must be one of {', '.join(OUTPUT_DTYPES)} (cast afterwards for bf16)")
+    for name, values in (("mean", mean), ("std", std)):
+        if len(values) != 3:
+            raise ConfigError(f"{name}={list(values)!r}: must have 3 values (R, G, B)")
+    if min(std) <= 0:
+        raise ConfigError(f"std={list(std)!r}: every value must be > 0")
+
+
+def images_to_tensor(images: np.ndarray, *, dtype: str, channels_last: bool, mean, std):
+    """(B, H, W, 3) uint8 host images -> (B, 3, H, W) torch tensor in the finish kernel's arithmetic."""
+    import torch
+
+    check_output(dtype, mean, std)
+    out = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # an NHWC-strided view
+    if dtype == "float32":
+        scale = torch.tensor(np.float32(1.0 / 255.0))
+        m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        out = (out.float() * scale - m) / s
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return out.contiguous(memory_format=fmt)
+
+
+def torch_labels(labels: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(labels))
 
 
 class ReferenceRenderer(Renderer):

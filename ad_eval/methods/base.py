@@ -1,0 +1,40 @@
+"""What every AD method returns for one cell, whatever its internals (anomalib or implemented here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+LAYER_NAMES = ("layer1", "layer2", "layer3", "layer4")
+
+
+@dataclass
+class MethodScores:
+    """Per-test-image outputs of a fitted method, in the order of ``split.test``.
+
+    image_scores: (N,) float, higher = more anomalous.
+    image_labels: (N,) int 0/1.
+    anomaly_maps: (N, H, W) float32 at the evaluation size, or None for image-level methods (PANDA, CutPaste).
+    masks: (N, H, W) bool ground truth at the same size, or None when anomaly_maps is None.
+    """
+
+    image_scores: np.ndarray
+    image_labels: np.ndarray
+    anomaly_maps: np.ndarray | None = None
+    masks: np.ndarray | None = None
+
+
+def check_layers(layers) -> tuple[str, ...]:
+    """Normalise a layer set: (2, 3), "2,3", ["layer2", "layer3"] -> ("layer2", "layer3"), sorted, no repeats."""
+    if isinstance(layers, str):
+        layers = [part.strip() for part in layers.split(",") if part.strip()]
+    names = []
+    for layer in layers:
+        name = f"layer{layer}" if str(layer).isdigit() else str(layer)
+        if name not in LAYER_NAMES:
+            raise ValueError(f"layers={list(layers)!r}: {layer!r} is not one of 1, 2, 3, 4 (or layer1..layer4)")
+        names.append(name)
+    if not names:
+        raise ValueError("layers: at least one of layer1..layer4 is needed")
+    return tuple(sorted(set(names)))

@@ -1,0 +1,85 @@
+"""Callbacks of every pre-training run: images/s, the backbone export, a clean stop on a requeue signal."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+
+from fractal_pretrain.train.backbone import backbone_meta, backbone_state, write_backbone
+
+
+class ImagesPerSecond(pl.Callback):
+    """Logs ``train/images_per_s`` (all ranks together) averaged over the logging interval.
+
+    Wall-clock between batch ends without device syncs: in steady state the host waits on the GPU
+    queue, so the interval measures the device. The first interval of each fit is skipped (warm-up).
+    """
+
+    def __init__(self):
+        self._start: float | None = None
+        self._steps = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self._start is None:
+            self._start, self._steps = now, 0
+            return
+        self._steps += 1
+        if self._steps >= trainer.log_every_n_steps:
+            images = self._steps * len(batch[0]) * trainer.world_size
+            pl_module.log("train/images_per_s", images / (now - self._start), rank_zero_only=True)
+            self._start, self._steps = now, 0
+
+
+class ExportBackbone(pl.Callback):
+    """Writes backbone.pt + backbone.json into the run directory when fit ends."""
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero or trainer.datamodule is None:
+            return
+        if (Path(trainer.default_root_dir) / RequeueOnSignal.MARKER).exists():
+            return  # stopped for a requeue: the run is not finished
+        state = backbone_state(pl_module.state_dict(), pl_module.hparams.arch)
+        meta = backbone_meta(pl_module.hparams, trainer.datamodule.hparams, epoch=trainer.current_epoch,
+                             steps=trainer.global_step, source=str(Path(trainer.default_root_dir).resolve()))
+        path = write_backbone(state, meta, trainer.default_root_dir)
+        print(f"backbone: {path}", flush=True)
+
+
+class RequeueOnSignal(pl.Callback):
+    """Container-friendly preemption: on the signal, checkpoint at the next batch end and stop.
+
+    Lightning's own Slurm auto-requeue runs ``scontrol`` inside this process, which a container
+    usually lacks. Here every rank agrees to stop after the same batch, the checkpoint is exact
+    (saved between steps), and rank 0 leaves a ``REQUEUE`` marker for the batch script, which then
+    runs ``scontrol requeue`` on the host (slurm/pretrain.sbatch).
+    """
+
+    CHECKPOINT = "requeue.ckpt"
+    MARKER = "REQUEUE"
+
+    def __init__(self, signum: int = signal.SIGUSR1, check_every: int = 10):
+        self.signum, self.check_every = signum, check_every
+        self.requested = False
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        signal.signal(self.signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # Agreeing is a collective that syncs the device: only every check_every steps.
+        if trainer.global_step % self.check_every:
+            return
+        if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+            return
+        root = Path(trainer.default_root_dir)
+        trainer.save_checkpoint(root / self.CHECKPOINT)
+        if trainer.is_global_zero:
+            (root / self.MARKER).write_text(f"step {trainer.global_step}\n")
+            print(f"requeue requested: checkpoint at step {trainer.global_step}", flush=True)
+        trainer.should_stop = True

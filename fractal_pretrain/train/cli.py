@@ -1,0 +1,119 @@
+"""``fractal-pretrain fit``: LightningCLI over FractalClassifier + FractalDataModule.
+
+    fractal-pretrain fit --config jobs/pretrain/smoke.yaml --trainer.max_steps 20 --data.batch_size 8
+
+Config files and dotted overrides as in any LightningCLI; unknown keys are errors. The run directory
+is ``trainer.default_root_dir``:
+
+    config.yaml                 the resolved config (rewritten on each (re)start)
+    checkpoints/last.ckpt       every ``--checkpoint_every_n_steps`` steps, for resuming
+    checkpoints/epoch=*.ckpt    every ``--keep_every_n_epochs`` epochs, kept
+    logs/version_*/metrics.csv  loss, accuracy, learning rate, images/s (TensorBoard too if installed)
+    backbone.pt, backbone.json  at the end (or ``fractal-pretrain export-backbone CKPT``)
+
+``--ckpt_path auto`` (the default) resumes from the newest of ``requeue.ckpt``,
+``checkpoints/last.ckpt`` and ``hpc_ckpt_*.ckpt`` in the run directory, so re-running the same command,
+or a Slurm requeue, continues where the run stopped; ``none`` starts fresh; a path resumes from it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger
+
+from fractal_pretrain.config import ConfigError
+from fractal_pretrain.train.callbacks import ExportBackbone, ImagesPerSecond, RequeueOnSignal
+from fractal_pretrain.train.data import FractalDataModule
+from fractal_pretrain.train.model import FractalClassifier
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class RunConfig(SaveConfigCallback):
+    """Saves the resolved config as ``<default_root_dir>/config.yaml`` (rank 0)."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        root = Path(trainer.default_root_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        self.parser.save(self.config, root / "config.yaml", skip_none=False, overwrite=True)
+
+
+def resume_checkpoint(root: Path, ckpt_path: str) -> str | None:
+    """The checkpoint to resume from: see the module docstring for auto / none / a path."""
+    if ckpt_path == "none":
+        return None
+    if ckpt_path != "auto":
+        if not Path(ckpt_path).is_file():
+            raise ConfigError(f"ckpt_path={ckpt_path!r}: file not found")
+        return ckpt_path
+    candidates = [root / RequeueOnSignal.CHECKPOINT, root / CHECKPOINT_DIR / "last.ckpt", *root.glob("hpc_ckpt_*.ckpt")]
+    existing = [p for p in candidates if p.is_file()]
+    return str(max(existing, key=lambda p: p.stat().st_mtime)) if existing else None
+
+
+class FractalCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.multi_label", "model.multi_label", apply_on="instantiate")
+        parser.add_argument("--ckpt_path", default="auto", help="auto (resume if possible), none, or a checkpoint")
+        parser.add_argument("--checkpoint_every_n_steps", type=int, default=500, help="refresh last.ckpt")
+        parser.add_argument("--keep_every_n_epochs", type=int, default=10, help="keep a checkpoint every N epochs")
+        parser.add_argument("--requeue_check_every", type=int, default=10,
+                            help="steps between checks for a requeue signal (each check syncs the ranks)")
+
+    def instantiate_trainer(self, **kwargs):
+        config = self.config_init
+        trainer = config["trainer"]
+        root = Path(trainer.get("default_root_dir") or "runs/default")
+        trainer["default_root_dir"] = str(root)
+        if trainer.get("logger") in (None, True):
+            kwargs["logger"] = default_loggers(root)
+        if config["checkpoint_every_n_steps"] < 1 or config["keep_every_n_epochs"] < 1:
+            raise ConfigError("checkpoint_every_n_steps and keep_every_n_epochs must be >= 1")
+        trainer["callbacks"] = list(trainer.get("callbacks") or []) + [
+            ModelCheckpoint(dirpath=root / CHECKPOINT_DIR, every_n_train_steps=config["checkpoint_every_n_steps"],
+                            save_last=True, save_top_k=0),
+            ModelCheckpoint(dirpath=root / CHECKPOINT_DIR, every_n_epochs=config["keep_every_n_epochs"],
+                            save_top_k=-1, filename="{epoch:03d}-{step}"),
+            LearningRateMonitor(logging_interval="step"),
+            ImagesPerSecond(),
+            ExportBackbone(),
+            RequeueOnSignal(check_every=config["requeue_check_every"]),
+        ]
+        if SLURMEnvironment.detect() and not trainer.get("plugins"):
+            # Preemption is handled by RequeueOnSignal (+ host-side scontrol), which also works in containers.
+            kwargs["plugins"] = [SLURMEnvironment(auto_requeue=False)]
+        return super().instantiate_trainer(**kwargs)
+
+
+def default_loggers(root: Path) -> list:
+    loggers = [CSVLogger(root, name="logs")]
+    if importlib.util.find_spec("tensorboard") is not None:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(root, name="logs"))
+    return loggers
+
+
+def fit(argv: Sequence[str]) -> int:
+    """Runs ``fractal-pretrain fit ARGS``; returns the exit status."""
+    with warnings.catch_warnings():  # we always pass args; LightningCLI warns when sys.argv has some too
+        warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
+        cli = FractalCLI(
+            FractalClassifier, FractalDataModule, run=False, args=list(argv),
+            save_config_callback=RunConfig, save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
+            seed_everything_default=0, parser_kwargs={"prog": "fractal-pretrain fit"},
+        )
+    root = Path(cli.trainer.default_root_dir)
+    ckpt = resume_checkpoint(root, cli.config["ckpt_path"])
+    if ckpt:
+        print(f"resuming from {ckpt}", flush=True)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+    return 0

@@ -1,0 +1,188 @@
+"""Pre-training on CPU: sample keys per rank, exact resume, preemption, backbone export, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from fractal_pretrain.cli import main
+from fractal_pretrain.config import ConfigError
+from fractal_pretrain.recipes import get_recipe
+from fractal_pretrain.render import make_renderer
+from fractal_pretrain.train.backbone import BackboneExportError, export_checkpoint
+from fractal_pretrain.train.data import KeyBatches, rank_slice, steps_per_epoch
+
+REPO = Path(__file__).resolve().parents[2]
+SMOKE = str(REPO / "jobs" / "pretrain" / "smoke.yaml")
+
+
+def fit_args(root: Path, *extra: str) -> list[str]:
+    return ["fit", "--config", SMOKE, "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar",
+            "false", "--trainer.deterministic", "true", *extra]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("total,batch,world", [(64, 8, 1), (64, 8, 2), (64, 8, 4), (70, 8, 3), (1000, 7, 5)])
+def test_ranks_see_disjoint_samples_whose_union_is_the_epoch(total, batch, world):
+    steps = steps_per_epoch(total, batch, world)
+    seen = [rank_slice(s, total, batch, r, world) for s in range(steps) for r in range(world)]
+    assert all(len(part) > 0 for part in seen)
+    everything = np.concatenate(seen)
+    np.testing.assert_array_equal(np.sort(everything), np.arange(total))
+
+
+def test_a_last_step_too_small_for_the_ranks_is_an_error():
+    with pytest.raises(ConfigError, match="samples_per_epoch=17.*1 sample"):
+        steps_per_epoch(17, 4, 4)
+
+
+def test_same_key_same_image_whatever_the_world_size():
+    renderer = make_renderer(get_recipe("anderson", {"num_classes": 10, "num_points": 2000}), size=32, seed=5)
+    single = renderer.render_tensor(rank_slice(1, 48, 8, 0, 1), epoch=2, dtype="float32")[0]
+    # step 1 of world 1 (batch 8) = indices 8..15 = step 1 of world 2 (batch 4 each): ranks 0 and 1
+    parts = [renderer.render_tensor(rank_slice(1, 48, 4, r, 2), epoch=2, dtype="float32")[0] for r in range(2)]
+    assert torch.equal(single, torch.cat(parts))
+
+
+def test_key_batches_resume_mid_epoch_from_consumed_not_prefetched():
+    epoch = {"value": 3}
+    keys = KeyBatches("train", 40, 4, 0, 2, lambda: epoch["value"])
+    it = iter(keys)
+    first, second = next(it), next(it)  # the second one is only prefetched
+    keys.mark_consumed(first["step"])
+    state = keys.state_dict()
+    assert state == {"epoch": 3, "consumed": 1}
+    resumed = KeyBatches("train", 40, 4, 0, 2, lambda: epoch["value"])
+    resumed.load_state_dict(state)
+    steps = [b["step"] for b in resumed]
+    assert steps == list(range(1, 5)) and second["step"] == 1
+    epoch["value"] = 4  # the next epoch starts at step 0 again
+    assert [b["step"] for b in resumed][0] == 0
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    # 4 steps per epoch: stop mid-epoch 0 at step 3, resume across the epoch boundary (lr decays there).
+    common = ("--data.samples_per_epoch", "32", "--model.schedule", "multistep", "--model.milestones", "[1]",
+              "--checkpoint_every_n_steps", "1", "--data.val_samples", "0")
+    assert main(fit_args(tmp_path / "straight", "--trainer.max_steps", "6", *common)) == 0
+    assert main(fit_args(tmp_path / "split", "--trainer.max_steps", "3", *common)) == 0
+    assert main(fit_args(tmp_path / "split", "--trainer.max_steps", "6", *common)) == 0
+    a, b = weights(tmp_path / "straight" / "backbone.pt"), weights(tmp_path / "split" / "backbone.pt")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7, msg=key)
+    meta = json.loads((tmp_path / "split" / "backbone.json").read_text())
+    assert meta["steps"] == 6 and meta["epoch"] == 2  # 1.5 epochs: the second one started
+    # and the stream really matters: a resume that restarted the epoch would differ
+    assert main(fit_args(tmp_path / "other", "--trainer.max_steps", "6", "--data.seed", "1", *common)) == 0
+    c = weights(tmp_path / "other" / "backbone.pt")
+    assert not torch.equal(a["conv1.weight"], c["conv1.weight"])
+
+
+def test_backbone_has_exactly_the_torchvision_keys_and_loads(tmp_path):
+    assert main(fit_args(tmp_path, "--trainer.max_steps", "2", "--data.val_samples", "0")) == 0
+    state = weights(tmp_path / "backbone.pt")
+    net = torchvision.models.resnet18()
+    expected = {k for k in net.state_dict() if not k.startswith("fc.")}
+    assert set(state) == expected
+    net.fc = torch.nn.Identity()
+    net.load_state_dict(state, strict=True)
+    meta = json.loads((tmp_path / "backbone.json").read_text())
+    assert meta["arch"] == "resnet18" and meta["image_size"] == 64 and meta["recipe"] == "anderson"
+    assert meta["recipe_config"]["num_classes"] == 10 and len(meta["mean"]) == len(meta["std"]) == 3
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "logs").is_dir()
+    # export-backbone from the checkpoint gives the same weights
+    out = tmp_path / "exported"
+    assert main(["export-backbone", str(tmp_path / "checkpoints" / "last.ckpt"), "--out", str(out)]) == 0
+    again = weights(out / "backbone.pt")
+    assert all(torch.equal(state[k], again[k]) for k in state)
+
+
+def test_export_errors_name_the_file(tmp_path, capsys):
+    bad = tmp_path / "broken.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(BackboneExportError, match="broken.ckpt: not a readable checkpoint"):
+        export_checkpoint(bad)
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {}}, foreign)
+    with pytest.raises(BackboneExportError, match="foreign.ckpt: not a fractal-pretrain checkpoint"):
+        export_checkpoint(foreign)
+    assert main(["export-backbone", str(tmp_path / "missing.ckpt")]) == 2
+    assert "missing.ckpt: checkpoint not found" in capsys.readouterr().err
+
+
+def test_unknown_config_key_is_an_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(fit_args(tmp_path, "--data.batch_sise", "4"))
+    assert exit_info.value.code == 2
+    assert "batch_sise" in capsys.readouterr().err
+
+
+def test_bad_value_names_the_key(tmp_path, capsys):
+    assert main(fit_args(tmp_path, "--data.size", "3")) == 2
+    assert "data.size=3" in capsys.readouterr().err
+
+
+def test_multi_label_recipe_trains_and_reports_map(tmp_path):
+    args = fit_args(tmp_path, "--trainer.max_steps", "2", "--data.recipe", "multiinstance",
+                    "--data.recipe_overrides", "{num_classes: 10, num_points: 2000}", "--data.val_samples", "8",
+                    "--trainer.val_check_interval", "2")
+    assert main(args) == 0
+    header = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    assert "val/mAP" in header and "train/loss" in header
+
+
+def _run_cli(args: list[str], **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("SLURM_NTASKS", None)
+    return subprocess.Popen([sys.executable, "-m", "fractal_pretrain", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_signal_checkpoints_stops_and_resume_matches_uninterrupted(tmp_path):
+    common = ("--trainer.max_steps", "40", "--data.samples_per_epoch", "64", "--data.val_samples", "0",
+              "--requeue_check_every", "1", "--checkpoint_every_n_steps", "2")
+    proc = _run_cli(fit_args(tmp_path / "run", *common))
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 120
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "requeue requested" in out
+    marker = tmp_path / "run" / "REQUEUE"
+    assert marker.is_file() and (tmp_path / "run" / "requeue.ckpt").is_file()
+    assert not (tmp_path / "run" / "backbone.pt").exists()  # not finished: no backbone yet
+    stopped_at = int(marker.read_text().split()[1])
+    assert 0 < stopped_at < 40
+    marker.unlink()  # what the batch script does before `scontrol requeue`
+    assert main(fit_args(tmp_path / "run", *common)) == 0
+    assert main(fit_args(tmp_path / "straight", *common)) == 0
+    a, b = weights(tmp_path / "run" / "backbone.pt"), weights(tmp_path / "straight" / "backbone.pt")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7, msg=key)
+    assert json.loads((tmp_path / "run" / "backbone.json").read_text())["steps"] == 40
+
+
+def test_ddp_on_two_cpu_processes(tmp_path):
+    proc = _run_cli(fit_args(tmp_path, "--trainer.max_steps", "3", "--trainer.devices", "2",
+                             "--trainer.strategy", "ddp", "--data.val_samples", "16"))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert "GLOBAL_RANK: 1" in out or "MEMBER: 2/2" in out
+    meta = json.loads((tmp_path / "backbone.json").read_text())
+    assert meta["steps"] == 3
