@@ -24,6 +24,7 @@ from fractal_pretrain import rng
 from fractal_pretrain.config import ConfigError
 from fractal_pretrain.recipes import Recipe
 from fractal_pretrain.render import params as P
+from fractal_pretrain.render.reference import plasma_grid_size
 from fractal_pretrain.render.renderer import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -32,7 +33,6 @@ from fractal_pretrain.render.renderer import (
     check_output,
     make_labels,
 )
-from fractal_pretrain.render.reference import plasma_grid_size
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
 KERNEL_FILES = ("plan", "chaos", "compose")
@@ -119,7 +119,7 @@ def kernel_source(name: str) -> str:
     return (KERNEL_DIR / f"{name}.cu").read_text()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _module(name: str, device_id: int):
     import cupy
 

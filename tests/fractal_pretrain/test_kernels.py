@@ -102,7 +102,7 @@ def test_stream_and_draw_numbers_match_common_cuh():
 
 def test_recipe_ints_encode_the_recipe():
     recipe = get_recipe("multiinstance", {"num_classes": 7})
-    ints = dict(zip(cupy_renderer.RECIPE_INTS, cupy_renderer.recipe_ints(recipe, 64)))
+    ints = dict(zip(cupy_renderer.RECIPE_INTS, cupy_renderer.recipe_ints(recipe, 64), strict=False))
     assert ints["num_classes"] == 7 and ints["multi_label"] == 1 and ints["source_any"] == 1
     assert ints["side"] == 32 and ints["slots"] == 5 and ints["jitter"] == 0 and ints["flip_bits"] == 7
     floats = cupy_renderer.recipe_floats(recipe)
@@ -131,7 +131,7 @@ def test_host_build_of_philox_matches_numpy(host_check):
     gen = np.random.default_rng(0)
     cases = gen.integers(0, 2**32, size=(200, 6), dtype=np.uint64)
     lines = host_check(["philox " + " ".join(map(str, c)) for c in cases])
-    for c, line in zip(cases, lines):
+    for c, line in zip(cases, lines, strict=False):
         expected = rng.philox4x32(tuple(c[:4].astype(np.uint32)), tuple(c[4:].astype(np.uint32)))
         assert [int(v) for v in line.split()] == [int(e) for e in expected]
 
@@ -147,7 +147,7 @@ def test_host_build_of_exp_neg_is_bit_identical(host_check):
 def test_host_build_of_hsv_is_identical(host_check):
     grid = [(h, s, v) for h in range(0, 256, 5) for s in (0, 77, 200, 255) for v in (0, 128, 255)]
     lines = host_check([f"hsv {h} {s} {v}" for h, s, v in grid])
-    expected = reference.hsv_to_rgb(*(np.array(x) for x in zip(*grid)))
+    expected = reference.hsv_to_rgb(*(np.array(x) for x in zip(*grid, strict=False)))
     got = np.array([[int(v) for v in line.split()] for line in lines])
     np.testing.assert_array_equal(got, expected)
 

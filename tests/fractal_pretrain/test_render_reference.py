@@ -434,7 +434,7 @@ def test_hsv_to_rgb_matches_colorsys():
     assert got.shape == h8.shape + (3,)
     want = np.array([
         colorsys.hsv_to_rgb(((2 * h) % 360) / 360.0, s / 255.0, v / 255.0)
-        for h, s, v in zip(h8.ravel(), s8.ravel(), v8.ravel())
+        for h, s, v in zip(h8.ravel(), s8.ravel(), v8.ravel(), strict=False)
     ]).reshape(got.shape) * 255.0
     assert np.abs(got - want).max() <= 1.0
 
