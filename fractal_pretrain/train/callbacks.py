@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
@@ -40,7 +41,7 @@ class ExportBackbone(pl.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero or trainer.datamodule is None:
             return
-        if (Path(trainer.default_root_dir) / RequeueOnSignal.MARKER).exists():
+        if RequeueOnSignal.marker(trainer.default_root_dir).exists():
             return  # stopped for a requeue: the run is not finished
         state = backbone_state(pl_module.state_dict(), pl_module.hparams.arch)
         meta = backbone_meta(pl_module.hparams, trainer.datamodule.hparams, epoch=trainer.current_epoch,
@@ -60,6 +61,11 @@ class RequeueOnSignal(pl.Callback):
 
     CHECKPOINT = "requeue.ckpt"
     MARKER = "REQUEUE"
+    MARKER_ENV = "FRACTAL_PRETRAIN_REQUEUE_MARKER"  # the batch script says where it looks
+
+    @classmethod
+    def marker(cls, root: str | Path) -> Path:
+        return Path(os.environ.get(cls.MARKER_ENV) or Path(root) / cls.MARKER)
 
     def __init__(self, signum: int = signal.SIGUSR1, check_every: int = 10):
         self.signum, self.check_every = signum, check_every
@@ -80,6 +86,6 @@ class RequeueOnSignal(pl.Callback):
         root = Path(trainer.default_root_dir)
         trainer.save_checkpoint(root / self.CHECKPOINT)
         if trainer.is_global_zero:
-            (root / self.MARKER).write_text(f"step {trainer.global_step}\n")
+            self.marker(root).write_text(f"step {trainer.global_step}\n")
             print(f"requeue requested: checkpoint at step {trainer.global_step}", flush=True)
         trainer.should_stop = True

@@ -186,3 +186,15 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     assert "GLOBAL_RANK: 1" in out or "MEMBER: 2/2" in out
     meta = json.loads((tmp_path / "backbone.json").read_text())
     assert meta["steps"] == 3
+
+
+@pytest.mark.gpu
+def test_fit_on_gpu_renders_on_the_device(tmp_path):
+    args = fit_args(tmp_path, "--trainer.max_steps", "3", "--trainer.accelerator", "gpu", "--trainer.precision",
+                    "bf16-mixed", "--trainer.deterministic", "false", "--data.recipe", "multiinstance",
+                    "--data.recipe_overrides", "{num_classes: 10, num_points: 5000}", "--data.val_samples", "16",
+                    "--trainer.val_check_interval", "3")
+    assert main(args) == 0
+    header = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    assert "val/mAP" in header
+    assert json.loads((tmp_path / "backbone.json").read_text())["steps"] == 3
