@@ -99,7 +99,8 @@ class FractalClassifier(pl.LightningModule):
         images, targets = batch
         logits = self(images)
         loss = self.loss(logits, targets)
-        if not torch.isfinite(loss):
+        # Checking needs a host sync, so only on logging steps, where Lightning syncs the loss anyway.
+        if self.global_step % self.trainer.log_every_n_steps == 0 and not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss at step {self.global_step}: {loss.item()}")
         self.log("train/loss", loss, prog_bar=True)
         if not self.hparams.multi_label:

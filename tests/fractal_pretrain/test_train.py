@@ -198,3 +198,12 @@ def test_fit_on_gpu_renders_on_the_device(tmp_path):
     header = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     assert "val/mAP" in header
     assert json.loads((tmp_path / "backbone.json").read_text())["steps"] == 3
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "jobs" / "pretrain").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_pretrain_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "arch:" in printed and "recipe:" in printed
