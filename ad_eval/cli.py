@@ -1,10 +1,16 @@
-"""``ad-eval`` command line: run one evaluation cell, a grid of cells, or a report.
-
-The subcommands exist so the entry point is stable; they are implemented in issue 5.
+"""``ad-eval`` command line: one evaluation cell, a grid of cells on a cluster, or the report.
 
 Usage::
 
-    ad-eval run | grid | report
+    ad-eval run --method patchcore --dataset mvtec --root /data/mvtec --category bottle \\
+        --backbone runs/paper_wrn50/backbone.pt [--arch wide_resnet50_2] [--layers 2,3] [--size 256] --out results/
+    ad-eval run ... --backbone imagenet:/weights/wide_resnet50_2-95faca4d.pth --arch wide_resnet50_2
+    ad-eval run ... --backbone random --arch resnet18
+    ad-eval grid --config jobs/eval/smoke.yaml --cluster local --out results/smoke
+    ad-eval report --results results/smoke --out reports/smoke [--backbones ImageNet,Fractals]
+
+Errors (bad path, category, method, layer, backbone file) print one line ``ad-eval: error: ...``
+and exit with status 2; a failing cell also leaves ``<cell_id>.failed.json`` with its traceback.
 """
 
 from __future__ import annotations
@@ -14,28 +20,96 @@ import sys
 from collections.abc import Sequence
 
 PROG = "ad-eval"
-EXIT_NOT_IMPLEMENTED = 2
+EXIT_USAGE = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``ad-eval`` (subcommands run, grid, report)."""
-    parser = argparse.ArgumentParser(
-        prog=PROG, description="Evaluate pretrained backbones for anomaly detection."
-    )
+    from ad_eval.cell import DATASETS, METHODS
+    from ad_eval.grid import CLUSTERS
+
+    parser = argparse.ArgumentParser(prog=PROG, description="Evaluate pretrained backbones for anomaly detection.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, help_text in (
-        ("run", "evaluate one (backbone, method, dataset) cell"),
-        ("grid", "evaluate a grid of cells"),
-        ("report", "aggregate cell results into tables"),
-    ):
-        p = sub.add_parser(name, help=help_text)
-        p.set_defaults(handler=_not_implemented)
+
+    p = sub.add_parser("run", help="evaluate one cell and write <out>/<cell-id>.json")
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p.add_argument("--root", required=True, help="dataset root folder")
+    p.add_argument("--category", required=True)
+    p.add_argument("--backbone", required=True, help="backbone.pt path, imagenet:/path/file.pth, or random")
+    p.add_argument("--name", default="", help="backbone label in reports (default: derived from --backbone)")
+    p.add_argument("--arch", default=None, help="architecture (required for imagenet: and random)")
+    p.add_argument("--layers", default=None, help="feature layers, e.g. 2,3 (default: the method's)")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--crop", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="method hyper-parameter override (YAML value), repeatable")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--keep-maps", action="store_true", help="also save the anomaly maps (npz) for figures")
+    p.add_argument("--out", required=True, help="results folder")
+    p.set_defaults(handler=_cmd_run)
+
+    p = sub.add_parser("grid", help="evaluate every cell of a grid config with submitit job arrays")
+    p.add_argument("--config", required=True, help="grid YAML (jobs/eval/*.yaml)")
+    p.add_argument("--cluster", default="local", choices=CLUSTERS)
+    p.add_argument("--out", required=True, help="results folder (shared with the compute nodes on Slurm)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=_cmd_grid)
+
+    p = sub.add_parser("report", help="tables (Markdown, CSV, LaTeX) and figures from a results folder")
+    p.add_argument("--results", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--backbones", default=None, help="backbone labels in cell order, e.g. ImageNet,Fractals")
+    p.set_defaults(handler=_cmd_report)
     return parser
 
 
-def _not_implemented(args: argparse.Namespace) -> int:
-    print(f"{PROG} {args.command}: not implemented yet (see issue 5)", file=sys.stderr)
-    return EXIT_NOT_IMPLEMENTED
+def _overrides(pairs: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {pair!r}: expected KEY=VALUE")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ad_eval.cell import Cell, run_cell
+
+    cell = Cell(method=args.method, dataset=args.dataset, root=args.root, category=args.category,
+                backbone=args.backbone, backbone_name=args.name, arch=args.arch, layers=args.layers,
+                size=args.size, crop=args.crop, seed=args.seed, config=_overrides(args.set))
+    record = run_cell(cell, args.out, device=args.device, keep_maps=args.keep_maps)
+    metrics = ", ".join(f"{k} {record[k]:.4f}" for k in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")
+                        if record.get(k) is not None)
+    print(f"{cell.cell_id}: {metrics} ({record['wall_time_s']:.1f} s) -> {args.out}")
+    return 0
+
+
+def _cmd_grid(args: argparse.Namespace) -> int:
+    from ad_eval.grid import run_grid
+
+    summary = run_grid(args.config, args.out, cluster=args.cluster, progress=not args.no_progress)
+    print(f"{summary['done']}/{summary['cells']} cells done in {args.out}")
+    if summary["missing"]:
+        print(f"{len(summary['missing'])} cell(s) missing (see *.failed.json); re-run the same command to retry",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from ad_eval.report import build_report
+
+    backbones = args.backbones.split(",") if args.backbones else None
+    written = build_report(args.results, args.out, backbones=backbones)
+    print(f"report written to {args.out}")
+    for problem in written.get("problems", []):
+        print(f"  warning: {problem}", file=sys.stderr)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -44,8 +118,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse already printed usage + error (or --help)
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
-    return args.handler(args)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError) as exc:  # config, dataset, backbone and grid errors are ValueErrors
+        print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

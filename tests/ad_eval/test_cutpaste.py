@@ -42,6 +42,15 @@ SIZE = 64  # px: fast on 2 CPU cores
 TINY = {"steps": 3, "batch_size": 4, "freeze_steps": 1, "eval_batch_size": 32}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread: on a busy 2-core machine, 2 threads made these tests 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def random_resnet18(seed: int = 0) -> nn.Module:
     """torchvision ResNet-18 with random weights under ``seed``, fc = Identity, eval mode."""
     with torch.random.fork_rng(devices=[]):

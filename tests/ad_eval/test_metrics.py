@@ -302,3 +302,25 @@ def test_compute_all():
         compute_all(scores, labels, None, masks)
     with pytest.raises(ValueError, match="3 anomaly_maps for 2 image_scores"):
         compute_all(scores, labels, np.zeros((3, 2, 4)), np.ones((3, 2, 4)))
+
+
+def test_aupro_ramp_example_is_one_sixth():
+    # anomalib's analytic case (ad_methods.md 4.5): 7 x 400 scores arange / 2800, one label column, limit 1/3
+    scores = (np.arange(2800) / 2800).reshape(1, 400, 7).astype(np.float32)
+    masks = np.zeros(scores.shape, dtype=bool)
+    masks[..., 3] = True
+    assert aupro(scores, masks, fpr_limit=1 / 3) == pytest.approx(1 / 6, abs=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_aupro_equals_anomalib_on_random_maps(seed):
+    torch = pytest.importorskip("torch")
+    anomalib_aupro = pytest.importorskip("anomalib.metrics.aupro")
+    rng = np.random.default_rng(seed)
+    maps = rng.random((4, 32, 32)).astype(np.float32)
+    masks = np.zeros(maps.shape, dtype=bool)
+    masks[0, 5:12, 5:15] = masks[2, 20:30, 3:9] = masks[3, 1:4, 1:4] = True
+    maps[masks] += 0.3  # a better-than-chance detector
+    metric = anomalib_aupro._AUPRO(fpr_limit=0.3)
+    metric.update(torch.from_numpy(maps), torch.from_numpy(masks.astype(np.int64)))
+    assert aupro(maps, masks, fpr_limit=0.3) == pytest.approx(float(metric.compute()), abs=1e-5)

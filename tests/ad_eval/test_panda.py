@@ -38,6 +38,15 @@ needs_realdata = pytest.mark.skipif(
 SIZE = 64  # px: fast on 2 CPU cores
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread: on a busy 2-core machine, 2 threads made these tests 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def random_resnet18(seed: int = 0) -> nn.Module:
     """torchvision ResNet-18 with random weights under ``seed``, fc = Identity, eval mode."""
     with torch.random.fork_rng(devices=[]):

@@ -1,0 +1,224 @@
+"""One evaluation cell: method x dataset x category x backbone x layer set x seed -> one JSON record.
+
+``run_cell`` checks the dataset layout and loads the backbone before building any model, fits the
+method, computes the metrics itself (``ad_eval.metrics``) and writes ``<out>/<cell_id>.json``
+atomically. A failure writes ``<cell_id>.failed.json`` (error and traceback) instead and never
+touches other cells' records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import platform
+import re
+import resource
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ad_eval.methods.base import check_layers
+
+ANOMALIB_METHODS = ("patchcore", "padim", "fastflow", "cflow", "rd", "stfpm")
+METHODS = (*ANOMALIB_METHODS, "panda", "cutpaste")
+IMAGE_LEVEL_METHODS = ("panda", "cutpaste")
+NO_LAYER_METHODS = ("cutpaste",)
+DATASETS = ("mvtec", "visa")
+FAILED_SUFFIX = ".failed.json"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """Everything that defines one result; ``cell_id`` is a stable name derived from all of it."""
+
+    method: str
+    dataset: str
+    root: str
+    category: str
+    backbone: str  # the spec: a backbone.pt path, imagenet:/path.pth or random
+    backbone_name: str = ""  # the label reports use (ImageNet, Fractals, ...); default derived from the spec
+    arch: str | None = None
+    layers: tuple[str, ...] | None = None
+    size: int = 256
+    crop: int | None = None
+    seed: int = 0
+    config: dict[str, Any] = field(default_factory=dict, hash=False, compare=True)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r}: must be one of {', '.join(METHODS)}")
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset={self.dataset!r}: must be one of {', '.join(DATASETS)}")
+        if self.layers is not None:
+            if self.method in NO_LAYER_METHODS:
+                raise ValueError(f"method={self.method!r} takes no layers (got {list(self.layers)})")
+            object.__setattr__(self, "layers", check_layers(self.layers))
+        if not self.backbone_name:
+            object.__setattr__(self, "backbone_name", default_backbone_name(self.backbone, self.arch))
+        if not isinstance(self.size, int) or self.size < 8:
+            raise ValueError(f"size={self.size!r}: must be an integer >= 8")
+
+    @property
+    def cell_id(self) -> str:
+        layers = "+".join(name[-1] for name in self.layers) if self.layers else "default"
+        readable = f"{self.method}_{self.dataset}_{self.category}_{self.backbone_name}_L{layers}_s{self.seed}"
+        digest = hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+        return re.sub(r"[^A-Za-z0-9_.+-]", "-", readable) + "_" + digest
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["layers"] = list(self.layers) if self.layers else None
+        return data
+
+
+def default_backbone_name(spec: str, arch: str | None) -> str:
+    if spec == "random":
+        return f"random-{arch}"
+    if spec.startswith("imagenet:"):
+        return f"imagenet-{arch}"
+    path = Path(spec)
+    return path.parent.name or path.stem
+
+
+def record_path(out_dir: Path, cell: Cell) -> Path:
+    return Path(out_dir) / f"{cell.cell_id}.json"
+
+
+def read_record(path: Path) -> dict | None:
+    """A finished cell's record, or None when absent or unreadable (the cell is then run again)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "image_AUROC" in record else None
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True, default=str)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: no CUDA device is visible")
+    return device
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    found = {"python": platform.python_version()}
+    for name in ("torch", "torchvision", "anomalib", "lightning", "numpy"):
+        try:
+            found[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return found
+
+
+def _peak_memory_mb(device: str) -> float:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def compute_scores(cell: Cell, device: str, work_dir: Path):
+    """Fits the cell's method and returns its MethodScores (dataset and backbone checked first)."""
+    from ad_eval.backbones import load_backbone
+    from ad_eval.datasets import scan
+
+    split = scan(cell.dataset, cell.root, cell.category)
+    backbone = load_backbone(cell.backbone, cell.arch, seed=cell.seed)
+    if cell.method in ANOMALIB_METHODS:
+        from ad_eval.methods.anomalib_models import run_anomalib
+
+        kwargs = {"layers": cell.layers} if cell.layers else {}
+        return run_anomalib(cell.method, backbone, split, size=cell.size, crop=cell.crop, config=dict(cell.config),
+                            device=device, seed=cell.seed, work_dir=work_dir, **kwargs)
+    if cell.method == "panda":
+        from ad_eval.methods.panda import run_panda
+
+        return run_panda(backbone, split, layers=cell.layers, size=cell.size, crop=cell.crop,
+                         config=dict(cell.config), device=device, seed=cell.seed)
+    from ad_eval.methods.cutpaste import run_cutpaste
+
+    return run_cutpaste(backbone, split, size=cell.size, crop=cell.crop, config=dict(cell.config), device=device,
+                        seed=cell.seed)
+
+
+def run_cell(cell: Cell, out_dir: str | Path, device: str = "auto", keep_maps: bool = False) -> dict:
+    """Evaluates one cell and writes its record; returns the record (raises after writing a failure record)."""
+    import numpy as np
+    import torch
+
+    from ad_eval.metrics import compute_all
+
+    out_dir = Path(out_dir)
+    failed = out_dir / f"{cell.cell_id}{FAILED_SUFFIX}"
+    start = time.perf_counter()
+    try:
+        device = resolve_device(device)
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        with tempfile.TemporaryDirectory(prefix="ad_eval_") as work:
+            scores = compute_scores(cell, device, Path(work))
+        metrics = compute_all(scores.image_scores, scores.image_labels, scores.anomaly_maps, scores.masks)
+        record = {
+            "cell_id": cell.cell_id, **cell.to_dict(), "backbone_spec": cell.backbone, "backbone": cell.backbone_name,
+            **metrics, "num_test": int(len(scores.image_labels)),
+            "wall_time_s": round(time.perf_counter() - start, 3), "peak_memory_mb": round(_peak_memory_mb(device), 1),
+            "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)",
+            "versions": _versions(), "host": platform.node(),
+            "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        record.pop("backbone_name", None)
+        if keep_maps and scores.anomaly_maps is not None:
+            maps = out_dir / "maps" / f"{cell.cell_id}.npz"
+            maps.parent.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(maps, anomaly_maps=scores.anomaly_maps.astype(np.float16), masks=scores.masks,
+                                image_scores=scores.image_scores, image_labels=scores.image_labels)
+            record["maps"] = str(maps)
+        write_json_atomic(record_path(out_dir, cell), record)
+        failed.unlink(missing_ok=True)
+        return record
+    except Exception as err:
+        write_json_atomic(failed, {
+            "cell_id": cell.cell_id, **cell.to_dict(), "error": f"{type(err).__name__}: {err}",
+            "traceback": traceback.format_exc(), "wall_time_s": round(time.perf_counter() - start, 3),
+            "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        })
+        raise
+
+
+def run_cells(cells: list[Cell], out_dir: str | Path, device: str = "auto", keep_maps: bool = False) -> list[str]:
+    """Runs several cells in one process (one array task): imports and CUDA init are paid once.
+
+    A failing cell is recorded and the next one runs; returns one status line per cell.
+    """
+    status = []
+    for cell in cells:
+        if read_record(record_path(Path(out_dir), cell)) is not None:
+            status.append(f"{cell.cell_id}: already done")
+            continue
+        try:
+            record = run_cell(cell, out_dir, device=device, keep_maps=keep_maps)
+            status.append(f"{cell.cell_id}: image_AUROC {record['image_AUROC']:.4f} in {record['wall_time_s']:.1f}s")
+        except Exception as err:  # recorded in <cell_id>.failed.json; the others go on
+            status.append(f"{cell.cell_id}: FAILED {type(err).__name__}: {err}")
+    return status

@@ -1,0 +1,434 @@
+"""One evaluation cell of an anomalib 2.7 model (PatchCore, PaDiM, FastFlow, CFlow, RD, STFPM).
+
+``run_anomalib(method, backbone, split, ...)`` builds the anomalib model around our backbone, fits
+it on ``split.train`` with anomalib's ``Engine`` and returns per-image scores and anomaly maps of
+``split.test`` as ``MethodScores``; metrics are computed by ``ad_eval.metrics``, not anomalib.
+
+Backbone (shared/reference/anomalib.md, method A): each model is built with the *string*
+backbone ``backbone.arch`` and ``pre_trained=False`` while ``timm.create_model`` is patched to
+force ``pretrained=False`` (STFPM hard-codes a pretrained teacher), so construction never touches
+the network; then our weights are loaded into the frozen timm extractor with
+``ad_eval.backbones.inject`` (every extractor key present, shapes equal). STFPM: the teacher gets
+our weights, the student keeps its random init, as in the paper. ``frozen_extractors`` lists the
+injected modules per method.
+
+Data: the images are decoded, resized (and centre-cropped) once by ``ADImageDataset`` -- the same
+code and pixels every other ad_eval method sees -- with identity normalisation, kept in memory,
+and fed through plain ``DataLoader``s as anomalib ``ImageBatch``es (train shuffled with a seeded
+generator). The model's ``PreProcessor`` is ``Resize(out_size) + Normalize(backbone mean/std)``:
+the resize is an exact no-op on images already at ``out_size`` (torchvision returns the input
+unchanged) and is there because FastFlow and RD read their input size from it; normalisation
+therefore happens exactly once, with the backbone's statistics. No anomalib datamodule is used:
+it would rescan the folders with its own pairing rules and copy the test set as validation set.
+
+Protocol: fixed epochs from ``DEFAULTS`` (no validation loop, no early stopping, nothing chosen
+on the test set); anomalib's post-processor, evaluator and visualizer are off, so the scores are
+the raw model outputs; Lightning runs barebones (no checkpoints, logs or progress bar) under
+``deterministic="warn"`` after ``seed_everything(seed)`` (PaDiM's channel subset, the coreset,
+the random inits and the shuffling all depend on it).
+
+Layer sets (``layers=None`` = the method's reference set, ``DEFAULT_LAYERS``): PatchCore, PaDiM,
+CFlow and STFPM take any non-empty subset of layer1..layer4; FastFlow and RD only layer1-3
+(FastFlow's timm model is built with ``out_indices=[1, 2, 3]``; RD's bottleneck fuses exactly
+three scales). FastFlow supports the archs resnet18 and wide_resnet50_2 only, RD the ResNets its
+decoder table names (``ARCHS_BY_METHOD``).
+
+Example::
+
+    backbone = load_backbone("runs/fractal/backbone.pt")
+    split = scan("mvtec", "/data/mvtec_anomaly_detection", "bottle")
+    scores = run_anomalib("patchcore", backbone, split, work_dir=Path("runs/cell"))
+    compute_all(scores.image_scores, scores.image_labels, scores.anomaly_maps, scores.masks)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+import os
+import re
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from anomalib.data import ImageBatch
+from anomalib.engine import Engine
+from anomalib.models import Cflow, Fastflow, Padim, Patchcore, ReverseDistillation, Stfpm
+from anomalib.models.image.reverse_distillation.anomaly_map import AnomalyMapGenerationMode
+from anomalib.pre_processing import PreProcessor
+from lightning.pytorch import seed_everything
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+from ad_eval.backbones import Backbone, inject
+from ad_eval.datasets import ADImageDataset, Sample, Split
+from ad_eval.methods.base import LAYER_NAMES, MethodScores, check_layers
+
+METHODS = ("patchcore", "padim", "fastflow", "cflow", "rd", "stfpm")
+
+# The reference layer sets (anomalib defaults = the papers'), used when layers=None.
+DEFAULT_LAYERS = {
+    "patchcore": ("layer2", "layer3"),
+    "padim": ("layer1", "layer2", "layer3"),
+    "fastflow": ("layer1", "layer2", "layer3"),
+    "cflow": ("layer2", "layer3", "layer4"),
+    "rd": ("layer1", "layer2", "layer3"),
+    "stfpm": ("layer1", "layer2", "layer3"),
+}
+# Methods whose layer set is fixed by the anomalib implementation; the others take any subset.
+FIXED_LAYERS = {"fastflow": ("layer1", "layer2", "layer3"), "rd": ("layer1", "layer2", "layer3")}
+# Methods that look the backbone up by name (anomalib's tables); the others take any ResNet.
+ARCHS_BY_METHOD = {
+    "fastflow": ("resnet18", "wide_resnet50_2"),
+    "rd": (
+        "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+        "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2",
+    ),
+}  # fmt: skip
+
+# Loader settings shared by all methods; anomalib's datamodule defaults (batch 32).
+_LOADER = {"train_batch_size": 32, "eval_batch_size": 32}
+# Per-method hyper-parameters: anomalib 2.7 defaults (= the papers'); epochs = the max_epochs of
+# anomalib's examples/configs/model/*.yaml, run in full here since those configs' EarlyStopping
+# monitors test pixel AUROC. Override any key through run_anomalib(config=...).
+DEFAULTS: dict[str, dict] = {
+    "patchcore": {"coreset_sampling_ratio": 0.1, "num_neighbors": 9, **_LOADER},  # 1 pass
+    "padim": {"n_features": None, **_LOADER},  # None: PADIM_N_FEATURES, capped; 1 pass
+    "fastflow": {
+        "flow_steps": 8, "conv3x3_only": False, "hidden_ratio": 1.0, "max_epochs": 500, **_LOADER,
+    },  # Adam lr 1e-3, wd 1e-5 (fixed in anomalib)
+    "cflow": {
+        "fiber_batch_size": 64, "decoder": "freia-cflow", "condition_vector": 128,
+        "coupling_blocks": 8, "clamp_alpha": 1.9, "permute_soft": False, "lr": 1e-4,
+        "max_epochs": 50, **_LOADER,
+    },  # B * H * W of every layer's feature map must be >= fiber_batch_size
+    "rd": {"anomaly_map_mode": "add", "max_epochs": 200, **_LOADER},  # Adam lr 5e-3, betas (0.5, 0.99) (fixed)
+    "stfpm": {"max_epochs": 100, **_LOADER},  # SGD lr 0.4, momentum 0.9, wd 1e-3 (fixed)
+}  # fmt: skip
+# PaDiM's random channel subset: anomalib's sizes (resnet18: 100, wide_resnet50_2: 550), by block
+# type for the other ResNets, capped at the channels of the chosen layers.
+PADIM_N_FEATURES = {"basic": 100, "bottleneck": 550}
+
+# Where each model keeps the frozen backbone, relative to the Lightning module.
+EXTRACTOR_PATHS = {
+    "patchcore": {"feature_extractor": "model.feature_extractor.feature_extractor"},
+    "padim": {"feature_extractor": "model.feature_extractor.feature_extractor"},
+    "fastflow": {"feature_extractor": "model.feature_extractor"},
+    "cflow": {"encoder": "model.encoder.feature_extractor"},
+    "rd": {"encoder": "model.encoder.feature_extractor"},
+    "stfpm": {"teacher": "model.teacher_model.feature_extractor"},
+}
+
+_DEVICES = ("auto", "cpu", "cuda", "gpu")
+_LOAD_THREADS = 8  # image decoding threads (PIL and torch resize release the GIL)
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def resolve_config(method: str, config: dict | None = None) -> dict:
+    """``DEFAULTS[method]`` updated with ``config``; an unknown key is a ValueError."""
+    _check_method(method)
+    resolved = dict(DEFAULTS[method])
+    for key, value in (config or {}).items():
+        if key not in resolved:
+            raise ValueError(
+                f"{method}: unknown config key {key!r}; allowed: {', '.join(sorted(resolved))}"
+            )
+        resolved[key] = value
+    for key in ("max_epochs", "train_batch_size", "eval_batch_size"):
+        if key in resolved and (
+            isinstance(resolved[key], bool) or not isinstance(resolved[key], int) or resolved[key] < 1
+        ):
+            raise ValueError(f"{method}: config {key}={resolved[key]!r} must be an int >= 1")
+    return resolved
+
+
+def resolve_layers(method: str, layers: Sequence[str] | str | None) -> tuple[str, ...]:
+    """The layer set for ``method``: checked, sorted; None gives ``DEFAULT_LAYERS[method]``."""
+    _check_method(method)
+    if layers is None:
+        return DEFAULT_LAYERS[method]
+    names = check_layers(layers)
+    fixed = FIXED_LAYERS.get(method)
+    if fixed is not None and names != fixed:
+        raise ValueError(
+            f"{method} only supports layers {', '.join(fixed)} (fixed in anomalib), "
+            f"not {', '.join(names)}"
+        )
+    return names
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: must be one of {', '.join(METHODS)}")
+
+
+def _check_arch(method: str, arch: str) -> None:
+    allowed = ARCHS_BY_METHOD.get(method)
+    if allowed is not None and arch not in allowed:
+        raise ValueError(
+            f"{method} does not support arch={arch} (anomalib looks the backbone up by name); "
+            f"supported: {', '.join(allowed)}"
+        )
+
+
+def _layer_channels(backbone: Backbone, layer: str) -> int:
+    """Output channels of ``layer``: the size of its last BatchNorm."""
+    pattern = re.compile(rf"^{layer}\.\d+\.bn\d+\.weight$")
+    return [v for k, v in backbone.state_dict.items() if pattern.match(k)][-1].shape[0]
+
+
+def padim_n_features(backbone: Backbone, layers: Sequence[str]) -> int:
+    """PaDiM's default channel-subset size for this arch, capped at the layers' channels."""
+    block = "bottleneck" if "layer1.0.bn3.weight" in backbone.state_dict else "basic"
+    return min(PADIM_N_FEATURES[block], sum(_layer_channels(backbone, name) for name in layers))
+
+
+# ----------------------------------------------------------------------------- construction
+
+
+@contextlib.contextmanager
+def offline_construction() -> Iterator[None]:
+    """While active, ``timm.create_model`` never loads pretrained weights (so never downloads).
+
+    anomalib calls it through the module attribute (TimmFeatureExtractor, FastFlow), so patching
+    ``timm.create_model`` catches every backbone it builds, STFPM's hard-coded pretrained teacher
+    included. Not thread-safe: construct models from one thread at a time.
+    """
+    real = timm.create_model
+
+    def create_model(*args, **kwargs):
+        kwargs["pretrained"] = False
+        return real(*args, **kwargs)
+
+    with mock.patch.object(timm, "create_model", create_model):
+        yield
+
+
+def make_pre_processor(
+    out_size: tuple[int, int], mean: Sequence[float], std: Sequence[float]
+) -> PreProcessor:
+    """Resize to ``out_size`` (a no-op on our already-sized batches) and normalise once."""
+    return PreProcessor(
+        transform=Compose([Resize(list(out_size), antialias=True), Normalize(list(mean), list(std))])
+    )
+
+
+def build_model(
+    method: str,
+    backbone: Backbone,
+    *,
+    layers: Sequence[str] | str | None = None,
+    out_size: tuple[int, int] = (256, 256),
+    config: dict | None = None,
+) -> nn.Module:
+    """Construct ``method`` offline around ``backbone`` and inject its weights.
+
+    Seed before calling (PaDiM draws its channel subset and the trained heads their init here).
+
+    Args:
+        method: one of ``METHODS``.
+        backbone: the weights; ``backbone.arch`` names the timm model.
+        layers: layer set (None: ``DEFAULT_LAYERS[method]``).
+        out_size: (height, width) of the model input.
+        config: hyper-parameter overrides of ``DEFAULTS[method]``.
+
+    Returns:
+        The anomalib Lightning module, its frozen extractor(s) holding ``backbone``'s weights.
+    """
+    names = resolve_layers(method, layers)
+    cfg = resolve_config(method, config)
+    _check_arch(method, backbone.arch)
+    hyper = {k: v for k, v in cfg.items() if k not in ("max_epochs", *_LOADER)}
+    common = {
+        "pre_processor": make_pre_processor(out_size, backbone.mean, backbone.std),
+        "post_processor": False,  # raw scores: no thresholding or min-max normalisation
+        "evaluator": False,  # metrics come from ad_eval.metrics
+        "visualizer": False,
+    }
+    arch = backbone.arch
+    with offline_construction():
+        if method == "patchcore":
+            model = Patchcore(backbone=arch, layers=names, pre_trained=False, **hyper, **common)
+        elif method == "padim":
+            if hyper["n_features"] is None:
+                hyper["n_features"] = padim_n_features(backbone, names)
+            model = Padim(backbone=arch, layers=list(names), pre_trained=False, **hyper, **common)
+        elif method == "fastflow":
+            model = Fastflow(backbone=arch, pre_trained=False, **hyper, **common)
+        elif method == "cflow":
+            model = Cflow(backbone=arch, layers=names, pre_trained=False, **hyper, **common)
+        elif method == "rd":
+            mode = AnomalyMapGenerationMode(hyper.pop("anomaly_map_mode"))
+            model = ReverseDistillation(
+                backbone=arch, layers=names, anomaly_map_mode=mode, pre_trained=False, **hyper,
+                **common,
+            )
+        else:  # stfpm
+            model = Stfpm(backbone=arch, layers=names, **hyper, **common)
+    for where, extractor in frozen_extractors(method, model).items():
+        inject(extractor, backbone, where=f"{method} {where}")
+    return model
+
+
+def frozen_extractors(method: str, model: nn.Module) -> dict[str, nn.Module]:
+    """The timm modules of ``model`` that hold the evaluated backbone, by name."""
+    _check_method(method)
+    return {name: operator.attrgetter(path)(model) for name, path in EXTRACTOR_PATHS[method].items()}
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class _Items(Dataset):
+    """Preloaded ``ADImageDataset`` items (the decoding is done once, not once per epoch)."""
+
+    def __init__(self, items: list[dict]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.items[index]
+
+
+def _load_items(samples: Sequence[Sample], size, crop) -> list[dict]:
+    """Images resized/cropped in [0, 1] (normalisation is the PreProcessor's), with masks."""
+    dataset = ADImageDataset(samples, size=size, crop=crop, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    threads = max(1, min(_LOAD_THREADS, os.cpu_count() or 1, len(dataset)))
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(dataset.__getitem__, range(len(dataset))))
+
+
+def _collate(items: list[dict]) -> ImageBatch:
+    return ImageBatch(
+        image=torch.stack([item["image"] for item in items]),
+        gt_label=torch.tensor([item["label"] for item in items]),
+        gt_mask=torch.stack([item["mask"][0] for item in items]),
+        image_path=[item["path"] for item in items],
+    )
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def run_anomalib(
+    method: str,
+    backbone: Backbone,
+    split: Split,
+    *,
+    layers: Sequence[str] | str | None = None,
+    size: int | Sequence[int] = 256,
+    crop: int | Sequence[int] | None = None,
+    config: dict | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    work_dir: Path,
+) -> MethodScores:
+    """Fit ``method`` on ``split.train`` and score ``split.test``.
+
+    Args:
+        method: one of ``METHODS``.
+        backbone: the evaluated weights and their normalisation.
+        split: from ``ad_eval.datasets.scan``.
+        layers: backbone stages used (None: ``DEFAULT_LAYERS[method]``); FastFlow and RD accept
+            only layer1-3.
+        size, crop: resize target and optional centre crop (as ``ADImageDataset``); the model
+            input and the evaluation size are ``crop or size``.
+        config: overrides of ``DEFAULTS[method]`` (hyper-parameters, max_epochs, batch sizes).
+        device: "auto" (CUDA if available, else CPU), "cpu", "cuda" or "gpu".
+        seed: seeds everything before construction (PaDiM subset, coreset, inits, shuffling).
+        work_dir: Lightning's default_root_dir (anomalib creates versioned folders there).
+
+    Returns:
+        Scores in the order of ``split.test``: raw ``pred_score`` per image and ``anomaly_map``
+        resized (bilinear) to the mask size if needed, float32 (N, H, W), masks bool (N, H, W).
+    """
+    names = resolve_layers(method, layers)
+    cfg = resolve_config(method, config)
+    _check_arch(method, backbone.arch)
+    if device not in _DEVICES:
+        raise ValueError(f"device={device!r}: must be one of {', '.join(_DEVICES)}")
+    accelerator = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+    train_items = _load_items(split.train, size, crop)
+    test_items = _load_items(split.test, size, crop)
+    out_size = tuple(test_items[0]["image"].shape[-2:])
+
+    # Lightning's deterministic flags are process-global: restore the caller's afterwards.
+    flags = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+    )
+    try:
+        seed_everything(seed, workers=True, verbose=False)
+        model = build_model(method, backbone, layers=names, out_size=out_size, config=config)
+        train_loader = DataLoader(
+            _Items(train_items),
+            batch_size=cfg["train_batch_size"],
+            shuffle=True,
+            generator=torch.Generator().manual_seed(seed),
+            collate_fn=_collate,
+        )
+        test_loader = DataLoader(
+            _Items(test_items), batch_size=cfg["eval_batch_size"], shuffle=False, collate_fn=_collate
+        )
+        engine = Engine(
+            accelerator=accelerator,
+            devices=1,
+            max_epochs=cfg.get("max_epochs", 1),  # PatchCore and PaDiM force 1 themselves
+            limit_val_batches=0,  # no validation: nothing is selected on held-out data
+            deterministic="warn",
+            barebones=True,  # no checkpoint, logger, progress bar or model summary
+            default_root_dir=Path(work_dir),
+        )
+        engine.fit(model=model, train_dataloaders=train_loader)
+        batches = engine.predict(model=model, dataloaders=test_loader, return_predictions=True)
+    finally:
+        torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
+        torch.backends.cudnn.benchmark = flags[2]
+
+    paths = [path for batch in batches for path in batch.image_path]
+    expected = [str(sample.path) for sample in split.test]
+    if paths != expected:
+        raise RuntimeError(f"{method}: predictions came back out of order or incomplete")
+    scores = torch.cat([batch.pred_score.detach().reshape(-1).cpu() for batch in batches])
+    maps = torch.cat([_as_nhw(batch.anomaly_map.detach().cpu(), out_size) for batch in batches])
+    return MethodScores(
+        image_scores=scores.double().numpy(),
+        image_labels=np.array([sample.label for sample in split.test], dtype=np.int64),
+        anomaly_maps=maps.float().numpy(),
+        masks=torch.stack([item["mask"][0] for item in test_items]).numpy(),
+    )
+
+
+def _as_nhw(anomaly_map: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+    """(N, H, W) or (N, 1, H, W) maps as (N, h, w) at ``out_size`` (bilinear if resized)."""
+    maps = anomaly_map.float().reshape(anomaly_map.shape[0], 1, *anomaly_map.shape[-2:])
+    if tuple(maps.shape[-2:]) != tuple(out_size):
+        maps = F.interpolate(maps, size=list(out_size), mode="bilinear", align_corners=False)
+    return maps[:, 0]
+
+
+__all__ = [
+    "DEFAULTS",
+    "DEFAULT_LAYERS",
+    "FIXED_LAYERS",
+    "LAYER_NAMES",
+    "METHODS",
+    "build_model",
+    "frozen_extractors",
+    "offline_construction",
+    "resolve_config",
+    "resolve_layers",
+    "run_anomalib",
+]

@@ -1,0 +1,156 @@
+"""Cells, the grid (submitit local/debug), the ad-eval CLI and the report on real MVTec samples."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ad_eval.cell import Cell, read_record
+from ad_eval.cli import main
+from ad_eval.grid import GridError, load_grid, pending_cells, run_grid
+
+REPO = Path(__file__).resolve().parents[2]
+REALDATA = (REPO.parent / "shared" / "realdata").resolve()
+needs_realdata = pytest.mark.skipif(not REALDATA.is_dir(), reason=f"real MVTec samples not found at {REALDATA}")
+
+
+def write_grid(path: Path, **changes) -> Path:
+    config = {
+        "datasets": {"mvtec": {"root": str(REALDATA), "categories": ["hazelnut_reduced", "transistor_reduced"]}},
+        "backbones": {"Random": {"spec": "random", "arch": "resnet18"}},
+        "methods": {"patchcore": {"layers": [[2, 3]]}},
+        "size": 64, "seeds": [0], "cells_per_task": 4, "device": "cpu",
+        "resources": {"timeout_min": 10, "mem_gb": 4, "cpus_per_task": 1, "gpus_per_node": 0},
+    }
+    config.update(changes)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if not p.name.endswith(".failed.json")]
+
+
+def test_cell_ids_are_stable_and_distinct():
+    base = dict(method="patchcore", dataset="mvtec", root="/d", category="bottle", backbone="random", arch="resnet18")
+    a, b = Cell(**base, layers="2,3"), Cell(**base, layers=("layer2", "layer3"))
+    assert a.cell_id == b.cell_id and a.cell_id.startswith("patchcore_mvtec_bottle_random-resnet18_L2+3_s0_")
+    others = {Cell(**base, layers="1,2").cell_id, Cell(**base, seed=1).cell_id, Cell(**base, size=128).cell_id,
+              Cell(**{**base, "backbone": "imagenet:/w.pth"}).cell_id, a.cell_id}
+    assert len(others) == 5
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"method": "patchcorr"}, "method='patchcorr'"),
+    ({"layers": "2,5"}, "'5' is not one of"),
+    ({"method": "cutpaste", "layers": "2"}, "takes no layers"),
+])
+def test_bad_cells_are_one_line_errors(bad, message):
+    base = dict(method="patchcore", dataset="mvtec", root="/d", category="c", backbone="random", arch="resnet18")
+    with pytest.raises(ValueError, match=message):
+        Cell(**{**base, **bad})
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"methodz": {}}, "unknown key 'methodz'"),
+    ({"methods": {"patchcore": {"layerz": [[2]]}}}, r"methods.patchcore: unknown key 'layerz'"),
+    ({"methods": {"bogus": {}}}, "methods.bogus: unknown method"),
+    ({"backbones": {"X": {"arch": "resnet18"}}}, "backbones.X: needs 'spec'"),
+    ({"cells_per_task": 0}, "cells_per_task=0"),
+    ({"methods": {"patchcore": {"layers": [[7]]}}}, "7 is not one of"),
+])
+def test_grid_config_errors_name_file_and_key(tmp_path, changes, message):
+    path = write_grid(tmp_path / "grid.yaml", **changes)
+    with pytest.raises(GridError, match=message) as err:
+        load_grid(path)
+    assert "grid.yaml" in str(err.value)
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "jobs" / "eval").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_eval_configs_load(config):
+    grid = load_grid(config, base_dir=REPO)
+    assert grid.cells and len({c.cell_id for c in grid.cells}) == len(grid.cells)
+
+
+@needs_realdata
+def test_grid_runs_every_cell_once_and_a_rerun_skips_them(tmp_path):
+    config = write_grid(tmp_path / "grid.yaml")
+    out = tmp_path / "results"
+    summary = run_grid(config, out, cluster="debug", progress=False)
+    assert summary == {"cells": 2, "done": 2, "missing": []}
+    got = records(out)
+    assert sorted(r["category"] for r in got) == ["hazelnut_reduced", "transistor_reduced"]
+    for r in got:
+        assert all(0.0 <= r[k] <= 1.0 for k in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO"))
+        assert r["backbone"] == "Random" and r["layers"] == ["layer2", "layer3"] and r["wall_time_s"] > 0
+    stamps = {r["cell_id"]: r["finished_at"] for r in got}
+    assert run_grid(config, out, cluster="debug", progress=False)["done"] == 2
+    assert {r["cell_id"]: r["finished_at"] for r in records(out)} == stamps  # nothing ran again
+
+
+@needs_realdata
+def test_one_failing_cell_loses_nothing_and_is_retried(tmp_path, capsys):
+    backbones = {"Random": {"spec": "random", "arch": "resnet18"}, "Missing": {"spec": str(tmp_path / "no.pt")}}
+    config = write_grid(tmp_path / "grid.yaml", backbones=backbones)
+    out = tmp_path / "results"
+    assert main(["grid", "--config", str(config), "--cluster", "debug", "--out", str(out), "--no-progress"]) == 1
+    assert len(records(out)) == 2  # the Random cells
+    failed = sorted(out.glob("*.failed.json"))
+    assert len(failed) == 2 and "no.pt" in json.loads(failed[0].read_text())["error"]
+    assert "2 cell(s) missing" in capsys.readouterr().err
+    # the report shows the missing backbone as "-", never a number
+    assert main(["report", "--results", str(out), "--out", str(tmp_path / "report"),
+                 "--backbones", "Random,Missing"]) == 0
+    table = (tmp_path / "report" / "table_mvtec_image_AUROC.md").read_text()
+    assert "/-" in table
+
+
+@needs_realdata
+def test_killed_grid_rerun_finishes_every_cell_exactly_once(tmp_path):
+    config = write_grid(tmp_path / "grid.yaml", cells_per_task=1,
+                        methods={"patchcore": {"layers": [[2, 3], [1, 2]]}})
+    out = tmp_path / "results"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "ad_eval", "grid", "--config", str(config), "--cluster", "local",
+                             "--out", str(out), "--no-progress"], cwd=tmp_path, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not records(out) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the grid and every task it started
+    proc.wait()
+    first = {r["cell_id"]: r["finished_at"] for r in records(out)}
+    assert 1 <= len(first) <= 4
+    grid = load_grid(config)
+    summary = run_grid(config, out, cluster="local", progress=False)
+    assert summary["done"] == 4 and not pending_cells(grid, out)
+    final = records(out)
+    assert sorted(r["cell_id"] for r in final) == sorted(c.cell_id for c in grid.cells)  # each exactly once
+    assert all(read_record(out / f"{cid}.json")["finished_at"] == stamp for cid, stamp in first.items())
+    assert not list(out.glob(".*.tmp"))  # no half-written record survived the kill
+
+
+@needs_realdata
+def test_run_cli_writes_one_record(tmp_path):
+    args = ["run", "--method", "padim", "--dataset", "mvtec", "--root", str(REALDATA), "--category",
+            "hazelnut_reduced", "--backbone", "random", "--arch", "resnet18", "--layers", "1,2", "--size", "64",
+            "--device", "cpu", "--out", str(tmp_path)]
+    assert main(args) == 0
+    (record,) = records(tmp_path)
+    assert record["method"] == "padim" and record["layers"] == ["layer1", "layer2"] and record["num_test"] == 10
+
+
+def test_run_cli_errors_are_one_line(tmp_path, capsys):
+    args = ["run", "--method", "patchcore", "--dataset", "mvtec", "--root", str(tmp_path / "nowhere"),
+            "--category", "bottle", "--backbone", "random", "--arch", "resnet18", "--out", str(tmp_path / "o")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ad-eval: error: ") and "nowhere" in err and err.count("\n") == 1
