@@ -1,27 +1,62 @@
 #!/usr/bin/env bash
-# The main job on a local default: list recipes, render a preview grid on the CPU, export a few
-# WebDataset shards. Later issues extend it with pre-training and evaluation.
+# The main job on a local default (no Slurm, no downloads; GPU if CuPy and CUDA are there, else CPU):
+#   1. render a preview grid of fractals,
+#   2. pre-train a small resnet18 on fractals for a couple of minutes,
+#   3. evaluate it and a random-init control with PatchCore on the real MVTec samples in
+#      ../shared/realdata (or, without them, on a generated MVTec-like dataset),
+#   4. print the tables and where the figures are.
 #
-#   bash scripts/demo.sh
+#   bash scripts/demo.sh            # DEMO_STEPS=300 by default
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup-env.sh
 
 FP=.venv/bin/fractal-pretrain
+AE=.venv/bin/ad-eval
+PY=.venv/bin/python
 mkdir -p outputs
 
-echo "== fractal-pretrain recipes"
-"$FP" recipes
+echo "== 1. fractal-pretrain render (16 anderson fractals, 256 px, CPU reference)"
+"$FP" render --recipe anderson --num 16 --seed 0 --size 256 --device cpu --out outputs/preview_anderson.png
 
-echo "== fractal-pretrain render (16 anderson fractals, 256 px, CPU)"
-"$FP" render --recipe anderson --num 16 --seed 0 --size 256 --device cpu \
-    --out outputs/preview_anderson.png
+accelerator=cpu
+if "$PY" -c "import cupy, torch; assert torch.cuda.is_available()" 2>/dev/null; then accelerator=gpu; fi
+echo "== 2. fractal-pretrain fit (jobs/pretrain/smoke.yaml, ${DEMO_STEPS:-300} steps on $accelerator)"
+"$FP" fit --config jobs/pretrain/smoke.yaml --trainer.accelerator "$accelerator" \
+    --trainer.max_steps "${DEMO_STEPS:-300}" --trainer.log_every_n_steps 20 \
+    --trainer.default_root_dir runs/demo --ckpt_path none
 
-echo "== fractal-pretrain export (64 samples, 128 px, 32 per shard)"
-"$FP" export --recipe anderson --num 64 --seed 0 --size 128 \
-    --out outputs/shards --shard-size 32
+if [ -d ../shared/realdata/hazelnut_reduced ]; then
+  root=$(cd ../shared/realdata && pwd); categories="[hazelnut_reduced, transistor_reduced]"
+else
+  echo "== ../shared/realdata not found: generating an MVTec-like dataset"
+  root=$("$PY" -m ad_eval.synthetic --out outputs/synthetic_mvtec --layout mvtec --size 128 --seed 0 | tail -n 1)
+  categories="[texture, object]"
+fi
+cat > outputs/demo_grid.yaml <<GRID
+# written by scripts/demo.sh
+datasets:
+  mvtec: {root: $root, categories: $categories}
+backbones:
+  Random: {spec: random, arch: resnet18}
+  Fractals: {spec: runs/demo/backbone.pt}
+methods:
+  patchcore: {layers: [[2, 3]]}
+size: 128
+cells_per_task: 4
+device: auto
+resources: {timeout_min: 30, mem_gb: 8, cpus_per_task: 2, gpus_per_node: 0}
+GRID
+
+echo "== 3. ad-eval grid (PatchCore, fractal backbone vs random init)"
+rm -rf results/demo
+"$AE" grid --config outputs/demo_grid.yaml --cluster local --out results/demo
+"$AE" report --results results/demo --out reports/demo --backbones Random,Fractals
 
 echo
+for metric in image_AUROC pixel_AUROC pixel_AUPRO; do cat "reports/demo/table_mvtec_${metric}.md"; echo; done
 echo "Outputs:"
 echo "  preview grid: $(pwd)/outputs/preview_anderson.png"
-echo "  shards:       $(pwd)/outputs/shards/ (shard-*.tar, manifest.json)"
+echo "  backbone:     $(pwd)/runs/demo/backbone.pt (+ backbone.json, checkpoints/, logs/)"
+echo "  results:      $(pwd)/results/demo/*.json"
+echo "  report:       $(pwd)/reports/demo/ (tables .md/.csv/.tex, figures .png, summary.md)"
