@@ -50,6 +50,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ad_eval.methods.base import DEFAULT_LAYERS
+
 log = logging.getLogger(__name__)
 
 METRICS = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")
@@ -76,17 +78,7 @@ CATEGORY_ORDER = {
     "visa": ("candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1", "pcb2", "pcb3",
              "pcb4", "pipe_fryum"),
 }
-# What ``layers: null`` means per method: anomalib_models.DEFAULT_LAYERS and panda.DEFAULT_LAYERS (copied here so
-# that a report needs neither torch nor anomalib; a test checks they agree). CutPaste takes no layers.
-REFERENCE_LAYERS = {
-    "patchcore": ("layer2", "layer3"),
-    "padim": ("layer1", "layer2", "layer3"),
-    "fastflow": ("layer1", "layer2", "layer3"),
-    "cflow": ("layer2", "layer3", "layer4"),
-    "rd": ("layer1", "layer2", "layer3"),
-    "stfpm": ("layer1", "layer2", "layer3"),
-    "panda": ("layer4",),
-}
+REFERENCE_LAYERS = DEFAULT_LAYERS  # what ``layers: null`` means per method
 REQUIRED_KEYS = ("cell_id", "method", "dataset", "category", "backbone", "layers", "seed", *METRICS)
 FAILED_SUFFIX = ".failed.json"
 MISSING = "-"

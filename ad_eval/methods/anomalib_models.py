@@ -68,19 +68,13 @@ from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from ad_eval.backbones import Backbone, inject
 from ad_eval.datasets import ADImageDataset, Sample, Split
+from ad_eval.methods.base import DEFAULT_LAYERS as ALL_DEFAULT_LAYERS
 from ad_eval.methods.base import LAYER_NAMES, MethodScores, check_layers
 
 METHODS = ("patchcore", "padim", "fastflow", "cflow", "rd", "stfpm")
 
 # The reference layer sets (anomalib defaults = the papers'), used when layers=None.
-DEFAULT_LAYERS = {
-    "patchcore": ("layer2", "layer3"),
-    "padim": ("layer1", "layer2", "layer3"),
-    "fastflow": ("layer1", "layer2", "layer3"),
-    "cflow": ("layer2", "layer3", "layer4"),
-    "rd": ("layer1", "layer2", "layer3"),
-    "stfpm": ("layer1", "layer2", "layer3"),
-}
+DEFAULT_LAYERS = {m: ALL_DEFAULT_LAYERS[m] for m in ("patchcore", "padim", "fastflow", "cflow", "rd", "stfpm")}
 # Methods whose layer set is fixed by the anomalib implementation; the others take any subset.
 FIXED_LAYERS = {"fastflow": ("layer1", "layer2", "layer3"), "rd": ("layer1", "layer2", "layer3")}
 # Methods that look the backbone up by name (anomalib's tables); the others take any ResNet.

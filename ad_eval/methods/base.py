@@ -8,6 +8,18 @@ import numpy as np
 
 LAYER_NAMES = ("layer1", "layer2", "layer3", "layer4")
 
+# Each method's reference layer set (what ``layers=None`` means); CutPaste takes no layers. Kept here, free of
+# torch and anomalib imports, so reports and grids can use it too.
+DEFAULT_LAYERS = {
+    "patchcore": ("layer2", "layer3"),
+    "padim": ("layer1", "layer2", "layer3"),
+    "fastflow": ("layer1", "layer2", "layer3"),
+    "cflow": ("layer2", "layer3", "layer4"),
+    "rd": ("layer1", "layer2", "layer3"),
+    "stfpm": ("layer1", "layer2", "layer3"),
+    "panda": ("layer4",),  # the reference's feature: avgpool of the last stage
+}
+
 
 @dataclass
 class MethodScores:

@@ -47,11 +47,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ad_eval.datasets import ADImageDataset, Split
+from ad_eval.methods.base import DEFAULT_LAYERS as ALL_DEFAULT_LAYERS
 from ad_eval.methods.base import LAYER_NAMES, MethodScores, check_layers
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LAYERS = ("layer4",)  # the reference's feature: avgpool of the last stage
+DEFAULT_LAYERS = ALL_DEFAULT_LAYERS["panda"]  # the reference's feature: avgpool of the last stage
 DEFAULTS: dict[str, Any] = {
     "k": 2,  # neighbours; utils.knn_score(n_neighbours=2)
     "finetune_epochs": 0,  # 0 = frozen backbone ("Epoch 0" / DN2); the reference CLI runs 15

@@ -36,14 +36,6 @@ SIZE = 64
 N_TRAIN = 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny inputs gain nothing from threads, and OpenMP's spin-waiting makes a 2-thread run
-    10-80x slower when another process shares the 2 cores (seen with parallel pytest runs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

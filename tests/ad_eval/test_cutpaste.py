@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from ad_helpers import random_resnet18
 from scipy import ndimage
 from torch import nn
-from torchvision.models import resnet18
 
 from ad_eval.datasets import IMAGENET_MEAN, IMAGENET_STD, Split, scan
 from ad_eval.methods.cutpaste import (
@@ -42,22 +42,8 @@ SIZE = 64  # px: fast on 2 CPU cores
 TINY = {"steps": 3, "batch_size": 4, "freeze_steps": 1, "eval_batch_size": 32}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a busy 2-core machine, 2 threads made these tests 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
-def random_resnet18(seed: int = 0) -> nn.Module:
-    """torchvision ResNet-18 with random weights under ``seed``, fc = Identity, eval mode."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = resnet18(weights=None)
-    model.fc = nn.Identity()
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import logging
 import pandas as pd
 import pytest
 
-from ad_eval.report import REFERENCE_LAYERS, build_report, load_records
+from ad_eval.report import build_report, load_records
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -240,9 +240,3 @@ def test_empty_folder(tmp_path):
     assert "- records read: 0;" in out["summary"].read_text()
     with pytest.raises(FileNotFoundError):
         build_report(tmp_path / "nowhere", tmp_path / "report")
-
-
-def test_reference_layers_match_methods():
-    anomalib_models = pytest.importorskip("ad_eval.methods.anomalib_models")
-    panda = pytest.importorskip("ad_eval.methods.panda")
-    assert {**anomalib_models.DEFAULT_LAYERS, "panda": panda.DEFAULT_LAYERS} == REFERENCE_LAYERS
