@@ -2,7 +2,8 @@
 
 Side by side in one process, same model, batch and settings (bf16 autocast, channels_last, SGD step):
   * ceiling: a constant random input tensor, as in the project's yardsticks;
-  * end_to_end: every step renders a fresh batch of fractal keys with the CuPy renderer first.
+  * end_to_end: every step renders a fresh batch of fractal keys with the CuPy renderer first;
+  * prefetch: the same, but the next batch renders on a side stream during the step (the data module's way).
 Reports images/s of both and their ratio (target >= 0.98), optionally with ``torch.compile``.
 
     python3 benchmarks/train_throughput.py --archs wide_resnet50_2,resnet50,resnet18 [--compile]
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 from fractal_pretrain.recipes import get_recipe
 from fractal_pretrain.render.cupy_renderer import CupyRenderer
+from fractal_pretrain.train.data import SideStreamPrefetch
 from fractal_pretrain.train.model import build_resnet
 
 
@@ -64,17 +66,31 @@ def bench(arch: str, recipe: str, batch: int, size: int, steps: int, warmup: int
                                                 channels_last=True)
         step(images, labels)
 
+    prefetch = SideStreamPrefetch(
+        lambda indices, epoch: renderer.render_tensor(indices, epoch, dtype="float32", channels_last=True),
+        torch.device("cuda"))
+
+    def end_to_end_prefetch(i):
+        pair = prefetch.take(("train", 0, i))
+        if pair is None:
+            pair = renderer.render_tensor(np.arange(i * batch, (i + 1) * batch), epoch=0,
+                                           dtype="float32", channels_last=True)
+        prefetch.schedule(("train", 0, i + 1), np.arange((i + 1) * batch, (i + 2) * batch), 0)
+        step(*pair)
+
     def render_only(i):
         renderer.render_tensor(np.arange(i * batch, (i + 1) * batch), epoch=0, dtype="float32", channels_last=True)
 
     torch.cuda.reset_peak_memory_stats()
     t_ceiling = timed(ceiling, steps, warmup)
     t_e2e = timed(end_to_end, steps, warmup)
+    t_prefetch = timed(end_to_end_prefetch, steps, warmup)
     t_render = timed(render_only, steps, warmup)
     return {
         "arch": arch, "recipe": recipe, "batch": batch, "size": size, "compile": compile,
         "ceiling_img_s": round(batch / t_ceiling, 1), "end_to_end_img_s": round(batch / t_e2e, 1),
         "ratio": round(t_ceiling / t_e2e, 4), "ms_per_step": round(t_e2e * 1000, 2),
+        "prefetch_img_s": round(batch / t_prefetch, 1), "prefetch_ratio": round(t_ceiling / t_prefetch, 4),
         "render_ms_per_batch": round(t_render * 1000, 3),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
     }

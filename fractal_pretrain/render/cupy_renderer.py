@@ -253,12 +253,13 @@ class CupyRenderer(Renderer):
 
         if not self.recipe.multi_label:
             return t["label"]
-        item_i = t["item_i"]
-        active = item_i[:, 0].bool()
+        # Scatter without boolean indexing (which would sync the host): inactive slots land in a spare column.
+        item_i, classes = t["item_i"], self.recipe.num_classes
         sample = torch.arange(item_i.shape[0], device=item_i.device) // self.slots
-        hot = torch.zeros((t["label"].shape[0], self.recipe.num_classes), dtype=torch.uint8, device=item_i.device)
-        hot[sample[active], item_i[active, 2].long()] = 1
-        return hot
+        column = torch.where(item_i[:, 0] != 0, item_i[:, 2].long(), classes)
+        hot = torch.zeros((t["label"].shape[0], classes + 1), dtype=torch.uint8, device=item_i.device)
+        hot.view(-1)[sample * (classes + 1) + column] = 1
+        return hot[:, :classes].contiguous()
 
     def render_tensor(self, indices, epoch: int = 0, **finish_kwargs):
         """(images, labels) as device tensors for training; see ``finish`` for layout and dtype."""

@@ -78,6 +78,41 @@ class KeyBatches:
         self._resume = {int(state["epoch"]): int(state["consumed"])}
 
 
+class SideStreamPrefetch:
+    """Renders the next batch on a side CUDA stream while the current step runs on the main one.
+
+    Only an optimisation: a batch is identified by its (split, epoch, step) and ``take`` returns it only
+    if that exact batch was prefetched; anything else (a resume, a new epoch) is rendered on the spot.
+    """
+
+    def __init__(self, render, device):
+        import torch
+
+        self.render = render
+        self.stream = torch.cuda.Stream(device=device)
+        self.pending: dict[str, tuple] = {}  # split -> (key, images, labels): validation does not evict training
+
+    def take(self, key: tuple):
+        import torch
+
+        pending = self.pending.pop(key[0], None)
+        if pending is None or pending[0] != key:
+            return None
+        _, images, labels = pending
+        main = torch.cuda.current_stream(images.device)
+        main.wait_stream(self.stream)
+        for tensor in (images, labels):  # made on the side stream, used on the main one
+            tensor.record_stream(main)
+        return images, labels
+
+    def schedule(self, key: tuple, indices: np.ndarray, epoch: int) -> None:
+        import torch
+
+        with torch.cuda.stream(self.stream):
+            images, labels = self.render(indices, epoch)
+        self.pending[key[0]] = (key, images, labels)
+
+
 class FractalDataModule(pl.LightningDataModule):
     """Fractal batches rendered on the rank's device (CuPy kernels on CUDA, NumPy reference on CPU).
 
@@ -91,12 +126,13 @@ class FractalDataModule(pl.LightningDataModule):
         seed: Base seed of every key (and of the system bank).
         mean: Per-channel input normalisation (recorded in ``backbone.json``).
         std: Per-channel input normalisation.
+        prefetch: On CUDA, render the next batch on a side stream while the current step trains.
     """
 
     def __init__(self, recipe: str = "fractal4ad", recipe_overrides: dict[str, Any] | None = None,
                  size: int = 256, batch_size: int = 512, samples_per_epoch: int = 1_000_000,
                  val_samples: int = 10_000, seed: int = 0, mean: tuple[float, float, float] = IMAGENET_MEAN,
-                 std: tuple[float, float, float] = IMAGENET_STD):
+                 std: tuple[float, float, float] = IMAGENET_STD, prefetch: bool = True):
         super().__init__()
         self.recipe = get_recipe(recipe, recipe_overrides or {})
         check_range("data.size", size, 8, 4096, integer=True)
@@ -109,7 +145,9 @@ class FractalDataModule(pl.LightningDataModule):
         self.samples_per_epoch, self.val_samples = samples_per_epoch, val_samples
         self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
         self.save_hyperparameters()
+        self.prefetch = prefetch
         self.renderer = None
+        self._prefetcher: SideStreamPrefetch | None = None
         self._loaders: dict[str, KeyBatches] = {}
 
     @property
@@ -131,6 +169,8 @@ class FractalDataModule(pl.LightningDataModule):
         name = f"cuda:{device.index or 0}" if device is not None and device.type == "cuda" else "cpu"
         self.renderer = make_renderer(self.recipe, size=self.size, seed=self.seed, device=name)
         self.channels_last = name != "cpu"
+        if self.prefetch and name != "cpu":
+            self._prefetcher = SideStreamPrefetch(self._render, device)
 
     def _world(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -154,15 +194,25 @@ class FractalDataModule(pl.LightningDataModule):
         self._loaders["val"] = KeyBatches("val", self.val_samples, self.batch_size, rank, world, lambda: VAL_EPOCH)
         return self._loaders["val"]
 
+    def _render(self, indices: np.ndarray, epoch: int):
+        return self.renderer.render_tensor(indices, epoch, dtype="float32", channels_last=self.channels_last,
+                                           mean=self.mean, std=self.std)
+
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Index batch -> (images, labels) rendered on this rank's device."""
         if not (isinstance(batch, dict) and "indices" in batch):
             return batch
-        self._loaders[batch["split"]].mark_consumed(batch["step"])
+        keys = self._loaders[batch["split"]]
+        keys.mark_consumed(batch["step"])
         epoch = VAL_EPOCH if batch["split"] == "val" else batch["epoch"]
-        images, labels = self.renderer.render_tensor(
-            batch["indices"], epoch, dtype="float32", channels_last=self.channels_last, mean=self.mean, std=self.std)
-        return images, labels
+        key = (batch["split"], epoch, batch["step"])
+        rendered = self._prefetcher.take(key) if self._prefetcher else None
+        if rendered is None:
+            rendered = self._render(batch["indices"], epoch)
+        if self._prefetcher and batch["step"] + 1 < keys.steps:
+            following = rank_slice(batch["step"] + 1, keys.total, keys.batch_size, keys.rank, keys.world)
+            self._prefetcher.schedule((batch["split"], epoch, batch["step"] + 1), following, epoch)
+        return rendered
 
     def describe(self) -> dict[str, Any]:
         """What ``backbone.json`` records about the data."""

@@ -207,3 +207,26 @@ def test_every_pretrain_config_parses(config, capsys):
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "arch:" in printed and "recipe:" in printed
+
+
+@pytest.mark.gpu
+def test_side_stream_prefetch_gives_the_same_batches():
+    from fractal_pretrain.train.data import SideStreamPrefetch
+
+    renderer = make_renderer(get_recipe("multiinstance", {"num_classes": 10, "num_points": 5000}), size=64, seed=2,
+                             device="cuda")
+
+    def render(indices, epoch):
+        return renderer.render_tensor(indices, epoch, dtype="float32", channels_last=True)
+
+    prefetch = SideStreamPrefetch(render, torch.device("cuda"))
+    prefetch.schedule(("train", 3, 7), np.arange(56, 64), 3)
+    assert prefetch.take(("train", 3, 6)) is None  # another batch: not handed out
+    prefetch.schedule(("train", 3, 7), np.arange(56, 64), 3)
+    images, labels = prefetch.take(("train", 3, 7))
+    want_images, want_labels = render(np.arange(56, 64), 3)
+    assert torch.equal(images, want_images) and torch.equal(labels, want_labels)
+    cpu_images, cpu_labels = make_renderer(renderer.recipe, size=64, seed=2).render_tensor(
+        np.arange(56, 64), 3, dtype="float32")
+    torch.testing.assert_close(images.cpu().contiguous(), cpu_images, atol=0.05, rtol=0)  # <= 1 grey level
+    assert torch.equal(labels.cpu(), cpu_labels)
