@@ -19,6 +19,7 @@ or a Slurm requeue, continues where the run stopped; ``none`` starts fresh; a pa
 from __future__ import annotations
 
 import importlib.util
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -87,10 +88,23 @@ class FractalCLI(LightningCLI):
             ExportBackbone(),
             RequeueOnSignal(check_every=config["requeue_check_every"]),
         ]
+        if SLURMEnvironment.detect():
+            check_slurm_layout(trainer.get("devices", "auto"), trainer.get("num_nodes", 1))
         if SLURMEnvironment.detect() and not trainer.get("plugins"):
             # Preemption is handled by RequeueOnSignal (+ host-side scontrol), which also works in containers.
             kwargs["plugins"] = [SLURMEnvironment(auto_requeue=False)]
         return super().instantiate_trainer(**kwargs)
+
+
+def check_slurm_layout(devices, num_nodes) -> None:
+    """One task per device: Lightning checks this for multi-device runs only, so 2 tasks x devices=1 would
+    train twice into one run directory. Catch every mismatch before anything starts."""
+    tasks, nodes = os.environ.get("SLURM_NTASKS_PER_NODE"), os.environ.get("SLURM_NNODES")
+    if tasks and tasks.isdigit() and isinstance(devices, int) and devices != int(tasks):
+        raise ConfigError(f"You set `devices={devices}` but Slurm runs --ntasks-per-node={tasks}: they must be "
+                          f"equal (one task per device); set --trainer.devices {tasks}")
+    if nodes and nodes.isdigit() and isinstance(num_nodes, int) and num_nodes != int(nodes):
+        raise ConfigError(f"You set `num_nodes={num_nodes}` but the job has --nodes={nodes}: they must be equal")
 
 
 def default_loggers(root: Path) -> list:

@@ -230,3 +230,16 @@ def test_side_stream_prefetch_gives_the_same_batches():
         np.arange(56, 64), 3, dtype="float32")
     torch.testing.assert_close(images.cpu().contiguous(), cpu_images, atol=0.05, rtol=0)  # <= 1 grey level
     assert torch.equal(labels.cpu(), cpu_labels)
+
+
+def test_slurm_layout_must_match_the_trainer(monkeypatch):
+    from fractal_pretrain.train.cli import check_slurm_layout
+
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "2")
+    monkeypatch.setenv("SLURM_NNODES", "2")
+    check_slurm_layout(2, 2)
+    check_slurm_layout("auto", 2)  # Lightning resolves and checks it
+    with pytest.raises(ConfigError, match=r"devices=1.*--ntasks-per-node=2"):
+        check_slurm_layout(1, 2)
+    with pytest.raises(ConfigError, match=r"num_nodes=1.*--nodes=2"):
+        check_slurm_layout(2, 1)
