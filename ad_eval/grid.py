@@ -23,6 +23,7 @@ cancelled, never run), so a killed grid loses nothing and no cell runs twice onc
 from __future__ import annotations
 
 import itertools
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,25 +172,66 @@ def submit(grid: Grid, out_dir: str | Path, cluster: str) -> list:
     return jobs
 
 
-def wait(jobs: list, out_dir: Path, grid: Grid, poll_s: float = 2.0, progress: bool = True) -> None:
+LOST_AFTER_S = 60.0  # a job gone from squeue this long without a result file is lost
+
+
+def slurm_queue() -> set[str] | None:
+    """Job ids Slurm still holds (array tasks expanded), or None when squeue cannot be asked."""
+    try:
+        done = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return set(done.stdout.split()) if done.returncode == 0 else None
+
+
+class LostJobs:
+    """Finds jobs that left the queue without a result file.
+
+    submitit learns that a job ended from ``sacct``; on a Slurm without accounting it never does, so
+    a cancelled or killed task would be waited for forever. The same happens when a compute node
+    writes the result where this machine cannot see it.
+    """
+
+    def __init__(self, queue=slurm_queue, lost_after_s: float = LOST_AFTER_S, clock=time.monotonic):
+        self.queue, self.lost_after_s, self.clock = queue, lost_after_s, clock
+        self._gone_since: dict[str, float] = {}
+
+    def check(self, jobs: list) -> list:
+        queued = self.queue()
+        if queued is None:
+            return []
+        now, lost = self.clock(), []
+        for job in jobs:
+            if job.job_id in queued:
+                self._gone_since.pop(job.job_id, None)
+            elif now - self._gone_since.setdefault(job.job_id, now) >= self.lost_after_s:
+                lost.append(job)
+        return lost
+
+
+def wait(jobs: list, out_dir: Path, grid: Grid, poll_s: float = 2.0, progress: bool = True,
+         lost: LostJobs | None = None) -> None:
     """Waits for the jobs with a progress bar of finished cells; job failures are reported, not raised."""
     from tqdm import tqdm
 
     total = len(grid.cells)
     bar = tqdm(total=total, desc="cells", unit="cell", disable=not progress)
-    done_jobs: set[int] = set()
-    while len(done_jobs) < len(jobs):
-        for i, job in enumerate(jobs):
-            if i not in done_jobs and job.done():
-                done_jobs.add(i)
-                try:
-                    for line in job.result():
-                        tqdm.write(line)
-                except Exception as err:  # a crashed or cancelled task: its cells stay pending
-                    tqdm.write(f"job {job.job_id}: {type(err).__name__}: {' '.join(str(err).split())[:300]}")
+    open_jobs = list(jobs)
+    while open_jobs:
+        for job in [j for j in open_jobs if j.done()]:
+            open_jobs.remove(job)
+            try:
+                for line in job.result():
+                    tqdm.write(line)
+            except Exception as err:  # a crashed or cancelled task: its cells stay pending
+                tqdm.write(f"job {job.job_id}: {type(err).__name__}: {' '.join(str(err).split())[:300]}")
+        for job in lost.check(open_jobs) if lost and open_jobs else []:
+            open_jobs.remove(job)
+            tqdm.write(f"job {job.job_id}: left the Slurm queue without a result file (cancelled or killed, and "
+                       f"no accounting to say so; or {out_dir} is not on a filesystem the compute nodes share)")
         bar.n = total - len(pending_cells(grid, out_dir))
         bar.refresh()
-        if len(done_jobs) < len(jobs):
+        if open_jobs:
             time.sleep(poll_s)
     bar.close()
 
@@ -202,6 +244,6 @@ def run_grid(config: str | Path, out_dir: str | Path, cluster: str = "local", pr
     jobs = submit(grid, out_dir, cluster)
     print(f"{len(grid.cells)} cells: {before} already done, {len(grid.cells) - before} submitted "
           f"in {len(jobs)} task(s) on {cluster}", flush=True)
-    wait(jobs, out_dir, grid, progress=progress)
+    wait(jobs, out_dir, grid, progress=progress, lost=LostJobs() if cluster == "slurm" else None)
     missing = pending_cells(grid, out_dir)
     return {"cells": len(grid.cells), "done": len(grid.cells) - len(missing), "missing": [c.cell_id for c in missing]}

@@ -156,3 +156,25 @@ def test_run_cli_errors_are_one_line(tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("ad-eval: error: ") and "nowhere" in err and err.count("\n") == 1
+
+
+class FakeJob:
+    def __init__(self, job_id: str):
+        self.job_id = job_id
+
+
+def test_jobs_gone_from_the_queue_without_a_result_are_lost():
+    from ad_eval.grid import LostJobs
+
+    now = {"t": 0.0}
+    queue = {"ids": {"7_0", "7_1"}}
+    lost = LostJobs(queue=lambda: set(queue["ids"]), lost_after_s=60, clock=lambda: now["t"])
+    jobs = [FakeJob("7_0"), FakeJob("7_1")]
+    assert lost.check(jobs) == []
+    queue["ids"] = {"7_1"}  # 7_0 was cancelled; without sacct submitit would wait for it forever
+    assert lost.check(jobs) == []
+    now["t"] = 59.0
+    assert lost.check(jobs) == []
+    now["t"] = 61.0
+    assert [j.job_id for j in lost.check(jobs)] == ["7_0"]
+    assert LostJobs(queue=lambda: None).check(jobs) == []  # squeue unavailable: never declare a job lost
