@@ -158,6 +158,7 @@ class CupyRenderer(Renderer):
         hist_bytes = self.side * self.side * 4
         optin = self._shared_optin()
         self.use_shared = not force_global_histogram and hist_bytes + STATIC_SHARED_BYTES <= optin
+        self._norm_cache: dict[tuple, tuple] = {}
 
     def _shared_optin(self) -> int:
         import cupy
@@ -178,7 +179,8 @@ class CupyRenderer(Renderer):
         items = b * self.slots
         stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(dev).cuda_stream, self.device_id)
         t = {
-            "indices": torch.from_numpy(indices).to(dev, non_blocking=False),
+            # pinned + non_blocking: no host sync, so a side-stream render never stalls the training loop
+            "indices": torch.from_numpy(indices).pin_memory().to(dev, non_blocking=True),
             "label": torch.empty(b, dtype=torch.int64, device=dev),
             "num_objects": torch.empty(b, dtype=torch.int32, device=dev),
             "sample_f": torch.empty((b, SAMPLE_FLOATS), dtype=torch.float32, device=dev),
@@ -237,8 +239,7 @@ class CupyRenderer(Renderer):
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         out = torch.empty((b, 3, size, size), dtype=getattr(torch, dtype), device=self.torch_device,
                           memory_format=fmt)
-        mean_t = torch.tensor(mean, dtype=torch.float32, device=self.torch_device)
-        std_t = torch.tensor(std, dtype=torch.float32, device=self.torch_device)
+        mean_t, std_t = self._normalisation(tuple(mean), tuple(std))
         with cupy.cuda.Device(self.device_id), t["stream"]:
             self._kernel("compose", "finish")(
                 (-(-b * size * size // PIXEL_BLOCK),), (PIXEL_BLOCK,),
@@ -246,6 +247,16 @@ class CupyRenderer(Renderer):
                  np.int32(0 if dtype == "uint8" else 1), np.int32(channels_last), _ptr(mean_t), _ptr(std_t),
                  _ptr(out)))
         return out
+
+    def _normalisation(self, mean: tuple, std: tuple):
+        """mean and std as device tensors, made once: a fresh host-to-device copy each batch would sync."""
+        import torch
+
+        key = (mean, std)
+        if key not in self._norm_cache:
+            self._norm_cache[key] = tuple(torch.tensor(v, dtype=torch.float32, device=self.torch_device)
+                                          for v in key)
+        return self._norm_cache[key]
 
     def device_labels(self, t: dict):
         """Labels on the device: (B,) int64 classes, or (B, num_classes) uint8 multi-hot."""
