@@ -32,11 +32,12 @@ def assert_images_agree(gpu: np.ndarray, cpu: np.ndarray) -> None:
     assert (diff == 0).mean() >= 0.999, f"only {(diff == 0).mean():.5f} of pixels identical"
 
 
+@pytest.mark.parametrize("force_global", [False, True], ids=["auto-histogram", "global-histogram"])
 @pytest.mark.parametrize("name", list(list_recipes()))
-def test_gpu_matches_reference(name):
+def test_gpu_matches_reference(name, force_global):
     recipe = get_recipe(name, SMALL)
     cpu = make_renderer(recipe, size=64, seed=3)
-    gpu = make_renderer(recipe, size=64, seed=3, device="cuda", bank=cpu.bank)
+    gpu = CupyRenderer(recipe, size=64, seed=3, bank=cpu.bank, force_global_histogram=force_global)
     indices = np.array([0, 1, 2, 5, 8, 13, 21, 2**33 + 7])
     want, got = cpu.render(indices, epoch=4), gpu.render(indices, epoch=4)
     plan = got.extra["device_plan"]
