@@ -100,6 +100,7 @@ def check_slurm_layout(devices, num_nodes) -> None:
     """One task per device: Lightning checks this for multi-device runs only, so 2 tasks x devices=1 would
     train twice into one run directory. Catch every mismatch before anything starts."""
     tasks, nodes = os.environ.get("SLURM_NTASKS_PER_NODE"), os.environ.get("SLURM_NNODES")
+    devices = int(devices) if isinstance(devices, str) and devices.isdigit() else devices  # "2" from the CLI
     if tasks and tasks.isdigit() and isinstance(devices, int) and devices != int(tasks):
         raise ConfigError(f"You set `devices={devices}` but Slurm runs --ntasks-per-node={tasks}: they must be "
                           f"equal (one task per device); set --trainer.devices {tasks}")

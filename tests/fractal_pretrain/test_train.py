@@ -239,7 +239,9 @@ def test_slurm_layout_must_match_the_trainer(monkeypatch):
     monkeypatch.setenv("SLURM_NNODES", "2")
     check_slurm_layout(2, 2)
     check_slurm_layout("auto", 2)  # Lightning resolves and checks it
-    with pytest.raises(ConfigError, match=r"devices=1.*--ntasks-per-node=2"):
-        check_slurm_layout(1, 2)
+    check_slurm_layout("2", 2)  # jsonargparse may hand over command-line devices as a string
+    for devices in (1, "1"):
+        with pytest.raises(ConfigError, match=r"devices=1.*--ntasks-per-node=2"):
+            check_slurm_layout(devices, 2)
     with pytest.raises(ConfigError, match=r"num_nodes=1.*--nodes=2"):
         check_slurm_layout(2, 1)
