@@ -90,9 +90,9 @@ class FractalCLI(LightningCLI):
         ]
         if SLURMEnvironment.detect():
             check_slurm_layout(trainer.get("devices", "auto"), trainer.get("num_nodes", 1))
-        if SLURMEnvironment.detect() and not trainer.get("plugins"):
-            # Preemption is handled by RequeueOnSignal (+ host-side scontrol), which also works in containers.
-            kwargs["plugins"] = [SLURMEnvironment(auto_requeue=False)]
+            if not trainer.get("plugins"):
+                # Preemption is handled by RequeueOnSignal (+ host-side scontrol), which also works in containers.
+                kwargs["plugins"] = [SLURMEnvironment(auto_requeue=False)]
         return super().instantiate_trainer(**kwargs)
 
 
