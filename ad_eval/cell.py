@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ad_eval.methods.base import check_layers
+from fractal_pretrain.atomic import atomic_write
 
 ANOMALIB_METHODS = ("patchcore", "padim", "fastflow", "cflow", "rd", "stfpm")
 METHODS = (*ANOMALIB_METHODS, "panda", "cutpaste")
@@ -101,11 +102,8 @@ def read_record(path: Path) -> dict | None:
 
 def write_json_atomic(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True, default=str)
-        handle.write("\n")
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def resolve_device(device: str) -> str:

@@ -131,6 +131,12 @@ def pending_cells(grid: Grid, out_dir: Path) -> list[Cell]:
     return [cell for cell in grid.cells if read_record(record_path(out_dir, cell)) is None]
 
 
+def _count_written(grid: Grid, out_dir: Path) -> int:
+    """Cells with a record file, from one directory listing (the progress bar; records are written atomically)."""
+    names = {p.name for p in out_dir.iterdir()} if out_dir.is_dir() else set()
+    return sum(record_path(out_dir, cell).name in names for cell in grid.cells)
+
+
 def _chunks(cells: list[Cell], size: int) -> list[list[Cell]]:
     return [cells[i:i + size] for i in range(0, len(cells), size)]
 
@@ -229,7 +235,7 @@ def wait(jobs: list, out_dir: Path, grid: Grid, poll_s: float = 2.0, progress: b
             open_jobs.remove(job)
             tqdm.write(f"job {job.job_id}: left the Slurm queue without a result file (cancelled or killed, and "
                        f"no accounting to say so; or {out_dir} is not on a filesystem the compute nodes share)")
-        bar.n = total - len(pending_cells(grid, out_dir))
+        bar.n = _count_written(grid, out_dir)
         bar.refresh()
         if open_jobs:
             time.sleep(poll_s)

@@ -194,6 +194,12 @@ def _cmd_export_backbone(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fail(exc: Exception) -> int:
+    """Prints a configuration error as one line and returns the usage exit status."""
+    print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI.
 
@@ -212,8 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return fit(argv[1:])
         except ConfigError as exc:
-            print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)
-            return EXIT_USAGE
+            return _fail(exc)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -222,9 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
-        message = " ".join(str(exc).split())  # keep it to one line
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(exc)
 
 
 if __name__ == "__main__":

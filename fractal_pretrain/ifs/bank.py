@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import pickle
-import tempfile
 import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from fractal_pretrain.atomic import atomic_write
 from fractal_pretrain.ifs.sample import (
     MAX_MAPS,
     fill_rate,
@@ -215,8 +215,8 @@ class SystemBank:
             "format_version": FORMAT_VERSION,
             "rejected": int(self.rejected),
         }
-        _atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(sidecar).encode()))
-        _atomic_write(path, lambda f: np.savez(f, maps=self.maps, num_maps=self.num_maps))
+        atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(sidecar).encode()))
+        atomic_write(path, lambda f: np.savez(f, maps=self.maps, num_maps=self.num_maps))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SystemBank:
@@ -350,18 +350,6 @@ def _read_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as exc:
         raise BankError(f"cannot read bank file {path}: {exc}") from exc
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Calls ``write(binary_file)`` on a temporary file beside ``path``, then renames it over."""
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _svd_candidate(rng: np.random.Generator, spec: BankSpec, num_maps: int) -> np.ndarray:

@@ -9,12 +9,12 @@ Both are written atomically, so a killed export never leaves a half-written back
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fractal_pretrain.atomic import atomic_write
 from fractal_pretrain.recipes import get_recipe
 from fractal_pretrain.train.model import build_resnet
 
@@ -59,20 +59,14 @@ def backbone_meta(hparams, data_hparams, *, epoch: int, steps: int, source: str)
     }
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_backbone(state: dict[str, torch.Tensor], meta: dict[str, Any], out_dir: str | Path) -> Path:
     """Writes ``backbone.pt`` and ``backbone.json`` into out_dir; returns the .pt path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pt = out / "backbone.pt"
-    _atomic_write(pt, lambda p: torch.save(state, p))
+    atomic_write(pt, lambda f: torch.save(state, f))
     text = json.dumps({"format": FORMAT, **meta}, indent=2, sort_keys=True) + "\n"
-    _atomic_write(out / "backbone.json", lambda p: p.write_text(text))
+    atomic_write(out / "backbone.json", lambda f: f.write(text.encode()))
     return pt
 
 
