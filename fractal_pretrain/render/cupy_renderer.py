@@ -5,7 +5,8 @@ never at import. Buffers are torch tensors (one caching allocator for training),
 torch's current stream, and the output is a torch tensor in the layout and dtype the model wants:
 no host round trip.
 
-Agreement with the NumPy reference (tests/fractal_pretrain/test_render_gpu.py, marker ``gpu``):
+Agreement with the NumPy reference (tests/fractal_pretrain/test_render_kernels.py: on the GPU, marker
+``gpu``, and in CI on the CPU emulator, ``CupyRenderer(..., emulate=True)``, render/emulator.py):
 all arithmetic is float32 with ``--fmad=false`` in the reference's operation order, integer
 histograms are order-independent, so the expected result is *bit-identical* images, labels and
 plans for the same keys. The test asserts identical plans and histogram point counts, and images
@@ -15,6 +16,7 @@ libm difference we have not seen); see the module docstring of that test.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 
@@ -44,6 +46,7 @@ STATIC_SHARED_BYTES = 4 * (1024 + ITEM_FLOATS + 4)  # chaos.cu: scratch, params,
 PLAN_BLOCK = 128
 PIXEL_BLOCK = 256
 PLASMA_BLOCK = 512
+H100_SHARED_OPTIN = 232_448  # bytes of shared memory a block may opt in to: the emulator mirrors the H100
 
 # Order of the integer and float recipe constants: the RI_* and RF_* defines of common.cuh.
 RECIPE_INTS = (
@@ -136,18 +139,24 @@ class CupyRenderer(Renderer):
     """The GPU renderer. ``render_tensor`` feeds training; ``render`` returns host arrays like the reference."""
 
     def __init__(self, recipe: Recipe, *, size: int = 256, seed: int = 0, bank=None, device: str = "cuda",
-                 force_global_histogram: bool = False):
-        try:  # check the device before building the bank, which can take a while
-            import cupy  # noqa: F401
-            import torch
-        except ImportError as err:
-            raise ConfigError(f"device={device!r} needs CuPy and torch ({err}); install the 'gpu' extra") from None
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device={device!r}: no CUDA device is visible")
+                 force_global_histogram: bool = False, emulate: bool = False):
+        """``emulate=True`` runs the same kernels on the CPU (render/emulator.py), for tests without a GPU."""
+        import torch
+
+        self.emulate = emulate
+        if emulate:
+            self.torch_device, self.device_id = torch.device("cpu"), -1
+        else:
+            try:  # check the device before building the bank, which can take a while
+                import cupy  # noqa: F401
+            except ImportError as err:
+                raise ConfigError(f"device={device!r} needs CuPy ({err}); install the 'gpu' extra") from None
+            if not torch.cuda.is_available():
+                raise ConfigError(f"device={device!r}: no CUDA device is visible")
+            requested = torch.device(device)
+            self.device_id = requested.index if requested.index is not None else torch.cuda.current_device()
+            self.torch_device = torch.device("cuda", self.device_id)
         super().__init__(recipe, size=size, seed=seed, bank=bank)
-        requested = torch.device(device)
-        self.device_id = requested.index if requested.index is not None else torch.cuda.current_device()
-        self.torch_device = torch.device("cuda", self.device_id)
         self.side = P.object_size(recipe, size)
         self.slots = P.slots_per_sample(recipe)
         maps = self.bank.maps.reshape(len(self.bank), -1).astype(np.float32)
@@ -156,7 +165,7 @@ class CupyRenderer(Renderer):
         self._ri = torch.from_numpy(recipe_ints(recipe, size)).to(self.torch_device)
         self._rf = torch.from_numpy(recipe_floats(recipe)).to(self.torch_device)
         hist_bytes = self.side * self.side * 4
-        optin = self._shared_optin()
+        optin = H100_SHARED_OPTIN if emulate else self._shared_optin()
         self.use_shared = not force_global_histogram and hist_bytes + STATIC_SHARED_BYTES <= optin
         self._norm_cache: dict[tuple, tuple] = {}
 
@@ -167,20 +176,40 @@ class CupyRenderer(Renderer):
         return int(props.get("sharedMemPerBlockOptin", props["sharedMemPerBlock"]))
 
     def _kernel(self, module: str, name: str):
+        if self.emulate:
+            from fractal_pretrain.render import emulator
+
+            return emulator.load_module(module).get_function(name)
         return _module(module, self.device_id).get_function(name)
+
+    @contextlib.contextmanager
+    def _on_stream(self, stream):
+        """Kernels launched inside run on ``stream`` (torch's current one); nothing to set when emulated."""
+        if self.emulate:
+            yield
+            return
+        import cupy
+
+        with cupy.cuda.Device(self.device_id), stream:
+            yield
 
     def render_device(self, indices, epoch: int = 0) -> dict:
         """Run the pipeline; returns torch tensors: canvas (B, H, W, 3) uint8 before blur, plans, points."""
-        import cupy
         import torch
 
         indices = self.check_keys(indices, epoch)
         dev, b, size, side = self.torch_device, len(indices), self.size, self.side
         items = b * self.slots
-        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(dev).cuda_stream, self.device_id)
+        stream = None
+        host_indices = torch.from_numpy(indices)
+        if not self.emulate:
+            import cupy
+
+            stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(dev).cuda_stream, self.device_id)
+            host_indices = host_indices.pin_memory()
         t = {
             # pinned + non_blocking: no host sync, so a side-stream render never stalls the training loop
-            "indices": torch.from_numpy(indices).pin_memory().to(dev, non_blocking=True),
+            "indices": host_indices.to(dev, non_blocking=True),
             "label": torch.empty(b, dtype=torch.int64, device=dev),
             "num_objects": torch.empty(b, dtype=torch.int32, device=dev),
             "sample_f": torch.empty((b, SAMPLE_FLOATS), dtype=torch.float32, device=dev),
@@ -191,7 +220,7 @@ class CupyRenderer(Renderer):
         }
         seed, ep = np.uint32(self.seed), np.uint32(epoch)
         ri, rf = _ptr(self._ri), _ptr(self._rf)
-        with cupy.cuda.Device(self.device_id), stream:
+        with self._on_stream(stream):
             self._kernel("plan", "plan_samples")(
                 (-(-b // PLAN_BLOCK),), (PLAN_BLOCK,),
                 (np.int32(b), _ptr(t["indices"]), seed, ep, ri, rf, _ptr(t["label"]), _ptr(t["num_objects"]),
@@ -231,7 +260,6 @@ class CupyRenderer(Renderer):
     def finish(self, t: dict, *, dtype: str = "uint8", channels_last: bool = False,
                mean=IMAGENET_MEAN, std=IMAGENET_STD):
         """Blur and write the output tensor (B, 3, H, W): uint8, or float32 normalised by mean/std."""
-        import cupy
         import torch
 
         check_output(dtype, mean, std)
@@ -240,7 +268,7 @@ class CupyRenderer(Renderer):
         out = torch.empty((b, 3, size, size), dtype=getattr(torch, dtype), device=self.torch_device,
                           memory_format=fmt)
         mean_t, std_t = self._normalisation(tuple(mean), tuple(std))
-        with cupy.cuda.Device(self.device_id), t["stream"]:
+        with self._on_stream(t["stream"]):
             self._kernel("compose", "finish")(
                 (-(-b * size * size // PIXEL_BLOCK),), (PIXEL_BLOCK,),
                 (np.int32(b), np.int32(size), _ptr(t["sample_f"]), _ptr(t["canvas"]),

@@ -2,7 +2,7 @@
 options), their constant layouts match the Python side, and their shared helpers (Philox, uniform
 draws, exp_neg, HSV colour), built for the host by nvcc, give the NumPy reference's exact bits.
 
-The GPU comparison of whole images lives in test_render_gpu.py (marker ``gpu``).
+Whole images vs the reference: test_render_kernels.py (CPU emulator in CI; GPU with marker ``gpu``).
 """
 
 from __future__ import annotations

@@ -1,0 +1,231 @@
+"""The CUDA kernels on the CPU: their semantics tested where there is no GPU (CI, laptops).
+
+``load_module("chaos")`` compiles ``kernels/chaos.cu`` (``build_module(path)`` any ``.cu`` file) with
+the host C++ compiler against ``emulator_runtime.h`` (every CUDA thread a fiber, blocks in sequence; see
+that header for what is and is not emulated) and returns an object used like ``cupy.RawModule``:
+``get_function(name)`` gives a kernel called as ``kernel(grid, block, args, shared_mem=...)`` with the
+same numpy-scalar arguments (device pointers become host pointers of CPU tensors). Builds are cached by content hash.
+
+The emulator reproduces the kernels' float32 results bit for bit (no contraction, IEEE division and
+square root, as NVRTC with ``--fmad=false``), so ``CupyRenderer(..., emulate=True)`` must give the NumPy
+reference's images exactly. It says nothing about speed: a 20k-point 64 px fractal takes ~30 ms.
+Launch options expose two classes of kernel bug a sequential run would hide: ``reverse=True`` resumes a
+block's threads in the opposite order (a result that changes has a race) and ``poison`` is the byte
+shared memory starts with (a result that changes reads shared memory it never wrote).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import os
+import re
+import shutil
+import struct
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+RENDER_DIR = Path(__file__).resolve().parent
+KERNEL_DIR = RENDER_DIR / "kernels"
+RUNTIME_HEADER = RENDER_DIR / "emulator_runtime.h"
+CXX_FLAGS = (
+    "-std=c++17", "-O2", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared", "-fvisibility=hidden",
+    "-fno-gnu-unique", "-Wall", "-Wno-unknown-pragmas", "-Wno-unused-function", "-Wno-unused-variable",
+)
+CACHE_ENV = "FRACTAL_PRETRAIN_CACHE"
+
+# Parameter types the launchers accept: struct format of one argument of that C type.
+SCALAR_FORMATS = {
+    "int": "i", "unsigned": "I", "unsigned int": "I", "u32": "I", "long long": "q", "unsigned long long": "Q",
+    "u64": "Q", "size_t": "Q", "float": "f", "double": "d",
+}
+POINTER_FORMAT = "Q"
+
+_launch_lock = threading.Lock()  # one runtime per library: launches never overlap
+
+
+class EmulatorError(RuntimeError):
+    """A kernel could not be built or failed while running on the emulator."""
+
+
+@dataclass(frozen=True)
+class Param:
+    ctype: str
+    name: str
+
+    @property
+    def fmt(self) -> str:
+        return POINTER_FORMAT if "*" in self.ctype else SCALAR_FORMATS[self.ctype.replace("const ", "").strip()]
+
+
+def compiler() -> str | None:
+    """The host C++ compiler ($CXX or g++), or None."""
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def cache_dir() -> Path:
+    root = os.environ.get(CACHE_ENV)
+    return (Path(root) if root else Path.home() / ".cache" / "fractal_pretrain") / "emulator"
+
+
+_EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+([\w\s]+?)\s+(\w+)\s*\[\s*\]\s*;")
+_STATIC_SHARED = re.compile(r"__shared__\s+([\w\s]+?)\s+(\w+)\s*((?:\[[^\]]+\])*)\s*;")
+_KERNEL = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)')
+
+
+def translate(source: str) -> tuple[str, dict[str, list[Param]]]:
+    """Rewrites __shared__ declarations for the runtime and parses the kernels' signatures."""
+    source = _EXTERN_SHARED.sub(lambda m: f"{m[1]} *{m[2]} = ({m[1]} *)emu::dynamic_shared();", source)
+    counter = iter(range(1 << 30))
+    source = _STATIC_SHARED.sub(
+        lambda m: f"auto &{m[2]} = *emu::static_shared<{m[1]}{m[3]}>({next(counter)}u);", source)
+    kernels = {}
+    for name, params in _KERNEL.findall(source):
+        parsed = []
+        for raw in params.split(","):
+            m = re.fullmatch(r"\s*(.*?[\s*])(\w+)\s*", raw)
+            if m is None:
+                raise EmulatorError(f"kernel {name}: cannot parse parameter {raw.strip()!r}")
+            param = Param(" ".join(m[1].split()), m[2])
+            try:
+                param.fmt  # noqa: B018 - validates the type
+            except KeyError:
+                raise EmulatorError(f"kernel {name}: parameter type {param.ctype!r} is not supported") from None
+            parsed.append(param)
+        kernels[name] = parsed
+    return source, kernels
+
+
+def launcher_source(name: str, params: list[Param]) -> str:
+    """C++ entry point that unpacks a CUDA-style argument array and runs the kernel on the runtime."""
+    call = ", ".join(f"*({p.ctype} *)args[{i}]" for i, p in enumerate(params))
+    return f"""
+extern "C" __attribute__((visibility("default"))) int emu_launch_{name}(
+    unsigned grid, unsigned block, unsigned long long shared, unsigned poison, int reverse, void **args,
+    char *error, unsigned long long error_len) {{
+  std::string e = emu::launch(grid, block, shared, (unsigned char)poison, reverse != 0,
+                              [&] {{ {name}({call}); }});
+  snprintf(error, error_len, "%s", e.c_str());
+  return e.empty() ? 0 : 1;
+}}
+"""
+
+
+def _build(path: Path) -> tuple[Path, dict[str, list[Param]]]:
+    cxx = compiler()
+    if cxx is None:
+        raise EmulatorError("no C++ compiler (set CXX or install g++): the CUDA emulator cannot build kernels")
+    name = path.stem
+    source, kernels = translate(path.read_text())
+    unit = "#include \"emulator_runtime.h\"\n" + source + "".join(
+        launcher_source(k, p) for k, p in kernels.items())
+    digest = hashlib.sha256("\0".join(
+        [unit, (KERNEL_DIR / "common.cuh").read_text(), RUNTIME_HEADER.read_text(), cxx, *CXX_FLAGS]).encode())
+    out = cache_dir() / f"{name}-{digest.hexdigest()[:16]}.so"
+    if out.exists():
+        return out, kernels
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        cpp, lib = Path(tmp) / f"{name}.cpp", Path(tmp) / f"{name}.so"
+        cpp.write_text(unit)
+        result = subprocess.run(
+            [cxx, *CXX_FLAGS, f"-I{RENDER_DIR}", f"-I{KERNEL_DIR}", f"-I{path.parent}", str(cpp), "-o", str(lib)],
+            capture_output=True, text=True)
+        if result.returncode != 0:
+            raise EmulatorError(f"building {path} for the CPU failed:\n{result.stderr[-4000:]}")
+        os.replace(lib, out)  # atomic: a concurrent build of the same source writes the same bytes
+    return out, kernels
+
+
+_options = threading.local()
+
+
+@contextlib.contextmanager
+def launch_options(*, reverse: bool = False, poison: int = 0xCD):
+    """Thread order and shared-memory poison byte of the launches inside the ``with`` block."""
+    if not 0 <= poison <= 255:
+        raise ValueError(f"poison={poison}: must be a byte value 0..255")
+    previous = getattr(_options, "value", None)
+    _options.value = (bool(reverse), int(poison))
+    try:
+        yield
+    finally:
+        _options.value = previous
+
+
+def _dim(value, what: str) -> int:
+    dims = tuple(value) if isinstance(value, tuple | list) else (value,)
+    if any(int(d) != 1 for d in dims[1:]):
+        raise EmulatorError(f"{what}={value}: the emulator runs one-dimensional launches only")
+    return int(dims[0])
+
+
+class EmulatedKernel:
+    """One kernel of an emulated module, called like a CuPy RawKernel."""
+
+    def __init__(self, lib: ctypes.CDLL, name: str, params: list[Param]):
+        self.name, self.params = name, params
+        self.max_dynamic_shared_size_bytes = 48 * 1024  # as on a GPU: raise it for a larger dynamic size
+        self._fn = getattr(lib, f"emu_launch_{name}")
+        self._fn.restype = ctypes.c_int
+        self._fn.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.c_ulonglong, ctypes.c_uint, ctypes.c_int,
+                             ctypes.c_void_p, ctypes.c_char_p, ctypes.c_ulonglong]
+
+    def _pack(self, args) -> tuple:
+        if len(args) != len(self.params):
+            raise EmulatorError(f"kernel {self.name} takes {len(self.params)} arguments, got {len(args)}")
+        buffers = []
+        for param, value in zip(self.params, args, strict=True):
+            size = struct.calcsize(param.fmt)
+            if isinstance(value, np.generic) and value.nbytes != size:
+                raise EmulatorError(f"kernel {self.name}: argument {param.name} ({param.ctype}) is "
+                                    f"{value.dtype} ({value.nbytes} bytes), expected {size} bytes")
+            scalar = value.item() if isinstance(value, np.generic) else value
+            buffers.append(ctypes.create_string_buffer(struct.pack(param.fmt, scalar), size))
+        pointers = (ctypes.c_void_p * len(buffers))(*(ctypes.addressof(b) for b in buffers))
+        return pointers, buffers
+
+    def __call__(self, grid, block, args, shared_mem: int = 0) -> None:
+        if shared_mem > self.max_dynamic_shared_size_bytes:
+            raise EmulatorError(f"kernel {self.name}: {shared_mem} bytes of dynamic shared memory exceed "
+                                f"max_dynamic_shared_size_bytes={self.max_dynamic_shared_size_bytes}")
+        reverse, poison = getattr(_options, "value", None) or (False, 0xCD)
+        pointers, _keep = self._pack(args)
+        error = ctypes.create_string_buffer(512)
+        with _launch_lock:
+            rc = self._fn(_dim(grid, "grid"), _dim(block, "block"), shared_mem, poison, int(reverse), pointers,
+                          error, len(error))
+        if rc != 0:
+            raise EmulatorError(f"kernel {self.name}: {error.value.decode()}")
+
+
+class EmulatedModule:
+    def __init__(self, source: Path):
+        path, self._kernels = _build(source)
+        self._lib = ctypes.CDLL(str(path))
+        self._functions: dict[str, EmulatedKernel] = {}
+
+    def get_function(self, name: str) -> EmulatedKernel:
+        if name not in self._kernels:
+            raise EmulatorError(f"no kernel {name!r}; kernels: {', '.join(sorted(self._kernels))}")
+        if name not in self._functions:
+            self._functions[name] = EmulatedKernel(self._lib, name, self._kernels[name])
+        return self._functions[name]
+
+
+@functools.cache
+def build_module(source: Path) -> EmulatedModule:
+    """A ``.cu`` file built for the CPU (cached on disk by content, in memory per process)."""
+    return EmulatedModule(Path(source).resolve())
+
+
+def load_module(name: str) -> EmulatedModule:
+    """The renderer's ``kernels/<name>.cu`` built for the CPU."""
+    return build_module(KERNEL_DIR / f"{name}.cu")

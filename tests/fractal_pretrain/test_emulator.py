@@ -1,0 +1,115 @@
+"""The CUDA emulator's runtime (render/emulator.py): the semantics the kernel tests rely on.
+
+Kernels from tests/fractal_pretrain/cuda/emulator_check.cu run on CPU tensors; each test asserts what
+a GPU would give, or that a bug the emulator exists to expose is exposed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fractal_pretrain.render import emulator
+
+pytestmark = pytest.mark.skipif(emulator.compiler() is None, reason="no C++ compiler for the CUDA emulator")
+
+CHECKS = Path(__file__).parent / "cuda" / "emulator_check.cu"
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    return emulator.build_module(CHECKS)
+
+
+def ptr(t: torch.Tensor) -> np.uint64:
+    return np.uint64(t.data_ptr())
+
+
+def test_syncthreads_and_reduces_over_the_block_per_block(kernels):
+    out = torch.full((3 * 96,), -1, dtype=torch.int32)
+    kernels.get_function("barrier_and")((3,), (96,), (np.int32(0), ptr(out)))
+    assert out.tolist() == [1] * 288
+    kernels.get_function("barrier_and")((3,), (96,), (np.int32(5), ptr(out)))
+    assert out.tolist() == [0] * 288
+
+
+def test_warp_collectives(kernels):
+    n = 64
+    masks, maxes, shuffled = (torch.zeros(n, dtype=torch.int64).to(torch.int32) for _ in range(3))
+    kernels.get_function("warp_ops")((1,), (n,), (np.int32(8), ptr(masks), ptr(maxes), ptr(shuffled)))
+    masks = masks.numpy().view(np.uint32)
+    for t in range(n):
+        group = (t % 32) // 8
+        assert masks[t] == sum(1 << lane for lane in range(32) if lane // 8 == group)
+    assert set(maxes.numpy().view(np.uint32)) == {max(t * 7 % 32 for t in range(32))}
+    warp_base = np.arange(n) // 32 * 32
+    np.testing.assert_array_equal(shuffled.numpy(), (warp_base + 31 - np.arange(n) % 32) * 10)
+
+
+def test_thread_order_exposes_a_race(kernels):
+    out = torch.zeros(2, dtype=torch.int32)
+    kernels.get_function("racy")((2,), (128,), (ptr(out),))
+    forward = out.tolist()
+    with emulator.launch_options(reverse=True):
+        kernels.get_function("racy")((2,), (128,), (ptr(out),))
+    assert forward == [127, 127] and out.tolist() == [0, 0]
+
+
+def test_shared_memory_starts_poisoned(kernels):
+    out = torch.zeros(8, dtype=torch.int32)
+    fn = kernels.get_function("uninitialised")
+    for poison in (0xCD, 0x11):
+        with emulator.launch_options(poison=poison):
+            fn((1,), (8,), (ptr(out),), shared_mem=16)
+        assert set(out.numpy().view(np.uint32).tolist()) == {poison * 0x01010101}
+
+
+def test_deadlock_is_an_error_not_a_hang(kernels):
+    out = torch.zeros(32, dtype=torch.int32)
+    with pytest.raises(emulator.EmulatorError, match="deadlock in block 0"):
+        kernels.get_function("deadlock")((1,), (32,), (ptr(out),))
+
+
+def test_threads_that_return_do_not_hold_up_a_barrier(kernels):
+    out = torch.zeros(40, dtype=torch.int32)
+    kernels.get_function("early_exit")((1,), (40,), (ptr(out),))
+    assert out.tolist() == [2, 0] * 20
+
+
+def test_bad_launches_are_clear_errors(kernels):
+    out = torch.zeros(4, dtype=torch.int32)
+    fn = kernels.get_function("barrier_and")
+    with pytest.raises(emulator.EmulatorError, match="argument first .int. is int64 .8 bytes., expected 4"):
+        fn((1,), (4,), (np.int64(0), ptr(out)))
+    with pytest.raises(emulator.EmulatorError, match="takes 2 arguments, got 1"):
+        fn((1,), (4,), (ptr(out),))
+    with pytest.raises(emulator.EmulatorError, match="block size 2000 is not in 1..1024"):
+        fn((1,), (2000,), (np.int32(0), ptr(out)))
+    with pytest.raises(emulator.EmulatorError, match="one-dimensional"):
+        fn((1, 2), (4,), (np.int32(0), ptr(out)))
+    with pytest.raises(emulator.EmulatorError, match="max_dynamic_shared_size_bytes"):
+        fn((1,), (4,), (np.int32(0), ptr(out)), shared_mem=64 * 1024)
+    with pytest.raises(emulator.EmulatorError, match="no kernel 'nope'; kernels: barrier_and"):
+        kernels.get_function("nope")
+
+
+def test_translate_rewrites_shared_declarations_and_reads_signatures():
+    source, kernels = emulator.translate(
+        'extern "C" __global__ void k(const long long *indices, u32 seed, void *out) {\n'
+        "  extern __shared__ unsigned int hist[];\n  __shared__ float grid[4][8];\n}\n")
+    assert "unsigned int *hist = (unsigned int *)emu::dynamic_shared();" in source
+    assert "auto &grid = *emu::static_shared<float[4][8]>(0u);" in source
+    assert [(p.ctype, p.name, p.fmt) for p in kernels["k"]] == [
+        ("const long long *", "indices", "Q"), ("u32", "seed", "I"), ("void *", "out", "Q")]
+    with pytest.raises(emulator.EmulatorError, match="parameter type 'half' is not supported"):
+        emulator.translate('extern "C" __global__ void k(half x) {}')
+
+
+def test_a_kernel_that_does_not_compile_names_the_file(tmp_path):
+    bad = tmp_path / "broken.cu"
+    bad.write_text('extern "C" __global__ void k(int *out) { out[0] = undefined_name; }\n')
+    with pytest.raises(emulator.EmulatorError, match="broken.cu for the CPU failed(.|\\n)*undefined_name"):
+        emulator.build_module(bad)
