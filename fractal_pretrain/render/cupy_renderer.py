@@ -251,8 +251,8 @@ class CupyRenderer(Renderer):
                     np.int32(self.use_shared), _ptr(target), _ptr(t["points"])), shared_mem=shared)
             if self.recipe.multi_object:
                 self._kernel("compose", "paste_objects")(
-                    (-(-b * size * size // PIXEL_BLOCK),), (PIXEL_BLOCK,),
-                    (np.int32(b), np.int32(size), np.int32(side), np.int32(self.slots), _ptr(t["num_objects"]),
+                    (-(-size * size // PIXEL_BLOCK), b), (PIXEL_BLOCK,),
+                    (np.int32(size), np.int32(side), np.int32(self.slots), _ptr(t["num_objects"]),
                      _ptr(t["item_i"]), _ptr(t["objects"]), _ptr(t["canvas"])))
         t["stream"] = stream
         return t
@@ -270,8 +270,8 @@ class CupyRenderer(Renderer):
         mean_t, std_t = self._normalisation(tuple(mean), tuple(std))
         with self._on_stream(t["stream"]):
             self._kernel("compose", "finish")(
-                (-(-b * size * size // PIXEL_BLOCK),), (PIXEL_BLOCK,),
-                (np.int32(b), np.int32(size), _ptr(t["sample_f"]), _ptr(t["canvas"]),
+                (-(-size * size // PIXEL_BLOCK), b), (PIXEL_BLOCK,),
+                (np.int32(size), _ptr(t["sample_f"]), _ptr(t["canvas"]),
                  np.int32(0 if dtype == "uint8" else 1), np.int32(channels_last), _ptr(mean_t), _ptr(std_t),
                  _ptr(out)))
         return out

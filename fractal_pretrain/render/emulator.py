@@ -108,9 +108,9 @@ def launcher_source(name: str, params: list[Param]) -> str:
     call = ", ".join(f"*({p.ctype} *)args[{i}]" for i, p in enumerate(params))
     return f"""
 extern "C" __attribute__((visibility("default"))) int emu_launch_{name}(
-    unsigned grid, unsigned block, unsigned long long shared, unsigned poison, int reverse, void **args,
-    char *error, unsigned long long error_len) {{
-  std::string e = emu::launch(grid, block, shared, (unsigned char)poison, reverse != 0,
+    unsigned grid_x, unsigned grid_y, unsigned block, unsigned long long shared, unsigned poison, int reverse,
+    void **args, char *error, unsigned long long error_len) {{
+  std::string e = emu::launch(grid_x, grid_y, block, shared, (unsigned char)poison, reverse != 0,
                               [&] {{ {name}({call}); }});
   snprintf(error, error_len, "%s", e.c_str());
   return e.empty() ? 0 : 1;
@@ -160,11 +160,12 @@ def launch_options(*, reverse: bool = False, poison: int = 0xCD):
         _options.value = previous
 
 
-def _dim(value, what: str) -> int:
-    dims = tuple(value) if isinstance(value, tuple | list) else (value,)
-    if any(int(d) != 1 for d in dims[1:]):
-        raise EmulatorError(f"{what}={value}: the emulator runs one-dimensional launches only")
-    return int(dims[0])
+def _dims(value, what: str, most: int) -> tuple[int, ...]:
+    """A CuPy grid or block (int or tuple) as `most` sizes; higher dimensions must be 1."""
+    dims = [int(d) for d in (value if isinstance(value, tuple | list) else (value,))]
+    if any(d != 1 for d in dims[most:]):
+        raise EmulatorError(f"{what}={value}: the emulator runs blocks of one dimension and grids of at most two")
+    return tuple((dims + [1] * most)[:most])
 
 
 class EmulatedKernel:
@@ -175,8 +176,8 @@ class EmulatedKernel:
         self.max_dynamic_shared_size_bytes = 48 * 1024  # as on a GPU: raise it for a larger dynamic size
         self._fn = getattr(lib, f"emu_launch_{name}")
         self._fn.restype = ctypes.c_int
-        self._fn.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.c_ulonglong, ctypes.c_uint, ctypes.c_int,
-                             ctypes.c_void_p, ctypes.c_char_p, ctypes.c_ulonglong]
+        self._fn.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_ulonglong, ctypes.c_uint,
+                             ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_ulonglong]
 
     def _pack(self, args) -> tuple:
         if len(args) != len(self.params):
@@ -200,8 +201,8 @@ class EmulatedKernel:
         pointers, _keep = self._pack(args)
         error = ctypes.create_string_buffer(512)
         with _launch_lock:
-            rc = self._fn(_dim(grid, "grid"), _dim(block, "block"), shared_mem, poison, int(reverse), pointers,
-                          error, len(error))
+            rc = self._fn(*_dims(grid, "grid", 2), *_dims(block, "block", 1), shared_mem, poison, int(reverse),
+                          pointers, error, len(error))
         if rc != 0:
             raise EmulatorError(f"kernel {self.name}: {error.value.decode()}")
 

@@ -9,7 +9,7 @@
 // wrote. Float arithmetic is IEEE float32 without contraction (-ffp-contract=off, like nvcc -fmad=false),
 // so results are bit-comparable with the GPU's.
 // Not emulated: divergence inside a warp (__activemask() is every live lane of the warp), races between
-// blocks (they run in sequence), multi-dimensional launches, and anything to do with time.
+// blocks (they run in sequence), multi-dimensional blocks (grids may be 2-D), and anything to do with time.
 #pragma once
 
 #include <math.h>
@@ -128,10 +128,10 @@ inline void fiber_main() {
   if (w.arrived && (w.arrived & w.live) == w.live) release_warp(w, runtime.thread_idx.x / 32);
 }  // returns to the scheduler through uc_link
 
-inline void run_block(unsigned block) {
+inline void run_block(unsigned bx, unsigned by) {
   Runtime &r = runtime;
   const unsigned n = r.block_dim.x;
-  r.block_idx = {block, 0, 0};
+  r.block_idx = {bx, by, 0};
   r.live = (int)n;
   r.arrived = 0;
   r.and_acc = 1;
@@ -159,15 +159,15 @@ inline void run_block(unsigned block) {
       swapcontext(&r.scheduler, &r.fibers[i].ctx);
     }
     if (!ran && r.live > 0) {
-      fail("deadlock in block " + std::to_string(block) + ": " + std::to_string(r.live) +
+      fail("deadlock in block (" + std::to_string(bx) + ", " + std::to_string(by) + "): " + std::to_string(r.live) +
            " threads wait at a barrier or warp collective that not all of them reach");
     }
   }
 }
 
-// Runs `body` as a kernel of grid x block threads; returns an empty string or the error.
-inline std::string launch(unsigned grid, unsigned block, size_t shared_bytes, unsigned char poison, bool reverse,
-                          const std::function<void()> &body) {
+// Runs `body` as a kernel of (grid_x, grid_y) blocks of `block` threads; returns "" or the error.
+inline std::string launch(unsigned grid_x, unsigned grid_y, unsigned block, size_t shared_bytes,
+                          unsigned char poison, bool reverse, const std::function<void()> &body) {
   Runtime &r = runtime;
   r.error.clear();
   if (block == 0 || block > 1024) return "block size " + std::to_string(block) + " is not in 1..1024";
@@ -176,13 +176,14 @@ inline std::string launch(unsigned grid, unsigned block, size_t shared_bytes, un
     r.stacks_for = block;
   }
   r.fibers.assign(block, Fiber{});
-  r.grid_dim = {grid, 1, 1};
+  r.grid_dim = {grid_x, grid_y, 1};
   r.block_dim = {block, 1, 1};
   r.dynamic_shared.assign(shared_bytes, poison);
   r.poison = poison;
   r.reverse = reverse;
   r.body = &body;
-  for (unsigned b = 0; b < grid && r.error.empty(); ++b) run_block(b);
+  for (unsigned y = 0; y < grid_y && r.error.empty(); ++y)
+    for (unsigned x = 0; x < grid_x && r.error.empty(); ++x) run_block(x, y);
   return r.error;
 }
 

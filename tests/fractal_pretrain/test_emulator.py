@@ -36,6 +36,12 @@ def test_syncthreads_and_reduces_over_the_block_per_block(kernels):
     assert out.tolist() == [0] * 288
 
 
+def test_two_dimensional_grids(kernels):
+    out = torch.full((3 * 2 * 4,), -1, dtype=torch.int32)
+    kernels.get_function("block_coordinates")((3, 2), (4,), (ptr(out),))
+    assert out.tolist() == [by * 100 + bx * 10 + t for by in range(2) for bx in range(3) for t in range(4)]
+
+
 def test_warp_collectives(kernels):
     n = 64
     masks, maxes, shuffled = (torch.zeros(n, dtype=torch.int64).to(torch.int32) for _ in range(3))
@@ -69,7 +75,7 @@ def test_shared_memory_starts_poisoned(kernels):
 
 def test_deadlock_is_an_error_not_a_hang(kernels):
     out = torch.zeros(32, dtype=torch.int32)
-    with pytest.raises(emulator.EmulatorError, match="deadlock in block 0"):
+    with pytest.raises(emulator.EmulatorError, match=r"deadlock in block \(0, 0\)"):
         kernels.get_function("deadlock")((1,), (32,), (ptr(out),))
 
 
@@ -88,8 +94,8 @@ def test_bad_launches_are_clear_errors(kernels):
         fn((1,), (4,), (ptr(out),))
     with pytest.raises(emulator.EmulatorError, match="block size 2000 is not in 1..1024"):
         fn((1,), (2000,), (np.int32(0), ptr(out)))
-    with pytest.raises(emulator.EmulatorError, match="one-dimensional"):
-        fn((1, 2), (4,), (np.int32(0), ptr(out)))
+    with pytest.raises(emulator.EmulatorError, match="blocks of one dimension and grids of at most two"):
+        fn((1,), (4, 2), (np.int32(0), ptr(out)))
     with pytest.raises(emulator.EmulatorError, match="max_dynamic_shared_size_bytes"):
         fn((1,), (4,), (np.int32(0), ptr(out)), shared_mem=64 * 1024)
     with pytest.raises(emulator.EmulatorError, match="no kernel 'nope'; kernels: barrier_and"):

@@ -72,6 +72,21 @@ def test_kernels_match_reference(backend, name, force_global):
     assert_images_agree(got.images, want.images, backend)
 
 
+@pytest.mark.parametrize("size,chains", [(64, 32), (70, 256), (48, 40)],
+                         ids=["columns-per-thread", "uneven-row-bands", "partial-warp"])
+@pytest.mark.parametrize("name", ["anderson", "fractaldb", "multiinstance"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernels_match_reference_for_any_block_and_image_size(backend, name, size, chains):
+    # The per-pixel pass splits an item into (column, row band) runs over the block's threads: items
+    # wider than the block, bands that do not divide the height, and warps that are not full.
+    recipe = get_recipe(name, {**SMALL, "chains": chains, "num_points": 5_000})
+    cpu = make_renderer(recipe, size=size, seed=5)
+    kernels = kernel_renderer(backend, recipe, size=size, seed=5, bank=cpu.bank)
+    want, got = cpu.render(INDICES[:4], epoch=1), kernels.render(INDICES[:4], epoch=1)
+    np.testing.assert_array_equal(got.points, want.points)
+    assert_images_agree(got.images, want.images, backend)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_shared_and_global_histograms_agree(backend):
     recipe = get_recipe("anderson", SMALL)

@@ -1,7 +1,8 @@
 // One block renders one fractal item (mirrors reference.render_items): blockDim.x = chains.
 //   pass 1: every thread runs its chain, the block reduces the bounding box; thread 0 sets the window;
 //   pass 2: the chains run again (same counters, same floats) and bin their points;
-//   then the 3x3 patch stamp, the peak, flips and colour, written to the canvas or the object buffer.
+//   then the 3x3 patch stamp (a window sliding down each column), the peak, colour, and each pixel
+//   written where the flips send it, to the canvas or the object buffer.
 // Hot pixels (one pixel can take 18% of all points): lanes of a warp that hit the same pixel in the
 // same step are merged with __match_any_sync into one atomicAdd; the histogram lives in shared memory
 // when it fits (dynamic shared size = side * side * 4 bytes) and in a global scratch otherwise.
@@ -41,17 +42,62 @@ __device__ inline void chain_words(u32 seed, u32 epoch, long long index, u32 tag
   mask_word = per_point ? block.w[(word + 1) % 4] : 0u;
 }
 
-__device__ inline u32 stamped_value(const u32 *hist, int side, int r, int c, int mask, bool per_point) {
+// The 3x3 neighbourhood of a pixel, w[dr][dc] = hist[r + 1 - dr][c + 1 - dc] (zero outside), so that
+// patch bit dr * 3 + dc adds w[dr][dc] (reference.stamp). Threads slide it down a column: one new row of
+// three reads per pixel instead of nine.
+struct Window {
+  u32 w[3][3];
+};
+
+// hist[r][c + 1], hist[r][c], hist[r][c - 1]: the row that enters the window.
+__device__ inline void read_row(const u32 *hist, int side, int r, int c, u32 *row) {
+  const bool in = r >= 0 && r < side;
+  const u32 *h = hist + (in ? r : 0) * side;
+  row[0] = in && c + 1 < side ? h[c + 1] : 0u;
+  row[1] = in ? h[c] : 0u;
+  row[2] = in && c >= 1 ? h[c - 1] : 0u;
+}
+
+__device__ inline void window_at(const u32 *hist, int side, int r, int c, Window &win) {
+  read_row(hist, side, r + 1, c, win.w[0]);
+  read_row(hist, side, r, c, win.w[1]);
+  read_row(hist, side, r - 1, c, win.w[2]);
+}
+
+__device__ inline void window_down(const u32 *hist, int side, int r, int c, Window &win) {  // to row r + 1
+#pragma unroll
+  for (int k = 0; k < 3; ++k) {
+    win.w[2][k] = win.w[1][k];
+    win.w[1][k] = win.w[0][k];
+  }
+  read_row(hist, side, r + 2, c, win.w[0]);
+}
+
+// Stamped count (graded: sum of the masked neighbours) or, per point, any neighbour whose own mask bit
+// points at this pixel (binary).
+__device__ inline u32 stamped_value(const Window &win, int mask, bool per_point) {
   u32 total = 0;
+#pragma unroll
   for (int bit = 0; bit < 9; ++bit) {
-    int dr = bit / 3, dc = bit % 3;
-    int sr = r - dr + 1, sc = c - dc + 1;
-    if (sr < 0 || sr >= side || sc < 0 || sc >= side) continue;
-    u32 h = hist[sr * side + sc];
+    const u32 h = win.w[bit / 3][bit % 3];
     if (per_point) total |= (h >> bit) & 1u;
-    else if ((mask >> bit) & 1) total += h;
+    else total += ((mask >> bit) & 1) ? h : 0u;
   }
   return total;
+}
+
+// The pixel work of an item is split into (column, band of rows) runs: a band is the whole height when
+// the item is at least as wide as the block, else the block's threads cover side columns x bands.
+struct Runs {
+  int count, bands, rows;
+};
+
+__device__ inline Runs pixel_runs(int side) {
+  Runs runs;
+  runs.bands = side >= (int)blockDim.x ? 1 : (int)blockDim.x / side;
+  runs.rows = (side + runs.bands - 1) / runs.bands;
+  runs.count = side * runs.bands;
+  return runs;
 }
 
 extern "C" __global__ void render_items(const long long *indices, u32 seed, u32 epoch, const int *ri,
@@ -153,44 +199,54 @@ extern "C" __global__ void render_items(const long long *indices, u32 seed, u32 
   // Peak of the stamped counts (graded density = stamped / peak).
   float peak = 0.0f;
   const bool binary = ri[RI_BINARY] || per_point;
+  const Runs runs = pixel_runs(side);
   if (!binary) {
     u32 local = 0;
-    for (int p = threadIdx.x; p < side * side; p += blockDim.x) {
-      u32 v = stamped_value(hist, side, p / side, p % side, mask, false);
-      local = v > local ? v : local;
+    for (int run = threadIdx.x; run < runs.count; run += blockDim.x) {
+      const int c = run % side, r0 = run / side * runs.rows, r1 = min(r0 + runs.rows, side);
+      Window win;
+      if (r0 < r1) window_at(hist, side, r0, c, win);
+      for (int r = r0; r < r1; ++r) {
+        if (r > r0) window_down(hist, side, r - 1, c, win);
+        const u32 v = stamped_value(win, mask, false);
+        local = v > local ? v : local;
+      }
     }
     peak = block_reduce((float)local, scratch, true);
   }
 
-  // Flips, colour, output. Single-object items draw over the background already in the canvas.
+  // Colour each source pixel and write it where the flips send it. Single-object items draw over the
+  // background already in the canvas.
   const bool multi = ri[RI_MULTI_OBJECT];
-  for (int p = threadIdx.x; p < side * side; p += blockDim.x) {
-    int r = p / side, c = p % side;
-    int r1 = (flips & 2) ? side - 1 - r : r;
-    int c1 = (flips & 4) ? side - 1 - c : c;
-    int sr = (flips & 1) ? c1 : r1;
-    int sc = (flips & 1) ? r1 : c1;
-    u32 v = stamped_value(hist, side, sr, sc, mask, per_point);
-    float g = binary ? (v > 0 ? 1.0f : 0.0f) : (peak > 0.0f ? (float)v / peak : 0.0f);
-    unsigned char rgb[3] = {0, 0, 0};
-    if (g > 0.0f) {
-      if (ri[RI_COLOR]) {
-        int h8 = ((int)floorf(g * 255.0f + params[IF_HUE])) & 255;
-        hsv_to_rgb(h8, ii[7], ii[8], rgb);
-      } else {
-        unsigned char grey = (unsigned char)(g * (float)ri[RI_GREY]);
-        rgb[0] = rgb[1] = rgb[2] = grey;
+  const long long sample = item / slots;
+  for (int run = threadIdx.x; run < runs.count; run += blockDim.x) {
+    const int sc = run % side, r0 = run / side * runs.rows, r1 = min(r0 + runs.rows, side);
+    Window win;
+    if (r0 < r1) window_at(hist, side, r0, sc, win);
+    for (int sr = r0; sr < r1; ++sr) {
+      if (sr > r0) window_down(hist, side, sr - 1, sc, win);
+      const u32 v = stamped_value(win, mask, per_point);
+      const float g = binary ? (v > 0 ? 1.0f : 0.0f) : (peak > 0.0f ? (float)v / peak : 0.0f);
+      if (!multi && g <= 0.0f) continue;
+      // Inverse of reference.flip: transpose (bit 1) is its own inverse, so are the reversals (bits 2, 4).
+      const int r1t = (flips & 1) ? sc : sr, c1t = (flips & 1) ? sr : sc;
+      const int r = (flips & 2) ? side - 1 - r1t : r1t;
+      const int c = (flips & 4) ? side - 1 - c1t : c1t;
+      unsigned char rgb[3] = {0, 0, 0};
+      if (g > 0.0f) {
+        if (ri[RI_COLOR]) {
+          int h8 = ((int)floorf(g * 255.0f + params[IF_HUE])) & 255;
+          hsv_to_rgb(h8, ii[7], ii[8], rgb);
+        } else {
+          unsigned char grey = (unsigned char)(g * (float)ri[RI_GREY]);
+          rgb[0] = rgb[1] = rgb[2] = grey;
+        }
       }
+      const long long at = multi ? ((long long)item * side * side + r * side + c) * 3
+                                 : ((sample * size + r) * size + c) * 3;
+      out[at] = rgb[0];
+      out[at + 1] = rgb[1];
+      out[at + 2] = rgb[2];
     }
-    long long at;
-    if (multi) {
-      at = ((long long)item * side * side + p) * 3;
-    } else {
-      at = (((long long)(item / slots) * size + r) * size + c) * 3;
-      if (g <= 0.0f) continue;
-    }
-    out[at] = rgb[0];
-    out[at + 1] = rgb[1];
-    out[at + 2] = rgb[2];
   }
 }

@@ -148,7 +148,8 @@ __host__ __device__ inline unsigned char round_u8(float v) {
   return (unsigned char)r;
 }
 
-// OpenCV's 8-bit HSV -> RGB (reference.hsv_to_rgb).
+// OpenCV's 8-bit HSV -> RGB (reference.hsv_to_rgb). The sector picks (r, g, b) among v, p, q, t with a
+// switch, not a table lookup: an indexed local array would live in local memory, per pixel.
 __host__ __device__ inline void hsv_to_rgb(int h8, int s8, int v8, unsigned char *rgb) {
   float h = (float)h8 * (float)(6.0 / 180.0);
   if (h >= 6.0f) h = h - 6.0f;
@@ -156,13 +157,21 @@ __host__ __device__ inline void hsv_to_rgb(int h8, int s8, int v8, unsigned char
   float v = (float)v8 * (float)(1.0 / 255.0);
   int sector = (int)floorf(h);
   float f = h - (float)sector;
-  float tab[4];
-  tab[0] = v;
-  tab[1] = v * (1.0f - s);
-  tab[2] = v * (1.0f - s * f);
-  tab[3] = v * (1.0f - s * (1.0f - f));
-  const int order[6][3] = {{0, 3, 1}, {2, 0, 1}, {1, 0, 3}, {1, 2, 0}, {3, 1, 0}, {0, 1, 2}};
-  for (int ch = 0; ch < 3; ++ch) rgb[ch] = round_u8(tab[order[sector][ch]] * 255.0f);
+  float p = v * (1.0f - s);
+  float q = v * (1.0f - s * f);
+  float t = v * (1.0f - s * (1.0f - f));
+  float r, g, b;
+  switch (sector) {
+    case 0: r = v; g = t; b = p; break;
+    case 1: r = q; g = v; b = p; break;
+    case 2: r = p; g = v; b = t; break;
+    case 3: r = p; g = q; b = v; break;
+    case 4: r = t; g = p; b = v; break;
+    default: r = v; g = p; b = q; break;
+  }
+  rgb[0] = round_u8(r * 255.0f);
+  rgb[1] = round_u8(g * 255.0f);
+  rgb[2] = round_u8(b * 255.0f);
 }
 
 #ifdef __CUDACC__

@@ -1,7 +1,8 @@
 // Image-level kernels (mirror reference.background, paste_objects, blur):
 //   plasma_background: one block per sample, diamond-square in a global grid, coloured into the canvas;
-//   paste_objects: one thread per canvas pixel, objects resized bilinearly and pasted in slot order;
-//   finish: one thread per output pixel, optional 3x3 Gaussian blur, then layout and dtype of the output.
+//   paste_objects: one thread per canvas pixel (grid: pixel blocks x samples), objects resized bilinearly
+//   and pasted in slot order;
+//   finish: one thread per output pixel (same grid), optional 3x3 Gaussian blur, then layout and dtype.
 #include "common.cuh"
 
 #define F_INF __int_as_float(0x7f800000)
@@ -80,13 +81,12 @@ extern "C" __global__ void plasma_background(const long long *indices, u32 seed,
   }
 }
 
-extern "C" __global__ void paste_objects(int count, int size, int side, int slots, const int *num_objects,
-                                         const int *item_i, const unsigned char *objects, unsigned char *canvas) {
-  long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (p >= (long long)count * size * size) return;
-  const int b = (int)(p / ((long long)size * size));
-  const int r = (int)((p / size) % size), c = (int)(p % size);
-  unsigned char *dst = canvas + p * 3;
+extern "C" __global__ void paste_objects(int size, int side, int slots, const int *num_objects, const int *item_i,
+                                         const unsigned char *objects, unsigned char *canvas) {
+  const int b = blockIdx.y, q = blockIdx.x * blockDim.x + threadIdx.x;  // sample, pixel in its canvas
+  if (q >= size * size) return;
+  const int r = q / size, c = q - r * size;
+  unsigned char *dst = canvas + ((long long)b * size * size + q) * 3;
   for (int o = 0; o < num_objects[b]; ++o) {
     const int item = b * slots + o;
     const int *ii = item_i + (long long)item * ITEM_INTS;
@@ -121,32 +121,35 @@ extern "C" __global__ void paste_objects(int count, int size, int side, int slot
 __device__ inline int reflect101(int i, int n) { return i < 0 ? -i : (i >= n ? 2 * n - 2 - i : i); }
 
 // out_kind: 0 uint8, 1 float32 normalised ((x / 255 - mean) / std). channels_last: NHWC, else NCHW.
-extern "C" __global__ void finish(int count, int size, const float *sample_f, const unsigned char *canvas,
-                                  int out_kind, int channels_last, const float *mean, const float *std,
-                                  void *out) {
-  long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (p >= (long long)count * size * size) return;
-  const int b = (int)(p / ((long long)size * size));
-  const int r = (int)((p / size) % size), c = (int)(p % size);
+// Grid (pixel blocks, samples): 32-bit index arithmetic per image, no 64-bit division per pixel.
+extern "C" __global__ void finish(int size, const float *sample_f, const unsigned char *canvas, int out_kind,
+                                  int channels_last, const float *mean, const float *std, void *out) {
+  const int b = blockIdx.y, q = blockIdx.x * blockDim.x + threadIdx.x;  // sample, pixel in its image
+  const int pixels = size * size;
+  if (q >= pixels) return;
+  const int r = q / size, c = q - r * size;
   const float *sf = sample_f + (long long)b * SAMPLE_FLOATS;
-  const unsigned char *img = canvas + (long long)b * size * size * 3;
+  const unsigned char *img = canvas + (long long)b * pixels * 3;
+  const bool blur = sf[0] > 0.0f;
+  const float k0 = sf[1], k1 = sf[2];
+  const int rows[3] = {reflect101(r - 1, size) * size, r * size, reflect101(r + 1, size) * size};
+  const int cols[3] = {reflect101(c - 1, size), c, reflect101(c + 1, size)};
   for (int ch = 0; ch < 3; ++ch) {
     unsigned char v;
-    if (sf[0] > 0.0f) {
-      const float k0 = sf[1], k1 = sf[2];
-      float rows[3];
+    if (blur) {
+      float sums[3];
+#pragma unroll
       for (int d = 0; d < 3; ++d) {
-        int rr = reflect101(r + d - 1, size);
-        float left = img[((long long)rr * size + reflect101(c - 1, size)) * 3 + ch];
-        float mid = img[((long long)rr * size + c) * 3 + ch];
-        float right = img[((long long)rr * size + reflect101(c + 1, size)) * 3 + ch];
-        rows[d] = (k1 * left + k0 * mid) + k1 * right;
+        float left = img[(rows[d] + cols[0]) * 3 + ch];
+        float mid = img[(rows[d] + cols[1]) * 3 + ch];
+        float right = img[(rows[d] + cols[2]) * 3 + ch];
+        sums[d] = (k1 * left + k0 * mid) + k1 * right;
       }
-      v = round_u8((k1 * rows[0] + k0 * rows[1]) + k1 * rows[2]);
+      v = round_u8((k1 * sums[0] + k0 * sums[1]) + k1 * sums[2]);
     } else {
-      v = canvas[p * 3 + ch];  // p counts pixels of the whole batch; img is already offset by b
+      v = img[q * 3 + ch];
     }
-    long long at = channels_last ? p * 3 + ch : (((long long)b * 3 + ch) * size + r) * size + c;
+    long long at = channels_last ? ((long long)b * pixels + q) * 3 + ch : ((long long)b * 3 + ch) * pixels + q;
     if (out_kind == 0) ((unsigned char *)out)[at] = v;
     else ((float *)out)[at] = ((float)v * (float)(1.0 / 255.0) - mean[ch]) / std[ch];
   }

@@ -8,6 +8,12 @@ extern "C" __global__ void barrier_and(int first, int *out) {
   out[blockIdx.x * blockDim.x + threadIdx.x] = all;
 }
 
+// out[flat thread] = blockIdx.y * 100 + blockIdx.x * 10 + threadIdx.x, on a 2-D grid.
+extern "C" __global__ void block_coordinates(int *out) {
+  const int block = blockIdx.y * gridDim.x + blockIdx.x;
+  out[block * blockDim.x + threadIdx.x] = blockIdx.y * 100 + blockIdx.x * 10 + threadIdx.x;
+}
+
 // Lanes with equal keys (key = lane / group) get the same mask; out[t] = mask, out2[t] = warp max of t.
 extern "C" __global__ void warp_ops(int group, u32 *masks, u32 *maxes, int *shuffled) {
   const u32 t = threadIdx.x;
