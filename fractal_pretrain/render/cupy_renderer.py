@@ -43,6 +43,7 @@ SAMPLE_FLOATS = 15  # plan.cu
 ITEM_INTS = 12
 ITEM_FLOATS = P.MAX_MAPS * 6 + P.MAX_MAPS + 7
 STATIC_SHARED_BYTES = 4 * (1024 + ITEM_FLOATS + 4)  # chaos.cu: scratch, params, window
+PLASMA_STATIC_SHARED_BYTES = 4 * 1024  # compose.cu: the reduction scratch
 PLAN_BLOCK = 128
 PIXEL_BLOCK = 256
 PLASMA_BLOCK = 512
@@ -165,8 +166,8 @@ class CupyRenderer(Renderer):
         self._ri = torch.from_numpy(recipe_ints(recipe, size)).to(self.torch_device)
         self._rf = torch.from_numpy(recipe_floats(recipe)).to(self.torch_device)
         hist_bytes = self.side * self.side * 4
-        optin = H100_SHARED_OPTIN if emulate else self._shared_optin()
-        self.use_shared = not force_global_histogram and hist_bytes + STATIC_SHARED_BYTES <= optin
+        self.shared_optin = H100_SHARED_OPTIN if emulate else self._shared_optin()
+        self.use_shared = not force_global_histogram and hist_bytes + STATIC_SHARED_BYTES <= self.shared_optin
         self._norm_cache: dict[tuple, tuple] = {}
 
     def _shared_optin(self) -> int:
@@ -230,12 +231,7 @@ class CupyRenderer(Renderer):
                 (np.int32(items), _ptr(t["indices"]), seed, ep, ri, rf, _ptr(t["label"]), _ptr(t["num_objects"]),
                  _ptr(self._bank_maps), _ptr(self._bank_num_maps), _ptr(t["item_i"]), _ptr(t["item_f"])))
             if self.recipe.background:
-                n = plasma_grid_size(size)
-                grids = torch.empty((b, n, n), dtype=torch.float32, device=dev)
-                self._kernel("compose", "plasma_background")(
-                    (b,), (PLASMA_BLOCK,),
-                    (_ptr(t["indices"]), seed, ep, np.int32(size), np.int32(n), _ptr(t["sample_f"]), _ptr(grids),
-                     _ptr(t["canvas"])))
+                self._plasma(t, seed, ep)
             else:
                 t["canvas"].zero_()
             target = t["canvas"]
@@ -256,6 +252,28 @@ class CupyRenderer(Renderer):
                      _ptr(t["item_i"]), _ptr(t["objects"]), _ptr(t["canvas"])))
         t["stream"] = stream
         return t
+
+    @property
+    def plasma_in_shared_memory(self) -> bool:
+        """Whether the plasma's even lattice ((n + 1) / 2 squared floats) fits the shared memory of a block."""
+        n = plasma_grid_size(self.size)
+        return ((n + 1) // 2) ** 2 * 4 + PLASMA_STATIC_SHARED_BYTES <= self.shared_optin
+
+    def _plasma(self, t: dict, seed: np.uint32, epoch: np.uint32) -> None:
+        """The coloured plasma background into the canvas: the even lattice in shared memory when it fits."""
+        import torch
+
+        b, size, n = len(t["indices"]), self.size, plasma_grid_size(self.size)
+        if self.plasma_in_shared_memory:
+            kernel, shared = self._kernel("compose", "plasma_background"), ((n + 1) // 2) ** 2 * 4
+            grids = torch.empty((b, (n - 1) // 2, (n - 1) // 2), dtype=torch.float32, device=self.torch_device)
+            kernel.max_dynamic_shared_size_bytes = max(shared, 48 * 1024)
+        else:
+            kernel, shared = self._kernel("compose", "plasma_background_global"), 0
+            grids = torch.empty((b, n, n), dtype=torch.float32, device=self.torch_device)
+        kernel((b,), (PLASMA_BLOCK,),
+               (_ptr(t["indices"]), seed, epoch, np.int32(size), np.int32(n), _ptr(t["sample_f"]), _ptr(grids),
+                _ptr(t["canvas"])), shared_mem=shared)
 
     def finish(self, t: dict, *, dtype: str = "uint8", channels_last: bool = False,
                mean=IMAGENET_MEAN, std=IMAGENET_STD):

@@ -87,6 +87,18 @@ def test_kernels_match_reference_for_any_block_and_image_size(backend, name, siz
     assert_images_agree(got.images, want.images, backend)
 
 
+@pytest.mark.parametrize("size", [256, 300], ids=["plasma-lattice-in-shared-memory", "plasma-grid-in-global-memory"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_plasma_background_matches_reference_on_both_paths(backend, size):
+    # Up to 256 px the plasma's even lattice fits in shared memory (grid 257 x 257); at 300 px (513 x 513)
+    # the kernel keeps the whole grid in global memory.
+    recipe = get_recipe("anderson", {**SMALL, "num_points": 2_000})
+    cpu = make_renderer(recipe, size=size, seed=6)
+    kernels = kernel_renderer(backend, recipe, size=size, seed=6, bank=cpu.bank)
+    assert kernels.plasma_in_shared_memory == (size <= 256)
+    assert_images_agree(kernels.render(INDICES[:3]).images, cpu.render(INDICES[:3]).images, backend)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_shared_and_global_histograms_agree(backend):
     recipe = get_recipe("anderson", SMALL)

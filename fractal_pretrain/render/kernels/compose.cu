@@ -1,5 +1,6 @@
 // Image-level kernels (mirror reference.background, paste_objects, blur):
-//   plasma_background: one block per sample, diamond-square in a global grid, coloured into the canvas;
+//   plasma_background(_global): one block per sample, diamond-square (in shared memory up to 256 px, else
+//   in a global grid), coloured into the canvas;
 //   paste_objects: one thread per canvas pixel (grid: pixel blocks x samples), objects resized bilinearly
 //   and pasted in slot order;
 //   finish: one thread per output pixel (same grid), optional 3x3 Gaussian blur, then layout and dtype.
@@ -7,35 +8,57 @@
 
 #define F_INF __int_as_float(0x7f800000)
 
-extern "C" __global__ void plasma_background(const long long *indices, u32 seed, u32 epoch, int size, int n,
-                                             const float *sample_f, float *grids, unsigned char *canvas) {
-  __shared__ float red[1024];
-  const int b = blockIdx.x;
-  const long long index = indices[b];
-  const float *sf = sample_f + (long long)b * SAMPLE_FLOATS;
-  float *grid = grids + (long long)b * n * n;
-  const int last = n - 1;
+// Points (r, c) of the plasma grid whose coordinates are multiples of 2^shift, row-major in v.
+struct Lattice {
+  float *v;
+  int stride, shift;
+  __device__ float &at(int r, int c) const { return v[(r >> shift) * stride + (c >> shift)]; }
+};
+
+__device__ inline float plasma_noise(u32 seed, u32 epoch, long long index, int n, int r, int c) {
   const u32 tag = make_tag(STREAM_PLASMA, 0, 0);
+  return to_uniform(draw_words(seed, epoch, index, tag, (u32)(r * n + c)).w[0]) * 2.0f - 1.0f;
+}
+
+// Square-step value of (r, c): mean of the in-grid neighbours up, left, right, down (in that order) + noise.
+template <typename Get>
+__device__ inline float square_point(int r, int c, int half, int last, float noise, float amp, Get get) {
+  float sum = 0.0f, count = 0.0f;
+  const int dr[4] = {-half, 0, 0, half}, dc[4] = {0, -half, half, 0};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const int rr = r + dr[k], cc = c + dc[k];
+    if (rr < 0 || rr > last || cc < 0 || cc > last) continue;
+    sum = sum + get(rr, cc);
+    count = count + 1.0f;
+  }
+  return sum / count + noise * amp;
+}
+
+// Diamond-square levels from step = n - 1 while step > stop, in g (reference.plasma); returns the
+// amplitude of the next level.
+__device__ inline float plasma_levels(const Lattice &g, int n, int stop, const float *sf, u32 seed, u32 epoch,
+                                      long long index) {
+  const int last = n - 1;
   if (threadIdx.x == 0) {
-    grid[0] = sf[5];
-    grid[last] = sf[6];
-    grid[last * n] = sf[7];
-    grid[last * n + last] = sf[8];
+    g.at(0, 0) = sf[5];
+    g.at(0, last) = sf[6];
+    g.at(last, 0) = sf[7];
+    g.at(last, last) = sf[8];
   }
   __syncthreads();
   float amp = 0.5f;
-  for (int step = last; step > 1; step /= 2) {
+  for (int step = last; step > stop; step /= 2) {
     const int half = step / 2, cells = last / step;
     // Diamond step: square centres.
     for (int i = threadIdx.x; i < cells * cells; i += blockDim.x) {
-      int r = half + (i / cells) * step, c = half + (i % cells) * step;
-      float tl = grid[(r - half) * n + c - half], tr = grid[(r - half) * n + c + half];
-      float bl = grid[(r + half) * n + c - half], br = grid[(r + half) * n + c + half];
-      float noise = to_uniform(draw_words(seed, epoch, index, tag, (u32)(r * n + c)).w[0]) * 2.0f - 1.0f;
-      grid[r * n + c] = ((tl + tr) + (bl + br)) * 0.25f + noise * amp;
+      const int r = half + (i / cells) * step, c = half + (i % cells) * step;
+      const float tl = g.at(r - half, c - half), tr = g.at(r - half, c + half);
+      const float bl = g.at(r + half, c - half), br = g.at(r + half, c + half);
+      g.at(r, c) = ((tl + tr) + (bl + br)) * 0.25f + plasma_noise(seed, epoch, index, n, r, c) * amp;
     }
     __syncthreads();
-    // Square step: edge midpoints of both sub-lattices; neighbours up, left, right, down.
+    // Square step: edge midpoints of both sub-lattices.
     const int rows0 = last / step + 1, cols0 = cells;  // r0 = 0: rows 0, step, ..; cols half, ..
     const int total = rows0 * cols0 + cells * (last / step + 1);
     for (int i = threadIdx.x; i < total; i += blockDim.x) {
@@ -44,41 +67,87 @@ extern "C" __global__ void plasma_background(const long long *indices, u32 seed,
         r = (i / cols0) * step;
         c = half + (i % cols0) * step;
       } else {
-        int j = i - rows0 * cols0, cols1 = last / step + 1;
+        const int j = i - rows0 * cols0, cols1 = last / step + 1;
         r = half + (j / cols1) * step;
         c = (j % cols1) * step;
       }
-      float sum = 0.0f, count = 0.0f;
-      const int dr[4] = {-half, 0, 0, half}, dc[4] = {0, -half, half, 0};
-      for (int k = 0; k < 4; ++k) {
-        int rr = r + dr[k], cc = c + dc[k];
-        if (rr < 0 || rr > last || cc < 0 || cc > last) continue;
-        sum = sum + grid[rr * n + cc];
-        count = count + 1.0f;
-      }
-      float noise = to_uniform(draw_words(seed, epoch, index, tag, (u32)(r * n + c)).w[0]) * 2.0f - 1.0f;
-      grid[r * n + c] = sum / count + noise * amp;
+      g.at(r, c) = square_point(r, c, half, last, plasma_noise(seed, epoch, index, n, r, c), amp,
+                                [&](int rr, int cc) { return g.at(rr, cc); });
     }
     __syncthreads();
     amp = amp * sf[4];
   }
-  // Normalise the crop to [0, 1] and colour it (reference.background).
+  return amp;
+}
+
+// Normalise the crop's values to [0, 1] and colour them into the canvas (reference.background); value(r, c)
+// is called twice per pixel (min/max, then colour) and must return the same float both times.
+template <typename Value>
+__device__ inline void colour_plasma(int b, int size, const float *sf, unsigned char *canvas, float *red,
+                                     Value value) {
+  const int pixels = size * size, step_r = blockDim.x / size, step_c = blockDim.x % size;
   float lo = F_INF, hi = -F_INF;
-  for (int p = threadIdx.x; p < size * size; p += blockDim.x) {
-    float v = grid[(p / size) * n + p % size];
+  for (int q = threadIdx.x, r = q / size, c = q % size; q < pixels; q += blockDim.x) {
+    const float v = value(r, c);
     lo = fminf(lo, v);
     hi = fmaxf(hi, v);
+    r += step_r, c += step_c;  // (r, c) of q + blockDim.x without a division
+    if (c >= size) r += 1, c -= size;
   }
   lo = block_reduce(lo, red, false);
   hi = block_reduce(hi, red, true);
-  for (int p = threadIdx.x; p < size * size; p += blockDim.x) {
-    float v = grid[(p / size) * n + p % size];
-    float x = hi > lo ? (v - lo) / (hi - lo) : 0.0f;
-    int h8 = ((int)floorf(x * sf[9] + sf[10])) & 255;
-    int s8 = (int)(x * sf[11] + sf[12]);
-    int v8 = (int)(x * sf[13] + sf[14]);
-    hsv_to_rgb(h8, s8, v8, canvas + ((long long)b * size * size + p) * 3);
+  unsigned char *img = canvas + (long long)b * pixels * 3;
+  for (int q = threadIdx.x, r = q / size, c = q % size; q < pixels; q += blockDim.x) {
+    const float v = value(r, c);
+    const float x = hi > lo ? (v - lo) / (hi - lo) : 0.0f;
+    const int h8 = ((int)floorf(x * sf[9] + sf[10])) & 255;
+    const int s8 = (int)(x * sf[11] + sf[12]);
+    const int v8 = (int)(x * sf[13] + sf[14]);
+    hsv_to_rgb(h8, s8, v8, img + q * 3);
+    r += step_r, c += step_c;
+    if (c >= size) r += 1, c -= size;
   }
+}
+
+// Grids up to 257 x 257 (images up to 256 px). The even-coordinate lattice, which every level but the
+// last builds and reads, lives in shared memory (dynamic: m x m floats, m = (n + 1) / 2). The last level's
+// diamond centres (odd, odd) go to `grids` (k x k floats per sample, k = (n - 1) / 2); its square points
+// are computed where they are coloured, never stored: no grid in global memory but the diamonds.
+extern "C" __global__ void plasma_background(const long long *indices, u32 seed, u32 epoch, int size, int n,
+                                             const float *sample_f, float *grids, unsigned char *canvas) {
+  extern __shared__ float even[];
+  __shared__ float red[1024];
+  const int b = blockIdx.x, last = n - 1, m = (n + 1) / 2, k = last / 2;
+  const long long index = indices[b];
+  const float *sf = sample_f + (long long)b * SAMPLE_FLOATS;
+  const Lattice coarse = {even, m, 1};
+  const float amp = plasma_levels(coarse, n, 2, sf, seed, epoch, index);
+  // Last level (step 2, half 1), diamond step: the odd-odd centres.
+  float *diamonds = grids + (long long)b * k * k;
+  for (int i = threadIdx.x; i < k * k; i += blockDim.x) {
+    const int r = 1 + (i / k) * 2, c = 1 + (i % k) * 2;
+    const float tl = coarse.at(r - 1, c - 1), tr = coarse.at(r - 1, c + 1);
+    const float bl = coarse.at(r + 1, c - 1), br = coarse.at(r + 1, c + 1);
+    diamonds[i] = ((tl + tr) + (bl + br)) * 0.25f + plasma_noise(seed, epoch, index, n, r, c) * amp;
+  }
+  __syncthreads();
+  const Lattice odd = {diamonds, k, 1};  // odd r, c: r >> 1 == (r - 1) / 2
+  auto point = [&](int r, int c) { return (r & 1) ? odd.at(r, c) : coarse.at(r, c); };  // r, c same parity
+  colour_plasma(b, size, sf, canvas, red, [&](int r, int c) {
+    if (((r ^ c) & 1) == 0) return point(r, c);
+    return square_point(r, c, 1, last, plasma_noise(seed, epoch, index, n, r, c), amp, point);
+  });
+}
+
+// Any grid size: the whole n x n grid in `grids` (global memory), one block per sample.
+extern "C" __global__ void plasma_background_global(const long long *indices, u32 seed, u32 epoch, int size, int n,
+                                                    const float *sample_f, float *grids, unsigned char *canvas) {
+  __shared__ float red[1024];
+  const int b = blockIdx.x;
+  const float *sf = sample_f + (long long)b * SAMPLE_FLOATS;
+  const Lattice grid = {grids + (long long)b * n * n, n, 0};
+  plasma_levels(grid, n, 1, sf, seed, epoch, indices[b]);
+  colour_plasma(b, size, sf, canvas, red, [&](int r, int c) { return grid.at(r, c); });
 }
 
 extern "C" __global__ void paste_objects(int size, int side, int slots, const int *num_objects, const int *item_i,
