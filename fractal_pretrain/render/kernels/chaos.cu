@@ -10,18 +10,6 @@
 
 #define F_INF __int_as_float(0x7f800000)
 
-struct Chain {
-  float x, y;
-};
-
-// The map chosen by uniform word w: the number of cumulative thresholds passed (linear scan).
-__device__ inline int choose_map(u32 w, const float *cum, int nmaps) {
-  float u = to_uniform(w);
-  int k = 0;
-  for (int j = 0; j < nmaps - 1; ++j) k += (u >= cum[j]) ? 1 : 0;
-  return k;
-}
-
 __device__ inline void apply_map(const float *r, float &x, float &y) {
   float nx = (r[0] * x + r[1] * y) + r[2];
   float ny = (r[3] * x + r[4] * y) + r[5];
@@ -29,17 +17,33 @@ __device__ inline void apply_map(const float *r, float &x, float &y) {
   y = ny;
 }
 
-// Word `step` of a chain's stream (and its patch-mask word when masks are per point).
-__device__ inline void chain_words(u32 seed, u32 epoch, long long index, u32 tag, int step, bool per_point,
-                                   Words &block, int &cached, u32 &map_word, u32 &mask_word) {
-  int per_step = per_point ? 2 : 1;
-  int word = step * per_step;
-  if (word / 4 != cached) {
-    cached = word / 4;
-    block = draw_words(seed, epoch, index, tag, (u32)cached);
+// Runs this thread's chain of an item and calls visit(step, x, y, mask_word) after every map.
+// Word `step` of the chain's stream picks the map (reference.chaos_words): one Philox call serves four
+// steps, or two when every point also draws a patch-mask word. The map is the number of cumulative
+// thresholds the uniform passes; thresholds live in registers, unused ones at 2 (never passed).
+template <typename Visit>
+__device__ inline void run_chain(const float *params, int nmaps, u32 seed, u32 epoch, long long index, u32 tag,
+                                 int steps, bool per_point, Visit visit) {
+  float cum[MAX_MAPS - 1];
+#pragma unroll
+  for (int j = 0; j < MAX_MAPS - 1; ++j) cum[j] = j < nmaps - 1 ? params[IF_CUM + j] : 2.0f;
+  float x = params[IF_START], y = params[IF_START + 1];
+  const int per_call = per_point ? 2 : 4;
+  for (int s0 = 0; s0 < steps; s0 += per_call) {
+    const Words w = draw_words(seed, epoch, index, tag, (u32)(s0 / per_call));
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int s = s0 + j;
+      if (j >= per_call || s >= steps) break;
+      const u32 map_word = per_point ? w.w[2 * j] : w.w[j];
+      const float u = to_uniform(map_word);
+      int k = 0;
+#pragma unroll
+      for (int m = 0; m < MAX_MAPS - 1; ++m) k += (u >= cum[m]) ? 1 : 0;
+      apply_map(params + k * ROW, x, y);
+      visit(s, x, y, per_point ? w.w[2 * j + 1] : 0u);
+    }
   }
-  map_word = block.w[word % 4];
-  mask_word = per_point ? block.w[(word + 1) % 4] : 0u;
 }
 
 // The 3x3 neighbourhood of a pixel, w[dr][dc] = hist[r + 1 - dr][c + 1 - dc] (zero outside), so that
@@ -125,26 +129,19 @@ extern "C" __global__ void render_items(const long long *indices, u32 seed, u32 
   const long long index = indices[item / slots];
   const u32 tag = make_tag(STREAM_CHAOS, (u32)(item % slots), (u32)threadIdx.x);
   const int steps = burn_in + (num_points + chains - 1) / chains;
-  const float *maps = params, *cum = params + IF_CUM;
+  // Point p = (step - burn_in) * chains + chain is recorded while p < num_points.
+  const int recorded = (int)threadIdx.x < num_points ? (num_points - (int)threadIdx.x + chains - 1) / chains : 0;
 
   // Pass 1: bounding box of recorded points; any non-finite point makes the item degenerate.
   float xmin = F_INF, xmax = -F_INF, ymin = F_INF, ymax = -F_INF;
   bool alive = true;
-  {
-    float x = params[IF_START], y = params[IF_START + 1];
-    Words block;
-    int cached = -1;
-    for (int s = 0; s < steps; ++s) {
-      u32 mw, kw;
-      chain_words(seed, epoch, index, tag, s, per_point, block, cached, mw, kw);
-      apply_map(maps + choose_map(mw, cum, nmaps) * ROW, x, y);
-      alive = alive && finite(x) && finite(y);
-      if (s >= burn_in && (long long)(s - burn_in) * chains + threadIdx.x < num_points && alive) {
-        xmin = fminf(xmin, x); xmax = fmaxf(xmax, x);
-        ymin = fminf(ymin, y); ymax = fmaxf(ymax, y);
-      }
+  run_chain(params, nmaps, seed, epoch, index, tag, steps, per_point, [&](int s, float x, float y, u32) {
+    alive = alive && finite(x) && finite(y);
+    if (s >= burn_in && s - burn_in < recorded && alive) {
+      xmin = fminf(xmin, x); xmax = fmaxf(xmax, x);
+      ymin = fminf(ymin, y); ymax = fmaxf(ymax, y);
     }
-  }
+  });
   const bool all_alive = __syncthreads_and(alive);
   xmin = block_reduce(xmin, scratch, false);
   xmax = block_reduce(xmax, scratch, true);
@@ -170,19 +167,14 @@ extern "C" __global__ void render_items(const long long *indices, u32 seed, u32 
 
   // Pass 2: the same chain again, binned. Lanes that land on the same pixel add once, together.
   if (all_alive) {
-    float x = params[IF_START], y = params[IF_START + 1];
-    Words block;
-    int cached = -1;
+    const float lo_x = win[0], lo_y = win[1], px_x = win[2], px_y = win[3], edge = (float)side;
     const unsigned lane = threadIdx.x % 32;
-    for (int s = 0; s < steps; ++s) {
-      u32 mw, kw;
-      chain_words(seed, epoch, index, tag, s, per_point, block, cached, mw, kw);
-      apply_map(maps + choose_map(mw, cum, nmaps) * ROW, x, y);
+    run_chain(params, nmaps, seed, epoch, index, tag, steps, per_point, [&](int s, float x, float y, u32 kw) {
       int pixel = -1;
-      if (s >= burn_in && (long long)(s - burn_in) * chains + threadIdx.x < num_points) {
-        float vr = (x - win[0]) * win[2];
-        float vc = (y - win[1]) * win[3];
-        if (vr >= 0.0f && vr < (float)side && vc >= 0.0f && vc < (float)side) pixel = (int)vr * side + (int)vc;
+      if (s >= burn_in && s - burn_in < recorded) {
+        float vr = (x - lo_x) * px_x;
+        float vc = (y - lo_y) * px_y;
+        if (vr >= 0.0f && vr < edge && vc >= 0.0f && vc < edge) pixel = (int)vr * side + (int)vc;
       }
       if (per_point) {
         if (pixel >= 0) atomicOr(&hist[pixel], 1u + (u32)to_int(kw, 511));
@@ -192,7 +184,7 @@ extern "C" __global__ void render_items(const long long *indices, u32 seed, u32 
         unsigned same = __match_any_sync(active, key);
         if (pixel >= 0 && lane == (unsigned)(__ffs(same) - 1)) atomicAdd(&hist[pixel], (u32)__popc(same));
       }
-    }
+    });
   }
   __syncthreads();
 
