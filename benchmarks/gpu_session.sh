@@ -1,13 +1,47 @@
 #!/usr/bin/env bash
-# One device-machine call for the fractal engine: GPU agreement tests, then the throughput benchmark.
-# Run from the repo root on the GPU machine (carry .whl; see ../shared/gpu/README.md):
-#   bash benchmarks/gpu_session.sh            # logs go to $OUT (or ./gpu-logs without it)
+# Device-machine calls for the GPU checks, one stage per call (each well inside the 10-minute call limit).
+# Run from the repo root on the GPU machine, carrying .whl (../shared/gpu/README.md) and, for `pretrain`,
+# .gpu_data (a copy of ../shared/realdata); everything worth keeping lands in $OUT (./gpu-logs without it).
+#
+#   bash benchmarks/gpu_session.sh kernels    # GPU tests, render images/s + per-kernel ms, train throughput (~5 min)
+#   bash benchmarks/gpu_session.sh pretrain   # short resnet18 pre-training, then AD eval vs random init (~9 min)
+#
+# $OUT brings back at most 8 files of 16 MiB: a few logs, one archive, and backbone.pt in 15 MiB parts
+# (cat backbone.pt.part-* > backbone.pt).
 set -uo pipefail
+stage="${1:?usage: gpu_session.sh kernels|pretrain}"
 out="${OUT:-gpu-logs}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 FRACTAL_PRETRAIN_CACHE=/tmp/fp-banks
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/device.txt"
-python3 -c "import cupy, torch; print('cupy', cupy.__version__, 'torch', torch.__version__)" | tee -a "$out/device.txt"
-python3 -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu-tests.log"
-python3 benchmarks/render_throughput.py --device cuda 2>&1 | tee "$out/bench.jsonl"
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  python3 -c "import cupy, torch; print('cupy', cupy.__version__, 'torch', torch.__version__)"
+} > "$out/device.txt" 2>&1
+
+case "$stage" in
+  kernels)
+    python3 -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu-tests.log"
+    python3 benchmarks/render_throughput.py --device cuda --profile 2>&1 | tee "$out/render.jsonl"
+    python3 benchmarks/train_throughput.py --archs resnet18,wide_resnet50_2 2>&1 | tee "$out/train.jsonl"
+    ;;
+  pretrain)
+    run=runs/short_r18
+    python3 -m fractal_pretrain fit --config jobs/pretrain/short_r18.yaml --trainer.enable_progress_bar false \
+      --ckpt_path none 2>&1 | tail -n 200 > "$out/pretrain.log"
+    split -b 15M -d "$run"/backbone.pt "$out/backbone.pt.part-"
+    python3 -m ad_eval grid --config jobs/eval/short_r18.yaml --cluster local --out results/short_r18 \
+      > "$out/eval.log" 2>&1
+    python3 -m ad_eval report --results results/short_r18 --out reports/short_r18 --backbones Random,Fractals \
+      >> "$out/eval.log" 2>&1
+    cat reports/short_r18/table_*AUROC*.md >> "$out/eval.log" 2>/dev/null
+    # one archive: training curve, backbone.json, evaluation records and the report (tables, figures)
+    tar czf "$out/short_r18.tar.gz" "$run"/logs/version_0/metrics.csv "$run"/backbone.json results/short_r18 \
+      reports/short_r18
+    ;;
+  *)
+    echo "unknown stage $stage: kernels or pretrain" >&2
+    exit 2
+    ;;
+esac

@@ -4,7 +4,7 @@ GPU: CUDA-event timing of ``CupyRenderer.render_tensor`` (uint8, channels_last) 
 256x256, batch 512, 100k points per fractal (the recipe defaults). CPU: the NumPy reference on one
 process (``OMP_NUM_THREADS=1``), small batches, reported per core.
 
-    python3 benchmarks/render_throughput.py --device cuda [--recipes anderson,...] [--batch 512]
+    python3 benchmarks/render_throughput.py --device cuda [--recipes anderson,...] [--batch 512] [--profile]
     OMP_NUM_THREADS=1 python3 benchmarks/render_throughput.py --device cpu --batch 8 --repeats 2
 """
 
@@ -35,6 +35,23 @@ def bench_gpu(renderer, batch: int, repeats: int, warmup: int = 3) -> float:
     return start.elapsed_time(end) / 1000.0 / repeats
 
 
+def kernel_ms(renderer, batch: int, repeats: int = 5) -> dict[str, float]:
+    """Device time per batch of every kernel (CUPTI through torch.profiler: CuPy's launches included)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(repeats):
+            renderer.render_tensor(np.arange(batch) + i * batch, channels_last=True)
+        torch.cuda.synchronize()
+    times = {}
+    for event in prof.key_averages():
+        total = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+        if total > 0:
+            times[event.key] = round(total / 1e3 / repeats, 3)
+    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
+
+
 def bench_cpu(renderer, batch: int, repeats: int) -> float:
     renderer.render(np.arange(batch))  # warm-up (bank cache, allocations)
     start = time.perf_counter()
@@ -51,6 +68,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--set", action="append", default=[], help="recipe override KEY=VALUE (YAML value)")
+    parser.add_argument("--profile", action="store_true", help="GPU: also ms per batch of every kernel")
     args = parser.parse_args(argv)
     import yaml
 
@@ -66,6 +84,8 @@ def main(argv=None) -> int:
                "ms_per_batch": round(seconds * 1e3, 3), "images_per_s": round(args.batch / seconds, 1)}
         if args.device != "cpu":
             row["shared_histogram"] = bool(renderer.use_shared)
+            if args.profile:
+                row["kernel_ms"] = kernel_ms(renderer, args.batch)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return 0
