@@ -11,7 +11,9 @@ square root, as NVRTC with ``--fmad=false``), so ``CupyRenderer(..., emulate=Tru
 reference's images exactly. It says nothing about speed: a 20k-point 64 px fractal takes ~30 ms.
 Launch options expose two classes of kernel bug a sequential run would hide: ``reverse=True`` resumes a
 block's threads in the opposite order (a result that changes has a race) and ``poison`` is the byte
-shared memory starts with (a result that changes reads shared memory it never wrote).
+shared memory starts with (a result that changes reads shared memory it never wrote). A third class,
+out-of-bounds and freed-memory accesses, is caught by building with AddressSanitizer: run a process
+with ``asan_environment()`` (tests/fractal_pretrain/test_emulator_asan.py).
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ CXX_FLAGS = (
     "-fno-gnu-unique", "-Wall", "-Wno-unknown-pragmas", "-Wno-unused-function", "-Wno-unused-variable",
 )
 CACHE_ENV = "FRACTAL_PRETRAIN_CACHE"
+# Set to 1 to build kernels with AddressSanitizer: every out-of-bounds access of a kernel aborts with a
+# report. The Python process must then run with the ASan runtime preloaded (see asan_environment()).
+SANITIZE_ENV = "FRACTAL_EMULATOR_ASAN"
+ASAN_FLAGS = ("-fsanitize=address", "-fno-omit-frame-pointer", "-g")
 
 # Parameter types the launchers accept: struct format of one argument of that C type.
 SCALAR_FORMATS = {
@@ -68,6 +74,20 @@ class Param:
 def compiler() -> str | None:
     """The host C++ compiler ($CXX or g++), or None."""
     return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def cxx_flags() -> tuple[str, ...]:
+    return CXX_FLAGS + (ASAN_FLAGS if os.environ.get(SANITIZE_ENV) == "1" else ())
+
+
+def asan_environment() -> dict[str, str]:
+    """Environment for a subprocess whose emulated kernels run under AddressSanitizer."""
+    cxx = compiler()
+    if cxx is None:
+        raise EmulatorError("no C++ compiler: AddressSanitizer needs g++'s libasan")
+    runtime = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    return {**os.environ, SANITIZE_ENV: "1", "LD_PRELOAD": runtime,
+            "ASAN_OPTIONS": "detect_leaks=0:detect_stack_use_after_return=0:abort_on_error=0"}
 
 
 def cache_dir() -> Path:
@@ -124,10 +144,11 @@ def _build(path: Path) -> tuple[Path, dict[str, list[Param]]]:
         raise EmulatorError("no C++ compiler (set CXX or install g++): the CUDA emulator cannot build kernels")
     name = path.stem
     source, kernels = translate(path.read_text())
-    unit = "#include \"emulator_runtime.h\"\n" + source + "".join(
+    # #line: compiler errors and sanitizer reports name the .cu file and its lines
+    unit = f'#include "emulator_runtime.h"\n#line 1 "{path}"\n' + source + "".join(
         launcher_source(k, p) for k, p in kernels.items())
     digest = hashlib.sha256("\0".join(
-        [unit, (KERNEL_DIR / "common.cuh").read_text(), RUNTIME_HEADER.read_text(), cxx, *CXX_FLAGS]).encode())
+        [unit, (KERNEL_DIR / "common.cuh").read_text(), RUNTIME_HEADER.read_text(), cxx, *cxx_flags()]).encode())
     out = cache_dir() / f"{name}-{digest.hexdigest()[:16]}.so"
     if out.exists():
         return out, kernels
@@ -136,7 +157,7 @@ def _build(path: Path) -> tuple[Path, dict[str, list[Param]]]:
         cpp, lib = Path(tmp) / f"{name}.cpp", Path(tmp) / f"{name}.so"
         cpp.write_text(unit)
         result = subprocess.run(
-            [cxx, *CXX_FLAGS, f"-I{RENDER_DIR}", f"-I{KERNEL_DIR}", f"-I{path.parent}", str(cpp), "-o", str(lib)],
+            [cxx, *cxx_flags(), f"-I{RENDER_DIR}", f"-I{KERNEL_DIR}", f"-I{path.parent}", str(cpp), "-o", str(lib)],
             capture_output=True, text=True)
         if result.returncode != 0:
             raise EmulatorError(f"building {path} for the CPU failed:\n{result.stderr[-4000:]}")

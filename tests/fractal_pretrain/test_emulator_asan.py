@@ -1,0 +1,36 @@
+"""The CUDA kernels stay inside their buffers: every recipe and code path rendered on the emulator built
+with AddressSanitizer (a subprocess with the ASan runtime preloaded), which aborts on any out-of-bounds
+or freed-memory access of a kernel and names the .cu line. A read past a buffer that happens not to
+change an image (so the agreement tests pass) still faults here, as it could on a GPU."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from fractal_pretrain.render import emulator
+
+pytestmark = pytest.mark.skipif(emulator.compiler() is None, reason="no C++ compiler for the CUDA emulator")
+
+SCRIPT = """
+import numpy as np
+from fractal_pretrain.recipes import get_recipe, list_recipes
+from fractal_pretrain.render.cupy_renderer import CupyRenderer
+
+cases = [(name, 48, False) for name in list_recipes()] + [("anderson", 48, True), ("anderson", 260, False)]
+for name, size, force_global in cases:
+    recipe = get_recipe(name, {"num_classes": 10, "num_points": 1000})
+    renderer = CupyRenderer(recipe, size=size, seed=1, emulate=True, force_global_histogram=force_global)
+    images, _ = renderer.render_tensor(np.arange(3), dtype="float32")
+    images, _ = renderer.render_tensor(np.arange(3), dtype="uint8", channels_last=True)
+    print("ok", name, size, force_global, flush=True)
+"""
+
+
+def test_kernels_never_touch_memory_outside_their_buffers(tmp_path):
+    env = {**emulator.asan_environment(), "FRACTAL_PRETRAIN_CACHE": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "ERROR: AddressSanitizer" not in result.stderr, result.stderr[-6000:]
+    assert result.stdout.count("ok ") == 7, result.stdout
