@@ -97,7 +97,7 @@ def cache_dir() -> Path:
 
 _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+([\w\s]+?)\s+(\w+)\s*\[\s*\]\s*;")
 _STATIC_SHARED = re.compile(r"__shared__\s+([\w\s]+?)\s+(\w+)\s*((?:\[[^\]]+\])*)\s*;")
-_KERNEL = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)')
+_KERNEL = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(([^)]*)\)')
 
 
 def translate(source: str) -> tuple[str, dict[str, list[Param]]]:

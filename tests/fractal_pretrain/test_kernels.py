@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from fractal_pretrain import rng
-from fractal_pretrain.recipes import get_recipe
+from fractal_pretrain.recipes import MAX_CHAINS, get_recipe
 from fractal_pretrain.render import cupy_renderer, params, reference
 
 KERNELS = cupy_renderer.KERNEL_DIR
@@ -37,6 +37,34 @@ def test_kernel_compiles_with_nvcc(name, arch, tmp_path):
          "-o", str(tmp_path / f"{name}.cubin"), str(KERNELS / f"{name}.cu")],
         capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+# The largest block each kernel is launched with (cupy_renderer; render_items: one thread per chain).
+MAX_BLOCK = {"plan_samples": cupy_renderer.PLAN_BLOCK, "plan_items": cupy_renderer.PLAN_BLOCK,
+             "render_items": MAX_CHAINS, "plasma_background": cupy_renderer.PLASMA_BLOCK,
+             "plasma_background_global": cupy_renderer.PLASMA_BLOCK, "paste_objects": cupy_renderer.PIXEL_BLOCK,
+             "finish": cupy_renderer.PIXEL_BLOCK}
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_every_kernel_launches_with_its_largest_block_and_uses_no_local_memory(arch, tmp_path):
+    # 65536 registers per block on sm_80/sm_90: more per thread and a 1024-chain recipe fails to launch.
+    # A stack frame means local memory (an indexed local array), paid per pixel or per step.
+    usage = {}
+    for name in cupy_renderer.KERNEL_FILES:
+        result = subprocess.run(
+            [NVCC, f"-arch={arch}", "-cubin", "-fmad=false", "-std=c++17", f"-I{KERNELS}", "-Xptxas", "-v",
+             "-o", str(tmp_path / f"{name}.cubin"), str(KERNELS / f"{name}.cu")], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        for entry, body in re.findall(r"Compiling entry function '(\w+)'(.*?)(?=Compiling entry|\Z)",
+                                      result.stderr, flags=re.S):
+            usage[entry] = (int(re.search(r"Used (\d+) registers", body)[1]),
+                            int(re.search(r"(\d+) bytes stack frame", body)[1]))
+    assert set(usage) == set(MAX_BLOCK)
+    for entry, (registers, stack) in usage.items():
+        assert registers * MAX_BLOCK[entry] <= 65536, f"{entry}: {registers} registers x {MAX_BLOCK[entry]} threads"
+        assert stack == 0, f"{entry}: {stack} bytes of local memory per thread"
 
 
 def _nvrtc():

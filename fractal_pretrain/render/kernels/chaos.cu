@@ -104,9 +104,10 @@ __device__ inline Runs pixel_runs(int side) {
   return runs;
 }
 
-extern "C" __global__ void render_items(const long long *indices, u32 seed, u32 epoch, const int *ri,
-                                        const int *item_i, const float *item_f, u32 *hist_global,
-                                        int use_shared, unsigned char *out, int *points) {
+// Up to 1024 threads (recipes.MAX_CHAINS): registers are capped so that any chain count can launch.
+extern "C" __global__ void __launch_bounds__(1024)
+    render_items(const long long *indices, u32 seed, u32 epoch, const int *ri, const int *item_i, const float *item_f,
+                 u32 *hist_global, int use_shared, unsigned char *out, int *points) {
   extern __shared__ u32 shared_hist[];
   __shared__ float params[ITEM_FLOATS];
   __shared__ float scratch[1024];
