@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,6 +223,7 @@ def wait(jobs: list, out_dir: Path, grid: Grid, poll_s: float = 2.0, progress: b
 
     total = len(grid.cells)
     bar = tqdm(total=total, desc="cells", unit="cell", disable=not progress)
+    interactive = sys.stderr.isatty()
     open_jobs = list(jobs)
     while open_jobs:
         for job in [j for j in open_jobs if j.done()]:
@@ -235,8 +237,11 @@ def wait(jobs: list, out_dir: Path, grid: Grid, poll_s: float = 2.0, progress: b
             open_jobs.remove(job)
             tqdm.write(f"job {job.job_id}: left the Slurm queue without a result file (cancelled or killed, and "
                        f"no accounting to say so; or {out_dir} is not on a filesystem the compute nodes share)")
-        bar.n = _count_written(grid, out_dir)
-        bar.refresh()
+        done = _count_written(grid, out_dir)
+        if done != bar.n:
+            bar.update(done - bar.n)
+        elif interactive:
+            bar.refresh()  # the clock ticks on a terminal; a log file gets a line only when a cell finishes
         if open_jobs:
             time.sleep(poll_s)
     bar.close()

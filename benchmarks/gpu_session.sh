@@ -4,7 +4,7 @@
 # .gpu_data (a copy of ../shared/realdata); everything worth keeping lands in $OUT (./gpu-logs without it).
 #
 #   bash benchmarks/gpu_session.sh kernels    # GPU tests, render images/s + per-kernel ms, train throughput (~5 min)
-#   bash benchmarks/gpu_session.sh pretrain   # short resnet18 pre-training, then AD eval vs random init (~9 min)
+#   bash benchmarks/gpu_session.sh pretrain   # short resnet18 pre-training, then AD eval vs random init (~8 min)
 #
 # $OUT brings back at most 8 files of 16 MiB: a few logs, one archive, and backbone.pt in 15 MiB parts
 # (cat backbone.pt.part-* > backbone.pt).
