@@ -90,18 +90,23 @@ __device__ inline u32 stamped_value(const Window &win, int mask, bool per_point)
   return total;
 }
 
-// The pixel work of an item is split into (column, band of rows) runs: a band is the whole height when
-// the item is at least as wide as the block, else the block's threads cover side columns x bands.
-struct Runs {
-  int count, bands, rows;
-};
-
-__device__ inline Runs pixel_runs(int side) {
-  Runs runs;
-  runs.bands = side >= (int)blockDim.x ? 1 : (int)blockDim.x / side;
-  runs.rows = (side + runs.bands - 1) / runs.bands;
-  runs.count = side * runs.bands;
-  return runs;
+// Calls visit(r, c, stamped value) for every pixel of the item's side x side histogram. The pixels are
+// split into (column, band of rows) runs, each walked top to bottom by one thread with a sliding window:
+// a band is the whole height when the item is at least as wide as the block, else the block's threads
+// cover side columns x (blockDim / side) bands.
+template <typename Visit>
+__device__ inline void for_each_stamped(const u32 *hist, int side, int mask, bool per_point, Visit visit) {
+  const int bands = side >= (int)blockDim.x ? 1 : (int)blockDim.x / side;
+  const int rows = (side + bands - 1) / bands;
+  for (int run = threadIdx.x; run < side * bands; run += blockDim.x) {
+    const int c = run % side, r0 = run / side * rows, r1 = min(r0 + rows, side);
+    Window win;
+    if (r0 < r1) window_at(hist, side, r0, c, win);
+    for (int r = r0; r < r1; ++r) {
+      if (r > r0) window_down(hist, side, r - 1, c, win);
+      visit(r, c, stamped_value(win, mask, per_point));
+    }
+  }
 }
 
 // Up to 1024 threads (recipes.MAX_CHAINS): registers are capped so that any chain count can launch.
@@ -192,19 +197,9 @@ extern "C" __global__ void __launch_bounds__(1024)
   // Peak of the stamped counts (graded density = stamped / peak).
   float peak = 0.0f;
   const bool binary = ri[RI_BINARY] || per_point;
-  const Runs runs = pixel_runs(side);
   if (!binary) {
     u32 local = 0;
-    for (int run = threadIdx.x; run < runs.count; run += blockDim.x) {
-      const int c = run % side, r0 = run / side * runs.rows, r1 = min(r0 + runs.rows, side);
-      Window win;
-      if (r0 < r1) window_at(hist, side, r0, c, win);
-      for (int r = r0; r < r1; ++r) {
-        if (r > r0) window_down(hist, side, r - 1, c, win);
-        const u32 v = stamped_value(win, mask, false);
-        local = v > local ? v : local;
-      }
-    }
+    for_each_stamped(hist, side, mask, false, [&](int, int, u32 v) { local = v > local ? v : local; });
     peak = block_reduce((float)local, scratch, true);
   }
 
@@ -212,34 +207,27 @@ extern "C" __global__ void __launch_bounds__(1024)
   // background already in the canvas.
   const bool multi = ri[RI_MULTI_OBJECT];
   const long long sample = item / slots;
-  for (int run = threadIdx.x; run < runs.count; run += blockDim.x) {
-    const int sc = run % side, r0 = run / side * runs.rows, r1 = min(r0 + runs.rows, side);
-    Window win;
-    if (r0 < r1) window_at(hist, side, r0, sc, win);
-    for (int sr = r0; sr < r1; ++sr) {
-      if (sr > r0) window_down(hist, side, sr - 1, sc, win);
-      const u32 v = stamped_value(win, mask, per_point);
-      const float g = binary ? (v > 0 ? 1.0f : 0.0f) : (peak > 0.0f ? (float)v / peak : 0.0f);
-      if (!multi && g <= 0.0f) continue;
-      // Inverse of reference.flip: transpose (bit 1) is its own inverse, so are the reversals (bits 2, 4).
-      const int r1t = (flips & 1) ? sc : sr, c1t = (flips & 1) ? sr : sc;
-      const int r = (flips & 2) ? side - 1 - r1t : r1t;
-      const int c = (flips & 4) ? side - 1 - c1t : c1t;
-      unsigned char rgb[3] = {0, 0, 0};
-      if (g > 0.0f) {
-        if (ri[RI_COLOR]) {
-          int h8 = ((int)floorf(g * 255.0f + params[IF_HUE])) & 255;
-          hsv_to_rgb(h8, ii[7], ii[8], rgb);
-        } else {
-          unsigned char grey = (unsigned char)(g * (float)ri[RI_GREY]);
-          rgb[0] = rgb[1] = rgb[2] = grey;
-        }
+  for_each_stamped(hist, side, mask, per_point, [&](int sr, int sc, u32 v) {
+    const float g = binary ? (v > 0 ? 1.0f : 0.0f) : (peak > 0.0f ? (float)v / peak : 0.0f);
+    if (!multi && g <= 0.0f) return;
+    // Inverse of reference.flip: transpose (bit 1) is its own inverse, so are the reversals (bits 2, 4).
+    const int rt = (flips & 1) ? sc : sr, ct = (flips & 1) ? sr : sc;
+    const int r = (flips & 2) ? side - 1 - rt : rt;
+    const int c = (flips & 4) ? side - 1 - ct : ct;
+    unsigned char rgb[3] = {0, 0, 0};
+    if (g > 0.0f) {
+      if (ri[RI_COLOR]) {
+        int h8 = ((int)floorf(g * 255.0f + params[IF_HUE])) & 255;
+        hsv_to_rgb(h8, ii[7], ii[8], rgb);
+      } else {
+        unsigned char grey = (unsigned char)(g * (float)ri[RI_GREY]);
+        rgb[0] = rgb[1] = rgb[2] = grey;
       }
-      const long long at = multi ? ((long long)item * side * side + r * side + c) * 3
-                                 : ((sample * size + r) * size + c) * 3;
-      out[at] = rgb[0];
-      out[at + 1] = rgb[1];
-      out[at + 2] = rgb[2];
     }
-  }
+    const long long at = multi ? ((long long)item * side * side + r * side + c) * 3
+                               : ((sample * size + r) * size + c) * 3;
+    out[at] = rgb[0];
+    out[at + 1] = rgb[1];
+    out[at + 2] = rgb[2];
+  });
 }
