@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import functools
 import hashlib
+import itertools
 import os
 import re
 import shutil
@@ -103,13 +104,13 @@ _KERNEL = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\s
 def translate(source: str) -> tuple[str, dict[str, list[Param]]]:
     """Rewrites __shared__ declarations for the runtime and parses the kernels' signatures."""
     source = _EXTERN_SHARED.sub(lambda m: f"{m[1]} *{m[2]} = ({m[1]} *)emu::dynamic_shared();", source)
-    counter = iter(range(1 << 30))
+    counter = itertools.count()
     source = _STATIC_SHARED.sub(
         lambda m: f"auto &{m[2]} = *emu::static_shared<{m[1]}{m[3]}>({next(counter)}u);", source)
     kernels = {}
     for name, params in _KERNEL.findall(source):
         parsed = []
-        for raw in params.split(","):
+        for raw in params.split(",") if params.strip() not in ("", "void") else []:
             m = re.fullmatch(r"\s*(.*?[\s*])(\w+)\s*", raw)
             if m is None:
                 raise EmulatorError(f"kernel {name}: cannot parse parameter {raw.strip()!r}")

@@ -110,8 +110,9 @@ def test_translate_rewrites_shared_declarations_and_reads_signatures():
     assert "auto &grid = *emu::static_shared<float[4][8]>(0u);" in source
     assert [(p.ctype, p.name, p.fmt) for p in kernels["k"]] == [
         ("const long long *", "indices", "Q"), ("u32", "seed", "I"), ("void *", "out", "Q")]
-    _, bounded = emulator.translate('extern "C" __global__ void __launch_bounds__(1024, 2) k(int n) {}')
-    assert [p.name for p in bounded["k"]] == ["n"]
+    _, bounded = emulator.translate('extern "C" __global__ void __launch_bounds__(1024, 2) k(int n) {}\n'
+                                    'extern "C" __global__ void none() {}')
+    assert [p.name for p in bounded["k"]] == ["n"] and bounded["none"] == []
     with pytest.raises(emulator.EmulatorError, match="parameter type 'half' is not supported"):
         emulator.translate('extern "C" __global__ void k(half x) {}')
 
