@@ -24,6 +24,9 @@ case "$stage" in
   kernels)
     python3 -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu-tests.log"
     python3 benchmarks/render_throughput.py --device cuda --profile 2>&1 | tee "$out/render.jsonl"
+    # 512 items x 256 chains fill half an H100's thread slots: does doubling the chains speed up the chaos game?
+    python3 benchmarks/render_throughput.py --device cuda --profile --recipes anderson,fractal4ad --set chains=512 \
+      2>&1 | tee -a "$out/render.jsonl"
     python3 benchmarks/train_throughput.py --archs resnet18,wide_resnet50_2 2>&1 | tee "$out/train.jsonl"
     ;;
   pretrain)
