@@ -39,6 +39,7 @@ struct Fiber {
 struct Warp {
   unsigned live;     // lanes that have not returned
   unsigned arrived;  // lanes waiting in the current collective
+  unsigned mask;     // the lanes the current collective waits for (its callers' mask)
   unsigned gen;      // collectives completed; slots alternate so a fast lane cannot overwrite a slow one's
   long long slots[2][32];
 };
@@ -107,6 +108,7 @@ inline unsigned warp_exchange(unsigned mask, long long value) {
   const unsigned gen = w.gen;
   w.slots[gen & 1][lane()] = value;
   w.arrived |= me_bit;
+  w.mask = mask;
   if ((w.arrived & mask & w.live) == (mask & w.live)) {
     release_warp(w, runtime.thread_idx.x / 32);
   } else {
@@ -125,7 +127,7 @@ inline void fiber_main() {
   w.live &= ~(1u << lane());
   // A returned thread no longer holds up a barrier or a collective of its warp.
   if (runtime.arrived > 0 && runtime.arrived == runtime.live) release_block_barrier();
-  if (w.arrived && (w.arrived & w.live) == w.live) release_warp(w, runtime.thread_idx.x / 32);
+  if (w.arrived && (w.arrived & w.mask & w.live) == (w.mask & w.live)) release_warp(w, runtime.thread_idx.x / 32);
 }  // returns to the scheduler through uc_link
 
 inline void run_block(unsigned bx, unsigned by) {

@@ -85,6 +85,12 @@ def test_threads_that_return_do_not_hold_up_a_barrier(kernels):
     assert out.tolist() == [2, 0] * 20
 
 
+def test_a_returned_lane_does_not_hold_up_a_collective_of_other_lanes(kernels):
+    out = torch.zeros(8, dtype=torch.int32)
+    kernels.get_function("vote_without_a_returned_lane")((1,), (8,), (ptr(out),))
+    assert out.tolist()[:3] == [0b0111] * 3  # lanes 0-2 voted; 3 had returned; 4-7 were never asked
+
+
 def test_bad_launches_are_clear_errors(kernels):
     out = torch.zeros(4, dtype=torch.int32)
     fn = kernels.get_function("barrier_and")

@@ -49,3 +49,11 @@ extern "C" __global__ void early_exit(int *out) {
   __syncthreads();
   out[threadIdx.x] = 2;
 }
+
+// Lanes 0..3 vote among themselves, but lane 3 returns instead; lanes 4.. wait at the barrier the voters
+// reach after the vote: the vote must complete without lane 3 and without lanes outside its mask.
+extern "C" __global__ void vote_without_a_returned_lane(u32 *out) {
+  if (threadIdx.x == 3) return;
+  if (threadIdx.x < 3) out[threadIdx.x] = __ballot_sync(0xfu, 1);
+  __syncthreads();
+}
