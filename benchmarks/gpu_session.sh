@@ -28,6 +28,7 @@ case "$stage" in
     python3 benchmarks/render_throughput.py --device cuda --profile --recipes anderson,fractal4ad --set chains=512 \
       2>&1 | tee -a "$out/render.jsonl"
     python3 benchmarks/train_throughput.py --archs resnet18,wide_resnet50_2 2>&1 | tee "$out/train.jsonl"
+    python3 benchmarks/summarise.py "$out/render.jsonl" "$out/train.jsonl" | tee "$out/summary.md"
     ;;
   pretrain)
     run=runs/short_r18

@@ -82,6 +82,8 @@ def main(argv=None) -> int:
             seconds = bench_gpu(renderer, args.batch, args.repeats)
         row = {"recipe": name, "device": args.device, "size": args.size, "batch": args.batch,
                "ms_per_batch": round(seconds * 1e3, 3), "images_per_s": round(args.batch / seconds, 1)}
+        if overrides:
+            row["overrides"] = overrides
         if args.device != "cpu":
             row["shared_histogram"] = bool(renderer.use_shared)
             if args.profile:
