@@ -118,6 +118,21 @@ inline unsigned warp_exchange(unsigned mask, long long value) {
   return gen;
 }
 
+// Posts `value` in a collective of `mask`; returns every lane's posted value (valid for the lanes of mask).
+inline const long long *posted(unsigned mask, long long value) {
+  const unsigned gen = warp_exchange(mask, value);
+  return my_warp().slots[gen & 1];
+}
+
+// The lanes of `mask` whose posted value satisfies `test`, as a bit mask.
+template <typename Test>
+unsigned lanes_where(unsigned mask, const long long *slots, Test test) {
+  unsigned bits = 0;
+  for (unsigned i = 0; i < 32; ++i)
+    if (((mask >> i) & 1u) && test(slots[i])) bits |= 1u << i;
+  return bits;
+}
+
 inline void fiber_main() {
   (*runtime.body)();
   Fiber &f = me();
@@ -226,40 +241,20 @@ inline unsigned __activemask() { return emu::my_warp().live; }
 inline void __syncwarp(unsigned mask = 0xffffffffu) { emu::warp_exchange(mask & emu::my_warp().live, 0); }
 
 inline unsigned __match_any_sync(unsigned mask, long long key) {
-  const unsigned gen = emu::warp_exchange(mask, key);
-  const long long *slots = emu::my_warp().slots[gen & 1];
-  unsigned same = 0;
-  for (unsigned i = 0; i < 32; ++i)
-    if (((mask >> i) & 1u) && slots[i] == key) same |= 1u << i;
-  return same;
+  return emu::lanes_where(mask, emu::posted(mask, key), [&](long long v) { return v == key; });
 }
-
 inline unsigned __ballot_sync(unsigned mask, int p) {
-  const unsigned gen = emu::warp_exchange(mask, p ? 1 : 0);
-  const long long *slots = emu::my_warp().slots[gen & 1];
-  unsigned bits = 0;
-  for (unsigned i = 0; i < 32; ++i)
-    if (((mask >> i) & 1u) && slots[i]) bits |= 1u << i;
-  return bits;
+  return emu::lanes_where(mask, emu::posted(mask, p != 0), [](long long v) { return v != 0; });
 }
 inline int __any_sync(unsigned mask, int p) { return __ballot_sync(mask, p) != 0; }
 inline int __all_sync(unsigned mask, int p) { return __ballot_sync(mask, p) == mask; }
 
 inline unsigned __reduce_max_sync(unsigned mask, unsigned v) {
-  const unsigned gen = emu::warp_exchange(mask, v);
-  const long long *slots = emu::my_warp().slots[gen & 1];
+  const long long *slots = emu::posted(mask, v);
   unsigned best = 0;
   for (unsigned i = 0; i < 32; ++i)
     if ((mask >> i) & 1u) best = (unsigned)slots[i] > best ? (unsigned)slots[i] : best;
   return best;
-}
-inline unsigned __reduce_add_sync(unsigned mask, unsigned v) {
-  const unsigned gen = emu::warp_exchange(mask, v);
-  const long long *slots = emu::my_warp().slots[gen & 1];
-  unsigned total = 0;
-  for (unsigned i = 0; i < 32; ++i)
-    if ((mask >> i) & 1u) total += (unsigned)slots[i];
-  return total;
 }
 
 template <typename T>
@@ -267,65 +262,28 @@ T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
   static_assert(sizeof(T) <= sizeof(long long), "__shfl_sync of a wide type");
   long long bits = 0;
   memcpy(&bits, &v, sizeof(T));
-  const unsigned gen = emu::warp_exchange(mask, bits);
+  const long long *slots = emu::posted(mask, bits);
   const unsigned base = emu::lane() / width * width;
-  long long got = emu::my_warp().slots[gen & 1][base + ((unsigned)src % width)];
   T out;
-  memcpy(&out, &got, sizeof(T));
+  memcpy(&out, &slots[base + ((unsigned)src % width)], sizeof(T));
   return out;
-}
-template <typename T>
-T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
-  return __shfl_sync(mask, v, (int)(emu::lane() % width) ^ lane_mask, width);
-}
-template <typename T>
-T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
-  unsigned src = emu::lane() % width + delta;
-  return __shfl_sync(mask, v, (int)(src < (unsigned)width ? src : emu::lane() % width), width);
 }
 
 // Atomics: fibers never switch inside one, so a plain read-modify-write is atomic.
-template <typename T>
-T atomicAdd(T *p, T v) {
+template <typename T, typename Op>
+T emu_rmw(T *p, Op op) {
   T old = *p;
-  *p = old + v;
+  *p = op(old);
   return old;
 }
-template <typename T>
-T atomicOr(T *p, T v) {
-  T old = *p;
-  *p = old | v;
-  return old;
-}
-template <typename T>
-T atomicAnd(T *p, T v) {
-  T old = *p;
-  *p = old & v;
-  return old;
-}
-template <typename T>
-T atomicMax(T *p, T v) {
-  T old = *p;
-  *p = old > v ? old : v;
-  return old;
-}
-template <typename T>
-T atomicMin(T *p, T v) {
-  T old = *p;
-  *p = old < v ? old : v;
-  return old;
-}
-template <typename T>
-T atomicExch(T *p, T v) {
-  T old = *p;
-  *p = v;
-  return old;
-}
-template <typename T>
-T atomicCAS(T *p, T compare, T v) {
-  T old = *p;
-  if (old == compare) *p = v;
-  return old;
+template <typename T> T atomicAdd(T *p, T v) { return emu_rmw(p, [&](T o) { return o + v; }); }
+template <typename T> T atomicOr(T *p, T v) { return emu_rmw(p, [&](T o) { return o | v; }); }
+template <typename T> T atomicAnd(T *p, T v) { return emu_rmw(p, [&](T o) { return o & v; }); }
+template <typename T> T atomicMax(T *p, T v) { return emu_rmw(p, [&](T o) { return o > v ? o : v; }); }
+template <typename T> T atomicMin(T *p, T v) { return emu_rmw(p, [&](T o) { return o < v ? o : v; }); }
+template <typename T> T atomicExch(T *p, T v) { return emu_rmw(p, [&](T) { return v; }); }
+template <typename T> T atomicCAS(T *p, T compare, T v) {
+  return emu_rmw(p, [&](T o) { return o == compare ? v : o; });
 }
 
 inline int min(int a, int b) { return a < b ? a : b; }
