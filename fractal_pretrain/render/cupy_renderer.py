@@ -253,11 +253,14 @@ class CupyRenderer(Renderer):
         t["stream"] = stream
         return t
 
+    def _plasma_lattice_bytes(self) -> int:
+        """Shared memory of the plasma's even lattice: ((n + 1) / 2)^2 floats for an n x n grid."""
+        return ((plasma_grid_size(self.size) + 1) // 2) ** 2 * 4
+
     @property
     def plasma_in_shared_memory(self) -> bool:
-        """Whether the plasma's even lattice ((n + 1) / 2 squared floats) fits the shared memory of a block."""
-        n = plasma_grid_size(self.size)
-        return ((n + 1) // 2) ** 2 * 4 + PLASMA_STATIC_SHARED_BYTES <= self.shared_optin
+        """Whether the plasma's even lattice fits the shared memory of a block."""
+        return self._plasma_lattice_bytes() + PLASMA_STATIC_SHARED_BYTES <= self.shared_optin
 
     def _plasma(self, t: dict, seed: np.uint32, epoch: np.uint32) -> None:
         """The coloured plasma background into the canvas: the even lattice in shared memory when it fits."""
@@ -265,9 +268,10 @@ class CupyRenderer(Renderer):
 
         b, size, n = len(t["indices"]), self.size, plasma_grid_size(self.size)
         if self.plasma_in_shared_memory:
-            kernel, shared = self._kernel("compose", "plasma_background"), ((n + 1) // 2) ** 2 * 4
+            kernel, shared = self._kernel("compose", "plasma_background"), self._plasma_lattice_bytes()
             grids = torch.empty((b, (n - 1) // 2, (n - 1) // 2), dtype=torch.float32, device=self.torch_device)
-            kernel.max_dynamic_shared_size_bytes = max(shared, 48 * 1024)
+            if shared > 48 * 1024:
+                kernel.max_dynamic_shared_size_bytes = shared
         else:
             kernel, shared = self._kernel("compose", "plasma_background_global"), 0
             grids = torch.empty((b, n, n), dtype=torch.float32, device=self.torch_device)
