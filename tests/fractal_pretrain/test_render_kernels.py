@@ -87,6 +87,26 @@ def test_kernels_match_reference_for_any_block_and_image_size(backend, name, siz
     assert_images_agree(got.images, want.images, backend)
 
 
+@pytest.mark.parametrize("patch", ["point", "none"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernels_match_reference_on_escaping_systems(backend, hand_bank, patch):
+    # Orbits that overflow float32 early (x3 maps) or late, at different steps in different chains (x0.5 /
+    # x2 maps; 28,300 points = 131 steps, the last one recorded in 140 of 256 chains: some items escape in
+    # their last few steps, some do not), and an all-zero system: the same degenerate items, point counts
+    # and images.
+    recipe = get_recipe("fractaldb", {"num_classes": 4, "num_points": 28_300, "jitter": "none", "patch": patch})
+    bank = hand_bank(recipe, late_escape=True)
+    cpu = make_renderer(recipe, size=48, seed=7, bank=bank)
+    kernels = kernel_renderer(backend, recipe, size=48, seed=7, bank=bank)
+    indices = np.arange(32)
+    want, got = cpu.render(indices, epoch=2), kernels.render(indices, epoch=2)
+    late = indices % 4 == 3
+    assert 0 < (want.points[late] == 0).sum() < late.sum(), "some, not all, late-escape items must escape"
+    assert (want.points[indices % 4 == 0] == 0).all() and (want.points[indices % 4 == 1] > 0).all()
+    np.testing.assert_array_equal(got.points, want.points)
+    assert_images_agree(got.images, want.images, backend)
+
+
 @pytest.mark.parametrize("size", [256, 300], ids=["plasma-lattice-in-shared-memory", "plasma-grid-in-global-memory"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_plasma_background_matches_reference_on_both_paths(backend, size):

@@ -29,8 +29,7 @@ import numpy as np
 import pytest
 
 from fractal_pretrain import rng
-from fractal_pretrain.ifs.bank import BankSpec, SystemBank
-from fractal_pretrain.ifs.sample import MAX_MAPS, singular_values
+from fractal_pretrain.ifs.sample import singular_values
 from fractal_pretrain.recipes import get_recipe
 from fractal_pretrain.render import make_renderer, reference
 from fractal_pretrain.render.params import object_size, plan_samples, slots_per_sample
@@ -447,28 +446,11 @@ def test_hsv_to_rgb_dtype_and_greys():
 
 # ----------------------------------------------------------------------------- degenerate systems
 
-def _hand_bank(recipe):
-    """Systems 0: expanding (A = 3 I), 1: all-zero maps, 2-3: a Sierpinski triangle."""
-    spec = recipe.bank_spec()
-    assert spec == BankSpec(sampler="fractaldb", num_systems=4, min_maps=2, max_maps=7,
-                            fill_threshold=recipe.fill_threshold)
-    maps = np.zeros((4, MAX_MAPS, 2, 3), dtype=np.float64)
-    num_maps = np.array([2, 2, 3, 3], dtype=np.int32)
-    for i, b in enumerate([(0.5, 0.1), (-0.3, 0.7)]):
-        maps[0, i] = [[3.0, 0.0, b[0]], [0.0, 3.0, b[1]]]
-    for k in (2, 3):
-        for i, b in enumerate([(0.0, 0.0), (0.5, 0.0), (0.25, 0.5)]):
-            maps[k, i] = [[0.5, 0.0, b[0]], [0.0, 0.5, b[1]]]
-    bank = SystemBank(maps, num_maps, spec, seed=0)
-    bank.validate()
-    return bank
-
-
 @pytest.fixture(scope="session")
-def degenerate_batch():
+def degenerate_batch(hand_bank):
     # 20000 points: 99 steps of x3 overflow float32 (3**81 > 3.4e38), so the orbit escapes.
     rec = get_recipe("fractaldb", {"num_classes": 4, "num_points": 20000, "jitter": "none"})
-    r = make_renderer(rec, size=SIZE, seed=SEED, bank=_hand_bank(rec))
+    r = make_renderer(rec, size=SIZE, seed=SEED, bank=hand_bank(rec))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         batch = r.render(np.arange(8), 0)  # systems 0, 1, 2, 3, 0, 1, 2, 3
