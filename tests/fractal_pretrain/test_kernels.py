@@ -41,8 +41,8 @@ def test_kernel_compiles_with_nvcc(name, arch, tmp_path):
 
 # The largest block each kernel is launched with (cupy_renderer; render_items: one thread per chain).
 MAX_BLOCK = {"plan_samples": cupy_renderer.PLAN_BLOCK, "plan_items": cupy_renderer.PLAN_BLOCK,
-             "render_items": MAX_CHAINS, "plasma_background": cupy_renderer.PLASMA_BLOCK,
-             "plasma_background_global": cupy_renderer.PLASMA_BLOCK, "paste_objects": cupy_renderer.PIXEL_BLOCK,
+             "render_items": MAX_CHAINS, "render_items_point_masks": MAX_CHAINS,
+             "plasma_background": cupy_renderer.PLASMA_BLOCK, "plasma_background_global": cupy_renderer.PLASMA_BLOCK, "paste_objects": cupy_renderer.PIXEL_BLOCK,
              "finish": cupy_renderer.PIXEL_BLOCK}
 
 

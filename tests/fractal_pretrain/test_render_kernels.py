@@ -87,6 +87,21 @@ def test_kernels_match_reference_for_any_block_and_image_size(backend, name, siz
     assert_images_agree(got.images, want.images, backend)
 
 
+@pytest.mark.parametrize("name", ["anderson", "fractaldb"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernels_match_reference_for_systems_of_up_to_eight_maps(backend, name):
+    # The chaos kernel specialises its map choice on systems of at most 4 maps (3 thresholds, 2 bits per
+    # stored step) and more (7 thresholds, 4 bits); a bank of 2 to 8 maps takes both paths in one batch.
+    recipe = get_recipe(name, {**SMALL, "min_maps": 2, "max_maps": 8, "num_points": 5_000})
+    cpu = make_renderer(recipe, size=48, seed=9)
+    kernels = kernel_renderer(backend, recipe, size=48, seed=9, bank=cpu.bank)
+    indices = np.arange(24)
+    want, got = cpu.render(indices, epoch=1), kernels.render(indices, epoch=1)
+    assert (want.items.num_maps <= 4).any() and (want.items.num_maps > 4).any()
+    np.testing.assert_array_equal(got.points, want.points)
+    assert_images_agree(got.images, want.images, backend)
+
+
 @pytest.mark.parametrize("patch", ["point", "none"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_kernels_match_reference_on_escaping_systems(backend, hand_bank, patch):

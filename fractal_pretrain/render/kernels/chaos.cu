@@ -1,6 +1,7 @@
 // One block renders one fractal item (mirrors reference.render_items): blockDim.x = chains.
 //   pass 1: every thread runs its chain, the block reduces the bounding box; thread 0 sets the window;
-//   pass 2: the chains run again (same counters, same floats) and bin their points;
+//   pass 2: the chains run again (same maps, same floats) and bin their points: replayed from the map
+//   choices pass 1 stored (render_items), or drawn again with each point's mask (render_items_point_masks);
 //   then the 3x3 patch stamp (a window sliding down each column), the peak, colour, and each pixel
 //   written where the flips send it, to the canvas or the object buffer.
 // Hot pixels (one pixel can take 18% of all points): lanes of a warp that hit the same pixel in the
@@ -17,33 +18,114 @@ __device__ inline void apply_map(const float *r, float &x, float &y) {
   y = ny;
 }
 
-// Runs this thread's chain of an item and calls visit(step, x, y, mask_word) after every map.
-// Word `step` of the chain's stream picks the map (reference.chaos_words): one Philox call serves four
-// steps, or two when every point also draws a patch-mask word. The map is the number of cumulative
-// thresholds the uniform passes; thresholds live in registers, unused ones at 2 (never passed).
-template <typename Visit>
-__device__ inline void run_chain(const float *params, int nmaps, u32 seed, u32 epoch, long long index, u32 tag,
-                                 int steps, bool per_point, Visit visit) {
-  float cum[MAX_MAPS - 1];
+// Word `step` of a chain's stream picks the map (reference.chaos_words, chaos_game): the number of
+// cumulative thresholds cum[j] (j < nmaps - 1) that u = (word >> 8) * 2^-24 passes. As integers:
+// u >= cum iff (word >> 8) >= ceil(cum * 2^24) (a 24-bit integer and a power-of-two scaling, both exact),
+// so the draw needs no float conversion; NaN and cum >= 1 are never passed, cum <= 0 always.
+#define NEVER_PASSED (1u << 24)
+__device__ inline u32 map_threshold(float cum) {
+  if (!(cum < 1.0f)) return NEVER_PASSED;
+  if (!(cum > 0.0f)) return 0u;
+  return (u32)ceilf(cum * 16777216.0f);
+}
+
+// This thread's chain of an item: its maps, thresholds and start (shared memory) and its Philox key.
+struct Chain {
+  const float *params;
+  int nmaps, steps;
+  u32 seed, epoch, tag;
+  long long index;
+};
+
+// A point's own patch mask word ('point' patches); `on` is a compile-time constant once inlined.
+struct PointMask {
+  bool on;
+  u32 word;
+};
+
+// Pass 1 stores each step's map so that pass 2 replays the chain without drawing again: `bits` per step
+// (2 for systems of up to 4 maps, else 4), `per_word` steps per word, word w of a chain at column[w * chains]
+// (a warp's words are adjacent). Items are CHOICE_WORDS(steps) * chains words apart (cupy_renderer.py).
+template <int NUM_THRESHOLDS>
+struct Packing {
+  static constexpr int bits = NUM_THRESHOLDS <= 3 ? 2 : 4;
+  static constexpr int per_word = 32 / bits;
+};
+#define CHOICE_WORDS(steps) (((steps) + 7) / 8)
+
+// Runs this thread's chain and calls visit(step, x, y, PointMask) after every map; returns whether the last
+// point is finite. That is whether every point was: a non-finite coordinate makes both coordinates of every
+// later point non-finite (x * inf is +-inf or NaN, NaN propagates, inf - inf is NaN). One Philox call
+// serves four steps, or two when every point also draws a patch-mask word. Only the first NUM_THRESHOLDS
+// thresholds are compared (3 for systems of up to 4 maps, the common case). Without point masks the map
+// choices are stored in `column` for replay_chain_with. Template parameters, so that each instantiation's
+// loop holds only what it uses (64 registers at most).
+template <int NUM_THRESHOLDS, bool PER_POINT, typename Visit>
+__device__ inline bool run_chain_with(const Chain &chain, u32 *column, int stride, Visit visit) {
+  using Pack = Packing<NUM_THRESHOLDS>;
+  const float *params = chain.params;
+  u32 threshold[NUM_THRESHOLDS];
 #pragma unroll
-  for (int j = 0; j < MAX_MAPS - 1; ++j) cum[j] = j < nmaps - 1 ? params[IF_CUM + j] : 2.0f;
+  for (int j = 0; j < NUM_THRESHOLDS; ++j)
+    threshold[j] = j < chain.nmaps - 1 ? map_threshold(params[IF_CUM + j]) : NEVER_PASSED;
   float x = params[IF_START], y = params[IF_START + 1];
-  const int per_call = per_point ? 2 : 4;
-  for (int s0 = 0; s0 < steps; s0 += per_call) {
-    const Words w = draw_words(seed, epoch, index, tag, (u32)(s0 / per_call));
+  u32 packed = 0;
+  constexpr int per_call = PER_POINT ? 2 : 4;  // divides Pack::per_word
+  for (int s0 = 0; s0 < chain.steps; s0 += per_call) {
+    const Words w = draw_words(chain.seed, chain.epoch, chain.index, chain.tag, (u32)(s0 / per_call));
+    const int shift = Pack::bits * (s0 % Pack::per_word);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < per_call; ++j) {
       const int s = s0 + j;
-      if (j >= per_call || s >= steps) break;
-      const u32 map_word = per_point ? w.w[2 * j] : w.w[j];
-      const float u = to_uniform(map_word);
+      if (s >= chain.steps) break;
+      const u32 draw = (PER_POINT ? w.w[2 * j] : w.w[j]) >> 8;
       int k = 0;
 #pragma unroll
-      for (int m = 0; m < MAX_MAPS - 1; ++m) k += (u >= cum[m]) ? 1 : 0;
+      for (int m = 0; m < NUM_THRESHOLDS; ++m) k += draw >= threshold[m] ? 1 : 0;
       apply_map(params + k * ROW, x, y);
-      visit(s, x, y, per_point ? w.w[2 * j + 1] : 0u);
+      visit(s, x, y, PointMask{PER_POINT, PER_POINT ? w.w[2 * j + 1] : 0u});
+      if (!PER_POINT) packed |= (u32)k << (shift + Pack::bits * j);
+    }
+    if (!PER_POINT && ((s0 + per_call) % Pack::per_word == 0 || s0 + per_call >= chain.steps)) {
+      column[(s0 / Pack::per_word) * stride] = packed;
+      packed = 0;
     }
   }
+  return finite(x) && finite(y);
+}
+
+// The chain again from its stored map choices: the same points as run_chain_with, no Philox, no thresholds.
+template <int NUM_THRESHOLDS, typename Visit>
+__device__ inline void replay_chain_with(const Chain &chain, const u32 *column, int stride, Visit visit) {
+  using Pack = Packing<NUM_THRESHOLDS>;
+  float x = chain.params[IF_START], y = chain.params[IF_START + 1];
+  for (int s0 = 0; s0 < chain.steps; s0 += Pack::per_word) {
+    u32 word = column[(s0 / Pack::per_word) * stride];
+#pragma unroll 4
+    for (int j = 0; j < Pack::per_word; ++j) {
+      const int s = s0 + j;
+      if (s >= chain.steps) break;
+      apply_map(chain.params + (word & ((1u << Pack::bits) - 1)) * ROW, x, y);
+      word >>= Pack::bits;
+      visit(s, x, y, PointMask{false, 0u});
+    }
+  }
+}
+
+template <typename Visit>
+__device__ inline bool run_chain(const Chain &chain, bool per_point, u32 *column, int stride, Visit visit) {
+  if (per_point) {
+    if (chain.nmaps <= 4) return run_chain_with<3, true>(chain, column, stride, visit);
+    return run_chain_with<MAX_MAPS - 1, true>(chain, column, stride, visit);
+  }
+  if (chain.nmaps <= 4) return run_chain_with<3, false>(chain, column, stride, visit);
+  return run_chain_with<MAX_MAPS - 1, false>(chain, column, stride, visit);
+}
+
+template <typename Visit>
+__device__ inline void replay_chain(const Chain &chain, const u32 *column, int stride, Visit visit) {
+  if (chain.nmaps <= 4) replay_chain_with<3>(chain, column, stride, visit);
+  else replay_chain_with<MAX_MAPS - 1>(chain, column, stride, visit);
 }
 
 // The 3x3 neighbourhood of a pixel, w[dr][dc] = hist[r + 1 - dr][c + 1 - dc] (zero outside), so that
@@ -109,10 +191,11 @@ __device__ inline void for_each_stamped(const u32 *hist, int side, int mask, boo
   }
 }
 
-// Up to 1024 threads (recipes.MAX_CHAINS): registers are capped so that any chain count can launch.
-extern "C" __global__ void __launch_bounds__(1024)
-    render_items(const long long *indices, u32 seed, u32 epoch, const int *ri, const int *item_i, const float *item_f,
-                 u32 *hist_global, int use_shared, unsigned char *out, int *points) {
+// The kernels' body; PER_POINT: 'point' patches (each point ORs its own mask into its pixel, binary).
+template <bool PER_POINT>
+__device__ inline void render_item(const long long *indices, u32 seed, u32 epoch, const int *ri, const int *item_i,
+                                   const float *item_f, u32 *hist_global, int use_shared, u32 *choices,
+                                   unsigned char *out, int *points) {
   extern __shared__ u32 shared_hist[];
   __shared__ float params[ITEM_FLOATS];
   __shared__ float scratch[1024];
@@ -120,7 +203,7 @@ extern "C" __global__ void __launch_bounds__(1024)
   const int item = blockIdx.x;
   const int slots = ri[RI_SLOTS], side = ri[RI_SIDE], size = ri[RI_SIZE];
   const int chains = ri[RI_CHAINS], burn_in = ri[RI_BURN_IN], num_points = ri[RI_NUM_POINTS];
-  const bool per_point = ri[RI_PATCH] == 2;
+  constexpr bool per_point = PER_POINT;
   const int *ii = item_i + (long long)item * ITEM_INTS;
   if (!ii[0]) {  // inactive object slot: nothing to draw
     if (threadIdx.x == 0) points[item] = 0;
@@ -131,19 +214,18 @@ extern "C" __global__ void __launch_bounds__(1024)
   for (int i = threadIdx.x; i < side * side; i += blockDim.x) hist[i] = 0u;
   __syncthreads();
 
-  const int nmaps = ii[3], mask = ii[5], flips = ii[6];
-  const long long index = indices[item / slots];
-  const u32 tag = make_tag(STREAM_CHAOS, (u32)(item % slots), (u32)threadIdx.x);
   const int steps = burn_in + (num_points + chains - 1) / chains;
+  const Chain chain = {params, ii[3], steps, seed, epoch,
+                       make_tag(STREAM_CHAOS, (u32)(item % slots), (u32)threadIdx.x), indices[item / slots]};
+  u32 *column = choices + (long long)item * CHOICE_WORDS(steps) * chains + threadIdx.x;
   // Point p = (step - burn_in) * chains + chain is recorded while p < num_points.
   const int recorded = (int)threadIdx.x < num_points ? (num_points - (int)threadIdx.x + chains - 1) / chains : 0;
 
-  // Pass 1: bounding box of recorded points; any non-finite point makes the item degenerate.
+  // Pass 1: bounding box of recorded points; any non-finite point makes the item degenerate (then the box
+  // is not used).
   float xmin = F_INF, xmax = -F_INF, ymin = F_INF, ymax = -F_INF;
-  bool alive = true;
-  run_chain(params, nmaps, seed, epoch, index, tag, steps, per_point, [&](int s, float x, float y, u32) {
-    alive = alive && finite(x) && finite(y);
-    if (s >= burn_in && s - burn_in < recorded && alive) {
+  const bool alive = run_chain(chain, per_point, column, chains, [&](int s, float x, float y, PointMask) {
+    if ((unsigned)(s - burn_in) < (unsigned)recorded) {
       xmin = fminf(xmin, x); xmax = fmaxf(xmax, x);
       ymin = fminf(ymin, y); ymax = fmaxf(ymax, y);
     }
@@ -171,30 +253,35 @@ extern "C" __global__ void __launch_bounds__(1024)
   }
   __syncthreads();
 
-  // Pass 2: the same chain again, binned. Lanes that land on the same pixel add once, together.
+  // Pass 2: the same chain again (replayed, or drawn again for point masks), binned. Lanes that land on the
+  // same pixel add once, together.
   if (all_alive) {
     const float lo_x = win[0], lo_y = win[1], px_x = win[2], px_y = win[3], edge = (float)side;
     const unsigned lane = threadIdx.x % 32;
-    run_chain(params, nmaps, seed, epoch, index, tag, steps, per_point, [&](int s, float x, float y, u32 kw) {
+    auto bin = [&](int s, float x, float y, PointMask point) {
       int pixel = -1;
-      if (s >= burn_in && s - burn_in < recorded) {
+      if ((unsigned)(s - burn_in) < (unsigned)recorded) {
         float vr = (x - lo_x) * px_x;
         float vc = (y - lo_y) * px_y;
         if (vr >= 0.0f && vr < edge && vc >= 0.0f && vc < edge) pixel = (int)vr * side + (int)vc;
       }
-      if (per_point) {
-        if (pixel >= 0) atomicOr(&hist[pixel], 1u + (u32)to_int(kw, 511));
+      if (point.on) {
+        if (pixel >= 0) atomicOr(&hist[pixel], 1u + (u32)to_int(point.word, 511));
       } else {
         unsigned active = __activemask();
         int key = pixel >= 0 ? pixel : -1 - (int)lane;  // misses never merge
         unsigned same = __match_any_sync(active, key);
         if (pixel >= 0 && lane == (unsigned)(__ffs(same) - 1)) atomicAdd(&hist[pixel], (u32)__popc(same));
       }
-    });
+    };
+    if (PER_POINT) run_chain(chain, true, column, chains, bin);
+    else replay_chain(chain, column, chains, bin);
   }
   __syncthreads();
 
-  // Peak of the stamped counts (graded density = stamped / peak).
+  // Peak of the stamped counts (graded density = stamped / peak). Item values read only now, not held in
+  // registers through the chaos game.
+  const int mask = ii[5], flips = ii[6];
   float peak = 0.0f;
   const bool binary = ri[RI_BINARY] || per_point;
   if (!binary) {
@@ -230,4 +317,18 @@ extern "C" __global__ void __launch_bounds__(1024)
     out[at + 1] = rgb[1];
     out[at + 2] = rgb[2];
   });
+}
+
+// Up to 1024 threads (recipes.MAX_CHAINS): registers are capped so that any chain count can launch.
+extern "C" __global__ void __launch_bounds__(1024)
+    render_items(const long long *indices, u32 seed, u32 epoch, const int *ri, const int *item_i, const float *item_f,
+                 u32 *hist_global, int use_shared, u32 *choices, unsigned char *out, int *points) {
+  render_item<false>(indices, seed, epoch, ri, item_i, item_f, hist_global, use_shared, choices, out, points);
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+    render_items_point_masks(const long long *indices, u32 seed, u32 epoch, const int *ri, const int *item_i,
+                             const float *item_f, u32 *hist_global, int use_shared, u32 *choices, unsigned char *out,
+                             int *points) {
+  render_item<true>(indices, seed, epoch, ri, item_i, item_f, hist_global, use_shared, choices, out, points);
 }
