@@ -42,7 +42,8 @@ NVRTC_OPTIONS = ("--std=c++17", "--fmad=false")  # fmad off: float32 ops round l
 SAMPLE_FLOATS = 15  # plan.cu
 ITEM_INTS = 12
 ITEM_FLOATS = P.MAX_MAPS * 6 + P.MAX_MAPS + 7
-STATIC_SHARED_BYTES = 4 * (1024 + ITEM_FLOATS + 4)  # chaos.cu: scratch, params, window
+# chaos.cu: scratch, params, window, colour table; ptxas rounds a kernel's static shared memory up to 16 bytes
+STATIC_SHARED_BYTES = -(-4 * (1024 + ITEM_FLOATS + 4 + 256) // 16) * 16
 PLASMA_STATIC_SHARED_BYTES = 4 * 1024  # compose.cu: the reduction scratch
 PLAN_BLOCK = 128
 PIXEL_BLOCK = 256

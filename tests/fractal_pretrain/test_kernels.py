@@ -42,15 +42,20 @@ def test_kernel_compiles_with_nvcc(name, arch, tmp_path):
 # The largest block each kernel is launched with (cupy_renderer; render_items: one thread per chain).
 MAX_BLOCK = {"plan_samples": cupy_renderer.PLAN_BLOCK, "plan_items": cupy_renderer.PLAN_BLOCK,
              "render_items": MAX_CHAINS, "render_items_point_masks": MAX_CHAINS,
-             "plasma_background": cupy_renderer.PLASMA_BLOCK, "plasma_background_global": cupy_renderer.PLASMA_BLOCK, "paste_objects": cupy_renderer.PIXEL_BLOCK,
-             "finish": cupy_renderer.PIXEL_BLOCK}
+             "plasma_background": cupy_renderer.PLASMA_BLOCK, "plasma_background_global": cupy_renderer.PLASMA_BLOCK,
+             "paste_objects": cupy_renderer.PIXEL_BLOCK, "finish": cupy_renderer.PIXEL_BLOCK}
+# Static shared memory the renderer adds to the dynamic part when it checks what fits a block.
+STATIC_SHARED = {"render_items": cupy_renderer.STATIC_SHARED_BYTES,
+                 "render_items_point_masks": cupy_renderer.STATIC_SHARED_BYTES,
+                 "plasma_background": cupy_renderer.PLASMA_STATIC_SHARED_BYTES}
 
 
 @needs_nvcc
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_every_kernel_launches_with_its_largest_block_and_uses_no_local_memory(arch, tmp_path):
     # 65536 registers per block on sm_80/sm_90: more per thread and a 1024-chain recipe fails to launch.
-    # A stack frame means local memory (an indexed local array), paid per pixel or per step.
+    # A stack frame means local memory (an indexed local array or spills), paid per pixel or per step.
+    # Static shared memory above what the renderer counts would fail a launch whose histogram just fits.
     usage = {}
     for name in cupy_renderer.KERNEL_FILES:
         result = subprocess.run(
@@ -59,12 +64,15 @@ def test_every_kernel_launches_with_its_largest_block_and_uses_no_local_memory(a
         assert result.returncode == 0, result.stderr
         for entry, body in re.findall(r"Compiling entry function '(\w+)'(.*?)(?=Compiling entry|\Z)",
                                       result.stderr, flags=re.S):
+            smem = re.search(r"(\d+) bytes smem", body)
             usage[entry] = (int(re.search(r"Used (\d+) registers", body)[1]),
-                            int(re.search(r"(\d+) bytes stack frame", body)[1]))
+                            int(re.search(r"(\d+) bytes stack frame", body)[1]), int(smem[1]) if smem else 0)
     assert set(usage) == set(MAX_BLOCK)
-    for entry, (registers, stack) in usage.items():
+    for entry, (registers, stack, smem) in usage.items():
         assert registers * MAX_BLOCK[entry] <= 65536, f"{entry}: {registers} registers x {MAX_BLOCK[entry]} threads"
         assert stack == 0, f"{entry}: {stack} bytes of local memory per thread"
+        if entry in STATIC_SHARED:  # the kernels with a dynamic part
+            assert smem <= STATIC_SHARED[entry], f"{entry}: {smem} bytes of static shared memory"
 
 
 def _nvrtc():

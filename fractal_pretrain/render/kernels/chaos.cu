@@ -128,65 +128,96 @@ __device__ inline void replay_chain(const Chain &chain, const u32 *column, int s
   else replay_chain_with<MAX_MAPS - 1>(chain, column, stride, visit);
 }
 
-// The 3x3 neighbourhood of a pixel, w[dr][dc] = hist[r + 1 - dr][c + 1 - dc] (zero outside), so that
-// patch bit dr * 3 + dc adds w[dr][dc] (reference.stamp). Threads slide it down a column: one new row of
-// three reads per pixel instead of nine.
+// The 3x3 neighbourhood of a pixel, in the coordinates of a walk along a line of the histogram: a column
+// (ALONG_ROWS false: along = r, across = c) or a row (true: along = c, across = r). Entry
+// v[da][dx] = hist at (along + 1 - da, across + 1 - dx), zero outside, so that walking down a column
+// v[dr][dc] = hist[r + 1 - dr][c + 1 - dc] is what patch bit dr * 3 + dc adds (reference.stamp); along a
+// row the same neighbour is v[dc][dr]. A thread slides the window along its line: one new line of three
+// reads per pixel instead of nine.
 struct Window {
-  u32 w[3][3];
+  u32 v[3][3];
 };
 
-// hist[r][c + 1], hist[r][c], hist[r][c - 1]: the row that enters the window.
-__device__ inline void read_row(const u32 *hist, int side, int r, int c, u32 *row) {
-  const bool in = r >= 0 && r < side;
-  const u32 *h = hist + (in ? r : 0) * side;
-  row[0] = in && c + 1 < side ? h[c + 1] : 0u;
-  row[1] = in ? h[c] : 0u;
-  row[2] = in && c >= 1 ? h[c - 1] : 0u;
+// The line at `along` that enters the window of (along - 1, across): hist at (along, across + 1 - dx).
+template <bool ALONG_ROWS>
+__device__ inline void read_line(const u32 *hist, int side, int along, int across, u32 *line) {
+  const bool in = along >= 0 && along < side;
+  const int a = in ? along : 0;
+#pragma unroll
+  for (int dx = 0; dx < 3; ++dx) {
+    const int x = across + 1 - dx;
+    const bool inside = in && (dx != 0 || x < side) && (dx != 2 || x >= 0);
+    line[dx] = inside ? hist[ALONG_ROWS ? x * side + a : a * side + x] : 0u;
+  }
 }
 
-__device__ inline void window_at(const u32 *hist, int side, int r, int c, Window &win) {
-  read_row(hist, side, r + 1, c, win.w[0]);
-  read_row(hist, side, r, c, win.w[1]);
-  read_row(hist, side, r - 1, c, win.w[2]);
+template <bool ALONG_ROWS>
+__device__ inline void window_at(const u32 *hist, int side, int along, int across, Window &win) {
+#pragma unroll
+  for (int da = 0; da < 3; ++da) read_line<ALONG_ROWS>(hist, side, along + 1 - da, across, win.v[da]);
 }
 
-__device__ inline void window_down(const u32 *hist, int side, int r, int c, Window &win) {  // to row r + 1
+template <bool ALONG_ROWS>
+__device__ inline void window_next(const u32 *hist, int side, int along, int across, Window &win) {  // to along + 1
 #pragma unroll
   for (int k = 0; k < 3; ++k) {
-    win.w[2][k] = win.w[1][k];
-    win.w[1][k] = win.w[0][k];
+    win.v[2][k] = win.v[1][k];
+    win.v[1][k] = win.v[0][k];
   }
-  read_row(hist, side, r + 2, c, win.w[0]);
+  read_line<ALONG_ROWS>(hist, side, along + 2, across, win.v[0]);
 }
 
-// Stamped count (graded: sum of the masked neighbours) or, per point, any neighbour whose own mask bit
-// points at this pixel (binary).
-__device__ inline u32 stamped_value(const Window &win, int mask, bool per_point) {
+// The item's patch: weight[dr * 3 + dc] = 1 where its mask has bit dr * 3 + dc, so that a graded stamp
+// is nine multiply-adds; 'point' patches use each neighbour's own mask bits instead (binary).
+struct Patch {
+  u32 weight[9];
+  bool per_point;
+};
+
+__device__ inline Patch make_patch(int mask, bool per_point) {
+  Patch patch;
+#pragma unroll
+  for (int bit = 0; bit < 9; ++bit) patch.weight[bit] = (mask >> bit) & 1;
+  patch.per_point = per_point;
+  return patch;
+}
+
+// Stamped count (graded: sum of the masked neighbours) or, per point, 1 if any neighbour's own mask bit
+// points at this pixel.
+template <bool ALONG_ROWS>
+__device__ inline u32 stamped_value(const Window &win, const Patch &patch) {
   u32 total = 0;
 #pragma unroll
-  for (int bit = 0; bit < 9; ++bit) {
-    const u32 h = win.w[bit / 3][bit % 3];
-    if (per_point) total |= (h >> bit) & 1u;
-    else total += ((mask >> bit) & 1) ? h : 0u;
+  for (int i = 0; i < 3; ++i) {
+#pragma unroll
+    for (int j = 0; j < 3; ++j) {
+      const int bit = ALONG_ROWS ? j * 3 + i : i * 3 + j;  // the neighbour's (dr, dc)
+      if (patch.per_point) total |= win.v[i][j] & (1u << bit);
+      else total += win.v[i][j] * patch.weight[bit];
+    }
   }
-  return total;
+  return patch.per_point ? (total != 0u) : total;
 }
 
 // Calls visit(r, c, stamped value) for every pixel of the item's side x side histogram. The pixels are
-// split into (column, band of rows) runs, each walked top to bottom by one thread with a sliding window:
-// a band is the whole height when the item is at least as wide as the block, else the block's threads
-// cover side columns x (blockDim / side) bands.
-template <typename Visit>
-__device__ inline void for_each_stamped(const u32 *hist, int side, int mask, bool per_point, Visit visit) {
+// split into (line, band) runs, each walked by one thread with a sliding window; a band is the whole line
+// when the item is at least as wide as the block, else the block's threads cover side lines x
+// (blockDim / side) bands. The lanes of a warp take adjacent lines: walking down columns they read (and
+// write, unflipped) adjacent pixels of a row; walking along rows they write adjacent pixels of a
+// transposed row, and their reads of adjacent rows hit the cache line the lane read one step before.
+template <bool ALONG_ROWS, typename Visit>
+__device__ inline void for_each_stamped(const u32 *hist, int side, const Patch &patch, Visit visit) {
   const int bands = side >= (int)blockDim.x ? 1 : (int)blockDim.x / side;
-  const int rows = (side + bands - 1) / bands;
+  const int len = (side + bands - 1) / bands;
   for (int run = threadIdx.x; run < side * bands; run += blockDim.x) {
-    const int c = run % side, r0 = run / side * rows, r1 = min(r0 + rows, side);
+    const int across = run % side, a0 = run / side * len, a1 = min(a0 + len, side);
     Window win;
-    if (r0 < r1) window_at(hist, side, r0, c, win);
-    for (int r = r0; r < r1; ++r) {
-      if (r > r0) window_down(hist, side, r - 1, c, win);
-      visit(r, c, stamped_value(win, mask, per_point));
+    if (a0 < a1) window_at<ALONG_ROWS>(hist, side, a0, across, win);
+    for (int along = a0; along < a1; ++along) {
+      if (along > a0) window_next<ALONG_ROWS>(hist, side, along - 1, across, win);
+      const u32 value = stamped_value<ALONG_ROWS>(win, patch);
+      if (ALONG_ROWS) visit(across, along, value);
+      else visit(along, across, value);
     }
   }
 }
@@ -200,6 +231,7 @@ __device__ inline void render_item(const long long *indices, u32 seed, u32 epoch
   __shared__ float params[ITEM_FLOATS];
   __shared__ float scratch[1024];
   __shared__ float win[4];  // lo x, lo y, pixels per unit x, y
+  __shared__ u32 hue_rgb[256];  // the item's colour of each hue byte, packed r | g << 8 | b << 16
   const int item = blockIdx.x;
   const int slots = ri[RI_SLOTS], side = ri[RI_SIDE], size = ri[RI_SIZE];
   const int chains = ri[RI_CHAINS], burn_in = ri[RI_BURN_IN], num_points = ri[RI_NUM_POINTS];
@@ -281,42 +313,54 @@ __device__ inline void render_item(const long long *indices, u32 seed, u32 epoch
 
   // Peak of the stamped counts (graded density = stamped / peak). Item values read only now, not held in
   // registers through the chaos game.
-  const int mask = ii[5], flips = ii[6];
+  const int flips = ii[6];
+  const Patch patch = make_patch(ii[5], per_point);
   float peak = 0.0f;
   const bool binary = ri[RI_BINARY] || per_point;
   if (!binary) {
     u32 local = 0;
-    for_each_stamped(hist, side, mask, false, [&](int, int, u32 v) { local = v > local ? v : local; });
+    for_each_stamped<false>(hist, side, patch, [&](int, int, u32 v) { local = v > local ? v : local; });
     peak = block_reduce((float)local, scratch, true);
+  }
+  // The item's colours as a table: its saturation and value are fixed, so RGB depends on the hue byte only.
+  const bool colour_table = ri[RI_COLOR];
+  if (colour_table) {
+    for (int h8 = threadIdx.x; h8 < 256; h8 += blockDim.x) {
+      unsigned char rgb[3];
+      hsv_to_rgb(h8, ii[7], ii[8], rgb);
+      hue_rgb[h8] = rgb[0] | (u32)rgb[1] << 8 | (u32)rgb[2] << 16;
+    }
+    __syncthreads();
   }
 
   // Colour each source pixel and write it where the flips send it. Single-object items draw over the
   // background already in the canvas.
   const bool multi = ri[RI_MULTI_OBJECT];
-  const long long sample = item / slots;
-  for_each_stamped(hist, side, mask, per_point, [&](int sr, int sc, u32 v) {
+  const int stride = multi ? side : size;  // pixels per row of the image written
+  unsigned char *image = out + (multi ? (long long)item * side * side : (long long)(item / slots) * size * size) * 3;
+  const float hue = params[IF_HUE], grey = (float)ri[RI_GREY];
+  auto colour = [&](int sr, int sc, u32 v) {
     const float g = binary ? (v > 0 ? 1.0f : 0.0f) : (peak > 0.0f ? (float)v / peak : 0.0f);
     if (!multi && g <= 0.0f) return;
     // Inverse of reference.flip: transpose (bit 1) is its own inverse, so are the reversals (bits 2, 4).
     const int rt = (flips & 1) ? sc : sr, ct = (flips & 1) ? sr : sc;
     const int r = (flips & 2) ? side - 1 - rt : rt;
     const int c = (flips & 4) ? side - 1 - ct : ct;
-    unsigned char rgb[3] = {0, 0, 0};
+    u32 rgb = 0;
     if (g > 0.0f) {
-      if (ri[RI_COLOR]) {
-        int h8 = ((int)floorf(g * 255.0f + params[IF_HUE])) & 255;
-        hsv_to_rgb(h8, ii[7], ii[8], rgb);
-      } else {
-        unsigned char grey = (unsigned char)(g * (float)ri[RI_GREY]);
-        rgb[0] = rgb[1] = rgb[2] = grey;
-      }
+      if (colour_table) rgb = hue_rgb[((int)floorf(g * 255.0f + hue)) & 255];
+      else rgb = 0x010101u * (unsigned char)(g * grey);
     }
-    const long long at = multi ? ((long long)item * side * side + r * side + c) * 3
-                               : ((sample * size + r) * size + c) * 3;
-    out[at] = rgb[0];
-    out[at + 1] = rgb[1];
-    out[at + 2] = rgb[2];
-  });
+    unsigned char *px = image + (r * stride + c) * 3;
+    px[0] = (unsigned char)rgb;
+    px[1] = (unsigned char)(rgb >> 8);
+    px[2] = (unsigned char)(rgb >> 16);
+  };
+  // Transposing flips write a source column to a destination row: walk along rows then, so that a warp's
+  // writes stay adjacent. Not for a shared-memory histogram, whose rows are side words apart: lanes on
+  // adjacent rows would hit the same bank.
+  if ((flips & 1) && !use_shared) for_each_stamped<true>(hist, side, patch, colour);
+  else for_each_stamped<false>(hist, side, patch, colour);
 }
 
 // Up to 1024 threads (recipes.MAX_CHAINS): registers are capped so that any chain count can launch.
