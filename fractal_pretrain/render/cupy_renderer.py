@@ -47,6 +47,7 @@ STATIC_SHARED_BYTES = -(-4 * (1024 + ITEM_FLOATS + 4 + 256) // 16) * 16
 PLASMA_STATIC_SHARED_BYTES = 4 * 1024  # compose.cu: the reduction scratch
 PLAN_BLOCK = 128
 PIXEL_BLOCK = 256
+FINISH_BAND = 16  # rows of a column one thread of `finish` blurs and writes
 PLASMA_BLOCK = 512
 H100_SHARED_OPTIN = 232_448  # bytes of shared memory a block may opt in to: the emulator mirrors the H100
 
@@ -301,9 +302,10 @@ class CupyRenderer(Renderer):
                           memory_format=fmt)
         mean_t, std_t = self._normalisation(tuple(mean), tuple(std))
         with self._on_stream(t["stream"]):
+            runs = size * -(-size // FINISH_BAND)
             self._kernel("compose", "finish")(
-                (-(-size * size // PIXEL_BLOCK), b), (PIXEL_BLOCK,),
-                (np.int32(size), _ptr(t["sample_f"]), _ptr(t["canvas"]),
+                (-(-runs // PIXEL_BLOCK), b), (PIXEL_BLOCK,),
+                (np.int32(size), np.int32(FINISH_BAND), _ptr(t["sample_f"]), _ptr(t["canvas"]),
                  np.int32(0 if dtype == "uint8" else 1), np.int32(channels_last), _ptr(mean_t), _ptr(std_t),
                  _ptr(out)))
         return out

@@ -3,7 +3,8 @@
 //   in a global grid), coloured into the canvas;
 //   paste_objects: one thread per canvas pixel (grid: pixel blocks x samples), objects resized bilinearly
 //   and pasted in slot order;
-//   finish: one thread per output pixel (same grid), optional 3x3 Gaussian blur, then layout and dtype.
+//   finish: one thread per band of rows of a column (grid: runs x samples), optional 3x3 Gaussian blur as a
+//   sliding horizontal-then-vertical pass, then layout and dtype.
 #include "common.cuh"
 
 #define F_INF __int_as_float(0x7f800000)
@@ -189,37 +190,55 @@ extern "C" __global__ void paste_objects(int size, int side, int slots, const in
 
 __device__ inline int reflect101(int i, int n) { return i < 0 ? -i : (i >= n ? 2 * n - 2 - i : i); }
 
+// Horizontal pass of the blur for row r at column c, per channel (reference.blur: `rows`).
+__device__ inline void blur_row(const unsigned char *img, int size, int r, int c, float k0, float k1, float *sums) {
+  const unsigned char *row = img + r * size * 3;
+  const int left = reflect101(c - 1, size) * 3, mid = c * 3, right = reflect101(c + 1, size) * 3;
+#pragma unroll
+  for (int ch = 0; ch < 3; ++ch)
+    sums[ch] = (k1 * (float)row[left + ch] + k0 * (float)row[mid + ch]) + k1 * (float)row[right + ch];
+}
+
 // out_kind: 0 uint8, 1 float32 normalised ((x / 255 - mean) / std). channels_last: NHWC, else NCHW.
-// Grid (pixel blocks, samples): 32-bit index arithmetic per image, no 64-bit division per pixel.
-extern "C" __global__ void finish(int size, const float *sample_f, const unsigned char *canvas, int out_kind,
+// Grid (runs, samples): a thread walks `band` rows down one column of an image (run = band index x size +
+// column), so the blur's horizontal sums of a row are computed once and used by the three output rows
+// they touch (separable, in the reference's operation order: the same floats).
+extern "C" __global__ void finish(int size, int band, const float *sample_f, const unsigned char *canvas, int out_kind,
                                   int channels_last, const float *mean, const float *std, void *out) {
-  const int b = blockIdx.y, q = blockIdx.x * blockDim.x + threadIdx.x;  // sample, pixel in its image
+  const int b = blockIdx.y, run = blockIdx.x * blockDim.x + threadIdx.x;
+  const int bands = (size + band - 1) / band;
+  if (run >= size * bands) return;
+  const int c = run % size, r0 = run / size * band, r1 = min(r0 + band, size);
   const int pixels = size * size;
-  if (q >= pixels) return;
-  const int r = q / size, c = q - r * size;
   const float *sf = sample_f + (long long)b * SAMPLE_FLOATS;
   const unsigned char *img = canvas + (long long)b * pixels * 3;
   const bool blur = sf[0] > 0.0f;
   const float k0 = sf[1], k1 = sf[2];
-  const int rows[3] = {reflect101(r - 1, size) * size, r * size, reflect101(r + 1, size) * size};
-  const int cols[3] = {reflect101(c - 1, size), c, reflect101(c + 1, size)};
-  for (int ch = 0; ch < 3; ++ch) {
-    unsigned char v;
+  float above[3], here[3], below[3];  // horizontal sums of rows r - 1, r, r + 1 (reflected at the borders)
+  if (blur) {
+    blur_row(img, size, reflect101(r0 - 1, size), c, k0, k1, above);
+    blur_row(img, size, r0, c, k0, k1, here);
+  }
+  for (int r = r0; r < r1; ++r) {
+    const int q = r * size + c;
+    unsigned char v[3];
     if (blur) {
-      float sums[3];
+      blur_row(img, size, reflect101(r + 1, size), c, k0, k1, below);
 #pragma unroll
-      for (int d = 0; d < 3; ++d) {
-        float left = img[(rows[d] + cols[0]) * 3 + ch];
-        float mid = img[(rows[d] + cols[1]) * 3 + ch];
-        float right = img[(rows[d] + cols[2]) * 3 + ch];
-        sums[d] = (k1 * left + k0 * mid) + k1 * right;
+      for (int ch = 0; ch < 3; ++ch) {
+        v[ch] = round_u8((k1 * above[ch] + k0 * here[ch]) + k1 * below[ch]);
+        above[ch] = here[ch];
+        here[ch] = below[ch];
       }
-      v = round_u8((k1 * sums[0] + k0 * sums[1]) + k1 * sums[2]);
     } else {
-      v = img[q * 3 + ch];
+#pragma unroll
+      for (int ch = 0; ch < 3; ++ch) v[ch] = img[q * 3 + ch];
     }
-    long long at = channels_last ? ((long long)b * pixels + q) * 3 + ch : ((long long)b * 3 + ch) * pixels + q;
-    if (out_kind == 0) ((unsigned char *)out)[at] = v;
-    else ((float *)out)[at] = ((float)v * (float)(1.0 / 255.0) - mean[ch]) / std[ch];
+#pragma unroll
+    for (int ch = 0; ch < 3; ++ch) {
+      const long long at = channels_last ? ((long long)b * pixels + q) * 3 + ch : ((long long)b * 3 + ch) * pixels + q;
+      if (out_kind == 0) ((unsigned char *)out)[at] = v[ch];
+      else ((float *)out)[at] = ((float)v[ch] * (float)(1.0 / 255.0) - mean[ch]) / std[ch];
+    }
   }
 }
