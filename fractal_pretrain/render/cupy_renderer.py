@@ -241,13 +241,15 @@ class CupyRenderer(Renderer):
                 target = t["objects"] = torch.empty((items, side, side, 3), dtype=torch.uint8, device=dev)
             shared = side * side * 4 if self.use_shared else 0
             hist = torch.empty(1 if self.use_shared else items * side * side, dtype=torch.int32, device=dev)
-            choices = torch.empty(self._choice_words(items), dtype=torch.int32, device=dev)
-            render = self._kernel("chaos", "render_items_point_masks" if self.recipe.patch == "point" else "render_items")
+            choices = torch.empty(max(1, items * self.choice_words * self.recipe.chains), dtype=torch.int32, device=dev)
+            point_masks = self.recipe.patch == "point"
+            render = self._kernel("chaos", "render_items_point_masks" if point_masks else "render_items")
             if shared > 48 * 1024:
                 render.max_dynamic_shared_size_bytes = shared
             render((items,), (self.recipe.chains,),
                    (_ptr(t["indices"]), seed, ep, ri, _ptr(t["item_i"]), _ptr(t["item_f"]), _ptr(hist),
-                    np.int32(self.use_shared), _ptr(choices), _ptr(target), _ptr(t["points"])), shared_mem=shared)
+                    np.int32(self.use_shared), _ptr(choices), np.int32(self.choice_words), _ptr(target),
+                    _ptr(t["points"])), shared_mem=shared)
             if self.recipe.multi_object:
                 self._kernel("compose", "paste_objects")(
                     (-(-size * size // PIXEL_BLOCK), b), (PIXEL_BLOCK,),
@@ -256,13 +258,16 @@ class CupyRenderer(Renderer):
         t["stream"] = stream
         return t
 
-    def _choice_words(self, items: int) -> int:
-        """Words of the map choices that the chaos game's first pass stores for its second (chaos.cu
-        CHOICE_WORDS: 4 bits per step at most); none with 'point' patches, whose second pass draws again."""
+    @property
+    def choice_words(self) -> int:
+        """Words per chain of the map choices the chaos game's first pass stores for its second (chaos.cu
+        Packing: 2 bits per step when the bank has no system of more than 4 maps, else 4); none with
+        'point' patches, whose second pass draws again."""
         if self.recipe.patch == "point":
-            return 1
+            return 0
         steps = self.recipe.burn_in + -(-self.recipe.num_points // self.recipe.chains)
-        return items * -(-steps // 8) * self.recipe.chains
+        bits = 4 if int(self.bank.num_maps.max()) > 4 else 2
+        return -(-steps * bits // 32)
 
     def _plasma_lattice_bytes(self) -> int:
         """Shared memory of the plasma's even lattice: ((n + 1) / 2)^2 floats for an n x n grid."""

@@ -19,9 +19,11 @@ import numpy as np
 from fractal_pretrain.recipes import get_recipe, list_recipes
 from fractal_pretrain.render.cupy_renderer import CupyRenderer
 
-cases = [(name, 48, False) for name in list_recipes()] + [("anderson", 48, True), ("anderson", 260, False)]
-for name, size, force_global in cases:
-    recipe = get_recipe(name, {"num_classes": 10, "num_points": 1000})
+many_maps = {"min_maps": 5, "max_maps": 8}  # map choices stored at 4 bits per step
+cases = [(name, 48, False, {}) for name in list_recipes()] + [
+    ("anderson", 48, True, {}), ("anderson", 260, False, {}), ("anderson", 48, False, many_maps)]
+for name, size, force_global, overrides in cases:
+    recipe = get_recipe(name, {"num_classes": 10, "num_points": 1000, **overrides})
     renderer = CupyRenderer(recipe, size=size, seed=1, emulate=True, force_global_histogram=force_global)
     images, _ = renderer.render_tensor(np.arange(3), dtype="float32")
     images, _ = renderer.render_tensor(np.arange(3), dtype="uint8", channels_last=True)
@@ -33,4 +35,4 @@ def test_kernels_never_touch_memory_outside_their_buffers(tmp_path):
     env = {**emulator.asan_environment(), "FRACTAL_PRETRAIN_CACHE": str(tmp_path)}
     result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "ERROR: AddressSanitizer" not in result.stderr, result.stderr[-6000:]
-    assert result.stdout.count("ok ") == 7, result.stdout
+    assert result.stdout.count("ok ") == 8, result.stdout

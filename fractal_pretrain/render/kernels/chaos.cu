@@ -45,13 +45,13 @@ struct PointMask {
 
 // Pass 1 stores each step's map so that pass 2 replays the chain without drawing again: `bits` per step
 // (2 for systems of up to 4 maps, else 4), `per_word` steps per word, word w of a chain at column[w * chains]
-// (a warp's words are adjacent). Items are CHOICE_WORDS(steps) * chains words apart (cupy_renderer.py).
+// (a warp's words are adjacent). Items are choice_words * chains words apart: the host sizes choice_words for
+// the bank's largest system (cupy_renderer.py).
 template <int NUM_THRESHOLDS>
 struct Packing {
   static constexpr int bits = NUM_THRESHOLDS <= 3 ? 2 : 4;
   static constexpr int per_word = 32 / bits;
 };
-#define CHOICE_WORDS(steps) (((steps) + 7) / 8)
 
 // Runs this thread's chain and calls visit(step, x, y, PointMask) after every map; returns whether the last
 // point is finite. That is whether every point was: a non-finite coordinate makes both coordinates of every
@@ -226,7 +226,7 @@ __device__ inline void for_each_stamped(const u32 *hist, int side, const Patch &
 template <bool PER_POINT>
 __device__ inline void render_item(const long long *indices, u32 seed, u32 epoch, const int *ri, const int *item_i,
                                    const float *item_f, u32 *hist_global, int use_shared, u32 *choices,
-                                   unsigned char *out, int *points) {
+                                   int choice_words, unsigned char *out, int *points) {
   extern __shared__ u32 shared_hist[];
   __shared__ float params[ITEM_FLOATS];
   __shared__ float scratch[1024];
@@ -249,7 +249,7 @@ __device__ inline void render_item(const long long *indices, u32 seed, u32 epoch
   const int steps = burn_in + (num_points + chains - 1) / chains;
   const Chain chain = {params, ii[3], steps, seed, epoch,
                        make_tag(STREAM_CHAOS, (u32)(item % slots), (u32)threadIdx.x), indices[item / slots]};
-  u32 *column = choices + (long long)item * CHOICE_WORDS(steps) * chains + threadIdx.x;
+  u32 *column = choices + (long long)item * choice_words * chains + threadIdx.x;
   // Point p = (step - burn_in) * chains + chain is recorded while p < num_points.
   const int recorded = (int)threadIdx.x < num_points ? (num_points - (int)threadIdx.x + chains - 1) / chains : 0;
 
@@ -366,13 +366,15 @@ __device__ inline void render_item(const long long *indices, u32 seed, u32 epoch
 // Up to 1024 threads (recipes.MAX_CHAINS): registers are capped so that any chain count can launch.
 extern "C" __global__ void __launch_bounds__(1024)
     render_items(const long long *indices, u32 seed, u32 epoch, const int *ri, const int *item_i, const float *item_f,
-                 u32 *hist_global, int use_shared, u32 *choices, unsigned char *out, int *points) {
-  render_item<false>(indices, seed, epoch, ri, item_i, item_f, hist_global, use_shared, choices, out, points);
+                 u32 *hist_global, int use_shared, u32 *choices, int choice_words, unsigned char *out, int *points) {
+  render_item<false>(indices, seed, epoch, ri, item_i, item_f, hist_global, use_shared, choices, choice_words, out,
+                     points);
 }
 
 extern "C" __global__ void __launch_bounds__(1024)
     render_items_point_masks(const long long *indices, u32 seed, u32 epoch, const int *ri, const int *item_i,
-                             const float *item_f, u32 *hist_global, int use_shared, u32 *choices, unsigned char *out,
-                             int *points) {
-  render_item<true>(indices, seed, epoch, ri, item_i, item_f, hist_global, use_shared, choices, out, points);
+                             const float *item_f, u32 *hist_global, int use_shared, u32 *choices, int choice_words,
+                             unsigned char *out, int *points) {
+  render_item<true>(indices, seed, epoch, ri, item_i, item_f, hist_global, use_shared, choices, choice_words, out,
+                    points);
 }
