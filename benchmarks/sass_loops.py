@@ -8,7 +8,10 @@ LDL/STL = spills, warp MATCH). A loop body that serves several chaos steps (4 pe
 replayed group) is reported whole: divide by hand. Static counts: branches inside a body are counted
 whether taken or not.
 
-    python3 benchmarks/sass_loops.py [--arch sm_90] [--kernels render_items,finish] [--min 40]
+    python3 benchmarks/sass_loops.py [--arch sm_90] [--kernels render_items,finish] [--min 40] [--source DIR]
+
+``--source`` compares another version's kernels, e.g. a ``git worktree`` of an older commit's
+``fractal_pretrain/render/kernels``.
 """
 
 from __future__ import annotations
@@ -47,8 +50,8 @@ def cuobjdump() -> str:
 def disassemble(source: Path, arch: str, workdir: Path) -> str:
     nvcc = shutil.which("nvcc") or sys.exit("nvcc not found")
     cubin = workdir / f"{source.stem}.cubin"
-    subprocess.run([nvcc, f"-arch={arch}", "-cubin", "-fmad=false", "-std=c++17", f"-I{KERNELS}", "-o", str(cubin),
-                    str(source)], check=True)
+    subprocess.run([nvcc, f"-arch={arch}", "-cubin", "-fmad=false", "-std=c++17", f"-I{source.parent}", "-o",
+                    str(cubin), str(source)], check=True)
     return subprocess.run([cuobjdump(), "-sass", str(cubin)], check=True, capture_output=True, text=True).stdout
 
 
@@ -89,10 +92,11 @@ def main(argv=None) -> None:
     parser.add_argument("--arch", default="sm_90")
     parser.add_argument("--kernels", default="", help="comma-separated kernel names (default: all)")
     parser.add_argument("--min", type=int, default=20, help="hide loops with fewer instructions")
+    parser.add_argument("--source", type=Path, default=KERNELS, help="folder of the .cu files")
     args = parser.parse_args(argv)
     wanted = {k for k in args.kernels.split(",") if k}
     with tempfile.TemporaryDirectory() as tmp:
-        for source in sorted(KERNELS.glob("*.cu")):
+        for source in sorted(args.source.glob("*.cu")):
             for name, code in functions(disassemble(source, args.arch, Path(tmp))).items():
                 if wanted and name not in wanted:
                     continue
