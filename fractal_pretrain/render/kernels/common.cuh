@@ -180,10 +180,11 @@ __device__ inline float block_reduce(float v, float *red, bool is_max) {
   __syncthreads();
   red[threadIdx.x] = v;
   __syncthreads();
+  const int t = threadIdx.x, threads = blockDim.x;
   for (int stride = 512; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride && threadIdx.x + stride < blockDim.x) {
-      float o = red[threadIdx.x + stride];
-      red[threadIdx.x] = is_max ? fmaxf(red[threadIdx.x], o) : fminf(red[threadIdx.x], o);
+    if (t < stride && t + stride < threads) {
+      float o = red[t + stride];
+      red[t] = is_max ? fmaxf(red[t], o) : fminf(red[t], o);
     }
     __syncthreads();
   }
