@@ -2,8 +2,9 @@
 //   pass 1: every thread runs its chain, the block reduces the bounding box; thread 0 sets the window;
 //   pass 2: the chains run again (same maps, same floats) and bin their points: replayed from the map
 //   choices pass 1 stored (render_items), or drawn again with each point's mask (render_items_point_masks);
-//   then the 3x3 patch stamp (a window sliding down each column), the peak, colour, and each pixel
-//   written where the flips send it, to the canvas or the object buffer.
+//   then the 3x3 patch stamp (a window sliding along each column, or each row where the flips transpose),
+//   the peak, colour from a per-item table, and each pixel written where the flips send it, to the canvas
+//   or the object buffer.
 // Hot pixels (one pixel can take 18% of all points): lanes of a warp that hit the same pixel in the
 // same step are merged with __match_any_sync into one atomicAdd; the histogram lives in shared memory
 // when it fits (dynamic shared size = side * side * 4 bytes) and in a global scratch otherwise.
