@@ -5,11 +5,16 @@
 #
 #   bash benchmarks/gpu_session.sh kernels    # GPU tests, render images/s + per-kernel ms, train throughput (~5 min)
 #   bash benchmarks/gpu_session.sh pretrain   # short resnet18 pre-training, then AD eval vs random init (~8 min)
+#   bash benchmarks/gpu_session.sh versions   # each renderer version in .bench-versions side by side (~1 min each)
+#
+# `versions` needs .bench-versions (bash benchmarks/kernel_versions.sh [COMMIT...], then carry it too): anderson
+# and fractal4ad images/s with per-kernel ms for every version and the working tree, and an image digest per
+# row that must be the same for all versions (they all draw the reference's images).
 #
 # $OUT brings back at most 8 files of 16 MiB: a few logs, one archive, and backbone.pt in 15 MiB parts
 # (cat backbone.pt.part-* > backbone.pt).
 set -uo pipefail
-stage="${1:?usage: gpu_session.sh kernels|pretrain}"
+stage="${1:?usage: gpu_session.sh kernels|pretrain|versions}"
 out="${OUT:-gpu-logs}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -44,8 +49,16 @@ case "$stage" in
     tar czf "$out/short_r18.tar.gz" "$run"/logs/version_0/metrics.csv "$run"/backbone.json results/short_r18 \
       reports/short_r18
     ;;
+  versions)
+    for dir in .bench-versions/*/ .; do
+      label=$([ "$dir" = . ] && echo "working tree" || cat "$dir/LABEL")
+      PYTHONPATH="/tmp/site:$dir" python3 benchmarks/render_throughput.py --device cuda --profile \
+        --recipes anderson,fractal4ad --repeats 10 --label "$label" 2>&1 | tee -a "$out/versions.jsonl"
+    done
+    python3 benchmarks/summarise.py "$out/versions.jsonl" | tee "$out/versions.md"
+    ;;
   *)
-    echo "unknown stage $stage: kernels or pretrain" >&2
+    echo "unknown stage $stage: kernels, pretrain or versions" >&2
     exit 2
     ;;
 esac

@@ -6,11 +6,16 @@ process (``OMP_NUM_THREADS=1``), small batches, reported per core.
 
     python3 benchmarks/render_throughput.py --device cuda [--recipes anderson,...] [--batch 512] [--profile]
     OMP_NUM_THREADS=1 python3 benchmarks/render_throughput.py --device cpu --batch 8 --repeats 2
+
+Every row also has ``digest``: a hash of the uint8 images of keys 0..63 (epoch 0), so that rows of
+different versions of the renderer (``--label``, benchmarks/kernel_versions.sh) show whether they draw the
+same images.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 
@@ -52,6 +57,11 @@ def kernel_ms(renderer, batch: int, repeats: int = 5) -> dict[str, float]:
     return dict(sorted(times.items(), key=lambda kv: -kv[1]))
 
 
+def image_digest(renderer, count: int = 64) -> str:
+    """First 12 hex digits of the sha1 of the uint8 images of keys 0..count-1, epoch 0."""
+    return hashlib.sha1(renderer.render(np.arange(count), 0).images.tobytes()).hexdigest()[:12]
+
+
 def bench_cpu(renderer, batch: int, repeats: int) -> float:
     renderer.render(np.arange(batch))  # warm-up (bank cache, allocations)
     start = time.perf_counter()
@@ -69,6 +79,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--set", action="append", default=[], help="recipe override KEY=VALUE (YAML value)")
     parser.add_argument("--profile", action="store_true", help="GPU: also ms per batch of every kernel")
+    parser.add_argument("--label", default="", help="a name for the renderer version, copied into every row")
     args = parser.parse_args(argv)
     import yaml
 
@@ -84,6 +95,9 @@ def main(argv=None) -> int:
                "ms_per_batch": round(seconds * 1e3, 3), "images_per_s": round(args.batch / seconds, 1)}
         if overrides:
             row["overrides"] = overrides
+        if args.label:
+            row["version"] = args.label
+        row["digest"] = image_digest(renderer)
         if args.device != "cpu":
             row["shared_histogram"] = bool(renderer.use_shared)
             if args.profile:

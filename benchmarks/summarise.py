@@ -28,13 +28,13 @@ def rows(paths: list[str]) -> list[dict]:
 
 
 def render_table(render: list[dict]) -> list[str]:
-    out = ["| recipe | size | batch | ms / batch | images/s | slowest kernels (ms / batch) |",
-           "|---|---|---|---|---|---|"]
+    out = ["| recipe | version | size | batch | ms / batch | images/s | image digest | slowest kernels (ms / batch) |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in render:
         kernels = ", ".join(f"{k} {v}" for k, v in list(r.get("kernel_ms", {}).items())[:4])
         recipe = r["recipe"] + "".join(f", {k}={v}" for k, v in r.get("overrides", {}).items())
-        out.append(f"| {recipe} | {r['size']} | {r['batch']} | {r['ms_per_batch']} | {r['images_per_s']:,.0f} "
-                   f"| {kernels} |")
+        out.append(f"| {recipe} | {r.get('version', '')} | {r['size']} | {r['batch']} | {r['ms_per_batch']} "
+                   f"| {r['images_per_s']:,.0f} | {r.get('digest', '')} | {kernels} |")
     return out
 
 
