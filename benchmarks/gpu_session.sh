@@ -33,6 +33,8 @@ case "$stage" in
     python3 benchmarks/render_throughput.py --device cuda --profile --recipes anderson,fractal4ad --set chains=512 \
       2>&1 | tee -a "$out/render.jsonl"
     python3 benchmarks/train_throughput.py --archs resnet18,wide_resnet50_2 2>&1 | tee "$out/train.jsonl"
+    # the same with float32 input, as measured before the bfloat16 batches: what the dtype alone changes
+    python3 benchmarks/train_throughput.py --archs resnet18 --dtype float32 2>&1 | tee -a "$out/train.jsonl"
     python3 benchmarks/summarise.py "$out/render.jsonl" "$out/train.jsonl" | tee "$out/summary.md"
     ;;
   pretrain)

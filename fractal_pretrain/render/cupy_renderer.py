@@ -30,6 +30,7 @@ from fractal_pretrain.render.reference import plasma_grid_size
 from fractal_pretrain.render.renderer import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    OUTPUT_DTYPES,
     RenderedBatch,
     Renderer,
     check_output,
@@ -297,7 +298,7 @@ class CupyRenderer(Renderer):
 
     def finish(self, t: dict, *, dtype: str = "uint8", channels_last: bool = False,
                mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        """Blur and write the output tensor (B, 3, H, W): uint8, or float32 normalised by mean/std."""
+        """Blur and write the output tensor (B, 3, H, W): uint8, or float32 / bfloat16 normalised by mean/std."""
         import torch
 
         check_output(dtype, mean, std)
@@ -311,7 +312,7 @@ class CupyRenderer(Renderer):
             self._kernel("compose", "finish")(
                 (-(-runs // PIXEL_BLOCK), b), (PIXEL_BLOCK,),
                 (np.int32(size), np.int32(FINISH_BAND), _ptr(t["sample_f"]), _ptr(t["canvas"]),
-                 np.int32(0 if dtype == "uint8" else 1), np.int32(channels_last), _ptr(mean_t), _ptr(std_t),
+                 np.int32(OUTPUT_DTYPES.index(dtype)), np.int32(channels_last), _ptr(mean_t), _ptr(std_t),
                  _ptr(out)))
         return out
 

@@ -29,7 +29,8 @@ MIN_SIZE = 8
 MAX_SIZE = 4096
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-OUTPUT_DTYPES = ("uint8", "float32")
+# Output dtypes, in the order of compose.cu finish's out_kind; bfloat16: the float32 values rounded to nearest even.
+OUTPUT_DTYPES = ("uint8", "float32", "bfloat16")
 
 
 @dataclass
@@ -147,7 +148,7 @@ class Renderer:
 
 def check_output(dtype: str, mean, std) -> None:
     if dtype not in OUTPUT_DTYPES:
-        raise ConfigError(f"dtype={dtype!r}: must be one of {', '.join(OUTPUT_DTYPES)} (cast afterwards for bf16)")
+        raise ConfigError(f"dtype={dtype!r}: must be one of {', '.join(OUTPUT_DTYPES)}")
     for name, values in (("mean", mean), ("std", std)):
         if len(values) != 3:
             raise ConfigError(f"{name}={list(values)!r}: must have 3 values (R, G, B)")
@@ -161,11 +162,11 @@ def images_to_tensor(images: np.ndarray, *, dtype: str, channels_last: bool, mea
 
     check_output(dtype, mean, std)
     out = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # an NHWC-strided view
-    if dtype == "float32":
+    if dtype != "uint8":
         scale = torch.tensor(np.float32(1.0 / 255.0))
         m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-        out = (out.float() * scale - m) / s
+        out = ((out.float() * scale - m) / s).to(getattr(torch, dtype))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return out.contiguous(memory_format=fmt)
 

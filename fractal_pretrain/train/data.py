@@ -17,7 +17,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 
-from fractal_pretrain.config import ConfigError, check_range
+from fractal_pretrain.config import ConfigError, check_choice, check_range
 from fractal_pretrain.recipes import get_recipe
 from fractal_pretrain.render.renderer import IMAGENET_MEAN, IMAGENET_STD, check_output, make_renderer
 
@@ -127,12 +127,15 @@ class FractalDataModule(pl.LightningDataModule):
         mean: Per-channel input normalisation (recorded in ``backbone.json``).
         std: Per-channel input normalisation.
         prefetch: On CUDA, render the next batch on a side stream while the current step trains.
+        dtype: Input dtype, ``float32`` or ``bfloat16`` (the float32 values rounded to nearest even, as a
+            bf16 autocast would round them in the first convolution, without writing and reading float32);
+            ``auto``: ``bfloat16`` on CUDA under ``trainer.precision`` bf16-mixed or bf16-true, else float32.
     """
 
     def __init__(self, recipe: str = "fractal4ad", recipe_overrides: dict[str, Any] | None = None,
                  size: int = 256, batch_size: int = 512, samples_per_epoch: int = 1_000_000,
                  val_samples: int = 10_000, seed: int = 0, mean: tuple[float, float, float] = IMAGENET_MEAN,
-                 std: tuple[float, float, float] = IMAGENET_STD, prefetch: bool = True):
+                 std: tuple[float, float, float] = IMAGENET_STD, prefetch: bool = True, dtype: str = "auto"):
         super().__init__()
         self.recipe = get_recipe(recipe, recipe_overrides or {})
         check_range("data.size", size, 8, 4096, integer=True)
@@ -141,11 +144,13 @@ class FractalDataModule(pl.LightningDataModule):
         check_range("data.val_samples", val_samples, 0, None, integer=True)
         check_range("data.seed", seed, 0, 2**32 - 1, integer=True)
         check_output("float32", tuple(mean), tuple(std))
+        check_choice("data.dtype", dtype, ("auto", "float32", "bfloat16"))
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.samples_per_epoch, self.val_samples = samples_per_epoch, val_samples
         self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
         self.save_hyperparameters()
         self.prefetch = prefetch
+        self.dtype = dtype
         self.renderer = None
         self._prefetcher: SideStreamPrefetch | None = None
         self._loaders: dict[str, KeyBatches] = {}
@@ -169,8 +174,19 @@ class FractalDataModule(pl.LightningDataModule):
         name = f"cuda:{device.index or 0}" if device is not None and device.type == "cuda" else "cpu"
         self.renderer = make_renderer(self.recipe, size=self.size, seed=self.seed, device=name)
         self.channels_last = name != "cpu"
+        self.input_dtype = self._input_dtype(on_cuda=name != "cpu")
         if self.prefetch and name != "cpu":
             self._prefetcher = SideStreamPrefetch(self._render, device)
+
+    def _input_dtype(self, on_cuda: bool) -> str:
+        """The dtype batches are rendered in (see ``dtype``); bfloat16 needs a bf16 precision to run."""
+        precision = str(self.trainer.precision) if self.trainer is not None else "32-true"
+        bf16 = precision.startswith("bf16")
+        if self.dtype == "auto":
+            return "bfloat16" if on_cuda and bf16 else "float32"
+        if self.dtype == "bfloat16" and not bf16:
+            raise ConfigError(f"data.dtype=bfloat16 needs trainer.precision bf16-mixed or bf16-true, not {precision}")
+        return self.dtype
 
     def _world(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -195,7 +211,7 @@ class FractalDataModule(pl.LightningDataModule):
         return self._loaders["val"]
 
     def _render(self, indices: np.ndarray, epoch: int):
-        return self.renderer.render_tensor(indices, epoch, dtype="float32", channels_last=self.channels_last,
+        return self.renderer.render_tensor(indices, epoch, dtype=self.input_dtype, channels_last=self.channels_last,
                                            mean=self.mean, std=self.std)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

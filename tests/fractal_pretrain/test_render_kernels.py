@@ -153,6 +153,10 @@ def test_layouts_dtypes_and_labels_on_device(backend):
     assert torch.equal(nchw, nhwc.contiguous())
     floats, _ = kernels.render_tensor(np.arange(8), dtype="float32", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     torch.testing.assert_close(floats, nchw.float() / 127.5 - 1.0, atol=1e-5, rtol=0)
+    imagenet, _ = kernels.render_tensor(np.arange(8), dtype="float32", channels_last=True)
+    bf16, _ = kernels.render_tensor(np.arange(8), dtype="bfloat16", channels_last=True)
+    assert bf16.dtype == torch.bfloat16 and bf16.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(bf16, imagenet.to(torch.bfloat16))  # the kernel rounds like torch: to nearest even
     assert labels.shape == (8, recipe.num_classes) and labels.device == kernels.torch_device
     host = make_renderer(recipe, size=64, seed=0, bank=kernels.bank).render(np.arange(8))
     np.testing.assert_array_equal(labels.cpu().numpy(), host.labels)

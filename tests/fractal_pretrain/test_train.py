@@ -136,6 +136,35 @@ def test_bad_value_names_the_key(tmp_path, capsys):
     assert "data.size=3" in capsys.readouterr().err
 
 
+def test_bfloat16_batches_train_under_bf16_precision_only(tmp_path, capsys):
+    # bfloat16 batches (the CUDA default under bf16 precision, rendered as the float32 values rounded to
+    # nearest even) feed a bf16 autocast; with float32 weights and no autocast they could not run.
+    assert main(fit_args(tmp_path / "bad", "--data.dtype", "bfloat16")) == 2
+    assert "data.dtype=bfloat16" in capsys.readouterr().err
+    args = fit_args(tmp_path, "--trainer.max_steps", "2", "--trainer.precision", "bf16-mixed", "--data.dtype",
+                    "bfloat16", "--data.val_samples", "8", "--trainer.val_check_interval", "2")
+    assert main(args) == 0
+    header, *rows = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    assert "val/top1" in header and rows
+
+
+@pytest.mark.parametrize("dtype,precision,expected", [("auto", "bf16-mixed", torch.float32),
+                                                      ("bfloat16", "bf16-mixed", torch.bfloat16),
+                                                      ("float32", "bf16-mixed", torch.float32)])
+def test_batch_dtype_on_cpu(dtype, precision, expected):
+    import lightning.pytorch as pl
+
+    from fractal_pretrain.train.data import FractalDataModule
+
+    data = FractalDataModule("anderson", {"num_classes": 10, "num_points": 500}, size=16, batch_size=2, dtype=dtype)
+    data.trainer = pl.Trainer(accelerator="cpu", precision=precision, logger=False, enable_checkpointing=False)
+    data.setup("fit")
+    images, _ = data._render(np.arange(2), 0)  # auto: bfloat16 only on CUDA
+    assert images.dtype == expected
+    torch.testing.assert_close(images.float(), data.renderer.render_tensor(np.arange(2), 0, dtype="float32")[0],
+                               atol=0.02, rtol=0.01)
+
+
 def test_multi_label_recipe_trains_and_reports_map(tmp_path):
     args = fit_args(tmp_path, "--trainer.max_steps", "2", "--data.recipe", "multiinstance",
                     "--data.recipe_overrides", "{num_classes: 10, num_points: 2000}", "--data.val_samples", "8",

@@ -200,7 +200,15 @@ __device__ inline void blur_row(const unsigned char *img, int size, int r, int c
     sums[ch] = (k1 * (float)row[left + ch] + k0 * (float)row[mid + ch]) + k1 * (float)row[right + ch];
 }
 
-// out_kind: 0 uint8, 1 float32 normalised ((x / 255 - mean) / std). channels_last: NHWC, else NCHW.
+// float32 -> bfloat16 bits, rounded to nearest even (torch's .to(torch.bfloat16)); inputs are finite.
+__device__ inline unsigned short bfloat16_bits(float f) {
+  const u32 bits = __float_as_uint(f);
+  return (unsigned short)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+// out_kind: 0 uint8, 1 float32 normalised ((x / 255 - mean) / std), 2 the same rounded to bfloat16 (what
+// a bf16 autocast would do to float32 input, without writing and reading the float32 tensor).
+// channels_last: NHWC, else NCHW.
 // Grid (runs, samples): a thread walks `band` rows down one column of an image (run = band index x size +
 // column), so the blur's horizontal sums of a row are computed once and used by the three output rows
 // they touch (separable, in the reference's operation order: the same floats).
@@ -238,8 +246,10 @@ extern "C" __global__ void finish(int size, int band, const float *sample_f, con
 #pragma unroll
     for (int ch = 0; ch < 3; ++ch) {
       const long long at = channels_last ? ((long long)b * pixels + q) * 3 + ch : ((long long)b * 3 + ch) * pixels + q;
+      const float x = ((float)v[ch] * (float)(1.0 / 255.0) - mean[ch]) / std[ch];
       if (out_kind == 0) ((unsigned char *)out)[at] = v[ch];
-      else ((float *)out)[at] = ((float)v[ch] * (float)(1.0 / 255.0) - mean[ch]) / std[ch];
+      else if (out_kind == 1) ((float *)out)[at] = x;
+      else ((unsigned short *)out)[at] = bfloat16_bits(x);
     }
   }
 }
