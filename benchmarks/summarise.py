@@ -42,8 +42,8 @@ def train_table(train: list[dict]) -> list[str]:
     out = ["| arch | ceiling img/s | end to end | ratio | prefetch | ratio | render ms / batch |",
            "|---|---|---|---|---|---|---|"]
     for r in train:
-        out.append(f"| {r['arch']}{' (compile)' if r.get('compile') else ''}{', ' + r['dtype'] if 'dtype' in r else ''} "
-                   f"| {r['ceiling_img_s']:,.0f} "
+        arch = r["arch"] + (" (compile)" if r.get("compile") else "") + (f", {r['dtype']}" if "dtype" in r else "")
+        out.append(f"| {arch} | {r['ceiling_img_s']:,.0f} "
                    f"| {r['end_to_end_img_s']:,.0f} | {r['ratio']:.3f} | {r['prefetch_img_s']:,.0f} "
                    f"| {r['prefetch_ratio']:.3f} | {r['render_ms_per_batch']} |")
     return out
