@@ -168,7 +168,7 @@ class CupyRenderer(Renderer):
         self._bank_num_maps = torch.from_numpy(self.bank.num_maps.astype(np.int32)).to(self.torch_device)
         self._ri = torch.from_numpy(recipe_ints(recipe, size)).to(self.torch_device)
         self._rf = torch.from_numpy(recipe_floats(recipe)).to(self.torch_device)
-        hist_bytes = self.side * self.side * 4
+        hist_bytes = self.side * (self.side + 1) * 4  # chaos.cu: shared rows padded by a word
         self.shared_optin = H100_SHARED_OPTIN if emulate else self._shared_optin()
         self.use_shared = not force_global_histogram and hist_bytes + STATIC_SHARED_BYTES <= self.shared_optin
         self._norm_cache: dict[tuple, tuple] = {}
@@ -240,7 +240,7 @@ class CupyRenderer(Renderer):
             target = t["canvas"]
             if self.recipe.multi_object:
                 target = t["objects"] = torch.empty((items, side, side, 3), dtype=torch.uint8, device=dev)
-            shared = side * side * 4 if self.use_shared else 0
+            shared = side * (side + 1) * 4 if self.use_shared else 0
             hist = torch.empty(1 if self.use_shared else items * side * side, dtype=torch.int32, device=dev)
             choices = torch.empty(max(1, items * self.choice_words * self.recipe.chains), dtype=torch.int32, device=dev)
             point_masks = self.recipe.patch == "point"

@@ -7,7 +7,8 @@
 //   or the object buffer.
 // Hot pixels (one pixel can take 18% of all points): lanes of a warp that hit the same pixel in the
 // same step are merged with __match_any_sync into one atomicAdd; the histogram lives in shared memory
-// when it fits (dynamic shared size = side * side * 4 bytes) and in a global scratch otherwise.
+// when it fits (dynamic shared size = side * (side + 1) * 4 bytes: rows padded by a word so that lanes
+// walking adjacent rows hit different banks) and in a global scratch otherwise.
 #include "common.cuh"
 
 #define F_INF __int_as_float(0x7f800000)
@@ -139,33 +140,41 @@ struct Window {
   u32 v[3][3];
 };
 
+// An item's histogram: side x side counts, `pitch` words per row (side + 1 in shared memory, else side).
+struct Histogram {
+  u32 *counts;
+  int side, pitch;
+  __device__ u32 &at(int r, int c) const { return counts[r * pitch + c]; }
+};
+
 // The line at `along` that enters the window of (along - 1, across): hist at (along, across + 1 - dx).
 template <bool ALONG_ROWS>
-__device__ inline void read_line(const u32 *hist, int side, int along, int across, u32 *line) {
+__device__ inline void read_line(const Histogram &hist, int along, int across, u32 *line) {
+  const int side = hist.side;
   const bool in = along >= 0 && along < side;
   const int a = in ? along : 0;
 #pragma unroll
   for (int dx = 0; dx < 3; ++dx) {
     const int x = across + 1 - dx;
     const bool inside = in && (dx != 0 || x < side) && (dx != 2 || x >= 0);
-    line[dx] = inside ? hist[ALONG_ROWS ? x * side + a : a * side + x] : 0u;
+    line[dx] = inside ? (ALONG_ROWS ? hist.at(x, a) : hist.at(a, x)) : 0u;
   }
 }
 
 template <bool ALONG_ROWS>
-__device__ inline void window_at(const u32 *hist, int side, int along, int across, Window &win) {
+__device__ inline void window_at(const Histogram &hist, int along, int across, Window &win) {
 #pragma unroll
-  for (int da = 0; da < 3; ++da) read_line<ALONG_ROWS>(hist, side, along + 1 - da, across, win.v[da]);
+  for (int da = 0; da < 3; ++da) read_line<ALONG_ROWS>(hist, along + 1 - da, across, win.v[da]);
 }
 
 template <bool ALONG_ROWS>
-__device__ inline void window_next(const u32 *hist, int side, int along, int across, Window &win) {  // to along + 1
+__device__ inline void window_next(const Histogram &hist, int along, int across, Window &win) {  // to along + 1
 #pragma unroll
   for (int k = 0; k < 3; ++k) {
     win.v[2][k] = win.v[1][k];
     win.v[1][k] = win.v[0][k];
   }
-  read_line<ALONG_ROWS>(hist, side, along + 2, across, win.v[0]);
+  read_line<ALONG_ROWS>(hist, along + 2, across, win.v[0]);
 }
 
 // The item's patch: weight[dr * 3 + dc] = 1 where its mask has bit dr * 3 + dc, so that a graded stamp
@@ -207,15 +216,16 @@ __device__ inline u32 stamped_value(const Window &win, const Patch &patch) {
 // write, unflipped) adjacent pixels of a row; walking along rows they write adjacent pixels of a
 // transposed row, and their reads of adjacent rows hit the cache line the lane read one step before.
 template <bool ALONG_ROWS, typename Visit>
-__device__ inline void for_each_stamped(const u32 *hist, int side, const Patch &patch, Visit visit) {
+__device__ inline void for_each_stamped(const Histogram &hist, const Patch &patch, Visit visit) {
+  const int side = hist.side;
   const int bands = side >= (int)blockDim.x ? 1 : (int)blockDim.x / side;
   const int len = (side + bands - 1) / bands;
   for (int run = threadIdx.x; run < side * bands; run += blockDim.x) {
     const int across = run % side, a0 = run / side * len, a1 = min(a0 + len, side);
     Window win;
-    if (a0 < a1) window_at<ALONG_ROWS>(hist, side, a0, across, win);
+    if (a0 < a1) window_at<ALONG_ROWS>(hist, a0, across, win);
     for (int along = a0; along < a1; ++along) {
-      if (along > a0) window_next<ALONG_ROWS>(hist, side, along - 1, across, win);
+      if (along > a0) window_next<ALONG_ROWS>(hist, along - 1, across, win);
       const u32 value = stamped_value<ALONG_ROWS>(win, patch);
       if (ALONG_ROWS) visit(across, along, value);
       else visit(along, across, value);
@@ -243,8 +253,9 @@ __device__ inline void render_item(const long long *indices, u32 seed, u32 epoch
     return;
   }
   for (int i = threadIdx.x; i < ITEM_FLOATS; i += blockDim.x) params[i] = item_f[(long long)item * ITEM_FLOATS + i];
-  u32 *hist = use_shared ? shared_hist : hist_global + (long long)item * side * side;
-  for (int i = threadIdx.x; i < side * side; i += blockDim.x) hist[i] = 0u;
+  const Histogram hist = use_shared ? Histogram{shared_hist, side, side + 1}
+                                    : Histogram{hist_global + (long long)item * side * side, side, side};
+  for (int i = threadIdx.x; i < side * hist.pitch; i += blockDim.x) hist.counts[i] = 0u;
   __syncthreads();
 
   const int steps = burn_in + (num_points + chains - 1) / chains;
@@ -296,15 +307,15 @@ __device__ inline void render_item(const long long *indices, u32 seed, u32 epoch
       if ((unsigned)(s - burn_in) < (unsigned)recorded) {
         float vr = (x - lo_x) * px_x;
         float vc = (y - lo_y) * px_y;
-        if (vr >= 0.0f && vr < edge && vc >= 0.0f && vc < edge) pixel = (int)vr * side + (int)vc;
+        if (vr >= 0.0f && vr < edge && vc >= 0.0f && vc < edge) pixel = (int)vr * hist.pitch + (int)vc;
       }
       if (point.on) {
-        if (pixel >= 0) atomicOr(&hist[pixel], 1u + (u32)to_int(point.word, 511));
+        if (pixel >= 0) atomicOr(&hist.counts[pixel], 1u + (u32)to_int(point.word, 511));
       } else {
         unsigned active = __activemask();
         int key = pixel >= 0 ? pixel : -1 - (int)lane;  // misses never merge
         unsigned same = __match_any_sync(active, key);
-        if (pixel >= 0 && lane == (unsigned)(__ffs(same) - 1)) atomicAdd(&hist[pixel], (u32)__popc(same));
+        if (pixel >= 0 && lane == (unsigned)(__ffs(same) - 1)) atomicAdd(&hist.counts[pixel], (u32)__popc(same));
       }
     };
     if (PER_POINT) run_chain(chain, true, column, chains, bin);
@@ -320,7 +331,7 @@ __device__ inline void render_item(const long long *indices, u32 seed, u32 epoch
   const bool binary = ri[RI_BINARY] || per_point;
   if (!binary) {
     u32 local = 0;
-    for_each_stamped<false>(hist, side, patch, [&](int, int, u32 v) { local = v > local ? v : local; });
+    for_each_stamped<false>(hist, patch, [&](int, int, u32 v) { local = v > local ? v : local; });
     peak = block_reduce((float)local, scratch, true);
   }
   // The item's colours as a table: its saturation and value are fixed, so RGB depends on the hue byte only.
@@ -358,10 +369,9 @@ __device__ inline void render_item(const long long *indices, u32 seed, u32 epoch
     px[2] = (unsigned char)(rgb >> 16);
   };
   // Transposing flips write a source column to a destination row: walk along rows then, so that a warp's
-  // writes stay adjacent. Not for a shared-memory histogram, whose rows are side words apart: lanes on
-  // adjacent rows would hit the same bank.
-  if ((flips & 1) && !use_shared) for_each_stamped<true>(hist, side, patch, colour);
-  else for_each_stamped<false>(hist, side, patch, colour);
+  // writes stay adjacent.
+  if (flips & 1) for_each_stamped<true>(hist, patch, colour);
+  else for_each_stamped<false>(hist, patch, colour);
 }
 
 // Up to 1024 threads (recipes.MAX_CHAINS): registers are capped so that any chain count can launch.
