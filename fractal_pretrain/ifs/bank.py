@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import pickle
+import sys
 import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -383,14 +384,14 @@ def _build_system(spec: BankSpec, seed: int, k: int) -> tuple[np.ndarray, int]:
 
 
 def _progress(indices: Iterable[int], enabled: bool, total: int) -> Iterable[int]:
-    """Wraps ``indices`` in a tqdm bar when asked and tqdm is installed."""
+    """Wraps ``indices`` in a tqdm bar when asked, tqdm is installed and stderr is a terminal."""
     if not enabled:
         return indices
     try:
         from tqdm.auto import tqdm
     except ImportError:
         return indices
-    return tqdm(indices, total=total, desc="bank", unit="system")
+    return tqdm(indices, total=total, desc="bank", unit="system", disable=None)
 
 
 def build_bank(spec: BankSpec, seed: int, *, progress: bool = False) -> SystemBank:
@@ -458,6 +459,9 @@ def cached_bank(spec: BankSpec, seed: int, cache_dir: Path | None = None) -> Sys
     path = bank_path(spec, seed, cache_dir)
     if path.is_file():
         return SystemBank.load(path)
-    bank = build_bank(spec, seed)
+    # Once per cache folder, and it can take a minute (fractaldb's fill-rate filter): say so.
+    print(f"fractal_pretrain: building the {spec.sampler} bank of {spec.num_systems} systems (seed {seed}), "
+          f"cached as {path}", file=sys.stderr, flush=True)
+    bank = build_bank(spec, seed, progress=True)
     bank.save(path)
     return bank

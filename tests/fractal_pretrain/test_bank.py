@@ -266,7 +266,7 @@ def test_validate_in_memory_bank(svd_bank: SystemBank) -> None:
 
 
 def test_cached_bank_builds_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, svd_bank: SystemBank
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, svd_bank: SystemBank, capsys: pytest.CaptureFixture
 ) -> None:
     monkeypatch.setenv("FRACTAL_PRETRAIN_CACHE", str(tmp_path / "cache"))
     calls = []
@@ -283,8 +283,10 @@ def test_cached_bank_builds_once(
     npz = files[1]
     assert npz.name == f"bank-svd-3-{SMALL_SVD.cache_key()}.npz"
     mtime = os.stat(npz).st_mtime_ns
+    assert f"building the svd bank of {SMALL_SVD.num_systems} systems (seed 3)" in capsys.readouterr().err
     second = cached_bank(SMALL_SVD, 3)
     assert len(calls) == 1
+    assert capsys.readouterr().err == ""  # loading says nothing
     assert os.stat(npz).st_mtime_ns == mtime
     np.testing.assert_array_equal(first.maps, svd_bank.maps)
     np.testing.assert_array_equal(second.maps, svd_bank.maps)
