@@ -26,6 +26,7 @@ for name, size, force_global, overrides in cases:
     recipe = get_recipe(name, {"num_classes": 10, "num_points": 1000, **overrides})
     renderer = CupyRenderer(recipe, size=size, seed=1, emulate=True, force_global_histogram=force_global)
     images, _ = renderer.render_tensor(np.arange(3), dtype="float32")
+    images, _ = renderer.render_tensor(np.arange(3), dtype="bfloat16", channels_last=True)
     images, _ = renderer.render_tensor(np.arange(3), dtype="uint8", channels_last=True)
     print("ok", name, size, force_global, flush=True)
 """
