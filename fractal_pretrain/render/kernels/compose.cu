@@ -246,9 +246,12 @@ extern "C" __global__ void finish(int size, int band, const float *sample_f, con
 #pragma unroll
     for (int ch = 0; ch < 3; ++ch) {
       const long long at = channels_last ? ((long long)b * pixels + q) * 3 + ch : ((long long)b * 3 + ch) * pixels + q;
+      if (out_kind == 0) {
+        ((unsigned char *)out)[at] = v[ch];
+        continue;
+      }
       const float x = ((float)v[ch] * (float)(1.0 / 255.0) - mean[ch]) / std[ch];
-      if (out_kind == 0) ((unsigned char *)out)[at] = v[ch];
-      else if (out_kind == 1) ((float *)out)[at] = x;
+      if (out_kind == 1) ((float *)out)[at] = x;
       else ((unsigned short *)out)[at] = bfloat16_bits(x);
     }
   }
