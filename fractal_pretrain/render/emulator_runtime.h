@@ -298,26 +298,17 @@ template <typename T>
 T __ldg(const T *p) {
   return *p;
 }
-inline float __int_as_float(int i) {
-  float f;
-  memcpy(&f, &i, 4);
-  return f;
+template <typename To, typename From>
+inline To bits_as(From from) {  // the same bits as another 4-byte type
+  static_assert(sizeof(To) == sizeof(From), "bit casts keep the size");
+  To to;
+  memcpy(&to, &from, sizeof(To));
+  return to;
 }
-inline int __float_as_int(float f) {
-  int i;
-  memcpy(&i, &f, 4);
-  return i;
-}
-inline float __uint_as_float(unsigned i) {
-  float f;
-  memcpy(&f, &i, 4);
-  return f;
-}
-inline unsigned __float_as_uint(float f) {
-  unsigned i;
-  memcpy(&i, &f, 4);
-  return i;
-}
+inline float __int_as_float(int i) { return bits_as<float>(i); }
+inline int __float_as_int(float f) { return bits_as<int>(f); }
+inline float __uint_as_float(unsigned i) { return bits_as<float>(i); }
+inline unsigned __float_as_uint(float f) { return bits_as<unsigned>(f); }
 
 #define __CUDACC__ 1
 #define __CUDA_ARCH__ 900  // the H100's feature set

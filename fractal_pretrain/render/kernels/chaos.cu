@@ -114,14 +114,10 @@ __device__ inline void replay_chain_with(const Chain &chain, const u32 *column, 
   }
 }
 
-template <typename Visit>
-__device__ inline bool run_chain(const Chain &chain, bool per_point, u32 *column, int stride, Visit visit) {
-  if (per_point) {
-    if (chain.nmaps <= 4) return run_chain_with<3, true>(chain, column, stride, visit);
-    return run_chain_with<MAX_MAPS - 1, true>(chain, column, stride, visit);
-  }
-  if (chain.nmaps <= 4) return run_chain_with<3, false>(chain, column, stride, visit);
-  return run_chain_with<MAX_MAPS - 1, false>(chain, column, stride, visit);
+template <bool PER_POINT, typename Visit>
+__device__ inline bool run_chain(const Chain &chain, u32 *column, int stride, Visit visit) {
+  if (chain.nmaps <= 4) return run_chain_with<3, PER_POINT>(chain, column, stride, visit);
+  return run_chain_with<MAX_MAPS - 1, PER_POINT>(chain, column, stride, visit);
 }
 
 template <typename Visit>
@@ -246,7 +242,6 @@ __device__ inline void render_item(const long long *indices, u32 seed, u32 epoch
   const int item = blockIdx.x;
   const int slots = ri[RI_SLOTS], side = ri[RI_SIDE], size = ri[RI_SIZE];
   const int chains = ri[RI_CHAINS], burn_in = ri[RI_BURN_IN], num_points = ri[RI_NUM_POINTS];
-  constexpr bool per_point = PER_POINT;
   const int *ii = item_i + (long long)item * ITEM_INTS;
   if (!ii[0]) {  // inactive object slot: nothing to draw
     if (threadIdx.x == 0) points[item] = 0;
@@ -268,7 +263,7 @@ __device__ inline void render_item(const long long *indices, u32 seed, u32 epoch
   // Pass 1: bounding box of recorded points; any non-finite point makes the item degenerate (then the box
   // is not used).
   float xmin = F_INF, xmax = -F_INF, ymin = F_INF, ymax = -F_INF;
-  const bool alive = run_chain(chain, per_point, column, chains, [&](int s, float x, float y, PointMask) {
+  const bool alive = run_chain<PER_POINT>(chain, column, chains, [&](int s, float x, float y, PointMask) {
     if ((unsigned)(s - burn_in) < (unsigned)recorded) {
       xmin = fminf(xmin, x); xmax = fmaxf(xmax, x);
       ymin = fminf(ymin, y); ymax = fmaxf(ymax, y);
@@ -318,7 +313,7 @@ __device__ inline void render_item(const long long *indices, u32 seed, u32 epoch
         if (pixel >= 0 && lane == (unsigned)(__ffs(same) - 1)) atomicAdd(&hist.counts[pixel], (u32)__popc(same));
       }
     };
-    if (PER_POINT) run_chain(chain, true, column, chains, bin);
+    if (PER_POINT) run_chain<true>(chain, column, chains, bin);
     else replay_chain(chain, column, chains, bin);
   }
   __syncthreads();
@@ -326,9 +321,9 @@ __device__ inline void render_item(const long long *indices, u32 seed, u32 epoch
   // Peak of the stamped counts (graded density = stamped / peak). Item values read only now, not held in
   // registers through the chaos game.
   const int flips = ii[6];
-  const Patch patch = make_patch(ii[5], per_point);
+  const Patch patch = make_patch(ii[5], PER_POINT);
   float peak = 0.0f;
-  const bool binary = ri[RI_BINARY] || per_point;
+  const bool binary = ri[RI_BINARY] || PER_POINT;
   if (!binary) {
     u32 local = 0;
     for_each_stamped<false>(hist, patch, [&](int, int, u32 v) { local = v > local ? v : local; });
