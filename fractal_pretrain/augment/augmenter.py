@@ -58,16 +58,22 @@ class BatchAugmenter:
         return sample_params(self.config, seed, epoch, indices, height, width)
 
     def transform(self, images: torch.Tensor, params: SampleParams) -> torch.Tensor:
-        """The per-sample part: crop + flip, AutoAugment, normalise, erase (float32 out)."""
-        cfg = self.config
+        """The per-sample part: crop + flip, then AutoAugment, normalise, erase (float32 out)."""
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"images of shape {tuple(images.shape)}: expected (N, 1 or 3, H, W)")
+        return self.finish(self.crop(images, params), params)
+
+    def crop(self, images: torch.Tensor, params: SampleParams) -> torch.Tensor:
+        """RandomResizedCrop + horizontal flip -> uint8 (N, C, size, size); disabled: the input as uint8."""
         pixels = images if images.dtype == torch.uint8 else images.float() * 255.0
-        if not cfg.enabled:
-            return ops.normalise(ops.quantise(pixels) if pixels.dtype != torch.uint8 else pixels, cfg.mean, cfg.std)
-        x = ops.quantise(ops.resized_crop(pixels, params.crop, cfg.size, params.hflip))
-        x = self.autoaugment(x, params)
-        x = ops.normalise(x, cfg.mean, cfg.std)
+        if not self.config.enabled:
+            return pixels if pixels.dtype == torch.uint8 else ops.quantise(pixels)
+        return ops.quantise(ops.resized_crop(pixels, params.crop, self.config.size, params.hflip))
+
+    def finish(self, images: torch.Tensor, params: SampleParams) -> torch.Tensor:
+        """AutoAugment on uint8, normalise, RandomErasing."""
+        cfg = self.config
+        x = ops.normalise(self.autoaugment(images, params), cfg.mean, cfg.std)
         if params.erase[:, 2].any():
             x = ops.erase(x, params.erase, cfg.erase_value)
         return x
