@@ -9,7 +9,7 @@ One process, one device (CUDA when available, else CPU):
     augmentation's share of the step (target < 3%).
 Prints one JSON line per measurement.
 
-    python3 benchmarks/augment_throughput.py [--batch 128] [--source 512] [--size 224] [--model resnet50]
+    python3 benchmarks/augment_throughput.py [--batch 128] [--source 512] [--size 224] [--model resnet50] [--tf32]
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ def bench_augment(args, device: torch.device) -> BatchAugmenter:
     }
     for name, fn in stages.items():
         seconds = timed(fn, args.steps, args.warmup, device)
-        print(json.dumps({"measure": name, "device": str(device), "batch": args.batch, "source": args.source,
+        print(json.dumps({"measure": name, "device": str(device), "tf32": args.tf32, "batch": args.batch,
+                          "source": args.source,
                           "size": args.size, "ms_per_batch": round(seconds * 1e3, 3),
                           "images_per_s": round(args.batch / seconds, 1)}), flush=True)
     return aug
@@ -127,6 +128,7 @@ def bench_step(args, aug: BatchAugmenter, device: torch.device) -> None:
             results.setdefault(name, []).append(timed(fn, args.steps, args.warmup, device))
     best = {name: min(values) for name, values in results.items()}
     print(json.dumps({"measure": "train_step", "arch": args.model, "device": torch.cuda.get_device_name(device),
+                      "tf32": args.tf32,
                       "batch": args.batch, "source": args.source, "size": args.size,
                       "ceiling_img_s": round(args.batch / best["ceiling"], 1),
                       "end_to_end_img_s": round(args.batch / best["end_to_end"], 1),
@@ -144,7 +146,10 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of the step comparison")
     parser.add_argument("--model", default="", help="e.g. resnet50: also time the training step (CUDA only)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--tf32", action="store_true",
+                        help="float32 matmuls on TF32 (the crop's products; rare pixels move by one level)")
     args = parser.parse_args(argv)
+    torch.set_float32_matmul_precision("high" if args.tf32 else "highest")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     aug = bench_augment(args, device)
