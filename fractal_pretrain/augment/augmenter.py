@@ -33,6 +33,7 @@ class BatchAugmenter:
         self.num_classes = num_classes
         self.out_dtype = out_dtype
         self._magnitudes: dict[tuple[int, int], np.ndarray] = {}
+        self._stats: dict[torch.device, list[torch.Tensor]] = {}  # mean, std on each device
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, *, seed: int, epoch: int, indices,
                  step: int, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +81,9 @@ class BatchAugmenter:
     def finish(self, images: torch.Tensor, params: SampleParams) -> torch.Tensor:
         """AutoAugment on uint8, normalise, RandomErasing."""
         cfg = self.config
-        x = ops.normalise(self.autoaugment(images, params), cfg.mean, cfg.std)
+        if images.device not in self._stats:
+            self._stats[images.device] = upload([np.array(cfg.mean), np.array(cfg.std)], images.device)
+        x = ops.normalise(self.autoaugment(images, params), *self._stats[images.device])
         if params.erase[:, 2].any():
             (boxes,) = upload([params.erase], images.device)
             x = ops.erase(x, boxes, cfg.erase_value)
@@ -116,8 +119,9 @@ class BatchAugmenter:
 
     def targets(self, labels: torch.Tensor, device) -> torch.Tensor:
         labels = labels.to(device, non_blocking=True)
-        if labels.ndim == 1:
-            return torch.nn.functional.one_hot(labels.long(), self.num_classes).float()
+        if labels.ndim == 1:  # one-hot by scatter: F.one_hot range-checks (a sync) on some devices
+            onehot = torch.zeros(len(labels), self.num_classes, device=device)
+            return onehot.scatter_(1, labels.long().view(-1, 1), 1.0)
         if labels.shape[-1] != self.num_classes:
             raise ValueError(f"labels of shape {tuple(labels.shape)}: expected (N,) or (N, {self.num_classes})")
         return labels.float()

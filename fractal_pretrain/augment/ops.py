@@ -39,17 +39,22 @@ def _per_sample(values, like: torch.Tensor, dtype=torch.float32) -> torch.Tensor
     return _on_device(values, like, dtype).view(-1, 1, 1, 1)
 
 
-def _fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """float32 a * b + c rounded once, as a fused multiply-add (exact in float64 for these operands)."""
-    return torch.addcmul(c.double(), a.double(), b.double()).float()
+def _fma32(a: torch.Tensor, b, c: torch.Tensor) -> torch.Tensor:
+    """float32 a * b + c rounded once, as a fused multiply-add.
+
+    The operands are 8-bit pixels and float32 values, so product and sum are exact in float64 and the
+    final cast is the only rounding. ``b``: a tensor or a float holding a float32 value.
+    """
+    b = b.double() if isinstance(b, torch.Tensor) else float(b)
+    return (a.double() * b + c.double()).float()
 
 
 def _grey(image: torch.Tensor) -> torch.Tensor:
     """torchvision's float luma of a uint8 RGB batch, floored: (N, 1, H, W) float32."""
     r, g, b = image.unbind(dim=-3)
     luma = r.float() * 0.2989
-    luma = _fma32(g, torch.tensor(0.587, dtype=torch.float32), luma)
-    luma = _fma32(b, torch.tensor(0.114, dtype=torch.float32), luma)
+    luma = _fma32(g, np.float32(0.587), luma)  # torchvision's alpha, a float32 inside add_
+    luma = _fma32(b, np.float32(0.114), luma)
     return luma.floor_().unsqueeze(-3)
 
 
@@ -118,8 +123,8 @@ def quantise(images: torch.Tensor) -> torch.Tensor:
 def normalise(images: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 -> float32 in [0, 1] -> (x - mean) / std, as ``to_dtype(scale=True)`` then ``normalize``."""
     x = images.to(torch.float32).mul_(1.0 / 255)
-    mean = torch.as_tensor(mean, dtype=torch.float32).to(x.device, non_blocking=True).view(-1, 1, 1)
-    std = torch.as_tensor(std, dtype=torch.float32).to(x.device, non_blocking=True).view(-1, 1, 1)
+    mean = _on_device(mean, x, torch.float32).view(-1, 1, 1)
+    std = _on_device(std, x, torch.float32).view(-1, 1, 1)
     return x.sub_(mean).div_(std)
 
 
@@ -159,7 +164,14 @@ def invert(images: torch.Tensor, _unused=None) -> torch.Tensor:
 
 
 def autocontrast(images: torch.Tensor, _unused=None) -> torch.Tensor:
-    return TF.autocontrast(images)  # per image and channel already
+    """torchvision's ``autocontrast_image`` with ``torch.where`` for its masked assignments (no nonzero)."""
+    x = images.to(torch.float32)
+    low = x.amin(dim=(-2, -1), keepdim=True)
+    high = x.amax(dim=(-2, -1), keepdim=True)
+    flat = high == low
+    inv_scale = torch.where(flat, torch.ones_like(low), (high - low).mul_(1.0 / 255))
+    low = torch.where(flat, torch.zeros_like(low), low)
+    return x.sub_(low).div_(inv_scale).clamp_(0, 255).to(images.dtype)
 
 
 def equalize(images: torch.Tensor, _unused=None) -> torch.Tensor:
@@ -184,10 +196,10 @@ def sharpness(images: torch.Tensor, magnitude) -> torch.Tensor:
     n, c, height, width = images.shape
     if height <= 2 or width <= 2:
         return images
-    a, b = 1.0 / 13.0, 5.0 / 13.0
-    kernel = torch.tensor([[a, a, a], [a, b, a], [a, a, a]], dtype=torch.float32, device=images.device)
+    kernel = torch.full((c, 1, 3, 3), 1.0 / 13.0, dtype=torch.float32, device=images.device)
+    kernel[:, :, 1, 1] = 5.0 / 13.0  # filled on the device: no host-to-device copy
     out = images.to(torch.float32)
-    smooth = F.conv2d(out, kernel.expand(c, 1, 3, 3), groups=c).round_()
+    smooth = F.conv2d(out, kernel, groups=c).round_()
     interior = out[..., 1:-1, 1:-1]
     alpha = (1.0 - (1.0 + _per_sample(magnitude, images, torch.float64))).float()
     out[..., 1:-1, 1:-1] = _fma32(smooth - interior, alpha, interior)
@@ -233,7 +245,9 @@ def warp_nearest(images: torch.Tensor, matrices) -> torch.Tensor:
     base[..., 1].copy_(torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, steps=height,
                                       device=device).unsqueeze_(-1))
     base[..., 2].fill_(1)
-    scaled = theta.transpose(1, 2).div_(torch.tensor([0.5 * width, 0.5 * height], device=device))
+    scaled = theta.transpose(1, 2).clone()  # (N, 3, 2), divided per column as torchvision does
+    scaled[..., 0] /= 0.5 * width
+    scaled[..., 1] /= 0.5 * height
     grid = base.view(1, height * width, 3).expand(n, -1, -1).bmm(scaled).view(n, height, width, 2)
     out = F.grid_sample(images.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
     return out.round_().to(images.dtype)
