@@ -44,7 +44,8 @@ class BatchAugmenter:
             labels: (N,) int64 class indices, or (N, num_classes) multi-hot / soft targets.
             seed, epoch: the run's seed and the epoch, as for rendering.
             indices: (N,) global sample indices, on the host (NumPy, list or CPU tensor).
-            step, rank: the optimiser step within the epoch and the rank; they key the batch mix.
+            step, rank: key the batch mix with (seed, epoch): the step (within the epoch or global, as
+                long as a resume gives the same number again) and this process's rank (< 65536).
 
         Returns:
             images (N, C, size, size) normalised, ``out_dtype``; targets (N, num_classes) float32,
@@ -52,6 +53,8 @@ class BatchAugmenter:
             ``cross_entropy(logits, targets)``, which equals lam * CE(y) + (1 - lam) * CE(y_partner).
         """
         indices = _host_indices(indices, len(images))
+        if len(labels) != len(images):
+            raise ValueError(f"{len(labels)} labels for a batch of {len(images)}")
         params = self.sample_params(images, seed, epoch, indices)
         x = self.transform(images, params)
         size = x.shape[-1]
@@ -119,11 +122,11 @@ class BatchAugmenter:
 
     def targets(self, labels: torch.Tensor, device) -> torch.Tensor:
         labels = labels.to(device, non_blocking=True)
+        if labels.ndim not in (1, 2) or (labels.ndim == 2 and labels.shape[-1] != self.num_classes):
+            raise ValueError(f"labels of shape {tuple(labels.shape)}: expected (N,) or (N, {self.num_classes})")
         if labels.ndim == 1:  # one-hot by scatter: F.one_hot range-checks (a sync) on some devices
             onehot = torch.zeros(len(labels), self.num_classes, device=device)
             return onehot.scatter_(1, labels.long().view(-1, 1), 1.0)
-        if labels.shape[-1] != self.num_classes:
-            raise ValueError(f"labels of shape {tuple(labels.shape)}: expected (N,) or (N, {self.num_classes})")
         return labels.float()
 
     def _magnitude_table(self, height: int, width: int) -> np.ndarray:

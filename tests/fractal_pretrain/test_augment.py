@@ -5,7 +5,6 @@ Run: PYTHONPATH=$PWD .venv/bin/python -m pytest tests/fractal_pretrain/test_augm
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
