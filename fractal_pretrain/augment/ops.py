@@ -9,6 +9,11 @@ tensors that arrived in one pinned copy per batch. AutoAugment ops come as ``(pr
 ``prepare`` turns magnitudes into per-sample parameters on the host (affine matrices, bit masks),
 ``apply`` runs on the device; ``apply_op`` chains the two.
 
+Why not kornia: its batched ops take float images in [0, 1] and skip the uint8 rounding and
+truncation that define torchvision's (and PIL's) results, and its crop-and-resize samples a grid without
+antialiasing, so none of them could equal torchvision's output. The ops here are compact torch code
+plus torchvision's own batch-capable kernels where they exist (invert, equalize).
+
 Deliberate differences (tested with these tolerances in tests/fractal_pretrain/test_augment_ops.py):
 - ``resized_crop`` is antialiased bilinear as ``torch.nn.functional.interpolate(antialias=True)``,
   done as two batched matrix products with per-sample weight matrices (the same triangle-filter

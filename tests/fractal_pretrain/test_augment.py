@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torchvision.transforms import AutoAugment, AutoAugmentPolicy
 from torchvision.transforms.v2 import functional as TF
 
-from fractal_pretrain.augment import AugmentConfig, BatchAugmenter
+from fractal_pretrain.augment import AugmentConfig, BatchAugmenter, apply_mix
 from fractal_pretrain.augment.params import mix_params, sample_params
 from fractal_pretrain.config import ConfigError
 from test_augment_ops import tv_apply
@@ -198,6 +198,21 @@ def test_cutmix_and_mixup_on_images_and_targets():
     mix = mix_params(aug.config, 0, 0, 4, 0, 8, 32, 32)
     assert mix.mode == "mixup"
     torch.testing.assert_close(out, mix.lam * clean + (1 - mix.lam) * clean[mix.partner])
+
+
+def test_soft_targets_give_timms_mixup_loss_with_label_smoothing():
+    """F.cross_entropy(label_smoothing=eps) on our targets == timm's SoftTargetCrossEntropy on mixup_target."""
+    timm_loss = pytest.importorskip("timm.loss")
+    from timm.data.mixup import mixup_target
+
+    labels = torch.tensor([3, 0, 7, 7, 1, 5])
+    mix = mix_params(AugmentConfig(enabled=True, mix_p=1.0, cutmix_p=0.0), 0, 0, 2, 0, 6, 32, 32)
+    mix = type(mix)(mix.mode, mix.lam, np.arange(6)[::-1].copy(), mix.box)  # timm pairs with the flipped batch
+    _, targets = apply_mix(torch.zeros(6, 3, 4, 4), F.one_hot(labels, 10).float(), mix)
+    logits = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
+    for eps in (0.0, 0.1):
+        expected = timm_loss.SoftTargetCrossEntropy()(logits, mixup_target(labels, 10, lam=mix.lam, smoothing=eps))
+        torch.testing.assert_close(F.cross_entropy(logits, targets, label_smoothing=eps), expected)
 
 
 def test_multihot_labels_and_bfloat16_output():
