@@ -1,0 +1,340 @@
+"""NumPy reference of the Mandelbulb-variation ray marcher: the exact semantics ``kernels/mandelbulb.cu`` mirrors.
+
+The published generator's fragment shader (RistoranteRist/MandelbulbVariationsGenerator, strong_recipes.md
+section 2.2), per ray of a pixel:
+
+* distance estimator from a point c: z <- c, dr <- 1; up to 100 iterations while r = |z| <= 4:
+  theta = acos(z_z / r), phi = atan2(z_y, z_x), dr <- r^p p dr + 1 (``derivative``), and each axis of
+  z <- r^p (+-sin|cos of p theta|p phi, by the rule bits) + c; orbit traps min |z_z|, min |z|_1 / 1.5,
+  min |z| after each step; DE = 0.5 ln(r) r / dr (r of the last iteration's start);
+* sphere tracing from the camera (distance 2.5, screen [-0.5, 0.5]^2 at depth 1): up to 1000 steps,
+  a hit when DE <= 1e-3, object pixel when the distance L < 10;
+* colour col1 clamp(trap_0) + col2 clamp(trap_1^10) + col3 clamp(trap_2^10), times 0.3 + 0.9 max(0, l . -n)
+  (n = normalised central-difference gradient, eps 1e-3; light at (-10, 10, 10); ``diffuse_normal``),
+  times r^2 (r = |hit|), plus 0.2 when a shadow ray from hit + n / 1e5 toward the light escapes
+  (10000 steps, threshold 1e-4, L >= 10000; ``shadow``); clamped to [0, 1] per ray.
+
+Bit-identical by construction, not by tolerance: everything here is float32 +, -, *, /, sqrt and
+comparisons (IEEE-exact in NumPy, in g++ with -ffp-contract=off and in NVRTC with --fmad=false), in one
+fixed order. The transcendental functions of the shader are avoided or written out:
+
+* cos/sin(p theta) and cos/sin(p phi) are the real/imaginary parts of (cos t + i sin t)^p, with
+  cos theta = z_z / r, sin theta = rho / r, cos phi = z_x / rho, sin phi = z_y / rho (rho = |(z_x, z_y)|;
+  phi = 0 when rho = 0): no acos, atan2, sin or cos; the integer power is a fixed square-and-multiply;
+* r^p by the same square-and-multiply (p is an integer), the trap powers ^10 likewise, and the
+  trap |z_z|^0.1 stored as |z_z| (the shader raises it to the power 10 again: the same weight);
+* ln r by Cephes' float32 logf (frexp is exact everywhere).
+
+Mathematically this is the shader's estimator; numerically it differs from GLSL's pow/acos/atan2 in the
+last bits, as GLSL implementations differ among themselves, which moves individual surface pixels but not
+the distribution (tests/fractal_pretrain/test_mandelbulb.py checks the published coverage statistics).
+
+``early_exit`` stops a primary ray once L >= 10 and a shadow ray once L >= 10000: L only grows (a step
+adds DE > threshold > 0), so the outcome is already decided and the image is identical.
+
+Images: a sprite per object (premultiplied RGB and alpha, uint8, ``supersample``^2 rays per pixel averaged
+with a box filter), pasted in slot order over the background with its own alpha.
+"""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+
+from fractal_pretrain.mandelbulb.params import MandelbulbItems, MandelbulbSamples
+from fractal_pretrain.mandelbulb.recipe import MandelbulbRecipe
+from fractal_pretrain.render import reference as ifs_reference
+
+F32 = np.float32
+
+MAX_ITERATIONS = 100
+BAILOUT = F32(4.0)
+TRAP_START = F32(1e20)
+PRIMARY_STEPS, PRIMARY_THRESHOLD, PRIMARY_LIMIT = 1000, F32(1e-3), F32(10.0)
+SHADOW_STEPS, SHADOW_THRESHOLD, SHADOW_LIMIT = 10000, F32(1e-4), F32(10000.0)
+SHADOW_OFFSET_DIVISOR = F32(100000.0)
+NORMAL_EPS = F32(1e-3)
+LIGHT = (F32(-10.0), F32(10.0), F32(10.0))
+AMBIENT, DIFFUSE, SHADOW_LIGHT = F32(0.3), F32(0.9), F32(0.2)
+POWER_BITS = 5  # square-and-multiply rounds: powers up to 31
+BACKGROUND_LEVEL = {"white": 255, "black": 0}
+
+# Cephes logf.
+_SQRTHF = F32(0.707106781186547524)
+_LOG_P = tuple(F32(c) for c in (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1,
+                                 1.4249322787e-1, -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1,
+                                 3.3333331174e-1))
+_LOG_Q1, _LOG_Q2 = F32(-2.12194440e-4), F32(0.693359375)
+
+
+def log32(x: np.ndarray) -> np.ndarray:
+    """Natural log in float32 arithmetic (Cephes logf) for x > 0; -inf for 0 and NaN below or for NaN."""
+    x = np.asarray(x, dtype=F32)
+    m, e = np.frexp(x)
+    m = m.astype(F32)
+    small = m < _SQRTHF
+    e = (e - small.astype(e.dtype)).astype(F32)
+    m = np.where(small, (m + m) - F32(1.0), m - F32(1.0)).astype(F32)
+    z = m * m
+    y = _LOG_P[0]
+    for c in _LOG_P[1:]:
+        y = y * m + c
+    y = (y * m) * z
+    y = y + _LOG_Q1 * e
+    y = y - F32(0.5) * z
+    out = m + y
+    out = out + _LOG_Q2 * e
+    out = np.where(x > F32(0.0), out, np.where(x == F32(0.0), F32(-np.inf), F32(np.nan)))
+    return out.astype(F32)
+
+
+def _select(take: np.ndarray, new, old):
+    """np.where(take, new(), old), skipping the arithmetic where no lane takes it (same values)."""
+    if take.all():
+        return new()
+    if not take.any():
+        return old
+    return np.where(take, new(), old)
+
+
+def ipow(x: np.ndarray, p) -> np.ndarray:
+    """x^p for integers 0 <= p < 32 by a fixed five-round square-and-multiply (float32)."""
+    acc = np.ones_like(x)
+    base = x
+    p = np.broadcast_to(np.asarray(p), np.shape(x))
+    for k in range(POWER_BITS):
+        acc = _select((p >> k) & 1 == 1, lambda: acc * base, acc)
+        base = base * base
+    return acc
+
+
+def cpow(c: np.ndarray, s: np.ndarray, p) -> tuple[np.ndarray, np.ndarray]:
+    """(cos p t, sin p t) from (cos t, sin t): (c + i s)^p by the same square-and-multiply."""
+    rc, rs = np.ones_like(c), np.zeros_like(s)
+    p = np.broadcast_to(np.asarray(p), np.shape(c))
+    for k in range(POWER_BITS):
+        take = (p >> k) & 1 == 1
+        rc, rs = _select(take, lambda: rc * c - rs * s, rc), _select(take, lambda: rc * s + rs * c, rs)
+        c, s = c * c - s * s, c * s + s * c
+    return rc, rs
+
+
+def _lt_min(v, t):
+    """min in the kernels' form ``v < t ? v : t`` (the NaN case must match too)."""
+    return np.where(v < t, v, t)
+
+
+def rule_bits(rule: np.ndarray) -> np.ndarray:
+    """(9, N) bool: per axis x, y, z the bits sin (vs cos), theta (vs phi), negative, MSB first."""
+    return np.stack([((np.asarray(rule) >> (8 - k)) & 1) == 1 for k in range(9)])
+
+
+def distance(cx, cy, cz, power, rule, textbook: bool):
+    """DE and the three orbit traps of points c (float32 arrays), per-point power and rule."""
+    n = len(cx)
+    zx, zy, zz = cx.copy(), cy.copy(), cz.copy()
+    dr = np.ones(n, dtype=F32)
+    r = np.zeros(n, dtype=F32)
+    traps = [np.full(n, TRAP_START, dtype=F32) for _ in range(3)]
+    bits = rule_bits(rule)
+    pw = F32(1.0) * power.astype(F32)
+    live = np.arange(n)
+    with np.errstate(all="ignore"):
+        for _ in range(MAX_ITERATIONS):
+            x, y, z = zx[live], zy[live], zz[live]
+            rr = np.sqrt((x * x + y * y) + z * z)
+            r[live] = rr
+            going = ~(rr > BAILOUT)
+            live, x, y, z, rr = live[going], x[going], y[going], z[going], rr[going]
+            if live.size == 0:
+                break
+            p = power[live]
+            rho = np.sqrt(x * x + y * y)
+            ct, st = z / rr, rho / rr
+            flat = ~(rho > F32(0.0))
+            cp = np.where(flat, F32(1.0), x / rho)
+            sp = np.where(flat, F32(0.0), y / rho)
+            rp = ipow(rr, p)
+            grow = ipow(rr, p - 1) if textbook else rp
+            dr[live] = (grow * pw[live]) * dr[live] + F32(1.0)
+            cpt, spt = cpow(ct, st, p)
+            cpp, spp = cpow(cp, sp, p)
+            b = bits[:, live]
+            new = []
+            for axis, c in enumerate((cx, cy, cz)):
+                is_sin, is_theta, is_neg = b[3 * axis], b[3 * axis + 1], b[3 * axis + 2]
+                v = np.where(is_sin, np.where(is_theta, spt, spp), np.where(is_theta, cpt, cpp))
+                v = np.where(is_neg, -v, v)
+                new.append(rp * v + c[live])
+            x, y, z = new
+            zx[live], zy[live], zz[live] = x, y, z
+            ax, ay, az = np.abs(x), np.abs(y), np.abs(z)
+            traps[0][live] = _lt_min(az, traps[0][live])
+            traps[1][live] = _lt_min(((ax + ay) + az) / F32(1.5), traps[1][live])
+            traps[2][live] = _lt_min(np.sqrt((x * x + y * y) + z * z), traps[2][live])
+        de = ((F32(0.5) * log32(r)) * r) / dr
+    return de.astype(F32), traps
+
+
+def march(origin, direction, power, rule, textbook: bool, steps: int, threshold, limit, early_exit: bool):
+    """Sphere tracing of N rays: (L, hit-before-step-limit flag, traps at the stopping point)."""
+    n = len(power)
+    length = np.zeros(n, dtype=F32)
+    traps = [np.full(n, TRAP_START, dtype=F32) for _ in range(3)]
+    live = np.arange(n)
+    with np.errstate(all="ignore"):
+        for _ in range(steps):
+            if live.size == 0:
+                break
+            L = length[live]
+            p = [origin[a][live] + L * direction[a][live] for a in range(3)]
+            de, t = distance(*p, power[live], rule[live], textbook)
+            stop = ~(de > threshold)
+            for k in range(3):
+                traps[k][live] = t[k]
+            L = np.where(stop, L, L + de)
+            length[live] = L
+            going = ~stop
+            if early_exit:
+                going &= ~(L >= limit)
+            live = live[going]
+    return length, traps
+
+
+def normalise(v):
+    n = np.sqrt((v[0] * v[0] + v[1] * v[1]) + v[2] * v[2])
+    return [c / n for c in v]
+
+
+def clamp01(x):
+    return np.where(x > F32(1.0), F32(1.0), np.where(x > F32(0.0), x, F32(0.0)))
+
+
+def shade(recipe: MandelbulbRecipe, hit, ray, colours, traps, power, rule):
+    """(3, N) float32 colour of hit points (before the [0, 1] clamp)."""
+    textbook = recipe.derivative == "r^(p-1)"
+    with np.errstate(all="ignore"):
+        r = np.sqrt((hit[0] * hit[0] + hit[1] * hit[1]) + hit[2] * hit[2])
+        grad = []
+        for a in range(3):
+            plus = [h + NORMAL_EPS if k == a else h for k, h in enumerate(hit)]
+            minus = [h - NORMAL_EPS if k == a else h for k, h in enumerate(hit)]
+            grad.append(distance(*plus, power, rule, textbook)[0] - distance(*minus, power, rule, textbook)[0])
+        normal = normalise(grad)
+        light = normalise([LIGHT[a] - hit[a] for a in range(3)])
+        facing = [-c for c in normal] if recipe.diffuse_normal == "negated" else normal
+        d = (light[0] * facing[0] + light[1] * facing[1]) + light[2] * facing[2]
+        diffuse = DIFFUSE * np.where(d > F32(0.0), d, F32(0.0))
+        weights = (clamp01(traps[0]), clamp01(ipow(traps[1], 10)), clamp01(ipow(traps[2], 10)))
+        col = [((colours[:, 0, c] * weights[0] + colours[:, 1, c] * weights[1]) + colours[:, 2, c] * weights[2])
+               for c in range(3)]
+        col = [(c * (diffuse + AMBIENT)) * (r * r) for c in col]
+        if recipe.shadow:
+            start = [hit[a] + normal[a] / SHADOW_OFFSET_DIVISOR for a in range(3)]
+            ll, _ = march(start, light, power, rule, textbook, SHADOW_STEPS, SHADOW_THRESHOLD, SHADOW_LIMIT,
+                          recipe.early_exit)
+            lit = ll >= SHADOW_LIMIT
+            col = [np.where(lit, c + SHADOW_LIGHT, c) for c in col]
+    return np.stack(col).astype(F32)
+
+
+def screen(coord: np.ndarray, n: int) -> np.ndarray:
+    """The shader's (fragCoord * 2 - res) / res / 2 for fragment coordinates coord + 0.5 (float32)."""
+    nf = F32(n)
+    return (((coord.astype(F32) + F32(0.5)) * F32(2.0) - nf) / nf) / F32(2.0)
+
+
+def primary_rays(camera: np.ndarray, side: int, ss: int):
+    """Origins and directions (3 lists of (side, side, ss, ss) arrays) of one object's rays; the image row
+    0 is the top (the published PNGs are flipped so)."""
+    n = side * ss
+    i, j, a, b = np.meshgrid(np.arange(side), np.arange(side), np.arange(ss), np.arange(ss), indexing="ij")
+    row, col = i * ss + a, j * ss + b
+    px, py = screen(col, n), screen((n - 1) - row, n)
+    pos, s, u, d = camera
+    ray = normalise([(s[k] * px + u[k] * py) + d[k] for k in range(3)])
+    origin = [np.full(px.shape, pos[k], dtype=F32) for k in range(3)]
+    return origin, ray
+
+
+def render_sprites(recipe: MandelbulbRecipe, items: MandelbulbItems, max_side: int) -> np.ndarray:
+    """(I, max_side, max_side, 4) uint8 premultiplied RGB + alpha of each active object (zeros elsewhere).
+
+    The rays of all objects march together (one NumPy pass per step, not per object)."""
+    ss = recipe.supersample
+    textbook = recipe.derivative == "r^(p-1)"
+    sprites = np.zeros((len(items.index), max_side, max_side, 4), dtype=np.uint8)
+    active = np.flatnonzero(items.active)
+    if active.size == 0:
+        return sprites
+    rays = [primary_rays(items.camera[item], int(items.side[item]), ss) for item in active]
+    counts = [r[1][0].size for r in rays]
+    origin = [np.concatenate([r[0][k].reshape(-1) for r in rays]) for k in range(3)]
+    ray = [np.concatenate([r[1][k].reshape(-1) for r in rays]) for k in range(3)]
+    owner = np.repeat(active, counts)
+    power, rule = items.power[owner], items.rule[owner]
+    length, traps = march(origin, ray, power, rule, textbook, PRIMARY_STEPS, PRIMARY_THRESHOLD,
+                          PRIMARY_LIMIT, recipe.early_exit)
+    hit = length < PRIMARY_LIMIT
+    col = np.zeros((3, len(owner)), dtype=F32)
+    h = np.flatnonzero(hit)
+    if h.size:
+        points = [origin[k][h] + ray[k][h] * length[h] for k in range(3)]
+        col[:, h] = clamp01(shade(recipe, points, [d[h] for d in ray], items.colours[owner[h]],
+                                  [t[h] for t in traps], power[h], rule[h]))
+    start = 0
+    for item, count in zip(active, counts, strict=True):
+        side = int(items.side[item])
+        c = col[:, start:start + count].reshape(3, side, side, ss, ss)
+        hits = hit[start:start + count].reshape(side, side, ss, ss).sum(axis=(2, 3))
+        start += count
+        acc = np.zeros((3, side, side), dtype=F32)
+        for a in range(ss):  # box filter: the sub-rays in row-major order
+            for b in range(ss):
+                acc = acc + c[:, :, :, a, b]
+        premult = acc / F32(ss * ss)
+        rgb = np.clip(np.rint(premult * F32(255.0)), 0, 255).astype(np.uint8)
+        sprites[item, :side, :side, :3] = rgb.transpose(1, 2, 0)
+        sprites[item, :side, :side, 3] = alpha8(hits, ss)
+    return sprites
+
+
+def alpha8(hits: np.ndarray, ss: int) -> np.ndarray:
+    """Coverage hits / ss^2 as uint8, rounded half up in integers."""
+    n = ss * ss
+    return ((hits * 510 + n) // (2 * n)).astype(np.uint8)
+
+
+def background(recipe: MandelbulbRecipe, seed: int, epoch: int, samples: MandelbulbSamples, size: int):
+    """(B, size, size, 3) uint8: white, black, or the IFS recipes' coloured plasma for the same key."""
+    b = len(samples.index)
+    if recipe.background == "plasma":
+        return ifs_reference.background(types.SimpleNamespace(background=True), seed, epoch, samples, size)
+    return np.full((b, size, size, 3), BACKGROUND_LEVEL[recipe.background], dtype=np.uint8)
+
+
+def paste(canvas: np.ndarray, sprites: np.ndarray, items: MandelbulbItems, slots: int) -> None:
+    """Each active object over the canvas in slot order: rint(rgb + canvas (255 - alpha) / 255)."""
+    size = canvas.shape[1]
+    for item in np.flatnonzero(items.active):
+        b = item // slots
+        side, top, left = int(items.side[item]), int(items.top[item]), int(items.left[item])
+        r0, r1 = max(top, 0), min(top + side, size)
+        c0, c1 = max(left, 0), min(left + side, size)
+        if r0 >= r1 or c0 >= c1:
+            continue
+        sprite = sprites[item, r0 - top:r1 - top, c0 - left:c1 - left]
+        keep = (F32(255.0) - sprite[..., 3:].astype(F32)) * F32(1.0 / 255.0)
+        value = sprite[..., :3].astype(F32) + canvas[b, r0:r1, c0:c1].astype(F32) * keep
+        canvas[b, r0:r1, c0:c1] = np.minimum(np.rint(value), F32(255.0)).astype(np.uint8)
+
+
+def render(recipe: MandelbulbRecipe, seed: int, epoch: int, samples: MandelbulbSamples, items: MandelbulbItems,
+           size: int, slots: int) -> np.ndarray:
+    """Final (B, size, size, 3) uint8 images."""
+    max_side = int(items.side.max()) if len(items.side) else size
+    sprites = render_sprites(recipe, items, max_side)
+    canvas = background(recipe, seed, epoch, samples, size)
+    paste(canvas, sprites, items, slots)
+    return canvas

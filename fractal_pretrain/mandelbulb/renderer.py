@@ -1,0 +1,260 @@
+"""Mandelbulb renderers: keys (seed, epoch, sample indices) in, labelled ray-marched images out.
+
+``MandelbulbReferenceRenderer`` runs the NumPy reference (``reference.py``); ``MandelbulbKernelRenderer``
+runs ``render/kernels/mandelbulb.cu`` on a GPU through CuPy, or on the CPU emulator (``emulate=True``, CI).
+Both plan on the host (``params.py``: a few dozen floats per object, uploaded in one pinned copy) and give
+bit-identical images for the same keys (the reference's docstring says why).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fractal_pretrain.config import ConfigError, check_range
+from fractal_pretrain.mandelbulb import params as P
+from fractal_pretrain.mandelbulb import reference
+from fractal_pretrain.mandelbulb.recipe import MandelbulbRecipe
+
+MIN_SIZE, MAX_SIZE = 8, 4096
+PIXEL_BLOCK = 128  # march_sprites / paste_sprites threads per block
+FINISH_BAND = 16  # compose.cu finish: rows per thread
+SAMPLE_FLOATS = 15  # compose.cu's per-sample layout: blur flag, k0, k1, sigma, decay, 4 corners, 6 gains
+FLAG_SHADOW, FLAG_NEGATED_NORMAL, FLAG_TEXTBOOK_DERIVATIVE, FLAG_EARLY_EXIT = 1, 2, 4, 8  # mandelbulb.cu MB_*
+
+
+@dataclass
+class MandelbulbBatch:
+    """Images, labels and the generation record of a batch (the interface of render.RenderedBatch)."""
+
+    images: np.ndarray  # (B, H, W, 3) uint8
+    labels: np.ndarray  # (B,) int64
+    recipe: MandelbulbRecipe
+    seed: int
+    epoch: int
+    samples: P.MandelbulbSamples
+    items: P.MandelbulbItems
+    size: int
+    extra: dict = field(default_factory=dict)
+
+    degenerate = 0  # every formula renders (a miss is background, not an error)
+
+    def metadata(self, i: int) -> dict:
+        """JSON-serialisable record of sample i: its key and every generation parameter."""
+        slots = P.slots_per_sample(self.recipe)
+        objects = []
+        for item in range(i * slots, i * slots + int(self.samples.num_objects[i])):
+            it = self.items
+            objects.append({
+                "formula": int(it.formula[item]), "power": int(it.power[item]), "rule": int(it.rule[item]),
+                "latitude": float(it.lat[item]), "longitude": float(it.lng[item]),
+                "colours": it.colours[item].tolist(),
+                **({"side": int(it.side[item]), "top": int(it.top[item]), "left": int(it.left[item])}
+                   if self.recipe.multi_object else {}),
+            })
+        return {"seed": self.seed, "epoch": self.epoch, "index": int(self.samples.index[i]),
+                "recipe": self.recipe.name, "size": self.size, "label": int(self.labels[i]), "objects": objects}
+
+
+class MandelbulbRenderer:
+    """Shared part: validation, class groups, the host plan."""
+
+    device = "cpu"
+
+    def __init__(self, recipe: MandelbulbRecipe, *, size: int = 256, seed: int = 0):
+        check_range("size", size, MIN_SIZE, MAX_SIZE, integer=True)
+        check_range("seed", seed, 0, 2**32 - 1, integer=True)
+        self.recipe, self.size, self.seed = recipe, size, seed
+        self.slots = P.slots_per_sample(recipe)
+        self.members = P.class_members(recipe, seed)
+
+    def plan(self, indices, epoch: int):
+        from fractal_pretrain.render.renderer import Renderer
+
+        indices = Renderer.check_keys(indices, epoch)
+        samples = P.plan_samples(self.recipe, self.seed, epoch, indices)
+        items = P.plan_items(self.recipe, self.seed, self.size, epoch, samples, self.members)
+        return samples, items
+
+    def batch(self, images, samples, items, epoch, **extra) -> MandelbulbBatch:
+        return MandelbulbBatch(images=images, labels=samples.label.copy(), recipe=self.recipe, seed=self.seed,
+                               epoch=epoch, samples=samples, items=items, size=self.size, extra=extra)
+
+    def render(self, indices, epoch: int = 0) -> MandelbulbBatch:
+        raise NotImplementedError
+
+    def render_tensor(self, indices, epoch: int = 0, *, dtype: str = "uint8", channels_last: bool = False,
+                      mean=None, std=None):
+        """(images (B, 3, H, W), labels) as torch tensors, in the IFS renderers' arithmetic."""
+        from fractal_pretrain.render.renderer import IMAGENET_MEAN, IMAGENET_STD, images_to_tensor, torch_labels
+
+        batch = self.render(indices, epoch)
+        return images_to_tensor(batch.images, dtype=dtype, channels_last=channels_last,
+                                mean=mean or IMAGENET_MEAN, std=std or IMAGENET_STD), torch_labels(batch.labels)
+
+
+class MandelbulbReferenceRenderer(MandelbulbRenderer):
+    """The NumPy reference: exact semantics, any machine (slow: tests and previews at small sizes)."""
+
+    def render(self, indices, epoch: int = 0) -> MandelbulbBatch:
+        samples, items = self.plan(indices, epoch)
+        images = reference.render(self.recipe, self.seed, epoch, samples, items, self.size, self.slots)
+        return self.batch(images, samples, items, epoch)
+
+
+def kernel_flags(recipe: MandelbulbRecipe) -> int:
+    return ((FLAG_SHADOW if recipe.shadow else 0) | (FLAG_NEGATED_NORMAL if recipe.diffuse_normal == "negated" else 0)
+            | (FLAG_TEXTBOOK_DERIVATIVE if recipe.derivative == "r^(p-1)" else 0)
+            | (FLAG_EARLY_EXIT if recipe.early_exit else 0))
+
+
+def device_plan(samples: P.MandelbulbSamples, items: P.MandelbulbItems) -> dict[str, np.ndarray]:
+    """The plan in the kernels' layouts (mandelbulb.cu MB_ITEM_*, compose.cu SAMPLE_FLOATS)."""
+    item_i = np.stack([items.active, items.power, items.rule, items.side, items.top, items.left], axis=1)
+    item_f = np.concatenate([items.camera.reshape(-1, 12), items.colours.reshape(-1, 9)], axis=1)
+    sample_f = np.zeros((len(samples.index), SAMPLE_FLOATS), dtype=np.float32)  # blur flag 0: no blur
+    sample_f[:, 4] = samples.decay
+    sample_f[:, 5:9] = samples.corners
+    sample_f[:, 9:15] = samples.bg_hsv
+    return {"indices": samples.index.astype(np.int64), "label": samples.label.astype(np.int64),
+            "num_objects": samples.num_objects.astype(np.int32), "sample_f": sample_f,
+            "item_i": item_i.astype(np.int32), "item_f": item_f.astype(np.float32)}
+
+
+class MandelbulbKernelRenderer(MandelbulbRenderer):
+    """The CUDA kernels, through CuPy on a GPU or through the CPU emulator (``emulate=True``)."""
+
+    def __init__(self, recipe: MandelbulbRecipe, *, size: int = 256, seed: int = 0, device: str = "cuda",
+                 emulate: bool = False):
+        import torch
+
+        self.emulate = emulate
+        if emulate:
+            self.torch_device, self.device_id = torch.device("cpu"), -1
+        else:
+            try:
+                import cupy  # noqa: F401
+            except ImportError as err:
+                raise ConfigError(f"device={device!r} needs CuPy ({err}); install the 'gpu' extra") from None
+            if not torch.cuda.is_available():
+                raise ConfigError(f"device={device!r}: no CUDA device is visible")
+            requested = torch.device(device)
+            self.device_id = requested.index if requested.index is not None else torch.cuda.current_device()
+            self.torch_device = torch.device("cuda", self.device_id)
+        super().__init__(recipe, size=size, seed=seed)
+        self.flags = kernel_flags(recipe)
+        self._norm_cache: dict[tuple, tuple] = {}
+
+    def _kernel(self, module: str, name: str):
+        if self.emulate:
+            from fractal_pretrain.render import emulator
+
+            return emulator.load_module(module).get_function(name)
+        from fractal_pretrain.render.cupy_renderer import _module
+
+        return _module(module, self.device_id).get_function(name)
+
+    @contextlib.contextmanager
+    def _on_stream(self, stream):
+        if self.emulate:
+            yield
+            return
+        import cupy
+
+        with cupy.cuda.Device(self.device_id), stream:
+            yield
+
+    def render_device(self, indices, epoch: int = 0) -> dict:
+        """Plan on the host, march and compose on the device: torch tensors (canvas (B, H, W, 3) uint8, ...)."""
+        import torch
+
+        from fractal_pretrain.render.cupy_renderer import _ptr
+        from fractal_pretrain.render.reference import plasma_grid_size
+
+        samples, items = self.plan(indices, epoch)
+        host = device_plan(samples, items)
+        dev, b, size = self.torch_device, len(samples.index), self.size
+        stream = None
+        if not self.emulate:
+            import cupy
+
+            stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(dev).cuda_stream, self.device_id)
+        t = {k: self._upload(v) for k, v in host.items()}
+        max_side = int(items.side[items.active].max())
+        n_items = len(items.index)
+        t["sprites"] = torch.empty((n_items, max_side, max_side, 4), dtype=torch.uint8, device=dev)
+        t["canvas"] = torch.empty((b, size, size, 3), dtype=torch.uint8, device=dev)
+        seed, ep = np.uint32(self.seed), np.uint32(epoch)
+        with self._on_stream(stream):
+            if self.recipe.background == "plasma":
+                n = plasma_grid_size(size)
+                grids = torch.empty((b, n, n), dtype=torch.float32, device=dev)
+                self._kernel("compose", "plasma_background_global")(
+                    (b,), (512,), (_ptr(t["indices"]), seed, ep, np.int32(size), np.int32(n), _ptr(t["sample_f"]),
+                                   _ptr(grids), _ptr(t["canvas"])))
+            else:
+                t["canvas"].fill_(reference.BACKGROUND_LEVEL[self.recipe.background])
+            self._kernel("mandelbulb", "march_sprites")(
+                (-(-max_side * max_side // PIXEL_BLOCK), n_items), (PIXEL_BLOCK,),
+                (np.int32(max_side), np.int32(self.recipe.supersample), np.int32(self.flags), _ptr(t["item_i"]),
+                 _ptr(t["item_f"]), _ptr(t["sprites"])))
+            self._kernel("mandelbulb", "paste_sprites")(
+                (-(-size * size // PIXEL_BLOCK), b), (PIXEL_BLOCK,),
+                (np.int32(size), np.int32(self.slots), np.int32(max_side), _ptr(t["num_objects"]), _ptr(t["item_i"]),
+                 _ptr(t["sprites"]), _ptr(t["canvas"])))
+        t.update(stream=stream, samples=samples, items=items)
+        return t
+
+    def _upload(self, array: np.ndarray):
+        import torch
+
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        if self.emulate:
+            return tensor
+        return tensor.pin_memory().to(self.torch_device, non_blocking=True)  # no host sync
+
+    def finish(self, t: dict, *, dtype: str = "uint8", channels_last: bool = False, mean=None, std=None):
+        """The output tensor (B, 3, H, W): uint8, or float32 / bfloat16 normalised (compose.cu finish)."""
+        import torch
+
+        from fractal_pretrain.render.cupy_renderer import _ptr
+        from fractal_pretrain.render.renderer import IMAGENET_MEAN, IMAGENET_STD, OUTPUT_DTYPES, check_output
+
+        mean, std = tuple(mean or IMAGENET_MEAN), tuple(std or IMAGENET_STD)
+        check_output(dtype, mean, std)
+        b, size = t["canvas"].shape[:2]
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        out = torch.empty((b, 3, size, size), dtype=getattr(torch, dtype), device=self.torch_device,
+                          memory_format=fmt)
+        if (mean, std) not in self._norm_cache:
+            self._norm_cache[(mean, std)] = tuple(torch.tensor(v, dtype=torch.float32, device=self.torch_device)
+                                                  for v in (mean, std))
+        mean_t, std_t = self._norm_cache[(mean, std)]
+        with self._on_stream(t["stream"]):
+            runs = size * -(-size // FINISH_BAND)
+            self._kernel("compose", "finish")(
+                (-(-runs // PIXEL_BLOCK), b), (PIXEL_BLOCK,),
+                (np.int32(size), np.int32(FINISH_BAND), _ptr(t["sample_f"]), _ptr(t["canvas"]),
+                 np.int32(OUTPUT_DTYPES.index(dtype)), np.int32(channels_last), _ptr(mean_t), _ptr(std_t), _ptr(out)))
+        return out
+
+    def render_tensor(self, indices, epoch: int = 0, **finish_kwargs):
+        t = self.render_device(indices, epoch)
+        return self.finish(t, **finish_kwargs), t["label"]
+
+    def render(self, indices, epoch: int = 0) -> MandelbulbBatch:
+        t = self.render_device(indices, epoch)
+        images = self.finish(t, dtype="uint8", channels_last=True)
+        return self.batch(images.permute(0, 2, 3, 1).contiguous().cpu().numpy(), t["samples"], t["items"], epoch,
+                          device_plan=t)
+
+
+def make_mandelbulb_renderer(recipe: MandelbulbRecipe, *, size: int = 256, seed: int = 0,
+                             device: str = "cpu") -> MandelbulbRenderer:
+    if device == "cpu":
+        return MandelbulbReferenceRenderer(recipe, size=size, seed=seed)
+    if device == "cuda" or device.startswith("cuda:"):
+        return MandelbulbKernelRenderer(recipe, size=size, seed=seed, device=device)
+    raise ConfigError(f"device={device!r}: must be one of cpu, cuda, cuda:N")

@@ -1,0 +1,242 @@
+// Mandelbulb-variation ray marcher (mirrors fractal_pretrain/mandelbulb/reference.py operation for operation):
+//   march_sprites: one thread per sprite pixel (grid: pixel blocks x objects); supersample^2 primary rays,
+//   each sphere-traced through the distance estimator, shaded, shadow-tested, clamped and box-filtered
+//   into a premultiplied RGB + alpha uint8 sprite;
+//   paste_sprites: one thread per canvas pixel (grid: pixel blocks x samples), sprites blended in slot order.
+// Only float32 +, -, *, /, sqrt and comparisons (compile with --fmad=false): no libm call whose last bits
+// could differ from NumPy's; powers by a fixed square-and-multiply, ln by Cephes' logf (frexpf is exact).
+#include "common.cuh"
+
+// Per object ints: active, power, rule, side, top, left. Floats: camera (position, side, up, direction), colours.
+#define MB_ITEM_INTS 6
+#define MB_ITEM_FLOATS 21
+#define MB_IF_COLOURS 12
+// Flags (mandelbulb/renderer.py FLAG_*).
+#define MB_SHADOW 1
+#define MB_NEGATED_NORMAL 2
+#define MB_TEXTBOOK_DERIVATIVE 4
+#define MB_EARLY_EXIT 8
+
+#define MB_MAX_ITERATIONS 100
+#define MB_POWER_BITS 5
+
+struct Traps {
+  float t0, t1, t2;
+};
+
+__device__ inline float log32(float x) {
+  int e;
+  float m = frexpf(x, &e);
+  if (m < 0.707106781186547524f) {
+    e -= 1;
+    m = (m + m) - 1.0f;
+  } else {
+    m = m - 1.0f;
+  }
+  const float fe = (float)e;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m + -1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m + -1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m + -1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m + -2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = (y * m) * z;
+  y = y + -2.12194440e-4f * fe;
+  y = y - 0.5f * z;
+  float out = m + y;
+  out = out + 0.693359375f * fe;
+  if (x > 0.0f) return out;
+  return x == 0.0f ? -__int_as_float(0x7f800000) : __int_as_float(0x7fc00000);
+}
+
+__device__ inline float ipow(float x, int p) {
+  float acc = 1.0f, base = x;
+  for (int k = 0; k < MB_POWER_BITS; ++k) {
+    if ((p >> k) & 1) acc = acc * base;
+    base = base * base;
+  }
+  return acc;
+}
+
+// (cos p t, sin p t) from (cos t, sin t).
+__device__ inline void cpow(float c, float s, int p, float &rc, float &rs) {
+  rc = 1.0f;
+  rs = 0.0f;
+  for (int k = 0; k < MB_POWER_BITS; ++k) {
+    if ((p >> k) & 1) {
+      const float nc = rc * c - rs * s, ns = rc * s + rs * c;
+      rc = nc;
+      rs = ns;
+    }
+    const float nc = c * c - s * s, ns = c * s + s * c;
+    c = nc;
+    s = ns;
+  }
+}
+
+__device__ inline float axis_value(int rule, int axis, float cpt, float spt, float cpp, float spp) {
+  const bool is_sin = (rule >> (8 - 3 * axis)) & 1, is_theta = (rule >> (7 - 3 * axis)) & 1;
+  const bool is_neg = (rule >> (6 - 3 * axis)) & 1;
+  const float v = is_sin ? (is_theta ? spt : spp) : (is_theta ? cpt : cpp);
+  return is_neg ? -v : v;
+}
+
+__device__ inline float distance(float cx, float cy, float cz, int p, int rule, bool textbook, Traps &t) {
+  float zx = cx, zy = cy, zz = cz, dr = 1.0f, r = 0.0f;
+  t.t0 = t.t1 = t.t2 = 1e20f;
+  const float pw = (float)p;
+  for (int i = 0; i < MB_MAX_ITERATIONS; ++i) {
+    r = sqrtf((zx * zx + zy * zy) + zz * zz);
+    if (r > 4.0f) break;
+    const float rho = sqrtf(zx * zx + zy * zy);
+    const float ct = zz / r, st = rho / r;
+    const bool flat = !(rho > 0.0f);
+    const float cp = flat ? 1.0f : zx / rho, sp = flat ? 0.0f : zy / rho;
+    const float rp = ipow(r, p);
+    const float grow = textbook ? ipow(r, p - 1) : rp;
+    dr = (grow * pw) * dr + 1.0f;
+    float cpt, spt, cpp, spp;
+    cpow(ct, st, p, cpt, spt);
+    cpow(cp, sp, p, cpp, spp);
+    zx = rp * axis_value(rule, 0, cpt, spt, cpp, spp) + cx;
+    zy = rp * axis_value(rule, 1, cpt, spt, cpp, spp) + cy;
+    zz = rp * axis_value(rule, 2, cpt, spt, cpp, spp) + cz;
+    const float ax = fabsf(zx), ay = fabsf(zy), az = fabsf(zz);
+    t.t0 = az < t.t0 ? az : t.t0;
+    const float l1 = ((ax + ay) + az) / 1.5f;
+    t.t1 = l1 < t.t1 ? l1 : t.t1;
+    const float len = sqrtf((zx * zx + zy * zy) + zz * zz);
+    t.t2 = len < t.t2 ? len : t.t2;
+  }
+  return ((0.5f * log32(r)) * r) / dr;
+}
+
+// Sphere tracing: the distance L where DE <= threshold, or after `steps` steps (or once L >= limit).
+__device__ inline float march(const float *o, const float *d, int p, int rule, bool textbook, int steps,
+                              float threshold, float limit, bool early_exit, Traps &t) {
+  float L = 0.0f;
+  for (int step = 0; step < steps; ++step) {
+    const float de = distance(o[0] + L * d[0], o[1] + L * d[1], o[2] + L * d[2], p, rule, textbook, t);
+    if (!(de > threshold)) return L;
+    L = L + de;
+    if (early_exit && L >= limit) return L;
+  }
+  return L;
+}
+
+__device__ inline void normalise(float *v) {
+  const float n = sqrtf((v[0] * v[0] + v[1] * v[1]) + v[2] * v[2]);
+  v[0] = v[0] / n;
+  v[1] = v[1] / n;
+  v[2] = v[2] / n;
+}
+
+__device__ inline float clamp01(float x) { return x > 1.0f ? 1.0f : (x > 0.0f ? x : 0.0f); }
+
+// Colour of a hit (reference.shade), clamped to [0, 1].
+__device__ inline void shade(const float *hit, const float *colours, const Traps &t, int p, int rule, int flags,
+                             float *col) {
+  const bool textbook = flags & MB_TEXTBOOK_DERIVATIVE;
+  const float r = sqrtf((hit[0] * hit[0] + hit[1] * hit[1]) + hit[2] * hit[2]);
+  float normal[3];
+  Traps unused;
+#pragma unroll
+  for (int a = 0; a < 3; ++a) {
+    float plus[3] = {hit[0], hit[1], hit[2]}, minus[3] = {hit[0], hit[1], hit[2]};
+    plus[a] = hit[a] + 1e-3f;
+    minus[a] = hit[a] - 1e-3f;
+    normal[a] = distance(plus[0], plus[1], plus[2], p, rule, textbook, unused) -
+                distance(minus[0], minus[1], minus[2], p, rule, textbook, unused);
+  }
+  normalise(normal);
+  float light[3] = {-10.0f - hit[0], 10.0f - hit[1], 10.0f - hit[2]};
+  normalise(light);
+  const float sign = (flags & MB_NEGATED_NORMAL) ? -1.0f : 1.0f;  // -x and -1 * x are the same float
+  const float d = (light[0] * (sign * normal[0]) + light[1] * (sign * normal[1])) + light[2] * (sign * normal[2]);
+  const float diffuse = 0.9f * (d > 0.0f ? d : 0.0f);
+  const float w0 = clamp01(t.t0), w1 = clamp01(ipow(t.t1, 10)), w2 = clamp01(ipow(t.t2, 10));
+  bool lit = false;
+  if (flags & MB_SHADOW) {
+    const float start[3] = {hit[0] + normal[0] / 100000.0f, hit[1] + normal[1] / 100000.0f,
+                            hit[2] + normal[2] / 100000.0f};
+    lit = march(start, light, p, rule, textbook, 10000, 1e-4f, 10000.0f, flags & MB_EARLY_EXIT, unused) >= 10000.0f;
+  }
+#pragma unroll
+  for (int c = 0; c < 3; ++c) {
+    float v = (colours[c] * w0 + colours[3 + c] * w1) + colours[6 + c] * w2;
+    v = (v * (diffuse + 0.3f)) * (r * r);
+    if (lit) v = v + 0.2f;
+    col[c] = clamp01(v);
+  }
+}
+
+__device__ inline float screen(int coord, int n) {
+  const float nf = (float)n;
+  return ((((float)coord + 0.5f) * 2.0f - nf) / nf) / 2.0f;
+}
+
+extern "C" __global__ void march_sprites(int max_side, int supersample, int flags, const int *item_i,
+                                         const float *item_f, unsigned char *sprites) {
+  const int item = blockIdx.y, q = blockIdx.x * blockDim.x + threadIdx.x;
+  if (q >= max_side * max_side) return;
+  const int *ii = item_i + (long long)item * MB_ITEM_INTS;
+  const float *cam = item_f + (long long)item * MB_ITEM_FLOATS;
+  unsigned char *out = sprites + ((long long)item * max_side * max_side + q) * 4;
+  const int side = ii[3], i = q / max_side, j = q - i * max_side;
+  if (!ii[0] || i >= side || j >= side) {
+    out[0] = out[1] = out[2] = out[3] = 0;
+    return;
+  }
+  const int p = ii[1], rule = ii[2], ss = supersample, n = side * ss;
+  const bool textbook = flags & MB_TEXTBOOK_DERIVATIVE;
+  float acc[3] = {0.0f, 0.0f, 0.0f};
+  int hits = 0;
+  for (int a = 0; a < ss; ++a) {
+    for (int b = 0; b < ss; ++b) {
+      const float px = screen(j * ss + b, n), py = screen((n - 1) - (i * ss + a), n);
+      float ray[3];
+#pragma unroll
+      for (int k = 0; k < 3; ++k) ray[k] = (cam[3 + k] * px + cam[6 + k] * py) + cam[9 + k];
+      normalise(ray);
+      Traps t;
+      const float L = march(cam, ray, p, rule, textbook, 1000, 1e-3f, 10.0f, flags & MB_EARLY_EXIT, t);
+      float col[3] = {0.0f, 0.0f, 0.0f};
+      if (L < 10.0f) {
+        const float hit[3] = {cam[0] + ray[0] * L, cam[1] + ray[1] * L, cam[2] + ray[2] * L};
+        shade(hit, cam + MB_IF_COLOURS, t, p, rule, flags, col);
+        hits += 1;
+      }
+#pragma unroll
+      for (int c = 0; c < 3; ++c) acc[c] = acc[c] + col[c];
+    }
+  }
+  const float count = (float)(ss * ss);
+#pragma unroll
+  for (int c = 0; c < 3; ++c) out[c] = round_u8((acc[c] / count) * 255.0f);
+  out[3] = (unsigned char)((hits * 510 + ss * ss) / (2 * ss * ss));
+}
+
+extern "C" __global__ void paste_sprites(int size, int slots, int max_side, const int *num_objects,
+                                         const int *item_i, const unsigned char *sprites, unsigned char *canvas) {
+  const int b = blockIdx.y, q = blockIdx.x * blockDim.x + threadIdx.x;
+  if (q >= size * size) return;
+  const int r = q / size, c = q - r * size;
+  unsigned char *dst = canvas + ((long long)b * size * size + q) * 3;
+  for (int o = 0; o < num_objects[b]; ++o) {
+    const int item = b * slots + o;
+    const int *ii = item_i + (long long)item * MB_ITEM_INTS;
+    const int sr = r - ii[4], sc = c - ii[5];
+    if (sr < 0 || sr >= ii[3] || sc < 0 || sc >= ii[3]) continue;
+    const unsigned char *s = sprites + (((long long)item * max_side + sr) * max_side + sc) * 4;
+    const float keep = (255.0f - (float)s[3]) * (float)(1.0 / 255.0);
+#pragma unroll
+    for (int ch = 0; ch < 3; ++ch) {
+      const float v = rintf((float)s[ch] + (float)dst[ch] * keep);
+      dst[ch] = (unsigned char)(v < 255.0f ? v : 255.0f);
+    }
+  }
+}
