@@ -73,7 +73,7 @@ def bench_cpu(renderer, batch: int, repeats: int) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--recipes", default=",".join(list_recipes()))
+    parser.add_argument("--recipes", default=",".join(list_recipes("ifs")))
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=20)

@@ -12,6 +12,9 @@ FractalDB, fractal4AD).
 | multiformula  | 1000 x 50         | 4-10 of its class     | class     | fractal4AD "Multi-Formula"    |
 | multiinstance | 1000 x 1          | 1-5 of any class      | multi-hot | Anderson multi-instance       |
 | fractaldb     | 1000 x 1          | 1, fills the frame    | class     | FractalDB-1k                  |
+
+The Mandelbulb-variation recipes (``mandelbulbvar``, ``multimandelbulb``) are ``MandelbulbRecipe``s
+(``mandelbulb/recipe.py``): ray-marched 3D formulas instead of IFS systems, listed and overridden here too.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from typing import Any
 from fractal_pretrain.config import ConfigError, check_choice, check_pair, check_range, replace_checked
 from fractal_pretrain.ifs.bank import BankSpec
 from fractal_pretrain.ifs.sample import MAX_MAPS
+from fractal_pretrain.mandelbulb.recipe import RECIPES as MANDELBULB_RECIPES
+from fractal_pretrain.mandelbulb.recipe import MandelbulbRecipe
 
 MAX_OBJECTS = 16  # object slots per image (the slot number has 8 bits in the RNG tag)
 MAX_CHAINS = 1024  # chains per fractal = CUDA threads per block
@@ -134,7 +139,7 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-_RECIPES: dict[str, Recipe] = {
+_IFS_RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
         Recipe(
@@ -186,12 +191,21 @@ _RECIPES: dict[str, Recipe] = {
 }
 
 
-def list_recipes() -> dict[str, str]:
-    """Recipe name -> one-line description."""
-    return {name: recipe.description for name, recipe in _RECIPES.items()}
+_RECIPES: dict[str, Recipe | MandelbulbRecipe] = {**_IFS_RECIPES, **{r.name: r for r in MANDELBULB_RECIPES}}
 
 
-def get_recipe(name: str, overrides: dict[str, Any] | None = None) -> Recipe:
+def list_recipes(family: str | None = None) -> dict[str, str]:
+    """Recipe name -> one-line description; ``family`` "ifs" or "mandelbulb" lists only those."""
+    return {name: recipe.description for name, recipe in _RECIPES.items()
+            if family is None or recipe_family(recipe) == family}
+
+
+def recipe_family(recipe) -> str:
+    """"ifs" (Recipe: chaos-game renderers) or "mandelbulb" (MandelbulbRecipe: the ray marcher)."""
+    return "mandelbulb" if isinstance(recipe, MandelbulbRecipe) else "ifs"
+
+
+def get_recipe(name: str, overrides: dict[str, Any] | None = None) -> Recipe | MandelbulbRecipe:
     """A named recipe, optionally with some fields replaced (validated; unknown keys are errors)."""
     if name not in _RECIPES:
         raise ConfigError(f"unknown recipe {name!r}; allowed: {', '.join(_RECIPES)}")

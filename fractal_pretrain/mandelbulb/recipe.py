@@ -62,6 +62,8 @@ class MandelbulbRecipe:
     early_exit: bool = True  # stop rays at L >= 10 (primary) / 10000 (shadow): the same image, fewer steps
 
     def __post_init__(self):
+        if isinstance(self.rules, list):  # YAML / --set lists: stored as a tuple (the recipe is frozen, hashable)
+            object.__setattr__(self, "rules", tuple(self.rules))
         check_pair("powers", self.powers, *POWER_RANGE)
         if any(isinstance(p, bool) or not isinstance(p, int) for p in self.powers):
             raise ConfigError(f"powers={list(self.powers)!r}: must be integers in [2, 18]")
@@ -94,10 +96,8 @@ class MandelbulbRecipe:
         check_choice("derivative", self.derivative, ("r^p", "r^(p-1)"))
         check_choice("early_exit", self.early_exit, (True, False))
 
-    # --- derived ---
-    family = "mandelbulb"
+    # --- derived (the interface the data module, export and CLI read from every recipe) ---
     multi_label = False
-    label = "class"
 
     @property
     def rule_list(self) -> tuple[int, ...]:

@@ -193,6 +193,12 @@ class ReferenceRenderer(Renderer):
 def make_renderer(recipe: Recipe, *, size: int = 256, seed: int = 0, device: str = "cpu",
                   bank: SystemBank | None = None) -> Renderer:
     """A renderer for the recipe on 'cpu' (NumPy reference) or 'cuda' / 'cuda:N' (CuPy kernels)."""
+    from fractal_pretrain.recipes import recipe_family
+
+    if recipe_family(recipe) == "mandelbulb":  # the ray marcher: no system bank
+        from fractal_pretrain.mandelbulb.renderer import make_mandelbulb_renderer
+
+        return make_mandelbulb_renderer(recipe, size=size, seed=seed, device=device)
     if device == "cpu":
         return ReferenceRenderer(recipe, size=size, seed=seed, bank=bank)
     if device == "cuda" or device.startswith("cuda:"):

@@ -20,7 +20,7 @@ from fractal_pretrain.recipes import get_recipe, list_recipes
 from fractal_pretrain.render.cupy_renderer import CupyRenderer
 
 many_maps = {"min_maps": 5, "max_maps": 8}  # map choices stored at 4 bits per step
-cases = [(name, 48, False, {}) for name in list_recipes()] + [
+cases = [(name, 48, False, {}) for name in list_recipes("ifs")] + [
     ("anderson", 48, True, {}), ("anderson", 260, False, {}), ("anderson", 48, False, many_maps)]
 for name, size, force_global, overrides in cases:
     recipe = get_recipe(name, {"num_classes": 10, "num_points": 1000, **overrides})

@@ -24,7 +24,8 @@ SMALL = {"num_classes": 10, "num_points": 5000}
 
 def test_all_recipes_listed():
     listed = list_recipes()
-    assert set(listed) == set(NAMES)
+    assert set(listed) == set(NAMES) | {"mandelbulbvar", "multimandelbulb"}
+    assert set(list_recipes("ifs")) == set(NAMES)
     assert all(isinstance(d, str) and d for d in listed.values())
 
 

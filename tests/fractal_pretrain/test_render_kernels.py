@@ -49,7 +49,7 @@ def assert_images_agree(got: np.ndarray, want: np.ndarray, backend: str) -> None
 
 
 @pytest.mark.parametrize("force_global", [False, True], ids=["auto-histogram", "global-histogram"])
-@pytest.mark.parametrize("name", list(list_recipes()))
+@pytest.mark.parametrize("name", list(list_recipes("ifs")))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_kernels_match_reference(backend, name, force_global):
     recipe = get_recipe(name, SMALL)
