@@ -105,7 +105,7 @@ def test_kernel_images_equal_the_reference(backend, case):
     recipe = get_recipe(name, overrides)
     indices = np.array([61 * 8 + 20, 1036, 2**33 + 5])
     want = MandelbulbReferenceRenderer(recipe, size=12, seed=3).render(indices, epoch=4)
-    kernels = MandelbulbKernelRenderer(recipe, size=16, seed=3, emulate=backend == "emulated")
+    kernels = MandelbulbKernelRenderer(recipe, size=12, seed=3, emulate=backend == "emulated")
     got = kernels.render(indices, epoch=4)
     np.testing.assert_array_equal(got.images, want.images)
     np.testing.assert_array_equal(got.labels, want.labels)
@@ -216,3 +216,50 @@ def test_rule_list_overrides_are_stored_as_tuples():
     recipe = get_recipe("mandelbulbvar", {"rules": [42, 506], "num_classes": 34})
     assert recipe.rules == (42, 506) and recipe.num_formulas == 34 and hash(recipe)
     assert isinstance(MandelbulbRecipe(**recipe.to_dict()), MandelbulbRecipe)
+
+
+# ----------------------------------------------------------------------------- the command line and training
+
+@pytest.mark.parametrize("name", ["mandelbulbvar", "multimandelbulb"])
+def test_recipes_render_export_and_read_back(name, tmp_path, capsys):
+    from fractal_pretrain.cli import main
+    from fractal_pretrain.export import load_manifest, read_shards
+
+    assert main(["render", "--recipe", name, "--num", "2", "--size", "12", "--out", str(tmp_path / "grid.png")]) == 0
+    assert (tmp_path / "grid.png").stat().st_size > 0
+    out = tmp_path / "shards"
+    assert main(["export", "--recipe", name, "--num", "3", "--size", "12", "--start", "5", "--out", str(out),
+                 "--shard-size", "2", "--no-progress", "--set", "shadow=false"]) == 0
+    manifest = load_manifest(out)
+    assert manifest["count"] == 3 and manifest["resolved_recipe"]["shadow"] is False
+    samples = list(read_shards(out))
+    want = make_renderer(get_recipe(name, {"shadow": False}), size=12).render(np.arange(5, 8))
+    for j, sample in enumerate(samples):
+        np.testing.assert_array_equal(sample.image, want.images[j])
+        assert sample.label == want.labels[j] and sample.meta["objects"][0]["power"] in range(2, 19)
+
+
+def test_bad_recipe_value_on_the_command_line_is_one_line(tmp_path, capsys):
+    from fractal_pretrain.cli import main
+
+    assert main(["render", "--recipe", "mandelbulbvar", "--num", "1", "--out", str(tmp_path / "x.png"),
+                 "--set", "powers=[2, 30]"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fractal-pretrain: error: powers=") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("name", ["mandelbulbvar", "multimandelbulb"])
+def test_recipes_train_a_few_steps(name, tmp_path):
+    from pathlib import Path
+
+    from fractal_pretrain.cli import main
+
+    smoke = Path(__file__).resolve().parents[2] / "jobs" / "pretrain" / "smoke.yaml"
+    args = ["fit", "--config", str(smoke), "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.enable_progress_bar", "false", "--trainer.max_steps", "2", "--data.recipe", name,
+            "--data.recipe_overrides", "{shadow: false}", "--data.size", "16", "--data.batch_size", "2",
+            "--data.samples_per_epoch", "4", "--data.val_samples", "0"]
+    assert main(args) == 0
+    meta = __import__("json").loads((tmp_path / "backbone.json").read_text())
+    assert meta["recipe"] == name and meta["steps"] == 2
+    assert meta["recipe_config"]["num_classes"] == get_recipe(name).num_classes
