@@ -34,10 +34,11 @@ from fractal_pretrain.render.params import (
 F32 = np.float32
 
 # Draw numbers of the item stream (rng.STREAM_ITEM, slot = object).
-DRAW_VIEW = 0  # member formula, latitude, longitude
+DRAW_VIEW = 0  # member formula, latitude, longitude, bank view
 DRAW_COLOUR_A = 1  # col1 r g b, col2 r
 DRAW_COLOUR_B = 2  # col2 g b, col3 r g
 DRAW_PLACE = 3  # col3 b, side, top, left
+BANK_EPOCH = 2**32 - 2  # key epoch of view-bank views (index = bank row); training never reaches it
 CAMERA_DISTANCE = 2.5
 DEG = np.pi / 180.0
 
@@ -88,6 +89,8 @@ class MandelbulbItems:
     index: np.ndarray  # int64 sample index
     slot: np.ndarray  # int64
     active: np.ndarray  # bool
+    member: np.ndarray  # int64 position of the formula in class_members(...).ravel()
+    view: np.ndarray  # int64 view of the formula in the view bank (view_bank mode; drawn in any mode)
     formula: np.ndarray  # int64 formula number (power-major)
     power: np.ndarray  # int64
     rule: np.ndarray  # int64 9-bit rule
@@ -163,23 +166,32 @@ def camera(lat: np.ndarray, lng: np.ndarray) -> np.ndarray:
     return np.stack([np.stack(v, axis=-1) for v in (pos, side, u, d)], axis=1).astype(F32)
 
 
-def plan_items(recipe: MandelbulbRecipe, seed: int, size: int, epoch: int, samples: MandelbulbSamples,
-               members: np.ndarray) -> MandelbulbItems:
-    slots = slots_per_sample(recipe)
-    index = np.repeat(samples.index, slots)
-    slot = np.tile(np.arange(slots, dtype=np.int64), len(samples.index))
-    active = slot < np.repeat(samples.num_objects, slots)
-    klass = np.repeat(samples.label, slots)
-
+def _look(recipe: MandelbulbRecipe, seed: int, epoch: int, index: np.ndarray, slot: np.ndarray):
+    """View-word, latitude, longitude, camera and colours of objects keyed by (seed, epoch, index, slot)."""
     view = rng.draw_words(seed, epoch, index, rng.STREAM_ITEM, DRAW_VIEW, slot)
-    formula = members[klass, rng.to_int(view[0], members.shape[1])]
-    power, rule = recipe.formula(formula)
     lat = rng.to_range(view[1], *recipe.latitude)
     lng = rng.to_range(view[2], *recipe.longitude)
     cols = np.concatenate([np.stack(rng.draw_words(seed, epoch, index, rng.STREAM_ITEM, d, slot), axis=1)
                            for d in (DRAW_COLOUR_A, DRAW_COLOUR_B)], axis=1)
     place = rng.draw_words(seed, epoch, index, rng.STREAM_ITEM, DRAW_PLACE, slot)
-    colours = rng.to_uniform(np.concatenate([cols, place[0][:, None]], axis=1)).reshape(-1, 3, 3)
+    colours = rng.to_uniform(np.concatenate([cols, place[0][:, None]], axis=1)).reshape(-1, 3, 3).astype(F32)
+    cam = camera(view_angle(recipe, lat), view_angle(recipe, lng))
+    return view, place, lat, lng, cam, colours
+
+
+def plan_items(recipe: MandelbulbRecipe, seed: int, size: int, epoch: int, samples: MandelbulbSamples,
+               members: np.ndarray) -> MandelbulbItems:
+    """Objects of a batch. In view_bank mode the view and colours come from the bank row instead
+    (``member * bank_views + view``; see ``plan_bank``), the rest (formula, placement) from here."""
+    slots = slots_per_sample(recipe)
+    index = np.repeat(samples.index, slots)
+    slot = np.tile(np.arange(slots, dtype=np.int64), len(samples.index))
+    active = slot < np.repeat(samples.num_objects, slots)
+    klass = np.repeat(samples.label, slots)
+    view, place, lat, lng, cam, colours = _look(recipe, seed, epoch, index, slot)
+    member = klass * members.shape[1] + rng.to_int(view[0], members.shape[1])
+    formula = members.reshape(-1)[member]
+    power, rule = recipe.formula(formula)
     if recipe.multi_object:
         side = np.maximum(1, (rng.to_range(place[1], *recipe.object_scale) * F32(size)).astype(np.int64))
         top = rng.to_int(place[2], size) - side // 2  # corner in [-s/2, size - s/2): may cross the border
@@ -187,7 +199,37 @@ def plan_items(recipe: MandelbulbRecipe, seed: int, size: int, epoch: int, sampl
     else:
         side = np.full(len(index), size, dtype=np.int64)
         top = left = np.zeros(len(index), dtype=np.int64)
-    return MandelbulbItems(
-        index=index, slot=slot, active=active, formula=formula, power=power, rule=rule, lat=lat, lng=lng,
-        camera=camera(view_angle(recipe, lat), view_angle(recipe, lng)), colours=colours.astype(F32),
+    items = MandelbulbItems(
+        index=index, slot=slot, active=active, member=member, view=rng.to_int(view[3], recipe.bank_views),
+        formula=formula, power=power, rule=rule, lat=lat, lng=lng, camera=cam, colours=colours,
         side=side, top=top, left=left)
+    if recipe.mode == "view_bank":  # the bank row's view and colours: what the image shows
+        look = plan_bank(recipe, seed, bank_row(recipe, items), members, 1)
+        items.lat, items.lng, items.camera, items.colours = look.lat, look.lng, look.camera, look.colours
+    return items
+
+
+def bank_row(recipe: MandelbulbRecipe, items: MandelbulbItems) -> np.ndarray:
+    return items.member * recipe.bank_views + items.view
+
+
+def bank_side(recipe: MandelbulbRecipe, size: int) -> int:
+    """Side of the bank's views: the image (one object) or the largest object side (resized down per sample)."""
+    if not recipe.multi_object:
+        return size
+    return max(1, int(F32(recipe.object_scale[1]) * F32(size)))
+
+
+def plan_bank(recipe: MandelbulbRecipe, seed: int, rows: np.ndarray, members: np.ndarray, side: int) -> MandelbulbItems:
+    """Bank views of the given rows (row = member * bank_views + view), each keyed by (seed, BANK_EPOCH, row)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    member = rows // recipe.bank_views
+    formula = members.reshape(-1)[member]
+    power, rule = recipe.formula(formula)
+    _, _, lat, lng, cam, colours = _look(recipe, seed, BANK_EPOCH, rows, np.zeros_like(rows))
+    n = len(rows)
+    return MandelbulbItems(
+        index=rows, slot=np.zeros(n, dtype=np.int64), active=np.ones(n, dtype=bool), member=member,
+        view=rows % recipe.bank_views, formula=formula, power=power, rule=rule, lat=lat, lng=lng, camera=cam,
+        colours=colours, side=np.full(n, side, dtype=np.int64), top=np.zeros(n, dtype=np.int64),
+        left=np.zeros(n, dtype=np.int64))

@@ -33,6 +33,7 @@ MAX_RULE = 511
 MAX_OBJECTS = 16  # object slots per image (8 bits of the RNG tag)
 MAX_SUPERSAMPLE = 8
 BACKGROUNDS = ("white", "black", "plasma")
+MODES = ("on_the_fly", "view_bank")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,13 @@ class MandelbulbRecipe:
     diffuse_normal: str = "negated"  # "negated": the published 0.9 max(0, l . -n) | "outward": l . n
     derivative: str = "r^p"  # "r^p": the shader's dr <- r^p p dr + 1 | "r^(p-1)": the textbook estimator
     early_exit: bool = True  # stop rays at L >= 10 (primary) / 10000 (shadow): the same image, fewer steps
+    # --- where objects come from ---
+    # "view_bank": bank_views views per formula rendered on the device at setup (keyed by the seed, kept
+    # resident), each sample composes a drawn view; "on_the_fly": every object ray-marched for its sample.
+    # The default is the bank: on the fly is predicted at ~6k images/s on an H100 at 256 px, well under
+    # wide_resnet50_2's ~2.3k images/s x 20 needed to stay >= 0.95 of its ceiling (benchmarks/PENDING_GPU.md).
+    mode: str = "view_bank"
+    bank_views: int = 64  # views per formula (the published dataset: 1000, as files)
 
     def __post_init__(self):
         if isinstance(self.rules, list):  # YAML / --set lists: stored as a tuple (the recipe is frozen, hashable)
@@ -95,6 +103,8 @@ class MandelbulbRecipe:
         check_choice("diffuse_normal", self.diffuse_normal, ("negated", "outward"))
         check_choice("derivative", self.derivative, ("r^p", "r^(p-1)"))
         check_choice("early_exit", self.early_exit, (True, False))
+        check_choice("mode", self.mode, MODES)
+        check_range("bank_views", self.bank_views, 1, 2**16, integer=True)
 
     # --- derived (the interface the data module, export and CLI read from every recipe) ---
     multi_label = False

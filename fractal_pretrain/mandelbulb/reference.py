@@ -42,6 +42,7 @@ import types
 
 import numpy as np
 
+from fractal_pretrain.mandelbulb import params as P
 from fractal_pretrain.mandelbulb.params import MandelbulbItems, MandelbulbSamples
 from fractal_pretrain.mandelbulb.recipe import MandelbulbRecipe
 from fractal_pretrain.render import reference as ifs_reference
@@ -330,11 +331,42 @@ def paste(canvas: np.ndarray, sprites: np.ndarray, items: MandelbulbItems, slots
         canvas[b, r0:r1, c0:c1] = np.minimum(np.rint(value), F32(255.0)).astype(np.uint8)
 
 
+def resize_sprite(sprite: np.ndarray, side: int) -> np.ndarray:
+    """A bank view (bs, bs, 4) bilinearly resized to (side, side, 4), as the IFS paste_objects resizes."""
+    src = sprite.shape[0]
+    ratio = F32(src) / F32(side)
+    ra, rb, fr = ifs_reference.bilinear_taps(np.arange(side), ratio, src)
+    fr, fc = fr[:, None, None], fr[None, :, None]
+    obj = sprite.astype(F32)
+    top_row = obj[ra][:, ra] * (F32(1.0) - fc) + obj[ra][:, rb] * fc
+    bottom_row = obj[rb][:, ra] * (F32(1.0) - fc) + obj[rb][:, rb] * fc
+    value = top_row * (F32(1.0) - fr) + bottom_row * fr
+    return np.clip(np.rint(value), 0, 255).astype(np.uint8)
+
+
+def bank_sprites(recipe: MandelbulbRecipe, seed: int, items: MandelbulbItems, members: np.ndarray,
+                 size: int) -> np.ndarray:
+    """view_bank mode: each active object's bank view, resized to its side (the views are rendered here,
+    only those the batch uses: the same pixels the device renders for its whole bank)."""
+    bs = P.bank_side(recipe, size)
+    rows = P.bank_row(recipe, items)
+    wanted = np.unique(rows[items.active])
+    views = render_sprites(recipe, P.plan_bank(recipe, seed, wanted, members, bs), bs)
+    max_side = int(items.side.max())
+    sprites = np.zeros((len(items.index), max_side, max_side, 4), dtype=np.uint8)
+    for item in np.flatnonzero(items.active):
+        side = int(items.side[item])
+        sprites[item, :side, :side] = resize_sprite(views[np.searchsorted(wanted, rows[item])], side)
+    return sprites
+
+
 def render(recipe: MandelbulbRecipe, seed: int, epoch: int, samples: MandelbulbSamples, items: MandelbulbItems,
-           size: int, slots: int) -> np.ndarray:
+           size: int, members: np.ndarray) -> np.ndarray:
     """Final (B, size, size, 3) uint8 images."""
-    max_side = int(items.side.max()) if len(items.side) else size
-    sprites = render_sprites(recipe, items, max_side)
+    if recipe.mode == "view_bank":
+        sprites = bank_sprites(recipe, seed, items, members, size)
+    else:
+        sprites = render_sprites(recipe, items, int(items.side.max()))
     canvas = background(recipe, seed, epoch, samples, size)
-    paste(canvas, sprites, items, slots)
+    paste(canvas, sprites, items, P.slots_per_sample(recipe))
     return canvas

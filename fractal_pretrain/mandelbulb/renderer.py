@@ -100,7 +100,7 @@ class MandelbulbReferenceRenderer(MandelbulbRenderer):
 
     def render(self, indices, epoch: int = 0) -> MandelbulbBatch:
         samples, items = self.plan(indices, epoch)
-        images = reference.render(self.recipe, self.seed, epoch, samples, items, self.size, self.slots)
+        images = reference.render(self.recipe, self.seed, epoch, samples, items, self.size, self.members)
         return self.batch(images, samples, items, epoch)
 
 
@@ -110,17 +110,40 @@ def kernel_flags(recipe: MandelbulbRecipe) -> int:
             | (FLAG_EARLY_EXIT if recipe.early_exit else 0))
 
 
-def device_plan(samples: P.MandelbulbSamples, items: P.MandelbulbItems) -> dict[str, np.ndarray]:
-    """The plan in the kernels' layouts (mandelbulb.cu MB_ITEM_*, compose.cu SAMPLE_FLOATS)."""
-    item_i = np.stack([items.active, items.power, items.rule, items.side, items.top, items.left], axis=1)
+def device_items(recipe: MandelbulbRecipe, items: P.MandelbulbItems) -> dict[str, np.ndarray]:
+    """Objects in the kernels' layouts (mandelbulb.cu MB_ITEM_INTS, MB_ITEM_FLOATS)."""
+    item_i = np.stack([items.active, items.power, items.rule, items.side, items.top, items.left,
+                       P.bank_row(recipe, items)], axis=1)
     item_f = np.concatenate([items.camera.reshape(-1, 12), items.colours.reshape(-1, 9)], axis=1)
+    return {"item_i": item_i.astype(np.int32), "item_f": item_f.astype(np.float32)}
+
+
+def device_plan(recipe: MandelbulbRecipe, samples: P.MandelbulbSamples, items: P.MandelbulbItems):
+    """The plan in the kernels' layouts (mandelbulb.cu MB_ITEM_*, compose.cu SAMPLE_FLOATS)."""
     sample_f = np.zeros((len(samples.index), SAMPLE_FLOATS), dtype=np.float32)  # blur flag 0: no blur
     sample_f[:, 4] = samples.decay
     sample_f[:, 5:9] = samples.corners
     sample_f[:, 9:15] = samples.bg_hsv
     return {"indices": samples.index.astype(np.int64), "label": samples.label.astype(np.int64),
             "num_objects": samples.num_objects.astype(np.int32), "sample_f": sample_f,
-            "item_i": item_i.astype(np.int32), "item_f": item_f.astype(np.float32)}
+            **device_items(recipe, items)}
+
+
+def bank_bytes(recipe: MandelbulbRecipe, size: int) -> int:
+    """Device memory of the view bank: formulas in use x bank_views x bank side^2 x RGBA."""
+    formulas = recipe.num_classes * recipe.members_per_class
+    return formulas * recipe.bank_views * P.bank_side(recipe, size) ** 2 * 4
+
+
+def check_bank_memory(recipe: MandelbulbRecipe, size: int, free_bytes: int) -> None:
+    """A view bank that does not fit the device's free memory is a one-line error saying both sizes."""
+    need = bank_bytes(recipe, size)
+    if need > free_bytes:
+        raise ConfigError(
+            f"bank_views={recipe.bank_views}: the view bank needs {need / 2**30:.2f} GiB at {size} px "
+            f"({recipe.num_classes * recipe.members_per_class} formulas x {recipe.bank_views} views of "
+            f"{P.bank_side(recipe, size)} px RGBA), the device has {free_bytes / 2**30:.2f} GiB free; "
+            f"use fewer bank_views or mode=on_the_fly")
 
 
 class MandelbulbKernelRenderer(MandelbulbRenderer):
@@ -146,6 +169,45 @@ class MandelbulbKernelRenderer(MandelbulbRenderer):
         super().__init__(recipe, size=size, seed=seed)
         self.flags = kernel_flags(recipe)
         self._norm_cache: dict[tuple, tuple] = {}
+        self.bank = self._build_bank() if recipe.mode == "view_bank" else None
+
+    BANK_CHUNK = 4096  # views per march launch while building the bank (bounds the plan upload)
+
+    def _build_bank(self):
+        """Every view of every formula in use, rendered once on the device and kept resident:
+        (formulas x bank_views, side, side, 4) uint8, row = member * bank_views + view."""
+        import torch
+
+        if not self.emulate:
+            free, _total = torch.cuda.mem_get_info(self.torch_device)
+            check_bank_memory(self.recipe, self.size, free)
+        side = P.bank_side(self.recipe, self.size)
+        rows = self.members.size * self.recipe.bank_views
+        bank = torch.empty((rows, side, side, 4), dtype=torch.uint8, device=self.torch_device)
+        stream = self._stream()
+        for lo in range(0, rows, self.BANK_CHUNK):
+            views = P.plan_bank(self.recipe, self.seed, np.arange(lo, min(lo + self.BANK_CHUNK, rows)),
+                                self.members, side)
+            t = {k: self._upload(v) for k, v in device_items(self.recipe, views).items()}
+            with self._on_stream(stream):
+                self._march(t, side, len(views.index), bank[lo:lo + len(views.index)])
+        return bank
+
+    def _stream(self):
+        if self.emulate:
+            return None
+        import cupy
+        import torch
+
+        return cupy.cuda.ExternalStream(torch.cuda.current_stream(self.torch_device).cuda_stream, self.device_id)
+
+    def _march(self, t: dict, max_side: int, n_items: int, out) -> None:
+        from fractal_pretrain.render.cupy_renderer import _ptr
+
+        self._kernel("mandelbulb", "march_sprites")(
+            (-(-max_side * max_side // PIXEL_BLOCK), n_items), (PIXEL_BLOCK,),
+            (np.int32(max_side), np.int32(self.recipe.supersample), np.int32(self.flags), _ptr(t["item_i"]),
+             _ptr(t["item_f"]), _ptr(out)))
 
     def _kernel(self, module: str, name: str):
         if self.emulate:
@@ -174,17 +236,10 @@ class MandelbulbKernelRenderer(MandelbulbRenderer):
         from fractal_pretrain.render.reference import plasma_grid_size
 
         samples, items = self.plan(indices, epoch)
-        host = device_plan(samples, items)
+        host = device_plan(self.recipe, samples, items)
         dev, b, size = self.torch_device, len(samples.index), self.size
-        stream = None
-        if not self.emulate:
-            import cupy
-
-            stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(dev).cuda_stream, self.device_id)
+        stream = self._stream()
         t = {k: self._upload(v) for k, v in host.items()}
-        max_side = int(items.side[items.active].max())
-        n_items = len(items.index)
-        t["sprites"] = torch.empty((n_items, max_side, max_side, 4), dtype=torch.uint8, device=dev)
         t["canvas"] = torch.empty((b, size, size, 3), dtype=torch.uint8, device=dev)
         seed, ep = np.uint32(self.seed), np.uint32(epoch)
         with self._on_stream(stream):
@@ -196,14 +251,20 @@ class MandelbulbKernelRenderer(MandelbulbRenderer):
                                    _ptr(grids), _ptr(t["canvas"])))
             else:
                 t["canvas"].fill_(reference.BACKGROUND_LEVEL[self.recipe.background])
-            self._kernel("mandelbulb", "march_sprites")(
-                (-(-max_side * max_side // PIXEL_BLOCK), n_items), (PIXEL_BLOCK,),
-                (np.int32(max_side), np.int32(self.recipe.supersample), np.int32(self.flags), _ptr(t["item_i"]),
-                 _ptr(t["item_f"]), _ptr(t["sprites"])))
-            self._kernel("mandelbulb", "paste_sprites")(
-                (-(-size * size // PIXEL_BLOCK), b), (PIXEL_BLOCK,),
-                (np.int32(size), np.int32(self.slots), np.int32(max_side), _ptr(t["num_objects"]), _ptr(t["item_i"]),
-                 _ptr(t["sprites"]), _ptr(t["canvas"])))
+            pixels = (-(-size * size // PIXEL_BLOCK), b)
+            if self.bank is not None:  # compose from the resident views: no ray marching per sample
+                self._kernel("mandelbulb", "paste_bank")(
+                    pixels, (PIXEL_BLOCK,),
+                    (np.int32(size), np.int32(self.slots), np.int32(self.bank.shape[1]), _ptr(t["num_objects"]),
+                     _ptr(t["item_i"]), _ptr(self.bank), _ptr(t["canvas"])))
+            else:
+                max_side = int(items.side[items.active].max())
+                t["sprites"] = torch.empty((len(items.index), max_side, max_side, 4), dtype=torch.uint8, device=dev)
+                self._march(t, max_side, len(items.index), t["sprites"])
+                self._kernel("mandelbulb", "paste_sprites")(
+                    pixels, (PIXEL_BLOCK,),
+                    (np.int32(size), np.int32(self.slots), np.int32(max_side), _ptr(t["num_objects"]),
+                     _ptr(t["item_i"]), _ptr(t["sprites"]), _ptr(t["canvas"])))
         t.update(stream=stream, samples=samples, items=items)
         return t
 

@@ -67,7 +67,7 @@ def test_published_statistics_at_a_small_size():
 
 
 def test_early_exit_changes_no_pixel():
-    recipe = get_recipe("mandelbulbvar")
+    recipe = get_recipe("mandelbulbvar", FLY)
     indices = np.array([class_of(2, 42), class_of(10, 42) + 1037])
     fast = make_renderer(recipe, size=10, seed=1).render(indices)
     slow = make_renderer(dataclasses.replace(recipe, early_exit=False), size=10, seed=1).render(indices)
@@ -76,7 +76,7 @@ def test_early_exit_changes_no_pixel():
 
 
 def test_same_key_same_image_in_any_batch_split():
-    recipe = get_recipe("multimandelbulb", {"supersample": 2})
+    recipe = get_recipe("multimandelbulb", {**FLY, "supersample": 2})
     renderer = make_renderer(recipe, size=12, seed=7)
     indices = np.array([3, 10, 2**33 + 1])
     together = renderer.render(indices, epoch=2).images
@@ -87,14 +87,19 @@ def test_same_key_same_image_in_any_batch_split():
 
 # ----------------------------------------------------------------------------- kernels vs reference
 
+FLY = {"mode": "on_the_fly"}
+BANK = {"mode": "view_bank", "bank_views": 3}  # with a few rules: a bank the emulator renders in a second
 KERNEL_CASES = {
-    "mandelbulbvar": ("mandelbulbvar", {}),
+    "mandelbulbvar": ("mandelbulbvar", FLY),
     "var-supersample-degrees-outward-textbook": (
-        "mandelbulbvar", {"supersample": 2, "view_angles": "degrees", "diffuse_normal": "outward",
+        "mandelbulbvar", {**FLY, "supersample": 2, "view_angles": "degrees", "diffuse_normal": "outward",
                           "derivative": "r^(p-1)"}),
-    "var-no-shadow-black": ("mandelbulbvar", {"shadow": False, "background": "black"}),
-    "multimandelbulb": ("multimandelbulb", {}),
-    "multimandelbulb-back-supersample": ("multimandelbulb", {"background": "plasma", "supersample": 2}),
+    "var-no-shadow-black": ("mandelbulbvar", {**FLY, "shadow": False, "background": "black"}),
+    "multimandelbulb": ("multimandelbulb", FLY),
+    "multimandelbulb-back-supersample": ("multimandelbulb", {**FLY, "background": "plasma", "supersample": 2}),
+    "var-bank": ("mandelbulbvar", {**BANK, "rules": [42, 506], "num_classes": 34}),
+    "multi-bank-back-supersample": ("multimandelbulb", {**BANK, "rules": [42, 506, 413], "num_classes": 10,
+                                                        "background": "plasma", "supersample": 2}),
 }
 
 
@@ -117,7 +122,7 @@ def test_kernel_images_equal_the_reference(backend, case):
 
 @needs_compiler
 def test_emulated_kernels_do_not_depend_on_thread_order():
-    recipe = get_recipe("multimandelbulb", {"background": "plasma"})
+    recipe = get_recipe("multimandelbulb", {**FLY, "background": "plasma"})
     kernels = MandelbulbKernelRenderer(recipe, size=16, seed=0, emulate=True)
     base = kernels.render(np.arange(3)).images
     with emulator.launch_options(reverse=True, poison=0x00):
@@ -126,7 +131,7 @@ def test_emulated_kernels_do_not_depend_on_thread_order():
 
 @pytest.mark.gpu
 def test_every_output_pixel_is_written_on_the_gpu():
-    kernels = MandelbulbKernelRenderer(get_recipe("multimandelbulb"), size=32, seed=0)
+    kernels = MandelbulbKernelRenderer(get_recipe("multimandelbulb", FLY), size=32, seed=0)
     images = []
     for byte in (0xAB, 0x11):
         torch.cuda.empty_cache()
@@ -263,3 +268,31 @@ def test_recipes_train_a_few_steps(name, tmp_path):
     meta = __import__("json").loads((tmp_path / "backbone.json").read_text())
     assert meta["recipe"] == name and meta["steps"] == 2
     assert meta["recipe_config"]["num_classes"] == get_recipe(name).num_classes
+
+
+# ----------------------------------------------------------------------------- view bank
+
+def test_view_bank_shows_the_same_view_for_the_same_row_and_fresh_placements():
+    recipe = get_recipe("mandelbulbvar", {**BANK, "rules": [42], "num_classes": 17, "bank_views": 2})
+    renderer = make_renderer(recipe, size=12, seed=0)
+    samples, items = renderer.plan(np.arange(0, 17 * 40, 17), 0)  # class 0 (power 2), 40 samples
+    assert set(items.view.tolist()) == {0, 1}
+    images = renderer.render(np.arange(0, 17 * 8, 17)).images
+    views = renderer.plan(np.arange(0, 17 * 8, 17), 0)[1].view
+    for v in (0, 1):
+        same = images[views == v]
+        assert len(same) >= 2 and all(np.array_equal(same[0], other) for other in same[1:])
+    assert not np.array_equal(images[views == 0][0], images[views == 1][0])
+
+
+def test_view_bank_memory_is_stated_and_checked():
+    from fractal_pretrain.mandelbulb.renderer import bank_bytes, check_bank_memory
+
+    var = get_recipe("mandelbulbvar")
+    assert bank_bytes(var, 256) == 1037 * 64 * 256 * 256 * 4  # 17.4 GB
+    assert bank_bytes(get_recipe("multimandelbulb"), 256) == 1000 * 64 * 153 * 153 * 4  # views at 0.6 x 256
+    check_bank_memory(var, 256, 20 * 2**30)
+    with pytest.raises(ConfigError) as err:
+        check_bank_memory(var, 256, 8 * 2**30)
+    message = str(err.value)
+    assert message.startswith("bank_views=64: ") and "16.20 GiB" in message and "8.00 GiB free" in message

@@ -2,13 +2,15 @@
 //   march_sprites: one thread per sprite pixel (grid: pixel blocks x objects); supersample^2 primary rays,
 //   each sphere-traced through the distance estimator, shaded, shadow-tested, clamped and box-filtered
 //   into a premultiplied RGB + alpha uint8 sprite;
-//   paste_sprites: one thread per canvas pixel (grid: pixel blocks x samples), sprites blended in slot order.
+//   paste_sprites: one thread per canvas pixel (grid: pixel blocks x samples), sprites blended in slot order;
+//   paste_bank: the same from a view bank (march_sprites output kept resident), each view resized bilinearly.
 // Only float32 +, -, *, /, sqrt and comparisons (compile with --fmad=false): no libm call whose last bits
 // could differ from NumPy's; powers by a fixed square-and-multiply, ln by Cephes' logf (frexpf is exact).
 #include "common.cuh"
 
-// Per object ints: active, power, rule, side, top, left. Floats: camera (position, side, up, direction), colours.
-#define MB_ITEM_INTS 6
+// Per object ints: active, power, rule, side, top, left, bank row. Floats: camera (position, side, up,
+// direction), colours.
+#define MB_ITEM_INTS 7
 #define MB_ITEM_FLOATS 21
 #define MB_IF_COLOURS 12
 // Flags (mandelbulb/renderer.py FLAG_*).
@@ -220,6 +222,25 @@ extern "C" __global__ void march_sprites(int max_side, int supersample, int flag
   out[3] = (unsigned char)((hits * 510 + ss * ss) / (2 * ss * ss));
 }
 
+// Blends a premultiplied RGBA texel over the canvas pixel: rint(rgb + canvas (255 - alpha) / 255).
+__device__ inline void blend(const float *rgba, unsigned char *dst) {
+  const float keep = (255.0f - rgba[3]) * (float)(1.0 / 255.0);
+#pragma unroll
+  for (int ch = 0; ch < 3; ++ch) {
+    const float v = rintf(rgba[ch] + (float)dst[ch] * keep);
+    dst[ch] = (unsigned char)(v < 255.0f ? v : 255.0f);
+  }
+}
+
+// Half-pixel-centre bilinear taps (reference.bilinear_taps of the IFS renderer).
+__device__ inline void tap(int dst, float ratio, int src, int &lower, int &upper, float &frac) {
+  float pos = ((float)dst + 0.5f) * ratio - 0.5f;
+  pos = pos > 0.0f ? pos : 0.0f;
+  lower = min((int)floorf(pos), src - 1);
+  upper = min(lower + 1, src - 1);
+  frac = pos - (float)lower;
+}
+
 extern "C" __global__ void paste_sprites(int size, int slots, int max_side, const int *num_objects,
                                          const int *item_i, const unsigned char *sprites, unsigned char *canvas) {
   const int b = blockIdx.y, q = blockIdx.x * blockDim.x + threadIdx.x;
@@ -232,11 +253,37 @@ extern "C" __global__ void paste_sprites(int size, int slots, int max_side, cons
     const int sr = r - ii[4], sc = c - ii[5];
     if (sr < 0 || sr >= ii[3] || sc < 0 || sc >= ii[3]) continue;
     const unsigned char *s = sprites + (((long long)item * max_side + sr) * max_side + sc) * 4;
-    const float keep = (255.0f - (float)s[3]) * (float)(1.0 / 255.0);
+    const float rgba[4] = {(float)s[0], (float)s[1], (float)s[2], (float)s[3]};
+    blend(rgba, dst);
+  }
+}
+
+extern "C" __global__ void paste_bank(int size, int slots, int bank_side, const int *num_objects, const int *item_i,
+                                      const unsigned char *bank, unsigned char *canvas) {
+  const int b = blockIdx.y, q = blockIdx.x * blockDim.x + threadIdx.x;
+  if (q >= size * size) return;
+  const int r = q / size, c = q - r * size;
+  unsigned char *dst = canvas + ((long long)b * size * size + q) * 3;
+  for (int o = 0; o < num_objects[b]; ++o) {
+    const int *ii = item_i + (long long)(b * slots + o) * MB_ITEM_INTS;
+    const int side = ii[3], sr = r - ii[4], sc = c - ii[5];
+    if (sr < 0 || sr >= side || sc < 0 || sc >= side) continue;
+    const float ratio = (float)bank_side / (float)side;
+    int ra, rb, ca, cb;
+    float fr, fc;
+    tap(sr, ratio, bank_side, ra, rb, fr);
+    tap(sc, ratio, bank_side, ca, cb, fc);
+    const unsigned char *view = bank + (long long)ii[6] * bank_side * bank_side * 4;
+    float rgba[4];
 #pragma unroll
-    for (int ch = 0; ch < 3; ++ch) {
-      const float v = rintf((float)s[ch] + (float)dst[ch] * keep);
-      dst[ch] = (unsigned char)(v < 255.0f ? v : 255.0f);
+    for (int ch = 0; ch < 4; ++ch) {
+      const float top = (float)view[(ra * bank_side + ca) * 4 + ch] * (1.0f - fc) +
+                        (float)view[(ra * bank_side + cb) * 4 + ch] * fc;
+      const float bottom = (float)view[(rb * bank_side + ca) * 4 + ch] * (1.0f - fc) +
+                           (float)view[(rb * bank_side + cb) * 4 + ch] * fc;
+      const float v = rintf(top * (1.0f - fr) + bottom * fr);
+      rgba[ch] = v < 0.0f ? 0.0f : (v > 255.0f ? 255.0f : v);
     }
+    blend(rgba, dst);
   }
 }
