@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_session.sh kernels    # GPU tests, render images/s + per-kernel ms, train throughput (~5 min)
 #   bash benchmarks/gpu_session.sh pretrain   # short resnet18 pre-training, then AD eval vs random init (~8 min)
 #   bash benchmarks/gpu_session.sh versions   # each renderer version in .bench-versions side by side (~1 min each)
+#   bash benchmarks/gpu_session.sh mandelbulb # Mandelbulb GPU tests, both modes' images/s, WRN50 vs ceiling (~6 min)
 #
 # `versions` needs .bench-versions (bash benchmarks/kernel_versions.sh [COMMIT...], then carry it too): anderson
 # and fractal4ad images/s with per-kernel ms for every version and the working tree, and an image digest per
@@ -14,7 +15,7 @@
 # $OUT brings back at most 8 files of 16 MiB: a few logs, one archive, and backbone.pt in 15 MiB parts
 # (cat backbone.pt.part-* > backbone.pt).
 set -uo pipefail
-stage="${1:?usage: gpu_session.sh kernels|pretrain|versions}"
+stage="${1:?usage: gpu_session.sh kernels|pretrain|versions|mandelbulb}"
 out="${OUT:-gpu-logs}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -59,8 +60,20 @@ case "$stage" in
     done
     python3 benchmarks/summarise.py "$out/versions.jsonl" | tee "$out/versions.md"
     ;;
+  mandelbulb)
+    python3 -m pytest -q -m gpu tests/fractal_pretrain/test_mandelbulb.py 2>&1 | tee "$out/gpu-tests.log"
+    for mode in on_the_fly view_bank; do
+      python3 benchmarks/render_throughput.py --device cuda --profile --recipes mandelbulbvar,multimandelbulb \
+        --repeats 5 --set mode=$mode 2>&1 | tee -a "$out/render.jsonl"
+    done
+    for mode in view_bank on_the_fly; do
+      python3 benchmarks/train_throughput.py --archs wide_resnet50_2 --recipe mandelbulbvar --steps 15 --warmup 5 \
+        --set mode=$mode 2>&1 | tee -a "$out/train.jsonl"
+    done
+    python3 benchmarks/summarise.py "$out/render.jsonl" "$out/train.jsonl" | tee "$out/summary.md"
+    ;;
   *)
-    echo "unknown stage $stage: kernels, pretrain or versions" >&2
+    echo "unknown stage $stage: kernels, pretrain, versions or mandelbulb" >&2
     exit 2
     ;;
 esac

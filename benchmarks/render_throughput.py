@@ -6,6 +6,10 @@ process (``OMP_NUM_THREADS=1``), small batches, reported per core.
 
     python3 benchmarks/render_throughput.py --device cuda [--recipes anderson,...] [--batch 512] [--profile]
     OMP_NUM_THREADS=1 python3 benchmarks/render_throughput.py --device cpu --batch 8 --repeats 2
+    python3 benchmarks/render_throughput.py --recipes mandelbulbvar,multimandelbulb --set mode=on_the_fly
+
+Mandelbulb rows add ``setup_s`` (renderer construction: the whole view bank in view_bank mode) and, on
+the fly, ``rays_per_s`` (primary rays: pixels of every object x supersample^2).
 
 Every row also has ``digest``: a hash of the uint8 images of keys 0..63 (epoch 0), so that rows of
 different versions of the renderer (``--label``, benchmarks/kernel_versions.sh) show whether they draw the
@@ -21,7 +25,7 @@ import time
 
 import numpy as np
 
-from fractal_pretrain.recipes import get_recipe, list_recipes
+from fractal_pretrain.recipes import get_recipe, list_recipes, recipe_family
 from fractal_pretrain.render import make_renderer
 
 
@@ -86,7 +90,13 @@ def main(argv=None) -> int:
     overrides = dict((kv.split("=", 1)[0], yaml.safe_load(kv.split("=", 1)[1])) for kv in args.set)
     rows = []
     for name in args.recipes.split(","):
+        setup = time.perf_counter()
         renderer = make_renderer(get_recipe(name, overrides), size=args.size, seed=0, device=args.device)
+        if args.device != "cpu":
+            import torch
+
+            torch.cuda.synchronize()
+        setup = time.perf_counter() - setup
         if args.device == "cpu":
             seconds = bench_cpu(renderer, args.batch, args.repeats)
         else:
@@ -98,7 +108,14 @@ def main(argv=None) -> int:
         if args.label:
             row["version"] = args.label
         row["digest"] = image_digest(renderer)
-        if args.device != "cpu":
+        recipe = renderer.recipe
+        if recipe_family(recipe) == "mandelbulb":
+            row["setup_s"] = round(setup, 2)
+            if recipe.mode == "on_the_fly":
+                _, items = renderer.plan(np.arange(args.batch), 0)
+                rays = int((items.side[items.active] ** 2).sum()) * recipe.supersample ** 2
+                row["rays_per_s"] = round(rays / seconds)
+        elif args.device != "cpu":
             row["shared_histogram"] = bool(renderer.use_shared)
             if args.profile:
                 row["kernel_ms"] = kernel_ms(renderer, args.batch)

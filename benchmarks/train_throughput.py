@@ -9,6 +9,7 @@ model the same input dtype (``--dtype``): bfloat16 by default, as the data modul
 precision on CUDA; float32 is what earlier measurements used (the first convolution then casts it).
 
     python3 benchmarks/train_throughput.py --archs wide_resnet50_2,resnet50,resnet18 [--compile] [--dtype float32]
+    python3 benchmarks/train_throughput.py --archs wide_resnet50_2 --recipe mandelbulbvar --set mode=on_the_fly
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from fractal_pretrain.recipes import get_recipe
-from fractal_pretrain.render.cupy_renderer import CupyRenderer
+from fractal_pretrain.render import make_renderer
 from fractal_pretrain.train.data import SideStreamPrefetch
 from fractal_pretrain.train.model import build_resnet
 
@@ -50,9 +51,9 @@ def timed(fn, steps: int, warmup: int) -> float:
 
 
 def bench(arch: str, recipe: str, batch: int, size: int, steps: int, warmup: int, compile: bool,
-          dtype: str) -> dict:
+          dtype: str, overrides: dict | None = None) -> dict:
     torch.manual_seed(0)
-    renderer = CupyRenderer(get_recipe(recipe), size=size, seed=0)
+    renderer = make_renderer(get_recipe(recipe, overrides), size=size, seed=0, device="cuda")
     model = build_resnet(arch, renderer.recipe.num_classes).cuda().to(memory_format=torch.channels_last)
     if compile:
         model.compile()
@@ -91,7 +92,7 @@ def bench(arch: str, recipe: str, batch: int, size: int, steps: int, warmup: int
     t_prefetch = timed(end_to_end_prefetch, steps, warmup)
     t_render = timed(render_only, steps, warmup)
     return {
-        "arch": arch, "recipe": recipe, "batch": batch, "size": size, "compile": compile, "dtype": dtype,
+        "arch": arch, "recipe": recipe, "overrides": overrides or {}, "batch": batch, "size": size, "compile": compile, "dtype": dtype,
         "ceiling_img_s": round(batch / t_ceiling, 1), "end_to_end_img_s": round(batch / t_e2e, 1),
         "ratio": round(t_ceiling / t_e2e, 4), "ms_per_step": round(t_e2e * 1000, 2),
         "prefetch_img_s": round(batch / t_prefetch, 1), "prefetch_ratio": round(t_ceiling / t_prefetch, 4),
@@ -110,10 +111,15 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="model input dtype")
+    parser.add_argument("--set", action="append", default=[], help="recipe override KEY=VALUE (YAML value)")
     args = parser.parse_args(argv)
+    import yaml
+
+    overrides = dict((kv.split("=", 1)[0], yaml.safe_load(kv.split("=", 1)[1])) for kv in args.set)
     torch.backends.cudnn.benchmark = True
     for arch in args.archs.split(","):
-        row = bench(arch, args.recipe, args.batch, args.size, args.steps, args.warmup, args.compile, args.dtype)
+        row = bench(arch, args.recipe, args.batch, args.size, args.steps, args.warmup, args.compile, args.dtype,
+                    overrides)
         print(json.dumps(row), flush=True)
     return 0
 
