@@ -1,0 +1,392 @@
+// Fast CPU renderer: the NumPy reference (reference.py) as plain C++, one sample per thread.
+//
+// Byte-identical to the reference by construction, in the kernels' discipline: float32 operations in the
+// reference's order, built with -ffp-contract=off -fno-fast-math (no fused multiply-add, IEEE division),
+// integer histograms (order-independent). Shared with the CUDA kernels through common.cuh: Philox, the
+// uniform draws, the plan layouts (SAMPLE_FLOATS, ITEM_INTS, ITEM_FLOATS, RI_*) and hsv_to_rgb.
+// fast_cpu.py builds this file with the host compiler (cached by content hash) and calls render_batch.
+//
+// Per sample (reference.render_items + compose): plasma or black canvas; per active item the chaos game
+// (each chain from the fixed point of map 0, points stored), bounding box, window, histogram, 3x3 patch
+// stamp, density, flips and colour (a 256-entry table per item: the hue byte is the only varying input),
+// written into the canvas (single object) or an object buffer pasted bilinearly (multi-object); then blur.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <thread>
+#include <vector>
+
+#define __host__
+#define __device__
+#include "kernels/common.cuh"
+
+namespace {
+
+struct Batch {
+  int count;
+  const long long *indices;
+  u32 seed, epoch;
+  const int *ri;
+  const float *sample_f;
+  const int *item_i;
+  const float *item_f;
+  unsigned char *images;
+  long long *points;
+};
+
+// Per-thread buffers, grown on demand and reused across samples.
+struct Scratch {
+  std::vector<float> px, py, grid, rows;
+  std::vector<u32> masks, hist, stamped;
+  std::vector<float> g;
+  std::vector<unsigned char> object;
+};
+
+template <typename T>
+T *sized(std::vector<T> &v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+// ---------------------------------------------------------------- chaos game (reference.chaos_game)
+
+// Runs every chain of an item and stores its recorded points (and, with 'point' patches, their mask
+// words); returns the number recorded: 0 when any chain escapes (non-finite point) or the item is
+// inactive. A non-finite coordinate makes every later point non-finite (chaos.cu run_chain_with), so
+// checking each chain's last point is the reference's per-step check.
+template <bool POINT_MASKS>
+long long chaos_game(const Batch &bt, long long index, int slot, const int *ii, const float *f, Scratch &s) {
+  const int *ri = bt.ri;
+  const int chains = ri[RI_CHAINS], burn_in = ri[RI_BURN_IN], num_points = ri[RI_NUM_POINTS];
+  const int steps = burn_in + (num_points + chains - 1) / chains;
+  const int nmaps = ii[3];
+  const int thresholds = std::min(nmaps - 1, MAX_MAPS - 1);
+  const float *cum = f + IF_CUM;
+  float *px = sized(s.px, num_points), *py = sized(s.py, num_points);
+  u32 *masks = POINT_MASKS ? sized(s.masks, num_points) : nullptr;
+  constexpr int per_call = POINT_MASKS ? 2 : 4;  // steps served by one Philox call
+  long long n = 0;
+  for (int chain = 0; chain < chains; ++chain) {
+    const u32 tag = make_tag(STREAM_CHAOS, (u32)slot, (u32)chain);
+    float x = f[IF_START], y = f[IF_START + 1];
+    for (int s0 = 0; s0 < steps; s0 += per_call) {
+      const Words w = draw_words(bt.seed, bt.epoch, index, tag, (u32)(s0 / per_call));
+      for (int j = 0; j < per_call && s0 + j < steps; ++j) {
+        const int step = s0 + j;
+        const float u = to_uniform(POINT_MASKS ? w.w[2 * j] : w.w[j]);
+        int k = 0;
+        for (int m = 0; m < thresholds; ++m) k += u >= cum[m] ? 1 : 0;
+        const float *r = f + k * ROW;
+        const float nx = (r[0] * x + r[1] * y) + r[2];
+        const float ny = (r[3] * x + r[4] * y) + r[5];
+        x = nx;
+        y = ny;
+        if (step >= burn_in && (long long)(step - burn_in) * chains + chain < num_points) {
+          px[n] = x;
+          py[n] = y;
+          if (POINT_MASKS) masks[n] = 1u + (u32)to_int(w.w[2 * j + 1], 511);
+          ++n;
+        }
+      }
+    }
+    if (!(finite(x) && finite(y))) return 0;
+  }
+  return n;
+}
+
+// ---------------------------------------------------------------- window (reference.window)
+
+void window(const float *px, const float *py, long long n, const float *f, int side, float lo[2], float sc[2]) {
+  if (n == 0) {
+    lo[0] = lo[1] = 0.0f;
+    sc[0] = sc[1] = (float)(side - 1);
+    return;
+  }
+  float box[4] = {px[0], px[0], py[0], py[0]};
+  for (long long i = 1; i < n; ++i) {
+    box[0] = px[i] < box[0] ? px[i] : box[0];
+    box[1] = px[i] > box[1] ? px[i] : box[1];
+    box[2] = py[i] < box[2] ? py[i] : box[2];
+    box[3] = py[i] > box[3] ? py[i] : box[3];
+  }
+  for (int axis = 0; axis < 2; ++axis) {
+    const float mn = box[2 * axis], mx = box[2 * axis + 1];
+    const float extent = mx - mn;
+    const float half = (extent * f[IF_SCALE + axis]) * 0.5f;
+    const float start = mn + ((extent * 0.5f + extent * f[IF_SHIFT + axis]) - half);
+    const float span = half + half;
+    const float pixels = (float)(side - 1) / span;
+    const bool bad = !(span > 0.0f) || !finite(pixels) || !finite(start);
+    lo[axis] = bad ? mn : start;
+    sc[axis] = bad ? (float)(side - 1) : pixels;
+  }
+}
+
+// ---------------------------------------------------------------- density (histogram, stamp)
+
+// Density g (side x side, float32) of an item: histogram of the points, 3x3 stamp, count / max or binary.
+template <bool POINT_MASKS>
+float *density(const Batch &bt, const int *ii, long long n, const float lo[2], const float sc[2], int side,
+               Scratch &s) {
+  const size_t pixels = (size_t)side * side;
+  u32 *hist = sized(s.hist, pixels);
+  std::fill(hist, hist + pixels, 0u);
+  const float fside = (float)side;
+  for (long long i = 0; i < n; ++i) {
+    const float vr = (s.px[i] - lo[0]) * sc[0];
+    const float vc = (s.py[i] - lo[1]) * sc[1];
+    if (vr >= 0.0f && vr < fside && vc >= 0.0f && vc < fside) {
+      const size_t at = (size_t)(int)vr * side + (size_t)(int)vc;
+      if (POINT_MASKS) hist[at] |= s.masks[i];
+      else hist[at] += 1u;
+    }
+  }
+  // Stamp: target (r, c) takes source (r - dr + 1, c - dc + 1) for each set bit dr * 3 + dc.
+  u32 *stamped = sized(s.stamped, pixels);
+  const u32 mask = (u32)ii[5];
+  u32 peak = 0;
+  for (int r = 0; r < side; ++r) {
+    for (int c = 0; c < side; ++c) {
+      u32 v = 0;
+      for (int bit = 0; bit < 9; ++bit) {
+        const int sr = r - bit / 3 + 1, sc_ = c - bit % 3 + 1;
+        if (sr < 0 || sr >= side || sc_ < 0 || sc_ >= side) continue;
+        const u32 h = hist[(size_t)sr * side + sc_];
+        if (POINT_MASKS) v |= (h >> bit) & 1u;
+        else if ((mask >> bit) & 1u) v += h;
+      }
+      stamped[(size_t)r * side + c] = v;
+      peak = v > peak ? v : peak;
+    }
+  }
+  float *g = sized(s.g, pixels);
+  const bool binary = POINT_MASKS || bt.ri[RI_BINARY];
+  const float fpeak = (float)peak;
+  for (size_t q = 0; q < pixels; ++q) {
+    const u32 v = stamped[q];
+    if (binary) g[q] = v > 0 ? 1.0f : 0.0f;
+    else g[q] = peak > 0 ? (float)v / fpeak : 0.0f;
+  }
+  return g;
+}
+
+// Flips and colour of an item (reference.flip, colorize): rgb written to out (side x side x 3) where g > 0.
+void colour_item(const Batch &bt, const int *ii, const float *f, const float *g, int side, unsigned char *out) {
+  const int bits = ii[6];
+  const bool color = bt.ri[RI_COLOR];
+  const float grey = (float)bt.ri[RI_GREY];
+  const float hue_shift = f[IF_HUE];
+  unsigned char table[256][3];
+  if (color)
+    for (int h8 = 0; h8 < 256; ++h8) hsv_to_rgb(h8, ii[7], ii[8], table[h8]);
+  for (int r = 0; r < side; ++r) {
+    const int rr = (bits & 2) ? side - 1 - r : r;
+    for (int c = 0; c < side; ++c) {
+      const int cc = (bits & 4) ? side - 1 - c : c;
+      const float v = (bits & 1) ? g[(size_t)cc * side + rr] : g[(size_t)rr * side + cc];
+      if (!(v > 0.0f)) continue;
+      unsigned char *px = out + ((size_t)r * side + c) * 3;
+      if (color) {
+        const float hue = v * 255.0f + hue_shift;
+        const unsigned char *rgb = table[((int)floorf(hue)) & 255];
+        px[0] = rgb[0];
+        px[1] = rgb[1];
+        px[2] = rgb[2];
+      } else {
+        px[0] = px[1] = px[2] = (unsigned char)(v * grey);
+      }
+    }
+  }
+}
+
+// One item, start to end: returns its recorded point count.
+long long render_item(const Batch &bt, long long index, int slot, const int *ii, const float *f, int side,
+                      unsigned char *out, Scratch &s) {
+  if (!ii[0]) return 0;  // inactive: records nothing, draws nothing
+  const bool point_masks = bt.ri[RI_PATCH] == 2;
+  const long long n = point_masks ? chaos_game<true>(bt, index, slot, ii, f, s)
+                                  : chaos_game<false>(bt, index, slot, ii, f, s);
+  if (n == 0) return 0;  // background only
+  float lo[2], sc[2];
+  window(s.px.data(), s.py.data(), n, f, side, lo, sc);
+  const float *g = point_masks ? density<true>(bt, ii, n, lo, sc, side, s) : density<false>(bt, ii, n, lo, sc, side, s);
+  colour_item(bt, ii, f, g, side, out);
+  return n;
+}
+
+// ---------------------------------------------------------------- background (reference.plasma, background)
+
+void background(const Batch &bt, long long index, const float *sf, unsigned char *img, Scratch &s) {
+  const int size = bt.ri[RI_SIZE];
+  int bits = 1;
+  while ((1 << bits) < size) ++bits;  // plasma_grid_size: 2^max(1, ceil(log2 size)) + 1
+  const int n = (1 << bits) + 1, last = n - 1;
+  float *grid = sized(s.grid, (size_t)n * n);
+  auto at = [&](int r, int c) -> float & { return grid[(size_t)r * n + c]; };
+  const u32 tag = make_tag(STREAM_PLASMA, 0, 0);
+  auto noise = [&](int r, int c) {
+    return to_uniform(draw_words(bt.seed, bt.epoch, index, tag, (u32)(r * n + c)).w[0]) * 2.0f - 1.0f;
+  };
+  at(0, 0) = sf[5];
+  at(0, last) = sf[6];
+  at(last, 0) = sf[7];
+  at(last, last) = sf[8];
+  float amp = 0.5f;
+  for (int step = last; step > 1; step /= 2) {
+    const int half = step / 2;
+    for (int r = half; r < n; r += step)  // diamond step: centres of squares
+      for (int c = half; c < n; c += step)
+        at(r, c) = ((at(r - half, c - half) + at(r - half, c + half)) + (at(r + half, c - half) + at(r + half, c + half))) *
+                       0.25f + noise(r, c) * amp;
+    for (int r0 = 0; r0 <= half; r0 += half) {  // square step: neighbours up, left, right, down
+      const int c0 = half - r0;
+      for (int r = r0; r < n; r += step)
+        for (int c = c0; c < n; c += step) {
+          const int dr[4] = {-half, 0, 0, half}, dc[4] = {0, -half, half, 0};
+          float total = 0.0f, count = 0.0f;
+          for (int k = 0; k < 4; ++k) {
+            const int rr = r + dr[k], cc = c + dc[k];
+            const bool ok = rr >= 0 && rr < n && cc >= 0 && cc < n;
+            total = total + (ok ? at(rr, cc) : 0.0f);
+            count = count + (ok ? 1.0f : 0.0f);
+          }
+          at(r, c) = total / count + noise(r, c) * amp;
+        }
+    }
+    amp = amp * sf[4];
+  }
+  float mn = at(0, 0), mx = at(0, 0);
+  for (int r = 0; r < size; ++r)
+    for (int c = 0; c < size; ++c) {
+      const float v = at(r, c);
+      mn = v < mn ? v : mn;
+      mx = v > mx ? v : mx;
+    }
+  for (int r = 0; r < size; ++r)
+    for (int c = 0; c < size; ++c) {
+      const float x = mx > mn ? (at(r, c) - mn) / (mx - mn) : 0.0f;
+      const int h8 = ((int)floorf(x * sf[9] + sf[10])) & 255;
+      const int s8 = (int)(x * sf[11] + sf[12]);
+      const int v8 = (int)(x * sf[13] + sf[14]);
+      hsv_to_rgb(h8, s8, v8, img + ((size_t)r * size + c) * 3);
+    }
+}
+
+// ---------------------------------------------------------------- composition (paste_objects, blur)
+
+void paste(const int *ii, const unsigned char *obj, int src, int size, unsigned char *img) {
+  const int side = ii[9], top = ii[10], left = ii[11];
+  const int r0 = std::max(top, 0), r1 = std::min(top + side, size);
+  const int c0 = std::max(left, 0), c1 = std::min(left + side, size);
+  if (r0 >= r1 || c0 >= c1) return;
+  const float ratio = (float)src / (float)side;
+  struct Tap { int lower, upper; float frac; };
+  auto tap = [&](int dst) {
+    float pos = ((float)dst + 0.5f) * ratio - 0.5f;
+    pos = std::max(pos, 0.0f);
+    const int lower = std::min((int)floorf(pos), src - 1);
+    return Tap{lower, std::min(lower + 1, src - 1), pos - (float)lower};
+  };
+  std::vector<Tap> cols(c1 - c0);
+  for (int c = c0; c < c1; ++c) cols[c - c0] = tap(c - left);
+  for (int r = r0; r < r1; ++r) {
+    const Tap tr = tap(r - top);
+    const float wr = 1.0f - tr.frac;
+    for (int c = c0; c < c1; ++c) {
+      const Tap tc = cols[c - c0];
+      const float wc = 1.0f - tc.frac;
+      unsigned char rgb[3];
+      bool any = false;
+      for (int ch = 0; ch < 3; ++ch) {
+        const float p00 = obj[((size_t)tr.lower * src + tc.lower) * 3 + ch];
+        const float p01 = obj[((size_t)tr.lower * src + tc.upper) * 3 + ch];
+        const float p10 = obj[((size_t)tr.upper * src + tc.lower) * 3 + ch];
+        const float p11 = obj[((size_t)tr.upper * src + tc.upper) * 3 + ch];
+        const float top_row = p00 * wc + p01 * tc.frac;
+        const float bottom_row = p10 * wc + p11 * tc.frac;
+        rgb[ch] = round_u8(top_row * wr + bottom_row * tr.frac);
+        any = any || rgb[ch] > 0;
+      }
+      if (any) std::memcpy(img + ((size_t)r * size + c) * 3, rgb, 3);
+    }
+  }
+}
+
+inline int reflect101(int i, int n) { return i < 0 ? -i : (i >= n ? 2 * n - 2 - i : i); }
+
+void blur(const float *sf, int size, unsigned char *img, Scratch &s) {
+  const float k0 = sf[1], k1 = sf[2];
+  float *rows = sized(s.rows, (size_t)size * size * 3);
+  for (int r = 0; r < size; ++r)
+    for (int c = 0; c < size; ++c) {
+      const unsigned char *row = img + (size_t)r * size * 3;
+      const int left = reflect101(c - 1, size) * 3, mid = c * 3, right = reflect101(c + 1, size) * 3;
+      for (int ch = 0; ch < 3; ++ch)
+        rows[((size_t)r * size + c) * 3 + ch] =
+            (k1 * (float)row[left + ch] + k0 * (float)row[mid + ch]) + k1 * (float)row[right + ch];
+    }
+  for (int r = 0; r < size; ++r) {
+    const float *above = rows + (size_t)reflect101(r - 1, size) * size * 3, *here = rows + (size_t)r * size * 3,
+                *below = rows + (size_t)reflect101(r + 1, size) * size * 3;
+    unsigned char *out = img + (size_t)r * size * 3;
+    for (int q = 0; q < size * 3; ++q) out[q] = round_u8((k1 * above[q] + k0 * here[q]) + k1 * below[q]);
+  }
+}
+
+void render_sample(const Batch &bt, int b, Scratch &s) {
+  const int *ri = bt.ri;
+  const int size = ri[RI_SIZE], side = ri[RI_SIDE], slots = ri[RI_SLOTS];
+  const long long index = bt.indices[b];
+  const float *sf = bt.sample_f + (size_t)b * SAMPLE_FLOATS;
+  unsigned char *img = bt.images + (size_t)b * size * size * 3;
+  if (ri[RI_BACKGROUND]) background(bt, index, sf, img, s);
+  else std::memset(img, 0, (size_t)size * size * 3);
+  for (int slot = 0; slot < slots; ++slot) {
+    const int item = b * slots + slot;
+    const int *ii = bt.item_i + (size_t)item * ITEM_INTS;
+    const float *f = bt.item_f + (size_t)item * ITEM_FLOATS;
+    if (!ri[RI_MULTI_OBJECT]) {
+      bt.points[item] = render_item(bt, index, slot, ii, f, side, img, s);
+      continue;
+    }
+    unsigned char *obj = sized(s.object, (size_t)side * side * 3);
+    std::memset(obj, 0, (size_t)side * side * 3);
+    bt.points[item] = render_item(bt, index, slot, ii, f, side, obj, s);
+    if (ii[0]) paste(ii, obj, side, size, img);
+  }
+  if (sf[0] > 0.0f) blur(sf, size, img, s);
+}
+
+}  // namespace
+
+// Renders `count` samples into images (count x size x size x 3) and points (count x slots) on `threads`
+// threads (samples taken in turn from a shared counter; each sample's bytes depend only on its key).
+// Returns 0, or 1 when a thread failed (out of memory).
+extern "C" __attribute__((visibility("default"))) int render_batch(
+    int count, const long long *indices, u32 seed, u32 epoch, const int *ri, const float *sample_f,
+    const int *item_i, const float *item_f, unsigned char *images, long long *points, int threads) {
+  const Batch bt{count, indices, seed, epoch, ri, sample_f, item_i, item_f, images, points};
+  std::atomic<int> next{0};
+  std::atomic<bool> failed{false};
+  auto work = [&] {
+    try {
+      Scratch s;
+      for (int b = next++; b < count && !failed; b = next++) render_sample(bt, b, s);
+    } catch (const std::exception &) {
+      failed = true;
+    }
+  };
+  threads = std::max(1, std::min(threads, count));
+  std::vector<std::thread> pool;
+  try {
+    for (int t = 1; t < threads; ++t) pool.emplace_back(work);
+  } catch (const std::exception &) {
+    // could not start more threads: the ones running and this one finish the batch
+  }
+  work();
+  for (auto &t : pool) t.join();
+  return failed ? 1 : 0;
+}
