@@ -23,6 +23,14 @@
 #define __device__
 #include "kernels/common.cuh"
 
+// Hot loops are also built for AVX2 and picked at load time (the same IEEE float32 operations: contraction
+// stays off, so AVX2's fused multiply-add is never used).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define TARGETS __attribute__((target_clones("avx2", "default")))
+#else
+#define TARGETS
+#endif
+
 namespace {
 
 struct Batch {
@@ -39,7 +47,7 @@ struct Batch {
 
 // Per-thread buffers, grown on demand and reused across samples.
 struct Scratch {
-  std::vector<float> px, py, grid, rows;
+  std::vector<float> px, py, grid, noise, rows;
   std::vector<u32> masks, hist, stamped;
   std::vector<float> g;
   std::vector<unsigned char> object;
@@ -58,7 +66,7 @@ T *sized(std::vector<T> &v, size_t n) {
 // inactive. A non-finite coordinate makes every later point non-finite (chaos.cu run_chain_with), so
 // checking each chain's last point is the reference's per-step check.
 template <bool POINT_MASKS>
-long long chaos_game(const Batch &bt, long long index, int slot, const int *ii, const float *f, Scratch &s) {
+__attribute__((noinline)) long long chaos_game(const Batch &bt, long long index, int slot, const int *ii, const float *f, Scratch &s) {
   const int *ri = bt.ri;
   const int chains = ri[RI_CHAINS], burn_in = ri[RI_BURN_IN], num_points = ri[RI_NUM_POINTS];
   const int steps = burn_in + (num_points + chains - 1) / chains;
@@ -99,7 +107,7 @@ long long chaos_game(const Batch &bt, long long index, int slot, const int *ii, 
 
 // ---------------------------------------------------------------- window (reference.window)
 
-void window(const float *px, const float *py, long long n, const float *f, int side, float lo[2], float sc[2]) {
+__attribute__((noinline)) void window(const float *px, const float *py, long long n, const float *f, int side, float lo[2], float sc[2]) {
   if (n == 0) {
     lo[0] = lo[1] = 0.0f;
     sc[0] = sc[1] = (float)(side - 1);
@@ -127,54 +135,71 @@ void window(const float *px, const float *py, long long n, const float *f, int s
 
 // ---------------------------------------------------------------- density (histogram, stamp)
 
-// Density g (side x side, float32) of an item: histogram of the points, 3x3 stamp, count / max or binary.
-template <bool POINT_MASKS>
-float *density(const Batch &bt, const int *ii, long long n, const float lo[2], const float sc[2], int side,
-               Scratch &s) {
-  const size_t pixels = (size_t)side * side;
-  u32 *hist = sized(s.hist, pixels);
-  std::fill(hist, hist + pixels, 0u);
+// Histogram of the points inside the window: per-pixel counts, or the OR of the points' masks ('point'
+// patches: masks != nullptr); hist has row pitch `pitch`.
+TARGETS void bin_points(const float *px, const float *py, const u32 *masks, long long n, const float lo[2],
+                        const float sc[2], int side, u32 *hist, size_t pitch) {
   const float fside = (float)side;
   for (long long i = 0; i < n; ++i) {
-    const float vr = (s.px[i] - lo[0]) * sc[0];
-    const float vc = (s.py[i] - lo[1]) * sc[1];
+    const float vr = (px[i] - lo[0]) * sc[0];
+    const float vc = (py[i] - lo[1]) * sc[1];
     if (vr >= 0.0f && vr < fside && vc >= 0.0f && vc < fside) {
-      const size_t at = (size_t)(int)vr * side + (size_t)(int)vc;
-      if (POINT_MASKS) hist[at] |= s.masks[i];
+      const size_t at = (size_t)(int)vr * pitch + (size_t)(int)vc;
+      if (masks) hist[at] |= masks[i];
       else hist[at] += 1u;
     }
   }
+}
+
+// One bit of the stamp: stamped += source plane (graded), or |= its bit `bit` ('point' masks).
+TARGETS void stamp_plane(const u32 *src, size_t pitch, u32 *stamped, int side, int bit) {
+  for (int r = 0; r < side; ++r) {
+    const u32 *in = src + (size_t)r * pitch;
+    u32 *out = stamped + (size_t)r * side;
+    if (bit < 0)
+      for (int c = 0; c < side; ++c) out[c] += in[c];
+    else
+      for (int c = 0; c < side; ++c) out[c] |= (in[c] >> bit) & 1u;
+  }
+}
+
+// count / max (float32 division), or 1 where any point landed.
+TARGETS void to_density(const u32 *stamped, size_t pixels, bool binary, float *g) {
+  if (binary) {
+    for (size_t q = 0; q < pixels; ++q) g[q] = stamped[q] > 0 ? 1.0f : 0.0f;
+    return;
+  }
+  u32 peak = 0;
+  for (size_t q = 0; q < pixels; ++q) peak = stamped[q] > peak ? stamped[q] : peak;
+  const float fpeak = (float)peak;
+  for (size_t q = 0; q < pixels; ++q) g[q] = peak > 0 ? (float)stamped[q] / fpeak : 0.0f;
+}
+
+// Density g (side x side, float32) of an item: histogram of the points, 3x3 stamp, count / max or binary.
+// The histogram has a zero border of one pixel, so the stamp is nine shifted whole-row passes.
+template <bool POINT_MASKS>
+__attribute__((noinline)) float *density(const Batch &bt, const int *ii, long long n, const float lo[2],
+                                         const float sc[2], int side, Scratch &s) {
+  const size_t pitch = side + 2, pixels = (size_t)side * side;
+  u32 *hist = sized(s.hist, pitch * pitch);
+  std::fill(hist, hist + pitch * pitch, 0u);
+  bin_points(s.px.data(), s.py.data(), POINT_MASKS ? s.masks.data() : nullptr, n, lo, sc, side, hist + pitch + 1, pitch);
   // Stamp: target (r, c) takes source (r - dr + 1, c - dc + 1) for each set bit dr * 3 + dc.
   u32 *stamped = sized(s.stamped, pixels);
-  const u32 mask = (u32)ii[5];
-  u32 peak = 0;
-  for (int r = 0; r < side; ++r) {
-    for (int c = 0; c < side; ++c) {
-      u32 v = 0;
-      for (int bit = 0; bit < 9; ++bit) {
-        const int sr = r - bit / 3 + 1, sc_ = c - bit % 3 + 1;
-        if (sr < 0 || sr >= side || sc_ < 0 || sc_ >= side) continue;
-        const u32 h = hist[(size_t)sr * side + sc_];
-        if (POINT_MASKS) v |= (h >> bit) & 1u;
-        else if ((mask >> bit) & 1u) v += h;
-      }
-      stamped[(size_t)r * side + c] = v;
-      peak = v > peak ? v : peak;
-    }
+  std::fill(stamped, stamped + pixels, 0u);
+  const u32 mask = POINT_MASKS ? 0x1ffu : (u32)ii[5];
+  for (int bit = 0; bit < 9; ++bit) {
+    if (!((mask >> bit) & 1u)) continue;
+    const int dr = bit / 3, dc = bit % 3;
+    stamp_plane(hist + (size_t)(2 - dr) * pitch + (2 - dc), pitch, stamped, side, POINT_MASKS ? bit : -1);
   }
   float *g = sized(s.g, pixels);
-  const bool binary = POINT_MASKS || bt.ri[RI_BINARY];
-  const float fpeak = (float)peak;
-  for (size_t q = 0; q < pixels; ++q) {
-    const u32 v = stamped[q];
-    if (binary) g[q] = v > 0 ? 1.0f : 0.0f;
-    else g[q] = peak > 0 ? (float)v / fpeak : 0.0f;
-  }
+  to_density(stamped, pixels, POINT_MASKS || bt.ri[RI_BINARY], g);
   return g;
 }
 
 // Flips and colour of an item (reference.flip, colorize): rgb written to out (side x side x 3) where g > 0.
-void colour_item(const Batch &bt, const int *ii, const float *f, const float *g, int side, unsigned char *out) {
+__attribute__((noinline)) void colour_item(const Batch &bt, const int *ii, const float *f, const float *g, int side, unsigned char *out) {
   const int bits = ii[6];
   const bool color = bt.ri[RI_COLOR];
   const float grey = (float)bt.ri[RI_GREY];
@@ -219,17 +244,45 @@ long long render_item(const Batch &bt, long long index, int slot, const int *ii,
 
 // ---------------------------------------------------------------- background (reference.plasma, background)
 
-void background(const Batch &bt, long long index, const float *sf, unsigned char *img, Scratch &s) {
+// Noise of every plasma grid cell (draw = cell): one independent Philox call each, a loop the compiler
+// vectorises.
+TARGETS void plasma_noise(u32 seed, u32 epoch, long long index, int cells, float *out) {
+  const u32 tag = make_tag(STREAM_PLASMA, 0, 0);
+  const u32 lo = (u32)(u64)index, hi = (u32)((u64)index >> 32);
+  for (int i = 0; i < cells; ++i)
+    out[i] = to_uniform(philox4x32(lo, hi, tag, (u32)i, seed, epoch).w[0]) * 2.0f - 1.0f;
+}
+
+// Normalise the crop of the grid to [0, 1] and colour it (reference.background).
+TARGETS void plasma_colour(const float *grid, int n, int size, const float *sf, unsigned char *img) {
+  float mn = grid[0], mx = grid[0];
+  for (int r = 0; r < size; ++r)
+    for (int c = 0; c < size; ++c) {
+      const float v = grid[(size_t)r * n + c];
+      mn = v < mn ? v : mn;
+      mx = v > mx ? v : mx;
+    }
+  for (int r = 0; r < size; ++r)
+    for (int c = 0; c < size; ++c) {
+      const float x = mx > mn ? (grid[(size_t)r * n + c] - mn) / (mx - mn) : 0.0f;
+      const int h8 = ((int)floorf(x * sf[9] + sf[10])) & 255;
+      const int s8 = (int)(x * sf[11] + sf[12]);
+      const int v8 = (int)(x * sf[13] + sf[14]);
+      hsv_to_rgb(h8, s8, v8, img + ((size_t)r * size + c) * 3);
+    }
+}
+
+// Diamond-square plasma (reference.plasma), coloured into img.
+__attribute__((noinline)) void background(const Batch &bt, long long index, const float *sf, unsigned char *img,
+                                          Scratch &s) {
   const int size = bt.ri[RI_SIZE];
   int bits = 1;
   while ((1 << bits) < size) ++bits;  // plasma_grid_size: 2^max(1, ceil(log2 size)) + 1
   const int n = (1 << bits) + 1, last = n - 1;
   float *grid = sized(s.grid, (size_t)n * n);
+  float *noise = sized(s.noise, (size_t)n * n);
+  plasma_noise(bt.seed, bt.epoch, index, n * n, noise);
   auto at = [&](int r, int c) -> float & { return grid[(size_t)r * n + c]; };
-  const u32 tag = make_tag(STREAM_PLASMA, 0, 0);
-  auto noise = [&](int r, int c) {
-    return to_uniform(draw_words(bt.seed, bt.epoch, index, tag, (u32)(r * n + c)).w[0]) * 2.0f - 1.0f;
-  };
   at(0, 0) = sf[5];
   at(0, last) = sf[6];
   at(last, 0) = sf[7];
@@ -240,7 +293,7 @@ void background(const Batch &bt, long long index, const float *sf, unsigned char
     for (int r = half; r < n; r += step)  // diamond step: centres of squares
       for (int c = half; c < n; c += step)
         at(r, c) = ((at(r - half, c - half) + at(r - half, c + half)) + (at(r + half, c - half) + at(r + half, c + half))) *
-                       0.25f + noise(r, c) * amp;
+                       0.25f + noise[(size_t)r * n + c] * amp;
     for (int r0 = 0; r0 <= half; r0 += half) {  // square step: neighbours up, left, right, down
       const int c0 = half - r0;
       for (int r = r0; r < n; r += step)
@@ -253,31 +306,17 @@ void background(const Batch &bt, long long index, const float *sf, unsigned char
             total = total + (ok ? at(rr, cc) : 0.0f);
             count = count + (ok ? 1.0f : 0.0f);
           }
-          at(r, c) = total / count + noise(r, c) * amp;
+          at(r, c) = total / count + noise[(size_t)r * n + c] * amp;
         }
     }
     amp = amp * sf[4];
   }
-  float mn = at(0, 0), mx = at(0, 0);
-  for (int r = 0; r < size; ++r)
-    for (int c = 0; c < size; ++c) {
-      const float v = at(r, c);
-      mn = v < mn ? v : mn;
-      mx = v > mx ? v : mx;
-    }
-  for (int r = 0; r < size; ++r)
-    for (int c = 0; c < size; ++c) {
-      const float x = mx > mn ? (at(r, c) - mn) / (mx - mn) : 0.0f;
-      const int h8 = ((int)floorf(x * sf[9] + sf[10])) & 255;
-      const int s8 = (int)(x * sf[11] + sf[12]);
-      const int v8 = (int)(x * sf[13] + sf[14]);
-      hsv_to_rgb(h8, s8, v8, img + ((size_t)r * size + c) * 3);
-    }
+  plasma_colour(grid, n, size, sf, img);
 }
 
 // ---------------------------------------------------------------- composition (paste_objects, blur)
 
-void paste(const int *ii, const unsigned char *obj, int src, int size, unsigned char *img) {
+__attribute__((noinline)) void paste(const int *ii, const unsigned char *obj, int src, int size, unsigned char *img) {
   const int side = ii[9], top = ii[10], left = ii[11];
   const int r0 = std::max(top, 0), r1 = std::min(top + side, size);
   const int c0 = std::max(left, 0), c1 = std::min(left + side, size);
@@ -317,7 +356,7 @@ void paste(const int *ii, const unsigned char *obj, int src, int size, unsigned 
 
 inline int reflect101(int i, int n) { return i < 0 ? -i : (i >= n ? 2 * n - 2 - i : i); }
 
-void blur(const float *sf, int size, unsigned char *img, Scratch &s) {
+TARGETS void blur(const float *sf, int size, unsigned char *img, Scratch &s) {
   const float k0 = sf[1], k1 = sf[2];
   float *rows = sized(s.rows, (size_t)size * size * 3);
   for (int r = 0; r < size; ++r)
