@@ -61,48 +61,72 @@ T *sized(std::vector<T> &v, size_t n) {
 
 // ---------------------------------------------------------------- chaos game (reference.chaos_game)
 
-// Runs every chain of an item and stores its recorded points (and, with 'point' patches, their mask
-// words); returns the number recorded: 0 when any chain escapes (non-finite point) or the item is
-// inactive. A non-finite coordinate makes every later point non-finite (chaos.cu run_chain_with), so
-// checking each chain's last point is the reference's per-step check.
-template <bool POINT_MASKS>
-__attribute__((noinline)) long long chaos_game(const Batch &bt, long long index, int slot, const int *ii, const float *f, Scratch &s) {
-  const int *ri = bt.ri;
-  const int chains = ri[RI_CHAINS], burn_in = ri[RI_BURN_IN], num_points = ri[RI_NUM_POINTS];
+// LANES chains of an item run in lockstep (independent dependency chains: the core overlaps their Philox
+// rounds and map applications). Map choice: the count of the first T thresholds cum[m] that u passes
+// (thr[m] = 2 beyond the item's nmaps - 1 thresholds: never passed, as in the reference). Recorded points
+// are appended to px, py (and masks) branch-free: the buffers have LANES words of slack.
+template <bool POINT_MASKS, int LANES, int T>
+inline bool run_lanes(const Batch &bt, long long index, int slot, int chain0, const float *f, const float *thr,
+                      float *px, float *py, u32 *masks, long long &n) {
+  const int chains = bt.ri[RI_CHAINS], burn_in = bt.ri[RI_BURN_IN], num_points = bt.ri[RI_NUM_POINTS];
   const int steps = burn_in + (num_points + chains - 1) / chains;
-  const int nmaps = ii[3];
-  const int thresholds = std::min(nmaps - 1, MAX_MAPS - 1);
-  const float *cum = f + IF_CUM;
-  float *px = sized(s.px, num_points), *py = sized(s.py, num_points);
-  u32 *masks = POINT_MASKS ? sized(s.masks, num_points) : nullptr;
   constexpr int per_call = POINT_MASKS ? 2 : 4;  // steps served by one Philox call
-  long long n = 0;
-  for (int chain = 0; chain < chains; ++chain) {
-    const u32 tag = make_tag(STREAM_CHAOS, (u32)slot, (u32)chain);
-    float x = f[IF_START], y = f[IF_START + 1];
-    for (int s0 = 0; s0 < steps; s0 += per_call) {
-      const Words w = draw_words(bt.seed, bt.epoch, index, tag, (u32)(s0 / per_call));
-      for (int j = 0; j < per_call && s0 + j < steps; ++j) {
-        const int step = s0 + j;
-        const float u = to_uniform(POINT_MASKS ? w.w[2 * j] : w.w[j]);
+  float x[LANES], y[LANES];
+  for (int l = 0; l < LANES; ++l) x[l] = f[IF_START], y[l] = f[IF_START + 1];
+  for (int s0 = 0; s0 < steps; s0 += per_call) {
+    Words w[LANES];
+    for (int l = 0; l < LANES; ++l)
+      w[l] = draw_words(bt.seed, bt.epoch, index, make_tag(STREAM_CHAOS, (u32)slot, (u32)(chain0 + l)),
+                        (u32)(s0 / per_call));
+    for (int j = 0; j < per_call && s0 + j < steps; ++j) {
+      const int step = s0 + j;
+      const long long first = (long long)(step - burn_in) * chains + chain0;  // point number of lane 0
+      for (int l = 0; l < LANES; ++l) {
+        const float u = to_uniform(POINT_MASKS ? w[l].w[2 * j] : w[l].w[j]);
         int k = 0;
-        for (int m = 0; m < thresholds; ++m) k += u >= cum[m] ? 1 : 0;
+        for (int m = 0; m < T; ++m) k += u >= thr[m] ? 1 : 0;
         const float *r = f + k * ROW;
-        const float nx = (r[0] * x + r[1] * y) + r[2];
-        const float ny = (r[3] * x + r[4] * y) + r[5];
-        x = nx;
-        y = ny;
-        if (step >= burn_in && (long long)(step - burn_in) * chains + chain < num_points) {
-          px[n] = x;
-          py[n] = y;
-          if (POINT_MASKS) masks[n] = 1u + (u32)to_int(w.w[2 * j + 1], 511);
-          ++n;
-        }
+        const float nx = (r[0] * x[l] + r[1] * y[l]) + r[2];
+        const float ny = (r[3] * x[l] + r[4] * y[l]) + r[5];
+        x[l] = nx;
+        y[l] = ny;
+        px[n] = nx;
+        py[n] = ny;
+        if (POINT_MASKS) masks[n] = 1u + (u32)to_int(w[l].w[2 * j + 1], 511);
+        n += (step >= burn_in && first + l < num_points) ? 1 : 0;
       }
     }
-    if (!(finite(x) && finite(y))) return 0;
   }
-  return n;
+  bool ok = true;
+  for (int l = 0; l < LANES; ++l) ok = ok && finite(x[l]) && finite(y[l]);
+  return ok;
+}
+
+constexpr int CHAIN_LANES = 8;
+
+// Runs every chain of an item and stores its recorded points (and, with 'point' patches, their mask
+// words); returns the number recorded: 0 when any chain escapes (non-finite point). A non-finite
+// coordinate makes every later point non-finite (chaos.cu run_chain_with), so checking each chain's last
+// point is the reference's per-step check.
+template <bool POINT_MASKS>
+__attribute__((noinline)) long long chaos_game(const Batch &bt, long long index, int slot, const int *ii,
+                                               const float *f, Scratch &s) {
+  const int chains = bt.ri[RI_CHAINS], num_points = bt.ri[RI_NUM_POINTS];
+  const int thresholds = std::min(ii[3] - 1, MAX_MAPS - 1);
+  float thr[MAX_MAPS - 1];
+  for (int m = 0; m < MAX_MAPS - 1; ++m) thr[m] = m < thresholds ? f[IF_CUM + m] : 2.0f;
+  float *px = sized(s.px, num_points + CHAIN_LANES), *py = sized(s.py, num_points + CHAIN_LANES);
+  u32 *masks = POINT_MASKS ? sized(s.masks, num_points + CHAIN_LANES) : nullptr;
+  long long n = 0;
+  bool ok = true;
+  int chain = 0;
+  for (; chain + CHAIN_LANES <= chains; chain += CHAIN_LANES)
+    ok = (thresholds <= 3 ? run_lanes<POINT_MASKS, CHAIN_LANES, 3>(bt, index, slot, chain, f, thr, px, py, masks, n)
+                          : run_lanes<POINT_MASKS, CHAIN_LANES, MAX_MAPS - 1>(bt, index, slot, chain, f, thr, px, py,
+                                                                              masks, n)) && ok;
+  for (; chain < chains; ++chain)
+    ok = run_lanes<POINT_MASKS, 1, MAX_MAPS - 1>(bt, index, slot, chain, f, thr, px, py, masks, n) && ok;
+  return ok ? n : 0;
 }
 
 // ---------------------------------------------------------------- window (reference.window)
