@@ -46,6 +46,9 @@ CXX_FLAGS = ("-std=c++17", "-O2", "-ffp-contract=off", "-fno-fast-math", "-fPIC"
              "-fvisibility=hidden", "-Wall")
 
 
+MAX_THREADS = 4096
+
+
 class FastCpuUnavailable(RuntimeError):
     """The fast CPU renderer could not be built or loaded (no compiler, failed build)."""
 
@@ -146,7 +149,7 @@ class FastCpuRenderer(Renderer):
     def __init__(self, recipe: Recipe, *, size: int = 256, seed: int = 0, bank=None, cache_dir: Path | None = None,
                  num_threads: int | None = None):
         if num_threads is not None:
-            check_range("num_threads", num_threads, 0, 4096, integer=True)
+            check_range("num_threads", num_threads, 0, MAX_THREADS, integer=True)
         self.num_threads = num_threads or available_cores()
         self._lib = load()  # before the bank: a missing compiler is reported without building it
         super().__init__(recipe, size=size, seed=seed, bank=bank, cache_dir=cache_dir)
