@@ -114,7 +114,7 @@ class SideStreamPrefetch:
 
 
 class FractalDataModule(pl.LightningDataModule):
-    """Fractal batches rendered on the rank's device (CuPy kernels on CUDA, NumPy reference on CPU).
+    """Fractal batches rendered on the rank's device (CuPy kernels on CUDA, compiled C++ on the CPU cores).
 
     Args:
         recipe: Recipe name (``fractal-pretrain recipes`` lists them).
@@ -130,12 +130,15 @@ class FractalDataModule(pl.LightningDataModule):
         dtype: Input dtype, ``float32`` or ``bfloat16`` (the float32 values rounded to nearest even, as a
             bf16 autocast would round them in the first convolution, without writing and reading float32);
             ``auto``: ``bfloat16`` on CUDA under ``trainer.precision`` bf16-mixed or bf16-true, else float32.
+        num_threads: On CPU, threads that render a batch (null: every core of the process); the images do
+            not depend on it.
     """
 
     def __init__(self, recipe: str = "fractal4ad", recipe_overrides: dict[str, Any] | None = None,
                  size: int = 256, batch_size: int = 512, samples_per_epoch: int = 1_000_000,
                  val_samples: int = 10_000, seed: int = 0, mean: tuple[float, float, float] = IMAGENET_MEAN,
-                 std: tuple[float, float, float] = IMAGENET_STD, prefetch: bool = True, dtype: str = "auto"):
+                 std: tuple[float, float, float] = IMAGENET_STD, prefetch: bool = True, dtype: str = "auto",
+                 num_threads: int | None = None):
         super().__init__()
         self.recipe = get_recipe(recipe, recipe_overrides or {})
         check_range("data.size", size, 8, 4096, integer=True)
@@ -145,6 +148,9 @@ class FractalDataModule(pl.LightningDataModule):
         check_range("data.seed", seed, 0, 2**32 - 1, integer=True)
         check_output("float32", tuple(mean), tuple(std))
         check_choice("data.dtype", dtype, ("auto", "float32", "bfloat16"))
+        if num_threads is not None:
+            check_range("data.num_threads", num_threads, 0, 4096, integer=True)
+        self.num_threads = num_threads
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.samples_per_epoch, self.val_samples = samples_per_epoch, val_samples
         self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
@@ -164,15 +170,17 @@ class FractalDataModule(pl.LightningDataModule):
         return self.recipe.multi_label
 
     def prepare_data(self) -> None:
-        # Once per node, before the ranks set up: build (or load) the cached system bank.
-        make_renderer(self.recipe, size=self.size, seed=self.seed)
+        # Once per node, before the ranks set up: build (or load) the cached system bank (the reference
+        # renderer: constructing it builds nothing else).
+        make_renderer(self.recipe, size=self.size, seed=self.seed, device="cpu-reference")
 
     def setup(self, stage: str) -> None:
         if self.renderer is not None:
             return
         device = self.trainer.strategy.root_device if self.trainer is not None else None
         name = f"cuda:{device.index or 0}" if device is not None and device.type == "cuda" else "cpu"
-        self.renderer = make_renderer(self.recipe, size=self.size, seed=self.seed, device=name)
+        self.renderer = make_renderer(self.recipe, size=self.size, seed=self.seed, device=name,
+                                      num_threads=self.num_threads if name == "cpu" else None)
         self.channels_last = name != "cpu"
         self.input_dtype = self._input_dtype(on_cuda=name != "cpu")
         if self.prefetch and name != "cpu":
