@@ -3,7 +3,9 @@
 GPU: CUDA-event timing of ``CupyRenderer.render_tensor`` (uint8, channels_last) after warm-up, at
 256x256, batch 512, 100k points per fractal (the recipe defaults). CPU (``--device cpu``): per recipe, side
 by side, the NumPy reference (``cpu-reference``, one core), the compiled renderer on one thread (per core)
-and on every core (``--threads``); best of ``--trials`` timings (the development machine is shared).
+and on every core (``--threads``); best of ``--trials`` timings (the development machine is shared), with
+images per CPU-second (all threads' CPU time: what a core makes when other processes take turns on it) and
+the 1-minute load average.
 ``--device cpu-reference`` times the reference alone.
 
     python3 benchmarks/render_throughput.py --device cuda [--recipes anderson,...] [--batch 512] [--profile]
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import time
 
 import numpy as np
@@ -65,16 +68,18 @@ def image_digest(renderer, count: int = 64) -> str:
     return hashlib.sha1(renderer.render(np.arange(count), 0).images.tobytes()).hexdigest()[:12]
 
 
-def bench_cpu(renderer, batch: int, repeats: int, trials: int = 1) -> float:
-    """Seconds per batch: the best of `trials` means over `repeats` batches (other load only slows a trial)."""
+def bench_cpu(renderer, batch: int, repeats: int, trials: int = 1) -> tuple[float, float]:
+    """(wall, CPU) seconds per batch: the best of `trials` means over `repeats` batches each (other load on a
+    shared machine only slows a trial down). CPU seconds are the process's, all threads together."""
     renderer.render(np.arange(batch))  # warm-up (bank cache, allocations)
-    best = float("inf")
+    wall = cpu = float("inf")
     for _ in range(trials):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         for i in range(repeats):
             renderer.render(np.arange(batch) + (i + 1) * batch)
-        best = min(best, (time.perf_counter() - start) / repeats)
-    return best
+        wall = min(wall, (time.perf_counter() - start) / repeats)
+        cpu = min(cpu, (time.process_time() - start_cpu) / repeats)
+    return wall, cpu
 
 
 def cpu_variants(device: str, threads: list[int]) -> list[tuple[str, int]]:
@@ -124,11 +129,13 @@ def main(argv=None) -> int:
                 renderer = make_renderer(recipe, size=args.size, seed=0, device=device, bank=bank,
                                          num_threads=count if device == "cpu" else None)
                 bank = renderer.bank
-                seconds = bench_cpu(renderer, args.batch, args.repeats, args.trials)
+                seconds, cpu_seconds = bench_cpu(renderer, args.batch, args.repeats, args.trials)
                 rows.append(emit({**base_row(args, name, device, overrides), "threads": count,
                                   "ms_per_batch": round(seconds * 1e3, 3),
                                   "images_per_s": round(args.batch / seconds, 1),
                                   "images_per_s_per_core": round(args.batch / seconds / count, 1),
+                                  "images_per_cpu_s": round(args.batch / cpu_seconds, 1),
+                                  "load": round(os.getloadavg()[0], 1),
                                   "digest": image_digest(renderer)}))
             continue
         renderer = make_renderer(recipe, size=args.size, seed=0, device=args.device)
