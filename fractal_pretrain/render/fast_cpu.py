@@ -13,8 +13,8 @@ Why C++ and not numba (the anchor's choice): no new dependency (numba + llvmlite
 and ~0.5 s of import to every process; the project already builds ``.cu`` files with g++ for its CUDA
 emulator), the Philox, plan layouts and HSV code are shared with the CUDA kernels through
 ``kernels/common.cuh`` instead of written a third time, and float32 semantics are explicit (numba
-promotes float32 * Python float or int to float64 silently). First use compiles for ~5-15 s (one g++
-call, under 30 s on the 2-core development machine); the library is cached by content hash under
+promotes float32 * Python float or int to float64 silently). First use compiles for ~2-5 s (one g++
+call on the 2-core development machine, loaded); the library is cached by content hash under
 ``$FRACTAL_PRETRAIN_CACHE/fast_cpu`` (default ``~/.cache/fractal_pretrain``), so later processes load
 it in milliseconds. Where no compiler is found or the build fails, ``make_renderer`` says so once on
 stderr and renders with the reference.
@@ -44,8 +44,6 @@ SOURCE = Path(__file__).resolve().parent / "fast_cpu.cpp"
 COMMON = Path(__file__).resolve().parent / "kernels" / "common.cuh"
 CXX_FLAGS = ("-std=c++17", "-O2", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared", "-pthread",
              "-fvisibility=hidden", "-Wall")
-
-
 MAX_THREADS = 4096
 
 
@@ -54,8 +52,7 @@ class FastCpuUnavailable(RuntimeError):
 
 
 def cache_dir() -> Path:
-    root = os.environ.get(emulator.CACHE_ENV)
-    return (Path(root) if root else Path.home() / ".cache" / "fractal_pretrain") / "fast_cpu"
+    return emulator.cache_root() / "fast_cpu"
 
 
 def library_path() -> Path:
