@@ -60,6 +60,67 @@ T *sized(std::vector<T> &v, size_t n) {
   return v.data();
 }
 
+// ---------------------------------------------------------------- Philox, 8 blocks at once
+
+// Words of 8 Philox4x32-10 blocks whose counters share the index words: counter (c0, c1, c2[l], c3[l]),
+// word i of block l at w[i][l]. The AVX2 version runs the 8 blocks in vector registers (the same integer
+// operations, so the same words); chosen once per process by what the CPU supports.
+struct Words8 {
+  u32 w[4][8];
+};
+typedef void (*Philox8)(u32 c0, u32 c1, const u32 *c2, const u32 *c3, u32 k0, u32 k1, Words8 &out);
+
+void philox8_scalar(u32 c0, u32 c1, const u32 *c2, const u32 *c3, u32 k0, u32 k1, Words8 &out) {
+  for (int l = 0; l < 8; ++l) {
+    const Words r = philox4x32(c0, c1, c2[l], c3[l], k0, k1);
+    for (int i = 0; i < 4; ++i) out.w[i][l] = r.w[i];
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+// mulhilo of 8 lanes: _mm256_mul_epu32 multiplies the even 32-bit lanes into 64-bit products.
+__attribute__((target("avx2"))) inline void mulhilo8(__m256i m, __m256i x, __m256i &hi, __m256i &lo) {
+  const __m256i even = _mm256_mul_epu32(x, m), odd = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), m);
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+
+__attribute__((target("avx2"))) void philox8_avx2(u32 c0, u32 c1, const u32 *c2, const u32 *c3, u32 k0, u32 k1,
+                                                  Words8 &out) {
+  __m256i x0 = _mm256_set1_epi32((int)c0), x1 = _mm256_set1_epi32((int)c1);
+  __m256i x2 = _mm256_loadu_si256((const __m256i *)c2), x3 = _mm256_loadu_si256((const __m256i *)c3);
+  __m256i key0 = _mm256_set1_epi32((int)k0), key1 = _mm256_set1_epi32((int)k1);
+  const __m256i m0 = _mm256_set1_epi32((int)0xD2511F53u), m1 = _mm256_set1_epi32((int)0xCD9E8D57u);
+  const __m256i w0 = _mm256_set1_epi32((int)0x9E3779B9u), w1 = _mm256_set1_epi32((int)0xBB67AE85u);
+  for (int round = 0; round < 10; ++round) {
+    __m256i hi0, lo0, hi1, lo1;
+    mulhilo8(m0, x0, hi0, lo0);
+    mulhilo8(m1, x2, hi1, lo1);
+    x0 = _mm256_xor_si256(_mm256_xor_si256(hi1, x1), key0);
+    x2 = _mm256_xor_si256(_mm256_xor_si256(hi0, x3), key1);
+    x1 = lo1;
+    x3 = lo0;
+    key0 = _mm256_add_epi32(key0, w0);
+    key1 = _mm256_add_epi32(key1, w1);
+  }
+  _mm256_storeu_si256((__m256i *)out.w[0], x0);
+  _mm256_storeu_si256((__m256i *)out.w[1], x1);
+  _mm256_storeu_si256((__m256i *)out.w[2], x2);
+  _mm256_storeu_si256((__m256i *)out.w[3], x3);
+}
+#endif
+
+Philox8 philox8() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const Philox8 best = __builtin_cpu_supports("avx2") ? philox8_avx2 : philox8_scalar;
+  return best;
+#else
+  return philox8_scalar;
+#endif
+}
+
 // ---------------------------------------------------------------- chaos game (reference.chaos_game)
 
 // LANES chains of an item run in lockstep (independent dependency chains: the core overlaps their Philox
@@ -74,16 +135,26 @@ inline bool run_lanes(const Batch &bt, long long index, int slot, int chain0, co
   constexpr int per_call = POINT_MASKS ? 2 : 4;  // steps served by one Philox call
   float x[LANES], y[LANES];
   for (int l = 0; l < LANES; ++l) x[l] = f[IF_START], y[l] = f[IF_START + 1];
+  static_assert(LANES == 1 || LANES == 8, "Philox8 serves 8 lanes");
+  const Philox8 philox = philox8();
+  u32 tags[8], draws[8];
+  for (int l = 0; l < LANES; ++l) tags[l] = make_tag(STREAM_CHAOS, (u32)slot, (u32)(chain0 + l));
+  const u64 key = (u64)index;
   for (int s0 = 0; s0 < steps; s0 += per_call) {
-    Words w[LANES];
-    for (int l = 0; l < LANES; ++l)
-      w[l] = draw_words(bt.seed, bt.epoch, index, make_tag(STREAM_CHAOS, (u32)slot, (u32)(chain0 + l)),
-                        (u32)(s0 / per_call));
+    Words8 w;  // word i of lane l: w.w[i][l]
+    const u32 draw = (u32)(s0 / per_call);
+    if (LANES == 8) {
+      for (int l = 0; l < 8; ++l) draws[l] = draw;
+      philox((u32)key, (u32)(key >> 32), tags, draws, bt.seed, bt.epoch, w);
+    } else {
+      const Words one = draw_words(bt.seed, bt.epoch, index, tags[0], draw);
+      for (int i = 0; i < 4; ++i) w.w[i][0] = one.w[i];
+    }
     for (int j = 0; j < per_call && s0 + j < steps; ++j) {
       const int step = s0 + j;
       const long long first = (long long)(step - burn_in) * chains + chain0;  // point number of lane 0
       for (int l = 0; l < LANES; ++l) {
-        const float u = to_uniform(POINT_MASKS ? w[l].w[2 * j] : w[l].w[j]);
+        const float u = to_uniform(POINT_MASKS ? w.w[2 * j][l] : w.w[j][l]);
         int k = 0;
         for (int m = 0; m < T; ++m) k += u >= thr[m] ? 1 : 0;
         const float *r = f + k * ROW;
@@ -93,7 +164,7 @@ inline bool run_lanes(const Batch &bt, long long index, int slot, int chain0, co
         y[l] = ny;
         px[n] = nx;
         py[n] = ny;
-        if (POINT_MASKS) masks[n] = 1u + (u32)to_int(w[l].w[2 * j + 1], 511);
+        if (POINT_MASKS) masks[n] = 1u + (u32)to_int(w.w[2 * j + 1][l], 511);
         n += (step >= burn_in && first + l < num_points) ? 1 : 0;
       }
     }
@@ -281,16 +352,26 @@ long long render_item(const Batch &bt, long long index, int slot, const int *ii,
 
 // ---------------------------------------------------------------- background (reference.plasma, background)
 
-// Noise of every plasma grid cell (draw = cell): one independent Philox call each, a loop the compiler
-// vectorises.
-TARGETS void plasma_noise(u32 seed, u32 epoch, long long index, int cells, float *out) {
+// Noise of every plasma grid cell (draw = cell), 8 cells per Philox8 call.
+void plasma_noise(u32 seed, u32 epoch, long long index, int cells, float *out) {
   const u32 tag = make_tag(STREAM_PLASMA, 0, 0);
   const u32 lo = (u32)(u64)index, hi = (u32)((u64)index >> 32);
-  for (int i = 0; i < cells; ++i)
-    out[i] = to_uniform(philox4x32(lo, hi, tag, (u32)i, seed, epoch).w[0]) * 2.0f - 1.0f;
+  const Philox8 philox = philox8();
+  u32 tags[8], draws[8];
+  Words8 w;
+  for (int l = 0; l < 8; ++l) tags[l] = tag;
+  int i = 0;
+  for (; i + 8 <= cells; i += 8) {
+    for (int l = 0; l < 8; ++l) draws[l] = (u32)(i + l);
+    philox(lo, hi, tags, draws, seed, epoch, w);
+    for (int l = 0; l < 8; ++l) out[i + l] = to_uniform(w.w[0][l]) * 2.0f - 1.0f;
+  }
+  for (; i < cells; ++i) out[i] = to_uniform(philox4x32(lo, hi, tag, (u32)i, seed, epoch).w[0]) * 2.0f - 1.0f;
 }
 
-// Normalise the crop of the grid to [0, 1] and colour it (reference.background).
+// Normalise the crop of the grid to [0, 1] and colour it (reference.background). h8, s8 and v8 are all
+// monotone in the plasma value, so an image has at most ~800 distinct (h8, s8, v8): their colours are
+// memoised in a small direct-mapped table instead of converting every pixel.
 TARGETS void plasma_colour(const float *grid, int n, int size, const float *sf, unsigned char *img) {
   float mn = grid[0], mx = grid[0];
   for (int r = 0; r < size; ++r)
@@ -299,13 +380,23 @@ TARGETS void plasma_colour(const float *grid, int n, int size, const float *sf, 
       mn = v < mn ? v : mn;
       mx = v > mx ? v : mx;
     }
+  constexpr int SLOTS = 4096;
+  u64 keys[SLOTS];
+  unsigned char colours[SLOTS][3];
+  std::fill(keys, keys + SLOTS, ~0ull);
   for (int r = 0; r < size; ++r)
     for (int c = 0; c < size; ++c) {
       const float x = mx > mn ? (grid[(size_t)r * n + c] - mn) / (mx - mn) : 0.0f;
       const int h8 = ((int)floorf(x * sf[9] + sf[10])) & 255;
       const int s8 = (int)(x * sf[11] + sf[12]);
       const int v8 = (int)(x * sf[13] + sf[14]);
-      hsv_to_rgb(h8, s8, v8, img + ((size_t)r * size + c) * 3);
+      const u64 key = (u64)(u32)h8 | (u64)(u32)s8 << 21 | (u64)(u32)v8 << 42;
+      const int slot = (int)((key ^ (key >> 19) ^ (key >> 37)) & (SLOTS - 1));
+      if (keys[slot] != key) {
+        keys[slot] = key;
+        hsv_to_rgb(h8, s8, v8, colours[slot]);
+      }
+      std::memcpy(img + ((size_t)r * size + c) * 3, colours[slot], 3);
     }
 }
 
