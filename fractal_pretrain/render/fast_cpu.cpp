@@ -10,6 +10,8 @@
 // (each chain from the fixed point of map 0, points stored), bounding box, window, histogram, 3x3 patch
 // stamp, density, flips and colour (a 256-entry table per item: the hue byte is the only varying input),
 // written into the canvas (single object) or an object buffer pasted bilinearly (multi-object); then blur.
+// Speed (benchmarks/RESULTS.md): chains run 8 at a time in lockstep with their Philox blocks computed in
+// AVX2 registers, the stamp is nine shifted row passes, plasma colours are memoised per (h8, s8, v8).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
