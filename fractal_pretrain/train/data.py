@@ -19,6 +19,7 @@ import numpy as np
 
 from fractal_pretrain.config import ConfigError, check_choice, check_range
 from fractal_pretrain.recipes import get_recipe
+from fractal_pretrain.render.fast_cpu import available_cores
 from fractal_pretrain.render.renderer import IMAGENET_MEAN, IMAGENET_STD, check_output, make_renderer
 
 VAL_EPOCH = 2**32 - 1  # an epoch number training never reaches: validation keys never meet training keys
@@ -130,8 +131,8 @@ class FractalDataModule(pl.LightningDataModule):
         dtype: Input dtype, ``float32`` or ``bfloat16`` (the float32 values rounded to nearest even, as a
             bf16 autocast would round them in the first convolution, without writing and reading float32);
             ``auto``: ``bfloat16`` on CUDA under ``trainer.precision`` bf16-mixed or bf16-true, else float32.
-        num_threads: On CPU, threads that render a batch (null: every core of the process); the images do
-            not depend on it.
+        num_threads: On CPU, threads that render a batch (null: the process's cores shared among the ranks of
+            the node); the images do not depend on it.
     """
 
     def __init__(self, recipe: str = "fractal4ad", recipe_overrides: dict[str, Any] | None = None,
@@ -180,11 +181,19 @@ class FractalDataModule(pl.LightningDataModule):
         device = self.trainer.strategy.root_device if self.trainer is not None else None
         name = f"cuda:{device.index or 0}" if device is not None and device.type == "cuda" else "cpu"
         self.renderer = make_renderer(self.recipe, size=self.size, seed=self.seed, device=name,
-                                      num_threads=self.num_threads if name == "cpu" else None)
+                                      num_threads=self._render_threads() if name == "cpu" else None)
         self.channels_last = name != "cpu"
         self.input_dtype = self._input_dtype(on_cuda=name != "cpu")
         if self.prefetch and name != "cpu":
             self._prefetcher = SideStreamPrefetch(self._render, device)
+
+    def _render_threads(self) -> int:
+        """data.num_threads, or the process's cores divided among this node's ranks (DDP on CPU runs one
+        process per device, all on the same cores: each taking them all would oversubscribe them)."""
+        if self.num_threads:
+            return self.num_threads
+        ranks_here = self.trainer.num_devices if self.trainer is not None else 1
+        return max(1, available_cores() // max(1, ranks_here))
 
     def _input_dtype(self, on_cuda: bool) -> str:
         """The dtype batches are rendered in (see ``dtype``); bfloat16 needs a bf16 precision to run."""

@@ -159,3 +159,20 @@ def test_bad_num_threads_is_a_config_error():
 
     with pytest.raises(ConfigError, match="num_threads"):
         make_renderer(get_recipe("anderson", SMALL), size=16, num_threads=-1)
+
+
+def test_data_num_threads():
+    """data.num_threads, else the cores shared among the node's ranks (CPU DDP: one process per device)."""
+    from types import SimpleNamespace
+
+    from fractal_pretrain.config import ConfigError
+    from fractal_pretrain.render.fast_cpu import available_cores
+    from fractal_pretrain.train.data import FractalDataModule
+
+    assert FractalDataModule("anderson", num_threads=3)._render_threads() == 3
+    data = FractalDataModule("anderson")
+    assert data._render_threads() == available_cores()
+    data.trainer = SimpleNamespace(num_devices=2)
+    assert data._render_threads() == max(1, available_cores() // 2)
+    with pytest.raises(ConfigError, match="data.num_threads"):
+        FractalDataModule("anderson", num_threads=-2)
