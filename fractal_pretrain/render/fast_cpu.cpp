@@ -214,6 +214,18 @@ STAGE long long chaos_game(const Batch &bt, long long index, int slot, const int
 
 // ---------------------------------------------------------------- window (reference.window)
 
+// [xmin, xmax, ymin, ymax] of n >= 1 finite points (min / max: any order gives the same floats).
+TARGETS void bounding_box(const float *px, const float *py, long long n, float box[4]) {
+  float x0 = px[0], x1 = px[0], y0 = py[0], y1 = py[0];
+  for (long long i = 1; i < n; ++i) {
+    x0 = px[i] < x0 ? px[i] : x0;
+    x1 = px[i] > x1 ? px[i] : x1;
+    y0 = py[i] < y0 ? py[i] : y0;
+    y1 = py[i] > y1 ? py[i] : y1;
+  }
+  box[0] = x0, box[1] = x1, box[2] = y0, box[3] = y1;
+}
+
 STAGE void window(const float *px, const float *py, long long n, const float *f, int side, float lo[2],
                   float sc[2]) {
   if (n == 0) {
@@ -221,13 +233,8 @@ STAGE void window(const float *px, const float *py, long long n, const float *f,
     sc[0] = sc[1] = (float)(side - 1);
     return;
   }
-  float box[4] = {px[0], px[0], py[0], py[0]};
-  for (long long i = 1; i < n; ++i) {
-    box[0] = px[i] < box[0] ? px[i] : box[0];
-    box[1] = px[i] > box[1] ? px[i] : box[1];
-    box[2] = py[i] < box[2] ? py[i] : box[2];
-    box[3] = py[i] > box[3] ? py[i] : box[3];
-  }
+  float box[4];
+  bounding_box(px, py, n, box);
   for (int axis = 0; axis < 2; ++axis) {
     const float mn = box[2 * axis], mx = box[2 * axis + 1];
     const float extent = mx - mn;
