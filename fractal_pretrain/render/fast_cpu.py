@@ -84,7 +84,11 @@ def build() -> Path:
 def load() -> ctypes.CDLL:
     """The library with ``render_batch`` typed (built on first use, once per process)."""
     try:
-        lib = ctypes.CDLL(str(build()))
+        path = build()
+    except OSError as err:  # an unwritable cache, a compiler that cannot run
+        raise FastCpuUnavailable(f"building in {cache_dir()} failed: {err}") from None
+    try:
+        lib = ctypes.CDLL(str(path))
     except OSError as err:
         raise FastCpuUnavailable(f"loading the built library failed: {err}") from None
     fn = lib.render_batch

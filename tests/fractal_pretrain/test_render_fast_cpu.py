@@ -176,3 +176,12 @@ def test_data_num_threads():
     assert data._render_threads() == max(1, available_cores() // 2)
     with pytest.raises(ConfigError, match="data.num_threads"):
         FractalDataModule("anderson", num_threads=-2)
+
+
+def test_unwritable_cache_falls_back_to_the_reference(tmp_path):
+    (tmp_path / "fast_cpu").write_text("a file where the build cache's directory should be")
+    env = {**os.environ, "FRACTAL_PRETRAIN_CACHE": str(tmp_path)}
+    result = _run(RENDER_ONE, env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["ReferenceRenderer", "ReferenceRenderer"]
+    assert sum("fast CPU renderer unavailable" in line for line in result.stderr.splitlines()) == 1
