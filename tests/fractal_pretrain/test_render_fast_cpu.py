@@ -7,7 +7,9 @@
   drops points, blur on a black background) and for degenerate systems that escape at different steps;
 * threads: 1, 2, 3 and more threads than samples give the same bytes;
 * the compiled library is cached across processes (a second process runs no compiler);
-* without a compiler, ``make_renderer`` says so once on stderr and renders with the reference.
+* without a compiler, or with an unwritable build cache, ``make_renderer`` says so once on stderr and
+  renders with the reference;
+* ``num_threads`` / ``data.num_threads`` validation and the per-rank default of the data module.
 """
 
 from __future__ import annotations
