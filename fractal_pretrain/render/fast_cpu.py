@@ -38,13 +38,12 @@ from fractal_pretrain.recipes import Recipe
 from fractal_pretrain.render import emulator
 from fractal_pretrain.render.cupy_renderer import ITEM_FLOATS, ITEM_INTS, SAMPLE_FLOATS, recipe_ints
 from fractal_pretrain.render.params import ItemPlan, SamplePlan, slots_per_sample
-from fractal_pretrain.render.renderer import RenderedBatch, Renderer, make_labels
+from fractal_pretrain.render.renderer import MAX_THREADS, RenderedBatch, Renderer, make_labels
 
 SOURCE = Path(__file__).resolve().parent / "fast_cpu.cpp"
 COMMON = Path(__file__).resolve().parent / "kernels" / "common.cuh"
 CXX_FLAGS = ("-std=c++17", "-O2", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared", "-pthread",
              "-fvisibility=hidden", "-Wall")
-MAX_THREADS = 4096
 
 
 class FastCpuUnavailable(RuntimeError):

@@ -20,7 +20,13 @@ import numpy as np
 from fractal_pretrain.config import ConfigError, check_choice, check_range
 from fractal_pretrain.recipes import get_recipe
 from fractal_pretrain.render.fast_cpu import available_cores
-from fractal_pretrain.render.renderer import IMAGENET_MEAN, IMAGENET_STD, check_output, make_renderer
+from fractal_pretrain.render.renderer import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MAX_THREADS,
+    check_output,
+    make_renderer,
+)
 
 VAL_EPOCH = 2**32 - 1  # an epoch number training never reaches: validation keys never meet training keys
 
@@ -150,7 +156,7 @@ class FractalDataModule(pl.LightningDataModule):
         check_output("float32", tuple(mean), tuple(std))
         check_choice("data.dtype", dtype, ("auto", "float32", "bfloat16"))
         if num_threads is not None:
-            check_range("data.num_threads", num_threads, 0, 4096, integer=True)
+            check_range("data.num_threads", num_threads, 0, MAX_THREADS, integer=True)
         self.num_threads = num_threads
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.samples_per_epoch, self.val_samples = samples_per_epoch, val_samples
