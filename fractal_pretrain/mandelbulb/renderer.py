@@ -9,6 +9,7 @@ bit-identical images for the same keys (the reference's docstring says why).
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -312,10 +313,20 @@ class MandelbulbKernelRenderer(MandelbulbRenderer):
                           device_plan=t)
 
 
+_noted_cpu = False
+
+
 def make_mandelbulb_renderer(recipe: MandelbulbRecipe, *, size: int = 256, seed: int = 0,
                              device: str = "cpu") -> MandelbulbRenderer:
-    if device == "cpu":
+    """'cpu' / 'cpu-reference': the NumPy reference ('cpu' notes once on stderr that the compiled CPU
+    renderer covers the IFS recipes only); 'cuda' / 'cuda:N': the kernels."""
+    global _noted_cpu
+    if device in ("cpu", "cpu-reference"):
+        if device == "cpu" and not _noted_cpu:
+            _noted_cpu = True
+            print(f"fractal_pretrain: no compiled CPU renderer for the Mandelbulb recipe {recipe.name!r}; "
+                  "using the NumPy reference (slow: previews, tests, small exports)", file=sys.stderr, flush=True)
         return MandelbulbReferenceRenderer(recipe, size=size, seed=seed)
     if device == "cuda" or device.startswith("cuda:"):
         return MandelbulbKernelRenderer(recipe, size=size, seed=seed, device=device)
-    raise ConfigError(f"device={device!r}: must be one of cpu, cuda, cuda:N")
+    raise ConfigError(f"device={device!r}: must be one of cpu, cpu-reference, cuda, cuda:N")
