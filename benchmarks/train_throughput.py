@@ -92,7 +92,8 @@ def bench(arch: str, recipe: str, batch: int, size: int, steps: int, warmup: int
     t_prefetch = timed(end_to_end_prefetch, steps, warmup)
     t_render = timed(render_only, steps, warmup)
     return {
-        "arch": arch, "recipe": recipe, "overrides": overrides or {}, "batch": batch, "size": size, "compile": compile, "dtype": dtype,
+        "arch": arch, "recipe": recipe, "overrides": overrides or {}, "batch": batch, "size": size,
+        "compile": compile, "dtype": dtype,
         "ceiling_img_s": round(batch / t_ceiling, 1), "end_to_end_img_s": round(batch / t_e2e, 1),
         "ratio": round(t_ceiling / t_e2e, 4), "ms_per_step": round(t_e2e * 1000, 2),
         "prefetch_img_s": round(batch / t_prefetch, 1), "prefetch_ratio": round(t_ceiling / t_prefetch, 4),

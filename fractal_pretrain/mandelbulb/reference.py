@@ -90,13 +90,22 @@ def log32(x: np.ndarray) -> np.ndarray:
     return out.astype(F32)
 
 
-def _select(take: np.ndarray, new, old):
-    """np.where(take, new(), old), skipping the arithmetic where no lane takes it (same values)."""
-    if take.all():
-        return new()
+def _masked(take: np.ndarray, new, old):
+    """np.where(take, new(*old), old) per array of ``old``, skipping the arithmetic where no lane takes it."""
     if not take.any():
         return old
-    return np.where(take, new(), old)
+    values = new(*old)
+    if take.all():
+        return values
+    return tuple(np.where(take, v, o) for v, o in zip(values, old, strict=True))
+
+
+def _times(a, b):
+    return (a * b,)
+
+
+def _complex_times(c, s):
+    return lambda rc, rs: (rc * c - rs * s, rc * s + rs * c)
 
 
 def ipow(x: np.ndarray, p) -> np.ndarray:
@@ -105,7 +114,7 @@ def ipow(x: np.ndarray, p) -> np.ndarray:
     base = x
     p = np.broadcast_to(np.asarray(p), np.shape(x))
     for k in range(POWER_BITS):
-        acc = _select((p >> k) & 1 == 1, lambda: acc * base, acc)
+        (acc,) = _masked((p >> k) & 1 == 1, lambda a, b=base: _times(a, b), (acc,))
         base = base * base
     return acc
 
@@ -115,8 +124,7 @@ def cpow(c: np.ndarray, s: np.ndarray, p) -> tuple[np.ndarray, np.ndarray]:
     rc, rs = np.ones_like(c), np.zeros_like(s)
     p = np.broadcast_to(np.asarray(p), np.shape(c))
     for k in range(POWER_BITS):
-        take = (p >> k) & 1 == 1
-        rc, rs = _select(take, lambda: rc * c - rs * s, rc), _select(take, lambda: rc * s + rs * c, rs)
+        rc, rs = _masked((p >> k) & 1 == 1, _complex_times(c, s), (rc, rs))
         c, s = c * c - s * s, c * s + s * c
     return rc, rs
 

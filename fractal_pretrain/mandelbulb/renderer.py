@@ -72,7 +72,7 @@ class MandelbulbRenderer:
         self.members = P.class_members(recipe, seed)
 
     def plan(self, indices, epoch: int):
-        from fractal_pretrain.render.renderer import Renderer
+        from fractal_pretrain.render.base import Renderer
 
         indices = Renderer.check_keys(indices, epoch)
         samples = P.plan_samples(self.recipe, self.seed, epoch, indices)
@@ -89,7 +89,7 @@ class MandelbulbRenderer:
     def render_tensor(self, indices, epoch: int = 0, *, dtype: str = "uint8", channels_last: bool = False,
                       mean=None, std=None):
         """(images (B, 3, H, W), labels) as torch tensors, in the IFS renderers' arithmetic."""
-        from fractal_pretrain.render.renderer import IMAGENET_MEAN, IMAGENET_STD, images_to_tensor, torch_labels
+        from fractal_pretrain.render.base import IMAGENET_MEAN, IMAGENET_STD, images_to_tensor, torch_labels
 
         batch = self.render(indices, epoch)
         return images_to_tensor(batch.images, dtype=dtype, channels_last=channels_last,
@@ -282,7 +282,7 @@ class MandelbulbKernelRenderer(MandelbulbRenderer):
         import torch
 
         from fractal_pretrain.render.cupy_renderer import _ptr
-        from fractal_pretrain.render.renderer import IMAGENET_MEAN, IMAGENET_STD, OUTPUT_DTYPES, check_output
+        from fractal_pretrain.render.base import IMAGENET_MEAN, IMAGENET_STD, OUTPUT_DTYPES, check_output
 
         mean, std = tuple(mean or IMAGENET_MEAN), tuple(std or IMAGENET_STD)
         check_output(dtype, mean, std)

@@ -27,7 +27,7 @@ from fractal_pretrain.config import ConfigError
 from fractal_pretrain.recipes import Recipe
 from fractal_pretrain.render import params as P
 from fractal_pretrain.render.reference import plasma_grid_size
-from fractal_pretrain.render.renderer import (
+from fractal_pretrain.render.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     OUTPUT_DTYPES,
