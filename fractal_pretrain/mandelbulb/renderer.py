@@ -8,7 +8,6 @@ bit-identical images for the same keys (the reference's docstring says why).
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from dataclasses import dataclass, field
 
@@ -18,6 +17,8 @@ from fractal_pretrain.config import ConfigError, check_range
 from fractal_pretrain.mandelbulb import params as P
 from fractal_pretrain.mandelbulb import reference
 from fractal_pretrain.mandelbulb.recipe import MandelbulbRecipe
+from fractal_pretrain.render.backend import make_backend
+from fractal_pretrain.render.backend import ptr as _ptr
 
 MIN_SIZE, MAX_SIZE = 8, 4096
 PIXEL_BLOCK = 128  # march_sprites / paste_sprites threads per block
@@ -152,21 +153,8 @@ class MandelbulbKernelRenderer(MandelbulbRenderer):
 
     def __init__(self, recipe: MandelbulbRecipe, *, size: int = 256, seed: int = 0, device: str = "cuda",
                  emulate: bool = False):
-        import torch
-
-        self.emulate = emulate
-        if emulate:
-            self.torch_device, self.device_id = torch.device("cpu"), -1
-        else:
-            try:
-                import cupy  # noqa: F401
-            except ImportError as err:
-                raise ConfigError(f"device={device!r} needs CuPy ({err}); install the 'gpu' extra") from None
-            if not torch.cuda.is_available():
-                raise ConfigError(f"device={device!r}: no CUDA device is visible")
-            requested = torch.device(device)
-            self.device_id = requested.index if requested.index is not None else torch.cuda.current_device()
-            self.torch_device = torch.device("cuda", self.device_id)
+        self.backend = make_backend(device, emulate)
+        self.emulate, self.torch_device = emulate, self.backend.torch_device
         super().__init__(recipe, size=size, seed=seed)
         self.flags = kernel_flags(recipe)
         self._norm_cache: dict[tuple, tuple] = {}
@@ -179,71 +167,44 @@ class MandelbulbKernelRenderer(MandelbulbRenderer):
         (formulas x bank_views, side, side, 4) uint8, row = member * bank_views + view."""
         import torch
 
-        if not self.emulate:
-            free, _total = torch.cuda.mem_get_info(self.torch_device)
+        free = self.backend.free_memory()
+        if free is not None:
             check_bank_memory(self.recipe, self.size, free)
         side = P.bank_side(self.recipe, self.size)
         rows = self.members.size * self.recipe.bank_views
         bank = torch.empty((rows, side, side, 4), dtype=torch.uint8, device=self.torch_device)
-        stream = self._stream()
+        stream = self.backend.stream()
         for lo in range(0, rows, self.BANK_CHUNK):
             views = P.plan_bank(self.recipe, self.seed, np.arange(lo, min(lo + self.BANK_CHUNK, rows)),
                                 self.members, side)
-            t = {k: self._upload(v) for k, v in device_items(self.recipe, views).items()}
-            with self._on_stream(stream):
+            t = {k: self.backend.upload(v) for k, v in device_items(self.recipe, views).items()}
+            with self.backend.launching(stream):
                 self._march(t, side, len(views.index), bank[lo:lo + len(views.index)])
         return bank
 
-    def _stream(self):
-        if self.emulate:
-            return None
-        import cupy
-        import torch
-
-        return cupy.cuda.ExternalStream(torch.cuda.current_stream(self.torch_device).cuda_stream, self.device_id)
-
     def _march(self, t: dict, max_side: int, n_items: int, out) -> None:
-        from fractal_pretrain.render.cupy_renderer import _ptr
-
         self._kernel("mandelbulb", "march_sprites")(
             (-(-max_side * max_side // PIXEL_BLOCK), n_items), (PIXEL_BLOCK,),
             (np.int32(max_side), np.int32(self.recipe.supersample), np.int32(self.flags), _ptr(t["item_i"]),
              _ptr(t["item_f"]), _ptr(out)))
 
     def _kernel(self, module: str, name: str):
-        if self.emulate:
-            from fractal_pretrain.render import emulator
-
-            return emulator.load_module(module).get_function(name)
-        from fractal_pretrain.render.cupy_renderer import _module
-
-        return _module(module, self.device_id).get_function(name)
-
-    @contextlib.contextmanager
-    def _on_stream(self, stream):
-        if self.emulate:
-            yield
-            return
-        import cupy
-
-        with cupy.cuda.Device(self.device_id), stream:
-            yield
+        return self.backend.kernel(module, name)
 
     def render_device(self, indices, epoch: int = 0) -> dict:
         """Plan on the host, march and compose on the device: torch tensors (canvas (B, H, W, 3) uint8, ...)."""
         import torch
 
-        from fractal_pretrain.render.cupy_renderer import _ptr
         from fractal_pretrain.render.reference import plasma_grid_size
 
         samples, items = self.plan(indices, epoch)
         host = device_plan(self.recipe, samples, items)
         dev, b, size = self.torch_device, len(samples.index), self.size
-        stream = self._stream()
-        t = {k: self._upload(v) for k, v in host.items()}
+        stream = self.backend.stream()
+        t = {k: self.backend.upload(v) for k, v in host.items()}
         t["canvas"] = torch.empty((b, size, size, 3), dtype=torch.uint8, device=dev)
         seed, ep = np.uint32(self.seed), np.uint32(epoch)
-        with self._on_stream(stream):
+        with self.backend.launching(stream):
             if self.recipe.background == "plasma":
                 n = plasma_grid_size(size)
                 grids = torch.empty((b, n, n), dtype=torch.float32, device=dev)
@@ -269,19 +230,10 @@ class MandelbulbKernelRenderer(MandelbulbRenderer):
         t.update(stream=stream, samples=samples, items=items)
         return t
 
-    def _upload(self, array: np.ndarray):
-        import torch
-
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
-        if self.emulate:
-            return tensor
-        return tensor.pin_memory().to(self.torch_device, non_blocking=True)  # no host sync
-
     def finish(self, t: dict, *, dtype: str = "uint8", channels_last: bool = False, mean=None, std=None):
         """The output tensor (B, 3, H, W): uint8, or float32 / bfloat16 normalised (compose.cu finish)."""
         import torch
 
-        from fractal_pretrain.render.cupy_renderer import _ptr
         from fractal_pretrain.render.base import IMAGENET_MEAN, IMAGENET_STD, OUTPUT_DTYPES, check_output
 
         mean, std = tuple(mean or IMAGENET_MEAN), tuple(std or IMAGENET_STD)
@@ -294,7 +246,7 @@ class MandelbulbKernelRenderer(MandelbulbRenderer):
             self._norm_cache[(mean, std)] = tuple(torch.tensor(v, dtype=torch.float32, device=self.torch_device)
                                                   for v in (mean, std))
         mean_t, std_t = self._norm_cache[(mean, std)]
-        with self._on_stream(t["stream"]):
+        with self.backend.launching(t["stream"]):
             runs = size * -(-size // FINISH_BAND)
             self._kernel("compose", "finish")(
                 (-(-runs // PIXEL_BLOCK), b), (PIXEL_BLOCK,),

@@ -16,17 +16,17 @@ libm difference we have not seen); see the module docstring of that test.
 
 from __future__ import annotations
 
-import contextlib
-import functools
-from pathlib import Path
-
 import numpy as np
 
 from fractal_pretrain import rng
-from fractal_pretrain.config import ConfigError
 from fractal_pretrain.recipes import Recipe
 from fractal_pretrain.render import params as P
-from fractal_pretrain.render.reference import plasma_grid_size
+from fractal_pretrain.render.backend import (  # noqa: F401 - KERNEL_DIR, NVRTC_OPTIONS: re-exported
+    KERNEL_DIR,
+    NVRTC_OPTIONS,
+    make_backend,
+)
+from fractal_pretrain.render.backend import ptr as _ptr
 from fractal_pretrain.render.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -36,10 +36,9 @@ from fractal_pretrain.render.base import (
     check_output,
     make_labels,
 )
+from fractal_pretrain.render.reference import plasma_grid_size
 
-KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
 KERNEL_FILES = ("plan", "chaos", "compose")
-NVRTC_OPTIONS = ("--std=c++17", "--fmad=false")  # fmad off: float32 ops round like NumPy's
 SAMPLE_FLOATS = 15  # plan.cu
 ITEM_INTS = 12
 ITEM_FLOATS = P.MAX_MAPS * 6 + P.MAX_MAPS + 7
@@ -50,7 +49,6 @@ PLAN_BLOCK = 128
 PIXEL_BLOCK = 256
 FINISH_BAND = 16  # rows of a column one thread of `finish` blurs and writes
 PLASMA_BLOCK = 512
-H100_SHARED_OPTIN = 232_448  # bytes of shared memory a block may opt in to: the emulator mirrors the H100
 
 # Order of the integer and float recipe constants: the RI_* and RF_* defines of common.cuh.
 RECIPE_INTS = (
@@ -122,23 +120,6 @@ def recipe_floats(recipe: Recipe) -> np.ndarray:
     return np.array(out, dtype=np.float32)
 
 
-def kernel_source(name: str) -> str:
-    return (KERNEL_DIR / f"{name}.cu").read_text()
-
-
-@functools.cache
-def _module(name: str, device_id: int):
-    import cupy
-
-    with cupy.cuda.Device(device_id):
-        return cupy.RawModule(code=kernel_source(name), options=NVRTC_OPTIONS + (f"-I{KERNEL_DIR}",))
-
-
-def _ptr(tensor) -> np.uint64:
-    """A torch tensor's device pointer as a kernel argument."""
-    return np.uint64(tensor.data_ptr())
-
-
 class CupyRenderer(Renderer):
     """The GPU renderer. ``render_tensor`` feeds training; ``render`` returns host arrays like the reference."""
 
@@ -147,19 +128,8 @@ class CupyRenderer(Renderer):
         """``emulate=True`` runs the same kernels on the CPU (render/emulator.py), for tests without a GPU."""
         import torch
 
-        self.emulate = emulate
-        if emulate:
-            self.torch_device, self.device_id = torch.device("cpu"), -1
-        else:
-            try:  # check the device before building the bank, which can take a while
-                import cupy  # noqa: F401
-            except ImportError as err:
-                raise ConfigError(f"device={device!r} needs CuPy ({err}); install the 'gpu' extra") from None
-            if not torch.cuda.is_available():
-                raise ConfigError(f"device={device!r}: no CUDA device is visible")
-            requested = torch.device(device)
-            self.device_id = requested.index if requested.index is not None else torch.cuda.current_device()
-            self.torch_device = torch.device("cuda", self.device_id)
+        self.backend = make_backend(device, emulate)  # before the bank, which can take a while
+        self.emulate, self.torch_device = emulate, self.backend.torch_device
         super().__init__(recipe, size=size, seed=seed, bank=bank)
         self.side = P.object_size(recipe, size)
         self.slots = P.slots_per_sample(recipe)
@@ -169,33 +139,15 @@ class CupyRenderer(Renderer):
         self._ri = torch.from_numpy(recipe_ints(recipe, size)).to(self.torch_device)
         self._rf = torch.from_numpy(recipe_floats(recipe)).to(self.torch_device)
         hist_bytes = self.side * (self.side + 1) * 4  # chaos.cu: shared rows padded by a word
-        self.shared_optin = H100_SHARED_OPTIN if emulate else self._shared_optin()
+        self.shared_optin = self.backend.shared_optin()
         self.use_shared = not force_global_histogram and hist_bytes + STATIC_SHARED_BYTES <= self.shared_optin
         self._norm_cache: dict[tuple, tuple] = {}
 
-    def _shared_optin(self) -> int:
-        import cupy
-
-        props = cupy.cuda.runtime.getDeviceProperties(self.device_id)
-        return int(props.get("sharedMemPerBlockOptin", props["sharedMemPerBlock"]))
-
     def _kernel(self, module: str, name: str):
-        if self.emulate:
-            from fractal_pretrain.render import emulator
+        return self.backend.kernel(module, name)
 
-            return emulator.load_module(module).get_function(name)
-        return _module(module, self.device_id).get_function(name)
-
-    @contextlib.contextmanager
     def _on_stream(self, stream):
-        """Kernels launched inside run on ``stream`` (torch's current one); nothing to set when emulated."""
-        if self.emulate:
-            yield
-            return
-        import cupy
-
-        with cupy.cuda.Device(self.device_id), stream:
-            yield
+        return self.backend.launching(stream)
 
     def render_device(self, indices, epoch: int = 0) -> dict:
         """Run the pipeline; returns torch tensors: canvas (B, H, W, 3) uint8 before blur, plans, points."""
@@ -204,16 +156,9 @@ class CupyRenderer(Renderer):
         indices = self.check_keys(indices, epoch)
         dev, b, size, side = self.torch_device, len(indices), self.size, self.side
         items = b * self.slots
-        stream = None
-        host_indices = torch.from_numpy(indices)
-        if not self.emulate:
-            import cupy
-
-            stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(dev).cuda_stream, self.device_id)
-            host_indices = host_indices.pin_memory()
+        stream = self.backend.stream()
         t = {
-            # pinned + non_blocking: no host sync, so a side-stream render never stalls the training loop
-            "indices": host_indices.to(dev, non_blocking=True),
+            "indices": self.backend.upload(indices),
             "label": torch.empty(b, dtype=torch.int64, device=dev),
             "num_objects": torch.empty(b, dtype=torch.int32, device=dev),
             "sample_f": torch.empty((b, SAMPLE_FLOATS), dtype=torch.float32, device=dev),

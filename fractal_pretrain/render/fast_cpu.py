@@ -36,9 +36,9 @@ import numpy as np
 from fractal_pretrain.config import check_range
 from fractal_pretrain.recipes import Recipe
 from fractal_pretrain.render import emulator
+from fractal_pretrain.render.base import MAX_THREADS, RenderedBatch, Renderer, make_labels
 from fractal_pretrain.render.cupy_renderer import ITEM_FLOATS, ITEM_INTS, SAMPLE_FLOATS, recipe_ints
 from fractal_pretrain.render.params import ItemPlan, SamplePlan, slots_per_sample
-from fractal_pretrain.render.base import MAX_THREADS, RenderedBatch, Renderer, make_labels
 
 SOURCE = Path(__file__).resolve().parent / "fast_cpu.cpp"
 COMMON = Path(__file__).resolve().parent / "kernels" / "common.cuh"
