@@ -19,6 +19,7 @@ from fractal_pretrain.mandelbulb import reference
 from fractal_pretrain.mandelbulb.recipe import MandelbulbRecipe
 from fractal_pretrain.render.backend import make_backend
 from fractal_pretrain.render.backend import ptr as _ptr
+from fractal_pretrain.render.base import IMAGENET_MEAN, IMAGENET_STD, Renderer, images_to_tensor, torch_labels
 
 MIN_SIZE, MAX_SIZE = 8, 4096
 PIXEL_BLOCK = 128  # march_sprites / paste_sprites threads per block
@@ -73,8 +74,6 @@ class MandelbulbRenderer:
         self.members = P.class_members(recipe, seed)
 
     def plan(self, indices, epoch: int):
-        from fractal_pretrain.render.base import Renderer
-
         indices = Renderer.check_keys(indices, epoch)
         samples = P.plan_samples(self.recipe, self.seed, epoch, indices)
         items = P.plan_items(self.recipe, self.seed, self.size, epoch, samples, self.members)
@@ -88,13 +87,11 @@ class MandelbulbRenderer:
         raise NotImplementedError
 
     def render_tensor(self, indices, epoch: int = 0, *, dtype: str = "uint8", channels_last: bool = False,
-                      mean=None, std=None):
+                      mean=IMAGENET_MEAN, std=IMAGENET_STD):
         """(images (B, 3, H, W), labels) as torch tensors, in the IFS renderers' arithmetic."""
-        from fractal_pretrain.render.base import IMAGENET_MEAN, IMAGENET_STD, images_to_tensor, torch_labels
-
         batch = self.render(indices, epoch)
-        return images_to_tensor(batch.images, dtype=dtype, channels_last=channels_last,
-                                mean=mean or IMAGENET_MEAN, std=std or IMAGENET_STD), torch_labels(batch.labels)
+        return images_to_tensor(batch.images, dtype=dtype, channels_last=channels_last, mean=mean, std=std), \
+            torch_labels(batch.labels)
 
 
 class MandelbulbReferenceRenderer(MandelbulbRenderer):
@@ -148,6 +145,23 @@ def check_bank_memory(recipe: MandelbulbRecipe, size: int, free_bytes: int) -> N
             f"use fewer bank_views or mode=on_the_fly")
 
 
+@dataclass
+class MandelbulbDeviceBatch:
+    """A batch on the device between the kernels (layouts: ``device_plan``) and its host plan."""
+
+    indices: object  # (B,) int64
+    label: object  # (B,) int64
+    num_objects: object  # (B,) int32
+    sample_f: object  # (B, 15) float32: compose.cu's layout (plasma constants; blur flag 0)
+    item_i: object  # (I, MB_ITEM_INTS) int32
+    item_f: object  # (I, MB_ITEM_FLOATS) float32
+    canvas: object  # (B, size, size, 3) uint8
+    stream: object  # CuPy stream (None on the emulator)
+    samples: P.MandelbulbSamples
+    items: P.MandelbulbItems
+    sprites: object = None  # (I, side, side, 4) uint8 on the fly
+
+
 class MandelbulbKernelRenderer(MandelbulbRenderer):
     """The CUDA kernels, through CuPy on a GPU or through the CPU emulator (``emulate=True``)."""
 
@@ -156,8 +170,10 @@ class MandelbulbKernelRenderer(MandelbulbRenderer):
         self.backend = make_backend(device, emulate)
         self.emulate, self.torch_device = emulate, self.backend.torch_device
         super().__init__(recipe, size=size, seed=seed)
+        from fractal_pretrain.render.cupy_renderer import Finisher
+
         self.flags = kernel_flags(recipe)
-        self._norm_cache: dict[tuple, tuple] = {}
+        self._finisher = Finisher(self.backend)
         self.bank = self._build_bank() if recipe.mode == "view_bank" else None
 
     BANK_CHUNK = 4096  # views per march launch while building the bank (bounds the plan upload)
@@ -177,16 +193,18 @@ class MandelbulbKernelRenderer(MandelbulbRenderer):
         for lo in range(0, rows, self.BANK_CHUNK):
             views = P.plan_bank(self.recipe, self.seed, np.arange(lo, min(lo + self.BANK_CHUNK, rows)),
                                 self.members, side)
-            t = {k: self.backend.upload(v) for k, v in device_items(self.recipe, views).items()}
+            n = len(views.index)
+            plan = {k: self.backend.upload(v) for k, v in device_items(self.recipe, views).items()}
             with self.backend.launching(stream):
-                self._march(t, side, len(views.index), bank[lo:lo + len(views.index)])
+                self._march(plan["item_i"], plan["item_f"], side, n, bank[lo:lo + n])
         return bank
 
-    def _march(self, t: dict, max_side: int, n_items: int, out) -> None:
+    def _march(self, item_i, item_f, max_side: int, n_items: int, out) -> None:
+        """march_sprites for the objects of ``item_i`` / ``item_f`` (device tensors) into ``out``."""
         self._kernel("mandelbulb", "march_sprites")(
             (-(-max_side * max_side // PIXEL_BLOCK), n_items), (PIXEL_BLOCK,),
-            (np.int32(max_side), np.int32(self.recipe.supersample), np.int32(self.flags), _ptr(t["item_i"]),
-             _ptr(t["item_f"]), _ptr(out)))
+            (np.int32(max_side), np.int32(self.recipe.supersample), np.int32(self.flags), _ptr(item_i),
+             _ptr(item_f), _ptr(out)))
 
     def _kernel(self, module: str, name: str):
         return self.backend.kernel(module, name)
@@ -201,67 +219,47 @@ class MandelbulbKernelRenderer(MandelbulbRenderer):
         host = device_plan(self.recipe, samples, items)
         dev, b, size = self.torch_device, len(samples.index), self.size
         stream = self.backend.stream()
-        t = {k: self.backend.upload(v) for k, v in host.items()}
-        t["canvas"] = torch.empty((b, size, size, 3), dtype=torch.uint8, device=dev)
+        t = MandelbulbDeviceBatch(**{k: self.backend.upload(v) for k, v in host.items()}, stream=stream,
+                                  canvas=torch.empty((b, size, size, 3), dtype=torch.uint8, device=dev),
+                                  samples=samples, items=items)
         seed, ep = np.uint32(self.seed), np.uint32(epoch)
         with self.backend.launching(stream):
             if self.recipe.background == "plasma":
                 n = plasma_grid_size(size)
                 grids = torch.empty((b, n, n), dtype=torch.float32, device=dev)
                 self._kernel("compose", "plasma_background_global")(
-                    (b,), (512,), (_ptr(t["indices"]), seed, ep, np.int32(size), np.int32(n), _ptr(t["sample_f"]),
-                                   _ptr(grids), _ptr(t["canvas"])))
+                    (b,), (512,), (_ptr(t.indices), seed, ep, np.int32(size), np.int32(n), _ptr(t.sample_f),
+                                   _ptr(grids), _ptr(t.canvas)))
             else:
-                t["canvas"].fill_(reference.BACKGROUND_LEVEL[self.recipe.background])
+                t.canvas.fill_(reference.BACKGROUND_LEVEL[self.recipe.background])
             pixels = (-(-size * size // PIXEL_BLOCK), b)
             if self.bank is not None:  # compose from the resident views: no ray marching per sample
                 self._kernel("mandelbulb", "paste_bank")(
                     pixels, (PIXEL_BLOCK,),
-                    (np.int32(size), np.int32(self.slots), np.int32(self.bank.shape[1]), _ptr(t["num_objects"]),
-                     _ptr(t["item_i"]), _ptr(self.bank), _ptr(t["canvas"])))
+                    (np.int32(size), np.int32(self.slots), np.int32(self.bank.shape[1]), _ptr(t.num_objects),
+                     _ptr(t.item_i), _ptr(self.bank), _ptr(t.canvas)))
             else:
                 max_side = int(items.side[items.active].max())
-                t["sprites"] = torch.empty((len(items.index), max_side, max_side, 4), dtype=torch.uint8, device=dev)
-                self._march(t, max_side, len(items.index), t["sprites"])
+                t.sprites = torch.empty((len(items.index), max_side, max_side, 4), dtype=torch.uint8, device=dev)
+                self._march(t.item_i, t.item_f, max_side, len(items.index), t.sprites)
                 self._kernel("mandelbulb", "paste_sprites")(
                     pixels, (PIXEL_BLOCK,),
-                    (np.int32(size), np.int32(self.slots), np.int32(max_side), _ptr(t["num_objects"]),
-                     _ptr(t["item_i"]), _ptr(t["sprites"]), _ptr(t["canvas"])))
-        t.update(stream=stream, samples=samples, items=items)
+                    (np.int32(size), np.int32(self.slots), np.int32(max_side), _ptr(t.num_objects),
+                     _ptr(t.item_i), _ptr(t.sprites), _ptr(t.canvas)))
         return t
 
-    def finish(self, t: dict, *, dtype: str = "uint8", channels_last: bool = False, mean=None, std=None):
+    def finish(self, t: MandelbulbDeviceBatch, **kwargs):
         """The output tensor (B, 3, H, W): uint8, or float32 / bfloat16 normalised (compose.cu finish)."""
-        import torch
-
-        from fractal_pretrain.render.base import IMAGENET_MEAN, IMAGENET_STD, OUTPUT_DTYPES, check_output
-
-        mean, std = tuple(mean or IMAGENET_MEAN), tuple(std or IMAGENET_STD)
-        check_output(dtype, mean, std)
-        b, size = t["canvas"].shape[:2]
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        out = torch.empty((b, 3, size, size), dtype=getattr(torch, dtype), device=self.torch_device,
-                          memory_format=fmt)
-        if (mean, std) not in self._norm_cache:
-            self._norm_cache[(mean, std)] = tuple(torch.tensor(v, dtype=torch.float32, device=self.torch_device)
-                                                  for v in (mean, std))
-        mean_t, std_t = self._norm_cache[(mean, std)]
-        with self.backend.launching(t["stream"]):
-            runs = size * -(-size // FINISH_BAND)
-            self._kernel("compose", "finish")(
-                (-(-runs // PIXEL_BLOCK), b), (PIXEL_BLOCK,),
-                (np.int32(size), np.int32(FINISH_BAND), _ptr(t["sample_f"]), _ptr(t["canvas"]),
-                 np.int32(OUTPUT_DTYPES.index(dtype)), np.int32(channels_last), _ptr(mean_t), _ptr(std_t), _ptr(out)))
-        return out
+        return self._finisher(t, **kwargs)
 
     def render_tensor(self, indices, epoch: int = 0, **finish_kwargs):
         t = self.render_device(indices, epoch)
-        return self.finish(t, **finish_kwargs), t["label"]
+        return self.finish(t, **finish_kwargs), t.label
 
     def render(self, indices, epoch: int = 0) -> MandelbulbBatch:
         t = self.render_device(indices, epoch)
         images = self.finish(t, dtype="uint8", channels_last=True)
-        return self.batch(images.permute(0, 2, 3, 1).contiguous().cpu().numpy(), t["samples"], t["items"], epoch,
+        return self.batch(images.permute(0, 2, 3, 1).contiguous().cpu().numpy(), t.samples, t.items, epoch,
                           device_plan=t)
 
 

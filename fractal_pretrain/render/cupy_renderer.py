@@ -16,6 +16,8 @@ libm difference we have not seen); see the module docstring of that test.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from fractal_pretrain import rng
@@ -120,6 +122,62 @@ def recipe_floats(recipe: Recipe) -> np.ndarray:
     return np.array(out, dtype=np.float32)
 
 
+class Finisher:
+    """compose.cu's ``finish`` for any canvas: optional blur (per-sample flag in ``sample_f``), then the output
+    tensor (B, 3, H, W) as uint8 or float32 / bfloat16 normalised by mean/std, NCHW or channels_last."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self._norm_cache: dict[tuple, tuple] = {}
+
+    def __call__(self, t, *, dtype: str = "uint8", channels_last: bool = False, mean=IMAGENET_MEAN,
+                 std=IMAGENET_STD):
+        """``t`` has ``canvas`` (B, H, W, 3) uint8, ``sample_f`` (B, SAMPLE_FLOATS) and ``stream``."""
+        import torch
+
+        mean, std = tuple(mean), tuple(std)
+        check_output(dtype, mean, std)
+        b, size = t.canvas.shape[:2]
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        out = torch.empty((b, 3, size, size), dtype=getattr(torch, dtype), device=self.backend.torch_device,
+                          memory_format=fmt)
+        mean_t, std_t = self._normalisation(mean, std)
+        with self.backend.launching(t.stream):
+            runs = size * -(-size // FINISH_BAND)
+            self.backend.kernel("compose", "finish")(
+                (-(-runs // PIXEL_BLOCK), b), (PIXEL_BLOCK,),
+                (np.int32(size), np.int32(FINISH_BAND), _ptr(t.sample_f), _ptr(t.canvas),
+                 np.int32(OUTPUT_DTYPES.index(dtype)), np.int32(channels_last), _ptr(mean_t), _ptr(std_t),
+                 _ptr(out)))
+        return out
+
+    def _normalisation(self, mean: tuple, std: tuple):
+        """mean and std as device tensors, made once: a fresh host-to-device copy each batch would sync."""
+        import torch
+
+        key = (mean, std)
+        if key not in self._norm_cache:
+            self._norm_cache[key] = tuple(torch.tensor(v, dtype=torch.float32, device=self.backend.torch_device)
+                                          for v in key)
+        return self._norm_cache[key]
+
+
+@dataclass
+class DeviceBatch:
+    """A batch on the device between the kernels: plans (plan.cu layouts), point counts, the canvas."""
+
+    indices: object  # (B,) int64 sample indices
+    label: object  # (B,) int64
+    num_objects: object  # (B,) int32
+    sample_f: object  # (B, SAMPLE_FLOATS) float32
+    item_i: object  # (I, ITEM_INTS) int32
+    item_f: object  # (I, ITEM_FLOATS) float32
+    points: object  # (I,) int32 recorded points per item
+    canvas: object  # (B, size, size, 3) uint8 before the blur
+    stream: object  # the CuPy stream the kernels ran on (None on the emulator)
+    objects: object = None  # (I, side, side, 3) uint8 rendered objects (multi-object recipes)
+
+
 class CupyRenderer(Renderer):
     """The GPU renderer. ``render_tensor`` feeds training; ``render`` returns host arrays like the reference."""
 
@@ -141,7 +199,7 @@ class CupyRenderer(Renderer):
         hist_bytes = self.side * (self.side + 1) * 4  # chaos.cu: shared rows padded by a word
         self.shared_optin = self.backend.shared_optin()
         self.use_shared = not force_global_histogram and hist_bytes + STATIC_SHARED_BYTES <= self.shared_optin
-        self._norm_cache: dict[tuple, tuple] = {}
+        self._finisher = Finisher(self.backend)
 
     def _kernel(self, module: str, name: str):
         return self.backend.kernel(module, name)
@@ -149,42 +207,43 @@ class CupyRenderer(Renderer):
     def _on_stream(self, stream):
         return self.backend.launching(stream)
 
-    def render_device(self, indices, epoch: int = 0) -> dict:
-        """Run the pipeline; returns torch tensors: canvas (B, H, W, 3) uint8 before blur, plans, points."""
+    def render_device(self, indices, epoch: int = 0) -> DeviceBatch:
+        """Run the pipeline: the batch's device tensors (canvas (B, H, W, 3) uint8 before blur, plans, points)."""
         import torch
 
         indices = self.check_keys(indices, epoch)
         dev, b, size, side = self.torch_device, len(indices), self.size, self.side
         items = b * self.slots
         stream = self.backend.stream()
-        t = {
-            "indices": self.backend.upload(indices),
-            "label": torch.empty(b, dtype=torch.int64, device=dev),
-            "num_objects": torch.empty(b, dtype=torch.int32, device=dev),
-            "sample_f": torch.empty((b, SAMPLE_FLOATS), dtype=torch.float32, device=dev),
-            "item_i": torch.empty((items, ITEM_INTS), dtype=torch.int32, device=dev),
-            "item_f": torch.empty((items, ITEM_FLOATS), dtype=torch.float32, device=dev),
-            "points": torch.empty(items, dtype=torch.int32, device=dev),
-            "canvas": torch.empty((b, size, size, 3), dtype=torch.uint8, device=dev),
-        }
+        t = DeviceBatch(
+            indices=self.backend.upload(indices),
+            label=torch.empty(b, dtype=torch.int64, device=dev),
+            num_objects=torch.empty(b, dtype=torch.int32, device=dev),
+            sample_f=torch.empty((b, SAMPLE_FLOATS), dtype=torch.float32, device=dev),
+            item_i=torch.empty((items, ITEM_INTS), dtype=torch.int32, device=dev),
+            item_f=torch.empty((items, ITEM_FLOATS), dtype=torch.float32, device=dev),
+            points=torch.empty(items, dtype=torch.int32, device=dev),
+            canvas=torch.empty((b, size, size, 3), dtype=torch.uint8, device=dev),
+            stream=stream,
+        )
         seed, ep = np.uint32(self.seed), np.uint32(epoch)
         ri, rf = _ptr(self._ri), _ptr(self._rf)
         with self._on_stream(stream):
             self._kernel("plan", "plan_samples")(
                 (-(-b // PLAN_BLOCK),), (PLAN_BLOCK,),
-                (np.int32(b), _ptr(t["indices"]), seed, ep, ri, rf, _ptr(t["label"]), _ptr(t["num_objects"]),
-                 _ptr(t["sample_f"])))
+                (np.int32(b), _ptr(t.indices), seed, ep, ri, rf, _ptr(t.label), _ptr(t.num_objects),
+                 _ptr(t.sample_f)))
             self._kernel("plan", "plan_items")(
                 (-(-items // PLAN_BLOCK),), (PLAN_BLOCK,),
-                (np.int32(items), _ptr(t["indices"]), seed, ep, ri, rf, _ptr(t["label"]), _ptr(t["num_objects"]),
-                 _ptr(self._bank_maps), _ptr(self._bank_num_maps), _ptr(t["item_i"]), _ptr(t["item_f"])))
+                (np.int32(items), _ptr(t.indices), seed, ep, ri, rf, _ptr(t.label), _ptr(t.num_objects),
+                 _ptr(self._bank_maps), _ptr(self._bank_num_maps), _ptr(t.item_i), _ptr(t.item_f)))
             if self.recipe.background:
                 self._plasma(t, seed, ep)
             else:
-                t["canvas"].zero_()
-            target = t["canvas"]
+                t.canvas.zero_()
+            target = t.canvas
             if self.recipe.multi_object:
-                target = t["objects"] = torch.empty((items, side, side, 3), dtype=torch.uint8, device=dev)
+                target = t.objects = torch.empty((items, side, side, 3), dtype=torch.uint8, device=dev)
             shared = side * (side + 1) * 4 if self.use_shared else 0
             hist = torch.empty(1 if self.use_shared else items * side * side, dtype=torch.int32, device=dev)
             choices = torch.empty(max(1, items * self.choice_words * self.recipe.chains), dtype=torch.int32, device=dev)
@@ -193,15 +252,14 @@ class CupyRenderer(Renderer):
             if shared > 48 * 1024:
                 render.max_dynamic_shared_size_bytes = shared
             render((items,), (self.recipe.chains,),
-                   (_ptr(t["indices"]), seed, ep, ri, _ptr(t["item_i"]), _ptr(t["item_f"]), _ptr(hist),
+                   (_ptr(t.indices), seed, ep, ri, _ptr(t.item_i), _ptr(t.item_f), _ptr(hist),
                     np.int32(self.use_shared), _ptr(choices), np.int32(self.choice_words), _ptr(target),
-                    _ptr(t["points"])), shared_mem=shared)
+                    _ptr(t.points)), shared_mem=shared)
             if self.recipe.multi_object:
                 self._kernel("compose", "paste_objects")(
                     (-(-size * size // PIXEL_BLOCK), b), (PIXEL_BLOCK,),
-                    (np.int32(size), np.int32(side), np.int32(self.slots), _ptr(t["num_objects"]),
-                     _ptr(t["item_i"]), _ptr(t["objects"]), _ptr(t["canvas"])))
-        t["stream"] = stream
+                    (np.int32(size), np.int32(side), np.int32(self.slots), _ptr(t.num_objects),
+                     _ptr(t.item_i), _ptr(t.objects), _ptr(t.canvas)))
         return t
 
     @property
@@ -224,11 +282,11 @@ class CupyRenderer(Renderer):
         """Whether the plasma's even lattice fits the shared memory of a block."""
         return self._plasma_lattice_bytes() + PLASMA_STATIC_SHARED_BYTES <= self.shared_optin
 
-    def _plasma(self, t: dict, seed: np.uint32, epoch: np.uint32) -> None:
+    def _plasma(self, t: DeviceBatch, seed: np.uint32, epoch: np.uint32) -> None:
         """The coloured plasma background into the canvas: the even lattice in shared memory when it fits."""
         import torch
 
-        b, size, n = len(t["indices"]), self.size, plasma_grid_size(self.size)
+        b, size, n = len(t.indices), self.size, plasma_grid_size(self.size)
         if self.plasma_in_shared_memory:
             kernel, shared = self._kernel("compose", "plasma_background"), self._plasma_lattice_bytes()
             grids = torch.empty((b, (n - 1) // 2, (n - 1) // 2), dtype=torch.float32, device=self.torch_device)
@@ -238,50 +296,25 @@ class CupyRenderer(Renderer):
             kernel, shared = self._kernel("compose", "plasma_background_global"), 0
             grids = torch.empty((b, n, n), dtype=torch.float32, device=self.torch_device)
         kernel((b,), (PLASMA_BLOCK,),
-               (_ptr(t["indices"]), seed, epoch, np.int32(size), np.int32(n), _ptr(t["sample_f"]), _ptr(grids),
-                _ptr(t["canvas"])), shared_mem=shared)
+               (_ptr(t.indices), seed, epoch, np.int32(size), np.int32(n), _ptr(t.sample_f), _ptr(grids),
+                _ptr(t.canvas)), shared_mem=shared)
 
-    def finish(self, t: dict, *, dtype: str = "uint8", channels_last: bool = False,
+    def finish(self, t: DeviceBatch, *, dtype: str = "uint8", channels_last: bool = False,
                mean=IMAGENET_MEAN, std=IMAGENET_STD):
         """Blur and write the output tensor (B, 3, H, W): uint8, or float32 / bfloat16 normalised by mean/std."""
-        import torch
+        return self._finisher(t, dtype=dtype, channels_last=channels_last, mean=mean, std=std)
 
-        check_output(dtype, mean, std)
-        b, size = t["canvas"].shape[:2]
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        out = torch.empty((b, 3, size, size), dtype=getattr(torch, dtype), device=self.torch_device,
-                          memory_format=fmt)
-        mean_t, std_t = self._normalisation(tuple(mean), tuple(std))
-        with self._on_stream(t["stream"]):
-            runs = size * -(-size // FINISH_BAND)
-            self._kernel("compose", "finish")(
-                (-(-runs // PIXEL_BLOCK), b), (PIXEL_BLOCK,),
-                (np.int32(size), np.int32(FINISH_BAND), _ptr(t["sample_f"]), _ptr(t["canvas"]),
-                 np.int32(OUTPUT_DTYPES.index(dtype)), np.int32(channels_last), _ptr(mean_t), _ptr(std_t),
-                 _ptr(out)))
-        return out
-
-    def _normalisation(self, mean: tuple, std: tuple):
-        """mean and std as device tensors, made once: a fresh host-to-device copy each batch would sync."""
-        import torch
-
-        key = (mean, std)
-        if key not in self._norm_cache:
-            self._norm_cache[key] = tuple(torch.tensor(v, dtype=torch.float32, device=self.torch_device)
-                                          for v in key)
-        return self._norm_cache[key]
-
-    def device_labels(self, t: dict):
+    def device_labels(self, t: DeviceBatch):
         """Labels on the device: (B,) int64 classes, or (B, num_classes) uint8 multi-hot."""
         import torch
 
         if not self.recipe.multi_label:
-            return t["label"]
+            return t.label
         # Scatter without boolean indexing (which would sync the host): inactive slots land in a spare column.
-        item_i, classes = t["item_i"], self.recipe.num_classes
+        item_i, classes = t.item_i, self.recipe.num_classes
         sample = torch.arange(item_i.shape[0], device=item_i.device) // self.slots
         column = torch.where(item_i[:, 0] != 0, item_i[:, 2].long(), classes)
-        hot = torch.zeros((t["label"].shape[0], classes + 1), dtype=torch.uint8, device=item_i.device)
+        hot = torch.zeros((t.label.shape[0], classes + 1), dtype=torch.uint8, device=item_i.device)
         hot.view(-1)[sample * (classes + 1) + column] = 1
         return hot[:, :classes].contiguous()
 
@@ -297,5 +330,5 @@ class CupyRenderer(Renderer):
         return RenderedBatch(
             images=images.permute(0, 2, 3, 1).contiguous().cpu().numpy(),
             labels=make_labels(self.recipe, samples, items), recipe=self.recipe, seed=self.seed,
-            epoch=epoch, samples=samples, items=items, points=t["points"].cpu().numpy().astype(np.int64),
+            epoch=epoch, samples=samples, items=items, points=t.points.cpu().numpy().astype(np.int64),
             size=self.size, extra={"device_plan": t})
