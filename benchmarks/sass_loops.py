@@ -50,8 +50,13 @@ def cuobjdump() -> str:
 def disassemble(source: Path, arch: str, workdir: Path) -> str:
     nvcc = shutil.which("nvcc") or sys.exit("nvcc not found")
     cubin = workdir / f"{source.stem}.cubin"
-    subprocess.run([nvcc, f"-arch={arch}", "-cubin", "-fmad=false", "-std=c++17", f"-I{source.parent}", "-o",
-                    str(cubin), str(source)], check=True)
+    from fractal_pretrain.render.kernel_constants import define_options
+
+    # Kernels since the generated constants need their -D options; older versions (--source) define their own.
+    generated = "FRACTAL_CONSTANTS" in (source.parent / "common.cuh").read_text()
+    subprocess.run([nvcc, f"-arch={arch}", "-cubin", "-fmad=false", "-std=c++17",
+                    *(define_options() if generated else ()), f"-I{source.parent}", "-o", str(cubin), str(source)],
+                   check=True)
     return subprocess.run([cuobjdump(), "-sass", str(cubin)], check=True, capture_output=True, text=True).stdout
 
 

@@ -30,6 +30,10 @@ from fractal_pretrain.mandelbulb.recipe import RECIPES as MANDELBULB_RECIPES
 from fractal_pretrain.mandelbulb.recipe import MandelbulbRecipe
 
 MAX_OBJECTS = 16  # object slots per image (the slot number has 8 bits in the RNG tag)
+# Choices whose position is what the kernels see (render/kernel_constants.py generates JITTER_*, PATCH_*).
+JITTERS = ("none", "basic", "fractaldb")
+PATCHES = ("none", "image", "point")
+FLIP_BITS = {"none": 0, "hv": 6, "dihedral": 7}  # bits: 1 transpose, 2 flip rows, 4 flip columns
 MAX_CHAINS = 1024  # chains per fractal = CUDA threads per block
 
 
@@ -83,16 +87,16 @@ class Recipe:
         check_range("num_points", self.num_points, 1, 2**31 - 1, integer=True)
         check_range("chains", self.chains, 1, MAX_CHAINS, integer=True)
         check_range("burn_in", self.burn_in, 0, 10_000, integer=True)
-        check_choice("jitter", self.jitter, ("none", "basic", "fractaldb"))
+        check_choice("jitter", self.jitter, JITTERS)
         check_pair("jitter_range", self.jitter_range, 0.0, 10.0)
         check_range("jitter_tries", self.jitter_tries, 1, 16, integer=True)
         check_range("window_translate", self.window_translate, 0.0, 10.0)
         check_pair("window_scale", self.window_scale, 1e-3, 100.0)
         check_choice("render_mode", self.render_mode, ("graded", "binary"))
-        check_choice("patch", self.patch, ("none", "image", "point"))
+        check_choice("patch", self.patch, PATCHES)
         if self.patch == "point" and self.render_mode != "binary":
             raise ConfigError("patch='point' needs render_mode='binary' (graded per-point stamps are not supported)")
-        check_choice("flips", self.flips, ("none", "hv", "dihedral"))
+        check_choice("flips", self.flips, tuple(FLIP_BITS))
         check_choice("color", self.color, (True, False))
         check_range("grey_level", self.grey_level, 1, 255, integer=True)
         check_pair("saturation", self.saturation, 0.0, 1.0)

@@ -17,6 +17,7 @@ from fractal_pretrain.config import ConfigError, check_range
 from fractal_pretrain.mandelbulb import params as P
 from fractal_pretrain.mandelbulb import reference
 from fractal_pretrain.mandelbulb.recipe import MandelbulbRecipe
+from fractal_pretrain.render import kernel_constants
 from fractal_pretrain.render.backend import make_backend
 from fractal_pretrain.render.backend import ptr as _ptr
 from fractal_pretrain.render.base import IMAGENET_MEAN, IMAGENET_STD, Renderer, images_to_tensor, torch_labels
@@ -24,8 +25,7 @@ from fractal_pretrain.render.base import IMAGENET_MEAN, IMAGENET_STD, Renderer, 
 MIN_SIZE, MAX_SIZE = 8, 4096
 PIXEL_BLOCK = 128  # march_sprites / paste_sprites threads per block
 FINISH_BAND = 16  # compose.cu finish: rows per thread
-SAMPLE_FLOATS = 15  # compose.cu's per-sample layout: blur flag, k0, k1, sigma, decay, 4 corners, 6 gains
-FLAG_SHADOW, FLAG_NEGATED_NORMAL, FLAG_TEXTBOOK_DERIVATIVE, FLAG_EARLY_EXIT = 1, 2, 4, 8  # mandelbulb.cu MB_*
+FLAGS = kernel_constants.MB_FLAGS  # mandelbulb.cu MB_SHADOW, ... (generated from this table)
 
 
 @dataclass
@@ -104,9 +104,9 @@ class MandelbulbReferenceRenderer(MandelbulbRenderer):
 
 
 def kernel_flags(recipe: MandelbulbRecipe) -> int:
-    return ((FLAG_SHADOW if recipe.shadow else 0) | (FLAG_NEGATED_NORMAL if recipe.diffuse_normal == "negated" else 0)
-            | (FLAG_TEXTBOOK_DERIVATIVE if recipe.derivative == "r^(p-1)" else 0)
-            | (FLAG_EARLY_EXIT if recipe.early_exit else 0))
+    on = {"SHADOW": recipe.shadow, "NEGATED_NORMAL": recipe.diffuse_normal == "negated",
+          "TEXTBOOK_DERIVATIVE": recipe.derivative == "r^(p-1)", "EARLY_EXIT": recipe.early_exit}
+    return sum(bit for name, bit in FLAGS.items() if on[name])
 
 
 def device_items(recipe: MandelbulbRecipe, items: P.MandelbulbItems) -> dict[str, np.ndarray]:
@@ -119,7 +119,7 @@ def device_items(recipe: MandelbulbRecipe, items: P.MandelbulbItems) -> dict[str
 
 def device_plan(recipe: MandelbulbRecipe, samples: P.MandelbulbSamples, items: P.MandelbulbItems):
     """The plan in the kernels' layouts (mandelbulb.cu MB_ITEM_*, compose.cu SAMPLE_FLOATS)."""
-    sample_f = np.zeros((len(samples.index), SAMPLE_FLOATS), dtype=np.float32)  # blur flag 0: no blur
+    sample_f = np.zeros((len(samples.index), kernel_constants.SAMPLE_FLOATS), dtype=np.float32)  # blur flag 0
     sample_f[:, 4] = samples.decay
     sample_f[:, 5:9] = samples.corners
     sample_f[:, 9:15] = samples.bg_hsv

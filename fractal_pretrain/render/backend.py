@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from fractal_pretrain.config import ConfigError
+from fractal_pretrain.render.kernel_constants import define_options
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
 NVRTC_OPTIONS = ("--std=c++17", "--fmad=false")  # fmad off: float32 ops round like NumPy's
@@ -36,7 +37,8 @@ def cupy_module(name: str, device_id: int):
     import cupy
 
     with cupy.cuda.Device(device_id):
-        return cupy.RawModule(code=kernel_source(name), options=NVRTC_OPTIONS + (f"-I{KERNEL_DIR}",))
+        return cupy.RawModule(code=kernel_source(name),
+                              options=NVRTC_OPTIONS + define_options() + (f"-I{KERNEL_DIR}",))
 
 
 class KernelBackend:

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fractal_pretrain import rng
 from fractal_pretrain.recipes import Recipe
 from fractal_pretrain.render import params as P
 from fractal_pretrain.render.backend import (  # noqa: F401 - KERNEL_DIR, NVRTC_OPTIONS: re-exported
@@ -38,12 +37,18 @@ from fractal_pretrain.render.base import (
     check_output,
     make_labels,
 )
+from fractal_pretrain.render.kernel_constants import (  # noqa: F401 - the layouts, re-exported
+    ITEM_FLOATS,
+    ITEM_INTS,
+    RECIPE_FLOAT_PAIRS,
+    RECIPE_INTS,
+    SAMPLE_FLOATS,
+    recipe_floats,
+    recipe_ints,
+)
 from fractal_pretrain.render.reference import plasma_grid_size
 
 KERNEL_FILES = ("plan", "chaos", "compose")
-SAMPLE_FLOATS = 15  # plan.cu
-ITEM_INTS = 12
-ITEM_FLOATS = P.MAX_MAPS * 6 + P.MAX_MAPS + 7
 # chaos.cu: scratch, params, window, colour table; ptxas rounds a kernel's static shared memory up to 16 bytes
 STATIC_SHARED_BYTES = -(-4 * (1024 + ITEM_FLOATS + 4 + 256) // 16) * 16
 PLASMA_STATIC_SHARED_BYTES = 4 * 1024  # compose.cu: the reduction scratch
@@ -51,75 +56,6 @@ PLAN_BLOCK = 128
 PIXEL_BLOCK = 256
 FINISH_BAND = 16  # rows of a column one thread of `finish` blurs and writes
 PLASMA_BLOCK = 512
-
-# Order of the integer and float recipe constants: the RI_* and RF_* defines of common.cuh.
-RECIPE_INTS = (
-    "num_classes", "systems_per_class", "jitter", "jitter_tries", "patch", "flip_bits", "binary",
-    "color", "grey", "background", "multi_object", "source_any", "multi_label", "objects_lo",
-    "objects_hi", "num_points", "chains", "burn_in", "size", "side", "slots",
-)
-RECIPE_FLOAT_PAIRS = (
-    "jitter", "translate", "scale", "sat", "val", "blur_p", "blur_sigma", "object_scale",
-    "plasma_hue_gain", "plasma_hue_offset", "plasma_sat_gain", "plasma_sat_offset",
-    "plasma_val_gain", "plasma_val_offset", "plasma_decay", "hue_shift",
-)
-
-
-def recipe_ints(recipe: Recipe, size: int) -> np.ndarray:
-    """int32 constants read by the kernels (layout: RECIPE_INTS)."""
-    values = {
-        "num_classes": recipe.num_classes,
-        "systems_per_class": recipe.systems_per_class,
-        "jitter": ("none", "basic", "fractaldb").index(recipe.jitter),
-        "jitter_tries": recipe.jitter_tries,
-        "patch": ("none", "image", "point").index(recipe.patch),
-        "flip_bits": {"none": 0, "hv": 6, "dihedral": 7}[recipe.flips],
-        "binary": int(recipe.render_mode == "binary"),
-        "color": int(recipe.color),
-        "grey": recipe.grey_level,
-        "background": int(recipe.background),
-        "multi_object": int(recipe.multi_object),
-        "source_any": int(recipe.object_source == "any"),
-        "multi_label": int(recipe.multi_label),
-        "objects_lo": recipe.objects[0],
-        "objects_hi": recipe.objects[1],
-        "num_points": recipe.num_points,
-        "chains": recipe.chains,
-        "burn_in": recipe.burn_in,
-        "size": size,
-        "side": P.object_size(recipe, size),
-        "slots": P.slots_per_sample(recipe),
-    }
-    return np.array([values[k] for k in RECIPE_INTS], dtype=np.int32)
-
-
-def recipe_floats(recipe: Recipe) -> np.ndarray:
-    """float32 (low, width) pairs read by the kernels (layout: RECIPE_FLOAT_PAIRS, blur_p alone)."""
-    t = recipe.window_translate
-    pairs = {
-        "jitter": recipe.jitter_range,
-        "translate": (-t, t),
-        "scale": recipe.window_scale,
-        "sat": recipe.saturation,
-        "val": recipe.value,
-        "blur_sigma": recipe.blur_sigma,
-        "object_scale": recipe.object_scale or (1.0, 1.0),
-        "plasma_hue_gain": P.PLASMA_HUE_GAIN,
-        "plasma_hue_offset": P.PLASMA_HUE_OFFSET,
-        "plasma_sat_gain": P.PLASMA_SAT_GAIN,
-        "plasma_sat_offset": P.PLASMA_SAT_OFFSET,
-        "plasma_val_gain": P.PLASMA_VAL_GAIN,
-        "plasma_val_offset": P.PLASMA_VAL_OFFSET,
-        "plasma_decay": P.PLASMA_DECAY,
-        "hue_shift": P.HUE_SHIFT,
-    }
-    out: list[np.float32] = []
-    for name in RECIPE_FLOAT_PAIRS:
-        if name == "blur_p":  # a single value, not a range
-            out.append(np.float32(recipe.blur_p))
-        else:
-            out.extend(rng.range_params(*pairs[name]))
-    return np.array(out, dtype=np.float32)
 
 
 class Finisher:

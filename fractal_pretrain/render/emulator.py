@@ -153,8 +153,12 @@ def _build(path: Path) -> tuple[Path, dict[str, list[Param]]]:
     # #line: compiler errors and sanitizer reports name the .cu file and its lines
     unit = f'#include "emulator_runtime.h"\n#line 1 "{path}"\n' + source + "".join(
         launcher_source(k, p) for k, p in kernels.items())
+    from fractal_pretrain.render.kernel_constants import define_options
+
+    defines = define_options()  # the constants shared with Python, as for NVRTC
     digest = hashlib.sha256("\0".join(
-        [unit, (KERNEL_DIR / "common.cuh").read_text(), RUNTIME_HEADER.read_text(), cxx, *cxx_flags()]).encode())
+        [unit, (KERNEL_DIR / "common.cuh").read_text(), RUNTIME_HEADER.read_text(), cxx, *cxx_flags(),
+         *defines]).encode())
     out = cache_dir() / f"{name}-{digest.hexdigest()[:16]}.so"
     if out.exists():
         return out, kernels
@@ -163,7 +167,8 @@ def _build(path: Path) -> tuple[Path, dict[str, list[Param]]]:
         cpp, lib = Path(tmp) / f"{name}.cpp", Path(tmp) / f"{name}.so"
         cpp.write_text(unit)
         result = subprocess.run(
-            [cxx, *cxx_flags(), f"-I{RENDER_DIR}", f"-I{KERNEL_DIR}", f"-I{path.parent}", str(cpp), "-o", str(lib)],
+            [cxx, *cxx_flags(), *defines, f"-I{RENDER_DIR}", f"-I{KERNEL_DIR}", f"-I{path.parent}", str(cpp), "-o",
+             str(lib)],
             capture_output=True, text=True)
         if result.returncode != 0:
             raise EmulatorError(f"building {path} for the CPU failed:\n{result.stderr[-4000:]}")

@@ -348,7 +348,7 @@ STAGE void colour_item(const Batch &bt, const int *ii, const float *f, const flo
 long long render_item(const Batch &bt, long long index, int slot, const int *ii, const float *f, int side,
                       unsigned char *out, Scratch &s) {
   if (!ii[0]) return 0;  // inactive: records nothing, draws nothing
-  const bool point_masks = bt.ri[RI_PATCH] == 2;
+  const bool point_masks = bt.ri[RI_PATCH] == PATCH_POINT;
   const long long n = point_masks ? chaos_game<true>(bt, index, slot, ii, f, s)
                                   : chaos_game<false>(bt, index, slot, ii, f, s);
   if (n == 0) return 0;  // background only

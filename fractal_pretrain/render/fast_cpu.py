@@ -37,7 +37,7 @@ from fractal_pretrain.config import check_range
 from fractal_pretrain.recipes import Recipe
 from fractal_pretrain.render import emulator
 from fractal_pretrain.render.base import MAX_THREADS, RenderedBatch, Renderer, make_labels
-from fractal_pretrain.render.cupy_renderer import ITEM_FLOATS, ITEM_INTS, SAMPLE_FLOATS, recipe_ints
+from fractal_pretrain.render.kernel_constants import ITEM_FLOATS, ITEM_INTS, SAMPLE_FLOATS, define_options, recipe_ints
 from fractal_pretrain.render.params import ItemPlan, SamplePlan, slots_per_sample
 
 SOURCE = Path(__file__).resolve().parent / "fast_cpu.cpp"
@@ -59,7 +59,8 @@ def library_path() -> Path:
     cxx = emulator.compiler()
     if cxx is None:
         raise FastCpuUnavailable("no C++ compiler (set CXX or install g++)")
-    digest = hashlib.sha256("\0".join([SOURCE.read_text(), COMMON.read_text(), cxx, *CXX_FLAGS]).encode())
+    digest = hashlib.sha256("\0".join([SOURCE.read_text(), COMMON.read_text(), cxx, *CXX_FLAGS,
+                                       *define_options()]).encode())
     return cache_dir() / f"fast_cpu-{digest.hexdigest()[:16]}.so"
 
 
@@ -71,8 +72,8 @@ def build() -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         lib = Path(tmp) / out.name
-        result = subprocess.run([emulator.compiler(), *CXX_FLAGS, f"-I{SOURCE.parent}", str(SOURCE), "-o", str(lib)],
-                                capture_output=True, text=True)
+        result = subprocess.run([emulator.compiler(), *CXX_FLAGS, *define_options(), f"-I{SOURCE.parent}", str(SOURCE),
+                                 "-o", str(lib)], capture_output=True, text=True)
         if result.returncode != 0:
             raise FastCpuUnavailable(f"building {SOURCE.name} failed:\n{result.stderr[-2000:]}")
         os.replace(lib, out)  # atomic: a concurrent build of the same source writes the same bytes

@@ -18,7 +18,7 @@ import numpy as np
 from fractal_pretrain import rng
 from fractal_pretrain.ifs.bank import SystemBank
 from fractal_pretrain.ifs.sample import MAX_MAPS
-from fractal_pretrain.recipes import Recipe
+from fractal_pretrain.recipes import FLIP_BITS, Recipe
 
 F32 = np.float32
 
@@ -249,7 +249,7 @@ def plan_items(recipe: Recipe, bank: SystemBank, size: int, seed: int, epoch: in
     look = rng.draw_words(seed, epoch, index, rng.STREAM_ITEM, DRAW_ITEM_LOOK, slot)
     # Never an empty mask (FractalDB's randrange(1, 512)); "none" stamps the centre cell only.
     mask = 1 + rng.to_int(look[0], 511) if recipe.patch == "image" else np.full(len(index), PATCH_CENTRE_ONLY)
-    flip_bits = {"none": 0, "hv": 6, "dihedral": 7}[recipe.flips]
+    flip_bits = FLIP_BITS[recipe.flips]
     flips = (look[1].astype(np.int64) >> 29) & flip_bits
     place = rng.draw_words(seed, epoch, index, rng.STREAM_ITEM, DRAW_ITEM_PLACE, slot)
     if recipe.multi_object:

@@ -20,20 +20,24 @@ import numpy as np
 import pytest
 
 from fractal_pretrain import rng
+from fractal_pretrain.mandelbulb import renderer as mandelbulb_renderer
 from fractal_pretrain.recipes import MAX_CHAINS, get_recipe
-from fractal_pretrain.render import cupy_renderer, params, reference
+from fractal_pretrain.render import cupy_renderer, kernel_constants, params, reference
 
 KERNELS = cupy_renderer.KERNEL_DIR
+KERNEL_FILES = (*cupy_renderer.KERNEL_FILES, "mandelbulb")
+DEFINES = kernel_constants.define_options()
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found: CUDA kernels not compiled")
 
 
 @needs_nvcc
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-@pytest.mark.parametrize("name", cupy_renderer.KERNEL_FILES)
+@pytest.mark.parametrize("name", KERNEL_FILES)
 def test_kernel_compiles_with_nvcc(name, arch, tmp_path):
     result = subprocess.run(
-        [NVCC, f"-arch={arch}", "-cubin", "-fmad=false", "-std=c++17", f"-I{KERNELS}", "-Werror", "all-warnings",
+        [NVCC, f"-arch={arch}", "-cubin", "-fmad=false", "-std=c++17", *DEFINES, f"-I{KERNELS}", "-Werror",
+         "all-warnings",
          "-o", str(tmp_path / f"{name}.cubin"), str(KERNELS / f"{name}.cu")],
         capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -43,7 +47,9 @@ def test_kernel_compiles_with_nvcc(name, arch, tmp_path):
 MAX_BLOCK = {"plan_samples": cupy_renderer.PLAN_BLOCK, "plan_items": cupy_renderer.PLAN_BLOCK,
              "render_items": MAX_CHAINS, "render_items_point_masks": MAX_CHAINS,
              "plasma_background": cupy_renderer.PLASMA_BLOCK, "plasma_background_global": cupy_renderer.PLASMA_BLOCK,
-             "paste_objects": cupy_renderer.PIXEL_BLOCK, "finish": cupy_renderer.PIXEL_BLOCK}
+             "paste_objects": cupy_renderer.PIXEL_BLOCK, "finish": cupy_renderer.PIXEL_BLOCK,
+             "march_sprites": mandelbulb_renderer.PIXEL_BLOCK, "paste_sprites": mandelbulb_renderer.PIXEL_BLOCK,
+             "paste_bank": mandelbulb_renderer.PIXEL_BLOCK}
 # Static shared memory the renderer adds to the dynamic part when it checks what fits a block.
 STATIC_SHARED = {"render_items": cupy_renderer.STATIC_SHARED_BYTES,
                  "render_items_point_masks": cupy_renderer.STATIC_SHARED_BYTES,
@@ -57,9 +63,9 @@ def test_every_kernel_launches_with_its_largest_block_and_uses_no_local_memory(a
     # A stack frame means local memory (an indexed local array or spills), paid per pixel or per step.
     # Static shared memory above what the renderer counts would fail a launch whose histogram just fits.
     usage = {}
-    for name in cupy_renderer.KERNEL_FILES:
+    for name in KERNEL_FILES:
         result = subprocess.run(
-            [NVCC, f"-arch={arch}", "-cubin", "-fmad=false", "-std=c++17", f"-I{KERNELS}", "-Xptxas", "-v",
+            [NVCC, f"-arch={arch}", "-cubin", "-fmad=false", "-std=c++17", *DEFINES, f"-I{KERNELS}", "-Xptxas", "-v",
              "-o", str(tmp_path / f"{name}.cubin"), str(KERNELS / f"{name}.cu")], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
         for entry, body in re.findall(r"Compiling entry function '(\w+)'(.*?)(?=Compiling entry|\Z)",
@@ -91,7 +97,7 @@ def _nvrtc():
     return None
 
 
-@pytest.mark.parametrize("name", cupy_renderer.KERNEL_FILES)
+@pytest.mark.parametrize("name", KERNEL_FILES)
 def test_kernel_compiles_with_nvrtc_options_of_the_renderer(name):
     lib = _nvrtc()
     if lib is None:
@@ -100,7 +106,7 @@ def test_kernel_compiles_with_nvrtc_options_of_the_renderer(name):
     prog = ctypes.c_void_p()
     assert lib.nvrtcCreateProgram(ctypes.byref(prog), (KERNELS / f"{name}.cu").read_bytes(), name.encode(), 1,
                                   (ctypes.c_char_p * 1)(header), (ctypes.c_char_p * 1)(b"common.cuh")) == 0
-    options = [o.encode() for o in cupy_renderer.NVRTC_OPTIONS] + [b"--gpu-architecture=compute_90"]
+    options = [o.encode() for o in cupy_renderer.NVRTC_OPTIONS + DEFINES] + [b"--gpu-architecture=compute_90"]
     rc = lib.nvrtcCompileProgram(prog, len(options), (ctypes.c_char_p * len(options))(*options))
     size = ctypes.c_size_t()
     lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
@@ -110,30 +116,34 @@ def test_kernel_compiles_with_nvrtc_options_of_the_renderer(name):
 
 
 def _defines(prefix: str) -> dict[str, int]:
-    text = (KERNELS / "common.cuh").read_text()
-    return {m[0]: int(m[1]) for m in re.findall(rf"#define {prefix}_(\w+) (\d+)", text)}
+    return {k[len(prefix) + 1:]: v for k, v in kernel_constants.kernel_defines().items() if k.startswith(prefix + "_")}
 
 
-def test_recipe_constant_layout_matches_common_cuh():
+def test_generated_constants_follow_the_python_definitions():
     ints = _defines("RI")
     assert ints.pop("COUNT") == len(cupy_renderer.RECIPE_INTS)
     assert {name.upper(): i for i, name in enumerate(cupy_renderer.RECIPE_INTS)} == ints
     floats = _defines("RF")
     assert floats.pop("COUNT") == len(cupy_renderer.recipe_floats(get_recipe("anderson")))
-    at, expected = 0, {}
-    for name in cupy_renderer.RECIPE_FLOAT_PAIRS:
-        expected[name.upper()] = at
-        at += 1 if name == "blur_p" else 2
-    assert expected == floats
-
-
-def test_stream_and_draw_numbers_match_common_cuh():
+    assert floats["BLUR_P"] + 1 == floats["BLUR_SIGMA"] and floats["JITTER"] == 0
     streams = _defines("STREAM")
-    assert streams == {"SAMPLE": rng.STREAM_SAMPLE, "ITEM": rng.STREAM_ITEM, "CHAOS": rng.STREAM_CHAOS,
-                       "PLASMA": rng.STREAM_PLASMA}
-    draws = _defines("DRAW")
-    for name, value in draws.items():
-        assert getattr(params, f"DRAW_{name}") == value, name
+    assert {k: streams[k] for k in ("SAMPLE", "ITEM", "CHAOS", "PLASMA")} == {
+        "SAMPLE": rng.STREAM_SAMPLE, "ITEM": rng.STREAM_ITEM, "CHAOS": rng.STREAM_CHAOS, "PLASMA": rng.STREAM_PLASMA}
+    assert _defines("DRAW") == {name[5:]: getattr(params, name) for name in dir(params) if name.startswith("DRAW_")}
+    assert _defines("JITTER") == {"NONE": 0, "BASIC": 1, "FRACTALDB": 2}
+    assert "-DSTREAM_CHAOS=3u" in DEFINES and "-DRI_CHAINS=16" in DEFINES
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no g++")
+def test_kernel_sources_hold_no_copy_of_the_constants(tmp_path):
+    # Without the generated -D options a kernel must not compile: common.cuh stops with an #error naming them.
+    result = subprocess.run(["g++", "-std=c++17", "-fsyntax-only", "-D__host__=", "-D__device__=", f"-I{KERNELS}",
+                             "-x", "c++", str(KERNELS / "common.cuh")], capture_output=True, text=True)
+    assert result.returncode != 0 and "kernel_constants.py" in result.stderr
+    for name in KERNEL_FILES:
+        text = (KERNELS / f"{name}.cu").read_text() + (KERNELS / "common.cuh").read_text()
+        for constant in kernel_constants.kernel_defines():
+            assert f"#define {constant} " not in text, f"{name}.cu defines {constant} again"
 
 
 def test_recipe_ints_encode_the_recipe():
@@ -153,7 +163,7 @@ def host_check(tmp_path_factory):
         pytest.skip("nvcc not found")
     exe = tmp_path_factory.mktemp("cuda") / "host_check"
     src = Path(__file__).parent / "cuda" / "host_check.cu"
-    subprocess.run([NVCC, "-x", "cu", "-std=c++17", "-fmad=false", f"-I{KERNELS}", str(src), "-o", str(exe)],
+    subprocess.run([NVCC, "-x", "cu", "-std=c++17", "-fmad=false", *DEFINES, f"-I{KERNELS}", str(src), "-o", str(exe)],
                    check=True, capture_output=True)
 
     def run(lines: list[str]) -> list[str]:
@@ -188,8 +198,8 @@ def test_host_build_of_hsv_is_identical(host_check):
     np.testing.assert_array_equal(got, expected)
 
 
-def test_plan_layout_matches_common_cuh():
+def test_plan_layout_constants():
     assert _defines("SAMPLE") == {"FLOATS": cupy_renderer.SAMPLE_FLOATS}
-    assert _defines("ITEM") == {"INTS": cupy_renderer.ITEM_INTS}
-    assert "#define ITEM_FLOATS (MAX_MAPS * ROW + MAX_MAPS + 7)" in (KERNELS / "common.cuh").read_text()
+    assert _defines("ITEM") == {"INTS": cupy_renderer.ITEM_INTS, "FLOATS": cupy_renderer.ITEM_FLOATS}
     assert cupy_renderer.ITEM_FLOATS == params.MAX_MAPS * 6 + params.MAX_MAPS + 7
+    assert _defines("IF") == {"CUM": 48, "START": 56, "SHIFT": 58, "SCALE": 60, "HUE": 62}

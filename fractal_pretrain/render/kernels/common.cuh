@@ -6,84 +6,16 @@
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
-// Stream ids: the top byte of the counter's tag word (rng.py).
-#define STREAM_SAMPLE 1u
-#define STREAM_ITEM 2u
-#define STREAM_CHAOS 3u
-#define STREAM_PLASMA 4u
-
-// Draw numbers (params.py).
-#define DRAW_SAMPLE_MAIN 0u
-#define DRAW_SAMPLE_CORNERS 1u
-#define DRAW_SAMPLE_BG_HS 2u
-#define DRAW_SAMPLE_BG_V 3u
-#define DRAW_ITEM_SYSTEM 0u
-#define DRAW_ITEM_JITTER 1u
-#define DRAW_ITEM_WINDOW 20u
-#define DRAW_ITEM_LOOK 21u
-#define DRAW_ITEM_PLACE 22u
-
-#define MAX_MAPS 8
-#define ROW 6  // a map row [a b e c d f]
-
-// Integer recipe constants (cupy_renderer.py RECIPE_INTS gives the same order).
-#define RI_NUM_CLASSES 0
-#define RI_SYSTEMS_PER_CLASS 1
-#define RI_JITTER 2  // 0 none, 1 basic, 2 fractaldb
-#define RI_JITTER_TRIES 3
-#define RI_PATCH 4  // 0 none, 1 image, 2 point
-#define RI_FLIP_BITS 5
-#define RI_BINARY 6
-#define RI_COLOR 7
-#define RI_GREY 8
-#define RI_BACKGROUND 9
-#define RI_MULTI_OBJECT 10
-#define RI_SOURCE_ANY 11
-#define RI_MULTI_LABEL 12
-#define RI_OBJECTS_LO 13
-#define RI_OBJECTS_HI 14
-#define RI_NUM_POINTS 15
-#define RI_CHAINS 16
-#define RI_BURN_IN 17
-#define RI_SIZE 18
-#define RI_SIDE 19
-#define RI_SLOTS 20
-#define RI_COUNT 21
-
-// Float recipe constants as (low, width) pairs, rounded to float32 once on the host.
-#define RF_JITTER 0
-#define RF_TRANSLATE 2
-#define RF_SCALE 4
-#define RF_SAT 6
-#define RF_VAL 8
-#define RF_BLUR_P 10
-#define RF_BLUR_SIGMA 11
-#define RF_OBJECT_SCALE 13
-#define RF_PLASMA_HUE_GAIN 15
-#define RF_PLASMA_HUE_OFFSET 17
-#define RF_PLASMA_SAT_GAIN 19
-#define RF_PLASMA_SAT_OFFSET 21
-#define RF_PLASMA_VAL_GAIN 23
-#define RF_PLASMA_VAL_OFFSET 25
-#define RF_PLASMA_DECAY 27
-#define RF_HUE_SHIFT 29
-#define RF_COUNT 31
+// Constants shared with Python (RNG streams STREAM_*, draw numbers DRAW_*, recipe choices JITTER_* and
+// PATCH_*, the recipe-constant layouts RI_* / RF_*, the plan layouts SAMPLE_FLOATS, ITEM_INTS, ITEM_FLOATS,
+// IF_*, MAX_MAPS, ROW, the Mandelbulb layouts MB_*) are not written here: render/kernel_constants.py
+// generates them and every build passes them as -D options (NVRTC, nvcc, the emulator, fast_cpu).
+#ifndef FRACTAL_CONSTANTS
+#error "compile with the -D options of fractal_pretrain/render/kernel_constants.py define_options()"
+#endif
 
 // Finite test that needs no math header (NVRTC) and survives any flags: false for inf and NaN.
 __host__ __device__ inline bool finite(float x) { return fabsf(x) <= 3.402823466e+38f; }
-
-// Plan layouts (cupy_renderer.py: SAMPLE_FLOATS, ITEM_INTS, ITEM_FLOATS).
-// Per sample floats: blur flag, k0, k1, sigma; plasma decay, 4 corners, 6 colour gains x 255.
-#define SAMPLE_FLOATS 15
-// Per item ints: active, system, class, num_maps, jitter, mask, flips, sat8, val8, side, top, left.
-#define ITEM_INTS 12
-// Per item floats: maps (8 x 6), cum (8), start (2), shift (2), scale (2), hue shift.
-#define ITEM_FLOATS (MAX_MAPS * ROW + MAX_MAPS + 7)
-#define IF_CUM (MAX_MAPS * ROW)
-#define IF_START (IF_CUM + MAX_MAPS)
-#define IF_SHIFT (IF_START + 2)
-#define IF_SCALE (IF_SHIFT + 2)
-#define IF_HUE (IF_SCALE + 2)
 
 struct Words {
   u32 w[4];

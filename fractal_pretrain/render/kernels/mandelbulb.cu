@@ -8,17 +8,9 @@
 // could differ from NumPy's; powers by a fixed square-and-multiply, ln by Cephes' logf (frexpf is exact).
 #include "common.cuh"
 
+// Layouts and flags (MB_ITEM_INTS, MB_ITEM_FLOATS, MB_IF_COLOURS, MB_SHADOW, ...): render/kernel_constants.py.
 // Per object ints: active, power, rule, side, top, left, bank row. Floats: camera (position, side, up,
 // direction), colours.
-#define MB_ITEM_INTS 7
-#define MB_ITEM_FLOATS 21
-#define MB_IF_COLOURS 12
-// Flags (mandelbulb/renderer.py FLAG_*).
-#define MB_SHADOW 1
-#define MB_NEGATED_NORMAL 2
-#define MB_TEXTBOOK_DERIVATIVE 4
-#define MB_EARLY_EXIT 8
-
 #define MB_MAX_ITERATIONS 100
 #define MB_POWER_BITS 5
 

@@ -71,7 +71,7 @@ extern "C" __global__ void plan_items(int count, const long long *indices, u32 s
   for (int i = 0; i < MAX_MAPS * ROW; ++i) maps[i] = bank_maps[system * MAX_MAPS * ROW + i];
 
   int jitter = -1;
-  if (ri[RI_JITTER] == 1) {
+  if (ri[RI_JITTER] == JITTER_BASIC) {
     for (int attempt = 0; attempt < ri[RI_JITTER_TRIES]; ++attempt) {
       Words jw = draw_words(seed, epoch, index, tag, DRAW_ITEM_JITTER + attempt);
       int k = (int)to_int(jw.w[0], nmaps);
@@ -84,7 +84,7 @@ extern "C" __global__ void plan_items(int count, const long long *indices, u32 s
         break;
       }
     }
-  } else if (ri[RI_JITTER] == 2) {
+  } else if (ri[RI_JITTER] == JITTER_FRACTALDB) {
     jitter = (int)to_int(w.w[2], 25);
     for (int m = 0; m < MAX_MAPS; ++m) maps[m * ROW + FDB_POSITION[jitter]] *= FDB_WEIGHT[jitter];
   }
@@ -141,7 +141,7 @@ extern "C" __global__ void plan_items(int count, const long long *indices, u32 s
   oi[2] = (int)cls;
   oi[3] = nmaps;
   oi[4] = jitter;
-  oi[5] = ri[RI_PATCH] == 1 ? 1 + (int)to_int(look.w[0], 511) : 16;
+  oi[5] = ri[RI_PATCH] == PATCH_IMAGE ? 1 + (int)to_int(look.w[0], 511) : PATCH_CENTRE_ONLY;
   oi[6] = (int)((look.w[1] >> 29) & (u32)ri[RI_FLIP_BITS]);
   oi[7] = (int)(to_range(look.w[3], rf, RF_SAT) * 255.0f);
   oi[8] = (int)(to_range(place.w[0], rf, RF_VAL) * 255.0f);
