@@ -29,6 +29,13 @@ for name, size, force_global, overrides in cases:
     images, _ = renderer.render_tensor(np.arange(3), dtype="bfloat16", channels_last=True)
     images, _ = renderer.render_tensor(np.arange(3), dtype="uint8", channels_last=True)
     print("ok", name, size, force_global, flush=True)
+from fractal_pretrain.mandelbulb.renderer import MandelbulbKernelRenderer
+small = {"rules": [42, 506, 413], "num_classes": 10, "bank_views": 2, "shadow": False}
+for name, mode in (("mandelbulbvar", "on_the_fly"), ("multimandelbulb", "on_the_fly"), ("multimandelbulb", "view_bank")):
+    recipe = get_recipe(name, {**small, "num_classes": 51 if name == "mandelbulbvar" else 10, "mode": mode,
+                               "background": "plasma"})
+    MandelbulbKernelRenderer(recipe, size=12, seed=1, emulate=True).render_tensor(np.arange(3), dtype="float32")
+    print("ok", name, mode, flush=True)
 """
 
 
@@ -36,4 +43,4 @@ def test_kernels_never_touch_memory_outside_their_buffers(tmp_path):
     env = {**emulator.asan_environment(), "FRACTAL_PRETRAIN_CACHE": str(tmp_path)}
     result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "ERROR: AddressSanitizer" not in result.stderr, result.stderr[-6000:]
-    assert result.stdout.count("ok ") == 8, result.stdout
+    assert result.stdout.count("ok ") == 11, result.stdout
