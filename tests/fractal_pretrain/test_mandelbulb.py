@@ -95,6 +95,7 @@ KERNEL_CASES = {
         "mandelbulbvar", {**FLY, "supersample": 2, "view_angles": "degrees", "diffuse_normal": "outward",
                           "derivative": "r^(p-1)"}),
     "var-no-shadow-black": ("mandelbulbvar", {**FLY, "shadow": False, "background": "black"}),
+    "var-no-early-exit": ("mandelbulbvar", {**FLY, "early_exit": False}),
     "multimandelbulb": ("multimandelbulb", FLY),
     "multimandelbulb-back-supersample": ("multimandelbulb", {**FLY, "background": "plasma", "supersample": 2}),
     "var-bank": ("mandelbulbvar", {**BANK, "rules": [42, 506], "num_classes": 34}),
