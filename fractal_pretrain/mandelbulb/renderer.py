@@ -209,8 +209,8 @@ class MandelbulbKernelRenderer(MandelbulbRenderer):
     def _kernel(self, module: str, name: str):
         return self.backend.kernel(module, name)
 
-    def render_device(self, indices, epoch: int = 0) -> dict:
-        """Plan on the host, march and compose on the device: torch tensors (canvas (B, H, W, 3) uint8, ...)."""
+    def render_device(self, indices, epoch: int = 0) -> MandelbulbDeviceBatch:
+        """Plan on the host, march (or take bank views) and compose on the device: the canvas and the plan."""
         import torch
 
         from fractal_pretrain.render.reference import plasma_grid_size
