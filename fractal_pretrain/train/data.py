@@ -1,4 +1,4 @@
-"""Training data without files or workers: each rank renders its batches on its own device.
+"""Training data: each rank renders its batches on its own device, or draws them from a fixed image set.
 
 An epoch is the global index space ``[0, samples_per_epoch)``; sample ``i`` of epoch ``e`` is the
 image of key ``(seed, e, i)``, so epochs are fresh and any rank renders the same image for the same
@@ -8,6 +8,12 @@ whatever the world size. The loaders yield only index batches (a few KiB); image
 ``on_before_batch_transfer`` right before the step, on the device, so the Lightning transfer is a no-op.
 
 The validation set is fixed: indices ``[0, val_samples)`` of the reserved epoch ``VAL_EPOCH``.
+
+Fixed image sets (``train/images.py``: a recipe with ``images_per_class`` such as ``ofdb``, an image
+folder, WebDataset shards) are decoded or rendered once and stay on the device as uint8; an epoch is
+the set, visited in the order ``epoch_order(seed, epoch)``, so the same index batches (and resumes)
+apply. ``data.augment`` (``fractal_pretrain/augment``) then makes every training batch on the device;
+validation uses the first ``val_samples`` images of the set, resized to the augmentation's output size.
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ import numpy as np
 from fractal_pretrain.config import ConfigError, check_choice, check_range
 from fractal_pretrain.recipes import get_recipe
 from fractal_pretrain.render.renderer import IMAGENET_MEAN, IMAGENET_STD, check_output, make_renderer
+from fractal_pretrain.train import images as image_sets
+
+SOURCES = ("render", "folder", "webdataset")
 
 VAL_EPOCH = 2**32 - 1  # an epoch number training never reaches: validation keys never meet training keys
 
@@ -113,29 +122,68 @@ class SideStreamPrefetch:
         self.pending[key[0]] = (key, images, labels)
 
 
+def normalise(images, mean, std, dtype: str, channels_last: bool):
+    """uint8 (B, 3, H, W) on any device -> ``(x / 255 - mean) / std`` in ``dtype`` (the renderer's arithmetic)."""
+    import torch
+
+    m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    out = ((images.float() * np.float32(1.0 / 255.0) - m) / s).to(getattr(torch, dtype))
+    return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def make_augmenter(augment: dict[str, Any] | None, num_classes: int, mean, std):
+    """The on-device augmentation of ``data.augment`` (None: no augmentation); bad keys are ConfigErrors."""
+    if augment is None:
+        return None
+    if not isinstance(augment, dict):
+        raise ConfigError(f"data.augment={augment!r}: must be a mapping of augmentation keys")
+    from fractal_pretrain.augment import AugmentConfig, BatchAugmenter
+
+    config = augment_config(AugmentConfig, augment)
+    return BatchAugmenter(config, num_classes, tuple(mean), tuple(std))
+
+
+def augment_config(cls, augment: dict[str, Any]):
+    from fractal_pretrain.config import replace_checked
+
+    try:
+        return replace_checked(cls(), augment)
+    except TypeError as err:  # a nested block of the wrong shape
+        raise ConfigError(f"data.augment: {err}") from None
+
+
 class FractalDataModule(pl.LightningDataModule):
-    """Fractal batches rendered on the rank's device (CuPy kernels on CUDA, NumPy reference on CPU).
+    """Training batches made on the rank's device: rendered, or drawn from a fixed image set.
 
     Args:
-        recipe: Recipe name (``fractal-pretrain recipes`` lists them).
+        recipe: Recipe name (``fractal-pretrain recipes`` lists them); with ``source: render``.
         recipe_overrides: Recipe keys to change, e.g. ``{num_classes: 100, num_points: 20000}``.
-        size: Image side in pixels.
+        size: Image side in pixels (rendered images; a fixed set's render size).
         batch_size: Samples per rank and step.
-        samples_per_epoch: Global samples per epoch, split across ranks.
+        samples_per_epoch: Global samples per epoch, split across ranks (fixed sets: the set's size).
         val_samples: Size of the fixed validation set (0 disables validation).
-        seed: Base seed of every key (and of the system bank).
+        seed: Base seed of every key (and of the system bank and of a fixed set's epoch order).
         mean: Per-channel input normalisation (recorded in ``backbone.json``).
         std: Per-channel input normalisation.
         prefetch: On CUDA, render the next batch on a side stream while the current step trains.
         dtype: Input dtype, ``float32`` or ``bfloat16`` (the float32 values rounded to nearest even, as a
             bf16 autocast would round them in the first convolution, without writing and reading float32);
             ``auto``: ``bfloat16`` on CUDA under ``trainer.precision`` bf16-mixed or bf16-true, else float32.
+        source: ``render`` (the recipe), ``folder`` (ImageFolder layout at ``path``) or ``webdataset``
+            (tar shards at ``path``: a directory, a file or a brace pattern).
+        path: The folder or shards of ``folder`` / ``webdataset``.
+        augment: On-device augmentation (``fractal_pretrain.augment.AugmentConfig`` keys), or null.
+        resident_gb: Largest fixed set kept on the device (uint8); larger shards stream.
+        num_workers: Loader workers of a streamed shard set.
     """
 
     def __init__(self, recipe: str = "fractal4ad", recipe_overrides: dict[str, Any] | None = None,
                  size: int = 256, batch_size: int = 512, samples_per_epoch: int = 1_000_000,
                  val_samples: int = 10_000, seed: int = 0, mean: tuple[float, float, float] = IMAGENET_MEAN,
-                 std: tuple[float, float, float] = IMAGENET_STD, prefetch: bool = True, dtype: str = "auto"):
+                 std: tuple[float, float, float] = IMAGENET_STD, prefetch: bool = True, dtype: str = "auto",
+                 source: str = "render", path: str | None = None, augment: dict[str, Any] | None = None,
+                 resident_gb: float = 16.0, num_workers: int = 4):
         super().__init__()
         self.recipe = get_recipe(recipe, recipe_overrides or {})
         check_range("data.size", size, 8, 4096, integer=True)
@@ -145,38 +193,90 @@ class FractalDataModule(pl.LightningDataModule):
         check_range("data.seed", seed, 0, 2**32 - 1, integer=True)
         check_output("float32", tuple(mean), tuple(std))
         check_choice("data.dtype", dtype, ("auto", "float32", "bfloat16"))
+        check_choice("data.source", source, SOURCES)
+        check_range("data.resident_gb", resident_gb, 0.0, None)
+        check_range("data.num_workers", num_workers, 0, None, integer=True)
+        if source != "render" and not path:
+            raise ConfigError(f"data.source={source} needs data.path")
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.samples_per_epoch, self.val_samples = samples_per_epoch, val_samples
         self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
         self.save_hyperparameters()
         self.prefetch = prefetch
         self.dtype = dtype
+        self.source, self.path, self.resident_gb, self.num_workers = source, path, resident_gb, num_workers
+        # Listing (and checking) a folder or the shards is cheap and gives the class count the model needs.
+        self.listing = None
+        if source == "folder":
+            self.listing = image_sets.list_folder(path)
+        elif source == "webdataset":
+            self.listing = image_sets.list_shards(path)
+        self.augmenter = make_augmenter(augment, self.num_classes, self.mean, self.std)
         self.renderer = None
+        self.image_set: image_sets.ImageSet | None = None
+        self.record: dict[str, Any] = {}
+        self._orders: dict[int, Any] = {}
+        self._stream_step = 0
         self._prefetcher: SideStreamPrefetch | None = None
         self._loaders: dict[str, KeyBatches] = {}
 
     @property
     def num_classes(self) -> int:
+        if self.source == "folder":
+            return len(self.listing.classes)
+        if self.source == "webdataset":
+            return self.listing.num_classes
         return self.recipe.num_classes
 
     @property
     def multi_label(self) -> bool:
-        return self.recipe.multi_label
+        return self.source == "render" and self.recipe.multi_label
+
+    @property
+    def fixed_set(self) -> bool:
+        """True when training draws from a fixed image set kept on the device."""
+        return (self.source == "render" and self.recipe.fixed_images > 0) or self.source == "folder" or (
+            self.source == "webdataset" and not self.streams)
+
+    @property
+    def streams(self) -> bool:
+        """Shards too large for ``resident_gb`` are streamed rather than kept."""
+        if self.source != "webdataset":
+            return False
+        h, w = self.listing.shape
+        return self.listing.count * 3 * h * w > self.resident_gb * 2**30
 
     def prepare_data(self) -> None:
         # Once per node, before the ranks set up: build (or load) the cached system bank.
-        make_renderer(self.recipe, size=self.size, seed=self.seed)
+        if self.source == "render":
+            make_renderer(self.recipe, size=self.size, seed=self.seed)
 
     def setup(self, stage: str) -> None:
-        if self.renderer is not None:
+        if self.renderer is not None or self.image_set is not None or self.record:
             return
         device = self.trainer.strategy.root_device if self.trainer is not None else None
         name = f"cuda:{device.index or 0}" if device is not None and device.type == "cuda" else "cpu"
-        self.renderer = make_renderer(self.recipe, size=self.size, seed=self.seed, device=name)
+        self.device_name = name
         self.channels_last = name != "cpu"
         self.input_dtype = self._input_dtype(on_cuda=name != "cpu")
-        if self.prefetch and name != "cpu":
-            self._prefetcher = SideStreamPrefetch(self._render, device)
+        if self.source == "render" and not self.fixed_set:
+            self.renderer = make_renderer(self.recipe, size=self.size, seed=self.seed, device=name)
+            self.record = {"source": "render", "recipe": self.recipe.name, "size": self.size, "seed": self.seed}
+            if self.prefetch and name != "cpu":
+                self._prefetcher = SideStreamPrefetch(self._render, device)
+        elif self.source == "render":
+            self.image_set = image_sets.render_set(self.recipe, self.size, self.seed, name)
+        elif self.source == "folder":
+            self.image_set = image_sets.folder_set(self.listing, self.resident_gb)
+        elif not self.streams:
+            self.image_set = image_sets.shard_set(self.listing)
+        else:
+            self.record = {**self.listing.record(), "streamed": True}
+        if self.image_set is not None:
+            self.image_set = self.image_set.to(device if device is not None else "cpu")
+            self.record = self.image_set.record
+        if self.trainer is None or self.trainer.is_global_zero:
+            print(f"images: {self.record}", flush=True)
 
     def _input_dtype(self, on_cuda: bool) -> str:
         """The dtype batches are rendered in (see ``dtype``); bfloat16 needs a bf16 precision to run."""
@@ -195,32 +295,65 @@ class FractalDataModule(pl.LightningDataModule):
     def _epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
 
-    def train_dataloader(self) -> KeyBatches:
+    def _train_total(self) -> int:
+        return len(self.image_set) if self.image_set is not None else self.samples_per_epoch
+
+    def train_dataloader(self):
         rank, world = self._world()
-        if self.samples_per_epoch < world:
-            raise ConfigError(f"data.samples_per_epoch={self.samples_per_epoch}: fewer samples than ranks ({world})")
-        self._loaders["train"] = KeyBatches("train", self.samples_per_epoch, self.batch_size, rank, world,
-                                            self._epoch)
+        if self.streams:
+            steps = self.listing.count // (self.batch_size * world)
+            if steps < 1:
+                raise ConfigError(f"data.path={self.path!r}: {self.listing.count} samples make no full batch of "
+                                  f"{self.batch_size} for {world} rank(s)")
+            return image_sets.stream_loader(self.listing, self.batch_size, steps, self.seed, self.num_workers)
+        total = self._train_total()
+        if total < world:
+            raise ConfigError(f"data.samples_per_epoch={total}: fewer samples than ranks ({world})")
+        self._loaders["train"] = KeyBatches("train", total, self.batch_size, rank, world, self._epoch)
         return self._loaders["train"]
 
     def val_dataloader(self):
-        if self.val_samples == 0:
+        if self.val_samples == 0 or self.streams:
             return []
         rank, world = self._world()
-        self._loaders["val"] = KeyBatches("val", self.val_samples, self.batch_size, rank, world, lambda: VAL_EPOCH)
+        total = self.val_samples if self.image_set is None else min(self.val_samples, len(self.image_set))
+        self._loaders["val"] = KeyBatches("val", total, self.batch_size, rank, world, lambda: VAL_EPOCH)
         return self._loaders["val"]
 
     def _render(self, indices: np.ndarray, epoch: int):
-        return self.renderer.render_tensor(indices, epoch, dtype=self.input_dtype, channels_last=self.channels_last,
+        dtype = "uint8" if self.augmenter is not None else self.input_dtype
+        return self.renderer.render_tensor(indices, epoch, dtype=dtype, channels_last=self.channels_last,
                                            mean=self.mean, std=self.std)
 
+    def epoch_order(self, epoch: int):
+        """The fixed set's order in ``epoch`` as a tensor on its device (cached for the running epoch)."""
+        import torch
+
+        if epoch not in self._orders:
+            order = image_sets.epoch_order(self.seed, epoch, len(self.image_set))
+            self._orders = {epoch: torch.from_numpy(order).to(self.image_set.labels.device)}
+        return self._orders[epoch]
+
+    def _take(self, split: str, epoch: int, indices: np.ndarray):
+        """uint8 images and labels of a fixed set at these epoch positions (validation: in set order)."""
+        import torch
+
+        positions = torch.from_numpy(np.ascontiguousarray(indices)).to(self.image_set.labels.device)
+        ids = positions if split == "val" else self.epoch_order(epoch)[positions]
+        return self.image_set.images[ids], self.image_set.labels[ids]
+
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Index batch -> (images, labels) rendered on this rank's device."""
+        """Index batch -> (images, targets) on this rank's device."""
+        if isinstance(batch, (tuple, list)) and self.streams:
+            return self._streamed(batch)
         if not (isinstance(batch, dict) and "indices" in batch):
             return batch
         keys = self._loaders[batch["split"]]
         keys.mark_consumed(batch["step"])
         epoch = VAL_EPOCH if batch["split"] == "val" else batch["epoch"]
+        if self.image_set is not None:
+            images, labels = self._take(batch["split"], epoch, batch["indices"])
+            return self._finish(images, labels, batch["split"], epoch, batch["indices"], batch["step"])
         key = (batch["split"], epoch, batch["step"])
         rendered = self._prefetcher.take(key) if self._prefetcher else None
         if rendered is None:
@@ -228,11 +361,53 @@ class FractalDataModule(pl.LightningDataModule):
         if self._prefetcher and batch["step"] + 1 < keys.steps:
             following = rank_slice(batch["step"] + 1, keys.total, keys.batch_size, keys.rank, keys.world)
             self._prefetcher.schedule((batch["split"], epoch, batch["step"] + 1), following, epoch)
-        return rendered
+        if self.augmenter is None:
+            return rendered
+        return self._finish(*rendered, batch["split"], epoch, batch["indices"], batch["step"])
+
+    def _streamed(self, batch):
+        """A streamed shard batch (host uint8 HWC) -> the device, augmented like any other."""
+        import torch
+
+        images, labels = batch
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        images = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).to(device, non_blocking=True)
+        labels = torch.as_tensor(np.asarray(labels, dtype=np.int64)).to(device, non_blocking=True)
+        rank, world = self._world()
+        step, self._stream_step = self._stream_step, self._stream_step + 1
+        indices = (step * world + rank) * self.batch_size + np.arange(len(labels), dtype=np.int64)
+        return self._finish(images, labels, "train", self._epoch(), indices, step)
+
+    def _finish(self, images, labels, split: str, epoch: int, indices: np.ndarray, step: int):
+        """uint8 images -> the model's input: augmented (training) or only normalised."""
+        if split == "train" and self.augmenter is not None:
+            import torch
+
+            rank, _ = self._world()
+            images, targets = self.augmenter(images, labels, seed=self.seed, epoch=epoch, indices=indices,
+                                             step=step, rank=rank)
+            fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+            return images.to(getattr(torch, self.input_dtype)).contiguous(memory_format=fmt), targets
+        if split == "val" and self.augmenter is not None:
+            images = self._resize_for_validation(images)
+        return normalise(images, self.mean, self.std, self.input_dtype, self.channels_last), labels
+
+    def _resize_for_validation(self, images):
+        """Validation sees whole images at the training crop's size (OFDB-4AD's Resize(224))."""
+        import torch.nn.functional as F
+
+        side = getattr(self.augmenter, "output_size", None)
+        if side is None or tuple(images.shape[-2:]) == (side, side):
+            return images
+        resized = F.interpolate(images.float(), size=(side, side), mode="bilinear", antialias=True,
+                                align_corners=False)
+        return resized.round().clamp(0, 255).to(images.dtype)
 
     def describe(self) -> dict[str, Any]:
         """What ``backbone.json`` records about the data."""
         return {"recipe": self.recipe.name, "recipe_config": self.recipe.to_dict(), "seed": self.seed,
                 "image_size": self.size, "mean": list(self.mean), "std": list(self.std),
-                "samples_per_epoch": self.samples_per_epoch}
+                "samples_per_epoch": self.samples_per_epoch, "images": self.record}
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"images": self.record}
