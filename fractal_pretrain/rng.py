@@ -26,6 +26,8 @@ STREAM_SAMPLE = 1  # per-image draws: object count, blur, background constants
 STREAM_ITEM = 2  # per-fractal draws: system choice, jitter, window, patch, flips, colours, placement
 STREAM_CHAOS = 3  # chaos-game map choices (lane = chain)
 STREAM_PLASMA = 4  # diamond-square noise (draw = grid cell)
+STREAM_AUGMENT = 5  # training-time augmentation draws of one sample (augment/params.py; host only)
+STREAM_MIX = 6  # batch mixing draws; index = step, lane = rank (augment/params.py; host only)
 STREAM_ORDER = 16  # order of a fixed image set within an epoch (train/images.py epoch_order; host only)
 
 _M0 = np.uint64(0xD2511F53)
