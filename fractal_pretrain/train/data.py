@@ -18,6 +18,7 @@ validation uses the first ``val_samples`` images of the set, resized to the augm
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import lightning.pytorch as pl
@@ -132,25 +133,25 @@ def normalise(images, mean, std, dtype: str, channels_last: bool):
     return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def make_augmenter(augment: dict[str, Any] | None, num_classes: int, mean, std):
-    """The on-device augmentation of ``data.augment`` (None: no augmentation); bad keys are ConfigErrors."""
-    if augment is None:
-        return None
-    if not isinstance(augment, dict):
-        raise ConfigError(f"data.augment={augment!r}: must be a mapping of augmentation keys")
-    from fractal_pretrain.augment import AugmentConfig, BatchAugmenter
+def augment_config(augment: dict[str, Any] | None, mean, std):
+    """The validated ``data.augment`` block (None: absent or not enabled), normalising with data.mean/std.
 
-    config = augment_config(AugmentConfig, augment)
-    return BatchAugmenter(config, num_classes, tuple(mean), tuple(std))
+    The normalisation is the data module's (it is what ``backbone.json`` records), so the block may
+    not set its own.
+    """
+    from fractal_pretrain.augment import AugmentConfig
 
-
-def augment_config(cls, augment: dict[str, Any]):
-    from fractal_pretrain.config import replace_checked
-
+    if augment is not None and isinstance(augment, dict):
+        for key in ("mean", "std"):
+            if key in augment:
+                raise ConfigError(f"data.augment.{key}: set data.{key} instead (the run records it in backbone.json)")
     try:
-        return replace_checked(cls(), augment)
-    except TypeError as err:  # a nested block of the wrong shape
+        config = AugmentConfig.from_dict(augment)
+    except ConfigError as err:
         raise ConfigError(f"data.augment: {err}") from None
+    if not config.enabled:
+        return None
+    return dataclasses.replace(config, mean=tuple(mean), std=tuple(std))
 
 
 class FractalDataModule(pl.LightningDataModule):
@@ -211,7 +212,8 @@ class FractalDataModule(pl.LightningDataModule):
             self.listing = image_sets.list_folder(path)
         elif source == "webdataset":
             self.listing = image_sets.list_shards(path)
-        self.augmenter = make_augmenter(augment, self.num_classes, self.mean, self.std)
+        self.augment = augment_config(augment, self.mean, self.std)
+        self.augmenter = None  # built in setup, when the input dtype is known
         self.renderer = None
         self.image_set: image_sets.ImageSet | None = None
         self.record: dict[str, Any] = {}
@@ -259,6 +261,12 @@ class FractalDataModule(pl.LightningDataModule):
         self.device_name = name
         self.channels_last = name != "cpu"
         self.input_dtype = self._input_dtype(on_cuda=name != "cpu")
+        if self.augment is not None:
+            import torch
+
+            from fractal_pretrain.augment import BatchAugmenter
+
+            self.augmenter = BatchAugmenter(self.augment, self.num_classes, getattr(torch, self.input_dtype))
         if self.source == "render" and not self.fixed_set:
             self.renderer = make_renderer(self.recipe, size=self.size, seed=self.seed, device=name)
             self.record = {"source": "render", "recipe": self.recipe.name, "size": self.size, "seed": self.seed}
@@ -387,7 +395,7 @@ class FractalDataModule(pl.LightningDataModule):
             images, targets = self.augmenter(images, labels, seed=self.seed, epoch=epoch, indices=indices,
                                              step=step, rank=rank)
             fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-            return images.to(getattr(torch, self.input_dtype)).contiguous(memory_format=fmt), targets
+            return images.contiguous(memory_format=fmt), targets
         if split == "val" and self.augmenter is not None:
             images = self._resize_for_validation(images)
         return normalise(images, self.mean, self.std, self.input_dtype, self.channels_last), labels
@@ -396,8 +404,8 @@ class FractalDataModule(pl.LightningDataModule):
         """Validation sees whole images at the training crop's size (OFDB-4AD's Resize(224))."""
         import torch.nn.functional as F
 
-        side = getattr(self.augmenter, "output_size", None)
-        if side is None or tuple(images.shape[-2:]) == (side, side):
+        side = self.augment.size
+        if tuple(images.shape[-2:]) == (side, side):
             return images
         resized = F.interpolate(images.float(), size=(side, side), mode="bilinear", antialias=True,
                                 align_corners=False)
