@@ -254,7 +254,7 @@ class FractalDataModule(pl.LightningDataModule):
             make_renderer(self.recipe, size=self.size, seed=self.seed)
 
     def setup(self, stage: str) -> None:
-        if self.renderer is not None or self.image_set is not None or self.record:
+        if self.record:  # set up already (fit, then validate or test)
             return
         device = self.trainer.strategy.root_device if self.trainer is not None else None
         name = f"cuda:{device.index or 0}" if device is not None and device.type == "cuda" else "cpu"
@@ -274,10 +274,8 @@ class FractalDataModule(pl.LightningDataModule):
                 self._prefetcher = SideStreamPrefetch(self._render, device)
         elif self.source == "render":
             self.image_set = image_sets.render_set(self.recipe, self.size, self.seed, name)
-        elif self.source == "folder":
-            self.image_set = image_sets.folder_set(self.listing, self.resident_gb)
-        elif not self.streams:
-            self.image_set = image_sets.shard_set(self.listing)
+        elif self.source in ("folder", "webdataset") and not self.streams:
+            self.load_images()
         else:
             self.record = {**self.listing.record(), "streamed": True}
         if self.image_set is not None:
@@ -285,6 +283,16 @@ class FractalDataModule(pl.LightningDataModule):
             self.record = self.image_set.record
         if self.trainer is None or self.trainer.is_global_zero:
             print(f"images: {self.record}", flush=True)
+
+    def load_images(self) -> None:
+        """Decode a folder or resident shards on the host (once). ``fit`` calls it before the trainer
+        starts, so an unreadable image or a size mismatch stops the run before it writes anything."""
+        if self.image_set is not None or self.listing is None or self.streams:
+            return
+        if self.source == "folder":
+            self.image_set = image_sets.folder_set(self.listing, self.resident_gb)
+        else:
+            self.image_set = image_sets.shard_set(self.listing)
 
     def _input_dtype(self, on_cuda: bool) -> str:
         """The dtype batches are rendered in (see ``dtype``); bfloat16 needs a bf16 precision to run."""
@@ -304,7 +312,19 @@ class FractalDataModule(pl.LightningDataModule):
         return self.trainer.current_epoch if self.trainer is not None else 0
 
     def _train_total(self) -> int:
-        return len(self.image_set) if self.image_set is not None else self.samples_per_epoch
+        """Samples per epoch: a fixed set's size, else ``samples_per_epoch``."""
+        if self.source == "folder":
+            return len(self.listing.files)
+        if self.source == "webdataset":
+            return self.listing.count
+        return self.recipe.fixed_images or self.samples_per_epoch
+
+    def train_steps_per_epoch(self) -> int:
+        """Steps per epoch of this rank's train loader (the same on every rank), without building it."""
+        rank, world = self._world()
+        if self.streams:
+            return self.listing.count // (self.batch_size * world)
+        return steps_per_epoch(self._train_total(), self.batch_size, world)
 
     def train_dataloader(self):
         rank, world = self._world()
@@ -324,7 +344,7 @@ class FractalDataModule(pl.LightningDataModule):
         if self.val_samples == 0 or self.streams:
             return []
         rank, world = self._world()
-        total = self.val_samples if self.image_set is None else min(self.val_samples, len(self.image_set))
+        total = self.val_samples if not self.fixed_set else min(self.val_samples, self._train_total())
         self._loaders["val"] = KeyBatches("val", total, self.batch_size, rank, world, lambda: VAL_EPOCH)
         return self._loaders["val"]
 

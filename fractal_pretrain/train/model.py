@@ -185,15 +185,14 @@ class FractalClassifier(pl.LightningModule):
         if hp.schedule == "cosine":
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self._cosine(optimizer), "interval": "step"}}
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=hp.lr, total_steps=int(self.trainer.estimated_stepping_batches),
+            optimizer, max_lr=hp.lr, total_steps=self._run_steps()[1],
             pct_start=hp.onecycle_pct_start, final_div_factor=hp.onecycle_final_div_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _cosine(self, optimizer):
         """Cosine with linear warm-up, stepped per optimiser step; epochs count the run's steps per epoch."""
-        hp, trainer = self.hparams, self.trainer
-        total = int(trainer.estimated_stepping_batches)  # also sets num_training_batches
-        per_epoch = max(1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches))
+        hp = self.hparams
+        per_epoch, total = self._run_steps()
         warmup = hp.warmup_steps or round(hp.warmup_epochs * per_epoch)
         length = hp.cosine_steps or (round(hp.cosine_epochs * per_epoch) if hp.cosine_epochs is not None else total)
         if warmup > length:
@@ -201,3 +200,22 @@ class FractalClassifier(pl.LightningModule):
         lr_at = functools.partial(cosine_factor, warmup=warmup, length=length, lr=hp.lr, min_lr=hp.min_lr,
                                   warmup_start_lr=hp.warmup_start_lr)
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+
+    def _run_steps(self) -> tuple[int, int]:
+        """(optimiser steps per epoch, optimiser steps of the run), counted without building the loader.
+
+        Lightning's ``estimated_stepping_batches`` builds the train loader here, before a checkpoint's
+        loader state is restored, and that state is then never applied: a mid-epoch resume would start
+        its epoch over. The data module knows its steps per epoch without a loader.
+        """
+        trainer = self.trainer
+        data = trainer.datamodule
+        if data is None or not hasattr(data, "train_steps_per_epoch"):
+            return max(1, int(trainer.num_training_batches)), int(trainer.estimated_stepping_batches)
+        per_epoch = max(1, math.ceil(data.train_steps_per_epoch() / trainer.accumulate_grad_batches))
+        limits = [per_epoch * trainer.max_epochs] if trainer.max_epochs not in (None, -1) else []
+        if trainer.max_steps != -1:
+            limits.append(trainer.max_steps)
+        if not limits:
+            raise ConfigError("this schedule needs trainer.max_epochs or trainer.max_steps (its length)")
+        return per_epoch, max(1, min(limits))
