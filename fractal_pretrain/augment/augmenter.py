@@ -1,4 +1,10 @@
-"""``BatchAugmenter``: the whole OFDB-4AD training transform for one batch, on the batch's device."""
+"""``BatchAugmenter``: the whole OFDB-4AD training transform for one batch, on the batch's device.
+
+The host decides everything (params.py), so it also knows which samples take which AutoAugment op:
+samples are grouped per (sub-policy step, op) and each group is one batched call. The per-sample
+parameters and group indices of a stage go to the device in one pinned, non-blocking copy, so a batch
+never waits for the device (no ``.item()``, no ``nonzero``, no pageable copies).
+"""
 
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ class BatchAugmenter:
         self.num_classes = num_classes
         self.out_dtype = out_dtype
         self._magnitudes: dict[tuple[int, int], np.ndarray] = {}
+        self._stats: dict[torch.device, list[torch.Tensor]] = {}  # mean, std on each device
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, *, seed: int, epoch: int, indices,
                  step: int, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,7 +44,8 @@ class BatchAugmenter:
             labels: (N,) int64 class indices, or (N, num_classes) multi-hot / soft targets.
             seed, epoch: the run's seed and the epoch, as for rendering.
             indices: (N,) global sample indices, on the host (NumPy, list or CPU tensor).
-            step, rank: the optimiser step within the epoch and the rank; they key the batch mix.
+            step, rank: key the batch mix with (seed, epoch): the step (within the epoch or global, as
+                long as a resume gives the same number again) and this process's rank (< 65536).
 
         Returns:
             images (N, C, size, size) normalised, ``out_dtype``; targets (N, num_classes) float32,
@@ -45,6 +53,8 @@ class BatchAugmenter:
             ``cross_entropy(logits, targets)``, which equals lam * CE(y) + (1 - lam) * CE(y_partner).
         """
         indices = _host_indices(indices, len(images))
+        if len(labels) != len(images):
+            raise ValueError(f"{len(labels)} labels for a batch of {len(images)}")
         params = self.sample_params(images, seed, epoch, indices)
         x = self.transform(images, params)
         size = x.shape[-1]
@@ -58,26 +68,47 @@ class BatchAugmenter:
         return sample_params(self.config, seed, epoch, indices, height, width)
 
     def transform(self, images: torch.Tensor, params: SampleParams) -> torch.Tensor:
-        """The per-sample part: crop + flip, AutoAugment, normalise, erase (float32 out)."""
-        cfg = self.config
+        """The per-sample part: crop + flip, then AutoAugment, normalise, erase (float32 out)."""
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"images of shape {tuple(images.shape)}: expected (N, 1 or 3, H, W)")
+        return self.finish(self.crop(images, params), params)
+
+    def crop(self, images: torch.Tensor, params: SampleParams) -> torch.Tensor:
+        """RandomResizedCrop + horizontal flip -> uint8 (N, C, size, size); disabled: the input as uint8."""
         pixels = images if images.dtype == torch.uint8 else images.float() * 255.0
-        if not cfg.enabled:
-            return ops.normalise(ops.quantise(pixels) if pixels.dtype != torch.uint8 else pixels, cfg.mean, cfg.std)
-        x = ops.quantise(ops.resized_crop(pixels, params.crop, cfg.size, params.hflip))
-        x = self.autoaugment(x, params)
-        x = ops.normalise(x, cfg.mean, cfg.std)
+        if not self.config.enabled:
+            return pixels if pixels.dtype == torch.uint8 else ops.quantise(pixels)
+        crop, hflip = upload([params.crop, params.hflip], images.device)
+        return ops.quantise(ops.resized_crop(pixels, crop, self.config.size, hflip))
+
+    def finish(self, images: torch.Tensor, params: SampleParams) -> torch.Tensor:
+        """AutoAugment on uint8, normalise, RandomErasing."""
+        cfg = self.config
+        if images.device not in self._stats:
+            self._stats[images.device] = upload([np.array(cfg.mean), np.array(cfg.std)], images.device)
+        x = ops.normalise(self.autoaugment(images, params), *self._stats[images.device])
         if params.erase[:, 2].any():
-            x = ops.erase(x, params.erase, cfg.erase_value)
+            (boxes,) = upload([params.erase], images.device)
+            x = ops.erase(x, boxes, cfg.erase_value)
         return x
 
     def autoaugment(self, images: torch.Tensor, params: SampleParams) -> torch.Tensor:
         """Both steps of each sample's sub-policy, grouped: one batched call per (step, op) present."""
-        if not (params.policy >= 0).any():
+        groups = self._groups(params, *images.shape[-2:])
+        if not groups:
             return images
+        staged = upload([array for _, chosen, prepared in groups for array in (chosen, prepared)], images.device)
         images = images.clone()
-        table = self._magnitude_table(*images.shape[-2:])
+        for k, (name, _, _) in enumerate(groups):
+            where, prepared = staged[2 * k].long(), staged[2 * k + 1]
+            apply = ops.AUTOAUGMENT_OPS[name][1]
+            images.index_copy_(0, where, apply(images.index_select(0, where), prepared))
+        return images
+
+    def _groups(self, params: SampleParams, height: int, width: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """(op, samples, prepared parameters) in application order: step 1's groups, then step 2's."""
+        table = self._magnitude_table(height, width)
+        groups = []
         for step in (0, 1):
             names = np.array([IMAGENET_POLICY[p][step][0] if p >= 0 else "" for p in params.policy])
             active = params.fire[:, step] & (params.policy >= 0)
@@ -86,17 +117,16 @@ class BatchAugmenter:
                 mags = table[params.policy[chosen], step]
                 if name in SIGNED_OPS:
                     mags = np.where(params.negate[chosen, step], -mags, mags)
-                where = torch.from_numpy(chosen).to(images.device, non_blocking=True)
-                group = images.index_select(0, where)
-                images.index_copy_(0, where, ops.AUTOAUGMENT_OPS[name](group, mags))
-        return images
+                groups.append((str(name), chosen, ops.AUTOAUGMENT_OPS[name][0](mags, height, width)))
+        return groups
 
     def targets(self, labels: torch.Tensor, device) -> torch.Tensor:
         labels = labels.to(device, non_blocking=True)
-        if labels.ndim == 1:
-            return torch.nn.functional.one_hot(labels.long(), self.num_classes).float()
-        if labels.shape[-1] != self.num_classes:
+        if labels.ndim not in (1, 2) or (labels.ndim == 2 and labels.shape[-1] != self.num_classes):
             raise ValueError(f"labels of shape {tuple(labels.shape)}: expected (N,) or (N, {self.num_classes})")
+        if labels.ndim == 1:  # one-hot by scatter: F.one_hot range-checks (a sync) on some devices
+            onehot = torch.zeros(len(labels), self.num_classes, device=device)
+            return onehot.scatter_(1, labels.long().view(-1, 1), 1.0)
         return labels.float()
 
     def _magnitude_table(self, height: int, width: int) -> np.ndarray:
@@ -112,7 +142,8 @@ def apply_mix(images: torch.Tensor, targets: torch.Tensor, mix: MixParams) -> tu
     """CutMix or MixUp the batch with its partners; targets mix with the same lambda."""
     if mix.mode == "none":
         return images, targets
-    partner = torch.from_numpy(mix.partner).to(images.device, non_blocking=True)
+    (partner,) = upload([mix.partner], images.device)
+    partner = partner.long()
     if mix.mode == "cutmix":
         top, bottom, left, right = mix.box
         images = images.clone()
@@ -120,6 +151,24 @@ def apply_mix(images: torch.Tensor, targets: torch.Tensor, mix: MixParams) -> tu
     else:
         images = images * mix.lam + images.index_select(0, partner) * (1.0 - mix.lam)
     return images, targets * mix.lam + targets.index_select(0, partner) * (1.0 - mix.lam)
+
+
+def upload(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """Host arrays -> float64 device tensors of the same shapes, in one pinned non-blocking copy.
+
+    float64 holds every value exactly (indices, box corners, bit masks, float32 magnitudes).
+    """
+    device = torch.device(device)
+    flat = [np.asarray(a, dtype=np.float64).reshape(-1) for a in arrays]
+    host = torch.from_numpy(np.concatenate(flat))
+    if device.type == "cuda":
+        host = host.pin_memory()  # pageable copies may synchronise with the device
+    staged = host.to(device, non_blocking=True)
+    out, offset = [], 0
+    for array, values in zip(arrays, flat):
+        out.append(staged[offset:offset + len(values)].view(np.shape(array)))
+        offset += len(values)
+    return out
 
 
 def _host_indices(indices, n: int) -> np.ndarray:
