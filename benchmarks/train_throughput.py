@@ -158,7 +158,7 @@ def bench_ofdb(arch: str, batch: int, size: int, steps: int, warmup: int, compil
     return {
         "arch": arch, "recipe": "ofdb", "batch": batch, "size": size, "crop": crop, "compile": compile,
         "dtype": dtype, "set_setup_s": round(setup_start[0].elapsed_time(setup_start[1]) / 1000, 2),
-        "set_gib": round(data.image_set.images.numel() / 2**30, 2),
+        "set_gib": round(data.image_set.nbytes / 2**30, 2),
         "ceiling_img_s": round(batch / t_ceiling, 1), "end_to_end_img_s": round(batch / t_e2e, 1),
         "ratio": round(t_ceiling / t_e2e, 4), "ms_per_step": round(t_e2e * 1000, 2),
         "augment_ms_per_batch": round(t_augment * 1000, 3),

@@ -289,10 +289,11 @@ class FractalDataModule(pl.LightningDataModule):
         starts, so an unreadable image or a size mismatch stops the run before it writes anything."""
         if self.image_set is not None or self.listing is None or self.streams:
             return
+        mixed_sizes = self.augment is not None  # its crop (or resize) gives every image one size
         if self.source == "folder":
-            self.image_set = image_sets.folder_set(self.listing, self.resident_gb)
+            self.image_set = image_sets.folder_set(self.listing, self.resident_gb, mixed_sizes)
         else:
-            self.image_set = image_sets.shard_set(self.listing)
+            self.image_set = image_sets.shard_set(self.listing, mixed_sizes)
 
     def _input_dtype(self, on_cuda: bool) -> str:
         """The dtype batches are rendered in (see ``dtype``); bfloat16 needs a bf16 precision to run."""
@@ -363,12 +364,13 @@ class FractalDataModule(pl.LightningDataModule):
         return self._orders[epoch]
 
     def _take(self, split: str, epoch: int, indices: np.ndarray):
-        """uint8 images and labels of a fixed set at these epoch positions (validation: in set order)."""
+        """Image groups (one per image size; see ImageSet.gather) and labels of a fixed set at these epoch
+        positions (validation: in set order)."""
         import torch
 
         positions = torch.from_numpy(np.ascontiguousarray(indices)).to(self.image_set.labels.device)
         ids = positions if split == "val" else self.epoch_order(epoch)[positions]
-        return self.image_set.images[ids], self.image_set.labels[ids]
+        return self.image_set.gather(ids), self.image_set.labels[ids]
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Index batch -> (images, targets) on this rank's device."""
@@ -380,8 +382,8 @@ class FractalDataModule(pl.LightningDataModule):
         keys.mark_consumed(batch["step"])
         epoch = VAL_EPOCH if batch["split"] == "val" else batch["epoch"]
         if self.image_set is not None:
-            images, labels = self._take(batch["split"], epoch, batch["indices"])
-            return self._finish(images, labels, batch["split"], epoch, batch["indices"], batch["step"])
+            groups, labels = self._take(batch["split"], epoch, batch["indices"])
+            return self._finish(groups, labels, batch["split"], epoch, batch["indices"], batch["step"])
         key = (batch["split"], epoch, batch["step"])
         rendered = self._prefetcher.take(key) if self._prefetcher else None
         if rendered is None:
@@ -391,7 +393,8 @@ class FractalDataModule(pl.LightningDataModule):
             self._prefetcher.schedule((batch["split"], epoch, batch["step"] + 1), following, epoch)
         if self.augmenter is None:
             return rendered
-        return self._finish(*rendered, batch["split"], epoch, batch["indices"], batch["step"])
+        images, labels = rendered
+        return self._finish([(None, images)], labels, batch["split"], epoch, batch["indices"], batch["step"])
 
     def _streamed(self, batch):
         """A streamed shard batch (host uint8 HWC) -> the device, augmented like any other."""
@@ -404,21 +407,41 @@ class FractalDataModule(pl.LightningDataModule):
         rank, world = self._world()
         step, self._stream_step = self._stream_step, self._stream_step + 1
         indices = (step * world + rank) * self.batch_size + np.arange(len(labels), dtype=np.int64)
-        return self._finish(images, labels, "train", self._epoch(), indices, step)
+        return self._finish([(None, images)], labels, "train", self._epoch(), indices, step)
 
-    def _finish(self, images, labels, split: str, epoch: int, indices: np.ndarray, step: int):
-        """uint8 images -> the model's input: augmented (training) or only normalised."""
+    def _finish(self, groups, labels, split: str, epoch: int, indices: np.ndarray, step: int):
+        """uint8 image groups (see ImageSet.gather) -> the model's input: augmented (training) or normalised."""
+        import torch
+
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         if split == "train" and self.augmenter is not None:
-            import torch
-
             rank, _ = self._world()
-            images, targets = self.augmenter(images, labels, seed=self.seed, epoch=epoch, indices=indices,
-                                             step=step, rank=rank)
-            fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+            if len(groups) == 1 and groups[0][0] is None:
+                images, targets = self.augmenter(groups[0][1], labels, seed=self.seed, epoch=epoch, indices=indices,
+                                                 step=step, rank=rank)
+            else:
+                images, targets = self._augment_groups(groups, labels, epoch, indices, step, rank)
             return images.contiguous(memory_format=fmt), targets
         if split == "val" and self.augmenter is not None:
-            images = self._resize_for_validation(images)
+            groups = [(where, self._resize_for_validation(images)) for where, images in groups]
+        images = self._merge(groups, len(labels))
         return normalise(images, self.mean, self.std, self.input_dtype, self.channels_last), labels
+
+    def _augment_groups(self, groups, labels, epoch: int, indices: np.ndarray, step: int, rank: int):
+        """BatchAugmenter's call for a batch of several image sizes: each size group gets its own samples'
+        draws (keyed by their indices, so the same pixels as alone), then the whole batch is mixed."""
+        from fractal_pretrain.augment import apply_mix
+        from fractal_pretrain.augment.params import mix_params
+
+        aug = self.augmenter
+        parts = []
+        for where, images in groups:
+            own = indices[where.cpu().numpy()]
+            parts.append((where, aug.transform(images, aug.sample_params(images, self.seed, epoch, own))))
+        images = self._merge(parts, len(labels))
+        mix = mix_params(aug.config, self.seed, epoch, step, rank, len(images), *images.shape[-2:])
+        images, targets = apply_mix(images, aug.targets(labels, images.device), mix)
+        return images.to(aug.out_dtype), targets
 
     def _resize_for_validation(self, images):
         """Validation sees whole images at the training crop's size (OFDB-4AD's Resize(224))."""
@@ -430,6 +453,17 @@ class FractalDataModule(pl.LightningDataModule):
         resized = F.interpolate(images.float(), size=(side, side), mode="bilinear", antialias=True,
                                 align_corners=False)
         return resized.round().clamp(0, 255).to(images.dtype)
+
+    @staticmethod
+    def _merge(groups, n: int):
+        """One batch tensor from groups of one size each, in batch order."""
+        if len(groups) == 1 and groups[0][0] is None:
+            return groups[0][1]
+        first = groups[0][1]
+        out = first.new_empty((n, *first.shape[1:]))
+        for where, images in groups:
+            out[where] = images
+        return out
 
     def describe(self) -> dict[str, Any]:
         """What ``backbone.json`` records about the data."""

@@ -38,18 +38,47 @@ SHARD_IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm")
 
 @dataclass
 class ImageSet:
-    """A fixed, labelled set of uint8 images (N, 3, H, W), resident on one device."""
+    """A fixed, labelled set of uint8 images, resident on one device.
 
-    images: Any  # torch.uint8 (N, 3, H, W)
+    All one size: ``images`` is one tensor (N, 3, H, W). Sizes that differ (allowed when the augmentation
+    crops or resizes every image to one size) are kept in ``buckets``, one tensor per size with the set
+    ids it holds, and ``images`` is None.
+    """
+
+    images: Any  # torch.uint8 (N, 3, H, W), or None with buckets
     labels: Any  # torch.int64 (N,)
     num_classes: int
     record: dict[str, Any] = field(default_factory=dict)
+    buckets: list[tuple[Any, Any]] | None = None  # [(ids (n,), images (n, 3, H, W))] per size
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     def to(self, device) -> ImageSet:
-        return ImageSet(self.images.to(device), self.labels.to(device), self.num_classes, self.record)
+        buckets = None if self.buckets is None else [(i.to(device), x.to(device)) for i, x in self.buckets]
+        images = None if self.images is None else self.images.to(device)
+        return ImageSet(images, self.labels.to(device), self.num_classes, self.record, buckets)
+
+    def gather(self, ids) -> list[tuple[Any, Any]]:
+        """The images of set ids (a device tensor) as groups of one size: [(batch positions or None, images)].
+
+        One size: a single group holding the whole batch in order (positions None), no host sync.
+        """
+        if self.buckets is None:
+            return [(None, self.images[ids])]
+        groups = []
+        for bucket_ids, images in self.buckets:
+            match = ids[:, None] == bucket_ids[None, :]  # (B, n): which member of this bucket each id is
+            positions = match.any(dim=1).nonzero().flatten()  # a host sync: only sets of mixed sizes
+            if len(positions):
+                groups.append((positions, images[match[positions].int().argmax(dim=1)]))
+        return groups
+
+    @property
+    def nbytes(self) -> int:
+        if self.buckets is None:
+            return self.images.numel()
+        return sum(images.numel() for _, images in self.buckets)
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -82,16 +111,31 @@ def decode_image(data: bytes | Path, name: str) -> np.ndarray:
         raise ConfigError(f"{name}: unreadable image ({type(err).__name__}: {err})") from None
 
 
-def stack_images(arrays: list[np.ndarray], names: list[str]):
-    """One uint8 tensor (N, 3, H, W): every image must have the same size."""
+def build_set(arrays: list[np.ndarray], names: list[str], labels, num_classes: int, record: dict[str, Any],
+              mixed_sizes: bool) -> ImageSet:
+    """An ImageSet of decoded (H, W, 3) images; different sizes need ``mixed_sizes`` (a crop that equalises)."""
     import torch
 
-    first = arrays[0].shape
-    for array, name in zip(arrays, names, strict=True):
-        if array.shape != first:
-            raise ConfigError(
-                f"images of different sizes: {names[0]} is {first[0]}x{first[1]}, {name} is "
-                f"{array.shape[0]}x{array.shape[1]}; a training set needs one size (resize it offline)")
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    shapes = sorted({a.shape for a in arrays})
+    if len(shapes) == 1:
+        return ImageSet(_to_tensor(arrays), labels, num_classes, record)
+    if not mixed_sizes:
+        other = next(i for i, a in enumerate(arrays) if a.shape != arrays[0].shape)
+        raise ConfigError(
+            f"images of different sizes: {names[0]} is {arrays[0].shape[0]}x{arrays[0].shape[1]}, {names[other]} is "
+            f"{arrays[other].shape[0]}x{arrays[other].shape[1]}; without data.augment (its crop or resize makes "
+            f"them one size) a training set needs one size")
+    buckets = []
+    for shape in shapes:
+        ids = [i for i, a in enumerate(arrays) if a.shape == shape]
+        buckets.append((torch.tensor(ids, dtype=torch.int64), _to_tensor([arrays[i] for i in ids])))
+    return ImageSet(None, labels, num_classes, record, buckets)
+
+
+def _to_tensor(arrays: list[np.ndarray]):
+    import torch
+
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
@@ -169,14 +213,12 @@ def list_folder(path: str | Path) -> FolderListing:
     return FolderListing(root, tuple(classes), tuple(files), tuple(labels))
 
 
-def folder_set(listing: FolderListing, resident_gb: float) -> ImageSet:
-    import torch
-
+def folder_set(listing: FolderListing, resident_gb: float, mixed_sizes: bool = False) -> ImageSet:
     check_resident(len(listing.files), image_shape(listing.files[0], str(listing.files[0])), resident_gb,
                    str(listing.root))
     arrays = [decode_image(f, str(f)) for f in listing.files]
-    images = stack_images(arrays, [str(f) for f in listing.files])
-    return ImageSet(images, torch.tensor(listing.labels, dtype=torch.int64), len(listing.classes), listing.record())
+    return build_set(arrays, [str(f) for f in listing.files], listing.labels, len(listing.classes), listing.record(),
+                     mixed_sizes)
 
 
 # ----------------------------------------------------------------------------- WebDataset shards
@@ -268,10 +310,8 @@ def list_shards(path: str) -> ShardListing:
     return ShardListing(path, tuple(shards), tuple(counts), tuple(labels), max(labels) + 1, shape)
 
 
-def shard_set(listing: ShardListing) -> ImageSet:
+def shard_set(listing: ShardListing, mixed_sizes: bool = False) -> ImageSet:
     """Decode every sample once into a resident set (in shard and member order)."""
-    import torch
-
     from fractal_pretrain.export import tar_samples
 
     arrays, names = [], []
@@ -280,8 +320,7 @@ def shard_set(listing: ShardListing) -> ImageSet:
             image = shard_image_key(files)
             names.append(f"{shard}:{key}.{image}")
             arrays.append(decode_image(files[image], names[-1]))
-    images = stack_images(arrays, names)
-    return ImageSet(images, torch.tensor(listing.labels, dtype=torch.int64), listing.num_classes, listing.record())
+    return build_set(arrays, names, listing.labels, listing.num_classes, listing.record(), mixed_sizes)
 
 
 def stream_loader(listing: ShardListing, batch_size: int, steps: int, seed: int, num_workers: int):

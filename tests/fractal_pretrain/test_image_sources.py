@@ -142,7 +142,9 @@ def _empty_folder(root: Path) -> str:
 def test_bad_image_folders_are_one_line_errors_and_write_nothing(tmp_path, capsys, make_bad):
     expected = make_bad(tmp_path / "images")
     run = tmp_path / "run"
-    assert main(fit_args(run, "--data.source", "folder", "--data.path", str(tmp_path / "images"))) == 2
+    # without augmentation: its crop would make images of different sizes one size (trained, test below)
+    assert main(fit_args(run, "--data.source", "folder", "--data.path", str(tmp_path / "images"), "--data.augment",
+                         "{enabled: false}")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("fractal-pretrain: error:") and expected in err[-1]
     assert not run.exists()
@@ -202,3 +204,31 @@ def test_soft_targets_give_the_mixed_cross_entropy():
     torch.testing.assert_close(soft_cross_entropy(logits, mixed), want)
     torch.testing.assert_close(soft_cross_entropy(logits, onehot, 0.1), F.cross_entropy(logits, a, label_smoothing=0.1))
     assert not math.isclose(float(soft_cross_entropy(logits, mixed)), float(F.cross_entropy(logits, a)))
+
+
+def test_images_of_different_sizes_train_when_the_augmentation_crops_them_to_one(tmp_path):
+    from fractal_pretrain.train.data import FractalDataModule
+
+    folder = make_folder(tmp_path / "images")
+    write_image(folder / "class_0" / "wide.png", side=40, height=24, seed=99)
+    write_image(folder / "class_2" / "tall.png", side=20, height=30, seed=98)
+    data = FractalDataModule(source="folder", path=str(folder), batch_size=8, seed=3,
+                             augment={"enabled": True, "size": 16, "mix_p": 0.0})
+    data.load_images()
+    data.setup("fit")
+    assert data.image_set.images is None and len(data.image_set.buckets) == 3
+    indices = np.arange(8)
+    groups, labels = data._take("train", 1, indices)
+    assert len(groups) == 3 and sum(len(where) for where, _ in groups) == 8
+    images, targets = data._finish(groups, labels, "train", 1, indices, 0)
+    assert images.shape == (8, 3, 16, 16) and torch.equal(targets.argmax(1), labels)
+    # each sample is augmented exactly as it would be alone: its draws depend on its own index and size
+    order = data.epoch_order(1)
+    for i in range(8):
+        alone = data.image_set.gather(order[i:i + 1])[0][1]
+        want, _ = data.augmenter(alone, labels[i:i + 1], seed=3, epoch=1, indices=indices[i:i + 1], step=0)
+        assert torch.equal(images[i:i + 1], want), i
+    val_images, _ = data._finish(*data._take("val", 2**32 - 1, indices), "val", 0, indices, 0)
+    assert val_images.shape == (8, 3, 16, 16)
+    assert main(fit_args(tmp_path / "run", "--data.source", "folder", "--data.path", str(folder),
+                         "--data.batch_size", "4", "--trainer.max_steps", "2")) == 0

@@ -117,7 +117,8 @@ def test_same_key_same_augmented_sample_for_any_world_size_and_batch_split(world
         for step in range(steps_per_epoch(total, batch_size, world_size)):
             for rank in range(world_size):
                 indices = rank_slice(step, total, batch_size, rank, world_size)
-                images, labels = data._take("train", epoch, indices)
+                groups, labels = data._take("train", epoch, indices)
+                (_, images), = groups  # one image size: one group
                 augmented, targets = data.augmenter(images, labels, seed=5, epoch=epoch, indices=indices, step=step,
                                                     rank=rank)
                 assert torch.equal(targets.argmax(1), labels)
@@ -133,7 +134,7 @@ def test_an_epoch_of_a_fixed_set_shows_every_image_once():
     data = _ofdb_data()
     labels = torch.cat([data._take("train", 1, rank_slice(s, 12, 5, 0, 1))[1] for s in range(3)])
     assert sorted(labels.tolist()) == list(range(12))
-    images, _ = data._take("val", 2**32 - 1, np.arange(4))  # validation: the set in its own order
+    [(_, images)], _ = data._take("val", 2**32 - 1, np.arange(4))  # validation: the set in its own order
     assert torch.equal(images, data.image_set.images[:4])
 
 
