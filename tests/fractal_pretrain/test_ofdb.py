@@ -58,6 +58,17 @@ def test_ofdb_recipe_is_one_fractal4ad_image_per_class():
     assert get_recipe("fractal4ad").fixed_images == 0  # other recipes render every sample afresh
 
 
+def test_ofdb_bank_is_a_pure_function_of_the_seed():
+    from fractal_pretrain.ifs.bank import build_bank
+
+    spec = get_recipe("ofdb", SMALL).bank_spec()
+    a, b, other = build_bank(spec, 3), build_bank(spec, 3), build_bank(spec, 4)
+    np.testing.assert_array_equal(a.maps, b.maps)
+    np.testing.assert_array_equal(a.num_maps, b.num_maps)
+    assert set(a.num_maps.tolist()) <= {2, 3, 4} and not np.array_equal(a.maps, other.maps)
+    np.testing.assert_array_equal(make_renderer(get_recipe("ofdb", SMALL), size=32, seed=3).bank.maps, a.maps)
+
+
 def test_ofdb_set_is_deterministic_and_is_epoch_0_of_the_recipe():
     recipe = get_recipe("ofdb", SMALL)
     first, again = render_set(recipe, 32, 3, "cpu"), render_set(recipe, 32, 3, "cpu")
@@ -175,3 +186,21 @@ def test_smoke_config_trains_to_a_backbone_that_ad_eval_loads(tmp_path):
     assert "val/top1" in header and "lr-SGD" in header
     backbone = load_backbone(str(tmp_path / "backbone.pt"), arch="resnet18")
     assert backbone.arch == "resnet18" and backbone.mean == tuple(meta["mean"])
+
+
+@pytest.mark.gpu
+def test_ofdb_set_rendered_on_the_device_matches_the_reference():
+    recipe = get_recipe("ofdb", SMALL)
+    on_gpu, on_cpu = render_set(recipe, 128, 3, "cuda"), render_set(recipe, 128, 3, "cpu")
+    assert on_gpu.images.is_cuda and on_gpu.images.dtype == torch.uint8
+    assert torch.equal(on_gpu.labels.cpu(), on_cpu.labels)
+    diff = (on_gpu.images.cpu().int() - on_cpu.images.int()).abs()
+    assert diff.max() <= 1 and (diff == 0).float().mean() >= 0.999  # the renderers' agreement
+
+
+@pytest.mark.gpu
+def test_smoke_config_on_the_gpu_keeps_the_set_on_the_device(tmp_path):
+    args = fit_args(tmp_path, "--trainer.accelerator", "gpu", "--trainer.precision", "bf16-mixed",
+                    "--trainer.deterministic", "false")
+    assert main(args) == 0
+    assert json.loads((tmp_path / "backbone.json").read_text())["steps"] == 8
