@@ -333,7 +333,8 @@ def stream_loader(listing: ShardListing, batch_size: int, steps: int, seed: int,
     import webdataset as wds
 
     urls = [str(p) for p in listing.shards]
-    dataset = (wds.WebDataset(urls, resampled=True, shardshuffle=False, seed=seed)
+    # nodesplitter: webdataset refuses multi-rank pipelines without one, even resampled ones
+    dataset = (wds.WebDataset(urls, resampled=True, shardshuffle=False, seed=seed, nodesplitter=wds.split_by_node)
                .shuffle(1000)
                .decode("rgb8")
                .to_tuple(";".join(SHARD_IMAGE_KEYS), "cls")

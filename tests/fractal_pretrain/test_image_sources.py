@@ -232,3 +232,22 @@ def test_images_of_different_sizes_train_when_the_augmentation_crops_them_to_one
     assert val_images.shape == (8, 3, 16, 16)
     assert main(fit_args(tmp_path / "run", "--data.source", "folder", "--data.path", str(folder),
                          "--data.batch_size", "4", "--trainer.max_steps", "2")) == 0
+
+
+def test_streamed_ranks_get_the_same_batch_count_and_different_samples(tmp_path, monkeypatch):
+    # 3 shards of unequal size for 2 ranks: split_by_node would give the ranks 2 and 1 shards (and unequal
+    # batch counts, a DDP hang); resampling gives each rank its own draws and with_epoch the same count.
+    for s, n in enumerate((6, 6, 3)):
+        write_shard(tmp_path / f"part-{s}.tar",
+                    [{"__key__": f"s{s}_{i}", "png": png_bytes(8, seed=100 * s + i), "cls": str(s).encode()}
+                     for i in range(n)])
+    listing = list_shards(str(tmp_path))
+    steps = listing.count // (3 * 2)
+    seen = []
+    for rank in (0, 1):  # webdataset reads the rank from RANK / WORLD_SIZE when both are set
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        batches = list(stream_loader(listing, batch_size=3, steps=steps, seed=0, num_workers=0))
+        assert len(batches) == steps == 2 and all(len(labels) == 3 for _, labels in batches)
+        seen.append(np.concatenate([images for images, _ in batches]))
+    assert not np.array_equal(seen[0], seen[1])
