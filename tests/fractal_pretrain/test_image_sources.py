@@ -150,13 +150,16 @@ def test_bad_image_folders_are_one_line_errors_and_write_nothing(tmp_path, capsy
     assert not run.exists()
 
 
-def test_a_shard_sample_without_a_label_is_named(tmp_path, capsys):
-    write_shard(tmp_path / "a.tar", [{"__key__": "k0", "png": png_bytes(), "cls": b"0"},
-                                     {"__key__": "k1", "png": png_bytes(seed=1)}])
+@pytest.mark.parametrize("second,expected", [({"png": png_bytes(seed=1)}, "a.tar: sample 'k1' has no label"),
+                                             ({"png": png_bytes(seed=1)[:50], "cls": b"1"}, "a.tar:k1.png: unreadable"),
+                                             ({"cls": b"1"}, "a.tar: sample 'k1' has no image")],
+                         ids=["no-label", "truncated", "no-image"])
+def test_bad_shard_samples_are_named(tmp_path, capsys, second, expected):
+    write_shard(tmp_path / "a.tar", [{"__key__": "k0", "png": png_bytes(), "cls": b"0"}, {"__key__": "k1", **second}])
     run = tmp_path / "run"
     assert main(fit_args(run, "--data.source", "webdataset", "--data.path", str(tmp_path / "a.tar"))) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "a.tar: sample 'k1' has no label" in err and not run.exists()
+    assert err.startswith("fractal-pretrain: error:") and expected in err and not run.exists()
 
 
 @pytest.mark.parametrize("augment,expected", [("{enabled: true, crop_sclae: [0.1, 1.0]}", "crop_sclae"),
