@@ -204,3 +204,15 @@ def test_smoke_config_on_the_gpu_keeps_the_set_on_the_device(tmp_path):
                     "--trainer.deterministic", "false")
     assert main(args) == 0
     assert json.loads((tmp_path / "backbone.json").read_text())["steps"] == 8
+
+
+def test_fresh_render_recipes_take_the_augmentation_too(tmp_path):
+    # anderson (every sample a fresh render at 64 px) with 32 px crops; validation resizes whole images.
+    args = ["fit", "--config", str(REPO / "jobs" / "pretrain" / "smoke.yaml"), "--trainer.default_root_dir",
+            str(tmp_path), "--trainer.enable_progress_bar", "false", "--trainer.max_steps", "2",
+            "--data.augment", "{enabled: true, size: 32}", "--data.val_samples", "8", "--trainer.val_check_interval",
+            "2"]
+    assert main(args) == 0
+    header, *rows = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    assert "val/top1" in header and "train/loss" in header
+    assert json.loads((tmp_path / "backbone.json").read_text())["images"]["recipe"] == "anderson"
