@@ -7,6 +7,8 @@
 #   bash benchmarks/gpu_session.sh pretrain   # short resnet18 pre-training, then AD eval vs random init (~8 min)
 #   bash benchmarks/gpu_session.sh versions   # each renderer version in .bench-versions side by side (~1 min each)
 #   bash benchmarks/gpu_session.sh mandelbulb # Mandelbulb GPU tests, both modes' images/s, WRN50 vs ceiling (~6 min)
+#   bash benchmarks/gpu_session.sh ofdb       # OFDB GPU tests, end to end vs model-only ceiling at OFDB settings (~3 min)
+#   bash benchmarks/gpu_session.sh ofdb-pretrain  # jobs/pretrain/ofdb_short_r50.yaml, then PatchCore vs random init
 #
 # `versions` needs .bench-versions (bash benchmarks/kernel_versions.sh [COMMIT...], then carry it too): anderson
 # and fractal4ad images/s with per-kernel ms for every version and the working tree, and an image digest per
@@ -15,7 +17,7 @@
 # $OUT brings back at most 8 files of 16 MiB: a few logs, one archive, and backbone.pt in 15 MiB parts
 # (cat backbone.pt.part-* > backbone.pt).
 set -uo pipefail
-stage="${1:?usage: gpu_session.sh kernels|pretrain|versions|mandelbulb}"
+stage="${1:?usage: gpu_session.sh kernels|pretrain|versions|mandelbulb|ofdb|ofdb-pretrain}"
 out="${OUT:-gpu-logs}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -72,8 +74,26 @@ case "$stage" in
     done
     python3 benchmarks/summarise.py "$out/render.jsonl" "$out/train.jsonl" | tee "$out/summary.md"
     ;;
+  ofdb)
+    python3 -m pytest -q -m gpu tests/fractal_pretrain/test_ofdb.py 2>&1 | tee "$out/gpu-tests.log"
+    python3 benchmarks/train_throughput.py --ofdb --archs resnet50,wide_resnet50_2 --batch 128 --size 512 \
+      2>&1 | tee "$out/ofdb_train.jsonl"
+    ;;
+  ofdb-pretrain)
+    run=runs/ofdb_short_r50
+    python3 -m fractal_pretrain fit --config jobs/pretrain/ofdb_short_r50.yaml --trainer.enable_progress_bar false \
+      --ckpt_path none 2>&1 | tail -n 200 > "$out/pretrain.log"
+    split -b 15M -d "$run"/backbone.pt "$out/backbone.pt.part-"
+    python3 -m ad_eval grid --config jobs/eval/ofdb_short_r50.yaml --cluster local --out results/ofdb_short_r50 \
+      > "$out/eval.log" 2>&1
+    python3 -m ad_eval report --results results/ofdb_short_r50 --out reports/ofdb_short_r50 --backbones Random,OFDB \
+      >> "$out/eval.log" 2>&1
+    cat reports/ofdb_short_r50/table_*AUROC*.md >> "$out/eval.log" 2>/dev/null
+    tar czf "$out/ofdb_short_r50.tar.gz" "$run"/logs/version_0/metrics.csv "$run"/backbone.json \
+      results/ofdb_short_r50 reports/ofdb_short_r50
+    ;;
   *)
-    echo "unknown stage $stage: kernels, pretrain, versions or mandelbulb" >&2
+    echo "unknown stage $stage: kernels, pretrain, versions, mandelbulb, ofdb or ofdb-pretrain" >&2
     exit 2
     ;;
 esac

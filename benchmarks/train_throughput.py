@@ -10,6 +10,13 @@ precision on CUDA; float32 is what earlier measurements used (the first convolut
 
     python3 benchmarks/train_throughput.py --archs wide_resnet50_2,resnet50,resnet18 [--compile] [--dtype float32]
     python3 benchmarks/train_throughput.py --archs wide_resnet50_2 --recipe mandelbulbvar --set mode=on_the_fly
+
+``--ofdb``: OFDB-4AD's settings instead (recipe ofdb, 1000 images rendered once at ``--size`` 512 and kept on
+the device, batch 128, 224 px crops with the full ``data.augment`` block): the ceiling is the model step on a
+constant 224 px input; end to end is the data module's own path per step (gather by the epoch order,
+BatchAugmenter, then the step); ``augment_ms_per_batch`` is gather + augmentation alone. Target: ratio >= 0.97.
+
+    python3 benchmarks/train_throughput.py --ofdb --archs resnet50 --batch 128 --size 512
 """
 
 from __future__ import annotations
@@ -102,6 +109,66 @@ def bench(arch: str, recipe: str, batch: int, size: int, steps: int, warmup: int
     }
 
 
+def bench_ofdb(arch: str, batch: int, size: int, steps: int, warmup: int, compile: bool, dtype: str) -> dict:
+    """The OFDB data path of FractalDataModule (fixed set on the device + augmentation) vs the model alone."""
+    import lightning.pytorch as pl
+
+    from fractal_pretrain.train.data import FractalDataModule
+
+    torch.manual_seed(0)
+    data = FractalDataModule("ofdb", size=size, batch_size=batch, val_samples=0, dtype=dtype,
+                             augment={"enabled": True})
+    data.trainer = pl.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", logger=False,
+                              enable_checkpointing=False)
+    setup_start = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    setup_start[0].record()
+    data.setup("fit")
+    setup_start[1].record()
+    torch.cuda.synchronize()
+    crop = data.augment.size
+    model = build_resnet(arch, data.num_classes).cuda().to(memory_format=torch.channels_last)
+    if compile:
+        model.compile()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    step = make_step(model, optimizer)
+    fixed = torch.randn(batch, 3, crop, crop, device="cuda").to(getattr(torch, dtype))
+    fixed = fixed.contiguous(memory_format=torch.channels_last)
+    fixed_targets = F.one_hot(torch.randint(0, data.num_classes, (batch,), device="cuda"), data.num_classes).float()
+    loader = data.train_dataloader()
+
+    def batches():
+        while True:  # full batches only: the epoch's short last step would time a different shape
+            for keys in loader:
+                if len(keys["indices"]) == batch:
+                    yield keys
+
+    stream = batches()
+
+    def ceiling(i):
+        step(fixed, fixed_targets)
+
+    def end_to_end(i):
+        step(*data.on_before_batch_transfer(next(stream), 0))
+
+    def augment_only(i):
+        data.on_before_batch_transfer(next(stream), 0)
+
+    torch.cuda.reset_peak_memory_stats()
+    t_ceiling = timed(ceiling, steps, warmup)
+    t_e2e = timed(end_to_end, steps, warmup)
+    t_augment = timed(augment_only, steps, warmup)
+    return {
+        "arch": arch, "recipe": "ofdb", "batch": batch, "size": size, "crop": crop, "compile": compile,
+        "dtype": dtype, "set_setup_s": round(setup_start[0].elapsed_time(setup_start[1]) / 1000, 2),
+        "set_gib": round(data.image_set.nbytes / 2**30, 2),
+        "ceiling_img_s": round(batch / t_ceiling, 1), "end_to_end_img_s": round(batch / t_e2e, 1),
+        "ratio": round(t_ceiling / t_e2e, 4), "ms_per_step": round(t_e2e * 1000, 2),
+        "augment_ms_per_batch": round(t_augment * 1000, 3),
+        "augment_share": round(t_augment / t_e2e, 4),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+    }
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", default="wide_resnet50_2,resnet50,resnet18")
@@ -113,12 +180,17 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="model input dtype")
     parser.add_argument("--set", action="append", default=[], help="recipe override KEY=VALUE (YAML value)")
+    parser.add_argument("--ofdb", action="store_true", help="OFDB-4AD settings: fixed set + data.augment (--size 512)")
     args = parser.parse_args(argv)
     import yaml
 
     overrides = dict((kv.split("=", 1)[0], yaml.safe_load(kv.split("=", 1)[1])) for kv in args.set)
     torch.backends.cudnn.benchmark = True
     for arch in args.archs.split(","):
+        if args.ofdb:
+            row = bench_ofdb(arch, args.batch, args.size, args.steps, args.warmup, args.compile, args.dtype)
+            print(json.dumps(row), flush=True)
+            continue
         row = bench(arch, args.recipe, args.batch, args.size, args.steps, args.warmup, args.compile, args.dtype,
                     overrides)
         print(json.dumps(row), flush=True)

@@ -296,6 +296,26 @@ def _to_sample(key: str, files: dict[str, bytes]) -> ExportedSample:
     )
 
 
+def tar_samples(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) of each sample of one tar shard, grouped by key as webdataset groups them."""
+    with tarfile.open(path, "r") as tar:
+        key: str | None = None
+        files: dict[str, bytes] = {}
+        for member in tar:
+            if not member.isfile():
+                continue
+            member_key, ext = _split_member_name(member.name)
+            if key is not None and member_key != key:
+                yield key, files
+                files = {}
+            key = member_key
+            fobj = tar.extractfile(member)
+            assert fobj is not None  # regular file
+            files[ext] = fobj.read()
+        if key is not None:
+            yield key, files
+
+
 def read_shards(out_dir: str | Path) -> Iterator[ExportedSample]:
     """Yield the samples of an export directory in write order.
 
@@ -312,19 +332,5 @@ def read_shards(out_dir: str | Path) -> Iterator[ExportedSample]:
         FileNotFoundError: no manifest and no shards in ``out_dir``.
     """
     for path in _shard_paths(Path(out_dir)):
-        with tarfile.open(path, "r") as tar:
-            key: str | None = None
-            files: dict[str, bytes] = {}
-            for member in tar:
-                if not member.isfile():
-                    continue
-                member_key, ext = _split_member_name(member.name)
-                if key is not None and member_key != key:
-                    yield _to_sample(key, files)
-                    files = {}
-                key = member_key
-                fobj = tar.extractfile(member)
-                assert fobj is not None  # regular file
-                files[ext] = fobj.read()
-            if key is not None:
-                yield _to_sample(key, files)
+        for key, files in tar_samples(path):
+            yield _to_sample(key, files)

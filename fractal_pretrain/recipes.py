@@ -12,6 +12,11 @@ FractalDB, fractal4AD).
 | multiformula  | 1000 x 50         | 4-10 of its class     | class     | fractal4AD "Multi-Formula"    |
 | multiinstance | 1000 x 1          | 1-5 of any class      | multi-hot | Anderson multi-instance       |
 | fractaldb     | 1000 x 1          | 1, fills the frame    | class     | FractalDB-1k                  |
+| ofdb          | 1000 x 1, once    | 1, fills the frame    | class     | OFDB-4AD (one image per class)|
+
+``images_per_class`` > 0 makes a recipe a *fixed image set*: indices ``[0, images_per_class * num_classes)``
+of epoch 0 are rendered once (index i has class i % num_classes) and training draws from that set
+(``train/images.py``), with all per-sample variety coming from ``data.augment``.
 
 The Mandelbulb-variation recipes (``mandelbulbvar``, ``multimandelbulb``) are ``MandelbulbRecipe``s
 (``mandelbulb/recipe.py``): ray-marched 3D formulas instead of IFS systems, listed and overridden here too.
@@ -76,6 +81,8 @@ class Recipe:
     object_scale: tuple[float, float] | None = None  # object side as a fraction of the image side
     object_source: str = "class"  # "class": the image class's own systems | "any": any class
     label: str = "class"  # "class" | "multihot" (one bit per object class)
+    # --- fixed image set (OFDB) ---
+    images_per_class: int = 0  # 0: every sample a fresh render; n: n images per class rendered once
 
     def __post_init__(self):
         check_range("num_classes", self.num_classes, 1, integer=True)
@@ -115,6 +122,9 @@ class Recipe:
         check_choice("label", self.label, ("class", "multihot"))
         if self.label == "multihot" and self.object_source != "any":
             raise ConfigError("label='multihot' needs object_source='any' (labels come from the objects)")
+        check_range("images_per_class", self.images_per_class, 0, 1_000_000, integer=True)
+        if self.images_per_class and self.multi_label:
+            raise ConfigError("images_per_class > 0 needs a single-label recipe (label='class')")
 
     @property
     def multi_object(self) -> bool:
@@ -124,6 +134,11 @@ class Recipe:
     @property
     def multi_label(self) -> bool:
         return self.label == "multihot"
+
+    @property
+    def fixed_images(self) -> int:
+        """Size of the fixed image set (0: no fixed set, every sample is rendered afresh)."""
+        return self.images_per_class * self.num_classes
 
     @property
     def num_systems(self) -> int:
@@ -190,6 +205,13 @@ _IFS_RECIPES: dict[str, Recipe] = {
             color=False,
             background=False,
             blur_p=0.0,
+        ),
+        Recipe(
+            name="ofdb",
+            description="OFDB-4AD: 1000 classes x 1 system, one fractal4AD-style image per class rendered once",
+            patch="none",
+            background=False,
+            images_per_class=1,
         ),
     )
 }

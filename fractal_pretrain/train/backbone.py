@@ -41,10 +41,15 @@ def backbone_state(model_state: dict[str, torch.Tensor], arch: str, where: str =
     return {k: net[k].detach().cpu().clone() for k in expected}
 
 
-def backbone_meta(hparams, data_hparams, *, epoch: int, steps: int, source: str) -> dict[str, Any]:
-    """The backbone.json fields from the model's and the data module's hyper-parameters."""
+def backbone_meta(hparams, data_hparams, *, epoch: int, steps: int, source: str,
+                  images: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The backbone.json fields from the model's and the data module's hyper-parameters.
+
+    ``images`` is where the training images came from (the data module's record: source, path, count,
+    digest of the file list); a run on a folder or shards has no recipe.
+    """
     overrides = dict(data_hparams.get("recipe_overrides") or {})
-    recipe = data_hparams.get("recipe")
+    recipe = data_hparams.get("recipe") if data_hparams.get("source", "render") == "render" else None
     return {
         "arch": hparams["arch"],
         "mean": list(data_hparams.get("mean", ())),
@@ -56,6 +61,7 @@ def backbone_meta(hparams, data_hparams, *, epoch: int, steps: int, source: str)
         "epoch": epoch,  # Lightning's epoch counter when saved (a partial epoch counts)
         "steps": steps,
         "source": source,
+        "images": images or {},
     }
 
 
@@ -84,8 +90,9 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path | None = None) -> Pa
     if "arch" not in hparams or "state_dict" not in data:
         raise BackboneExportError(f"{ckpt}: not a fractal-pretrain checkpoint (no model hyper-parameters)")
     state = backbone_state(data["state_dict"], hparams["arch"], where=str(ckpt))
+    images = (data.get("FractalDataModule") or {}).get("images")  # the data module's state_dict
     meta = backbone_meta(hparams, data_hparams, epoch=int(data.get("epoch", 0)),
-                         steps=int(data.get("global_step", 0)), source=str(ckpt.resolve()))
+                         steps=int(data.get("global_step", 0)), source=str(ckpt.resolve()), images=images)
     if out_dir is None:
         out_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     return write_backbone(state, meta, out_dir)

@@ -45,7 +45,8 @@ class ExportBackbone(pl.Callback):
             return  # stopped for a requeue: the run is not finished
         state = backbone_state(pl_module.state_dict(), pl_module.hparams.arch)
         meta = backbone_meta(pl_module.hparams, trainer.datamodule.hparams, epoch=trainer.current_epoch,
-                             steps=trainer.global_step, source=str(Path(trainer.default_root_dir).resolve()))
+                             steps=trainer.global_step, source=str(Path(trainer.default_root_dir).resolve()),
+                             images=getattr(trainer.datamodule, "record", None))
         path = write_backbone(state, meta, trainer.default_root_dir)
         print(f"backbone: {path}", flush=True)
 

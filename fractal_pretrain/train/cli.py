@@ -126,6 +126,7 @@ def fit(argv: Sequence[str]) -> int:
             save_config_callback=RunConfig, save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
             seed_everything_default=0, parser_kwargs={"prog": "fractal-pretrain fit"},
         )
+    cli.datamodule.load_images()  # bad images are errors before the run directory is touched
     root = Path(cli.trainer.default_root_dir)
     ckpt = resume_checkpoint(root, cli.config["ckpt_path"])
     if ckpt:

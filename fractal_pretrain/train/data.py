@@ -1,4 +1,4 @@
-"""Training data without files or workers: each rank renders its batches on its own device.
+"""Training data: each rank renders its batches on its own device, or draws them from a fixed image set.
 
 An epoch is the global index space ``[0, samples_per_epoch)``; sample ``i`` of epoch ``e`` is the
 image of key ``(seed, e, i)``, so epochs are fresh and any rank renders the same image for the same
@@ -8,10 +8,17 @@ whatever the world size. The loaders yield only index batches (a few KiB); image
 ``on_before_batch_transfer`` right before the step, on the device, so the Lightning transfer is a no-op.
 
 The validation set is fixed: indices ``[0, val_samples)`` of the reserved epoch ``VAL_EPOCH``.
+
+Fixed image sets (``train/images.py``: a recipe with ``images_per_class`` such as ``ofdb``, an image
+folder, WebDataset shards) are decoded or rendered once and stay on the device as uint8; an epoch is
+the set, visited in the order ``epoch_order(seed, epoch)``, so the same index batches (and resumes)
+apply. ``data.augment`` (``fractal_pretrain/augment``) then makes every training batch on the device;
+validation uses the first ``val_samples`` images of the set, resized to the augmentation's output size.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import lightning.pytorch as pl
@@ -27,6 +34,9 @@ from fractal_pretrain.render.renderer import (
     check_output,
     make_renderer,
 )
+from fractal_pretrain.train import images as image_sets
+
+SOURCES = ("render", "folder", "webdataset")
 
 VAL_EPOCH = 2**32 - 1  # an epoch number training never reaches: validation keys never meet training keys
 
@@ -120,17 +130,49 @@ class SideStreamPrefetch:
         self.pending[key[0]] = (key, images, labels)
 
 
+def normalise(images, mean, std, dtype: str, channels_last: bool):
+    """uint8 (B, 3, H, W) on any device -> ``(x / 255 - mean) / std`` in ``dtype`` (the renderer's arithmetic)."""
+    import torch
+
+    m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    out = ((images.float() * np.float32(1.0 / 255.0) - m) / s).to(getattr(torch, dtype))
+    return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def augment_config(augment: dict[str, Any] | None, mean, std):
+    """The validated ``data.augment`` block (None: absent or not enabled), normalising with data.mean/std.
+
+    The normalisation is the data module's (it is what ``backbone.json`` records), so the block may
+    not set its own.
+    """
+    from fractal_pretrain.augment import AugmentConfig
+
+    if augment is not None and isinstance(augment, dict):
+        for key in ("mean", "std"):
+            if key in augment:
+                raise ConfigError(f"data.augment.{key}: set data.{key} instead (the run records it in backbone.json)")
+    try:
+        config = AugmentConfig.from_dict(augment)
+    except ConfigError as err:
+        raise ConfigError(f"data.augment: {err}") from None
+    if not config.enabled:
+        return None
+    return dataclasses.replace(config, mean=tuple(mean), std=tuple(std))
+
+
 class FractalDataModule(pl.LightningDataModule):
-    """Fractal batches rendered on the rank's device (CuPy kernels on CUDA, compiled C++ on the CPU cores).
+    """Training batches made on the rank's device: rendered (CuPy kernels on CUDA, compiled C++ on the CPU
+    cores), or drawn from a fixed image set.
 
     Args:
-        recipe: Recipe name (``fractal-pretrain recipes`` lists them).
+        recipe: Recipe name (``fractal-pretrain recipes`` lists them); with ``source: render``.
         recipe_overrides: Recipe keys to change, e.g. ``{num_classes: 100, num_points: 20000}``.
-        size: Image side in pixels.
+        size: Image side in pixels (rendered images; a fixed set's render size).
         batch_size: Samples per rank and step.
-        samples_per_epoch: Global samples per epoch, split across ranks.
+        samples_per_epoch: Global samples per epoch, split across ranks (fixed sets: the set's size).
         val_samples: Size of the fixed validation set (0 disables validation).
-        seed: Base seed of every key (and of the system bank).
+        seed: Base seed of every key (and of the system bank and of a fixed set's epoch order).
         mean: Per-channel input normalisation (recorded in ``backbone.json``).
         std: Per-channel input normalisation.
         prefetch: On CUDA, render the next batch on a side stream while the current step trains.
@@ -139,13 +181,20 @@ class FractalDataModule(pl.LightningDataModule):
             ``auto``: ``bfloat16`` on CUDA under ``trainer.precision`` bf16-mixed or bf16-true, else float32.
         num_threads: On CPU, threads that render a batch (null: the process's cores shared among the ranks of
             the node); the images do not depend on it.
+        source: ``render`` (the recipe), ``folder`` (ImageFolder layout at ``path``) or ``webdataset``
+            (tar shards at ``path``: a directory, a file or a brace pattern).
+        path: The folder or shards of ``folder`` / ``webdataset``.
+        augment: On-device augmentation (``fractal_pretrain.augment.AugmentConfig`` keys), or null.
+        resident_gb: Largest fixed set kept on the device (uint8); larger shards stream.
+        num_workers: Loader workers of a streamed shard set.
     """
 
     def __init__(self, recipe: str = "fractal4ad", recipe_overrides: dict[str, Any] | None = None,
                  size: int = 256, batch_size: int = 512, samples_per_epoch: int = 1_000_000,
                  val_samples: int = 10_000, seed: int = 0, mean: tuple[float, float, float] = IMAGENET_MEAN,
                  std: tuple[float, float, float] = IMAGENET_STD, prefetch: bool = True, dtype: str = "auto",
-                 num_threads: int | None = None):
+                 num_threads: int | None = None, source: str = "render", path: str | None = None,
+                 augment: dict[str, Any] | None = None, resident_gb: float = 16.0, num_workers: int = 4):
         super().__init__()
         self.recipe = get_recipe(recipe, recipe_overrides or {})
         check_range("data.size", size, 8, 4096, integer=True)
@@ -158,40 +207,109 @@ class FractalDataModule(pl.LightningDataModule):
         if num_threads is not None:
             check_range("data.num_threads", num_threads, 0, MAX_THREADS, integer=True)
         self.num_threads = num_threads
+        check_choice("data.source", source, SOURCES)
+        check_range("data.resident_gb", resident_gb, 0.0, None)
+        check_range("data.num_workers", num_workers, 0, None, integer=True)
+        if source != "render" and not path:
+            raise ConfigError(f"data.source={source} needs data.path")
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.samples_per_epoch, self.val_samples = samples_per_epoch, val_samples
         self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
         self.save_hyperparameters()
         self.prefetch = prefetch
         self.dtype = dtype
+        self.source, self.path, self.resident_gb, self.num_workers = source, path, resident_gb, num_workers
+        # Listing (and checking) a folder or the shards is cheap and gives the class count the model needs.
+        self.listing = None
+        if source == "folder":
+            self.listing = image_sets.list_folder(path)
+        elif source == "webdataset":
+            self.listing = image_sets.list_shards(path)
+        self.augment = augment_config(augment, self.mean, self.std)
+        self.augmenter = None  # built in setup, when the input dtype is known
         self.renderer = None
+        self.image_set: image_sets.ImageSet | None = None
+        self.record: dict[str, Any] = {}
+        self._orders: dict[int, Any] = {}
+        self._stream_step = 0
         self._prefetcher: SideStreamPrefetch | None = None
         self._loaders: dict[str, KeyBatches] = {}
 
     @property
     def num_classes(self) -> int:
+        if self.source == "folder":
+            return len(self.listing.classes)
+        if self.source == "webdataset":
+            return self.listing.num_classes
         return self.recipe.num_classes
 
     @property
     def multi_label(self) -> bool:
-        return self.recipe.multi_label
+        return self.source == "render" and self.recipe.multi_label
+
+    @property
+    def fixed_set(self) -> bool:
+        """True when training draws from a fixed image set kept on the device."""
+        return (self.source == "render" and self.recipe.fixed_images > 0) or self.source == "folder" or (
+            self.source == "webdataset" and not self.streams)
+
+    @property
+    def streams(self) -> bool:
+        """Shards too large for ``resident_gb`` are streamed rather than kept."""
+        if self.source != "webdataset":
+            return False
+        h, w = self.listing.shape
+        return self.listing.count * 3 * h * w > self.resident_gb * 2**30
 
     def prepare_data(self) -> None:
         # Once per node, before the ranks set up: build (or load) the cached system bank (the reference
         # renderer: constructing it builds nothing else).
-        make_renderer(self.recipe, size=self.size, seed=self.seed, device="cpu-reference")
+        if self.source == "render":
+            make_renderer(self.recipe, size=self.size, seed=self.seed, device="cpu-reference")
 
     def setup(self, stage: str) -> None:
-        if self.renderer is not None:
+        if self.record:  # set up already (fit, then validate or test)
             return
         device = self.trainer.strategy.root_device if self.trainer is not None else None
         name = f"cuda:{device.index or 0}" if device is not None and device.type == "cuda" else "cpu"
-        self.renderer = make_renderer(self.recipe, size=self.size, seed=self.seed, device=name,
-                                      num_threads=self._render_threads() if name == "cpu" else None)
+        self.device_name = name
         self.channels_last = name != "cpu"
         self.input_dtype = self._input_dtype(on_cuda=name != "cpu")
-        if self.prefetch and name != "cpu":
-            self._prefetcher = SideStreamPrefetch(self._render, device)
+        if self.augment is not None:
+            import torch
+
+            from fractal_pretrain.augment import BatchAugmenter
+
+            self.augmenter = BatchAugmenter(self.augment, self.num_classes, getattr(torch, self.input_dtype))
+        if self.source == "render" and not self.fixed_set:
+            self.renderer = make_renderer(self.recipe, size=self.size, seed=self.seed, device=name,
+                                          num_threads=self._render_threads() if name == "cpu" else None)
+            self.record = {"source": "render", "recipe": self.recipe.name, "size": self.size, "seed": self.seed}
+            if self.prefetch and name != "cpu":
+                self._prefetcher = SideStreamPrefetch(self._render, device)
+        elif self.source == "render":
+            self.image_set = image_sets.render_set(self.recipe, self.size, self.seed, name,
+                                                   num_threads=self._render_threads() if name == "cpu" else None)
+        elif self.source in ("folder", "webdataset") and not self.streams:
+            self.load_images()
+        else:
+            self.record = {**self.listing.record(), "streamed": True}
+        if self.image_set is not None:
+            self.image_set = self.image_set.to(device if device is not None else "cpu")
+            self.record = self.image_set.record
+        if self.trainer is None or self.trainer.is_global_zero:
+            print(f"images: {self.record}", flush=True)
+
+    def load_images(self) -> None:
+        """Decode a folder or resident shards on the host (once). ``fit`` calls it before the trainer
+        starts, so an unreadable image or a size mismatch stops the run before it writes anything."""
+        if self.image_set is not None or self.listing is None or self.streams:
+            return
+        mixed_sizes = self.augment is not None  # its crop (or resize) gives every image one size
+        if self.source == "folder":
+            self.image_set = image_sets.folder_set(self.listing, self.resident_gb, mixed_sizes)
+        else:
+            self.image_set = image_sets.shard_set(self.listing, mixed_sizes)
 
     def _render_threads(self) -> int:
         """data.num_threads, or the process's cores divided among this node's ranks (DDP on CPU runs one
@@ -218,32 +336,78 @@ class FractalDataModule(pl.LightningDataModule):
     def _epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
 
-    def train_dataloader(self) -> KeyBatches:
+    def _train_total(self) -> int:
+        """Samples per epoch: a fixed set's size, else ``samples_per_epoch``."""
+        if self.source == "folder":
+            return len(self.listing.files)
+        if self.source == "webdataset":
+            return self.listing.count
+        return self.recipe.fixed_images or self.samples_per_epoch
+
+    def train_steps_per_epoch(self) -> int:
+        """Steps per epoch of this rank's train loader (the same on every rank), without building it."""
         rank, world = self._world()
-        if self.samples_per_epoch < world:
-            raise ConfigError(f"data.samples_per_epoch={self.samples_per_epoch}: fewer samples than ranks ({world})")
-        self._loaders["train"] = KeyBatches("train", self.samples_per_epoch, self.batch_size, rank, world,
-                                            self._epoch)
+        if self.streams:
+            return self.listing.count // (self.batch_size * world)
+        return steps_per_epoch(self._train_total(), self.batch_size, world)
+
+    def train_dataloader(self):
+        rank, world = self._world()
+        if self.streams:
+            steps = self.listing.count // (self.batch_size * world)
+            if steps < 1:
+                raise ConfigError(f"data.path={self.path!r}: {self.listing.count} samples make no full batch of "
+                                  f"{self.batch_size} for {world} rank(s)")
+            return image_sets.stream_loader(self.listing, self.batch_size, steps, self.seed, self.num_workers)
+        total = self._train_total()
+        if total < world:
+            raise ConfigError(f"data.samples_per_epoch={total}: fewer samples than ranks ({world})")
+        self._loaders["train"] = KeyBatches("train", total, self.batch_size, rank, world, self._epoch)
         return self._loaders["train"]
 
     def val_dataloader(self):
-        if self.val_samples == 0:
+        if self.val_samples == 0 or self.streams:
             return []
         rank, world = self._world()
-        self._loaders["val"] = KeyBatches("val", self.val_samples, self.batch_size, rank, world, lambda: VAL_EPOCH)
+        total = self.val_samples if not self.fixed_set else min(self.val_samples, self._train_total())
+        self._loaders["val"] = KeyBatches("val", total, self.batch_size, rank, world, lambda: VAL_EPOCH)
         return self._loaders["val"]
 
     def _render(self, indices: np.ndarray, epoch: int):
-        return self.renderer.render_tensor(indices, epoch, dtype=self.input_dtype, channels_last=self.channels_last,
+        dtype = "uint8" if self.augmenter is not None else self.input_dtype
+        return self.renderer.render_tensor(indices, epoch, dtype=dtype, channels_last=self.channels_last,
                                            mean=self.mean, std=self.std)
 
+    def epoch_order(self, epoch: int):
+        """The fixed set's order in ``epoch`` as a tensor on its device (cached for the running epoch)."""
+        import torch
+
+        if epoch not in self._orders:
+            order = image_sets.epoch_order(self.seed, epoch, len(self.image_set))
+            self._orders = {epoch: torch.from_numpy(order).to(self.image_set.labels.device)}
+        return self._orders[epoch]
+
+    def _take(self, split: str, epoch: int, indices: np.ndarray):
+        """Image groups (one per image size; see ImageSet.gather) and labels of a fixed set at these epoch
+        positions (validation: in set order)."""
+        import torch
+
+        positions = torch.from_numpy(np.ascontiguousarray(indices)).to(self.image_set.labels.device)
+        ids = positions if split == "val" else self.epoch_order(epoch)[positions]
+        return self.image_set.gather(ids), self.image_set.labels[ids]
+
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Index batch -> (images, labels) rendered on this rank's device."""
+        """Index batch -> (images, targets) on this rank's device."""
+        if isinstance(batch, (tuple, list)) and self.streams:
+            return self._streamed(batch)
         if not (isinstance(batch, dict) and "indices" in batch):
             return batch
         keys = self._loaders[batch["split"]]
         keys.mark_consumed(batch["step"])
         epoch = VAL_EPOCH if batch["split"] == "val" else batch["epoch"]
+        if self.image_set is not None:
+            groups, labels = self._take(batch["split"], epoch, batch["indices"])
+            return self._finish(groups, labels, batch["split"], epoch, batch["indices"], batch["step"])
         key = (batch["split"], epoch, batch["step"])
         rendered = self._prefetcher.take(key) if self._prefetcher else None
         if rendered is None:
@@ -251,11 +415,85 @@ class FractalDataModule(pl.LightningDataModule):
         if self._prefetcher and batch["step"] + 1 < keys.steps:
             following = rank_slice(batch["step"] + 1, keys.total, keys.batch_size, keys.rank, keys.world)
             self._prefetcher.schedule((batch["split"], epoch, batch["step"] + 1), following, epoch)
-        return rendered
+        if self.augmenter is None:
+            return rendered
+        images, labels = rendered
+        return self._finish([(None, images)], labels, batch["split"], epoch, batch["indices"], batch["step"])
+
+    def _streamed(self, batch):
+        """A streamed shard batch (host uint8 HWC) -> the device, augmented like any other."""
+        import torch
+
+        images, labels = batch
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        images = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).to(device, non_blocking=True)
+        labels = torch.as_tensor(np.asarray(labels, dtype=np.int64)).to(device, non_blocking=True)
+        rank, world = self._world()
+        step, self._stream_step = self._stream_step, self._stream_step + 1
+        indices = (step * world + rank) * self.batch_size + np.arange(len(labels), dtype=np.int64)
+        return self._finish([(None, images)], labels, "train", self._epoch(), indices, step)
+
+    def _finish(self, groups, labels, split: str, epoch: int, indices: np.ndarray, step: int):
+        """uint8 image groups (see ImageSet.gather) -> the model's input: augmented (training) or normalised."""
+        import torch
+
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        if split == "train" and self.augmenter is not None:
+            rank, _ = self._world()
+            if len(groups) == 1 and groups[0][0] is None:
+                images, targets = self.augmenter(groups[0][1], labels, seed=self.seed, epoch=epoch, indices=indices,
+                                                 step=step, rank=rank)
+            else:
+                images, targets = self._augment_groups(groups, labels, epoch, indices, step, rank)
+            return images.contiguous(memory_format=fmt), targets
+        if split == "val" and self.augmenter is not None:
+            groups = [(where, self._resize_for_validation(images)) for where, images in groups]
+        images = self._merge(groups, len(labels))
+        return normalise(images, self.mean, self.std, self.input_dtype, self.channels_last), labels
+
+    def _augment_groups(self, groups, labels, epoch: int, indices: np.ndarray, step: int, rank: int):
+        """BatchAugmenter's call for a batch of several image sizes: each size group gets its own samples'
+        draws (keyed by their indices, so the same pixels as alone), then the whole batch is mixed."""
+        from fractal_pretrain.augment import apply_mix
+        from fractal_pretrain.augment.params import mix_params
+
+        aug = self.augmenter
+        parts = []
+        for where, images in groups:
+            own = indices[where.cpu().numpy()]
+            parts.append((where, aug.transform(images, aug.sample_params(images, self.seed, epoch, own))))
+        images = self._merge(parts, len(labels))
+        mix = mix_params(aug.config, self.seed, epoch, step, rank, len(images), *images.shape[-2:])
+        images, targets = apply_mix(images, aug.targets(labels, images.device), mix)
+        return images.to(aug.out_dtype), targets
+
+    def _resize_for_validation(self, images):
+        """Validation sees whole images at the training crop's size (OFDB-4AD's Resize(224))."""
+        import torch.nn.functional as F
+
+        side = self.augment.size
+        if tuple(images.shape[-2:]) == (side, side):
+            return images
+        resized = F.interpolate(images.float(), size=(side, side), mode="bilinear", antialias=True,
+                                align_corners=False)
+        return resized.round().clamp(0, 255).to(images.dtype)
+
+    @staticmethod
+    def _merge(groups, n: int):
+        """One batch tensor from groups of one size each, in batch order."""
+        if len(groups) == 1 and groups[0][0] is None:
+            return groups[0][1]
+        first = groups[0][1]
+        out = first.new_empty((n, *first.shape[1:]))
+        for where, images in groups:
+            out[where] = images
+        return out
 
     def describe(self) -> dict[str, Any]:
         """What ``backbone.json`` records about the data."""
         return {"recipe": self.recipe.name, "recipe_config": self.recipe.to_dict(), "seed": self.seed,
                 "image_size": self.size, "mean": list(self.mean), "std": list(self.std),
-                "samples_per_epoch": self.samples_per_epoch}
+                "samples_per_epoch": self.samples_per_epoch, "images": self.record}
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"images": self.record}

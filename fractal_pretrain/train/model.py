@@ -1,11 +1,17 @@
-"""The classifier trained on fractals: a torchvision ResNet from scratch, SGD, one of two schedules.
+"""The classifier trained on fractals: a torchvision ResNet from scratch, SGD, one of four schedules.
 
-Single-label recipes use cross-entropy; multi-label ones (``multiinstance``) use BCE with Anderson &
+Single-label recipes use cross-entropy (optionally label-smoothed); batches mixed by the augmentation
+(CutMix / MixUp) come with soft targets, shape (B, num_classes), and train with the mixed
+cross-entropy ``-sum(t * log_softmax)``, which equals ``lam * CE(y_a) + (1 - lam) * CE(y_b)``.
+Multi-label ones (``multiinstance``) use BCE with Anderson &
 Farrell's positive weighting (each positive of a sample weighs ``num_classes / positives``).
 Validation reports top-1/top-5 accuracy, or mean average precision for multi-label recipes.
 """
 
 from __future__ import annotations
+
+import functools
+import math
 
 import lightning.pytorch as pl
 import torch
@@ -15,7 +21,27 @@ import torchvision
 
 from fractal_pretrain.config import ConfigError, check_choice, check_range
 
-SCHEDULES = ("multistep", "onecycle", "constant")
+SCHEDULES = ("multistep", "onecycle", "cosine", "constant")
+
+
+def cosine_factor(step: int, *, warmup: int, length: int, lr: float, min_lr: float, warmup_start_lr: float) -> float:
+    """Learning rate at optimiser ``step`` as a multiple of ``lr``: linear warm-up from ``warmup_start_lr``
+    over ``warmup`` steps, then a half cosine from ``lr`` to ``min_lr`` ending at ``length``; ``min_lr`` after."""
+    if lr == 0:
+        return 0.0
+    if step < warmup:
+        return (warmup_start_lr + (lr - warmup_start_lr) * step / warmup) / lr
+    span = max(length - warmup, 1)
+    t = min(step - warmup, span) / span
+    return (min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))) / lr
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy against class probabilities (B, C), smoothed as F.cross_entropy smooths class ids."""
+    targets = targets.float()
+    if label_smoothing:
+        targets = targets * (1.0 - label_smoothing) + label_smoothing / targets.shape[1]
+    return -(targets * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
 
 
 def resnet_names() -> list[str]:
@@ -53,6 +79,13 @@ class FractalClassifier(pl.LightningModule):
         gamma: Multistep decay factor.
         onecycle_pct_start: Warm-up share of the one-cycle schedule (Anderson: 0).
         onecycle_final_div_factor: One-cycle final learning-rate divisor (Anderson: 1e3).
+        warmup_epochs: Cosine: linear warm-up length in epochs (OFDB-4AD: 5), or use ``warmup_steps``.
+        warmup_steps: Cosine: linear warm-up length in optimiser steps.
+        cosine_epochs: Cosine: schedule length in epochs (default: the whole run), or ``cosine_steps``.
+        cosine_steps: Cosine: schedule length in optimiser steps.
+        min_lr: Cosine: final learning rate (OFDB-4AD / timm: 1e-5).
+        warmup_start_lr: Cosine: learning rate at step 0 (OFDB-4AD / timm: 1e-6).
+        label_smoothing: Cross-entropy label smoothing (single-label only).
         channels_last: Use the NHWC memory format on CUDA (the renderer emits it directly).
         compile: ``torch.compile`` the network (in place: checkpoint keys are unchanged).
     """
@@ -60,7 +93,10 @@ class FractalClassifier(pl.LightningModule):
     def __init__(self, arch: str = "resnet50", num_classes: int = 1000, multi_label: bool = False,
                  lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 1e-4, schedule: str = "multistep",
                  milestones: tuple[int, ...] = (30, 60), gamma: float = 0.1, onecycle_pct_start: float = 0.0,
-                 onecycle_final_div_factor: float = 1e3, channels_last: bool = True, compile: bool = False):
+                 onecycle_final_div_factor: float = 1e3, warmup_epochs: float = 0.0, warmup_steps: int = 0,
+                 cosine_epochs: float | None = None, cosine_steps: int | None = None, min_lr: float = 0.0,
+                 warmup_start_lr: float = 0.0, label_smoothing: float = 0.0, channels_last: bool = True,
+                 compile: bool = False):
         super().__init__()
         check_range("model.num_classes", num_classes, 2, None, integer=True)
         check_range("model.lr", lr, 0.0, None)
@@ -69,6 +105,21 @@ class FractalClassifier(pl.LightningModule):
         check_choice("model.schedule", schedule, SCHEDULES)
         check_range("model.gamma", gamma, 0.0, 1.0)
         check_range("model.onecycle_pct_start", onecycle_pct_start, 0.0, 1.0)
+        check_range("model.warmup_epochs", warmup_epochs, 0.0, None)
+        check_range("model.warmup_steps", warmup_steps, 0, None, integer=True)
+        if warmup_epochs and warmup_steps:
+            raise ConfigError("model.warmup_epochs and model.warmup_steps: set one of them, not both")
+        if cosine_epochs is not None:
+            check_range("model.cosine_epochs", cosine_epochs, 0.0, None)
+        if cosine_steps is not None:
+            check_range("model.cosine_steps", cosine_steps, 1, None, integer=True)
+        if cosine_epochs is not None and cosine_steps is not None:
+            raise ConfigError("model.cosine_epochs and model.cosine_steps: set one of them, not both")
+        check_range("model.min_lr", min_lr, 0.0, None)
+        check_range("model.warmup_start_lr", warmup_start_lr, 0.0, None)
+        check_range("model.label_smoothing", label_smoothing, 0.0, 1.0)
+        if label_smoothing and multi_label:
+            raise ConfigError("model.label_smoothing needs a single-label recipe (multi-label trains with BCE)")
         if list(milestones) != sorted(milestones):
             raise ConfigError(f"model.milestones={list(milestones)!r}: must be increasing epochs")
         self.save_hyperparameters()
@@ -93,7 +144,9 @@ class FractalClassifier(pl.LightningModule):
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.hparams.multi_label:
             return multilabel_loss(logits, targets)
-        return F.cross_entropy(logits.float(), targets)
+        if targets.is_floating_point():  # mixed batches: class probabilities
+            return soft_cross_entropy(logits, targets, self.hparams.label_smoothing)
+        return F.cross_entropy(logits.float(), targets, label_smoothing=self.hparams.label_smoothing)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, targets = batch
@@ -104,7 +157,8 @@ class FractalClassifier(pl.LightningModule):
             raise FloatingPointError(f"non-finite training loss at step {self.global_step}: {loss.item()}")
         self.log("train/loss", loss, prog_bar=True)
         if not self.hparams.multi_label:
-            self.log("train/acc", (logits.argmax(1) == targets).float().mean(), prog_bar=True)
+            labels = targets.argmax(1) if targets.is_floating_point() else targets  # mixed: the larger share
+            self.log("train/acc", (logits.argmax(1) == labels).float().mean(), prog_bar=True)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -128,7 +182,40 @@ class FractalClassifier(pl.LightningModule):
         if hp.schedule == "multistep":
             scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(hp.milestones), hp.gamma)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        if hp.schedule == "cosine":
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self._cosine(optimizer), "interval": "step"}}
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=hp.lr, total_steps=int(self.trainer.estimated_stepping_batches),
+            optimizer, max_lr=hp.lr, total_steps=self._run_steps()[1],
             pct_start=hp.onecycle_pct_start, final_div_factor=hp.onecycle_final_div_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _cosine(self, optimizer):
+        """Cosine with linear warm-up, stepped per optimiser step; epochs count the run's steps per epoch."""
+        hp = self.hparams
+        per_epoch, total = self._run_steps()
+        warmup = hp.warmup_steps or round(hp.warmup_epochs * per_epoch)
+        length = hp.cosine_steps or (round(hp.cosine_epochs * per_epoch) if hp.cosine_epochs is not None else total)
+        if warmup > length:
+            raise ConfigError(f"model warm-up ({warmup} steps) is longer than the cosine schedule ({length} steps)")
+        lr_at = functools.partial(cosine_factor, warmup=warmup, length=length, lr=hp.lr, min_lr=hp.min_lr,
+                                  warmup_start_lr=hp.warmup_start_lr)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+
+    def _run_steps(self) -> tuple[int, int]:
+        """(optimiser steps per epoch, optimiser steps of the run), counted without building the loader.
+
+        Lightning's ``estimated_stepping_batches`` builds the train loader here, before a checkpoint's
+        loader state is restored, and that state is then never applied: a mid-epoch resume would start
+        its epoch over. The data module knows its steps per epoch without a loader.
+        """
+        trainer = self.trainer
+        data = trainer.datamodule
+        if data is None or not hasattr(data, "train_steps_per_epoch"):
+            return max(1, int(trainer.num_training_batches)), int(trainer.estimated_stepping_batches)
+        per_epoch = max(1, math.ceil(data.train_steps_per_epoch() / trainer.accumulate_grad_batches))
+        limits = [per_epoch * trainer.max_epochs] if trainer.max_epochs not in (None, -1) else []
+        if trainer.max_steps != -1:
+            limits.append(trainer.max_steps)
+        if not limits:
+            raise ConfigError("this schedule needs trainer.max_epochs or trainer.max_steps (its length)")
+        return per_epoch, max(1, min(limits))

@@ -18,7 +18,7 @@ from fractal_pretrain.ifs.bank import BankSpec, build_bank
 from fractal_pretrain.recipes import Recipe, get_recipe, list_recipes
 from fractal_pretrain.render import make_renderer
 
-NAMES = ("anderson", "fractal4ad", "multiformula", "multiinstance", "fractaldb")
+NAMES = ("anderson", "fractal4ad", "multiformula", "multiinstance", "fractaldb", "ofdb")
 SMALL = {"num_classes": 10, "num_points": 5000}
 
 

@@ -1,0 +1,342 @@
+"""Fixed image sets for training: a recipe's render-once set (OFDB), an image folder, WebDataset shards.
+
+A fixed set is decoded (or rendered) once and kept as one uint8 tensor ``(N, 3, H, W)`` on the
+training device, with int64 labels; each epoch visits it in an order that is a pure function of
+(seed, epoch) (:func:`epoch_order`), so a resume continues the same stream. Shards too large for
+``data.resident_gb`` stream instead (:func:`stream_loader`).
+
+Sources (``data.source``):
+
+* ``render``: a recipe with ``images_per_class`` > 0 (``ofdb``): indices ``[0, N)`` of epoch 0, rendered
+  on the device (CuPy) or by the NumPy reference on the CPU.
+* ``folder``: ImageFolder layout, ``PATH/<class>/<image>``; classes are the sorted folder names.
+* ``webdataset``: tar shards (a directory of ``*.tar``, e.g. ``fractal-pretrain export``'s, one shard, or
+  a brace pattern); each sample needs an image (png, jpg, jpeg, webp, bmp, ppm) and a ``cls`` label.
+
+Every set carries a ``record`` (source, path, count, classes, digest of the file list) that the run
+writes into ``backbone.json``. Bad input is a one-line ``ConfigError`` naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fractal_pretrain import rng
+from fractal_pretrain.config import ConfigError
+
+FOLDER_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+SHARD_IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm")
+
+
+@dataclass
+class ImageSet:
+    """A fixed, labelled set of uint8 images, resident on one device.
+
+    All one size: ``images`` is one tensor (N, 3, H, W). Sizes that differ (allowed when the augmentation
+    crops or resizes every image to one size) are kept in ``buckets``, one tensor per size with the set
+    ids it holds, and ``images`` is None.
+    """
+
+    images: Any  # torch.uint8 (N, 3, H, W), or None with buckets
+    labels: Any  # torch.int64 (N,)
+    num_classes: int
+    record: dict[str, Any] = field(default_factory=dict)
+    buckets: list[tuple[Any, Any]] | None = None  # [(ids (n,), images (n, 3, H, W))] per size
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def to(self, device) -> ImageSet:
+        buckets = None if self.buckets is None else [(i.to(device), x.to(device)) for i, x in self.buckets]
+        images = None if self.images is None else self.images.to(device)
+        return ImageSet(images, self.labels.to(device), self.num_classes, self.record, buckets)
+
+    def gather(self, ids) -> list[tuple[Any, Any]]:
+        """The images of set ids (a device tensor) as groups of one size: [(batch positions or None, images)].
+
+        One size: a single group holding the whole batch in order (positions None), no host sync.
+        """
+        if self.buckets is None:
+            return [(None, self.images[ids])]
+        groups = []
+        for bucket_ids, images in self.buckets:
+            match = ids[:, None] == bucket_ids[None, :]  # (B, n): which member of this bucket each id is
+            positions = match.any(dim=1).nonzero().flatten()  # a host sync: only sets of mixed sizes
+            if len(positions):
+                groups.append((positions, images[match[positions].int().argmax(dim=1)]))
+        return groups
+
+    @property
+    def nbytes(self) -> int:
+        if self.buckets is None:
+            return self.images.numel()
+        return sum(images.numel() for _, images in self.buckets)
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The permutation of a fixed set of n images for (seed, epoch): position p shows image order[p].
+
+    Argsort of a 64-bit Philox key per image, so it is the same on every rank and after any resume.
+    """
+    hi, lo, _, _ = rng.draw_words(seed, epoch, np.arange(n, dtype=np.int64), rng.STREAM_ORDER, 0)
+    keys = (hi.astype(np.uint64) << np.uint64(32)) | lo.astype(np.uint64)
+    return np.argsort(keys, kind="stable").astype(np.int64)
+
+
+def list_digest(entries: list[tuple[str, int]]) -> str:
+    """sha256 of a file list: one ``name<TAB>bytes`` line per file, in order."""
+    h = hashlib.sha256()
+    for name, size in entries:
+        h.update(f"{name}\t{size}\n".encode())
+    return h.hexdigest()
+
+
+def decode_image(data: bytes | Path, name: str) -> np.ndarray:
+    """uint8 (H, W, 3) RGB pixels; an unreadable or truncated image is an error naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
+            im.load()
+            return np.asarray(im.convert("RGB"))
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for bad files
+        raise ConfigError(f"{name}: unreadable image ({type(err).__name__}: {err})") from None
+
+
+def build_set(arrays: list[np.ndarray], names: list[str], labels, num_classes: int, record: dict[str, Any],
+              mixed_sizes: bool) -> ImageSet:
+    """An ImageSet of decoded (H, W, 3) images; different sizes need ``mixed_sizes`` (a crop that equalises)."""
+    import torch
+
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    shapes = sorted({a.shape for a in arrays})
+    if len(shapes) == 1:
+        return ImageSet(_to_tensor(arrays), labels, num_classes, record)
+    if not mixed_sizes:
+        other = next(i for i, a in enumerate(arrays) if a.shape != arrays[0].shape)
+        raise ConfigError(
+            f"images of different sizes: {names[0]} is {arrays[0].shape[0]}x{arrays[0].shape[1]}, {names[other]} is "
+            f"{arrays[other].shape[0]}x{arrays[other].shape[1]}; without data.augment (its crop or resize makes "
+            f"them one size) a training set needs one size")
+    buckets = []
+    for shape in shapes:
+        ids = [i for i, a in enumerate(arrays) if a.shape == shape]
+        buckets.append((torch.tensor(ids, dtype=torch.int64), _to_tensor([arrays[i] for i in ids])))
+    return ImageSet(None, labels, num_classes, record, buckets)
+
+
+def _to_tensor(arrays: list[np.ndarray]):
+    import torch
+
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def check_resident(count: int, shape: tuple[int, int], resident_gb: float, what: str) -> None:
+    size = count * 3 * shape[0] * shape[1]
+    if size > resident_gb * 2**30:
+        raise ConfigError(f"{what}: {count} images of {shape[0]}x{shape[1]} need {size / 2**30:.1f} GiB, more than "
+                          f"data.resident_gb={resident_gb}; use data.source webdataset (shards stream)")
+
+
+def image_shape(data: bytes | Path, name: str) -> tuple[int, int]:
+    """(H, W) from the image header, without decoding the pixels."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
+            return im.size[1], im.size[0]
+    except Exception as err:
+        raise ConfigError(f"{name}: unreadable image ({type(err).__name__}: {err})") from None
+
+
+# ----------------------------------------------------------------------------- render once
+
+
+def render_set(recipe, size: int, seed: int, device: str, chunk: int = 64, num_threads: int | None = None) -> ImageSet:
+    """A recipe's fixed set: indices [0, N) of epoch 0 rendered once (N = images_per_class x classes)."""
+    import torch
+
+    from fractal_pretrain.render import make_renderer
+
+    n = recipe.fixed_images
+    renderer = make_renderer(recipe, size=size, seed=seed, device=device, num_threads=num_threads)
+    print(f"fractal_pretrain: rendering the {recipe.name} set, {n} images of {size} px on {device}",
+          file=sys.stderr, flush=True)
+    images, labels = [], []
+    for lo in range(0, n, chunk):
+        batch_images, batch_labels = renderer.render_tensor(np.arange(lo, min(n, lo + chunk)), 0, dtype="uint8")
+        images.append(batch_images.contiguous())
+        labels.append(batch_labels.to(batch_images.device))
+    record = {"source": "render", "recipe": recipe.name, "count": n, "size": size, "seed": seed, "epoch": 0}
+    return ImageSet(torch.cat(images), torch.cat(labels).long(), recipe.num_classes, record)
+
+
+# ----------------------------------------------------------------------------- image folders
+
+
+@dataclass(frozen=True)
+class FolderListing:
+    root: Path
+    classes: tuple[str, ...]
+    files: tuple[Path, ...]
+    labels: tuple[int, ...]
+
+    def record(self) -> dict[str, Any]:
+        entries = [(str(f.relative_to(self.root)), f.stat().st_size) for f in self.files]
+        return {"source": "folder", "path": str(self.root.resolve()), "count": len(self.files),
+                "classes": len(self.classes), "digest": list_digest(entries)}
+
+
+def list_folder(path: str | Path) -> FolderListing:
+    """Class folders and their images (sorted), checked: no class folders or an empty one is an error."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ConfigError(f"data.path={str(path)!r}: not a directory")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ConfigError(f"data.path={str(path)!r}: empty image folder (no class folders)")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        images = sorted(f for f in (root / name).iterdir() if f.is_file() and f.suffix.lower() in FOLDER_SUFFIXES)
+        if not images:
+            raise ConfigError(f"{root / name}: class folder without images ({', '.join(FOLDER_SUFFIXES)})")
+        files += images
+        labels += [label] * len(images)
+    return FolderListing(root, tuple(classes), tuple(files), tuple(labels))
+
+
+def folder_set(listing: FolderListing, resident_gb: float, mixed_sizes: bool = False) -> ImageSet:
+    check_resident(len(listing.files), image_shape(listing.files[0], str(listing.files[0])), resident_gb,
+                   str(listing.root))
+    arrays = [decode_image(f, str(f)) for f in listing.files]
+    return build_set(arrays, [str(f) for f in listing.files], listing.labels, len(listing.classes), listing.record(),
+                     mixed_sizes)
+
+
+# ----------------------------------------------------------------------------- WebDataset shards
+
+
+def shard_paths(path: str) -> list[Path]:
+    """Shards of ``data.path``: a directory (its manifest's shards, else every ``*.tar``), a file, or braces."""
+    import braceexpand
+
+    root = Path(path)
+    if root.is_dir():
+        manifest = root / "manifest.json"
+        if manifest.is_file():
+            try:
+                names = json.loads(manifest.read_text())["shards"]
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise ConfigError(f"{manifest}: not a readable manifest ({type(err).__name__}: {err})") from None
+            paths = [root / n for n in names]
+        else:
+            paths = sorted(root.glob("*.tar"))
+        if not paths:
+            raise ConfigError(f"data.path={path!r}: no .tar shards in the directory")
+    else:
+        paths = [Path(p) for p in braceexpand.braceexpand(path)]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise ConfigError(f"data.path={path!r}: shard {missing[0]} not found")
+    return paths
+
+
+def shard_image_key(files: dict[str, bytes]) -> str | None:
+    return next((k for k in SHARD_IMAGE_KEYS if k in files), None)
+
+
+def shard_label(files: dict[str, bytes], key: str, shard: Path) -> int:
+    if "cls" not in files:
+        raise ConfigError(f"{shard}: sample {key!r} has no label (a .cls file)")
+    try:
+        return int(files["cls"].decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise ConfigError(f"{shard}: sample {key!r} has a .cls that is not an integer") from None
+
+
+@dataclass(frozen=True)
+class ShardListing:
+    """What a scan of the shards found: sample counts, labels, the first image's size."""
+
+    path: str
+    shards: tuple[Path, ...]
+    counts: tuple[int, ...]
+    labels: tuple[int, ...]
+    num_classes: int
+    shape: tuple[int, int]
+
+    @property
+    def count(self) -> int:
+        return len(self.labels)
+
+    def record(self) -> dict[str, Any]:
+        entries = [(p.name, p.stat().st_size) for p in self.shards]
+        return {"source": "webdataset", "path": str(Path(self.path).resolve()), "count": self.count,
+                "classes": self.num_classes, "shards": len(self.shards), "digest": list_digest(entries)}
+
+
+def list_shards(path: str) -> ShardListing:
+    """Scan every shard once: each sample must have an image and a ``cls``; classes = max label + 1."""
+    from fractal_pretrain.export import tar_samples
+
+    shards = shard_paths(path)
+    counts, labels, shape = [], [], None
+    for shard in shards:
+        n = 0
+        try:
+            for key, files in tar_samples(shard):
+                image = shard_image_key(files)
+                if image is None:
+                    raise ConfigError(f"{shard}: sample {key!r} has no image ({', '.join(SHARD_IMAGE_KEYS)})")
+                labels.append(shard_label(files, key, shard))
+                if shape is None:
+                    shape = image_shape(files[image], f"{shard}:{key}.{image}")
+                n += 1
+        except (OSError, EOFError) as err:  # tarfile.ReadError is an OSError
+            raise ConfigError(f"{shard}: unreadable shard ({type(err).__name__}: {err})") from None
+        counts.append(n)
+    if not labels:
+        raise ConfigError(f"data.path={path!r}: the shards hold no samples")
+    if min(labels) < 0:
+        raise ConfigError(f"data.path={path!r}: negative class label {min(labels)}")
+    return ShardListing(path, tuple(shards), tuple(counts), tuple(labels), max(labels) + 1, shape)
+
+
+def shard_set(listing: ShardListing, mixed_sizes: bool = False) -> ImageSet:
+    """Decode every sample once into a resident set (in shard and member order)."""
+    from fractal_pretrain.export import tar_samples
+
+    arrays, names = [], []
+    for shard in listing.shards:
+        for key, files in tar_samples(shard):
+            image = shard_image_key(files)
+            names.append(f"{shard}:{key}.{image}")
+            arrays.append(decode_image(files[image], names[-1]))
+    return build_set(arrays, names, listing.labels, listing.num_classes, listing.record(), mixed_sizes)
+
+
+def stream_loader(listing: ShardListing, batch_size: int, steps: int, seed: int, num_workers: int):
+    """Batches streamed from shards too large to keep: ``steps`` batches per rank for every rank.
+
+    Shards are resampled per rank and worker (webdataset ``resampled=True``), and ``with_epoch`` fixes
+    the batch count, so ranks never wait on each other (../shared/reference/infra.md section 3). A stream
+    is not a pure function of (seed, epoch): a resume continues with fresh draws, not the same ones.
+    """
+    import webdataset as wds
+
+    urls = [str(p) for p in listing.shards]
+    # nodesplitter: webdataset refuses multi-rank pipelines without one, even resampled ones
+    dataset = (wds.WebDataset(urls, resampled=True, shardshuffle=False, seed=seed, nodesplitter=wds.split_by_node)
+               .shuffle(1000)
+               .decode("rgb8")
+               .to_tuple(";".join(SHARD_IMAGE_KEYS), "cls")
+               .batched(batch_size, partial=False))
+    return wds.WebLoader(dataset, batch_size=None, num_workers=num_workers).with_epoch(steps).with_length(steps)

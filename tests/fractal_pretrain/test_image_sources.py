@@ -1,0 +1,256 @@
+"""Training from image folders and WebDataset shards; bad input; the cosine schedule and soft targets."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from fractal_pretrain.cli import main
+from fractal_pretrain.export import read_shards
+from fractal_pretrain.train.images import list_digest, list_folder, list_shards, shard_set, stream_loader
+from fractal_pretrain.train.model import cosine_factor, soft_cross_entropy
+
+REPO = Path(__file__).resolve().parents[2]
+OFDB_SMOKE = str(REPO / "jobs" / "pretrain" / "ofdb_smoke.yaml")
+
+
+def write_image(path: Path, side: int = 24, seed: int = 0, height: int | None = None) -> None:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height or side, side, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+def make_folder(root: Path, classes: int = 3, per_class: int = 2) -> Path:
+    for c in range(classes):
+        for i in range(per_class):
+            write_image(root / f"class_{c}" / f"img_{i}.png", seed=10 * c + i)
+    return root
+
+
+def fit_args(root: Path, *extra: str) -> list[str]:
+    return ["fit", "--config", OFDB_SMOKE, "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar",
+            "false", "--data.val_samples", "0", *extra]
+
+
+def test_folder_source_trains_and_records_where_its_images_came_from(tmp_path):
+    folder = make_folder(tmp_path / "images")
+    (folder / "notes.txt").write_text("not a class")  # files beside the class folders are ignored
+    run = tmp_path / "run"
+    assert main(fit_args(run, "--data.source", "folder", "--data.path", str(folder), "--data.batch_size", "4",
+                         "--trainer.max_epochs", "2", "--data.augment", "{enabled: true, size: 16}")) == 0
+    meta = json.loads((run / "backbone.json").read_text())
+    listing = list_folder(folder)
+    entries = [(str(f.relative_to(folder)), f.stat().st_size) for f in listing.files]
+    assert meta["images"] == {"source": "folder", "path": str(folder.resolve()), "count": 6, "classes": 3,
+                              "digest": list_digest(entries)}
+    assert meta["recipe"] is None and meta["steps"] == 4  # 6 images at batch 4: 2 steps per epoch
+
+
+def test_shards_from_export_train_resident_and_hold_the_exported_images(tmp_path):
+    shards = tmp_path / "shards"
+    assert main(["export", "--recipe", "anderson", "--num", "10", "--size", "32", "--out", str(shards),
+                 "--shard-size", "4", "--set", "num_classes=5", "--set", "num_points=2000", "--no-progress"]) == 0
+    listing = list_shards(str(shards))
+    assert (listing.count, listing.counts, listing.num_classes, listing.shape) == (10, (4, 4, 2), 5, (32, 32))
+    resident = shard_set(listing)
+    exported = list(read_shards(shards))
+    assert torch.equal(resident.images, torch.from_numpy(np.stack([s.image for s in exported])).permute(0, 3, 1, 2))
+    assert resident.labels.tolist() == [s.label for s in exported]
+    run = tmp_path / "run"
+    assert main(fit_args(run, "--data.source", "webdataset", "--data.path", str(shards), "--trainer.max_steps",
+                         "3")) == 0
+    meta = json.loads((run / "backbone.json").read_text())
+    assert meta["images"]["source"] == "webdataset" and meta["images"]["count"] == 10
+    assert meta["images"]["shards"] == 3 and len(meta["images"]["digest"]) == 64
+
+
+def write_shard(path: Path, samples: list[dict[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for sample in samples:
+            key = sample["__key__"]
+            for ext, data in sample.items():
+                if ext == "__key__":
+                    continue
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def png_bytes(side: int = 16, seed: int = 0) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_foreign_shards_with_jpg_and_cls_stream_equal_batch_counts(tmp_path):
+    # Shards of 5, 5 and 2 samples; too large for data.resident_gb 0 they stream, resampled per rank and
+    # worker, and every rank gets exactly count // (batch x world) full batches.
+    for s, n in enumerate((5, 5, 2)):
+        samples = []
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(buf, "JPEG")
+            samples.append({"__key__": f"s{s}_{i}", "jpg": buf.getvalue(), "cls": str(i % 3).encode()})
+        write_shard(tmp_path / f"part-{s}.tar", samples)
+    listing = list_shards(str(tmp_path / "part-{0..2}.tar"))
+    assert listing.count == 12 and listing.num_classes == 3
+    batches = list(stream_loader(listing, batch_size=4, steps=3, seed=0, num_workers=0))
+    assert len(batches) == 3 and all(len(b[1]) == 4 and b[0].shape == (4, 16, 16, 3) for b in batches)
+    run = tmp_path / "run"
+    assert main(fit_args(run, "--data.source", "webdataset", "--data.path", str(tmp_path), "--data.resident_gb", "0",
+                         "--data.num_workers", "0", "--data.batch_size", "4", "--trainer.max_epochs", "1")) == 0
+    meta = json.loads((run / "backbone.json").read_text())
+    assert meta["images"]["streamed"] is True and meta["steps"] == 3
+
+
+def _bad_folder_truncated(root: Path) -> str:
+    make_folder(root)
+    bad = root / "class_1" / "img_0.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    return str(bad)
+
+
+def _bad_folder_sizes(root: Path) -> str:
+    make_folder(root)
+    write_image(root / "class_2" / "img_9.png", side=24, height=20)
+    return "images of different sizes"
+
+
+def _bad_class_folder(root: Path) -> str:
+    make_folder(root)
+    (root / "class_9").mkdir()
+    (root / "class_9" / "readme.txt").write_text("no images here")
+    return "class_9: class folder without images"
+
+
+def _empty_folder(root: Path) -> str:
+    root.mkdir()
+    return "empty image folder"
+
+
+@pytest.mark.parametrize("make_bad", [_empty_folder, _bad_class_folder, _bad_folder_truncated, _bad_folder_sizes],
+                         ids=["empty", "class-without-images", "truncated", "sizes"])
+def test_bad_image_folders_are_one_line_errors_and_write_nothing(tmp_path, capsys, make_bad):
+    expected = make_bad(tmp_path / "images")
+    run = tmp_path / "run"
+    # without augmentation: its crop would make images of different sizes one size (trained, test below)
+    assert main(fit_args(run, "--data.source", "folder", "--data.path", str(tmp_path / "images"), "--data.augment",
+                         "{enabled: false}")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fractal-pretrain: error:") and expected in err[-1]
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("second,expected", [({"png": png_bytes(seed=1)}, "a.tar: sample 'k1' has no label"),
+                                             ({"png": png_bytes(seed=1)[:50], "cls": b"1"}, "a.tar:k1.png: unreadable"),
+                                             ({"cls": b"1"}, "a.tar: sample 'k1' has no image")],
+                         ids=["no-label", "truncated", "no-image"])
+def test_bad_shard_samples_are_named(tmp_path, capsys, second, expected):
+    write_shard(tmp_path / "a.tar", [{"__key__": "k0", "png": png_bytes(), "cls": b"0"}, {"__key__": "k1", **second}])
+    run = tmp_path / "run"
+    assert main(fit_args(run, "--data.source", "webdataset", "--data.path", str(tmp_path / "a.tar"))) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("fractal-pretrain: error:") and expected in err and not run.exists()
+
+
+@pytest.mark.parametrize("augment,expected", [("{enabled: true, crop_sclae: [0.1, 1.0]}", "crop_sclae"),
+                                              ("{enabled: true, erase_p: 1.5}", "erase_p=1.5"),
+                                              ("{enabled: true, mean: [0.5, 0.5, 0.5]}", "data.augment.mean")])
+def test_bad_augment_keys_and_probabilities_are_one_line_errors(tmp_path, capsys, augment, expected):
+    run = tmp_path / "run"
+    assert main(fit_args(run, "--data.augment", augment)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fractal-pretrain: error: data.augment") and expected in err[0]
+    assert not run.exists()
+
+
+def test_cosine_schedule_warms_up_linearly_then_follows_half_a_cosine():
+    lr_at = {s: 0.1 * cosine_factor(s, warmup=5, length=25, lr=0.1, min_lr=1e-5, warmup_start_lr=1e-6)
+             for s in (0, 1, 5, 15, 25, 40)}
+    assert lr_at[0] == pytest.approx(1e-6)
+    assert lr_at[1] == pytest.approx(1e-6 + (0.1 - 1e-6) / 5)
+    assert lr_at[5] == pytest.approx(0.1)
+    assert lr_at[15] == pytest.approx(1e-5 + (0.1 - 1e-5) * 0.5)  # half way down
+    assert lr_at[25] == pytest.approx(1e-5) and lr_at[40] == pytest.approx(1e-5)
+
+
+def test_cosine_schedule_in_epochs_is_stepped_per_optimiser_step(tmp_path):
+    # 10 images at batch 6: 2 steps per epoch; warm-up 1 epoch = 2 steps, cosine over 3 epochs = 6 steps.
+    run = tmp_path / "run"
+    assert main(fit_args(run, "--trainer.max_epochs", "3", "--trainer.log_every_n_steps", "1",
+                         "--model.warmup_start_lr", "0.01", "--model.min_lr", "0.001")) == 0
+    rows = [line.split(",") for line in (run / "logs" / "version_0" / "metrics.csv").read_text().splitlines()]
+    column = rows[0].index("lr-SGD")
+    lrs = [float(r[column]) for r in rows[1:] if r[column]]
+    expected = [0.05 * cosine_factor(s, warmup=2, length=6, lr=0.05, min_lr=0.001, warmup_start_lr=0.01)
+                for s in range(6)]
+    np.testing.assert_allclose(lrs, expected, rtol=1e-6)
+    assert lrs[2] == pytest.approx(0.05) and lrs[0] == pytest.approx(0.01)
+
+
+def test_soft_targets_give_the_mixed_cross_entropy():
+    logits = torch.randn(5, 7, generator=torch.Generator().manual_seed(0))
+    a, b, lam = torch.tensor([0, 3, 6, 2, 2]), torch.tensor([1, 3, 0, 5, 4]), 0.3
+    onehot = F.one_hot(a, 7).float()
+    torch.testing.assert_close(soft_cross_entropy(logits, onehot), F.cross_entropy(logits, a))
+    mixed = lam * onehot + (1 - lam) * F.one_hot(b, 7).float()
+    want = lam * F.cross_entropy(logits, a) + (1 - lam) * F.cross_entropy(logits, b)
+    torch.testing.assert_close(soft_cross_entropy(logits, mixed), want)
+    torch.testing.assert_close(soft_cross_entropy(logits, onehot, 0.1), F.cross_entropy(logits, a, label_smoothing=0.1))
+    assert not math.isclose(float(soft_cross_entropy(logits, mixed)), float(F.cross_entropy(logits, a)))
+
+
+def test_images_of_different_sizes_train_when_the_augmentation_crops_them_to_one(tmp_path):
+    from fractal_pretrain.train.data import FractalDataModule
+
+    folder = make_folder(tmp_path / "images")
+    write_image(folder / "class_0" / "wide.png", side=40, height=24, seed=99)
+    write_image(folder / "class_2" / "tall.png", side=20, height=30, seed=98)
+    data = FractalDataModule(source="folder", path=str(folder), batch_size=8, seed=3,
+                             augment={"enabled": True, "size": 16, "mix_p": 0.0})
+    data.load_images()
+    data.setup("fit")
+    assert data.image_set.images is None and len(data.image_set.buckets) == 3
+    indices = np.arange(8)
+    groups, labels = data._take("train", 1, indices)
+    assert len(groups) == 3 and sum(len(where) for where, _ in groups) == 8
+    images, targets = data._finish(groups, labels, "train", 1, indices, 0)
+    assert images.shape == (8, 3, 16, 16) and torch.equal(targets.argmax(1), labels)
+    # each sample is augmented exactly as it would be alone: its draws depend on its own index and size
+    order = data.epoch_order(1)
+    for i in range(8):
+        alone = data.image_set.gather(order[i:i + 1])[0][1]
+        want, _ = data.augmenter(alone, labels[i:i + 1], seed=3, epoch=1, indices=indices[i:i + 1], step=0)
+        assert torch.equal(images[i:i + 1], want), i
+    val_images, _ = data._finish(*data._take("val", 2**32 - 1, indices), "val", 0, indices, 0)
+    assert val_images.shape == (8, 3, 16, 16)
+    assert main(fit_args(tmp_path / "run", "--data.source", "folder", "--data.path", str(folder),
+                         "--data.batch_size", "4", "--trainer.max_steps", "2")) == 0
+
+
+def test_streamed_ranks_get_the_same_batch_count_and_different_samples(tmp_path, monkeypatch):
+    # 3 shards of unequal size for 2 ranks: split_by_node would give the ranks 2 and 1 shards (and unequal
+    # batch counts, a DDP hang); resampling gives each rank its own draws and with_epoch the same count.
+    for s, n in enumerate((6, 6, 3)):
+        write_shard(tmp_path / f"part-{s}.tar",
+                    [{"__key__": f"s{s}_{i}", "png": png_bytes(8, seed=100 * s + i), "cls": str(s).encode()}
+                     for i in range(n)])
+    listing = list_shards(str(tmp_path))
+    steps = listing.count // (3 * 2)
+    seen = []
+    for rank in (0, 1):  # webdataset reads the rank from RANK / WORLD_SIZE when both are set
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        batches = list(stream_loader(listing, batch_size=3, steps=steps, seed=0, num_workers=0))
+        assert len(batches) == steps == 2 and all(len(labels) == 3 for _, labels in batches)
+        seen.append(np.concatenate([images for images, _ in batches]))
+    assert not np.array_equal(seen[0], seen[1])
