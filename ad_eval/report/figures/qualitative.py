@@ -32,8 +32,8 @@ from ad_eval.report.records import method_label
 
 MAPS_DIR = "maps"  # <results>/maps/<cell_id>.npz, as ad_eval.cell.run_cell writes them
 PANEL_INCHES = 1.6  # side of one image panel
-HEADER_INCHES = 0.45  # column titles
-CAPTION_INCHES = 0.9
+HEADER_INCHES = 0.4  # column titles
+CAPTION_INCHES = 1.0
 OVERLAY_ALPHA = 0.5
 
 
@@ -62,8 +62,8 @@ def load_maps(path: Path, backbone: str, seed: int) -> CellMaps:
 def choose_cells(records: pd.DataFrame, results_dir: Path, backbones: Sequence[str],
                  method_order: Sequence[str]) -> tuple[str, pd.DataFrame] | None:
     """(method, one record per backbone) of one (dataset, category) by the rule above; None without maps."""
-    with_maps = records[records["backbone"].isin(backbones)
-                        & [maps_path(results_dir, c).is_file() for c in records["cell_id"]]]
+    has_maps = np.array([maps_path(results_dir, c).is_file() for c in records["cell_id"]], dtype=bool)
+    with_maps = records[records["backbone"].isin(backbones).to_numpy() & has_maps]
     if with_maps.empty:
         return None
     counts = with_maps.groupby("method")["backbone"].nunique()
