@@ -113,12 +113,16 @@ def test_one_failing_cell_loses_nothing_and_is_retried(tmp_path, capsys):
     assert "/-" in table
 
 
+@pytest.mark.slow
 @needs_realdata
 def test_killed_grid_rerun_finishes_every_cell_exactly_once(tmp_path):
-    config = write_grid(tmp_path / "grid.yaml", cells_per_task=1,
+    # Four real PatchCore cells (32 px) in two local tasks of two cells each: the grid and its task processes
+    # are killed when the first record appears, so every task dies inside its second cell. The re-run goes
+    # through the same submit path in-process (debug executor: no second round of process start-ups).
+    config = write_grid(tmp_path / "grid.yaml", cells_per_task=2, size=32,
                         methods={"patchcore": {"layers": [[2, 3], [1, 2]]}})
     out = tmp_path / "results"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # the tasks inherit it
     log = tmp_path / "grid.log"
     with log.open("w") as sink:
         proc = subprocess.Popen([sys.executable, "-m", "ad_eval", "grid", "--config", str(config), "--cluster",
@@ -126,13 +130,13 @@ def test_killed_grid_rerun_finishes_every_cell_exactly_once(tmp_path):
                                 start_new_session=True, stdout=sink, stderr=subprocess.STDOUT)
         deadline = time.time() + 600
         while not records(out) and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.2)
+            time.sleep(0.1)
         os.killpg(proc.pid, signal.SIGKILL)  # the grid and every task it started
         proc.wait()
     first = {r["cell_id"]: r["finished_at"] for r in records(out)}
-    assert 1 <= len(first) <= 4, log.read_text()[-3000:]
+    assert 1 <= len(first) <= 2, log.read_text()[-3000:]  # each task was killed before its second record
     grid = load_grid(config)
-    summary = run_grid(config, out, cluster="local", progress=False)
+    summary = run_grid(config, out, cluster="debug", progress=False)
     assert summary["done"] == 4 and not pending_cells(grid, out)
     final = records(out)
     assert sorted(r["cell_id"] for r in final) == sorted(c.cell_id for c in grid.cells)  # each exactly once
