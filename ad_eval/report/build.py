@@ -19,11 +19,25 @@ import pandas as pd
 from ad_eval.report.figures import fewshot_figure, layers_figure, qualitative_figure, spider_figure
 from ad_eval.report.figures.qualitative import MAPS_DIR
 from ad_eval.report.order import (
-    CATEGORY_ORDER, DATASET_NAMES, METHOD_ORDER, METRIC_NAMES, dataset_name, default_backbones, order_categories,
-    order_methods, ordered,
+    CATEGORY_ORDER,
+    DATASET_NAMES,
+    METHOD_ORDER,
+    METRIC_NAMES,
+    dataset_name,
+    default_backbones,
+    order_categories,
+    order_methods,
+    ordered,
 )
 from ad_eval.report.records import (
-    ALL_SHOTS, KEY, METRICS, deduplicate, load_records, method_label, mixed_settings, shots_label,
+    ALL_SHOTS,
+    KEY,
+    METRICS,
+    deduplicate,
+    load_records,
+    method_label,
+    mixed_settings,
+    shots_label,
 )
 from ad_eval.report.stats import aggregate, cell_stats, choose_layer_sets, layer_sort_key
 from ad_eval.report.tables import make_table, write_table
@@ -62,10 +76,10 @@ class _Report:
         self.missing_lines: list[str] = []
         self.nulls: list[str] = []
 
-    def figure(self, name: str, draw) -> None:
-        """Calls ``draw(path) -> (written, notes)`` and files the outcome."""
+    def figure(self, name: str, draw, *args) -> None:
+        """Calls ``draw(*args, path) -> (written, notes)`` and files the outcome."""
         path = self.out_dir / name
-        written, why = draw(path)
+        written, why = draw(*args, path)
         if written:
             self.figures.append(path)
             self.notes += [f"{name}: {n}" for n in why]
@@ -104,10 +118,8 @@ def _write_tables(report: _Report, records: pd.DataFrame, long: pd.DataFrame, al
             continue
         if metric in spider_metrics:
             means = {k: s.mean for k, s in stats.items()}
-            report.figure(f"spider_{name}.png", lambda p, means=means, methods=methods: spider_figure(
-                means, dataset, metric, categories, methods, backbones, p))
-        report.figure(f"layers_{name}.png", lambda p, metric=metric: layers_figure(
-            long, all_records, dataset, metric, backbones, p))
+            report.figure(f"spider_{name}.png", spider_figure, means, dataset, metric, categories, methods, backbones)
+        report.figure(f"layers_{name}.png", layers_figure, long, all_records, dataset, metric, backbones)
 
 
 def _summary(title: str, head: Sequence[str], sections: Mapping[str, Sequence[str]]) -> str:
@@ -196,8 +208,8 @@ def build_report(results_dir: str | Path, out_dir: str | Path, backbones: str | 
                           spider_metrics)
         if shots_here:
             for metric in metrics:
-                report.figure(f"fewshot_{dataset}_{metric}.png", lambda p, metric=metric: fewshot_figure(
-                    tabled_here, dataset, metric, backbones, p))
+                report.figure(f"fewshot_{dataset}_{metric}.png", fewshot_figure, tabled_here, dataset, metric,
+                              backbones)
         if (results_dir / MAPS_DIR).is_dir():
             main = tabled_here[tabled_here["shots"] == ALL_SHOTS]
             for category in categories:
