@@ -24,14 +24,15 @@ EXIT_USAGE = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ad_eval.cell import DATASETS, METHODS
+    from ad_eval.cell import DATASETS
     from ad_eval.grid import CLUSTERS
+    from ad_eval.methods import list_methods
 
     parser = argparse.ArgumentParser(prog=PROG, description="Evaluate pretrained backbones for anomaly detection.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="evaluate one cell and write <out>/<cell-id>.json")
-    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--method", required=True, choices=list_methods())
     p.add_argument("--dataset", required=True, choices=DATASETS)
     p.add_argument("--root", required=True, help="dataset root folder")
     p.add_argument("--category", required=True)

@@ -32,7 +32,8 @@ from typing import Any
 
 import yaml
 
-from ad_eval.cell import DATASETS, METHODS, NO_LAYER_METHODS, Cell, read_record, record_path, run_cells
+from ad_eval.cell import DATASETS, Cell, read_record, record_path, run_cells
+from ad_eval.methods import get_method, list_methods
 
 TOP_KEYS = {"datasets", "backbones", "methods", "size", "crop", "seeds", "cells_per_task", "resources", "device",
             "keep_maps"}
@@ -87,12 +88,12 @@ def load_grid(path: str | Path, base_dir: str | Path | None = None) -> Grid:
     seeds = data.get("seeds", [0])
     cells, resources = [], {}
     for method, spec in data["methods"].items():
-        if method not in METHODS:
-            raise GridError(f"{path}: methods.{method}: unknown method (known: {', '.join(METHODS)})")
+        if method not in list_methods():
+            raise GridError(f"{path}: methods.{method}: unknown method (known: {', '.join(list_methods())})")
         spec = _check_keys(f"{path}: methods.{method}", spec or {}, METHOD_KEYS)
         extra = _check_keys(f"{path}: methods.{method}.resources", spec.get("resources") or {}, RESOURCE_KEYS)
         resources[method] = {**defaults, **extra}
-        layer_sets = [None] if method in NO_LAYER_METHODS else (spec.get("layers") or [None])
+        layer_sets = [None] if not get_method(method).takes_layers else (spec.get("layers") or [None])
         for (dataset, dspec), (label, bspec), layers, seed in itertools.product(
                 data["datasets"].items(), data["backbones"].items(), layer_sets, seeds):
             if dataset not in DATASETS:

@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ad_eval.methods.base import DEFAULT_LAYERS
+from ad_eval.methods import get_method, list_methods
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ CATEGORY_ORDER = {
     "visa": ("candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1", "pcb2", "pcb3",
              "pcb4", "pipe_fryum"),
 }
-REFERENCE_LAYERS = DEFAULT_LAYERS  # what ``layers: null`` means per method
+REFERENCE_LAYERS = {m: get_method(m).default_layers for m in list_methods()}  # what ``layers: null`` means
 REQUIRED_KEYS = ("cell_id", "method", "dataset", "category", "backbone", "layers", "seed", *METRICS)
 FAILED_SUFFIX = ".failed.json"
 MISSING = "-"
