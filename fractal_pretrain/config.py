@@ -94,7 +94,8 @@ def build_checked(cls, data: Any, where: str):
     """``cls(**data)`` for a frozen config dataclass, every error one line starting with ``where``.
 
     ``data`` must be a mapping (None = all defaults); an unknown key names the allowed ones, a bad value
-    is reported by ``cls.__post_init__`` (ConfigError naming key and value), YAML lists become tuples
+    is reported by ``cls.__post_init__`` (ConfigError naming key and value), a missing required key by
+    name, YAML lists become tuples
     where the field is a tuple. ``where`` says which block it was (``"grid.yaml: methods.patchcore"``).
     """
     if data is None:
@@ -105,6 +106,10 @@ def build_checked(cls, data: Any, where: str):
     unknown = sorted(set(data) - set(names), key=str)
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(names))})")
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where}: needs {missing[0]!r}")
     try:
         return cls(**{k: _coerce(cls, k, v) for k, v in data.items()})
     except ConfigError as err:
