@@ -27,8 +27,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ad_eval.cell import FAILED_SUFFIX, IMAGE_LEVEL_METHODS
-from ad_eval.methods.base import DEFAULT_LAYERS, check_layers
+from ad_eval.cell import FAILED_SUFFIX
+from ad_eval.methods import get_method
+from ad_eval.methods.base import check_layers
+from fractal_pretrain.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +52,14 @@ class MethodMeta:
     pixel_maps: bool  # gives anomaly maps (pixel metrics, qualitative figure)
 
 
-_LABELS = {"fastflow": "FastFlow", "cflow": "C-Flow", "patchcore": "PatchCore", "padim": "PaDiM", "rd": "RD",
-           "stfpm": "STFPM", "cutpaste": "CutPaste", "panda": "PANDA"}
-
-
 def method_meta(method: str) -> MethodMeta:
-    """The report's one source of method metadata; a method unknown here (an old record) keeps its name."""
-    return MethodMeta(label=_LABELS.get(method, method), default_layers=DEFAULT_LAYERS.get(method),
-                      pixel_maps=method not in IMAGE_LEVEL_METHODS)
+    """The report's one source of method metadata: the method registry (``ad_eval.methods.get_method``); a
+    method it does not know (a record of a removed or plug-in method) keeps its name and has no reference set."""
+    try:
+        spec = get_method(method)
+    except ConfigError:
+        return MethodMeta(label=method, default_layers=None, pixel_maps=True)
+    return MethodMeta(label=spec.label, default_layers=spec.default_layers, pixel_maps=spec.pixel_maps)
 
 
 def method_label(method: str) -> str:

@@ -20,8 +20,8 @@ from ad_eval.methods.panda import (
     DEFAULTS,
     compactness_loss,
     finetune_compactness,
+    as_config,
     knn_scores,
-    merge_config,
     pooled_features,
     resolve_backbone,
     run_panda,
@@ -110,11 +110,11 @@ def test_default_feature_is_the_avgpool_output(backbone):
 
 def test_unknown_config_key_names_the_allowed_ones(backbone):
     with pytest.raises(
-        ValueError, match=r"unknown key 'neighbours'.*allowed: .*finetune_epochs.*k"
+        ValueError, match=r"panda: unknown config key 'neighbours'; allowed: .*finetune_epochs.*k"
     ):
-        merge_config({"neighbours": 3}, DEFAULTS, "panda")
+        as_config({"neighbours": 3})
     split = Split(train=[], test=[])
-    with pytest.raises(ValueError, match="unknown key 'epochs'"):
+    with pytest.raises(ValueError, match="unknown config key 'epochs'"):
         run_panda(backbone, split, config={"epochs": 1})
 
 
