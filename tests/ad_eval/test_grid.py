@@ -143,7 +143,7 @@ def test_patchcore_cell_on_cpu_stays_within_a_few_gigabytes(tmp_path, realdata):
     # Regression: glibc's growing mmap threshold let the coreset loop's freed 10 MB temporaries pile up in
     # a fragmented heap: this cell peaked at 12 GB resident (1.1 GB with cell.return_large_frees_to_the_os),
     # and parallel grid tasks were OOM-killed. A fresh process, so the peak is the cell's own.
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # OpenMP spin-waits on shared cores
     subprocess.run([sys.executable, "-m", "ad_eval", "run", "--method", "patchcore", "--dataset", "mvtec", "--root",
                     str(realdata), "--category", "hazelnut_reduced", "--backbone", "random", "--arch", "resnet18",
                     "--layers", "1,2", "--size", "64", "--device", "cpu", "--out", str(tmp_path)],

@@ -1,6 +1,6 @@
 """Tests of the report's seed, few-shot and qualitative axes (ad_eval.report) from hand-written records and maps.
 
-The qualitative figure reads the real MVTec AD hazelnut samples under ``../shared/realdata`` (skipped if absent).
+The qualitative figure reads the real MVTec AD hazelnut samples (the ``realdata`` fixture; skipped if absent).
 
 Run: ``python -m pytest -q tests/ad_eval/test_report_axes.py``
 """
@@ -147,13 +147,12 @@ def test_bad_shots_is_a_skipped_record(tmp_path, shots):
 
 # ---------------------------------------------------------------- qualitative
 
-REALDATA = __import__("pathlib").Path(__file__).resolve().parents[2].parent / "shared" / "realdata"
 CATEGORY, SIZE = "hazelnut_reduced", 64
 
 
-def write_maps(results, backbone, maps, masks, labels, seed=0):
+def write_maps(results, root, backbone, maps, masks, labels, seed=0):
     """A record and its npz as run_cell(keep_maps=True) writes them (float16 maps, scores = map maxima)."""
-    record = make_record("patchcore", CATEGORY, backbone, seed, (0.9, 0.9, 0.9), root=str(REALDATA), size=SIZE)
+    record = make_record("patchcore", CATEGORY, backbone, seed, (0.9, 0.9, 0.9), root=str(root), size=SIZE)
     write_records(results, [record])
     (results / "maps").mkdir(exist_ok=True)
     np.savez_compressed(results / "maps" / f"{record['cell_id']}.npz", anomaly_maps=maps.astype(np.float16),
@@ -161,19 +160,17 @@ def write_maps(results, backbone, maps, masks, labels, seed=0):
 
 
 @pytest.fixture
-def kept_maps(tmp_path):
-    if not (REALDATA / CATEGORY).is_dir():
-        pytest.skip(f"real MVTec AD samples not found at {REALDATA / CATEGORY}")
-    test = ADImageDataset(scan("mvtec", REALDATA, CATEGORY).test, size=SIZE)
+def kept_maps(tmp_path, realdata):
+    test = ADImageDataset(scan("mvtec", realdata, CATEGORY).test, size=SIZE)
     masks = np.stack([item["mask"][0].numpy() for item in test])
     labels = np.array([item["label"] for item in test])
     rng = np.random.default_rng(0)
     good_map = masks * 0.8 + rng.uniform(0, 0.3, masks.shape)  # finds the defects
     poor_map = rng.uniform(0, 1, masks.shape)  # noise
     results = tmp_path / "results"
-    write_maps(results, "ImageNet", good_map, masks, labels)
-    write_maps(results, "Fractals", poor_map, masks, labels)
-    write_maps(results, "Fractals", good_map, masks, labels, seed=1)  # not drawn: the smallest seed is
+    write_maps(results, realdata, "ImageNet", good_map, masks, labels)
+    write_maps(results, realdata, "Fractals", poor_map, masks, labels)
+    write_maps(results, realdata, "Fractals", good_map, masks, labels, seed=1)  # not drawn: the smallest seed is
     return results, good_map
 
 
@@ -200,12 +197,12 @@ def test_qualitative_figure_panels(kept_maps, tmp_path):
     assert panel(pixels, 2, 3).max() < 30 and panel(pixels, 2, 5).mean() > 30
 
 
-def test_qualitative_identical_maps_give_identical_columns(kept_maps, tmp_path):
+def test_qualitative_identical_maps_give_identical_columns(kept_maps, tmp_path, realdata):
     results, good_map = kept_maps
-    test = scan("mvtec", REALDATA, CATEGORY).test
+    test = scan("mvtec", realdata, CATEGORY).test
     labels = np.array([s.label for s in test])
     masks = good_map > 0.5
-    write_maps(results, "Copy", good_map, masks, labels)  # the same maps as ImageNet under another label
+    write_maps(results, realdata, "Copy", good_map, masks, labels)  # the same maps as ImageNet under another label
     build_report(results, tmp_path / "report", backbones="ImageNet,Copy")
     pixels = np.asarray(Image.open(tmp_path / "report" / f"qualitative_mvtec_{CATEGORY}.png").convert("RGB"))
     for row in range(3):
@@ -221,3 +218,22 @@ def test_qualitative_needs_the_dataset_again(kept_maps, tmp_path):
     assert not (tmp_path / "report" / f"qualitative_mvtec_{CATEGORY}.png").exists()
     assert any(s.startswith(f"qualitative_mvtec_{CATEGORY}.png: cannot read the test images again") and "moved" in s
                for s in out["skipped"])
+
+
+@pytest.mark.slow
+def test_qualitative_figure_from_real_cells(realdata, tmp_path):
+    # The maps' contract with ad_eval.cell: two real PatchCore cells (random ResNet-18s of two seeds) with keep_maps,
+    # then the report: one figure whose map columns differ.
+    from ad_eval.cell import Cell, run_cell
+
+    results = tmp_path / "results"
+    for label, seed in (("RandomA", 0), ("RandomB", 1)):
+        run_cell(Cell(method="patchcore", dataset="mvtec", root=str(realdata), category=CATEGORY, backbone="random",
+                      backbone_name=label, arch="resnet18", size=32, seed=seed), results, device="cpu",
+                 keep_maps=True)
+    out = build_report(results, tmp_path / "report", metrics="image_AUROC")
+    path = tmp_path / "report" / f"qualitative_mvtec_{CATEGORY}.png"
+    assert path in out["figures"], out["skipped"]
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    assert pixels.shape[1] == round(6 * PANEL_INCHES * DPI)
+    assert all(np.abs(panel(pixels, row, 2) - panel(pixels, row, 4)).mean() > 1 for row in range(3))
