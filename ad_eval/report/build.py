@@ -17,7 +17,6 @@ import numpy as np
 import pandas as pd
 
 from ad_eval.report.figures import fewshot_figure, layers_figure, qualitative_figure, spider_figure
-from ad_eval.report.figures.qualitative import MAPS_DIR
 from ad_eval.report.order import (
     CATEGORY_ORDER,
     DATASET_NAMES,
@@ -210,7 +209,7 @@ def build_report(results_dir: str | Path, out_dir: str | Path, backbones: str | 
             for metric in metrics:
                 report.figure(f"fewshot_{dataset}_{metric}.png", fewshot_figure, tabled_here, dataset, metric,
                               backbones)
-        if (results_dir / MAPS_DIR).is_dir():
+        if tabled_here["maps"].notna().any():
             main = tabled_here[tabled_here["shots"] == ALL_SHOTS]
             for category in categories:
                 name = f"qualitative_{dataset}_{category}.png"

@@ -40,7 +40,7 @@ ALL_SHOTS = 0  # the ``shots`` column of a record trained on every normal image 
 KEY = ["dataset", "category", "method", "backbone", "layer_set", "shots"]  # one cell of the evaluation, seeds aside
 NO_LAYERS = "default"  # layer-set label of methods without layers (CutPaste)
 COLUMNS = ["file", "cell_id", *KEY[:4], "layers", "layer_set", "shots", "seed", *METRICS, "size", "crop", "arch",
-           "backbone_spec", "root", "config", "finished_at"]
+           "backbone_spec", "root", "config", "maps", "finished_at"]
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ def _row(name: str, data: dict) -> dict:
         **{m: np.nan if data[m] is None else float(data[m]) for m in METRICS},
         "size": data.get("size"), "crop": data.get("crop"), "arch": data.get("arch"),
         "backbone_spec": data.get("backbone_spec"), "root": data.get("root"),
-        "config": json.dumps(data.get("config"), sort_keys=True, default=str),
+        "config": json.dumps(data.get("config"), sort_keys=True, default=str), "maps": data.get("maps"),
         "finished_at": str(data.get("finished_at") or ""),
     }
 

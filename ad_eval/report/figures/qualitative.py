@@ -2,8 +2,9 @@
 anomaly map over the image and the thresholded mask, backbones side by side.
 
 Input: cells run with ``keep_maps`` leave ``<results>/maps/<cell_id>.npz`` (``anomaly_maps`` (N, H, W),
-``masks``, ``image_scores``, ``image_labels``, in the order of ``ad_eval.datasets.scan(...).test``); the images
-are read again from the record's dataset root at the record's size and crop.
+``masks``, ``image_scores``, ``image_labels``, in the order of ``ad_eval.datasets.scan(...).test``) and name it
+in the record's ``maps``; it is looked for at that path relative to the results folder, so a moved folder
+keeps its figures. The images are read again from the record's dataset root at the record's size and crop.
 
 Fixed rules, so that a figure cannot be picked by hand:
 
@@ -30,7 +31,6 @@ from ad_eval.report.figures.common import DPI, new_figure
 from ad_eval.report.order import dataset_name
 from ad_eval.report.records import method_label
 
-MAPS_DIR = "maps"  # <results>/maps/<cell_id>.npz, as ad_eval.cell.run_cell writes them
 PANEL_INCHES = 1.6  # side of one image panel
 HEADER_INCHES = 0.4  # column titles
 CAPTION_INCHES = 1.0
@@ -49,8 +49,13 @@ class CellMaps:
     image_labels: np.ndarray  # (N,) 0/1
 
 
-def maps_path(results_dir: Path, cell_id: str) -> Path:
-    return Path(results_dir) / MAPS_DIR / f"{cell_id}.npz"
+def maps_path(results_dir: Path, recorded: str | None) -> Path | None:
+    """The maps file a record names (``<out>/maps/<cell_id>.npz`` when written), found beside the record."""
+    if not isinstance(recorded, str) or not recorded:
+        return None
+    path = Path(recorded)
+    found = Path(results_dir) / path.parent.name / path.name
+    return found if found.is_file() else None
 
 
 def load_maps(path: Path, backbone: str, seed: int) -> CellMaps:
@@ -62,7 +67,7 @@ def load_maps(path: Path, backbone: str, seed: int) -> CellMaps:
 def choose_cells(records: pd.DataFrame, results_dir: Path, backbones: Sequence[str],
                  method_order: Sequence[str]) -> tuple[str, pd.DataFrame] | None:
     """(method, one record per backbone) of one (dataset, category) by the rule above; None without maps."""
-    has_maps = np.array([maps_path(results_dir, c).is_file() for c in records["cell_id"]], dtype=bool)
+    has_maps = np.array([maps_path(results_dir, m) is not None for m in records["maps"]], dtype=bool)
     with_maps = records[records["backbone"].isin(backbones).to_numpy() & has_maps]
     if with_maps.empty:
         return None
@@ -124,7 +129,7 @@ def qualitative_figure(records: pd.DataFrame, results_dir: Path, dataset: str, c
     if chosen is None:
         return False, ["no cell with kept maps (keep_maps)"]
     method, cells = chosen
-    maps = [load_maps(maps_path(results_dir, r.cell_id), b, int(r.seed)) for b, r in cells.iterrows()]
+    maps = [load_maps(maps_path(results_dir, r.maps), b, int(r.seed)) for b, r in cells.iterrows()]
     shape = maps[0].anomaly_maps.shape
     if any(m.anomaly_maps.shape != shape or not np.array_equal(m.image_labels, maps[0].image_labels)
            for m in maps):
