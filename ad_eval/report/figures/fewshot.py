@@ -43,7 +43,7 @@ def fewshot_figure(records: pd.DataFrame, dataset: str, metric: str, backbones: 
         plots.append((method, shots, stats, cats))
     if not plots:
         return False, notes
-    fig = new_figure(max(4.0, 3.6 * len(plots)), 3.6)
+    fig = new_figure(max(4.5, 3.6 * len(plots)), 3.6)
     for i, (method, shots, stats, cats) in enumerate(plots):
         ax = fig.add_subplot(1, len(plots), i + 1)
         few = [k for k in shots if k != ALL_SHOTS]
@@ -60,10 +60,10 @@ def fewshot_figure(records: pd.DataFrame, dataset: str, metric: str, backbones: 
                 ax.plot(x[n - 1:], mean[n - 1:], ":", color=colors[backbone])
         ax.set_xticks(x, [shots_label(k) for k in shots])
         ax.set_xlabel("normal training images K")
-        ax.set_title(f"{method_label(method)} ({len(cats)} categories)")
+        ax.set_title(f"{method_label(method)} ({len(cats)} categor{'y' if len(cats) == 1 else 'ies'})")
         if i == 0:
             ax.set_ylabel(f"{METRIC_NAMES[metric]} (%)")
     fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=len(backbones))
-    fig.suptitle(f"{dataset_name(dataset)}: {METRIC_NAMES[metric]} against the number of training images")
+    fig.suptitle(f"{dataset_name(dataset)}: {METRIC_NAMES[metric]} against K")
     fig.savefig(path, dpi=DPI)
     return True, notes
