@@ -115,6 +115,7 @@ _loaded = False
 
 def register(spec: MethodSpec) -> MethodSpec:
     """Adds ``spec``; returns it. A second, different spec under the same name is an error."""
+    _load()  # the built-in methods first, whoever registers first
     known = _REGISTRY.get(spec.name)
     if known is not None and known != spec:
         raise ConfigError(f"method {spec.name!r} is already registered (by {known.run.__module__})")
