@@ -21,6 +21,7 @@ import yaml
 
 from ad_eval.cli import main
 from ad_eval.datasets import ADImageDataset, Split
+from ad_eval.grid import GridError, load_grid
 from ad_eval.methods import ANY_LAYER_SET, MethodSpec, get_method, list_methods, register
 from ad_eval.methods.base import MethodScores
 from ad_eval.methods.registry import PLUGIN_ENV
@@ -137,6 +138,31 @@ def test_config_values_are_coerced_to_the_field_types():
     assert get_method("patchcore").make_config({"coreset_sampling_ratio": 1}).coreset_sampling_ratio == 1.0
     with pytest.raises(ConfigError, match=r"cutpaste config: optimizer='lbfgs': must be one of sgd, adam"):
         get_method("cutpaste").make_config({"optimizer": "lbfgs"})
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"datasets": {"mvtec": {"root": "/x", "categories": "bottle"}}},
+     "datasets.mvtec: categories='bottle': must be a non-empty list of names"),
+    ({"seeds": [0, -1]}, r"seeds=-1: must be in \[0, inf\]"),
+    ({"shots": [2, "many"]}, "shots='many': must be an integer >= 1 or 'all'"),
+    ({"resources": {"mem_gbb": 3}}, r"resources: unknown key 'mem_gbb' \(allowed: cpus_per_task, "),
+    ({"methods": {"toymean": {"config": {"power": 0}}}}, r"methods.toymean: toymean config: power=0.0: must be in"),
+    ({"methods": {"toymean": {"config": {"powr": 1}}}}, r"toymean config: unknown key 'powr' \(allowed: power\)"),
+    ({"methods": {"toymean": {"resources": {"timeout_min": 0}}}},
+     r"methods.toymean.resources: timeout_min=0: must be in \[1, inf\]"),
+    ({"keep_maps": "yes"}, "keep_maps='yes': must be true or false"),
+    ({"size": 128, "crop": 512}, r"crop=512: must be in \[8, 128\]"),
+    ({"backbones": {"R": {"spec": 3}}}, "backbones.R: spec=3: must be a backbone.pt path"),
+    ({"backbones": {"R": {"arch": "resnet18"}}}, "backbones.R: needs 'spec'"),
+])
+def test_grid_config_errors_name_file_key_and_value(tmp_path, changes, message):
+    config = {"datasets": {"mvtec": {"root": "/x", "categories": ["a"]}},
+              "backbones": {"R": {"spec": "random", "arch": "resnet18"}}, "methods": {"toymean": {}}}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({**config, **changes}))
+    with pytest.raises(GridError, match=message) as err:
+        load_grid(path)
+    assert str(err.value).startswith(f"{path}: ") and "\n" not in str(err.value)
 
 
 def test_cli_config_errors_are_one_line_and_write_nothing(data_root, tmp_path, capsys):
