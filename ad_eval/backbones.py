@@ -146,7 +146,25 @@ def _imagenet_backbone(spec: str, arch: str) -> Backbone:
     return Backbone(arch, state_dict, IMAGENET_MEAN, IMAGENET_STD, spec, {"file": str(path)})
 
 
-def _pretrained_backbone(spec: str, arch: str | None) -> Backbone:
+def check_spec(spec: str, arch: str | None = None) -> None:
+    """The cheap part of ``load_backbone``: files exist, backbone.json is valid; the weights are not read.
+
+    ``ad-eval run`` calls it before a cell starts, so a bad ``--backbone`` is one line and writes nothing.
+    """
+    if arch is not None:
+        _check_arch(arch, f"arch={arch!r}")
+    if spec == RANDOM_SPEC:
+        _require_arch(spec, arch)
+    elif spec.startswith(IMAGENET_PREFIX):
+        arch = _require_arch(spec, arch)
+        if not Path(spec[len(IMAGENET_PREFIX) :]).expanduser().is_file():
+            raise BackboneError(f"{spec}: file not found; {imagenet_download_hint(arch)}")
+    else:
+        _pretrained_files(spec, arch)
+
+
+def _pretrained_files(spec: str, arch: str | None) -> tuple[Path, dict]:
+    """The backbone.pt path and its checked backbone.json of a pretrained spec."""
     path = Path(spec).expanduser()
     if path.is_dir():
         path = path / WEIGHTS_NAME
@@ -161,6 +179,11 @@ def _pretrained_backbone(spec: str, arch: str | None) -> Backbone:
     meta = read_backbone_json(json_path)
     if arch is not None and arch != meta["arch"]:
         raise BackboneError(f"{json_path} says arch={meta['arch']} but arch={arch} was requested")
+    return path, meta
+
+
+def _pretrained_backbone(spec: str, arch: str | None) -> Backbone:
+    path, meta = _pretrained_files(spec, arch)
     state_dict = validate_state_dict(_read_state_dict(path), meta["arch"], where=str(path))
     return Backbone(
         meta["arch"], state_dict, tuple(meta["mean"]), tuple(meta["std"]), str(path), meta

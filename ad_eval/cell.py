@@ -163,6 +163,15 @@ def return_large_frees_to_the_os(threshold: int = 1 << 20) -> bool:
         return False
 
 
+def preflight(cell: Cell) -> None:
+    """Checks the cell's dataset layout and backbone files without reading any weights (one-line errors)."""
+    from ad_eval.backbones import check_spec
+    from ad_eval.datasets import scan
+
+    scan(cell.dataset, cell.root, cell.category)
+    check_spec(cell.backbone, cell.arch)
+
+
 def compute_scores(cell: Cell, device: str, work_dir: Path):
     """Fits the cell's method; returns its MethodScores and the record fields the run adds.
 

@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from ad_eval.cell import Cell, run_cell
+    from ad_eval.cell import Cell, preflight, run_cell
     from ad_eval.fewshot import parse_shots
 
     check_output_dir(args.out)
@@ -86,6 +86,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 backbone=args.backbone, backbone_name=args.name, arch=args.arch, layers=args.layers,
                 size=args.size, crop=args.crop, seed=args.seed, config=overrides(args.overrides),
                 shots=parse_shots(args.shots))
+    preflight(cell)  # a bad dataset or backbone path: one line, no failure record
     record = run_cell(cell, args.out, device=args.device, keep_maps=args.keep_maps)
     metrics = ", ".join(f"{k} {record[k]:.4f}" for k in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")
                         if record.get(k) is not None)

@@ -87,7 +87,9 @@ class DatasetEntry:
     categories: tuple[str, ...]  # the categories evaluated, in table order
 
     def __post_init__(self):
-        if not self.categories or not all(isinstance(c, str) and c for c in self.categories):
+        check_type("root", self.root, str, "a folder path")
+        if not isinstance(self.categories, tuple) or not self.categories or not all(
+                isinstance(c, str) and c for c in self.categories):
             raise ConfigError(f"categories={self.categories!r}: must be a non-empty list of names")
 
 
@@ -97,6 +99,9 @@ class BackboneEntry:
 
     spec: str  # a backbone.pt path (or its folder), imagenet:/path/file.pth, or random
     arch: str | None = None  # architecture; required for imagenet: and random
+
+    def __post_init__(self):
+        check_type("spec", self.spec, str, "a backbone.pt path, imagenet:/path/file.pth or random")
 
 
 @dataclass(frozen=True)
@@ -160,12 +165,12 @@ def parse_grid(data: Any, where: str) -> GridConfig:
     for dataset in data.get("datasets") or {}:
         if dataset not in DATASETS:
             raise ConfigError(f"{where}: datasets.{dataset}: unknown dataset (known: {', '.join(DATASETS)})")
+    _resources(data.get("resources"), None, f"{where}: resources")
     known = list_methods()
     for method, entry in (data.get("methods") or {}).items():
         if method not in known:
             raise ConfigError(f"{where}: methods.{method}: unknown method (known: {', '.join(known)})")
         _resources(data.get("resources"), entry.resources, f"{where}: methods.{method}.resources")
-    _resources(data.get("resources"), None, f"{where}: resources")
     try:
         if "shots" in data:
             data["shots"] = tuple(parse_shots(k) for k in _as_list(data["shots"], "shots"))

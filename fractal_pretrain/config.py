@@ -93,10 +93,10 @@ def check_type(name: str, value, kind: type | tuple[type, ...], what: str) -> No
 def build_checked(cls, data: Any, where: str):
     """``cls(**data)`` for a frozen config dataclass, every error one line starting with ``where``.
 
-    ``data`` must be a mapping (None = all defaults); an unknown key names the allowed ones, a bad value
-    is reported by ``cls.__post_init__`` (ConfigError naming key and value), a missing required key by
-    name, YAML lists become tuples
-    where the field is a tuple. ``where`` says which block it was (``"grid.yaml: methods.patchcore"``).
+    ``data`` must be a mapping (None = all defaults); an unknown key names the allowed ones, a missing
+    required key is named, a bad value is reported by ``cls.__post_init__`` (ConfigError naming key and
+    value), YAML lists become tuples where the field is a tuple. ``where`` says which block it was
+    (``"grid.yaml: methods.patchcore"``, ``"patchcore config"``).
     """
     if data is None:
         data = {}

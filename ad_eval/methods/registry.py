@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ad_eval.methods.base import LAYER_NAMES, MethodScores, check_layers
-from fractal_pretrain.config import ConfigError
+from fractal_pretrain.config import ConfigError, build_checked
 
 # One line per method module; a module may register several methods (the anomalib adapter: six).
 BUILTIN_MODULES = (
@@ -86,18 +86,12 @@ class MethodSpec:
         return names
 
     def make_config(self, overrides: Mapping[str, Any] | None = None):
-        """The config dataclass with ``overrides`` applied; errors name the method, key, value and allowed."""
-        overrides = dict(overrides or {})
-        names = sorted(f.name for f in dataclasses.fields(self.config))
-        unknown = sorted(set(overrides) - set(names), key=str)
-        if unknown:
-            raise ConfigError(f"{self.name}: unknown config key {unknown[0]!r}; allowed: {', '.join(names)}")
-        from fractal_pretrain.config import _coerce
+        """The config dataclass with ``overrides`` applied (``fractal_pretrain.config.build_checked``).
 
-        try:
-            return self.config(**{k: _coerce(self.config, k, v) for k, v in overrides.items()})
-        except ConfigError as err:
-            raise ConfigError(f"{self.name} config: {err}") from None
+        Errors are one line naming the method, the key, the value and what is allowed:
+        ``patchcore config: unknown key 'k' (allowed: ...)``, ``patchcore config: num_neighbors=0: must be ...``.
+        """
+        return build_checked(self.config, dict(overrides or {}), f"{self.name} config")
 
     def check_train_images(self, count: int, config, layers: tuple[str, ...] | None, side: int,
                            shots: int | None = None) -> None:
@@ -115,6 +109,7 @@ _loaded = False
 
 def register(spec: MethodSpec) -> MethodSpec:
     """Adds ``spec``; returns it. A second, different spec under the same name is an error."""
+    _load()  # the built-in methods first, whoever registers first
     known = _REGISTRY.get(spec.name)
     if known is not None and known != spec:
         raise ConfigError(f"method {spec.name!r} is already registered (by {known.run.__module__})")

@@ -134,9 +134,9 @@ def test_default_layer_sets():
 def test_config_is_checked():
     assert am.resolve_config("patchcore", {"num_neighbors": 3})["num_neighbors"] == 3
     assert am.resolve_config("stfpm")["max_epochs"] == am.DEFAULTS["stfpm"]["max_epochs"]
-    with pytest.raises(ValueError, match=r"stfpm: unknown config key 'epochs'; allowed: .*max_epochs"):
+    with pytest.raises(ValueError, match=r"stfpm config: unknown key 'epochs' \(allowed: .*max_epochs"):
         am.resolve_config("stfpm", {"epochs": 3})
-    with pytest.raises(ValueError, match="patchcore: unknown config key 'max_epochs'"):
+    with pytest.raises(ValueError, match="patchcore config: unknown key 'max_epochs'"):
         am.resolve_config("patchcore", {"max_epochs": 3})  # memory banks take one pass
     with pytest.raises(ValueError, match=r"fastflow config: max_epochs=0: must be in \[1, inf\]"):
         am.resolve_config("fastflow", {"max_epochs": 0})

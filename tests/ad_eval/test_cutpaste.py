@@ -256,7 +256,7 @@ def test_density_is_ledoit_wolf_mahalanobis_on_normalised_embeddings():
 
 def test_unknown_config_key_names_the_allowed_ones():
     model = (random_resnet18(), IMAGENET_MEAN, IMAGENET_STD)
-    with pytest.raises(ValueError, match=r"unknown config key 'epochs'.*allowed: .*steps"):
+    with pytest.raises(ValueError, match=r"unknown key 'epochs'.*allowed: .*steps"):
         run_cutpaste(model, Split(train=[], test=[]), config={"epochs": 3})
 
 

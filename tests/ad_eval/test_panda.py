@@ -110,11 +110,11 @@ def test_default_feature_is_the_avgpool_output(backbone):
 
 def test_unknown_config_key_names_the_allowed_ones(backbone):
     with pytest.raises(
-        ValueError, match=r"panda: unknown config key 'neighbours'; allowed: .*finetune_epochs.*k"
+        ValueError, match=r"unknown key 'neighbours'.*allowed: .*finetune_epochs.*k"
     ):
         as_config({"neighbours": 3})
     split = Split(train=[], test=[])
-    with pytest.raises(ValueError, match="unknown config key 'epochs'"):
+    with pytest.raises(ValueError, match="unknown key 'epochs'"):
         run_panda(backbone, split, config={"epochs": 1})
 
 
