@@ -3,8 +3,8 @@
 ``run_cell`` looks the method up in the registry (``ad_eval.methods``), checks the dataset layout and
 loads the backbone before building any model, fits the method on the cell's train images (all, or
 the few-shot choice of ``ad_eval.fewshot``), computes the metrics itself (``ad_eval.metrics``) and
-writes ``<out>/<cell_id>.json`` atomically. A failure writes ``<cell_id>.failed.json`` (error and traceback) instead and never
-touches other cells' records.
+writes ``<out>/<cell_id>.json`` atomically. A failure writes ``<cell_id>.failed.json`` (error and
+traceback) instead and never touches other cells' records.
 """
 
 from __future__ import annotations
