@@ -50,7 +50,8 @@ from torchvision.models import resnet as tv_resnet
 
 from ad_eval.datasets import IMAGENET_MEAN, IMAGENET_STD
 from fractal_pretrain.handoff import FORMAT as BACKBONE_FORMAT
-from fractal_pretrain.handoff import META_NAME, PROVENANCE_FIELDS, WEIGHTS_NAME
+from fractal_pretrain.handoff import PROVENANCE_FIELDS, WEIGHTS_NAME
+
 RANDOM_SPEC = "random"
 IMAGENET_PREFIX = "imagenet:"
 # The ResNet family of torchvision.models.resnet; timm has the same names and state-dict keys.

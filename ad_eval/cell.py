@@ -3,8 +3,8 @@
 ``run_cell`` looks the method up in the registry (``ad_eval.methods``), checks the dataset layout and
 loads the backbone before building any model, fits the method on the cell's train images (all, or
 the few-shot choice of ``ad_eval.fewshot``), computes the metrics itself (``ad_eval.metrics``) and
-writes ``<out>/<cell_id>.json`` atomically. A failure writes ``<cell_id>.failed.json`` (error and traceback) instead and never
-touches other cells' records.
+writes ``<out>/<cell_id>.json`` atomically. A failure writes ``<cell_id>.failed.json`` (error and
+traceback) instead and never touches other cells' records.
 """
 
 from __future__ import annotations
@@ -164,12 +164,28 @@ def return_large_frees_to_the_os(threshold: int = 1 << 20) -> bool:
 
 
 def preflight(cell: Cell) -> None:
-    """Checks the cell's dataset layout and backbone files without reading any weights (one-line errors)."""
-    from ad_eval.backbones import check_spec
-    from ad_eval.datasets import scan
+    """Checks the cell's dataset layout, few-shot images and backbone files without reading any weights.
 
-    scan(cell.dataset, cell.root, cell.category)
+    ``ad-eval run`` calls it first, so bad input is one line and writes nothing (not even a failure record).
+    """
+    from ad_eval.backbones import check_spec
+
+    spec = get_method(cell.method)
+    cell_split(cell, spec, spec.make_config(cell.config), spec.resolve_layers(cell.layers))
     check_spec(cell.backbone, cell.arch)
+
+
+def cell_split(cell: Cell, spec, config, layers):
+    """The cell's dataset split, its train images reduced to the few-shot choice (checked against the method)."""
+    from ad_eval.datasets import Split, scan
+    from ad_eval.fewshot import select_shots
+
+    split = scan(cell.dataset, cell.root, cell.category)
+    if cell.shots is None:
+        return split
+    train = select_shots(split.train, cell.shots, seed=cell.seed, category=cell.category)
+    spec.check_train_images(len(train), config, layers, cell.crop or cell.size, shots=cell.shots)
+    return Split(train=train, test=split.test)
 
 
 def compute_scores(cell: Cell, device: str, work_dir: Path):
@@ -180,19 +196,14 @@ def compute_scores(cell: Cell, device: str, work_dir: Path):
     backbone.pt files) and, for a few-shot cell, the names of its ``train_images``.
     """
     from ad_eval.backbones import load_backbone, provenance
-    from ad_eval.datasets import Split, scan
-    from ad_eval.fewshot import select_shots
 
     spec = get_method(cell.method)
     config = spec.make_config(cell.config)
     layers = spec.resolve_layers(cell.layers)
-    split = scan(cell.dataset, cell.root, cell.category)
+    split = cell_split(cell, spec, config, layers)
     extra: dict[str, Any] = {}
     if cell.shots is not None:
-        train = select_shots(split.train, cell.shots, seed=cell.seed, category=cell.category)
-        spec.check_train_images(len(train), config, layers, cell.crop or cell.size, shots=cell.shots)
-        split = Split(train=train, test=split.test)
-        extra["train_images"] = [sample.path.name for sample in train]
+        extra["train_images"] = [sample.path.name for sample in split.train]
     backbone = load_backbone(cell.backbone, cell.arch, seed=cell.seed)
     extra.update(provenance(backbone))
     scores = spec.run(backbone, split, layers=layers, size=cell.size, crop=cell.crop, config=config, device=device,

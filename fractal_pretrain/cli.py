@@ -25,8 +25,15 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from fractal_pretrain.cli_kit import EXIT_USAGE, add_set_option, call_handler, check_output_dir, fail, overrides
-from fractal_pretrain.cli_kit import parse_or_exit_status
+from fractal_pretrain.cli_kit import (
+    EXIT_USAGE,
+    add_set_option,
+    call_handler,
+    check_output_dir,
+    fail,
+    overrides,
+    parse_or_exit_status,
+)
 
 __all__ = ["EXIT_USAGE", "PROG", "build_parser", "main"]
 PROG = "fractal-pretrain"

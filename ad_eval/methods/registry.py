@@ -139,9 +139,12 @@ def _load() -> None:
 
 
 def list_methods() -> tuple[str, ...]:
-    """Names of every registered method, in registration order (built-in ones first)."""
+    """Names of every registered method: built-in ones in ``BUILTIN_MODULES`` order, then the others
+    in registration order (whichever module a process happened to import first)."""
     _load()
-    return tuple(_REGISTRY)
+    order = {module: i for i, module in enumerate(BUILTIN_MODULES)}
+    ranked = sorted(enumerate(_REGISTRY.values()), key=lambda p: (order.get(p[1].run.__module__, len(order)), p[0]))
+    return tuple(spec.name for _, spec in ranked)
 
 
 def get_method(name: str) -> MethodSpec:
@@ -149,5 +152,5 @@ def get_method(name: str) -> MethodSpec:
     _load()
     spec = _REGISTRY.get(name)
     if spec is None:
-        raise ConfigError(f"unknown method {name!r}: must be one of {', '.join(_REGISTRY)}")
+        raise ConfigError(f"unknown method {name!r}: must be one of {', '.join(list_methods())}")
     return spec

@@ -82,6 +82,7 @@ def test_too_few_images_for_the_method_is_one_line_naming_k_and_the_minimum(data
     # 64 px, layer2 first: 8 x 8 patches a image, 10 % kept, 9 neighbours needed -> 2 images
     assert err == "ad-eval: error: patchcore cannot run with shots=1: it needs at least 2 train images at this " \
                   "config and image size\n"
+    assert not (tmp_path / "out").exists()  # found before the cell starts: nothing written
 
 
 def test_grid_shots_axis(data_root, tmp_path):
