@@ -18,9 +18,9 @@ from torch import nn
 from ad_eval.datasets import IMAGENET_MEAN, IMAGENET_STD, Sample, Split, scan
 from ad_eval.methods.panda import (
     DEFAULTS,
+    as_config,
     compactness_loss,
     finetune_compactness,
-    as_config,
     knn_scores,
     pooled_features,
     resolve_backbone,
