@@ -221,7 +221,6 @@ def test_qualitative_needs_the_dataset_again(kept_maps, tmp_path):
                for s in out["skipped"])
 
 
-@pytest.mark.slow
 def test_qualitative_figure_from_real_cells(realdata, tmp_path):
     # The maps' contract with ad_eval.cell: two real PatchCore cells (random ResNet-18s of two seeds) with keep_maps,
     # then the report: one figure whose map columns differ.
