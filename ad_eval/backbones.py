@@ -49,8 +49,9 @@ from torchvision.models import get_model_weights
 from torchvision.models import resnet as tv_resnet
 
 from ad_eval.datasets import IMAGENET_MEAN, IMAGENET_STD
+from fractal_pretrain.handoff import FORMAT as BACKBONE_FORMAT
+from fractal_pretrain.handoff import PROVENANCE_FIELDS, WEIGHTS_NAME
 
-BACKBONE_FORMAT = "fractal-pretrain-backbone/1"  # "format" of backbone.json
 RANDOM_SPEC = "random"
 IMAGENET_PREFIX = "imagenet:"
 # The ResNet family of torchvision.models.resnet; timm has the same names and state-dict keys.
@@ -146,19 +147,44 @@ def _imagenet_backbone(spec: str, arch: str) -> Backbone:
     return Backbone(arch, state_dict, IMAGENET_MEAN, IMAGENET_STD, spec, {"file": str(path)})
 
 
-def _pretrained_backbone(spec: str, arch: str | None) -> Backbone:
+def check_spec(spec: str, arch: str | None = None) -> None:
+    """The cheap part of ``load_backbone``: files exist, backbone.json is valid; the weights are not read.
+
+    ``ad-eval run`` calls it before a cell starts, so a bad ``--backbone`` is one line and writes nothing.
+    """
+    if arch is not None:
+        _check_arch(arch, f"arch={arch!r}")
+    if spec == RANDOM_SPEC:
+        _require_arch(spec, arch)
+    elif spec.startswith(IMAGENET_PREFIX):
+        arch = _require_arch(spec, arch)
+        if not Path(spec[len(IMAGENET_PREFIX) :]).expanduser().is_file():
+            raise BackboneError(f"{spec}: file not found; {imagenet_download_hint(arch)}")
+    else:
+        _pretrained_files(spec, arch)
+
+
+def _pretrained_files(spec: str, arch: str | None) -> tuple[Path, dict]:
+    """The backbone.pt path and its checked backbone.json of a pretrained spec."""
     path = Path(spec).expanduser()
     if path.is_dir():
-        path = path / "backbone.pt"
+        path = path / WEIGHTS_NAME
     if not path.is_file():
         raise BackboneError(
             f"backbone file {path} not found (spec must be a backbone.pt path, its folder, "
             f"{IMAGENET_PREFIX}<path> or {RANDOM_SPEC})"
         )
     json_path = path.with_suffix(".json")
+    if not json_path.is_file():
+        _read_state_dict(path, what="not a backbone checkpoint")  # a stray file: say so, not "json missing"
     meta = read_backbone_json(json_path)
     if arch is not None and arch != meta["arch"]:
         raise BackboneError(f"{json_path} says arch={meta['arch']} but arch={arch} was requested")
+    return path, meta
+
+
+def _pretrained_backbone(spec: str, arch: str | None) -> Backbone:
+    path, meta = _pretrained_files(spec, arch)
     state_dict = validate_state_dict(_read_state_dict(path), meta["arch"], where=str(path))
     return Backbone(
         meta["arch"], state_dict, tuple(meta["mean"]), tuple(meta["std"]), str(path), meta
@@ -193,6 +219,16 @@ def read_backbone_json(path: str | Path) -> dict:
     return meta
 
 
+def provenance(backbone: Backbone) -> dict:
+    """``backbone_<field>`` record entries naming the pre-training of one of our backbone.pt files.
+
+    Empty for ImageNet files and random inits (their records stay as they were).
+    """
+    if backbone.meta.get("format") != BACKBONE_FORMAT:
+        return {}
+    return {f"backbone_{name}": backbone.meta.get(name) for name in PROVENANCE_FIELDS}
+
+
 def imagenet_download_hint(arch: str) -> str:
     """What to download for ``imagenet:`` weights of ``arch`` (from torchvision's weight enums)."""
     weights = get_model_weights(arch).IMAGENET1K_V1  # the original release, as PatchCore/PaDiM used
@@ -204,12 +240,15 @@ def imagenet_download_hint(arch: str) -> str:
     )
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a torch file: wrappers unwrapped, ``module.``/``backbone.`` stripped."""
+def _read_state_dict(path: Path, what: str = "cannot read as a torch state dict") -> dict[str, torch.Tensor]:
+    """A state dict from a torch file: wrappers unwrapped, ``module.``/``backbone.`` stripped.
+
+    ``what`` starts the error message when the file is not a torch file at all.
+    """
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and weights_only errors: all mean "not a plain state dict"
-        raise BackboneError(_one_line(f"{path}: cannot read as a torch state dict: {err}")) from None
+        raise BackboneError(_one_line(f"{path}: {what} ({type(err).__name__}: {err})")) from None
     while isinstance(obj, Mapping):
         inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
         if inner is None:

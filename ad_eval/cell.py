@@ -1,9 +1,10 @@
-"""One evaluation cell: method x dataset x category x backbone x layer set x seed -> one JSON record.
+"""One evaluation cell: method x dataset x category x backbone x layer set x seed (x shots) -> one JSON record.
 
-``run_cell`` checks the dataset layout and loads the backbone before building any model, fits the
-method, computes the metrics itself (``ad_eval.metrics``) and writes ``<out>/<cell_id>.json``
-atomically. A failure writes ``<cell_id>.failed.json`` (error and traceback) instead and never
-touches other cells' records.
+``run_cell`` looks the method up in the registry (``ad_eval.methods``), checks the dataset layout and
+loads the backbone before building any model, fits the method on the cell's train images (all, or
+the few-shot choice of ``ad_eval.fewshot``), computes the metrics itself (``ad_eval.metrics``) and
+writes ``<out>/<cell_id>.json`` atomically. A failure writes ``<cell_id>.failed.json`` (error and
+traceback) instead and never touches other cells' records.
 """
 
 from __future__ import annotations
@@ -23,13 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ad_eval.methods import get_method
 from ad_eval.methods.base import check_layers
 from fractal_pretrain.atomic import atomic_write
+from fractal_pretrain.config import ConfigError
 
-ANOMALIB_METHODS = ("patchcore", "padim", "fastflow", "cflow", "rd", "stfpm")
-METHODS = (*ANOMALIB_METHODS, "panda", "cutpaste")
-IMAGE_LEVEL_METHODS = ("panda", "cutpaste")
-NO_LAYER_METHODS = ("cutpaste",)
 DATASETS = ("mvtec", "visa")
 FAILED_SUFFIX = ".failed.json"
 
@@ -49,17 +48,23 @@ class Cell:
     size: int = 256
     crop: int | None = None
     seed: int = 0
-    config: dict[str, Any] = field(default_factory=dict, hash=False, compare=True)
+    config: dict[str, Any] = field(default_factory=dict, hash=False, compare=True)  # the method's overrides
+    shots: int | None = None  # train on this many normal images (ad_eval.fewshot); None: all of them
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r}: must be one of {', '.join(METHODS)}")
+        try:
+            spec = get_method(self.method)
+        except ConfigError as err:
+            raise ConfigError(f"method={self.method!r}: {err}") from None
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset={self.dataset!r}: must be one of {', '.join(DATASETS)}")
         if self.layers is not None:
-            if self.method in NO_LAYER_METHODS:
-                raise ValueError(f"method={self.method!r} takes no layers (got {list(self.layers)})")
+            spec.resolve_layers(self.layers)  # an unknown layer or a set the method does not allow
             object.__setattr__(self, "layers", check_layers(self.layers))
+        spec.make_config(self.config)  # unknown keys and bad values fail here, before anything runs
+        if self.shots is not None and (isinstance(self.shots, bool) or not isinstance(self.shots, int)
+                                       or self.shots < 1):
+            raise ConfigError(f"shots={self.shots!r}: must be an integer >= 1 (or all)")
         if not self.backbone_name:
             object.__setattr__(self, "backbone_name", default_backbone_name(self.backbone, self.arch))
         if not isinstance(self.size, int) or self.size < 8:
@@ -68,13 +73,17 @@ class Cell:
     @property
     def cell_id(self) -> str:
         layers = "+".join(name[-1] for name in self.layers) if self.layers else "default"
-        readable = f"{self.method}_{self.dataset}_{self.category}_{self.backbone_name}_L{layers}_s{self.seed}"
+        shots = "" if self.shots is None else f"_k{self.shots}"
+        readable = f"{self.method}_{self.dataset}_{self.category}_{self.backbone_name}_L{layers}_s{self.seed}{shots}"
         digest = hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
         return re.sub(r"[^A-Za-z0-9_.+-]", "-", readable) + "_" + digest
 
     def to_dict(self) -> dict[str, Any]:
+        """The cell as JSON data; ``shots`` only when set, so full-data cells keep their ids and records."""
         data = dataclasses.asdict(self)
         data["layers"] = list(self.layers) if self.layers else None
+        if self.shots is None:
+            del data["shots"]
         return data
 
 
@@ -154,28 +163,52 @@ def return_large_frees_to_the_os(threshold: int = 1 << 20) -> bool:
         return False
 
 
-def compute_scores(cell: Cell, device: str, work_dir: Path):
-    """Fits the cell's method and returns its MethodScores (dataset and backbone checked first)."""
-    from ad_eval.backbones import load_backbone
-    from ad_eval.datasets import scan
+def preflight(cell: Cell) -> None:
+    """Checks the cell's dataset layout, few-shot images and backbone files without reading any weights.
+
+    ``ad-eval run`` calls it first, so bad input is one line and writes nothing (not even a failure record).
+    """
+    from ad_eval.backbones import check_spec
+
+    spec = get_method(cell.method)
+    cell_split(cell, spec, spec.make_config(cell.config), spec.resolve_layers(cell.layers))
+    check_spec(cell.backbone, cell.arch)
+
+
+def cell_split(cell: Cell, spec, config, layers):
+    """The cell's dataset split, its train images reduced to the few-shot choice (checked against the method)."""
+    from ad_eval.datasets import Split, scan
+    from ad_eval.fewshot import select_shots
 
     split = scan(cell.dataset, cell.root, cell.category)
+    if cell.shots is None:
+        return split
+    train = select_shots(split.train, cell.shots, seed=cell.seed, category=cell.category)
+    spec.check_train_images(len(train), config, layers, cell.crop or cell.size, shots=cell.shots)
+    return Split(train=train, test=split.test)
+
+
+def compute_scores(cell: Cell, device: str, work_dir: Path):
+    """Fits the cell's method; returns its MethodScores and the record fields the run adds.
+
+    The dataset and the backbone are checked before any model is built. The added fields: the
+    backbone's pre-training (``backbone_recipe``, ``backbone_seed``, ``backbone_steps`` for our
+    backbone.pt files) and, for a few-shot cell, the names of its ``train_images``.
+    """
+    from ad_eval.backbones import load_backbone, provenance
+
+    spec = get_method(cell.method)
+    config = spec.make_config(cell.config)
+    layers = spec.resolve_layers(cell.layers)
+    split = cell_split(cell, spec, config, layers)
+    extra: dict[str, Any] = {}
+    if cell.shots is not None:
+        extra["train_images"] = [sample.path.name for sample in split.train]
     backbone = load_backbone(cell.backbone, cell.arch, seed=cell.seed)
-    if cell.method in ANOMALIB_METHODS:
-        from ad_eval.methods.anomalib_models import run_anomalib
-
-        kwargs = {"layers": cell.layers} if cell.layers else {}
-        return run_anomalib(cell.method, backbone, split, size=cell.size, crop=cell.crop, config=dict(cell.config),
-                            device=device, seed=cell.seed, work_dir=work_dir, **kwargs)
-    if cell.method == "panda":
-        from ad_eval.methods.panda import run_panda
-
-        return run_panda(backbone, split, layers=cell.layers, size=cell.size, crop=cell.crop,
-                         config=dict(cell.config), device=device, seed=cell.seed)
-    from ad_eval.methods.cutpaste import run_cutpaste
-
-    return run_cutpaste(backbone, split, size=cell.size, crop=cell.crop, config=dict(cell.config), device=device,
-                        seed=cell.seed)
+    extra.update(provenance(backbone))
+    scores = spec.run(backbone, split, layers=layers, size=cell.size, crop=cell.crop, config=config, device=device,
+                      seed=cell.seed, work_dir=work_dir)
+    return scores, extra
 
 
 def run_cell(cell: Cell, out_dir: str | Path, device: str = "auto", keep_maps: bool = False) -> dict:
@@ -194,11 +227,11 @@ def run_cell(cell: Cell, out_dir: str | Path, device: str = "auto", keep_maps: b
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         with tempfile.TemporaryDirectory(prefix="ad_eval_") as work:
-            scores = compute_scores(cell, device, Path(work))
+            scores, extra = compute_scores(cell, device, Path(work))
         metrics = compute_all(scores.image_scores, scores.image_labels, scores.anomaly_maps, scores.masks)
         record = {
             "cell_id": cell.cell_id, **cell.to_dict(), "backbone_spec": cell.backbone, "backbone": cell.backbone_name,
-            **metrics, "num_test": int(len(scores.image_labels)),
+            **extra, **metrics, "num_test": int(len(scores.image_labels)),
             "wall_time_s": round(time.perf_counter() - start, 3), "peak_memory_mb": round(_peak_memory_mb(device), 1),
             "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)",
             "versions": _versions(), "host": platform.node(),

@@ -8,9 +8,12 @@ Usage::
     ad-eval run ... --backbone random --arch resnet18
     ad-eval grid --config jobs/eval/smoke.yaml --cluster local --out results/smoke
     ad-eval report --results results/smoke --out reports/smoke [--backbones ImageNet,Fractals]
+    ad-eval run ... --shots 4                      # few-shot: 4 normal train images (ad_eval.fewshot)
+    ad-eval synthetic --out /tmp/synth [--layout mvtec|visa] [--size 128] [--seed 0]
 
-Errors (bad path, category, method, layer, backbone file) print one line ``ad-eval: error: ...``
-and exit with status 2; a failing cell also leaves ``<cell_id>.failed.json`` with its traceback.
+Errors (bad path, category, method, layer, config key or value, backbone file) print one line
+``ad-eval: error: ...`` and exit with status 2 (``fractal_pretrain.cli_kit``); a cell that fails
+while running also leaves ``<cell_id>.failed.json`` with its traceback.
 """
 
 from __future__ import annotations
@@ -19,19 +22,22 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from fractal_pretrain.cli_kit import EXIT_USAGE, add_set_option, check_output_dir, overrides, run_main
+
 PROG = "ad-eval"
-EXIT_USAGE = 2
+__all__ = ["EXIT_USAGE", "PROG", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ad_eval.cell import DATASETS, METHODS
+    from ad_eval.cell import DATASETS
     from ad_eval.grid import CLUSTERS
+    from ad_eval.methods import list_methods
 
     parser = argparse.ArgumentParser(prog=PROG, description="Evaluate pretrained backbones for anomaly detection.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="evaluate one cell and write <out>/<cell-id>.json")
-    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--method", required=True, choices=list_methods())
     p.add_argument("--dataset", required=True, choices=DATASETS)
     p.add_argument("--root", required=True, help="dataset root folder")
     p.add_argument("--category", required=True)
@@ -42,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--crop", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="method hyper-parameter override (YAML value), repeatable")
+    p.add_argument("--shots", default=None, metavar="K",
+                   help="train on K normal images chosen by (seed, category, K), nested in 2K; default: all")
+    add_set_option(p, "method hyper-parameter override (YAML value), repeatable")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--keep-maps", action="store_true", help="also save the anomaly maps (npz) for figures")
     p.add_argument("--out", required=True, help="results folder")
@@ -61,27 +68,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--backbones", default=None, help="backbone labels in cell order, e.g. ImageNet,Fractals")
     p.set_defaults(handler=_cmd_report)
+
+    from ad_eval.synthetic import add_arguments as add_synthetic_arguments
+
+    p = sub.add_parser("synthetic", help="write a small generated MVTec-like or VisA-like dataset")
+    add_synthetic_arguments(p)
+    p.set_defaults(handler=_cmd_synthetic)
     return parser
 
 
-def _overrides(pairs: list[str]) -> dict:
-    import yaml
-
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set {pair!r}: expected KEY=VALUE")
-        out[key] = yaml.safe_load(value)
-    return out
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
-    from ad_eval.cell import Cell, run_cell
+    from ad_eval.cell import Cell, preflight, run_cell
+    from ad_eval.fewshot import parse_shots
 
+    check_output_dir(args.out)
     cell = Cell(method=args.method, dataset=args.dataset, root=args.root, category=args.category,
                 backbone=args.backbone, backbone_name=args.name, arch=args.arch, layers=args.layers,
-                size=args.size, crop=args.crop, seed=args.seed, config=_overrides(args.set))
+                size=args.size, crop=args.crop, seed=args.seed, config=overrides(args.overrides),
+                shots=parse_shots(args.shots))
+    preflight(cell)  # a bad dataset or backbone path: one line, no failure record
     record = run_cell(cell, args.out, device=args.device, keep_maps=args.keep_maps)
     metrics = ", ".join(f"{k} {record[k]:.4f}" for k in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")
                         if record.get(k) is not None)
@@ -92,6 +97,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_grid(args: argparse.Namespace) -> int:
     from ad_eval.grid import run_grid
 
+    check_output_dir(args.out)
     summary = run_grid(args.config, args.out, cluster=args.cluster, progress=not args.no_progress)
     print(f"{summary['done']}/{summary['cells']} cells done in {args.out}")
     if summary["missing"]:
@@ -104,6 +110,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from ad_eval.report import build_report
 
+    check_output_dir(args.out)
     backbones = args.backbones.split(",") if args.backbones else None
     written = build_report(args.results, args.out, backbones=backbones)
     print(f"report written to {args.out}")
@@ -112,18 +119,17 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_synthetic(args: argparse.Namespace) -> int:
+    from ad_eval.synthetic import run_from_args
+
+    check_output_dir(args.out)
+    print(run_from_args(args))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse already printed usage + error (or --help)
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
-    try:
-        return args.handler(args)
-    except (ValueError, FileNotFoundError) as exc:  # config, dataset, backbone and grid errors are ValueErrors
-        print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return EXIT_USAGE
+    """Run the CLI; returns the exit status (2 and one line on stderr for bad input)."""
+    return run_main(PROG, build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,19 @@ VISA_CATEGORIES = (
     "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum",
 )  # fmt: skip
 DATASETS = ("mvtec", "visa")
+# Category groups of the paper's section 5.2 (its spider charts); MVTec's tables list textures, then objects.
+CATEGORY_GROUPS = {
+    "mvtec": {
+        "textures": ("carpet", "grid", "leather", "tile", "wood"),
+        "objects": ("bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw", "toothbrush",
+                    "transistor", "zipper"),
+    },
+    "visa": {
+        "pcb": ("pcb1", "pcb2", "pcb3", "pcb4"),
+        "multi-in": ("candle", "capsules", "macaroni1", "macaroni2"),
+        "single-in": ("cashew", "chewinggum", "fryum", "pipe_fryum"),
+    },
+}
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")  # compared lower-cased: VisA images are .JPG
 GOOD = "good"  # folder / defect name of normal images

@@ -11,9 +11,15 @@ Config (``jobs/eval/*.yaml``)::
       patchcore: {layers: [[2, 3]], config: {}, resources: {timeout_min: 60, gpus_per_node: 1}}
     size: 256                     # image side; crop: optional centre crop
     seeds: [0]
+    shots: [all]                  # few-shot axis, e.g. [1, 2, 4, 8, all]: K normal train images per cell
     cells_per_task: 4             # cells run one after another in one process (imports paid once)
     resources: {timeout_min: 120, mem_gb: 32, cpus_per_task: 8, gpus_per_node: 1, slurm_partition: null,
                 slurm_array_parallelism: 32}   # defaults; a method's `resources` override them
+
+Every block is a frozen dataclass below (``GridConfig``, ``DatasetEntry``, ``BackboneEntry``,
+``MethodEntry``, ``Resources``; a comment per field); an unknown key or a bad value is a one-line
+``GridError`` naming the file, the key, the value and what is allowed. A method's ``config`` block is
+checked by that method's config dataclass (``ad_eval.methods``).
 
 Each (method, resources) group becomes one job array of ``ceil(cells / cells_per_task)`` tasks.
 Re-running the same command skips cells with a valid record and re-submits the rest (failed,
@@ -22,6 +28,7 @@ cancelled, never run), so a killed grid loses nothing and no cell runs twice onc
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import subprocess
 import sys
@@ -32,22 +39,160 @@ from typing import Any
 
 import yaml
 
-from ad_eval.cell import DATASETS, METHODS, NO_LAYER_METHODS, Cell, read_record, record_path, run_cells
+from ad_eval.cell import DATASETS, Cell, read_record, record_path, run_cells
+from ad_eval.fewshot import parse_shots
+from ad_eval.methods import get_method, list_methods
+from fractal_pretrain.config import ConfigError, build_checked, check_range, check_type
 
-TOP_KEYS = {"datasets", "backbones", "methods", "size", "crop", "seeds", "cells_per_task", "resources", "device",
-            "keep_maps"}
-METHOD_KEYS = {"layers", "config", "resources"}
-BACKBONE_KEYS = {"spec", "arch"}
-DATASET_KEYS = {"root", "categories"}
-RESOURCE_KEYS = {"timeout_min", "mem_gb", "cpus_per_task", "gpus_per_node", "slurm_partition",
-                 "slurm_array_parallelism", "slurm_additional_parameters", "slurm_setup"}
-DEFAULT_RESOURCES = {"timeout_min": 120, "mem_gb": 32, "cpus_per_task": 8, "gpus_per_node": 1,
-                     "slurm_array_parallelism": 32}
 CLUSTERS = ("slurm", "local", "debug")
 
 
-class GridError(ValueError):
+class GridError(ConfigError):
     """A bad grid config: the message names the file and the key."""
+
+
+# ----------------------------------------------------------------------------- the config file
+
+
+@dataclass(frozen=True)
+class Resources:
+    """submitit parameters of one job array (Slurm's meaning; the local cluster uses the first four)."""
+
+    timeout_min: int = 120  # minutes a task may run before it is killed
+    mem_gb: int | float = 32  # memory per task in GB (an int stays an int: Slurm reads "64GB")
+    cpus_per_task: int = 8  # CPU cores per task (image decoding threads use them)
+    gpus_per_node: int = 1  # GPUs per task (capped at the visible ones off Slurm)
+    slurm_partition: str | None = None  # Slurm partition; None: the cluster's default
+    slurm_array_parallelism: int = 32  # tasks of one array running at once
+    slurm_additional_parameters: dict | None = None  # extra sbatch options, passed through
+    slurm_setup: list | None = None  # shell lines run before each task, passed through
+
+    def __post_init__(self):
+        check_range("timeout_min", self.timeout_min, 1, integer=True)
+        check_range("mem_gb", self.mem_gb, 0.001)
+        check_range("cpus_per_task", self.cpus_per_task, 1, integer=True)
+        check_range("gpus_per_node", self.gpus_per_node, 0, integer=True)
+        check_range("slurm_array_parallelism", self.slurm_array_parallelism, 1, integer=True)
+
+    def as_params(self) -> dict[str, Any]:
+        """The parameters to hand submitit (unset ones left to its defaults)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """One dataset of the grid."""
+
+    root: str  # dataset root (relative paths: from the working directory)
+    categories: tuple[str, ...]  # the categories evaluated, in table order
+
+    def __post_init__(self):
+        check_type("root", self.root, str, "a folder path")
+        if not isinstance(self.categories, tuple) or not self.categories or not all(
+                isinstance(c, str) and c for c in self.categories):
+            raise ConfigError(f"categories={self.categories!r}: must be a non-empty list of names")
+
+
+@dataclass(frozen=True)
+class BackboneEntry:
+    """One backbone of the grid; its key in ``backbones`` is the label reports use."""
+
+    spec: str  # a backbone.pt path (or its folder), imagenet:/path/file.pth, or random
+    arch: str | None = None  # architecture; required for imagenet: and random
+
+    def __post_init__(self):
+        check_type("spec", self.spec, str, "a backbone.pt path, imagenet:/path/file.pth or random")
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """One method of the grid."""
+
+    layers: tuple | None = None  # layer sets to evaluate, e.g. [[2, 3], [1, 2]]; None: the method's default
+    config: dict | None = None  # hyper-parameter overrides, checked by the method's config dataclass
+    resources: dict | None = None  # overrides of the top-level resources for this method's job arrays
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    """A grid config file (``jobs/eval/*.yaml``), checked; ``expand`` turns it into cells."""
+
+    datasets: dict[str, DatasetEntry]  # dataset name (mvtec, visa) -> root and categories
+    backbones: dict[str, BackboneEntry]  # report label -> backbone
+    methods: dict[str, MethodEntry]  # registered method name -> layer sets, config, resources
+    size: int = 256  # image side the cells resize to
+    crop: int | None = None  # optional centre crop after resizing
+    seeds: tuple[int, ...] = (0,)  # one cell per seed
+    shots: tuple[int | None, ...] = (None,)  # few-shot axis: K values and/or "all" (None)
+    cells_per_task: int = 4  # cells run one after another in one process (imports paid once)
+    resources: dict | None = None  # submitit parameters for every method (see Resources)
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    keep_maps: bool = False  # also save each cell's anomaly maps (npz) for figures
+
+    def __post_init__(self):
+        for key in ("datasets", "backbones", "methods"):
+            if not getattr(self, key):
+                raise ConfigError(f"'{key}' is required and must not be empty")
+        check_range("size", self.size, 8, integer=True)
+        if self.crop is not None:
+            check_range("crop", self.crop, 8, self.size, integer=True)
+        if not self.seeds:
+            raise ConfigError("seeds=[]: must list at least one seed")
+        for seed in self.seeds:
+            check_range("seeds", seed, 0, integer=True)
+        if not self.shots:
+            raise ConfigError("shots=[]: must list at least one K (or all)")
+        check_range("cells_per_task", self.cells_per_task, 1, integer=True)
+        check_type("keep_maps", self.keep_maps, bool, "true or false")
+        check_type("device", self.device, str, "auto, cpu, cuda or cuda:N")
+
+
+def parse_grid(data: Any, where: str) -> GridConfig:
+    """The checked ``GridConfig`` of a parsed YAML mapping; errors start with ``where`` (the file)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: must be a mapping, got {type(data).__name__}")
+    data = dict(data)
+    allowed = sorted(f.name for f in dataclasses.fields(GridConfig))
+    unknown = sorted(set(data) - set(allowed), key=str)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(allowed)})")
+    for key, cls in (("datasets", DatasetEntry), ("backbones", BackboneEntry), ("methods", MethodEntry)):
+        value = data.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key}: must be a mapping, got {type(value).__name__}")
+        if value:
+            data[key] = {name: build_checked(cls, spec, f"{where}: {key}.{name}") for name, spec in value.items()}
+    for dataset in data.get("datasets") or {}:
+        if dataset not in DATASETS:
+            raise ConfigError(f"{where}: datasets.{dataset}: unknown dataset (known: {', '.join(DATASETS)})")
+    _resources(data.get("resources"), None, f"{where}: resources")
+    known = list_methods()
+    for method, entry in (data.get("methods") or {}).items():
+        if method not in known:
+            raise ConfigError(f"{where}: methods.{method}: unknown method (known: {', '.join(known)})")
+        _resources(data.get("resources"), entry.resources, f"{where}: methods.{method}.resources")
+    try:
+        if "shots" in data:
+            data["shots"] = tuple(parse_shots(k) for k in _as_list(data["shots"], "shots"))
+        if "seeds" in data:
+            data["seeds"] = tuple(_as_list(data["seeds"], "seeds"))
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    return build_checked(GridConfig, data, where)
+
+
+def _as_list(value, key: str) -> list:
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key}={value!r}: must be a list")
+    return list(value)
+
+
+def _resources(top: dict | None, method: dict | None, where: str) -> dict[str, Any]:
+    """The submitit parameters: defaults, the top-level ``resources``, then the method's."""
+    for value in (top, method):
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{where}: must be a mapping, got {type(value).__name__}")
+    return build_checked(Resources, {**(top or {}), **(method or {})}, where).as_params()
 
 
 @dataclass
@@ -60,15 +205,6 @@ class Grid:
     source: str = ""
 
 
-def _check_keys(where: str, mapping: Any, allowed: set[str]) -> dict:
-    if not isinstance(mapping, dict):
-        raise GridError(f"{where}: must be a mapping, got {type(mapping).__name__}")
-    unknown = sorted(set(mapping) - allowed)
-    if unknown:
-        raise GridError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
-    return mapping
-
-
 def load_grid(path: str | Path, base_dir: str | Path | None = None) -> Grid:
     """Reads and validates a grid config; relative dataset roots and backbone paths resolve from base_dir (cwd)."""
     path = Path(path)
@@ -78,45 +214,32 @@ def load_grid(path: str | Path, base_dir: str | Path | None = None) -> Grid:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise GridError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
-    base = Path(base_dir) if base_dir is not None else Path.cwd()
-    data = _check_keys(str(path), data, TOP_KEYS)
-    for key in ("datasets", "backbones", "methods"):
-        if not data.get(key):
-            raise GridError(f"{path}: '{key}' is required and must not be empty")
-    defaults = {**DEFAULT_RESOURCES, **_check_keys(f"{path}: resources", data.get("resources") or {}, RESOURCE_KEYS)}
-    seeds = data.get("seeds", [0])
+    try:
+        config = parse_grid(data, str(path))
+    except ConfigError as err:
+        raise GridError(str(err)) from None
+    return expand(config, Path(base_dir) if base_dir is not None else Path.cwd(), str(path))
+
+
+def expand(config: GridConfig, base: Path, source: str) -> Grid:
+    """Every cell of ``config``: method x dataset x backbone x layer set x seed x shots x category."""
     cells, resources = [], {}
-    for method, spec in data["methods"].items():
-        if method not in METHODS:
-            raise GridError(f"{path}: methods.{method}: unknown method (known: {', '.join(METHODS)})")
-        spec = _check_keys(f"{path}: methods.{method}", spec or {}, METHOD_KEYS)
-        extra = _check_keys(f"{path}: methods.{method}.resources", spec.get("resources") or {}, RESOURCE_KEYS)
-        resources[method] = {**defaults, **extra}
-        layer_sets = [None] if method in NO_LAYER_METHODS else (spec.get("layers") or [None])
-        for (dataset, dspec), (label, bspec), layers, seed in itertools.product(
-                data["datasets"].items(), data["backbones"].items(), layer_sets, seeds):
-            if dataset not in DATASETS:
-                raise GridError(f"{path}: datasets.{dataset}: unknown dataset (known: {', '.join(DATASETS)})")
-            dspec = _check_keys(f"{path}: datasets.{dataset}", dspec, DATASET_KEYS)
-            bspec = _check_keys(f"{path}: backbones.{label}", bspec, BACKBONE_KEYS)
-            if "root" not in dspec or not dspec.get("categories"):
-                raise GridError(f"{path}: datasets.{dataset}: needs 'root' and a non-empty 'categories' list")
-            if "spec" not in bspec:
-                raise GridError(f"{path}: backbones.{label}: needs 'spec' (backbone.pt path, imagenet:/file, random)")
-            for category in dspec["categories"]:
+    for method, entry in config.methods.items():
+        resources[method] = _resources(config.resources, entry.resources, f"{source}: methods.{method}.resources")
+        layer_sets = [None] if not get_method(method).takes_layers else (list(entry.layers or []) or [None])
+        for (dataset, dspec), (label, bspec), layers, seed, shots in itertools.product(
+                config.datasets.items(), config.backbones.items(), layer_sets, config.seeds, config.shots):
+            for category in dspec.categories:
                 try:
                     cells.append(Cell(
-                        method=method, dataset=dataset, root=str((base / dspec["root"]).resolve()), category=category,
-                        backbone=_resolve_spec(bspec["spec"], base), backbone_name=label, arch=bspec.get("arch"),
-                        layers=tuple(layers) if layers else None, size=data.get("size", 256), crop=data.get("crop"),
-                        seed=seed, config=dict(spec.get("config") or {})))
+                        method=method, dataset=dataset, root=str((base / dspec.root).resolve()), category=category,
+                        backbone=_resolve_spec(bspec.spec, base), backbone_name=label, arch=bspec.arch,
+                        layers=tuple(layers) if layers else None, size=config.size, crop=config.crop,
+                        seed=seed, config=dict(entry.config or {}), shots=shots))
                 except ValueError as err:
-                    raise GridError(f"{path}: methods.{method}: {err}") from None
-    cells_per_task = data.get("cells_per_task", 4)
-    if not isinstance(cells_per_task, int) or cells_per_task < 1:
-        raise GridError(f"{path}: cells_per_task={cells_per_task!r}: must be an integer >= 1")
-    return Grid(cells=cells, resources=resources, cells_per_task=cells_per_task, device=data.get("device", "auto"),
-                keep_maps=bool(data.get("keep_maps", False)), source=str(path))
+                    raise GridError(f"{source}: methods.{method}: {err}") from None
+    return Grid(cells=cells, resources=resources, cells_per_task=config.cells_per_task, device=config.device,
+                keep_maps=config.keep_maps, source=source)
 
 
 def _resolve_spec(spec: str, base: Path) -> str:

@@ -41,8 +41,8 @@ real dataset is never overwritten.
 
 Usage::
 
-    python -m ad_eval.synthetic --out /tmp/synth_mvtec               # prints the root
-    python -m ad_eval.synthetic --out /tmp/synth_visa --layout visa --size 128 --seed 0
+    ad-eval synthetic --out /tmp/synth_mvtec               # prints the root
+    ad-eval synthetic --out /tmp/synth_visa --layout visa --size 128 --seed 0
     ad-eval run --method patchcore --dataset mvtec --root /tmp/synth_mvtec --category texture ...
 """
 
@@ -422,11 +422,8 @@ def make_visa_like(
 # ----------------------------------------------------------------------------- CLI
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m ad_eval.synthetic --out DIR [--layout mvtec|visa] [--size 128] [--seed 0]``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m ad_eval.synthetic", description="Write a small generated MVTec-like or VisA-like dataset."
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``ad-eval synthetic``."""
     parser.add_argument("--out", required=True, help="dataset root to create")
     parser.add_argument("--layout", choices=LAYOUTS, default="mvtec")
     parser.add_argument(
@@ -441,7 +438,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n-train", type=int, default=20)
     parser.add_argument("--n-test-good", type=int, default=5)
     parser.add_argument("--n-test-defect", type=int, default=5, help="per defect type")
-    args = parser.parse_args(argv)
+
+
+def run_from_args(args: argparse.Namespace) -> Path:
+    """Writes the dataset ``args`` describe; returns its root (``ValueError``/``FileExistsError`` on bad input)."""
     make = make_mvtec_like if args.layout == "mvtec" else make_visa_like
     kwargs = {
         "n_train": args.n_train,
@@ -452,12 +452,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if args.categories is not None:
         kwargs["categories"] = tuple(args.categories)
-    try:
-        root = make(args.out, **kwargs)
-    except (ValueError, FileExistsError) as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
-    print(root)
-    return 0
+    return make(args.out, **kwargs)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ad_eval.synthetic ...``: the same as ``ad-eval synthetic ...``."""
+    from ad_eval.cli import main as ad_eval_main
+
+    return ad_eval_main(["synthetic", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -25,8 +25,18 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from fractal_pretrain.cli_kit import (
+    EXIT_USAGE,
+    add_set_option,
+    call_handler,
+    check_output_dir,
+    fail,
+    overrides,
+    parse_or_exit_status,
+)
+
+__all__ = ["EXIT_USAGE", "PROG", "build_parser", "main"]
 PROG = "fractal-pretrain"
-EXIT_USAGE = 2  # argparse's status for bad arguments; used for configuration errors too
 
 
 def _int_at_least(low: int, what: str):
@@ -46,25 +56,6 @@ def _int_at_least(low: int, what: str):
 
 _positive_int = _int_at_least(1, "positive")
 _non_negative_int = _int_at_least(0, "non-negative")
-
-
-def _key_value(text: str) -> tuple[str, Any]:
-    import yaml
-
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        problem = str(exc).splitlines()[0]
-        raise argparse.ArgumentTypeError(f"bad YAML value for {key}: {problem}") from None
-    return key, value
-
-
-def _overrides(pairs: list[tuple[str, Any]] | None) -> dict[str, Any]:
-    return dict(pairs or [])  # a repeated key: the last one wins
 
 
 def _add_render_args(p: argparse.ArgumentParser) -> None:
@@ -89,14 +80,7 @@ def _add_render_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="CPU threads of --device cpu (default: every core of this process)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        metavar="KEY=VALUE",
-        type=_key_value,
-        action="append",
-        help="override a recipe field, VALUE parsed as YAML; repeatable",
-    )
+    add_set_option(p, "override a recipe field, VALUE parsed as YAML; repeatable")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,7 +145,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
     from fractal_pretrain.recipes import get_recipe
     from fractal_pretrain.render import make_renderer
 
-    recipe = get_recipe(args.recipe, _overrides(args.overrides) or None)
+    recipe = get_recipe(args.recipe, overrides(args.overrides) or None)
     renderer = make_renderer(
         recipe, size=args.size, seed=args.seed, device=args.device, num_threads=args.threads
     )
@@ -177,6 +161,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from fractal_pretrain.export import MANIFEST_NAME, export_shards
 
+    check_output_dir(args.out)
     manifest = export_shards(
         args.recipe,
         out_dir=args.out,
@@ -184,7 +169,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         seed=args.seed,
         size=args.size,
         shard_size=args.shard_size,
-        overrides=_overrides(args.overrides),
+        overrides=overrides(args.overrides),
         epoch=args.epoch,
         start=args.start,
         batch_size=args.batch_size,
@@ -202,14 +187,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_export_backbone(args: argparse.Namespace) -> int:
     from fractal_pretrain.train.backbone import export_checkpoint
 
+    if args.out is not None:
+        check_output_dir(args.out)
     print(f"wrote {export_checkpoint(args.checkpoint, args.out)}")
     return 0
-
-
-def _fail(exc: Exception) -> int:
-    """Prints a configuration error as one line and returns the usage exit status."""
-    print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)
-    return EXIT_USAGE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -219,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: arguments without the program name; ``None`` means ``sys.argv[1:]``.
 
     Returns:
-        Exit status: 0 on success, 2 for bad arguments or configuration errors.
+        Exit status: 0 on success, 2 (one line on stderr) for bad arguments, configuration or input errors.
     """
     from fractal_pretrain.config import ConfigError
 
@@ -230,16 +211,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return fit(argv[1:])
         except ConfigError as exc:
-            return _fail(exc)
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse already printed usage + error (or --help)
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
-    try:
-        return args.handler(args)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
-        return _fail(exc)
+            return fail(PROG, exc)
+    args, status = parse_or_exit_status(build_parser(), argv)
+    if args is None:
+        return status
+    return call_handler(PROG, args.handler, args)
 
 
 if __name__ == "__main__":

@@ -80,3 +80,37 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping, not {type(data).__name__}")
     return data
+
+
+def check_type(name: str, value, kind: type | tuple[type, ...], what: str) -> None:
+    """Raise ConfigError unless ``value`` is a ``kind`` (bools are not ints here)."""
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise ConfigError(f"{name}={value!r}: must be {what}")
+    if not isinstance(value, kind):
+        raise ConfigError(f"{name}={value!r}: must be {what}")
+
+
+def build_checked(cls, data: Any, where: str):
+    """``cls(**data)`` for a frozen config dataclass, every error one line starting with ``where``.
+
+    ``data`` must be a mapping (None = all defaults); an unknown key names the allowed ones, a missing
+    required key is named, a bad value is reported by ``cls.__post_init__`` (ConfigError naming key and
+    value), YAML lists become tuples where the field is a tuple. ``where`` says which block it was
+    (``"grid.yaml: methods.patchcore"``, ``"patchcore config"``).
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: must be a mapping, got {type(data).__name__}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names), key=str)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(names))})")
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where}: needs {missing[0]!r}")
+    try:
+        return cls(**{k: _coerce(cls, k, v) for k, v in data.items()})
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None

@@ -29,6 +29,7 @@ STREAM_PLASMA = 4  # diamond-square noise (draw = grid cell)
 STREAM_AUGMENT = 5  # training-time augmentation draws of one sample (augment/params.py; host only)
 STREAM_MIX = 6  # batch mixing draws; index = step, lane = rank (augment/params.py; host only)
 STREAM_GROUPS = 7  # Mandelbulb class groups: index = formula (mandelbulb/params.py; host only)
+STREAM_SHOTS = 8  # ad_eval few-shot choice of train images (epoch = category key, index = image)
 STREAM_ORDER = 16  # order of a fixed image set within an epoch (train/images.py epoch_order; host only)
 
 _M0 = np.uint64(0xD2511F53)

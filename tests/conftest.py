@@ -1,11 +1,36 @@
-"""Suite-wide pytest hooks: tests marked ``gpu`` skip unless CuPy sees a CUDA device."""
+"""Suite-wide pytest hooks and fixtures: tests marked ``gpu`` skip unless CuPy sees a CUDA device; ``realdata``
+(the real MVTec AD samples, skipping without them); ``one_torch_thread``."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
+
+# Real MVTec AD samples (hazelnut_reduced, transistor_reduced), beside the repository, read in place.
+REALDATA = (Path(__file__).resolve().parents[1].parent / "shared" / "realdata").resolve()
+
+
+@pytest.fixture(scope="session")
+def realdata() -> Path:
+    """``REALDATA``; the test is skipped where it is absent."""
+    if not REALDATA.is_dir():
+        pytest.skip(f"real MVTec AD samples not found at {REALDATA}")
+    return REALDATA
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module's tests: tiny inputs gain nothing from threads, and OpenMP's
+    spin-waiting made 2-thread runs 2-80x slower when other processes shared the 2 cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _cuda_device_count() -> int:

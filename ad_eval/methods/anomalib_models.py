@@ -44,39 +44,33 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import operator
 import os
 import re
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
 import numpy as np
-import timm
 import torch
 import torch.nn.functional as F
-from anomalib.data import ImageBatch
-from anomalib.engine import Engine
-from anomalib.models import Cflow, Fastflow, Padim, Patchcore, ReverseDistillation, Stfpm
-from anomalib.models.image.reverse_distillation.anomaly_map import AnomalyMapGenerationMode
-from anomalib.pre_processing import PreProcessor
-from lightning.pytorch import seed_everything
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from ad_eval.backbones import Backbone, inject
 from ad_eval.datasets import ADImageDataset, Sample, Split
-from ad_eval.methods.base import DEFAULT_LAYERS as ALL_DEFAULT_LAYERS
-from ad_eval.methods.base import LAYER_NAMES, MethodScores, check_layers
+from ad_eval.methods.base import LAYER_NAMES, MethodScores
+from ad_eval.methods.registry import ANY_LAYER_SET, MethodSpec, get_method, register
+from fractal_pretrain.config import ConfigError, check_choice, check_range
+
+# anomalib, lightning and timm are imported where used: importing anomalib takes seconds, and the
+# registry imports this module whenever any method is looked up.
 
 METHODS = ("patchcore", "padim", "fastflow", "cflow", "rd", "stfpm")
 
-# The reference layer sets (anomalib defaults = the papers'), used when layers=None.
-DEFAULT_LAYERS = {m: ALL_DEFAULT_LAYERS[m] for m in ("patchcore", "padim", "fastflow", "cflow", "rd", "stfpm")}
-# Methods whose layer set is fixed by the anomalib implementation; the others take any subset.
-FIXED_LAYERS = {"fastflow": ("layer1", "layer2", "layer3"), "rd": ("layer1", "layer2", "layer3")}
 # Methods that look the backbone up by name (anomalib's tables); the others take any ResNet.
 ARCHS_BY_METHOD = {
     "fastflow": ("resnet18", "wide_resnet50_2"),
@@ -85,29 +79,129 @@ ARCHS_BY_METHOD = {
         "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2",
     ),
 }  # fmt: skip
-
-# Loader settings shared by all methods; anomalib's datamodule defaults (batch 32).
-_LOADER = {"train_batch_size": 32, "eval_batch_size": 32}
-# Per-method hyper-parameters: anomalib 2.7 defaults (= the papers'); epochs = the max_epochs of
-# anomalib's examples/configs/model/*.yaml, run in full here since those configs' EarlyStopping
-# monitors test pixel AUROC. Override any key through run_anomalib(config=...).
-DEFAULTS: dict[str, dict] = {
-    "patchcore": {"coreset_sampling_ratio": 0.1, "num_neighbors": 9, **_LOADER},  # 1 pass
-    "padim": {"n_features": None, **_LOADER},  # None: PADIM_N_FEATURES, capped; 1 pass
-    "fastflow": {
-        "flow_steps": 8, "conv3x3_only": False, "hidden_ratio": 1.0, "max_epochs": 500, **_LOADER,
-    },  # Adam lr 1e-3, wd 1e-5 (fixed in anomalib)
-    "cflow": {
-        "fiber_batch_size": 64, "decoder": "freia-cflow", "condition_vector": 128,
-        "coupling_blocks": 8, "clamp_alpha": 1.9, "permute_soft": False, "lr": 1e-4,
-        "max_epochs": 50, **_LOADER,
-    },  # B * H * W of every layer's feature map must be >= fiber_batch_size
-    "rd": {"anomaly_map_mode": "add", "max_epochs": 200, **_LOADER},  # Adam lr 5e-3, betas (0.5, 0.99) (fixed)
-    "stfpm": {"max_epochs": 100, **_LOADER},  # SGD lr 0.4, momentum 0.9, wd 1e-3 (fixed)
-}  # fmt: skip
 # PaDiM's random channel subset: anomalib's sizes (resnet18: 100, wide_resnet50_2: 550), by block
 # type for the other ResNets, capped at the channels of the chosen layers.
 PADIM_N_FEATURES = {"basic": 100, "bottleneck": 550}
+LOADER_KEYS = ("train_batch_size", "eval_batch_size")
+LAYER_STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}  # input pixels per feature cell
+
+
+# ----------------------------------------------------------------------------- configuration
+# Per-method hyper-parameters: anomalib 2.7 defaults (= the papers'); epochs = the max_epochs of
+# anomalib's examples/configs/model/*.yaml, run in full here since those configs' EarlyStopping
+# monitors test pixel AUROC.
+
+
+@dataclass(frozen=True)
+class _Loader:
+    """Loader settings every anomalib method has (anomalib's datamodule defaults)."""
+
+    train_batch_size: int = 32  # images per training step
+    eval_batch_size: int = 32  # images per prediction step
+
+    def __post_init__(self):
+        for key in LOADER_KEYS:
+            check_range(key, getattr(self, key), 1, integer=True)
+
+
+@dataclass(frozen=True)
+class _Trained(_Loader):
+    """A method trained for a fixed number of epochs (no early stopping: nothing is chosen on test data)."""
+
+    max_epochs: int = 1  # full passes over the train images
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_range("max_epochs", self.max_epochs, 1, integer=True)
+
+
+@dataclass(frozen=True)
+class PatchcoreConfig(_Loader):
+    """PatchCore: one pass builds the memory bank."""
+
+    coreset_sampling_ratio: float = 0.1  # share of the patch features kept by greedy coreset selection
+    num_neighbors: int = 9  # memory-bank neighbours that reweight the image score
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_range("coreset_sampling_ratio", self.coreset_sampling_ratio, 1e-9, 1.0)
+        check_range("num_neighbors", self.num_neighbors, 1, integer=True)
+
+
+@dataclass(frozen=True)
+class PadimConfig(_Loader):
+    """PaDiM: one pass fits the per-position Gaussians."""
+
+    n_features: int | None = None  # random channel subset; None: PADIM_N_FEATURES, capped at the layers'
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.n_features is not None:
+            check_range("n_features", self.n_features, 1, integer=True)
+
+
+@dataclass(frozen=True)
+class FastflowConfig(_Trained):
+    """FastFlow; Adam lr 1e-3, weight decay 1e-5 (fixed in anomalib)."""
+
+    max_epochs: int = 500  # full passes over the train images
+    flow_steps: int = 8  # flow blocks per scale
+    conv3x3_only: bool = False  # 3x3 convolutions only in the subnets (the paper's ResNet setting: False)
+    hidden_ratio: float = 1.0  # subnet hidden channels / input channels
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_range("flow_steps", self.flow_steps, 1, integer=True)
+        check_choice("conv3x3_only", self.conv3x3_only, (False, True))
+        check_range("hidden_ratio", self.hidden_ratio, 1e-6)
+
+
+@dataclass(frozen=True)
+class CflowConfig(_Trained):
+    """CFlow; B * H * W of every layer's feature map must be >= fiber_batch_size."""
+
+    max_epochs: int = 50  # full passes over the train images
+    fiber_batch_size: int = 64  # feature vectors per flow step
+    decoder: str = "freia-cflow"  # normalising-flow decoder type
+    condition_vector: int = 128  # positional-encoding channels
+    coupling_blocks: int = 8  # coupling layers per decoder
+    clamp_alpha: float = 1.9  # soft clamp of the coupling scales
+    permute_soft: bool = False  # random orthogonal (True) or hard permutations between couplings
+    lr: float = 1e-4  # Adam learning rate
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_range("fiber_batch_size", self.fiber_batch_size, 1, integer=True)
+        check_range("condition_vector", self.condition_vector, 1, integer=True)
+        check_range("coupling_blocks", self.coupling_blocks, 1, integer=True)
+        check_range("clamp_alpha", self.clamp_alpha, 1e-6)
+        check_choice("permute_soft", self.permute_soft, (False, True))
+        check_range("lr", self.lr, 1e-12)
+
+
+@dataclass(frozen=True)
+class RdConfig(_Trained):
+    """Reverse Distillation; Adam lr 5e-3, betas (0.5, 0.99) (fixed in anomalib)."""
+
+    max_epochs: int = 200  # full passes over the train images
+    anomaly_map_mode: str = "add"  # how the per-scale maps combine: add or multiply
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("anomaly_map_mode", self.anomaly_map_mode, ("add", "multiply"))
+
+
+@dataclass(frozen=True)
+class StfpmConfig(_Trained):
+    """STFPM; SGD lr 0.4, momentum 0.9, weight decay 1e-3 (fixed in anomalib)."""
+
+    max_epochs: int = 100  # full passes over the train images
+
+
+CONFIGS = {"patchcore": PatchcoreConfig, "padim": PadimConfig, "fastflow": FastflowConfig,
+           "cflow": CflowConfig, "rd": RdConfig, "stfpm": StfpmConfig}
+DEFAULTS: dict[str, dict] = {method: dataclasses.asdict(cls()) for method, cls in CONFIGS.items()}
+
 
 # Where each model keeps the frozen backbone, relative to the Lightning module.
 EXTRACTOR_PATHS = {
@@ -123,45 +217,26 @@ _DEVICES = ("auto", "cpu", "cuda", "gpu")
 _LOAD_THREADS = 8  # image decoding threads (PIL and torch resize release the GIL)
 
 
-# ----------------------------------------------------------------------------- configuration
-
-
 def resolve_config(method: str, config: dict | None = None) -> dict:
-    """``DEFAULTS[method]`` updated with ``config``; an unknown key is a ValueError."""
-    _check_method(method)
-    resolved = dict(DEFAULTS[method])
-    for key, value in (config or {}).items():
-        if key not in resolved:
-            raise ValueError(
-                f"{method}: unknown config key {key!r}; allowed: {', '.join(sorted(resolved))}"
-            )
-        resolved[key] = value
-    for key in ("max_epochs", "train_batch_size", "eval_batch_size"):
-        if key in resolved and (
-            isinstance(resolved[key], bool) or not isinstance(resolved[key], int) or resolved[key] < 1
-        ):
-            raise ValueError(f"{method}: config {key}={resolved[key]!r} must be an int >= 1")
-    return resolved
+    """The method's config with ``config`` applied, as a dict; unknown keys and bad values are ConfigErrors."""
+    return dataclasses.asdict(_config(method, config))
+
+
+def _config(method: str, config):
+    """``config`` if it already is the method's dataclass, else one built from overrides."""
+    spec = _spec(method)
+    return config if isinstance(config, spec.config) else spec.make_config(config)
 
 
 def resolve_layers(method: str, layers: Sequence[str] | str | None) -> tuple[str, ...]:
-    """The layer set for ``method``: checked, sorted; None gives ``DEFAULT_LAYERS[method]``."""
-    _check_method(method)
-    if layers is None:
-        return DEFAULT_LAYERS[method]
-    names = check_layers(layers)
-    fixed = FIXED_LAYERS.get(method)
-    if fixed is not None and names != fixed:
-        raise ValueError(
-            f"{method} only supports layers {', '.join(fixed)} (fixed in anomalib), "
-            f"not {', '.join(names)}"
-        )
-    return names
+    """The layer set for ``method``: checked, sorted; None gives its default set."""
+    return _spec(method).resolve_layers(layers)
 
 
-def _check_method(method: str) -> None:
+def _spec(method: str) -> MethodSpec:
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: must be one of {', '.join(METHODS)}")
+        raise ConfigError(f"unknown method {method!r}: must be one of {', '.join(METHODS)}")
+    return get_method(method)
 
 
 def _check_arch(method: str, arch: str) -> None:
@@ -196,6 +271,8 @@ def offline_construction() -> Iterator[None]:
     ``timm.create_model`` catches every backbone it builds, STFPM's hard-coded pretrained teacher
     included. Not thread-safe: construct models from one thread at a time.
     """
+    import timm
+
     real = timm.create_model
 
     def create_model(*args, **kwargs):
@@ -208,8 +285,11 @@ def offline_construction() -> Iterator[None]:
 
 def make_pre_processor(
     out_size: tuple[int, int], mean: Sequence[float], std: Sequence[float]
-) -> PreProcessor:
+) -> nn.Module:
     """Resize to ``out_size`` (a no-op on our already-sized batches) and normalise once."""
+    from anomalib.pre_processing import PreProcessor
+    from torchvision.transforms.v2 import Compose, Normalize, Resize
+
     return PreProcessor(
         transform=Compose([Resize(list(out_size), antialias=True), Normalize(list(mean), list(std))])
     )
@@ -230,17 +310,20 @@ def build_model(
     Args:
         method: one of ``METHODS``.
         backbone: the weights; ``backbone.arch`` names the timm model.
-        layers: layer set (None: ``DEFAULT_LAYERS[method]``).
+        layers: layer set (None: the method's ``default_layers``).
         out_size: (height, width) of the model input.
-        config: hyper-parameter overrides of ``DEFAULTS[method]``.
+        config: the method's config dataclass, or overrides of ``DEFAULTS[method]``.
 
     Returns:
         The anomalib Lightning module, its frozen extractor(s) holding ``backbone``'s weights.
     """
     names = resolve_layers(method, layers)
+    from anomalib.models import Cflow, Fastflow, Padim, Patchcore, ReverseDistillation, Stfpm
+    from anomalib.models.image.reverse_distillation.anomaly_map import AnomalyMapGenerationMode
+
     cfg = resolve_config(method, config)
     _check_arch(method, backbone.arch)
-    hyper = {k: v for k, v in cfg.items() if k not in ("max_epochs", *_LOADER)}
+    hyper = {k: v for k, v in cfg.items() if k not in ("max_epochs", *LOADER_KEYS)}
     common = {
         "pre_processor": make_pre_processor(out_size, backbone.mean, backbone.std),
         "post_processor": False,  # raw scores: no thresholding or min-max normalisation
@@ -274,7 +357,7 @@ def build_model(
 
 def frozen_extractors(method: str, model: nn.Module) -> dict[str, nn.Module]:
     """The timm modules of ``model`` that hold the evaluated backbone, by name."""
-    _check_method(method)
+    _spec(method)
     return {name: operator.attrgetter(path)(model) for name, path in EXTRACTOR_PATHS[method].items()}
 
 
@@ -302,7 +385,9 @@ def _load_items(samples: Sequence[Sample], size, crop) -> list[dict]:
         return list(pool.map(dataset.__getitem__, range(len(dataset))))
 
 
-def _collate(items: list[dict]) -> ImageBatch:
+def _collate(items: list[dict]):
+    from anomalib.data import ImageBatch
+
     return ImageBatch(
         image=torch.stack([item["image"] for item in items]),
         gt_label=torch.tensor([item["label"] for item in items]),
@@ -333,11 +418,11 @@ def run_anomalib(
         method: one of ``METHODS``.
         backbone: the evaluated weights and their normalisation.
         split: from ``ad_eval.datasets.scan``.
-        layers: backbone stages used (None: ``DEFAULT_LAYERS[method]``); FastFlow and RD accept
+        layers: backbone stages used (None: the method's ``default_layers``); FastFlow and RD accept
             only layer1-3.
         size, crop: resize target and optional centre crop (as ``ADImageDataset``); the model
             input and the evaluation size are ``crop or size``.
-        config: overrides of ``DEFAULTS[method]`` (hyper-parameters, max_epochs, batch sizes).
+        config: the method's config dataclass, or overrides of ``DEFAULTS[method]``.
         device: "auto" (CUDA if available, else CPU), "cpu", "cuda" or "gpu".
         seed: seeds everything before construction (PaDiM subset, coreset, inits, shuffling).
         work_dir: Lightning's default_root_dir (anomalib creates versioned folders there).
@@ -346,6 +431,9 @@ def run_anomalib(
         Scores in the order of ``split.test``: raw ``pred_score`` per image and ``anomaly_map``
         resized (bilinear) to the mask size if needed, float32 (N, H, W), masks bool (N, H, W).
     """
+    from anomalib.engine import Engine
+    from lightning.pytorch import seed_everything
+
     names = resolve_layers(method, layers)
     cfg = resolve_config(method, config)
     _check_arch(method, backbone.arch)
@@ -365,7 +453,7 @@ def run_anomalib(
     )
     try:
         seed_everything(seed, workers=True, verbose=False)
-        model = build_model(method, backbone, layers=names, out_size=out_size, config=config)
+        model = build_model(method, backbone, layers=names, out_size=out_size, config=cfg)
         train_loader = DataLoader(
             _Items(train_items),
             batch_size=cfg["train_batch_size"],
@@ -411,6 +499,51 @@ def _as_nhw(anomaly_map: torch.Tensor, out_size: tuple[int, int]) -> torch.Tenso
     if tuple(maps.shape[-2:]) != tuple(out_size):
         maps = F.interpolate(maps, size=list(out_size), mode="bilinear", align_corners=False)
     return maps[:, 0]
+
+
+def _patchcore_min_images(config: PatchcoreConfig, layers: tuple[str, ...], side: int) -> int:
+    """Fewest train images whose coreset holds ``num_neighbors`` patches (anomalib's kNN reweighting).
+
+    PatchCore's patch grid is the first layer's feature map; the coreset keeps
+    ``int(images * patches * ratio)`` patches.
+    """
+    cells = -(-side // LAYER_STRIDES[layers[0]])  # ceil: the feature map's side
+    need = 1
+    while int(need * cells * cells * config.coreset_sampling_ratio) < config.num_neighbors:
+        need += 1
+    return need
+
+
+def _runner(method: str):
+    """The registry's ``run`` for one anomalib method."""
+
+    def run(backbone: Backbone, split: Split, *, layers: tuple[str, ...] | None, size: int, crop: int | None,
+            config, device: str, seed: int, work_dir: Path) -> MethodScores:
+        return run_anomalib(method, backbone, split, layers=layers, size=size, crop=crop, config=config,
+                            device=device, seed=seed, work_dir=work_dir)
+
+    run.__qualname__ = f"run_{method}"
+    return run
+
+
+DEFAULT_LAYERS: dict[str, tuple[str, ...]] = {}  # filled below: the reference layer sets (anomalib's = papers')
+FIXED = (("layer1", "layer2", "layer3"),)  # FastFlow (out_indices=[1, 2, 3]) and RD (three scales)
+for _spec_args in (
+    dict(name="patchcore", label="PatchCore", default_layers=("layer2", "layer3"), allowed_layer_sets=ANY_LAYER_SET,
+         min_train_images=_patchcore_min_images),
+    dict(name="padim", label="PaDiM", default_layers=("layer1", "layer2", "layer3"), allowed_layer_sets=ANY_LAYER_SET,
+         min_train_images=lambda config, layers, side: 2),  # a covariance needs two samples
+    dict(name="fastflow", label="FastFlow", default_layers=FIXED[0], allowed_layer_sets=FIXED),
+    dict(name="cflow", label="C-Flow", default_layers=("layer2", "layer3", "layer4"), allowed_layer_sets=ANY_LAYER_SET),
+    dict(name="rd", label="RD", default_layers=FIXED[0], allowed_layer_sets=FIXED),
+    dict(name="stfpm", label="STFPM", default_layers=("layer1", "layer2", "layer3"), allowed_layer_sets=ANY_LAYER_SET),
+):
+    _registered = register(MethodSpec(config=CONFIGS[_spec_args["name"]], run=_runner(_spec_args["name"]),
+                                      pixel_maps=True, **_spec_args))
+    DEFAULT_LAYERS[_registered.name] = _registered.default_layers  # what layers=None means
+del _spec_args, _registered
+
+FIXED_LAYERS = {m: FIXED[0] for m in ("fastflow", "rd")}  # layer sets fixed by the anomalib implementation
 
 
 __all__ = [

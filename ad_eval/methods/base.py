@@ -8,26 +8,13 @@ import numpy as np
 
 LAYER_NAMES = ("layer1", "layer2", "layer3", "layer4")
 
-# Each method's reference layer set (what ``layers=None`` means); CutPaste takes no layers. Kept here, free of
-# torch and anomalib imports, so reports and grids can use it too.
-DEFAULT_LAYERS = {
-    "patchcore": ("layer2", "layer3"),
-    "padim": ("layer1", "layer2", "layer3"),
-    "fastflow": ("layer1", "layer2", "layer3"),
-    "cflow": ("layer2", "layer3", "layer4"),
-    "rd": ("layer1", "layer2", "layer3"),
-    "stfpm": ("layer1", "layer2", "layer3"),
-    "panda": ("layer4",),  # the reference's feature: avgpool of the last stage
-}
-
-
 @dataclass
 class MethodScores:
     """Per-test-image outputs of a fitted method, in the order of ``split.test``.
 
     image_scores: (N,) float, higher = more anomalous.
     image_labels: (N,) int 0/1.
-    anomaly_maps: (N, H, W) float32 at the evaluation size, or None for image-level methods (PANDA, CutPaste).
+    anomaly_maps: (N, H, W) float32 at the evaluation size, or None for image-level methods (spec.pixel_maps False).
     masks: (N, H, W) bool ground truth at the same size, or None when anomaly_maps is None.
     """
 

@@ -49,10 +49,12 @@ Example::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -64,38 +66,58 @@ from torchvision.transforms.v2 import functional as TF
 
 from ad_eval.datasets import ADImageDataset, Split
 from ad_eval.methods.base import MethodScores
-from ad_eval.methods.panda import (
-    deterministic_torch,
-    extract_features,
-    make_loader,
-    merge_config,
-    resolve_backbone,
-)
+from ad_eval.methods.features import deterministic_torch, extract_features, make_loader, resolve_backbone
+from ad_eval.methods.registry import MethodSpec, register
+from fractal_pretrain.config import check_choice, check_pair, check_range
 
 log = logging.getLogger(__name__)
 
 NUM_CLASSES = 3  # 0 normal, 1 CutPaste, 2 CutPaste-scar
 REFERENCE_SIZE = 256  # scar sizes are pixels at this image size
-DEFAULTS: dict[str, Any] = {
-    "steps": 256,  # update steps (run_training --epochs; the paper's "epoch")
-    "batch_size": 32,  # images per step, 3 x 32 = 96 network inputs
-    "optimizer": "sgd",  # "sgd" (cosine schedule) or "adam" (constant lr), as --optim
-    "lr": 0.03,
-    "momentum": 0.9,  # SGD only
-    "weight_decay": 3e-5,
-    "freeze_steps": 20,  # backbone frozen while step < freeze_steps (--freeze_resnet)
-    "head_layers": 1,  # Linear(512)-BN-ReLU blocks before the Linear(128)-BN-ReLU (--head_layer)
-    "head_width": 512,
-    "head_out": 128,
-    "image_jitter": 0.1,  # ColorJitter of the whole train image before CutPaste (0 = off)
-    "patch_jitter": 0.1,  # ColorJitter of the cut patch (0 = off)
-    "area_ratio": (0.02, 0.15),  # CutPaste patch area / image area
-    "aspect_ratio": 0.3,  # CutPaste aspect ratio log-uniform in [a, 1/a]
-    "scar_width": (2.0, 16.0),  # px at 256 px
-    "scar_height": (10.0, 25.0),  # px at 256 px
-    "scar_rotation": (-45.0, 45.0),  # degrees
-    "eval_batch_size": 64,  # eval.py's DataLoader batch for embeddings
-}
+
+
+@dataclass(frozen=True)
+class CutPasteConfig:
+    """CutPaste's hyper-parameters; the defaults are ``run_training.py``'s."""
+
+    steps: int = 256  # update steps (run_training --epochs; the paper's "epoch")
+    batch_size: int = 32  # images per step, 3 x 32 = 96 network inputs
+    optimizer: str = "sgd"  # "sgd" (cosine schedule) or "adam" (constant lr), as --optim
+    lr: float = 0.03  # learning rate (the start of the cosine for sgd)
+    momentum: float = 0.9  # SGD only
+    weight_decay: float = 3e-5  # both optimizers
+    freeze_steps: int = 20  # backbone frozen while step < freeze_steps (--freeze_resnet)
+    head_layers: int = 1  # Linear(512)-BN-ReLU blocks before the Linear(128)-BN-ReLU (--head_layer)
+    head_width: int = 512  # width of those blocks
+    head_out: int = 128  # width of the last head block (the classifier's input)
+    image_jitter: float = 0.1  # ColorJitter of the whole train image before CutPaste (0 = off)
+    patch_jitter: float = 0.1  # ColorJitter of the cut patch (0 = off)
+    area_ratio: tuple[float, float] = (0.02, 0.15)  # CutPaste patch area / image area
+    aspect_ratio: float = 0.3  # CutPaste aspect ratio log-uniform in [a, 1/a]
+    scar_width: tuple[float, float] = (2.0, 16.0)  # px at 256 px
+    scar_height: tuple[float, float] = (10.0, 25.0)  # px at 256 px
+    scar_rotation: tuple[float, float] = (-45.0, 45.0)  # degrees
+    eval_batch_size: int = 64  # eval.py's DataLoader batch for embeddings
+
+    def __post_init__(self):
+        for key in ("steps", "batch_size", "head_width", "head_out", "eval_batch_size"):
+            check_range(key, getattr(self, key), 1, integer=True)
+        check_range("head_layers", self.head_layers, 0, integer=True)
+        check_range("freeze_steps", self.freeze_steps, 0, integer=True)
+        check_choice("optimizer", self.optimizer, ("sgd", "adam"))
+        check_range("lr", self.lr, 1e-12)
+        check_range("momentum", self.momentum, 0.0, 1.0)
+        check_range("weight_decay", self.weight_decay, 0.0)
+        check_range("image_jitter", self.image_jitter, 0.0, 1.0)
+        check_range("patch_jitter", self.patch_jitter, 0.0, 1.0)
+        check_pair("area_ratio", self.area_ratio, 1e-6, 0.999)
+        check_range("aspect_ratio", self.aspect_ratio, 1e-6, 1.0)
+        check_pair("scar_width", self.scar_width, 1e-6)
+        check_pair("scar_height", self.scar_height, 1e-6)
+        check_pair("scar_rotation", self.scar_rotation, -360.0, 360.0)
+
+
+DEFAULTS: dict[str, Any] = dataclasses.asdict(CutPasteConfig())
 
 
 # ----------------------------------------------------------------------------- augmentations
@@ -441,29 +463,6 @@ def l2_normalise(embeddings: np.ndarray | torch.Tensor) -> np.ndarray:
 # ----------------------------------------------------------------------------- entry point
 
 
-def _check_config(cfg: Mapping[str, Any]) -> None:
-    for key in ("steps", "batch_size", "head_layers", "head_width", "head_out", "eval_batch_size"):
-        if not isinstance(cfg[key], int) or cfg[key] < (0 if key == "head_layers" else 1):
-            raise ValueError(f"cutpaste config: {key}={cfg[key]!r} must be a positive int")
-    if not isinstance(cfg["freeze_steps"], int) or cfg["freeze_steps"] < 0:
-        raise ValueError(f"cutpaste config: freeze_steps={cfg['freeze_steps']!r} must be >= 0")
-    if cfg["optimizer"] not in ("sgd", "adam"):
-        raise ValueError(f"cutpaste config: optimizer={cfg['optimizer']!r} must be sgd or adam")
-    if not cfg["lr"] > 0:
-        raise ValueError(f"cutpaste config: lr={cfg['lr']!r} must be > 0")
-    low, high = cfg["area_ratio"]
-    if not 0 < low <= high < 1:
-        raise ValueError(
-            f"cutpaste config: area_ratio={cfg['area_ratio']!r} needs 0 < min <= max < 1"
-        )
-    if not 0 < cfg["aspect_ratio"] <= 1:
-        raise ValueError(f"cutpaste config: aspect_ratio={cfg['aspect_ratio']!r} must be in (0, 1]")
-    for key in ("scar_width", "scar_height"):
-        low, high = cfg[key]
-        if not 0 < low <= high:
-            raise ValueError(f"cutpaste config: {key}={cfg[key]!r} needs 0 < min <= max")
-
-
 def _uint8_images(dataset: ADImageDataset, batch_size: int) -> torch.Tensor:
     """Every image of an identity-normalised dataset, (N, 3, H, W) uint8: the reference's cache."""
     batches = [b["image"] for b in make_loader(dataset, batch_size)]
@@ -484,11 +483,11 @@ def run_cutpaste(
 
     Args:
         backbone: ``(model, mean, std)`` or an object with ``.build()``, ``.mean``, ``.std``
-            (see ``panda.resolve_backbone``). The model is never modified: a copy is trained.
+            (see ``features.resolve_backbone``). The model is never modified: a copy is trained.
         split: from ``ad_eval.datasets.scan``.
         size, crop: image resize and optional centre crop (``ADImageDataset``), for training and
             scoring alike; the reference uses 256 px, no crop.
-        config: overrides of ``DEFAULTS``; an unknown key raises ValueError.
+        config: a ``CutPasteConfig``, or overrides of ``DEFAULTS`` (an unknown key raises ConfigError).
         device: torch device.
         seed: seeds head init, batch order and augmentations: same seed, same scores.
 
@@ -496,8 +495,7 @@ def run_cutpaste(
         ``MethodScores`` in ``split.test`` order: Mahalanobis distances of the L2-normalised test
         embeddings to the train ones; ``anomaly_maps`` and ``masks`` are None.
     """
-    cfg = merge_config(config, DEFAULTS, "cutpaste")
-    _check_config(cfg)
+    cfg = dataclasses.asdict(as_config(config))
     model, mean, std = resolve_backbone(backbone)
     model = copy.deepcopy(model)
     raw = ADImageDataset(split.train, size=size, crop=crop, mean=(0, 0, 0), std=(1, 1, 1))
@@ -528,3 +526,20 @@ def run_cutpaste(
         image_scores=density.score(embeddings[1]),
         image_labels=np.array([s.label for s in split.test], dtype=np.int64),
     )
+
+
+def as_config(config: CutPasteConfig | Mapping[str, Any] | None) -> CutPasteConfig:
+    """A ``CutPasteConfig`` as is, or one built from overrides of the defaults."""
+    return config if isinstance(config, CutPasteConfig) else SPEC.make_config(config)
+
+
+def run(backbone: Any, split: Split, *, layers: tuple[str, ...] | None, size: int, crop: int | None,
+        config: CutPasteConfig, device: str, seed: int, work_dir: Path) -> MethodScores:
+    """The registry's entry point (``registry.MethodSpec.run``); CutPaste takes no layers."""
+    return run_cutpaste(backbone, split, size=size, crop=crop, config=config, device=device, seed=seed)
+
+
+SPEC = register(MethodSpec(
+    name="cutpaste", label="CutPaste", config=CutPasteConfig, run=run, pixel_maps=False,
+    min_train_images=lambda config, layers, side: 2,  # a Gaussian fit (Ledoit-Wolf) needs two embeddings
+))

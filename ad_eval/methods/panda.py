@@ -24,8 +24,7 @@ Reference: ``talreiss/PANDA`` at 6b5aac9 (``panda.py``, ``utils.py``, ``losses.p
   images come from ``ADImageDataset`` with the caller's ``size``/``crop`` (pass ``crop=224`` for
   the reference's transform) and the backbone's own normalisation.
 
-The backbone helpers here (``resolve_backbone``, ``merge_config``, ``extract_features``) are shared
-with ``cutpaste.py``.
+The backbone helpers (``resolve_backbone``, ``extract_features``) live in ``features.py``.
 
 Example::
 
@@ -34,149 +33,59 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import dataclasses
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ad_eval.datasets import ADImageDataset, Split
-from ad_eval.methods.base import DEFAULT_LAYERS as ALL_DEFAULT_LAYERS
-from ad_eval.methods.base import LAYER_NAMES, MethodScores, check_layers
+from ad_eval.methods.base import MethodScores, check_layers
+from ad_eval.methods.features import (
+    deterministic_torch,
+    extract_features,
+    make_loader,
+    pooled_features,
+    resolve_backbone,
+)
+from ad_eval.methods.registry import ANY_LAYER_SET, MethodSpec, register
+from fractal_pretrain.config import check_range
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LAYERS = ALL_DEFAULT_LAYERS["panda"]  # the reference's feature: avgpool of the last stage
-DEFAULTS: dict[str, Any] = {
-    "k": 2,  # neighbours; utils.knn_score(n_neighbours=2)
-    "finetune_epochs": 0,  # 0 = frozen backbone ("Epoch 0" / DN2); the reference CLI runs 15
-    "lr": 1e-2,  # --lr
-    "momentum": 0.9,  # optim.SGD in train_model
-    "weight_decay": 5e-5,  # optim.SGD in train_model
-    "grad_clip_norm": 1e-3,  # clip_grad_norm_ in run_epoch
-    "trainable": ("layer3", "layer4"),  # freeze_parameters freezes conv1, bn1, layer1, layer2, fc
-}
-RESNET_STEM = ("conv1", "bn1", "relu", "maxpool")
+DEFAULT_LAYERS = ("layer4",)  # the reference's feature: avgpool of the last stage
 
 
-# ----------------------------------------------------------------------------- shared helpers
+@dataclass(frozen=True)
+class PandaConfig:
+    """PANDA's hyper-parameters; the defaults are the reference's."""
+
+    k: int = 2  # neighbours; utils.knn_score(n_neighbours=2)
+    finetune_epochs: int = 0  # 0 = frozen backbone ("Epoch 0" / DN2); the reference CLI runs 15
+    lr: float = 1e-2  # --lr
+    momentum: float = 0.9  # optim.SGD in train_model
+    weight_decay: float = 5e-5  # optim.SGD in train_model
+    grad_clip_norm: float = 1e-3  # clip_grad_norm_ in run_epoch
+    trainable: tuple[str, ...] = ("layer3", "layer4")  # freeze_parameters freezes conv1, bn1, layer1, layer2, fc
+
+    def __post_init__(self):
+        check_range("k", self.k, 1, integer=True)
+        check_range("finetune_epochs", self.finetune_epochs, 0, integer=True)
+        check_range("lr", self.lr, 1e-12)
+        check_range("momentum", self.momentum, 0.0, 1.0)
+        check_range("weight_decay", self.weight_decay, 0.0)
+        check_range("grad_clip_norm", self.grad_clip_norm, 1e-12)
+        check_layers(self.trainable)
 
 
-def resolve_backbone(backbone: Any) -> tuple[nn.Module, tuple[float, ...], tuple[float, ...]]:
-    """The (model, mean, std) of a backbone given as a tuple or as an object with ``.build()``.
-
-    Args:
-        backbone: ``(model, mean, std)``, or any object with ``.build()`` returning the model and
-            ``.mean``/``.std`` attributes (``ad_eval.backbones.Backbone``). The model is a
-            torchvision ResNet with ``fc = nn.Identity()``. A bare ``nn.Module`` is refused: it
-            carries no normalisation, and a silent ImageNet default would be wrong for fractal
-            backbones.
-
-    Returns:
-        The model (not copied: callers copy before changing it) and mean/std as float tuples.
-    """
-    if isinstance(backbone, nn.Module):
-        raise TypeError(
-            "backbone: pass (model, mean, std) or an object with .build(), .mean and .std; "
-            "a bare nn.Module carries no normalisation"
-        )
-    if isinstance(backbone, (tuple, list)) and len(backbone) == 3:
-        model, mean, std = backbone
-    elif callable(getattr(backbone, "build", None)):
-        model, mean, std = backbone.build(), backbone.mean, backbone.std
-    else:
-        raise TypeError(
-            f"backbone: {type(backbone).__name__} is neither (model, mean, std) nor an object "
-            "with .build(), .mean and .std"
-        )
-    missing = [n for n in (*RESNET_STEM, *LAYER_NAMES) if not hasattr(model, n)]
-    if not isinstance(model, nn.Module) or missing:
-        raise TypeError(
-            f"backbone model {type(model).__name__} is not a torchvision-style ResNet "
-            f"(missing {', '.join(missing) or 'nn.Module'})"
-        )
-    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise ValueError(f"backbone mean={mean!r}, std={std!r}: need 3 values each, std > 0")
-    return model, mean, std
-
-
-def merge_config(
-    config: Mapping[str, Any] | None, defaults: Mapping[str, Any], method: str
-) -> dict[str, Any]:
-    """``defaults`` updated with ``config``; an unknown key raises ValueError naming the allowed."""
-    config = dict(config or {})
-    unknown = sorted(set(config) - set(defaults))
-    if unknown:
-        raise ValueError(
-            f"{method} config: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(defaults))}"
-        )
-    return {**defaults, **config}
-
-
-def pooled_features(model: nn.Module, images: torch.Tensor, layers: Sequence[str]) -> torch.Tensor:
-    """Global-average-pooled outputs of ResNet stages ``layers``, concatenated in stage order.
-
-    Args:
-        model: a torchvision ResNet (only the stem and ``layer1..4`` are used).
-        images: (B, 3, H, W) normalised.
-        layers: names from ``check_layers`` (sorted ``layer1..layer4``).
-
-    Returns:
-        (B, sum of the layers' channels); for ``("layer4",)`` this is ``model(images)``.
-    """
-    wanted = set(layers)
-    x = model.maxpool(model.relu(model.bn1(model.conv1(images))))
-    features = []
-    for name in LAYER_NAMES:
-        x = getattr(model, name)(x)  # (B, C, h, w)
-        if name in wanted:
-            features.append(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))  # (B, C)
-            wanted.discard(name)
-            if not wanted:  # later stages are not needed
-                break
-    return torch.cat(features, dim=1)
-
-
-def make_loader(
-    dataset: Dataset, batch_size: int, *, generator: torch.Generator | None = None
-) -> DataLoader:
-    """In-process loader; shuffled (drop_last=False) when a seeded ``generator`` is given."""
-    return DataLoader(
-        dataset, batch_size=batch_size, shuffle=generator is not None, generator=generator
-    )
-
-
-@torch.no_grad()
-def extract_features(
-    model: nn.Module, loader: DataLoader, layers: Sequence[str], device: str | torch.device
-) -> torch.Tensor:
-    """(N, D) float32 CPU pooled features of every image of ``loader`` (items have ``"image"``)."""
-    chunks = [
-        pooled_features(model, batch["image"].to(device), layers).float().cpu() for batch in loader
-    ]
-    return torch.cat(chunks)
-
-
-@contextlib.contextmanager
-def deterministic_torch() -> Iterator[None]:
-    """Deterministic torch kernels (a warning where none exists), previous settings restored."""
-    enabled = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    cudnn = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
+DEFAULTS: dict[str, Any] = dataclasses.asdict(PandaConfig())
 
 
 # ----------------------------------------------------------------------------- PANDA
@@ -272,17 +181,6 @@ def finetune_compactness(
     return epoch_losses
 
 
-def _check_config(cfg: Mapping[str, Any]) -> None:
-    if not isinstance(cfg["k"], int) or cfg["k"] < 1:
-        raise ValueError(f"panda config: k={cfg['k']!r} must be an int >= 1")
-    if not isinstance(cfg["finetune_epochs"], int) or cfg["finetune_epochs"] < 0:
-        raise ValueError(f"panda config: finetune_epochs={cfg['finetune_epochs']!r} must be >= 0")
-    for key in ("lr", "grad_clip_norm"):
-        if not cfg[key] > 0:
-            raise ValueError(f"panda config: {key}={cfg[key]!r} must be > 0")
-    check_layers(cfg["trainable"])
-
-
 def run_panda(
     backbone: Any,
     split: Split,
@@ -304,7 +202,7 @@ def run_panda(
         layers: stages whose pooled features are concatenated (``check_layers`` syntax);
             default ``("layer4",)`` as the reference.
         size, crop: image resize and optional centre crop (``ADImageDataset``).
-        config: overrides of ``DEFAULTS``; an unknown key raises ValueError.
+        config: a ``PandaConfig``, or overrides of ``DEFAULTS`` (an unknown key raises ConfigError).
         device: torch device for the backbone.
         seed: seeds the fine-tuning batch order (unused when ``finetune_epochs`` is 0).
         batch_size: images per forward pass and fine-tuning step (reference 32).
@@ -312,8 +210,7 @@ def run_panda(
     Returns:
         ``MethodScores`` in ``split.test`` order; ``anomaly_maps`` and ``masks`` are None.
     """
-    cfg = merge_config(config, DEFAULTS, "panda")
-    _check_config(cfg)
+    cfg = dataclasses.asdict(as_config(config))
     layer_names = check_layers(DEFAULT_LAYERS if layers is None else layers)
     model, mean, std = resolve_backbone(backbone)
     model = copy.deepcopy(model).to(device).eval()
@@ -335,3 +232,21 @@ def run_panda(
         image_scores=knn_scores(train, test, k=cfg["k"]),
         image_labels=np.array([s.label for s in split.test], dtype=np.int64),
     )
+
+
+def as_config(config: PandaConfig | Mapping[str, Any] | None) -> PandaConfig:
+    """A ``PandaConfig`` as is, or one built from overrides of the defaults."""
+    return config if isinstance(config, PandaConfig) else SPEC.make_config(config)
+
+
+def run(backbone: Any, split: Split, *, layers: tuple[str, ...] | None, size: int, crop: int | None,
+        config: PandaConfig, device: str, seed: int, work_dir: Path) -> MethodScores:
+    """The registry's entry point (``registry.MethodSpec.run``)."""
+    return run_panda(backbone, split, layers=layers, size=size, crop=crop, config=config, device=device, seed=seed)
+
+
+SPEC = register(MethodSpec(
+    name="panda", label="PANDA", config=PandaConfig, run=run, default_layers=DEFAULT_LAYERS,
+    allowed_layer_sets=ANY_LAYER_SET, pixel_maps=False,
+    min_train_images=lambda config, layers, side: config.k,  # k nearest train features
+))

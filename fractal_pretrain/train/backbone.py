@@ -1,4 +1,4 @@
-"""``backbone.pt`` + ``backbone.json``: what pre-training hands to ad_eval.
+"""``backbone.pt`` + ``backbone.json``: what pre-training hands to ad_eval (format: ``fractal_pretrain.handoff``).
 
 ``backbone.pt`` is the network's state dict with exactly the torchvision keys of its architecture,
 minus the classifier (``fc.*``). ``backbone.json`` says how to use it: architecture, input
@@ -15,10 +15,10 @@ from typing import Any
 import torch
 
 from fractal_pretrain.atomic import atomic_write
+from fractal_pretrain.handoff import FORMAT, META_NAME, WEIGHTS_NAME
 from fractal_pretrain.recipes import get_recipe
 from fractal_pretrain.train.model import build_resnet
 
-FORMAT = "fractal-pretrain-backbone/1"
 NET_PREFIX = "net."
 
 
@@ -69,10 +69,10 @@ def write_backbone(state: dict[str, torch.Tensor], meta: dict[str, Any], out_dir
     """Writes ``backbone.pt`` and ``backbone.json`` into out_dir; returns the .pt path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pt = out / "backbone.pt"
+    pt = out / WEIGHTS_NAME
     atomic_write(pt, lambda f: torch.save(state, f))
     text = json.dumps({"format": FORMAT, **meta}, indent=2, sort_keys=True) + "\n"
-    atomic_write(out / "backbone.json", lambda f: f.write(text.encode()))
+    atomic_write(out / META_NAME, lambda f: f.write(text.encode()))
     return pt
 
 

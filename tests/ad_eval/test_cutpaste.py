@@ -12,7 +12,6 @@ Run: ``python -m pytest -q tests/ad_eval/test_cutpaste.py``
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,7 +35,6 @@ from ad_eval.methods.cutpaste import (
     train_cutpaste,
 )
 
-REALDATA = Path(__file__).resolve().parents[2].parent / "shared" / "realdata"
 CATEGORY = "hazelnut_reduced"
 SIZE = 64  # px: fast on 2 CPU cores
 TINY = {"steps": 3, "batch_size": 4, "freeze_steps": 1, "eval_batch_size": 32}
@@ -47,10 +45,8 @@ TINY = {"steps": 3, "batch_size": 4, "freeze_steps": 1, "eval_batch_size": 32}
 
 
 @pytest.fixture(scope="module")
-def split():
-    if not (REALDATA / CATEGORY).is_dir():
-        pytest.skip(f"real MVTec AD samples not found at {REALDATA / CATEGORY}")
-    return scan("mvtec", REALDATA, CATEGORY)
+def split(realdata):
+    return scan("mvtec", realdata, CATEGORY)
 
 
 def noise_image(seed: int, size: int = 256) -> torch.Tensor:

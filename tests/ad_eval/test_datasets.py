@@ -33,11 +33,6 @@ from ad_eval.datasets import (
     scan_visa_raw,
 )
 
-REALDATA = Path(__file__).resolve().parents[2].parent / "shared" / "realdata"
-needs_realdata = pytest.mark.skipif(
-    not REALDATA.is_dir(), reason=f"real MVTec AD samples not found at {REALDATA}"
-)
-
 
 def _png(path: Path, size: int = 16, mode: str = "RGB", value=128) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,11 +75,10 @@ def _error(call, *args) -> str:
 # ----------------------------------------------------------------------------- real MVTec AD
 
 
-@needs_realdata
 @pytest.mark.parametrize("category", ["hazelnut_reduced", "transistor_reduced"])
-def test_real_mvtec_counts_match_filesystem(category: str) -> None:
-    cat = REALDATA / category
-    split = scan("mvtec", REALDATA, category)
+def test_real_mvtec_counts_match_filesystem(realdata: Path, category: str) -> None:
+    cat = realdata / category
+    split = scan("mvtec", realdata, category)
     n_train = len(list((cat / "train/good").glob("*.png")))
     n_test = len(list((cat / "test").glob("*/*.png")))
     n_bad = n_test - len(list((cat / "test/good").glob("*.png")))
@@ -99,9 +93,8 @@ def test_real_mvtec_counts_match_filesystem(category: str) -> None:
             assert s.mask_path is None and s.defect == "good"
 
 
-@needs_realdata
-def test_real_mvtec_items() -> None:
-    split = scan_mvtec(REALDATA, "hazelnut_reduced")
+def test_real_mvtec_items(realdata: Path) -> None:
+    split = scan_mvtec(realdata, "hazelnut_reduced")
     data = ADImageDataset(split.test, size=256)
     for item, sample in zip(data, split.test, strict=True):
         assert item["image"].shape == (3, 256, 256) and item["image"].dtype == torch.float32
@@ -120,9 +113,8 @@ def test_real_mvtec_items() -> None:
     torch.testing.assert_close(restored, torch.from_numpy(raw).permute(2, 0, 1))
 
 
-@needs_realdata
-def test_real_mvtec_crop_and_loader() -> None:
-    split = scan_mvtec(REALDATA, "hazelnut_reduced")
+def test_real_mvtec_crop_and_loader(realdata: Path) -> None:
+    split = scan_mvtec(realdata, "hazelnut_reduced")
     data = ADImageDataset(split.test, size=256, crop=224)
     batch = next(iter(DataLoader(data, batch_size=4)))
     assert batch["image"].shape == (4, 3, 224, 224) and batch["mask"].shape == (4, 1, 224, 224)

@@ -9,8 +9,6 @@ Run: ``python -m pytest -q tests/ad_eval/test_panda.py``
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -20,21 +18,16 @@ from torch import nn
 from ad_eval.datasets import IMAGENET_MEAN, IMAGENET_STD, Sample, Split, scan
 from ad_eval.methods.panda import (
     DEFAULTS,
+    as_config,
     compactness_loss,
     finetune_compactness,
     knn_scores,
-    merge_config,
     pooled_features,
     resolve_backbone,
     run_panda,
 )
 
-REALDATA = Path(__file__).resolve().parents[2].parent / "shared" / "realdata"
 CATEGORY = "hazelnut_reduced"
-needs_realdata = pytest.mark.skipif(
-    not (REALDATA / CATEGORY).is_dir(),
-    reason=f"real MVTec AD samples not found at {REALDATA / CATEGORY}",
-)
 SIZE = 64  # px: fast on 2 CPU cores
 
 
@@ -48,10 +41,8 @@ def backbone():
 
 
 @pytest.fixture(scope="module")
-def split():
-    if not (REALDATA / CATEGORY).is_dir():
-        pytest.skip(f"real MVTec AD samples not found at {REALDATA / CATEGORY}")
-    return scan("mvtec", REALDATA, CATEGORY)
+def split(realdata):
+    return scan("mvtec", realdata, CATEGORY)
 
 
 def brute_force_knn(train: np.ndarray, test: np.ndarray, k: int) -> np.ndarray:
@@ -121,7 +112,7 @@ def test_unknown_config_key_names_the_allowed_ones(backbone):
     with pytest.raises(
         ValueError, match=r"unknown key 'neighbours'.*allowed: .*finetune_epochs.*k"
     ):
-        merge_config({"neighbours": 3}, DEFAULTS, "panda")
+        as_config({"neighbours": 3})
     split = Split(train=[], test=[])
     with pytest.raises(ValueError, match="unknown key 'epochs'"):
         run_panda(backbone, split, config={"epochs": 1})
@@ -182,7 +173,6 @@ def test_finetune_trains_layer3_and_layer4_only_and_keeps_batchnorm_statistics()
 # ---------------------------------------------------------------- run_panda on real data
 
 
-@needs_realdata
 def test_run_panda_on_hazelnut(backbone, split):
     state = {k: v.clone() for k, v in backbone[0].state_dict().items()}
     result = run_panda(backbone, split, size=SIZE, batch_size=16)
@@ -199,7 +189,6 @@ def test_run_panda_on_hazelnut(backbone, split):
     assert all(torch.equal(v, backbone[0].state_dict()[k]) for k, v in state.items())
 
 
-@needs_realdata
 def test_train_image_in_the_test_set_scores_zero_with_k1(backbone, split):
     good = split.train[0]
     test = [Sample(good.path, 0, "good"), *split.test]
@@ -210,7 +199,6 @@ def test_train_image_in_the_test_set_scores_zero_with_k1(backbone, split):
     assert result.image_scores[1:].min() > 0
 
 
-@needs_realdata
 def test_run_panda_finetuning_is_deterministic_and_leaves_the_backbone(backbone, split):
     small = Split(train=split.train[:12], test=split.test)
     state = {k: v.clone() for k, v in backbone[0].state_dict().items()}

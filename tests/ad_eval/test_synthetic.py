@@ -213,9 +213,9 @@ def test_refuses_to_overwrite_a_foreign_dataset(tmp_path, capsys):
     (tmp_path / "texture").mkdir()
     with pytest.raises(FileExistsError, match="synthetic.json"):
         make_mvtec_like(tmp_path, categories=("texture",))
-    with pytest.raises(SystemExit) as info:
-        main(["--out", str(tmp_path)])
-    assert info.value.code == 2 and "error:" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ad-eval: error: ") and "synthetic.json" in err and err.count("\n") == 1
     assert not any((tmp_path / "texture").iterdir())
 
 

@@ -24,7 +24,6 @@ REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
 SBATCH_SCRIPT = REPO / "slurm" / "pretrain.sbatch"
 SMOKE = "jobs/pretrain/smoke.yaml"  # relative to --chdir, as a user would write it
-REALDATA = (REPO.parent / "shared" / "realdata").resolve()
 CATEGORIES = ["hazelnut_reduced", "transistor_reduced"]
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 STEPS = 12  # the preempted run and its reference: 6 epochs of 2 global steps (64 samples / (8 x 4 ranks))
@@ -46,7 +45,6 @@ def _slurm_unavailable() -> str | None:
 
 _UNAVAILABLE = _slurm_unavailable()
 pytestmark = [pytest.mark.cluster, pytest.mark.skipif(_UNAVAILABLE is not None, reason=_UNAVAILABLE or "")]
-needs_realdata = pytest.mark.skipif(not REALDATA.is_dir(), reason=f"real MVTec samples not found at {REALDATA}")
 
 
 def job_env(**extra: str) -> dict[str, str]:
@@ -213,11 +211,11 @@ def test_missing_container_image_exits_2(tmp_path):
 # ------------------------------------------------------------------------------------------------ eval arrays
 
 
-def write_grid(path: Path, **resources) -> Path:
+def write_grid(path: Path, root: Path, **resources) -> Path:
     import yaml
 
     config = {
-        "datasets": {"mvtec": {"root": str(REALDATA), "categories": CATEGORIES}},
+        "datasets": {"mvtec": {"root": str(root), "categories": CATEGORIES}},
         "backbones": {"Random": {"spec": "random", "arch": "resnet18"}},
         "methods": {"patchcore": {"layers": [[2, 3]]}},
         "size": 64, "seeds": [0], "cells_per_task": 1, "device": "cpu",
@@ -244,9 +242,8 @@ def array_tasks(name: str = "ad-eval") -> list[tuple[str, str]]:
     return [tuple(line.split()) for line in out.splitlines() if line.strip()]
 
 
-@needs_realdata
-def test_eval_grid_as_slurm_arrays_survives_a_cancelled_task(tmp_path):
-    config, out = write_grid(tmp_path / "grid.yaml"), tmp_path / "results"
+def test_eval_grid_as_slurm_arrays_survives_a_cancelled_task(tmp_path, realdata):
+    config, out = write_grid(tmp_path / "grid.yaml", realdata), tmp_path / "results"
     grid = ["grid", "--config", str(config), "--cluster", "slurm", "--out", str(out), "--no-progress"]
 
     # 1. both cells as a 2-task array
@@ -266,7 +263,7 @@ def test_eval_grid_as_slurm_arrays_survives_a_cancelled_task(tmp_path):
     lost = records(out)[0]
     kept = {p.name: p.read_text() for p in records(out) if p != lost}
     lost.unlink()
-    held = write_grid(tmp_path / "grid-held.yaml", slurm_additional_parameters={"hold": True})
+    held = write_grid(tmp_path / "grid-held.yaml", realdata, slurm_additional_parameters={"hold": True})
     earlier = {job for job, _ in array_tasks()}  # the first run's tasks (some may still be completing)
     second = ad_eval("grid", "--config", str(held), "--cluster", "slurm", "--out", str(out), "--no-progress",
                      cwd=tmp_path)

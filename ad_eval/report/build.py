@@ -1,0 +1,260 @@
+"""``build_report``: a results folder in, the paper's tables and figures and a summary out.
+
+Per dataset present: ``table_<dataset>_<metric>.{md,csv,tex}`` (all training images), per few-shot K
+``table_<dataset>_<metric>_<K>shot.*``; figures ``spider_*``, ``layers_*``, ``fewshot_<dataset>_<metric>.png``
+and, for categories run with ``keep_maps``, ``qualitative_<dataset>_<category>.png``; then
+``results_long.csv`` (every cell, layer set and shots value: mean, std, n, seeds) and ``summary.md``
+(what was read, skipped, failed, missing, and why a figure was not drawn).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ad_eval.report.figures import fewshot_figure, layers_figure, qualitative_figure, spider_figure
+from ad_eval.report.order import (
+    CATEGORY_ORDER,
+    DATASET_NAMES,
+    METHOD_ORDER,
+    METRIC_NAMES,
+    dataset_name,
+    default_backbones,
+    order_categories,
+    order_methods,
+    ordered,
+)
+from ad_eval.report.records import (
+    ALL_SHOTS,
+    KEY,
+    METRICS,
+    deduplicate,
+    load_records,
+    method_label,
+    mixed_settings,
+    shots_label,
+)
+from ad_eval.report.stats import aggregate, cell_stats, choose_layer_sets, layer_sort_key
+from ad_eval.report.tables import make_table, write_table
+
+SPIDER_METRICS = ("image_AUROC",)  # the paper's figure 3
+
+
+def _as_list(value: str | Sequence[str] | None) -> list[str] | None:
+    """"a,b" or ["a", "b"] -> ["a", "b"] (so that a CLI can pass its strings through)."""
+    if value is None:
+        return None
+    return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+
+
+def select_backbones(records: pd.DataFrame, wanted: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """(backbones in cell order, warnings): the ones asked for, else all found, "ImageNet" first."""
+    found = default_backbones(records["backbone"])
+    backbones = wanted or found
+    warnings = [f"backbone {b!r} has no record" for b in backbones if b not in found]
+    other = sorted(set(found) - set(backbones))
+    if other:
+        warnings.append(f"records of backbone(s) {', '.join(other)} left out (not requested)")
+    return list(backbones), warnings
+
+
+class _Report:
+    """What the tables and figures of one report collect as they are written."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        self.tables: list[Path] = []
+        self.figures: list[Path] = []
+        self.skipped: list[str] = []
+        self.notes: list[str] = []
+        self.missing: list[tuple[str, str, str, str]] = []
+        self.missing_lines: list[str] = []
+        self.nulls: list[str] = []
+
+    def figure(self, name: str, draw, *args) -> None:
+        """Calls ``draw(*args, path) -> (written, notes)`` and files the outcome."""
+        path = self.out_dir / name
+        written, why = draw(*args, path)
+        if written:
+            self.figures.append(path)
+            self.notes += [f"{name}: {n}" for n in why]
+        else:
+            self.skipped.append(f"{name}: {'; '.join(why)}")
+
+
+def _write_tables(report: _Report, records: pd.DataFrame, long: pd.DataFrame, all_records: pd.DataFrame,
+                  dataset: str, shots: int, categories: list[str], backbones: list[str], metrics: Sequence[str],
+                  spider_metrics: Sequence[str]) -> None:
+    """The tables of one (dataset, shots) from ``records`` (the tables' layer sets), and for all training
+    images the spider and layer figures."""
+    methods_run = order_methods(records["method"])
+    done = set(records[["category", "method", "backbone"]].itertuples(index=False))
+    missing = [(m, c, b) for m in methods_run for c in categories for b in backbones if (c, m, b) not in done]
+    where = dataset_name(dataset) + ("" if shots == ALL_SHOTS else f" K={shots}")
+    report.missing_lines += [f"{where}: {method_label(m)} / {c} / {b}" for m, c, b in missing]
+    if shots == ALL_SHOTS:
+        report.missing += [(dataset, m, c, b) for m, c, b in missing]
+    suffix = "" if shots == ALL_SHOTS else f"_{shots}shot"
+    for metric in metrics:
+        name, title = f"{dataset}_{metric}{suffix}", f"{dataset_name(dataset)} {METRIC_NAMES[metric]}"
+        if shots != ALL_SHOTS:
+            title += f", K={shots} normal training images"
+        stats = cell_stats(records[records["category"].isin(categories)], metric)
+        methods = [m for m in methods_run if any(k[1] == m for k in stats)]
+        report.nulls += [f"{title}: {method_label(m)} / {c} / {b}" for m in methods for c in categories
+                         for b in backbones if (c, m, b) in done and (c, m, b) not in stats]
+        if not methods:
+            report.skipped.append(f"table_{name}: no values")
+            continue
+        table, seeds = make_table(stats, categories, methods, backbones)
+        caption = f"{title} (%). Each cell carries the results for {'/'.join(backbones)}.{seeds}"
+        report.tables += write_table(table, caption, report.out_dir, name)
+        if shots != ALL_SHOTS:
+            continue
+        if metric in spider_metrics:
+            means = {k: s.mean for k, s in stats.items()}
+            report.figure(f"spider_{name}.png", spider_figure, means, dataset, metric, categories, methods, backbones)
+        report.figure(f"layers_{name}.png", layers_figure, long, all_records, dataset, metric, backbones)
+
+
+def _summary(title: str, head: Sequence[str], sections: Mapping[str, Sequence[str]]) -> str:
+    """Markdown: a title, a bullet list, then one section per non-empty list, its count in the heading."""
+    lines = [f"# {title}", "", *(f"- {line}" for line in head)]
+    for heading, items in sections.items():
+        if items:
+            lines += ["", f"## {heading} ({len(items)})", "", *(f"- {item}" for item in items)]
+    return "\n".join(lines) + "\n"
+
+
+def _sorted_long(long: pd.DataFrame, datasets: Sequence[str]) -> pd.DataFrame:
+    """Rows in the tables' order: dataset, method, category, backbone, layer set, shots (K up, then all), metric;
+    ``shots`` as "all" or K, and left out when every record used all training images."""
+    methods = {m: i for i, m in enumerate(order_methods(long["method"]))}
+    layer_sets = sorted(set(long["layer_set"]), key=layer_sort_key)
+    categories = {(d, c): i for d in datasets
+                  for i, c in enumerate(order_categories(d, long.loc[long["dataset"] == d, "category"]))}
+    keys = pd.DataFrame({
+        "d": long["dataset"].map({d: i for i, d in enumerate(datasets)}), "m": long["method"].map(methods),
+        "c": [categories[d, c] for d, c in zip(long["dataset"], long["category"], strict=True)],
+        "b": long["backbone"], "l": long["layer_set"].map({s: i for i, s in enumerate(layer_sets)}),
+        "s": long["shots"].replace(ALL_SHOTS, np.inf), "x": long["metric"].map({m: i for i, m in enumerate(METRICS)}),
+    }, index=long.index)
+    out = long.loc[keys.sort_values(list(keys.columns), kind="stable").index]
+    if (out["shots"] == ALL_SHOTS).all():
+        return out.drop(columns="shots")
+    return out.assign(shots=out["shots"].map(shots_label))
+
+
+def build_report(results_dir: str | Path, out_dir: str | Path, backbones: str | Sequence[str] | None = None,
+                 metrics: str | Sequence[str] = METRICS, layers: Mapping[str, Any] | None = None, *,
+                 spider_metrics: str | Sequence[str] = SPIDER_METRICS) -> dict[str, Any]:
+    """Writes the paper's tables and figures for the records in ``results_dir`` into ``out_dir``.
+
+    Args:
+        results_dir: folder of ``<cell_id>.json`` records (see ``load_records``), and ``maps/`` of cells run
+            with ``keep_maps``.
+        out_dir: created if needed (see the module docstring for what it gets).
+        backbones: backbone labels, in the order of each cell "a/b"; a list or "ImageNet,Fractals". Default: all
+            labels found, sorted, "ImageNet" first. Records of other labels are left out (and counted).
+        metrics: metrics of the tables and figures, from ``METRICS``.
+        layers: method -> layer set of the tables (e.g. ``{"padim": "1,2,3"}``); default per method: the set with
+            the most cells (ties: the reference set).
+        spider_metrics: metrics with a spider chart (the paper: image-level AUROC only); only those in ``metrics``.
+
+    Returns:
+        ``{"tables": [paths], "figures": [paths], "results_long": path, "summary": path, "problems": [...],
+        "failures": [...], "warnings": [...], "skipped": [...], "missing": [...]}``; problems name the skipped
+        record files, skipped the figures not drawn and why, missing the (dataset, method, category, backbone)
+        cells (all training images) without a record.
+    """
+    metrics = _as_list(metrics) or []
+    spider_metrics = [m for m in _as_list(spider_metrics) or [] if m in metrics]
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"metrics={unknown}: unknown (known: {', '.join(METRICS)})")
+    results_dir, out_dir = Path(results_dir), Path(out_dir)
+    records, problems, failures = load_records(results_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_read, done_ids = len(records), set(records["cell_id"])
+    backbones, warnings = select_backbones(records, _as_list(backbones))
+    records, duplicates = deduplicate(records[records["backbone"].isin(backbones)])
+    warnings += duplicates + mixed_settings(records)
+    long = aggregate(records)
+    layer_sets = choose_layer_sets(records, layers)
+    warnings += [f"layers[{m!r}] = {s}: no record of {m} with that layer set" for m, s in layer_sets.items()
+                 if not ((records["method"] == m) & (records["layer_set"] == s)).any()]
+    long["in_tables"] = long["layer_set"] == long["method"].map(layer_sets)
+    tabled = records[records["layer_set"] == records["method"].map(layer_sets)]
+
+    report = _Report(out_dir)
+    datasets = ordered(records["dataset"], tuple(DATASET_NAMES))
+    few_shots = sorted(set(records["shots"]) - {ALL_SHOTS})
+    for dataset in datasets:
+        in_dataset = records[records["dataset"] == dataset]
+        categories = order_categories(dataset, in_dataset["category"])
+        tabled_here = tabled[tabled["dataset"] == dataset]
+        warnings += [f"{dataset_name(dataset)}: {method_label(m)} has records but none with the tables' layer set "
+                     f"{layer_sets[m]}: no column" for m in order_methods(in_dataset["method"])
+                     if m not in set(tabled_here["method"])]
+        shots_here = sorted(set(in_dataset["shots"]) - {ALL_SHOTS})
+        for shots in ([ALL_SHOTS] if (in_dataset["shots"] == ALL_SHOTS).any() or not shots_here else []) + shots_here:
+            _write_tables(report, tabled_here[tabled_here["shots"] == shots], long[long["shots"] == shots],
+                          in_dataset[in_dataset["shots"] == shots], dataset, shots, categories, backbones, metrics,
+                          spider_metrics)
+        if shots_here:
+            for metric in metrics:
+                report.figure(f"fewshot_{dataset}_{metric}.png", fewshot_figure, tabled_here, dataset, metric,
+                              backbones)
+        if tabled_here["maps"].notna().any():
+            main = tabled_here[tabled_here["shots"] == ALL_SHOTS]
+            for category in categories:
+                name = f"qualitative_{dataset}_{category}.png"
+                written, why = qualitative_figure(main, results_dir, dataset, category, backbones, METHOD_ORDER,
+                                                  out_dir / name)
+                if written:
+                    report.figures.append(out_dir / name)
+                elif main["category"].eq(category).any() and why != ["no cell with kept maps (keep_maps)"]:
+                    report.skipped.append(f"{name}: {'; '.join(why)}")
+
+    long_path = out_dir / "results_long.csv"
+    _sorted_long(long, datasets).to_csv(long_path, index=False)
+
+    n_multi = long.loc[long["n"] > 1, KEY].drop_duplicates().shape[0]
+    head = [f"records read: {n_read}; used: {len(records)} (after the backbone selection and duplicates)",
+            f"failures: {len(failures)}", f"corrupt files skipped: {len(problems)}",
+            f"backbones (order in each cell): {'/'.join(backbones)}",
+            "layer sets of the tables: " + ", ".join(f"{method_label(m)} {layer_sets[m]}"
+                                                     for m in order_methods(layer_sets)),
+            f"cells averaged over several seeds: {n_multi} (mean, std, n in `results_long.csv`, in fractions; "
+            "the tables are in percent)",
+            'Model Avg: mean over the table\'s categories, "-" unless every one of them has a value']
+    if few_shots:
+        head.append(f"few-shot K: {', '.join(map(str, few_shots))} (tables `*_<K>shot.*`, figures `fewshot_*.png`)")
+    for dataset in datasets:
+        present = set(records.loc[records["dataset"] == dataset, "category"])
+        absent = [c for c in CATEGORY_ORDER.get(dataset, ()) if c not in present]
+        if absent:
+            head.append(f"{dataset_name(dataset)}: no record for {len(absent)} of "
+                        f"{len(CATEGORY_ORDER[dataset])} categories ({', '.join(absent)}); its averages are over "
+                        "the categories present only")
+    sections = {
+        "Corrupt files (skipped)": [f"`{p.split(': ', 1)[0]}`: {p.split(': ', 1)[1]}" for p in problems],
+        "Failures": [f"`{f.get('cell_id')}` ({f['file']}): {(str(f.get('error', '')).splitlines() or [''])[0]}"
+                     + (" (a result exists too)" if f.get("cell_id") in done_ids else "") for f in failures],
+        "Warnings": warnings,
+        "Tables written": [p.name for p in report.tables],
+        "Figures written": [p.name for p in report.figures],
+        "Figure notes": report.notes,
+        "Not written": report.skipped,
+        "Missing cells (method / category / backbone without a record)": report.missing_lines,
+        "Missing values (a record with a null metric)": report.nulls,
+    }
+    summary_path = out_dir / "summary.md"
+    summary_path.write_text(_summary(f"Report of `{results_dir}`", head, sections))
+    return {"tables": report.tables, "figures": report.figures, "results_long": long_path, "summary": summary_path,
+            "problems": problems, "failures": failures, "warnings": warnings, "skipped": report.skipped,
+            "missing": report.missing}

@@ -1,0 +1,22 @@
+"""What the figures share: a pyplot-free Figure and one colour per backbone."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+BACKBONE_COLORS = {"ImageNet": "tab:blue", "Fractals": "tab:red"}  # the paper's figures 4-6
+OTHER_COLORS = ("tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+DPI = 150
+
+
+def backbone_colors(backbones: Sequence[str]) -> dict[str, str]:
+    """ImageNet blue, Fractals red (the paper's figures 4-6); other labels get the remaining colours."""
+    others = iter(OTHER_COLORS * (len(backbones) // len(OTHER_COLORS) + 1))
+    return {b: BACKBONE_COLORS.get(b) or next(others) for b in backbones}
+
+
+def new_figure(width: float, height: float, layout: str | None = "constrained"):
+    # Figure without pyplot: no global backend state; savefig renders PNG with Agg.
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout=layout)

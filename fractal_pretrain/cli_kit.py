@@ -1,0 +1,91 @@
+"""What both command lines (``fractal-pretrain``, ``ad-eval``) share: ``KEY=VALUE`` parsing, the one-line
+error printer with exit status 2, and the guard against writing into a path that is a file.
+
+A configuration or input error is never a traceback: ``main`` prints ``<prog>: error: <one line>`` on
+stderr and returns ``EXIT_USAGE`` (argparse's own status for bad arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from fractal_pretrain.config import ConfigError
+
+EXIT_USAGE = 2  # argparse's status for bad arguments; used for configuration and input errors too
+# What a handler may raise for bad input: configs, datasets, backbones and grids raise ValueError
+# subclasses; a missing or clashing path raises an OSError subclass.
+USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
+
+
+def key_value(text: str) -> tuple[str, Any]:
+    """An argparse type for ``--set KEY=VALUE``: VALUE parsed as YAML, a YAML error as one line."""
+    import yaml
+
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        problem = str(exc).splitlines()[0]
+        raise argparse.ArgumentTypeError(f"bad YAML value for {key}: {problem}") from None
+    return key, value
+
+
+def add_set_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--set KEY=VALUE`` (repeatable) into ``args.overrides``, a list of (key, value) pairs."""
+    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", type=key_value, action="append",
+                        default=[], help=help)
+
+
+def overrides(pairs: list[tuple[str, Any]] | None) -> dict[str, Any]:
+    """The ``--set`` pairs as a dict (a repeated key: the last one wins)."""
+    return dict(pairs or [])
+
+
+def check_output_dir(path: str | Path, flag: str = "--out") -> Path:
+    """``path`` as an output folder: absent (created later) or a folder; an existing file is an error."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path}: exists and is not a folder")
+    for parent in path.parents:  # a file higher up would fail at mkdir with a traceback
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{flag} {path}: {parent} is a file, not a folder")
+            break
+    return path
+
+
+def fail(prog: str, exc: BaseException) -> int:
+    """Prints an error as one line ``<prog>: error: ...`` on stderr and returns ``EXIT_USAGE``."""
+    print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def parse_or_exit_status(parser: argparse.ArgumentParser, argv: Sequence[str] | None):
+    """``(args, None)``, or ``(None, status)`` when argparse exited (it printed usage + error, or --help)."""
+    try:
+        return parser.parse_args(argv), None
+    except SystemExit as exc:
+        return None, exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
+
+
+def run_main(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Parse ``argv`` and call ``args.handler(args)``; bad input becomes one line and exit status 2."""
+    args, status = parse_or_exit_status(parser, argv)
+    if args is None:
+        return status
+    return call_handler(prog, args.handler, args)
+
+
+def call_handler(prog: str, handler: Callable[..., int], *args) -> int:
+    """``handler(*args)`` with ``USAGE_ERRORS`` printed as one line (exit status 2)."""
+    try:
+        return handler(*args)
+    except USAGE_ERRORS as exc:
+        return fail(prog, exc)

@@ -1,0 +1,58 @@
+"""Bad input a new user might try: one line naming the path, exit status 2, nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ad_eval.cli import main as ad_eval
+from ad_eval.synthetic import make_mvtec_like
+from fractal_pretrain.cli import main as fractal_pretrain
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return make_mvtec_like(tmp_path_factory.mktemp("synth"), categories=("object",), n_train=3, n_test_good=2,
+                           n_test_defect=1, size=32)
+
+
+def run_args(root: Path, out: Path, backbone: str = "random") -> list[str]:
+    return ["run", "--method", "panda", "--dataset", "mvtec", "--root", str(root), "--category", "object",
+            "--backbone", backbone, "--arch", "resnet18", "--size", "32", "--device", "cpu", "--out", str(out)]
+
+
+def one_line(capsys, prog: str) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith(f"{prog}: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_ad_eval_run_out_is_a_file(data_root, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    out.write_text("keep me")
+    assert ad_eval(run_args(data_root, out)) == 2
+    assert str(out) in one_line(capsys, "ad-eval") and out.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+    assert ad_eval(run_args(data_root, out / "sub")) == 2  # a file on the way is the same error
+    assert f"{out} is a file" in one_line(capsys, "ad-eval")
+
+
+def test_fractal_pretrain_export_out_is_a_file(tmp_path, capsys):
+    out = tmp_path / "shards"
+    out.write_text("keep me")
+    args = ["export", "--recipe", "anderson", "--num", "2", "--size", "16", "--shard-size", "2", "--out", str(out)]
+    assert fractal_pretrain(args) == 2
+    assert str(out) in one_line(capsys, "fractal-pretrain") and out.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]
+
+
+@pytest.mark.parametrize("content", [b"just some text\n", b"PK\x03\x04 not really a zip"])
+def test_backbone_that_is_not_a_checkpoint(data_root, tmp_path, capsys, content):
+    stray = tmp_path / "notes.txt"
+    stray.write_bytes(content)
+    out = tmp_path / "out"
+    assert ad_eval(run_args(data_root, out, backbone=str(stray))) == 2
+    err = one_line(capsys, "ad-eval")
+    assert f"{stray}: not a backbone checkpoint" in err and "json" not in err.split("(")[0]
+    assert not out.exists()  # checked before the cell starts: no failure record either
