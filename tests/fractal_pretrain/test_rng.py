@@ -168,3 +168,13 @@ def test_to_int_extremes_and_vector_n():
     n = np.array([2, 3, 4, 5])
     k = rng.to_int(np.full(4, 0xFFFFFFFF, dtype=np.uint32), n)
     np.testing.assert_array_equal(k, n - 1)
+
+
+def test_stream_constants_are_distinct():
+    # Every consumer of the Philox streams (renderer, augmentation, mixing, few-shot choice, epoch order...)
+    # owns its own stream number: two sharing one would draw correlated numbers from the same keys.
+    from fractal_pretrain import rng
+
+    streams = {name: value for name, value in vars(rng).items() if name.startswith("STREAM_")}
+    assert len(streams) >= 8
+    assert len(set(streams.values())) == len(streams), streams
