@@ -56,8 +56,41 @@ def slots_per_sample(recipe: Recipe) -> int:
 
 
 def object_size(recipe: Recipe, size: int) -> int:
-    """Side of one rendered fractal: the image side, or half of it for pasted objects (Anderson)."""
-    return size // 2 if recipe.multi_object else size
+    """Side of one rendered fractal: the image side, or half of it for pasted objects (Anderson's
+    multi-instance cache); two-view recipes render at the image side and resize per view (ssfractal)."""
+    return size // 2 if recipe.multi_object and not recipe.views else size
+
+
+# Two-view recipes: view v of sample i draws its look from the key index + (v + 1) * VIEW_KEY_STRIDE, a key no
+# sample index reaches (they stay below the stride), so views never share draws with any sample or each other.
+VIEW_KEY_STRIDE = 1 << 48
+
+
+def view_keys(index: np.ndarray, views: int) -> np.ndarray:
+    """Keys of the views' canvases, view-major: (views * B,) int64 = all first views, then all second views."""
+    index = np.asarray(index, dtype=np.int64)
+    return np.concatenate([index + (v + 1) * VIEW_KEY_STRIDE for v in range(views)])
+
+
+# ItemPlan fields a view draws for itself; every other field (system, jitter, window, patch mask, hence the
+# chaos game and the density image) is the sample's fractal, shared by its views.
+VIEW_ITEM_FIELDS = ("flips", "hue_shift", "sat8", "val8", "side", "top", "left")
+
+
+def plan_views(recipe: Recipe, bank: SystemBank, size: int, seed: int, epoch: int, index: np.ndarray):
+    """(fractal SamplePlan (B), view SamplePlan (V*B), view ItemPlan (V*B)) of a two-view recipe.
+
+    The fractal of sample i is planned from its own key; the views' canvases (plasma, blur) and looks
+    (flips, colours, size, position) from the view keys. View items keep the sample's index and slot 0,
+    so both views run the same chaos game: identical points, identical density.
+    """
+    samples = plan_samples(recipe, seed, epoch, index)
+    fractal = plan_items(recipe, bank, size, seed, epoch, samples)
+    view_samples = plan_samples(recipe, seed, epoch, view_keys(index, recipe.views))
+    looks = plan_items(recipe, bank, size, seed, epoch, view_samples)
+    merged = {k: np.concatenate([v] * recipe.views) for k, v in vars(fractal).items()}
+    merged.update({k: getattr(looks, k) for k in VIEW_ITEM_FIELDS})
+    return samples, view_samples, ItemPlan(**merged)
 
 
 @dataclass

@@ -1,0 +1,78 @@
+"""Two-view recipes (``selfsup``): views of one sample share the fractal and differ only in their own draws."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fractal_pretrain.config import ConfigError
+from fractal_pretrain.recipes import get_recipe
+from fractal_pretrain.render import emulator, make_renderer
+from fractal_pretrain.render.params import VIEW_ITEM_FIELDS, view_keys
+from fractal_pretrain.render.renderer import ReferenceRenderer
+
+SMALL = {"num_classes": 10, "num_points": 4000, "chains": 64}
+INDICES = np.array([0, 3, 7, 2**40 + 1])
+
+
+@pytest.fixture(scope="module")
+def renderer():
+    return ReferenceRenderer(get_recipe("selfsup", SMALL), size=48, seed=2)
+
+
+def test_views_share_the_fractal_and_differ_in_their_own_draws(renderer):
+    batch = renderer.render(INDICES, epoch=1)
+    b = len(INDICES)
+    assert batch.images.shape == (2 * b, 48, 48, 3) and batch.labels.tolist() == (INDICES % 10).tolist()
+    items = batch.items
+    for field in ("index", "slot", "system", "maps", "cum", "start", "jitter_try", "shift", "scale", "mask"):
+        values = getattr(items, field)
+        np.testing.assert_array_equal(values[:b], values[b:], err_msg=field)  # the shared fractal
+    np.testing.assert_array_equal(items.index[:b], INDICES)
+    np.testing.assert_array_equal(batch.points[:b], batch.points[b:])  # the same chaos game
+    differing = [f for f in VIEW_ITEM_FIELDS if not np.array_equal(getattr(items, f)[:b], getattr(items, f)[b:])]
+    assert set(differing) >= {"hue_shift", "side", "top", "left"}
+    canvases = batch.extra["view_samples"]
+    np.testing.assert_array_equal(canvases.index, view_keys(INDICES, 2))
+    assert not np.array_equal(canvases.corners[:b], canvases.corners[b:])  # own plasma
+    assert not np.array_equal(batch.images[:b], batch.images[b:])
+    sides = items.side / 48
+    assert sides.min() >= 0.25 - 1 / 48 and sides.max() <= 1.25
+    assert (items.top >= -items.side // 2).all() and (items.top < 48 - items.side // 2).all()
+
+
+def test_a_view_is_a_pure_function_of_key_and_view(renderer):
+    batch = renderer.render(INDICES, epoch=1)
+    b = len(INDICES)
+    # the same sample in another batch, at another position: the same two views
+    alone = renderer.render(INDICES[[2]], epoch=1)
+    np.testing.assert_array_equal(alone.images[0], batch.images[2])
+    np.testing.assert_array_equal(alone.images[1], batch.images[b + 2])
+    # another epoch: other views
+    other = renderer.render(INDICES[[2]], epoch=2)
+    assert not np.array_equal(other.images[0], alone.images[0])
+
+
+def test_view_keys_never_meet_sample_keys():
+    keys = view_keys(np.array([0, 5, 2**48 - 1]), 2)
+    assert keys.min() >= 2**48 and len(set(keys.tolist())) == 6
+
+
+def test_two_view_recipes_need_a_view_size_and_small_indices(renderer):
+    with pytest.raises(ConfigError, match="views=2 needs objects"):
+        get_recipe("anderson", {"views": 2})
+    with pytest.raises(ConfigError, match="views=3: must be one of 0, 2"):
+        get_recipe("selfsup", {"views": 3})
+    with pytest.raises(ConfigError, match="indices < 2\\*\\*48"):
+        renderer.render([2**48])
+
+
+@pytest.mark.skipif(emulator.compiler() is None, reason="no C++ compiler")
+def test_cpu_device_falls_back_to_the_reference_with_one_line(capsys):
+    from fractal_pretrain.render import fast_cpu
+
+    fast_cpu._warned = False
+    r = make_renderer(get_recipe("selfsup", SMALL), size=48, seed=2, device="cpu")
+    assert isinstance(r, ReferenceRenderer)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any("views=2" in line and "NumPy reference" in line for line in err)
