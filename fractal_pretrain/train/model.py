@@ -173,9 +173,11 @@ class FractalClassifier(pl.LightningModule):
         if list(milestones) != sorted(milestones):
             raise ConfigError(f"model.milestones={list(milestones)!r}: must be increasing epochs")
         self.save_hyperparameters()
-        self.net = build_resnet(arch, num_classes)
         self.two_view = objective in TWO_VIEW_OBJECTIVES
-        if self.two_view:  # the backbone's pooled features feed the objective's heads
+        # Two-view: no classifier (a recipe of 1M systems would make a 2048 x 1M fc), the pooled features feed
+        # the objective's heads.
+        self.net = build_resnet(arch, 2 if self.two_view else num_classes)
+        if self.two_view:
             features = self.net.fc.in_features
             self.net.fc = torch.nn.Identity()
             self.objective = build_objective(objective, features, projector_dim, predictor_dim)
