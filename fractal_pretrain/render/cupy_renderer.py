@@ -321,11 +321,10 @@ class CupyRenderer(Renderer):
         extra = {"device_plan": t}
         if self.recipe.views:  # host plan: identical by construction
             indices, samples, extra["view_samples"], items = self.plan_views(indices, epoch)
-            labels = samples.label.copy()
         else:
             indices, samples, items = self.plan(indices, epoch)
-            labels = make_labels(self.recipe, samples, items)
         return RenderedBatch(
-            images=images.permute(0, 2, 3, 1).contiguous().cpu().numpy(), labels=labels, recipe=self.recipe,
-            seed=self.seed, epoch=epoch, samples=samples, items=items,
+            images=images.permute(0, 2, 3, 1).contiguous().cpu().numpy(),
+            labels=make_labels(self.recipe, samples, items), recipe=self.recipe, seed=self.seed, epoch=epoch,
+            samples=samples, items=items,
             points=t.points.cpu().numpy().astype(np.int64), size=self.size, extra=extra)

@@ -44,7 +44,7 @@ class ReferenceRenderer(Renderer):
         rgb, density, points = reference.render_items(self.recipe, self.seed, epoch, items, side)
         images = reference.compose(self.recipe, self.seed, epoch, canvases, items, rgb, density, self.size)
         return RenderedBatch(
-            images=images, labels=samples.label.copy() if self.recipe.views else make_labels(self.recipe, samples, items),
+            images=images, labels=make_labels(self.recipe, samples, items),
             recipe=self.recipe, seed=self.seed, epoch=epoch, samples=samples, items=items, points=points,
             size=self.size, extra=extra)
 

@@ -76,3 +76,25 @@ def test_cpu_device_falls_back_to_the_reference_with_one_line(capsys):
     assert isinstance(r, ReferenceRenderer)
     err = capsys.readouterr().err.strip().splitlines()
     assert any("views=2" in line and "NumPy reference" in line for line in err)
+
+
+@pytest.mark.skipif(emulator.compiler() is None, reason="no C++ compiler for the CUDA emulator")
+def test_device_views_equal_the_reference_on_the_emulator(renderer):
+    # The CuPy path (plan twice, merge the view looks, one full-size object per view, paste, plasma, finish),
+    # run by the CPU emulator: bit-identical to the reference, plans included.
+    from fractal_pretrain.render.cupy_renderer import CupyRenderer
+
+    kernels = CupyRenderer(renderer.recipe, size=48, seed=2, bank=renderer.bank, emulate=True)
+    want, got = renderer.render(INDICES, epoch=1), kernels.render(INDICES, epoch=1)
+    plan = got.extra["device_plan"]
+    item_i = plan.item_i.cpu().numpy()
+    for column, field in ((1, "system"), (5, "mask"), (6, "flips"), (7, "sat8"), (8, "val8"), (9, "side"),
+                          (10, "top"), (11, "left")):
+        np.testing.assert_array_equal(item_i[:, column], getattr(want.items, field), err_msg=field)
+    np.testing.assert_array_equal(plan.item_f.cpu().numpy()[:, -1], want.items.hue_shift)
+    np.testing.assert_array_equal(plan.indices.cpu().numpy(), view_keys(INDICES, 2))
+    np.testing.assert_array_equal(got.points, want.points)
+    np.testing.assert_array_equal(got.labels, want.labels)
+    np.testing.assert_array_equal(got.images, want.images)
+    images, labels = kernels.render_tensor(INDICES, epoch=1, dtype="float32")
+    assert images.shape == (2 * len(INDICES), 3, 48, 48) and labels.shape == (len(INDICES),)
