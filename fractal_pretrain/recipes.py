@@ -43,7 +43,7 @@ from fractal_pretrain.mandelbulb.recipe import MandelbulbRecipe
 
 MAX_OBJECTS = 16  # object slots per image (the slot number has 8 bits in the RNG tag)
 # Choices whose position is what the kernels see (render/kernel_constants.py generates JITTER_*, PATCH_*).
-JITTERS = ("none", "basic", "fractaldb")
+JITTERS = ("none", "basic", "fractaldb", "svd")
 PATCHES = ("none", "image", "point")
 FLIP_BITS = {"none": 0, "hv": 6, "dihedral": 7}  # bits: 1 transpose, 2 flip rows, 4 flip columns
 VIEW_CHOICES = (0, 2)  # views per sample: 0 = one plain image
@@ -68,7 +68,9 @@ class Recipe:
     chains: int = 256  # parallel chains per fractal, each started at the fixed point of map 0
     burn_in: int = 20  # unrecorded steps per chain (decorrelates chains that share a start)
     # --- per-fractal augmentation ---
-    jitter: str = "basic"  # "none" | "basic" (one map's row x U(jitter_range)) | "fractaldb" (weights)
+    # "none" | "basic" (one map's row x U(jitter_range)) | "fractaldb" (weights) | "svd" (Anderson's: one map's
+    # U or V rotated by U(-0.5, 0.5) rad, or its translation shifted by U(-0.5, 0.5)^2)
+    jitter: str = "basic"
     jitter_range: tuple[float, float] = (0.8, 1.1)
     jitter_tries: int = 4  # basic jitter: attempts before falling back to the unjittered system
     window_translate: float = 0.2  # window centre shift, fraction of the extent per axis
@@ -232,6 +234,7 @@ _IFS_RECIPES: dict[str, Recipe] = {
         Recipe(
             name="selfsup",
             description="Anderson SimSiam (ssfractal): two views of one fractal, each its own look, 25-125% size",
+            jitter="svd",
             blur_sigma=(0.5, 2.0),
             object_scale=(0.25, 1.25),
             views=2,

@@ -98,3 +98,41 @@ def test_device_views_equal_the_reference_on_the_emulator(renderer):
     np.testing.assert_array_equal(got.images, want.images)
     images, labels = kernels.render_tensor(INDICES, epoch=1, dtype="float32")
     assert images.shape == (2 * len(INDICES), 3, 48, 48) and labels.shape == (len(INDICES),)
+
+
+def test_svd_jitter_rotates_a_or_shifts_b_of_one_map(renderer):
+    from fractal_pretrain.render.params import plan_items, plan_samples
+
+    recipe = renderer.recipe
+    assert recipe.jitter == "svd"
+    index = np.arange(200)
+    items = plan_items(recipe, renderer.bank, 48, 2, 0, plan_samples(recipe, 2, 0, index))
+    original = renderer.bank.maps[items.system].reshape(len(index), -1, 6).astype(np.float32)
+    jittered = items.jitter_try >= 0
+    assert jittered.mean() > 0.9
+    kinds = set()
+    for i in np.flatnonzero(jittered):
+        changed = np.flatnonzero(np.any(items.maps[i] != original[i], axis=1))
+        assert len(changed) <= 1
+        if not len(changed):
+            continue
+        new, old = items.maps[i, changed[0]], original[i, changed[0]]
+        a_new, a_old = new[[0, 1, 3, 4]].reshape(2, 2), old[[0, 1, 3, 4]].reshape(2, 2)
+        if np.array_equal(a_new, a_old):  # translation shift
+            assert np.all(np.abs(new[[2, 5]] - old[[2, 5]]) <= 0.5 + 1e-6)
+            kinds.add("shift")
+        else:  # rotation: singular values kept, translation untouched
+            np.testing.assert_allclose(np.linalg.svd(a_new, compute_uv=False),
+                                       np.linalg.svd(a_old, compute_uv=False), atol=1e-5)
+            np.testing.assert_array_equal(new[[2, 5]], old[[2, 5]])
+            kinds.add("rotation")
+    assert kinds == {"shift", "rotation"}
+
+
+@pytest.mark.skipif(emulator.compiler() is None, reason="no C++ compiler")
+def test_fast_cpu_renders_svd_jitter_like_the_reference():
+    recipe = get_recipe("anderson", {**SMALL, "jitter": "svd"})
+    fast = make_renderer(recipe, size=40, seed=1, device="cpu")
+    assert type(fast).__name__ == "FastCpuRenderer"
+    ref = ReferenceRenderer(recipe, size=40, seed=1, bank=fast.bank)
+    np.testing.assert_array_equal(fast.render(INDICES, 3).images, ref.render(INDICES, 3).images)
