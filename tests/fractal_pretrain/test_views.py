@@ -136,3 +136,18 @@ def test_fast_cpu_renders_svd_jitter_like_the_reference():
     assert type(fast).__name__ == "FastCpuRenderer"
     ref = ReferenceRenderer(recipe, size=40, seed=1, bank=fast.bank)
     np.testing.assert_array_equal(fast.render(INDICES, 3).images, ref.render(INDICES, 3).images)
+
+
+def test_preview_shows_view_pairs_and_export_refuses_views(tmp_path, capsys):
+    from PIL import Image
+
+    from fractal_pretrain.cli import main
+
+    out = tmp_path / "grid.png"
+    assert main(["render", "--recipe", "selfsup", "--set", "num_classes=10", "--set", "num_points=2000",
+                 "--num", "2", "--size", "32", "--device", "cpu-reference", "--out", str(out)]) == 0
+    assert Image.open(out).size[0] > 0
+    assert main(["export", "--recipe", "selfsup", "--num", "2", "--shard-size", "2", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "views=2" in err[0]
+    assert not (tmp_path / "s").exists()
