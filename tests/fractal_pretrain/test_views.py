@@ -147,6 +147,7 @@ def test_preview_shows_view_pairs_and_export_refuses_views(tmp_path, capsys):
     assert main(["render", "--recipe", "selfsup", "--set", "num_classes=10", "--set", "num_points=2000",
                  "--num", "2", "--size", "32", "--device", "cpu-reference", "--out", str(out)]) == 0
     assert Image.open(out).size[0] > 0
+    capsys.readouterr()
     assert main(["export", "--recipe", "selfsup", "--num", "2", "--shard-size", "2", "--out", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "views=2" in err[0]
