@@ -173,8 +173,8 @@ class CupyRenderer(Renderer):
 
     def _render_views_device(self, indices: np.ndarray, epoch: int) -> DeviceBatch:
         """Two-view recipes (params.plan_views): the fractal planned from the sample keys, canvases and looks
-        from the view keys, then each view is one object drawn at full size and pasted onto its own canvas
-        (view-major: V*B canvases). Both views of a sample run the same chaos game (same key, same plan)."""
+        from the view keys; each fractal's chaos game runs once and is coloured into one full-size object per
+        view (its own flips and colours), pasted onto the view's own canvas (view-major: V*B canvases)."""
         import torch
 
         if indices.max() >= P.VIEW_KEY_STRIDE:
@@ -201,7 +201,7 @@ class CupyRenderer(Renderer):
             else:
                 t.canvas.zero_()
             t.objects = torch.empty((views * b, size, size, 3), dtype=torch.uint8, device=dev)
-            self._draw_items(t, fractal.indices.repeat(views), seed, ep, t.objects)
+            self._draw_items(t, fractal.indices, seed, ep, t.objects, views=views)
             self._paste(t)
         return t
 
@@ -227,11 +227,12 @@ class CupyRenderer(Renderer):
             (np.int32(items), _ptr(keys), seed, ep, ri, rf, _ptr(t.label), _ptr(t.num_objects),
              _ptr(self._bank_maps), _ptr(self._bank_num_maps), _ptr(t.item_i), _ptr(t.item_f)))
 
-    def _draw_items(self, t: DeviceBatch, keys, seed: np.uint32, ep: np.uint32, target) -> None:
-        """chaos.cu: every item's chaos game (keyed by ``keys[item // slots]``), coloured into ``target``."""
+    def _draw_items(self, t: DeviceBatch, keys, seed: np.uint32, ep: np.uint32, target, views: int = 1) -> None:
+        """chaos.cu: every item's chaos game (keyed by ``keys[item // slots]``), coloured into ``target``; with
+        ``views`` > 1 the first 1/views of the items are the fractals, each coloured once per view."""
         import torch
 
-        dev, side, items = self.torch_device, self.side, t.item_i.shape[0]
+        dev, side, items = self.torch_device, self.side, t.item_i.shape[0] // views
         shared = side * (side + 1) * 4 if self.use_shared else 0
         hist = torch.empty(1 if self.use_shared else items * side * side, dtype=torch.int32, device=dev)
         choices = torch.empty(max(1, items * self.choice_words * self.recipe.chains), dtype=torch.int32, device=dev)
@@ -242,7 +243,7 @@ class CupyRenderer(Renderer):
         render((items,), (self.recipe.chains,),
                (_ptr(keys), seed, ep, _ptr(self._ri), _ptr(t.item_i), _ptr(t.item_f), _ptr(hist),
                 np.int32(self.use_shared), _ptr(choices), np.int32(self.choice_words), _ptr(target),
-                _ptr(t.points)), shared_mem=shared)
+                _ptr(t.points), np.int32(views)), shared_mem=shared)
 
     def _paste(self, t: DeviceBatch) -> None:
         """compose.cu paste_objects: the rendered objects onto the canvases, in slot order."""
