@@ -114,6 +114,10 @@ def test_resumed_two_view_run_equals_uninterrupted_run(tmp_path):
     cb = torch.load(tmp_path / "split" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     for key in (k for k in ca if k.startswith("objective.")):  # the heads resume too
         torch.testing.assert_close(ca[key], cb[key], rtol=1e-6, atol=1e-7, msg=key)
+    # under the cosine too, the predictor keeps lr x batch / 256 while the rest decays
+    groups = torch.load(tmp_path / "split" / "checkpoints" / "last.ckpt", weights_only=False)["optimizer_states"][0]
+    lrs = [g["lr"] for g in groups["param_groups"]]
+    assert lrs[1] == pytest.approx(0.05 * 8 / 256) and lrs[0] < lrs[1]
 
 
 @pytest.mark.parametrize("extra,message", [
