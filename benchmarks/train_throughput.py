@@ -17,6 +17,13 @@ constant 224 px input; end to end is the data module's own path per step (gather
 BatchAugmenter, then the step); ``augment_ms_per_batch`` is gather + augmentation alone. Target: ratio >= 0.97.
 
     python3 benchmarks/train_throughput.py --ofdb --archs resnet50 --batch 128 --size 512
+
+``--simsiam``: the two-view step of ``model.objective: simsiam`` (recipe selfsup: 2B images per batch of B
+samples, two backbone passes, projector and predictor, symmetric negative cosine, SGD) fed by the renderer's
+two views vs the same step on a constant 2B-image input. images/s count samples (a pair once); targets:
+render_share (two-view rendering / end-to-end step) < 0.05, prefetch_ratio >= 0.95.
+
+    python3 benchmarks/train_throughput.py --simsiam --archs resnet50 --batch 512 --size 224
 """
 
 from __future__ import annotations
@@ -169,6 +176,64 @@ def bench_ofdb(arch: str, batch: int, size: int, steps: int, warmup: int, compil
     }
 
 
+def bench_simsiam(arch: str, batch: int, size: int, steps: int, warmup: int, compile: bool, dtype: str,
+                  overrides: dict | None = None) -> dict:
+    """SimSiam's two-view step fed by the selfsup recipe's views vs the same step on a constant input."""
+    from fractal_pretrain.train.objectives import SimSiam
+
+    torch.manual_seed(0)
+    renderer = make_renderer(get_recipe("selfsup", overrides), size=size, seed=0, device="cuda")
+    backbone = build_resnet(arch, 2)
+    features = backbone.fc.in_features
+    backbone.fc = torch.nn.Identity()
+    backbone = backbone.cuda().to(memory_format=torch.channels_last)
+    objective = SimSiam(features).cuda()
+    if compile:
+        backbone.compile()
+    groups = [{"params": [*backbone.parameters(), *objective.projector.parameters()]},
+              {"params": list(objective.predictor.parameters())}]
+    optimizer = torch.optim.SGD(groups, lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+    def step(images, labels):
+        view1, view2 = images.chunk(2)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _ = objective(backbone, view1, view2)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    fixed = torch.randn(2 * batch, 3, size, size, device="cuda").to(getattr(torch, dtype))
+    fixed = fixed.contiguous(memory_format=torch.channels_last)
+    fixed_labels = torch.zeros(batch, dtype=torch.int64, device="cuda")
+
+    def render(i):
+        return renderer.render_tensor(np.arange(i * batch, (i + 1) * batch), epoch=0, dtype=dtype, channels_last=True)
+
+    prefetch = SideStreamPrefetch(
+        lambda indices, epoch: renderer.render_tensor(indices, epoch, dtype=dtype, channels_last=True),
+        torch.device("cuda"))
+
+    def end_to_end_prefetch(i):
+        pair = prefetch.take(("train", 0, i)) or render(i)
+        prefetch.schedule(("train", 0, i + 1), np.arange((i + 1) * batch, (i + 2) * batch), 0)
+        step(*pair)
+
+    torch.cuda.reset_peak_memory_stats()
+    t_ceiling = timed(lambda i: step(fixed, fixed_labels), steps, warmup)
+    t_e2e = timed(lambda i: step(*render(i)), steps, warmup)
+    t_prefetch = timed(end_to_end_prefetch, steps, warmup)
+    t_render = timed(render, steps, warmup)
+    return {
+        "arch": arch, "recipe": "selfsup", "objective": "simsiam", "overrides": overrides or {}, "batch": batch,
+        "views": 2, "size": size, "compile": compile, "dtype": dtype,
+        "ceiling_samples_s": round(batch / t_ceiling, 1), "end_to_end_samples_s": round(batch / t_e2e, 1),
+        "ratio": round(t_ceiling / t_e2e, 4), "prefetch_samples_s": round(batch / t_prefetch, 1),
+        "prefetch_ratio": round(t_ceiling / t_prefetch, 4), "ms_per_step": round(t_e2e * 1000, 2),
+        "render_ms_per_batch": round(t_render * 1000, 3), "render_share": round(t_render / t_e2e, 4),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+    }
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", default="wide_resnet50_2,resnet50,resnet18")
@@ -181,12 +246,18 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="model input dtype")
     parser.add_argument("--set", action="append", default=[], help="recipe override KEY=VALUE (YAML value)")
     parser.add_argument("--ofdb", action="store_true", help="OFDB-4AD settings: fixed set + data.augment (--size 512)")
+    parser.add_argument("--simsiam", action="store_true", help="two-view SimSiam step on the selfsup recipe")
     args = parser.parse_args(argv)
     import yaml
 
     overrides = dict((kv.split("=", 1)[0], yaml.safe_load(kv.split("=", 1)[1])) for kv in args.set)
     torch.backends.cudnn.benchmark = True
     for arch in args.archs.split(","):
+        if args.simsiam:
+            row = bench_simsiam(arch, args.batch, args.size, args.steps, args.warmup, args.compile, args.dtype,
+                                overrides)
+            print(json.dumps(row), flush=True)
+            continue
         if args.ofdb:
             row = bench_ofdb(arch, args.batch, args.size, args.steps, args.warmup, args.compile, args.dtype)
             print(json.dumps(row), flush=True)

@@ -151,10 +151,13 @@ def _cmd_render(args: argparse.Namespace) -> int:
     )
     indices = np.arange(args.start, args.start + args.num, dtype=np.int64)
     batch = renderer.render(indices, epoch=args.epoch)
+    views = getattr(recipe, "views", 0) or 1  # two-view recipes: each sample's views side by side
+    images = batch.images.reshape(views, len(indices), *batch.images.shape[1:]).swapaxes(0, 1)
     labels = None
     if not args.no_labels:
-        labels = [_caption(int(i), batch.labels[j]) for j, i in enumerate(indices)]
-    print(save_grid(batch.images, args.out, labels=labels))
+        labels = [_caption(int(i), batch.labels[j]) + (f" v{v}" if views > 1 else "")
+                  for j, i in enumerate(indices) for v in range(views)]
+    print(save_grid(images.reshape(-1, *batch.images.shape[1:]), args.out, labels=labels))
     return 0
 
 

@@ -188,6 +188,11 @@ def export_shards(
             raise ValueError(f"{name} must be >= 0, got {value}")
     overrides = dict(overrides or {})
     recipe = get_recipe(recipe_name, overrides or None)
+    if getattr(recipe, "views", 0):
+        from fractal_pretrain.config import ConfigError
+
+        raise ConfigError(f"recipe {recipe_name!r} has views={recipe.views}: shards hold one image per sample; "
+                          "two-view recipes are rendered on the fly only")
     renderer = make_renderer(recipe, size=size, seed=seed, device=device, num_threads=num_threads)
 
     out_dir = Path(out_dir)

@@ -13,6 +13,13 @@ FractalDB, fractal4AD).
 | multiinstance | 1000 x 1          | 1-5 of any class      | multi-hot | Anderson multi-instance       |
 | fractaldb     | 1000 x 1          | 1, fills the frame    | class     | FractalDB-1k                  |
 | ofdb          | 1000 x 1, once    | 1, fills the frame    | class     | OFDB-4AD (one image per class)|
+| selfsup       | 1000 x 1          | 2 views of 1 fractal  | (system)  | Anderson SimSiam, ssfractal   |
+
+``views`` = 2 makes a recipe *two-view* (self-supervised): each sample is one fractal (system, jitter,
+window, chaos game, patch drawn from the sample's key) pasted into two canvases, each with its own flips,
+colours, size ``object_scale`` x size, position, plasma and blur drawn from the view's key
+(``render/params.py plan_views``). A batch of B samples renders as 2B images: all first views, then all
+second views.
 
 ``images_per_class`` > 0 makes a recipe a *fixed image set*: indices ``[0, images_per_class * num_classes)``
 of epoch 0 are rendered once (index i has class i % num_classes) and training draws from that set
@@ -36,9 +43,10 @@ from fractal_pretrain.mandelbulb.recipe import MandelbulbRecipe
 
 MAX_OBJECTS = 16  # object slots per image (the slot number has 8 bits in the RNG tag)
 # Choices whose position is what the kernels see (render/kernel_constants.py generates JITTER_*, PATCH_*).
-JITTERS = ("none", "basic", "fractaldb")
+JITTERS = ("none", "basic", "fractaldb", "svd")
 PATCHES = ("none", "image", "point")
 FLIP_BITS = {"none": 0, "hv": 6, "dihedral": 7}  # bits: 1 transpose, 2 flip rows, 4 flip columns
+VIEW_CHOICES = (0, 2)  # views per sample: 0 = one plain image
 MAX_CHAINS = 1024  # chains per fractal = CUDA threads per block
 
 
@@ -60,7 +68,9 @@ class Recipe:
     chains: int = 256  # parallel chains per fractal, each started at the fixed point of map 0
     burn_in: int = 20  # unrecorded steps per chain (decorrelates chains that share a start)
     # --- per-fractal augmentation ---
-    jitter: str = "basic"  # "none" | "basic" (one map's row x U(jitter_range)) | "fractaldb" (weights)
+    # "none" | "basic" (one map's row x U(jitter_range)) | "fractaldb" (weights) | "svd" (Anderson's: one map's
+    # U or V rotated by U(-0.5, 0.5) rad, or its translation shifted by U(-0.5, 0.5)^2)
+    jitter: str = "basic"
     jitter_range: tuple[float, float] = (0.8, 1.1)
     jitter_tries: int = 4  # basic jitter: attempts before falling back to the unjittered system
     window_translate: float = 0.2  # window centre shift, fraction of the extent per axis
@@ -83,6 +93,8 @@ class Recipe:
     label: str = "class"  # "class" | "multihot" (one bit per object class)
     # --- fixed image set (OFDB) ---
     images_per_class: int = 0  # 0: every sample a fresh render; n: n images per class rendered once
+    # --- two views of one fractal (self-supervised objectives) ---
+    views: int = 0  # 0: one image per sample; 2: two views per sample (needs object_scale: the view size)
 
     def __post_init__(self):
         check_range("num_classes", self.num_classes, 1, integer=True)
@@ -125,6 +137,12 @@ class Recipe:
         check_range("images_per_class", self.images_per_class, 0, 1_000_000, integer=True)
         if self.images_per_class and self.multi_label:
             raise ConfigError("images_per_class > 0 needs a single-label recipe (label='class')")
+        check_choice("views", self.views, VIEW_CHOICES)
+        if self.views:
+            if self.object_scale is None or self.objects != (1, 1):
+                raise ConfigError("views=2 needs objects=[1, 1] and object_scale (the view size range)")
+            if self.multi_label or self.images_per_class:
+                raise ConfigError("views=2 needs label='class' and images_per_class=0 (every view rendered fresh)")
 
     @property
     def multi_object(self) -> bool:
@@ -212,6 +230,14 @@ _IFS_RECIPES: dict[str, Recipe] = {
             patch="none",
             background=False,
             images_per_class=1,
+        ),
+        Recipe(
+            name="selfsup",
+            description="Anderson SimSiam (ssfractal): two views of one fractal, each its own look, 25-125% size",
+            jitter="svd",
+            blur_sigma=(0.5, 2.0),
+            object_scale=(0.25, 1.25),
+            views=2,
         ),
     )
 }

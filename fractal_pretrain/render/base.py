@@ -14,7 +14,15 @@ import numpy as np
 from fractal_pretrain.config import ConfigError, check_range
 from fractal_pretrain.ifs.bank import SystemBank, cached_bank
 from fractal_pretrain.recipes import Recipe
-from fractal_pretrain.render.params import ItemPlan, SamplePlan, plan_items, plan_samples, slots_per_sample
+from fractal_pretrain.render.params import (
+    VIEW_KEY_STRIDE,
+    ItemPlan,
+    SamplePlan,
+    plan_items,
+    plan_samples,
+    plan_views,
+    slots_per_sample,
+)
 
 MIN_SIZE = 8
 MAX_SIZE = 4096
@@ -29,13 +37,13 @@ OUTPUT_DTYPES = ("uint8", "float32", "bfloat16")
 class RenderedBatch:
     """Images, labels and the generation record of a batch of samples."""
 
-    images: np.ndarray  # (B, H, W, 3) uint8 on the host
+    images: np.ndarray  # (B, H, W, 3) uint8 on the host; two-view recipes (V*B, ...): all first views, then ..
     labels: np.ndarray  # (B,) int64 classes, or (B, num_classes) uint8 multi-hot
     recipe: Recipe
     seed: int
     epoch: int
     samples: SamplePlan
-    items: ItemPlan
+    items: ItemPlan  # two-view recipes: one item per view (V*B), view-major like the images
     points: np.ndarray  # (I,) recorded points per item (0 = degenerate system)
     size: int
     extra: dict = field(default_factory=dict)
@@ -122,6 +130,13 @@ class Renderer:
         samples = plan_samples(self.recipe, self.seed, epoch, indices)
         items = plan_items(self.recipe, self.bank, self.size, self.seed, epoch, samples)
         return indices, samples, items
+
+    def plan_views(self, indices, epoch: int) -> tuple[np.ndarray, SamplePlan, SamplePlan, ItemPlan]:
+        """Two-view recipes: (indices, fractal samples (B), view canvases (V*B), view items (V*B))."""
+        indices = self.check_keys(indices, epoch)
+        if indices.max() >= VIEW_KEY_STRIDE:
+            raise ConfigError(f"two-view recipes need sample indices < 2**48, got {int(indices.max())}")
+        return (indices, *plan_views(self.recipe, self.bank, self.size, self.seed, epoch, indices))
 
     def render(self, indices, epoch: int = 0) -> RenderedBatch:
         raise NotImplementedError

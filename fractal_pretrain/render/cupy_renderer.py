@@ -148,31 +148,17 @@ class CupyRenderer(Renderer):
         import torch
 
         indices = self.check_keys(indices, epoch)
+        if self.recipe.views:
+            return self._render_views_device(indices, epoch)
         dev, b, size, side = self.torch_device, len(indices), self.size, self.side
         items = b * self.slots
         stream = self.backend.stream()
-        t = DeviceBatch(
-            indices=self.backend.upload(indices),
-            label=torch.empty(b, dtype=torch.int64, device=dev),
-            num_objects=torch.empty(b, dtype=torch.int32, device=dev),
-            sample_f=torch.empty((b, SAMPLE_FLOATS), dtype=torch.float32, device=dev),
-            item_i=torch.empty((items, ITEM_INTS), dtype=torch.int32, device=dev),
-            item_f=torch.empty((items, ITEM_FLOATS), dtype=torch.float32, device=dev),
-            points=torch.empty(items, dtype=torch.int32, device=dev),
-            canvas=torch.empty((b, size, size, 3), dtype=torch.uint8, device=dev),
-            stream=stream,
-        )
+        t = DeviceBatch(indices=self.backend.upload(indices), **self._plan_buffers(b, items), stream=stream,
+                        points=torch.empty(items, dtype=torch.int32, device=dev),
+                        canvas=torch.empty((b, size, size, 3), dtype=torch.uint8, device=dev))
         seed, ep = np.uint32(self.seed), np.uint32(epoch)
-        ri, rf = _ptr(self._ri), _ptr(self._rf)
         with self._on_stream(stream):
-            self._kernel("plan", "plan_samples")(
-                (-(-b // PLAN_BLOCK),), (PLAN_BLOCK,),
-                (np.int32(b), _ptr(t.indices), seed, ep, ri, rf, _ptr(t.label), _ptr(t.num_objects),
-                 _ptr(t.sample_f)))
-            self._kernel("plan", "plan_items")(
-                (-(-items // PLAN_BLOCK),), (PLAN_BLOCK,),
-                (np.int32(items), _ptr(t.indices), seed, ep, ri, rf, _ptr(t.label), _ptr(t.num_objects),
-                 _ptr(self._bank_maps), _ptr(self._bank_num_maps), _ptr(t.item_i), _ptr(t.item_f)))
+            self._plan_device(t.indices, seed, ep, t)
             if self.recipe.background:
                 self._plasma(t, seed, ep)
             else:
@@ -180,23 +166,94 @@ class CupyRenderer(Renderer):
             target = t.canvas
             if self.recipe.multi_object:
                 target = t.objects = torch.empty((items, side, side, 3), dtype=torch.uint8, device=dev)
-            shared = side * (side + 1) * 4 if self.use_shared else 0
-            hist = torch.empty(1 if self.use_shared else items * side * side, dtype=torch.int32, device=dev)
-            choices = torch.empty(max(1, items * self.choice_words * self.recipe.chains), dtype=torch.int32, device=dev)
-            point_masks = self.recipe.patch == "point"
-            render = self._kernel("chaos", "render_items_point_masks" if point_masks else "render_items")
-            if shared > 48 * 1024:
-                render.max_dynamic_shared_size_bytes = shared
-            render((items,), (self.recipe.chains,),
-                   (_ptr(t.indices), seed, ep, ri, _ptr(t.item_i), _ptr(t.item_f), _ptr(hist),
-                    np.int32(self.use_shared), _ptr(choices), np.int32(self.choice_words), _ptr(target),
-                    _ptr(t.points)), shared_mem=shared)
+            self._draw_items(t, t.indices, seed, ep, target)
             if self.recipe.multi_object:
-                self._kernel("compose", "paste_objects")(
-                    (-(-size * size // PIXEL_BLOCK), b), (PIXEL_BLOCK,),
-                    (np.int32(size), np.int32(side), np.int32(self.slots), _ptr(t.num_objects),
-                     _ptr(t.item_i), _ptr(t.objects), _ptr(t.canvas)))
+                self._paste(t)
         return t
+
+    def _render_views_device(self, indices: np.ndarray, epoch: int) -> DeviceBatch:
+        """Two-view recipes (params.plan_views): the fractal planned from the sample keys, canvases and looks
+        from the view keys; each fractal's chaos game runs once and is coloured into one full-size object per
+        view (its own flips and colours), pasted onto the view's own canvas (view-major: V*B canvases)."""
+        import torch
+
+        if indices.max() >= P.VIEW_KEY_STRIDE:
+            raise ValueError(f"two-view recipes need sample indices < 2**48, got {int(indices.max())}")
+        dev, b, size, views = self.torch_device, len(indices), self.size, self.recipe.views
+        stream = self.backend.stream()
+        keys = self.backend.upload(P.view_keys(indices, views))
+        fractal = DeviceBatch(indices=self.backend.upload(indices), **self._plan_buffers(b, b), points=None,
+                              canvas=None, stream=stream)
+        t = DeviceBatch(indices=keys, **self._plan_buffers(views * b, views * b), stream=stream,
+                        points=torch.empty(views * b, dtype=torch.int32, device=dev),
+                        canvas=torch.empty((views * b, size, size, 3), dtype=torch.uint8, device=dev))
+        seed, ep = np.uint32(self.seed), np.uint32(epoch)
+        look_ints = [ITEM_INTS - 6 + k for k in range(6)]  # flips, sat8, val8, side, top, left (plan.cu oi[6:12])
+        with self._on_stream(stream):
+            self._plan_device(fractal.indices, seed, ep, fractal)
+            self._plan_device(keys, seed, ep, t)  # view canvases and looks
+            item_i, item_f = fractal.item_i.repeat(views, 1), fractal.item_f.repeat(views, 1)
+            item_i[:, look_ints] = t.item_i[:, look_ints]
+            item_f[:, ITEM_FLOATS - 1] = t.item_f[:, ITEM_FLOATS - 1]  # the hue shift (IF_HUE, the last float)
+            t.item_i, t.item_f, t.label, t.num_objects = item_i, item_f, fractal.label, fractal.num_objects
+            if self.recipe.background:
+                self._plasma(t, seed, ep)
+            else:
+                t.canvas.zero_()
+            t.objects = torch.empty((views * b, size, size, 3), dtype=torch.uint8, device=dev)
+            self._draw_items(t, fractal.indices, seed, ep, t.objects, views=views)
+            self._paste(t)
+        return t
+
+    def _plan_buffers(self, samples: int, items: int) -> dict:
+        import torch
+
+        dev = self.torch_device
+        return dict(label=torch.empty(samples, dtype=torch.int64, device=dev),
+                    num_objects=torch.empty(samples, dtype=torch.int32, device=dev),
+                    sample_f=torch.empty((samples, SAMPLE_FLOATS), dtype=torch.float32, device=dev),
+                    item_i=torch.empty((items, ITEM_INTS), dtype=torch.int32, device=dev),
+                    item_f=torch.empty((items, ITEM_FLOATS), dtype=torch.float32, device=dev))
+
+    def _plan_device(self, keys, seed: np.uint32, ep: np.uint32, t: DeviceBatch) -> None:
+        """plan.cu: the sample and item plans of ``keys`` into t's buffers."""
+        b, items = t.label.shape[0], t.item_i.shape[0]
+        ri, rf = _ptr(self._ri), _ptr(self._rf)
+        self._kernel("plan", "plan_samples")(
+            (-(-b // PLAN_BLOCK),), (PLAN_BLOCK,),
+            (np.int32(b), _ptr(keys), seed, ep, ri, rf, _ptr(t.label), _ptr(t.num_objects), _ptr(t.sample_f)))
+        self._kernel("plan", "plan_items")(
+            (-(-items // PLAN_BLOCK),), (PLAN_BLOCK,),
+            (np.int32(items), _ptr(keys), seed, ep, ri, rf, _ptr(t.label), _ptr(t.num_objects),
+             _ptr(self._bank_maps), _ptr(self._bank_num_maps), _ptr(t.item_i), _ptr(t.item_f)))
+
+    def _draw_items(self, t: DeviceBatch, keys, seed: np.uint32, ep: np.uint32, target, views: int = 1) -> None:
+        """chaos.cu: every item's chaos game (keyed by ``keys[item // slots]``), coloured into ``target``; with
+        ``views`` > 1 the first 1/views of the items are the fractals, each coloured once per view."""
+        import torch
+
+        dev, side, items = self.torch_device, self.side, t.item_i.shape[0] // views
+        shared = side * (side + 1) * 4 if self.use_shared else 0
+        hist = torch.empty(1 if self.use_shared else items * side * side, dtype=torch.int32, device=dev)
+        choices = torch.empty(max(1, items * self.choice_words * self.recipe.chains), dtype=torch.int32, device=dev)
+        point_masks = self.recipe.patch == "point"
+        render = self._kernel("chaos", "render_items_point_masks" if point_masks else "render_items")
+        if shared > 48 * 1024:
+            render.max_dynamic_shared_size_bytes = shared
+        render((items,), (self.recipe.chains,),
+               (_ptr(keys), seed, ep, _ptr(self._ri), _ptr(t.item_i), _ptr(t.item_f), _ptr(hist),
+                np.int32(self.use_shared), _ptr(choices), np.int32(self.choice_words), _ptr(target),
+                _ptr(t.points), np.int32(views)), shared_mem=shared)
+
+    def _paste(self, t: DeviceBatch) -> None:
+        """compose.cu paste_objects: the rendered objects onto the canvases, in slot order."""
+        b, size = t.canvas.shape[:2]
+        slots = 1 if self.recipe.views else self.slots
+        num_objects = t.num_objects if not self.recipe.views else t.num_objects.new_ones(b)
+        self._kernel("compose", "paste_objects")(
+            (-(-size * size // PIXEL_BLOCK), b), (PIXEL_BLOCK,),
+            (np.int32(size), np.int32(self.side), np.int32(slots), _ptr(num_objects), _ptr(t.item_i),
+             _ptr(t.objects), _ptr(t.canvas)))
 
     @property
     def choice_words(self) -> int:
@@ -262,9 +319,13 @@ class CupyRenderer(Renderer):
     def render(self, indices, epoch: int = 0) -> RenderedBatch:
         t = self.render_device(indices, epoch)
         images = self.finish(t, dtype="uint8", channels_last=True)
-        indices, samples, items = self.plan(indices, epoch)  # host plan: identical by construction
+        extra = {"device_plan": t}
+        if self.recipe.views:  # host plan: identical by construction
+            indices, samples, extra["view_samples"], items = self.plan_views(indices, epoch)
+        else:
+            indices, samples, items = self.plan(indices, epoch)
         return RenderedBatch(
             images=images.permute(0, 2, 3, 1).contiguous().cpu().numpy(),
-            labels=make_labels(self.recipe, samples, items), recipe=self.recipe, seed=self.seed,
-            epoch=epoch, samples=samples, items=items, points=t.points.cpu().numpy().astype(np.int64),
-            size=self.size, extra={"device_plan": t})
+            labels=make_labels(self.recipe, samples, items), recipe=self.recipe, seed=self.seed, epoch=epoch,
+            samples=samples, items=items,
+            points=t.points.cpu().numpy().astype(np.int64), size=self.size, extra=extra)

@@ -152,6 +152,8 @@ class FastCpuRenderer(Renderer):
         if num_threads is not None:
             check_range("num_threads", num_threads, 0, MAX_THREADS, integer=True)
         self.num_threads = num_threads or available_cores()
+        if recipe.views:  # views are composed on the device or by the reference; fast_cpu.cpp has no view pass
+            raise FastCpuUnavailable(f"recipe {recipe.name!r} has views={recipe.views}, which it does not render")
         self._lib = load()  # before the bank: a missing compiler is reported without building it
         super().__init__(recipe, size=size, seed=seed, bank=bank, cache_dir=cache_dir)
         self._ri = recipe_ints(recipe, size)

@@ -43,7 +43,7 @@ RECIPE_INTS = (
 RECIPE_FLOAT_PAIRS = (
     "jitter", "translate", "scale", "sat", "val", "blur_p", "blur_sigma", "object_scale",
     "plasma_hue_gain", "plasma_hue_offset", "plasma_sat_gain", "plasma_sat_offset",
-    "plasma_val_gain", "plasma_val_offset", "plasma_decay", "hue_shift",
+    "plasma_val_gain", "plasma_val_offset", "plasma_decay", "hue_shift", "svd_jitter",
 )
 
 
@@ -94,6 +94,7 @@ def recipe_floats(recipe: Recipe) -> np.ndarray:
         "plasma_val_offset": P.PLASMA_VAL_OFFSET,
         "plasma_decay": P.PLASMA_DECAY,
         "hue_shift": P.HUE_SHIFT,
+        "svd_jitter": P.SVD_JITTER,
     }
     out: list[np.float32] = []
     for name in RECIPE_FLOAT_PAIRS:

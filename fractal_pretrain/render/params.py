@@ -39,6 +39,7 @@ PLASMA_HUE_GAIN, PLASMA_HUE_OFFSET = (0.25, 1.0), (0.0, 1.0)
 PLASMA_SAT_GAIN, PLASMA_SAT_OFFSET = (0.1, 0.3), (0.4, 0.6)
 PLASMA_VAL_GAIN, PLASMA_VAL_OFFSET = (0.3, 0.6), (0.4, 0.6)
 HUE_SHIFT = (0.0, 255.0)
+SVD_JITTER = (-0.5, 0.5)  # Anderson's svd jitter: rotation angle (rad) and translation shift range
 PATCH_CENTRE_ONLY = 1 << 4  # mask of the centre cell alone: stamps nothing beyond the point itself
 
 # FractalDB's 25 parameter-weight vectors (weights_0.4.csv): parameter a x {0.2, 0.6, 1.0, 1.4, 1.8},
@@ -56,8 +57,41 @@ def slots_per_sample(recipe: Recipe) -> int:
 
 
 def object_size(recipe: Recipe, size: int) -> int:
-    """Side of one rendered fractal: the image side, or half of it for pasted objects (Anderson)."""
-    return size // 2 if recipe.multi_object else size
+    """Side of one rendered fractal: the image side, or half of it for pasted objects (Anderson's
+    multi-instance cache); two-view recipes render at the image side and resize per view (ssfractal)."""
+    return size // 2 if recipe.multi_object and not recipe.views else size
+
+
+# Two-view recipes: view v of sample i draws its look from the key index + (v + 1) * VIEW_KEY_STRIDE, a key no
+# sample index reaches (they stay below the stride), so views never share draws with any sample or each other.
+VIEW_KEY_STRIDE = 1 << 48
+
+
+def view_keys(index: np.ndarray, views: int) -> np.ndarray:
+    """Keys of the views' canvases, view-major: (views * B,) int64 = all first views, then all second views."""
+    index = np.asarray(index, dtype=np.int64)
+    return np.concatenate([index + (v + 1) * VIEW_KEY_STRIDE for v in range(views)])
+
+
+# ItemPlan fields a view draws for itself; every other field (system, jitter, window, patch mask, hence the
+# chaos game and the density image) is the sample's fractal, shared by its views.
+VIEW_ITEM_FIELDS = ("flips", "hue_shift", "sat8", "val8", "side", "top", "left")
+
+
+def plan_views(recipe: Recipe, bank: SystemBank, size: int, seed: int, epoch: int, index: np.ndarray):
+    """(fractal SamplePlan (B), view SamplePlan (V*B), view ItemPlan (V*B)) of a two-view recipe.
+
+    The fractal of sample i is planned from its own key; the views' canvases (plasma, blur) and looks
+    (flips, colours, size, position) from the view keys. View items keep the sample's index and slot 0,
+    so both views run the same chaos game: identical points, identical density.
+    """
+    samples = plan_samples(recipe, seed, epoch, index)
+    fractal = plan_items(recipe, bank, size, seed, epoch, samples)
+    view_samples = plan_samples(recipe, seed, epoch, view_keys(index, recipe.views))
+    looks = plan_items(recipe, bank, size, seed, epoch, view_samples)
+    merged = {k: np.concatenate([v] * recipe.views) for k, v in vars(fractal).items()}
+    merged.update({k: getattr(looks, k) for k in VIEW_ITEM_FIELDS})
+    return samples, view_samples, ItemPlan(**merged)
 
 
 @dataclass
@@ -171,6 +205,49 @@ def _basic_jitter(recipe, seed, epoch, index, slot, maps, num_maps):
     return accepted
 
 
+def sin_cos(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """sin and cos of |x| <= 0.5 in float32 by fixed Horner series in x^2 (same bits as common.cuh sin_cos)."""
+    x = np.asarray(x, dtype=F32)
+    x2 = x * x
+    s = np.ones_like(x)
+    c = np.ones_like(x)
+    for k in range(6, 0, -1):  # sin: terms to x^13; cos: to x^12; error < 1e-12 at 0.5
+        s = F32(1.0) - (x2 * s) * F32(1.0 / ((2 * k) * (2 * k + 1)))
+        c = F32(1.0) - (x2 * c) * F32(1.0 / ((2 * k - 1) * (2 * k)))
+    return x * s, c
+
+
+def rotate_row(row: np.ndarray, part: np.ndarray, s: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """A of a row [a b e c d f] rotated: part 0 -> R A (U rotated), part 1 -> A R (V rotated, in distribution)."""
+    a, b, e, cc, d, f = (row[..., i] for i in range(6))
+    left = [c * a - s * cc, c * b - s * d, e, s * a + c * cc, s * b + c * d, f]
+    right = [a * c + b * s, b * c - a * s, e, cc * c + d * s, d * c - cc * s, f]
+    return np.stack([np.where(part == 0, lv, rv) for lv, rv in zip(left, right, strict=True)], axis=-1)
+
+
+def _svd_jitter(recipe, seed, epoch, index, slot, maps, num_maps):
+    """Anderson's 'svd' jitter: one map, one of its 3 parts: U or V rotated by U(-0.5, 0.5) rad (A = U S V, so
+    R(t) A, or U S R(t) V, which is A R(+-t) for V = R(phi) D: the same law as A R(t)), or b + U(-0.5, 0.5)^2.
+    Retried while sigma_max > 1 (only float rounding can push a rotation over; a shift never changes it)."""
+    accepted = np.full(len(index), -1, dtype=np.int64)
+    rows = np.arange(len(index))
+    for attempt in range(recipe.jitter_tries):
+        w = rng.draw_words(seed, epoch, index, rng.STREAM_ITEM, DRAW_ITEM_JITTER + attempt, slot)
+        k = rng.to_int(w[0], num_maps)
+        part = rng.to_int(w[1], 3)
+        u, v = rng.to_range(w[2], *SVD_JITTER), rng.to_range(w[3], *SVD_JITTER)
+        s, c = sin_cos(u)
+        row = maps[rows, k]
+        shifted = row.copy()
+        shifted[:, 2] = row[:, 2] + u
+        shifted[:, 5] = row[:, 5] + v
+        row = np.where((part == 2)[:, None], shifted, rotate_row(row, part, s, c))
+        take = (accepted < 0) & ~_singular_value_too_big(row)
+        maps[rows[take], k[take]] = row[take]
+        accepted[take] = attempt
+    return accepted
+
+
 def _fractaldb_weights(w: np.ndarray, maps: np.ndarray) -> np.ndarray:
     """FractalDB instance: one parameter type of every map x one weight, chosen by the key."""
     choice = rng.to_int(w, len(FRACTALDB_WEIGHTS))
@@ -235,6 +312,8 @@ def plan_items(recipe: Recipe, bank: SystemBank, size: int, seed: int, epoch: in
     num_maps = bank.num_maps[system].astype(np.int64)
     if recipe.jitter == "basic":
         jitter_try = _basic_jitter(recipe, seed, epoch, index, slot, maps, num_maps)
+    elif recipe.jitter == "svd":
+        jitter_try = _svd_jitter(recipe, seed, epoch, index, slot, maps, num_maps)
     elif recipe.jitter == "fractaldb":
         jitter_try = _fractaldb_weights(w[2], maps)
     else:

@@ -33,13 +33,20 @@ class ReferenceRenderer(Renderer):
     """The NumPy reference: exact semantics, any machine."""
 
     def render(self, indices, epoch: int = 0) -> RenderedBatch:
-        _, samples, items = self.plan(indices, epoch)
+        extra = {}
+        if self.recipe.views:  # every view is one object pasted onto its own canvas (reference.compose)
+            _, samples, canvases, items = self.plan_views(indices, epoch)
+            extra["view_samples"] = canvases
+        else:
+            _, samples, items = self.plan(indices, epoch)
+            canvases = samples
         side = object_size(self.recipe, self.size)
         rgb, density, points = reference.render_items(self.recipe, self.seed, epoch, items, side)
-        images = reference.compose(self.recipe, self.seed, epoch, samples, items, rgb, density, self.size)
+        images = reference.compose(self.recipe, self.seed, epoch, canvases, items, rgb, density, self.size)
         return RenderedBatch(
-            images=images, labels=make_labels(self.recipe, samples, items), recipe=self.recipe,
-            seed=self.seed, epoch=epoch, samples=samples, items=items, points=points, size=self.size)
+            images=images, labels=make_labels(self.recipe, samples, items),
+            recipe=self.recipe, seed=self.seed, epoch=epoch, samples=samples, items=items, points=points,
+            size=self.size, extra=extra)
 
 
 def make_renderer(recipe: Recipe, *, size: int = 256, seed: int = 0, device: str = "cpu",

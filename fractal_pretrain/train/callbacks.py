@@ -30,7 +30,7 @@ class ImagesPerSecond(pl.Callback):
             return
         self._steps += 1
         if self._steps >= trainer.log_every_n_steps:
-            images = self._steps * len(batch[0]) * trainer.world_size
+            images = self._steps * len(batch[1]) * trainer.world_size  # samples: two views count once
             pl_module.log("train/images_per_s", images / (now - self._start), rank_zero_only=True)
             self._start, self._steps = now, 0
 

@@ -63,6 +63,7 @@ class FractalCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.multi_label", "model.multi_label", apply_on="instantiate")
+        parser.link_arguments("data.views", "model.views", apply_on="instantiate")
         parser.add_argument("--ckpt_path", default="auto", help="auto (resume if possible), none, or a checkpoint")
         parser.add_argument("--checkpoint_every_n_steps", type=int, default=500, help="refresh last.ckpt")
         parser.add_argument("--keep_every_n_epochs", type=int, default=10, help="keep a checkpoint every N epochs")

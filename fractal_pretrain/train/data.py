@@ -226,6 +226,9 @@ class FractalDataModule(pl.LightningDataModule):
         elif source == "webdataset":
             self.listing = image_sets.list_shards(path)
         self.augment = augment_config(augment, self.mean, self.std)
+        if self.augment is not None and self.views:
+            raise ConfigError(f"data.augment: recipe {self.recipe.name!r} renders two views with their own draws; "
+                              "set data.augment: null")
         self.augmenter = None  # built in setup, when the input dtype is known
         self.renderer = None
         self.image_set: image_sets.ImageSet | None = None
@@ -242,6 +245,11 @@ class FractalDataModule(pl.LightningDataModule):
         if self.source == "webdataset":
             return self.listing.num_classes
         return self.recipe.num_classes
+
+    @property
+    def views(self) -> int:
+        """Views per sample (two-view recipes: batches of 2B images, all first views then all second views)."""
+        return getattr(self.recipe, "views", 0) if self.source == "render" else 0  # Mandelbulb recipes: none
 
     @property
     def multi_label(self) -> bool:

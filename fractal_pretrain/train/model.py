@@ -6,6 +6,13 @@ cross-entropy ``-sum(t * log_softmax)``, which equals ``lam * CE(y_a) + (1 - lam
 Multi-label ones (``multiinstance``) use BCE with Anderson &
 Farrell's positive weighting (each positive of a sample weighs ``num_classes / positives``).
 Validation reports top-1/top-5 accuracy, or mean average precision for multi-label recipes.
+
+``objective`` picks the loss: ``classification`` and ``multilabel`` (the default follows the recipe's label)
+as above, or a two-view self-supervised objective (``simsiam``; ``objectives.py``, where BYOL or DINO would go)
+on a two-view recipe such as ``selfsup``: batches hold 2B images (all first views, then all second views),
+the backbone's ``fc`` is the identity, the objective's heads train beside it and are never exported.
+Two-view runs log ``*/loss``, ``*/z_std`` (std of the normalised projector output, collapse: ~0) and, at
+each validation, ``val/knn_top1`` of the frozen backbone on a fixed labelled fractal set (``knn.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ import torchmetrics
 import torchvision
 
 from fractal_pretrain.config import ConfigError, check_choice, check_range
+from fractal_pretrain.train import knn
+from fractal_pretrain.train.objectives import LR_REFERENCE_BATCH, OBJECTIVES, TWO_VIEW_OBJECTIVES, build_objective
 
 SCHEDULES = ("multistep", "onecycle", "cosine", "constant")
 
@@ -55,6 +64,28 @@ def build_resnet(arch: str, num_classes: int) -> torch.nn.Module:
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
 
 
+def check_objective(objective: str, multi_label: bool, views: int) -> None:
+    """The objective must fit the recipe: labels for the supervised ones, two views for the others."""
+    check_choice("model.objective", objective, OBJECTIVES)
+    if objective in TWO_VIEW_OBJECTIVES and not views:
+        raise ConfigError(f"model.objective={objective}: needs a two-view recipe (views=2, e.g. data.recipe: selfsup); "
+                          f"this recipe gives no views")
+    if objective not in TWO_VIEW_OBJECTIVES and views:
+        raise ConfigError(f"model.objective={objective}: a two-view recipe (views={views}) needs one of "
+                          f"{', '.join(TWO_VIEW_OBJECTIVES)}")
+    if objective == "classification" and multi_label:
+        raise ConfigError("model.objective=classification: the recipe has multi-hot labels; use multilabel")
+    if objective == "multilabel" and not multi_label:
+        raise ConfigError("model.objective=multilabel: the recipe has one label per image; use classification")
+
+
+def keep_fixed_lrs(optimizer) -> None:
+    """Groups with ``fixed_lr`` (SimSiam's predictor) keep that learning rate whatever the schedule did."""
+    for group in optimizer.param_groups:
+        if group.get("fixed_lr") is not None:
+            group["lr"] = group["fixed_lr"]
+
+
 def multilabel_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """BCE where each positive weighs num_classes / (positives in its sample), negatives 1."""
     targets = targets.float()
@@ -88,6 +119,15 @@ class FractalClassifier(pl.LightningModule):
         label_smoothing: Cross-entropy label smoothing (single-label only).
         channels_last: Use the NHWC memory format on CUDA (the renderer emits it directly).
         compile: ``torch.compile`` the network (in place: checkpoint keys are unchanged).
+        objective: ``classification``, ``multilabel`` (default: whichever the recipe's label needs) or a
+            two-view objective (``simsiam``) on a two-view recipe; two-view ``lr`` is per 256 samples of the
+            global batch (the optimiser runs at ``lr * batch * world / 256``).
+        views: Views per sample of the recipe; linked from the data module.
+        projector_dim: Two-view: output width of the projector (SimSiam: 2048).
+        predictor_dim: Two-view: bottleneck width of the predictor (SimSiam: 512).
+        knn_classes: Two-view: classes (systems) of the k-NN probe set; 0 disables the probe.
+        knn_per_class: Two-view: probe images per class.
+        knn_k: Two-view: neighbours that vote.
     """
 
     def __init__(self, arch: str = "resnet50", num_classes: int = 1000, multi_label: bool = False,
@@ -96,8 +136,18 @@ class FractalClassifier(pl.LightningModule):
                  onecycle_final_div_factor: float = 1e3, warmup_epochs: float = 0.0, warmup_steps: int = 0,
                  cosine_epochs: float | None = None, cosine_steps: int | None = None, min_lr: float = 0.0,
                  warmup_start_lr: float = 0.0, label_smoothing: float = 0.0, channels_last: bool = True,
-                 compile: bool = False):
+                 compile: bool = False, objective: str | None = None, views: int = 0, projector_dim: int = 2048,
+                 predictor_dim: int = 512, knn_classes: int = 10, knn_per_class: int = 20, knn_k: int = 10):
         super().__init__()
+        objective = objective or ("multilabel" if multi_label else "classification")
+        check_objective(objective, multi_label, views)
+        check_range("model.projector_dim", projector_dim, 1, None, integer=True)
+        check_range("model.predictor_dim", predictor_dim, 1, None, integer=True)
+        check_range("model.knn_classes", knn_classes, 0, None, integer=True)
+        if knn_classes == 1:
+            raise ConfigError("model.knn_classes=1: must be 0 (no probe) or >= 2")
+        check_range("model.knn_per_class", knn_per_class, 1, None, integer=True)
+        check_range("model.knn_k", knn_k, 1, None, integer=True)
         check_range("model.num_classes", num_classes, 2, None, integer=True)
         check_range("model.lr", lr, 0.0, None)
         check_range("model.momentum", momentum, 0.0, 1.0)
@@ -123,8 +173,16 @@ class FractalClassifier(pl.LightningModule):
         if list(milestones) != sorted(milestones):
             raise ConfigError(f"model.milestones={list(milestones)!r}: must be increasing epochs")
         self.save_hyperparameters()
-        self.net = build_resnet(arch, num_classes)
-        if multi_label:
+        self.two_view = objective in TWO_VIEW_OBJECTIVES
+        # Two-view: no classifier (a recipe of 1M systems would make a 2048 x 1M fc), the pooled features feed
+        # the objective's heads.
+        self.net = build_resnet(arch, 2 if self.two_view else num_classes)
+        if self.two_view:
+            features = self.net.fc.in_features
+            self.net.fc = torch.nn.Identity()
+            self.objective = build_objective(objective, features, projector_dim, predictor_dim)
+            self._probe_set = None
+        elif multi_label:
             self.val_map = torchmetrics.classification.MultilabelAveragePrecision(num_labels=num_classes)
         else:
             self.val_top1 = torchmetrics.classification.MulticlassAccuracy(num_classes=num_classes, top_k=1)
@@ -148,7 +206,22 @@ class FractalClassifier(pl.LightningModule):
             return soft_cross_entropy(logits, targets, self.hparams.label_smoothing)
         return F.cross_entropy(logits.float(), targets, label_smoothing=self.hparams.label_smoothing)
 
+    def two_view_step(self, batch, split: str) -> torch.Tensor:
+        images, _ = batch  # labels (the systems) are unused: the probe has its own labelled set
+        view1, view2 = images.chunk(2)
+        loss, stats = self.objective(self.net, view1, view2)
+        samples = len(view1)
+        self.log(f"{split}/loss", loss, prog_bar=True, sync_dist=split == "val", batch_size=samples)
+        for name, value in stats.items():
+            self.log(f"{split}/{name}", value, sync_dist=split == "val", batch_size=samples)
+        return loss
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        if self.two_view:
+            loss = self.two_view_step(batch, "train")
+            if self.global_step % self.trainer.log_every_n_steps == 0 and not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite training loss at step {self.global_step}: {loss.item()}")
+            return loss
         images, targets = batch
         logits = self(images)
         loss = self.loss(logits, targets)
@@ -161,7 +234,27 @@ class FractalClassifier(pl.LightningModule):
             self.log("train/acc", (logits.argmax(1) == labels).float().mean(), prog_bar=True)
         return loss
 
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.two_view:
+            self.objective.after_step(self.net)
+
+    def on_validation_epoch_end(self) -> None:
+        """Two-view runs: k-NN top-1 of the frozen backbone on the probe set (rendered once, rank 0 logs it)."""
+        hp = self.hparams
+        if not self.two_view or not hp.knn_classes or self.trainer.sanity_checking:
+            return
+        if self._probe_set is None:
+            self._probe_set = knn.render_probe_set(hp.knn_classes, hp.knn_per_class, self.trainer.datamodule)
+        images, labels = self._probe_set
+        with self.trainer.precision_plugin.forward_context():
+            features = knn.embed(self.net, images)
+        top1 = knn.knn_top1(features, labels.to(features.device), hp.knn_k, hp.knn_classes)
+        self.log("val/knn_top1", top1, prog_bar=True, rank_zero_only=True)
+
     def validation_step(self, batch, batch_idx: int) -> None:
+        if self.two_view:
+            self.two_view_step(batch, "val")
+            return
         images, targets = batch
         logits = self(images)
         self.log("val/loss", self.loss(logits, targets), sync_dist=True)
@@ -174,22 +267,43 @@ class FractalClassifier(pl.LightningModule):
             self.log("val/top1", self.val_top1, prog_bar=True)
             self.log("val/top5", self.val_top5)
 
+    def effective_lr(self) -> float:
+        """model.lr, or for two-view objectives model.lr x global batch / 256."""
+        if not self.two_view:
+            return self.hparams.lr
+        data = self.trainer.datamodule if self.trainer is not None else None
+        batch = getattr(data, "batch_size", LR_REFERENCE_BATCH) * (self.trainer.world_size if self.trainer else 1)
+        return self.hparams.lr * batch / LR_REFERENCE_BATCH
+
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        lr = self.effective_lr()
+        groups = self.objective.param_groups(self.net, lr) if self.two_view else self.parameters()
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        config = self._schedule(optimizer, lr)
+        keep_fixed_lrs(optimizer)  # OneCycleLR sets every group's starting lr on construction
+        return config
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        scheduler.step() if metric is None else scheduler.step(metric)
+        keep_fixed_lrs(scheduler.optimizer)
+
+    def _schedule(self, optimizer, lr: float):
+        hp = self.hparams
         if hp.schedule == "constant":
             return optimizer
         if hp.schedule == "multistep":
             scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(hp.milestones), hp.gamma)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
         if hp.schedule == "cosine":
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self._cosine(optimizer), "interval": "step"}}
+            return {"optimizer": optimizer,
+                    "lr_scheduler": {"scheduler": self._cosine(optimizer, lr), "interval": "step"}}
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=hp.lr, total_steps=self._run_steps()[1],
+            optimizer, max_lr=lr, total_steps=self._run_steps()[1],
             pct_start=hp.onecycle_pct_start, final_div_factor=hp.onecycle_final_div_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def _cosine(self, optimizer):
+    def _cosine(self, optimizer, lr: float):
         """Cosine with linear warm-up, stepped per optimiser step; epochs count the run's steps per epoch."""
         hp = self.hparams
         per_epoch, total = self._run_steps()
@@ -197,7 +311,7 @@ class FractalClassifier(pl.LightningModule):
         length = hp.cosine_steps or (round(hp.cosine_epochs * per_epoch) if hp.cosine_epochs is not None else total)
         if warmup > length:
             raise ConfigError(f"model warm-up ({warmup} steps) is longer than the cosine schedule ({length} steps)")
-        lr_at = functools.partial(cosine_factor, warmup=warmup, length=length, lr=hp.lr, min_lr=hp.min_lr,
+        lr_at = functools.partial(cosine_factor, warmup=warmup, length=length, lr=lr, min_lr=hp.min_lr,
                                   warmup_start_lr=hp.warmup_start_lr)
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
 

@@ -43,4 +43,7 @@ def test_kernels_never_touch_memory_outside_their_buffers(tmp_path):
     env = {**emulator.asan_environment(), "FRACTAL_PRETRAIN_CACHE": str(tmp_path)}
     result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "ERROR: AddressSanitizer" not in result.stderr, result.stderr[-6000:]
-    assert result.stdout.count("ok ") == 11, result.stdout
+    from fractal_pretrain.recipes import list_recipes
+
+    expected = len(list_recipes("ifs")) + 3 + 3  # every IFS recipe, the three anderson paths, three Mandelbulb cases
+    assert result.stdout.count("ok ") == expected, result.stdout

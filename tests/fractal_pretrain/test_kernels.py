@@ -130,7 +130,7 @@ def test_generated_constants_follow_the_python_definitions():
     assert {k: streams[k] for k in ("SAMPLE", "ITEM", "CHAOS", "PLASMA")} == {
         "SAMPLE": rng.STREAM_SAMPLE, "ITEM": rng.STREAM_ITEM, "CHAOS": rng.STREAM_CHAOS, "PLASMA": rng.STREAM_PLASMA}
     assert _defines("DRAW") == {name[5:]: getattr(params, name) for name in dir(params) if name.startswith("DRAW_")}
-    assert _defines("JITTER") == {"NONE": 0, "BASIC": 1, "FRACTALDB": 2}
+    assert _defines("JITTER") == {"NONE": 0, "BASIC": 1, "FRACTALDB": 2, "SVD": 3}
     assert "-DSTREAM_CHAOS=3u" in DEFINES and "-DRI_CHAINS=16" in DEFINES
 
 

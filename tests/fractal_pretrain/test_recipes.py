@@ -18,7 +18,7 @@ from fractal_pretrain.ifs.bank import BankSpec, build_bank
 from fractal_pretrain.recipes import Recipe, get_recipe, list_recipes
 from fractal_pretrain.render import make_renderer
 
-NAMES = ("anderson", "fractal4ad", "multiformula", "multiinstance", "fractaldb", "ofdb")
+NAMES = ("anderson", "fractal4ad", "multiformula", "multiinstance", "fractaldb", "ofdb", "selfsup")
 SMALL = {"num_classes": 10, "num_points": 5000}
 
 
@@ -138,7 +138,7 @@ def test_recipe_properties():
     for name in NAMES:
         recipe = get_recipe(name, SMALL)
         assert recipe.multi_label == (name == "multiinstance")
-        assert recipe.multi_object == (name in ("multiformula", "multiinstance"))
+        assert recipe.multi_object == (name in ("multiformula", "multiinstance", "selfsup"))  # selfsup: pasted views
         assert recipe.num_systems == recipe.num_classes * recipe.systems_per_class
         spec = recipe.bank_spec()
         assert isinstance(spec, BankSpec)

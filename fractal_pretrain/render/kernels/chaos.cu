@@ -229,11 +229,41 @@ __device__ inline void for_each_stamped(const Histogram &hist, const Patch &patc
   }
 }
 
+// Colour each source pixel of one view and write it where its flips send it. Single-object items draw over the
+// background already in the canvas.
+__device__ inline void write_view(const Histogram &hist, const Patch &patch, bool binary, float peak,
+                                  bool colour_table, const u32 *hue_rgb, float hue, float grey, int flips, int side,
+                                  int size, int slots, bool multi, long long item, unsigned char *out) {
+  const int stride = multi ? side : size;  // pixels per row of the image written
+  unsigned char *image = out + (multi ? item * side * side : (item / slots) * (long long)size * size) * 3;
+  auto colour = [&](int sr, int sc, u32 v) {
+    const float g = binary ? (v > 0 ? 1.0f : 0.0f) : (peak > 0.0f ? (float)v / peak : 0.0f);
+    if (!multi && g <= 0.0f) return;
+    // Inverse of reference.flip: transpose (bit 1) is its own inverse, so are the reversals (bits 2, 4).
+    const int rt = (flips & 1) ? sc : sr, ct = (flips & 1) ? sr : sc;
+    const int r = (flips & 2) ? side - 1 - rt : rt;
+    const int c = (flips & 4) ? side - 1 - ct : ct;
+    u32 rgb = 0;
+    if (g > 0.0f) {
+      if (colour_table) rgb = hue_rgb[((int)floorf(g * 255.0f + hue)) & 255];
+      else rgb = 0x010101u * (unsigned char)(g * grey);
+    }
+    unsigned char *px = image + (r * stride + c) * 3;
+    px[0] = (unsigned char)rgb;
+    px[1] = (unsigned char)(rgb >> 8);
+    px[2] = (unsigned char)(rgb >> 16);
+  };
+  // Transposing flips write a source column to a destination row: walk along rows then, so that a warp's
+  // writes stay adjacent.
+  if (flips & 1) for_each_stamped<true>(hist, patch, colour);
+  else for_each_stamped<false>(hist, patch, colour);
+}
+
 // The kernels' body; PER_POINT: 'point' patches (each point ORs its own mask into its pixel, binary).
 template <bool PER_POINT>
 __device__ inline void render_item(const long long *indices, u32 seed, u32 epoch, const int *ri, const int *item_i,
                                    const float *item_f, u32 *hist_global, int use_shared, u32 *choices,
-                                   int choice_words, unsigned char *out, int *points) {
+                                   int choice_words, unsigned char *out, int *points, int views) {
   extern __shared__ u32 shared_hist[];
   __shared__ float params[ITEM_FLOATS];
   __shared__ float scratch[1024];
@@ -243,6 +273,9 @@ __device__ inline void render_item(const long long *indices, u32 seed, u32 epoch
   const int slots = ri[RI_SLOTS], side = ri[RI_SIDE], size = ri[RI_SIZE];
   const int chains = ri[RI_CHAINS], burn_in = ri[RI_BURN_IN], num_points = ri[RI_NUM_POINTS];
   const int *ii = item_i + (long long)item * ITEM_INTS;
+  // views > 1 (two-view recipes): items [0, gridDim.x) are the fractals, item + v * gridDim.x its view v, which
+  // shares the fractal (plan, chain, histogram) and has its own flips, colours and object (params.plan_views).
+  const long long view_stride = gridDim.x;
   if (!ii[0]) {  // inactive object slot: nothing to draw
     if (threadIdx.x == 0) points[item] = 0;
     return;
@@ -275,7 +308,7 @@ __device__ inline void render_item(const long long *indices, u32 seed, u32 epoch
   ymin = block_reduce(ymin, scratch, false);
   ymax = block_reduce(ymax, scratch, true);
   if (threadIdx.x == 0) {  // reference.window
-    points[item] = all_alive ? num_points : 0;
+    for (int v = 0; v < views; ++v) points[item + v * view_stride] = all_alive ? num_points : 0;
     float box[4] = {xmin, xmax, ymin, ymax};
     for (int axis = 0; axis < 2; ++axis) {
       float mn = box[2 * axis], mx = box[2 * axis + 1];
@@ -320,7 +353,6 @@ __device__ inline void render_item(const long long *indices, u32 seed, u32 epoch
 
   // Peak of the stamped counts (graded density = stamped / peak). Item values read only now, not held in
   // registers through the chaos game.
-  const int flips = ii[6];
   const Patch patch = make_patch(ii[5], PER_POINT);
   float peak = 0.0f;
   const bool binary = ri[RI_BINARY] || PER_POINT;
@@ -329,58 +361,40 @@ __device__ inline void render_item(const long long *indices, u32 seed, u32 epoch
     for_each_stamped<false>(hist, patch, [&](int, int, u32 v) { local = v > local ? v : local; });
     peak = block_reduce((float)local, scratch, true);
   }
-  // The item's colours as a table: its saturation and value are fixed, so RGB depends on the hue byte only.
   const bool colour_table = ri[RI_COLOR];
-  if (colour_table) {
-    for (int h8 = threadIdx.x; h8 < 256; h8 += blockDim.x) {
-      unsigned char rgb[3];
-      hsv_to_rgb(h8, ii[7], ii[8], rgb);
-      hue_rgb[h8] = rgb[0] | (u32)rgb[1] << 8 | (u32)rgb[2] << 16;
+  for (int v = 0; v < views; ++v) {
+    const long long view_item = item + v * view_stride;
+    const int *vi = item_i + view_item * ITEM_INTS;
+    const int flips = vi[6];
+    // The view's colours as a table: its saturation and value are fixed, so RGB depends on the hue byte only.
+    if (colour_table) {
+      if (v > 0) __syncthreads();  // every thread is done with the previous view's table
+      for (int h8 = threadIdx.x; h8 < 256; h8 += blockDim.x) {
+        unsigned char rgb[3];
+        hsv_to_rgb(h8, vi[7], vi[8], rgb);
+        hue_rgb[h8] = rgb[0] | (u32)rgb[1] << 8 | (u32)rgb[2] << 16;
+      }
+      __syncthreads();
     }
-    __syncthreads();
+    const float hue = item_f[view_item * ITEM_FLOATS + IF_HUE];
+    write_view(hist, patch, binary, peak, colour_table, hue_rgb, hue, (float)ri[RI_GREY], flips, side, size, slots,
+               ri[RI_MULTI_OBJECT], view_item, out);
   }
-
-  // Colour each source pixel and write it where the flips send it. Single-object items draw over the
-  // background already in the canvas.
-  const bool multi = ri[RI_MULTI_OBJECT];
-  const int stride = multi ? side : size;  // pixels per row of the image written
-  unsigned char *image = out + (multi ? (long long)item * side * side : (long long)(item / slots) * size * size) * 3;
-  const float hue = params[IF_HUE], grey = (float)ri[RI_GREY];
-  auto colour = [&](int sr, int sc, u32 v) {
-    const float g = binary ? (v > 0 ? 1.0f : 0.0f) : (peak > 0.0f ? (float)v / peak : 0.0f);
-    if (!multi && g <= 0.0f) return;
-    // Inverse of reference.flip: transpose (bit 1) is its own inverse, so are the reversals (bits 2, 4).
-    const int rt = (flips & 1) ? sc : sr, ct = (flips & 1) ? sr : sc;
-    const int r = (flips & 2) ? side - 1 - rt : rt;
-    const int c = (flips & 4) ? side - 1 - ct : ct;
-    u32 rgb = 0;
-    if (g > 0.0f) {
-      if (colour_table) rgb = hue_rgb[((int)floorf(g * 255.0f + hue)) & 255];
-      else rgb = 0x010101u * (unsigned char)(g * grey);
-    }
-    unsigned char *px = image + (r * stride + c) * 3;
-    px[0] = (unsigned char)rgb;
-    px[1] = (unsigned char)(rgb >> 8);
-    px[2] = (unsigned char)(rgb >> 16);
-  };
-  // Transposing flips write a source column to a destination row: walk along rows then, so that a warp's
-  // writes stay adjacent.
-  if (flips & 1) for_each_stamped<true>(hist, patch, colour);
-  else for_each_stamped<false>(hist, patch, colour);
 }
 
 // Up to 1024 threads (recipes.MAX_CHAINS): registers are capped so that any chain count can launch.
 extern "C" __global__ void __launch_bounds__(1024)
     render_items(const long long *indices, u32 seed, u32 epoch, const int *ri, const int *item_i, const float *item_f,
-                 u32 *hist_global, int use_shared, u32 *choices, int choice_words, unsigned char *out, int *points) {
+                 u32 *hist_global, int use_shared, u32 *choices, int choice_words, unsigned char *out, int *points,
+                 int views) {
   render_item<false>(indices, seed, epoch, ri, item_i, item_f, hist_global, use_shared, choices, choice_words, out,
-                     points);
+                     points, views);
 }
 
 extern "C" __global__ void __launch_bounds__(1024)
     render_items_point_masks(const long long *indices, u32 seed, u32 epoch, const int *ri, const int *item_i,
                              const float *item_f, u32 *hist_global, int use_shared, u32 *choices, int choice_words,
-                             unsigned char *out, int *points) {
+                             unsigned char *out, int *points, int views) {
   render_item<true>(indices, seed, epoch, ri, item_i, item_f, hist_global, use_shared, choices, choice_words, out,
-                    points);
+                    points, views);
 }

@@ -74,6 +74,22 @@ __host__ __device__ inline float exp_neg(float x) {
   return p * p;
 }
 
+// sin and cos of |x| <= 0.5, the same Horner series in x^2 as params.sin_cos.
+__host__ __device__ inline void sin_cos(float x, float *s_out, float *c_out) {
+  const float inv_sin[7] = {0.0f, (float)(1.0 / 6), (float)(1.0 / 20), (float)(1.0 / 42), (float)(1.0 / 72),
+                            (float)(1.0 / 110), (float)(1.0 / 156)};
+  const float inv_cos[7] = {0.0f, (float)(1.0 / 2), (float)(1.0 / 12), (float)(1.0 / 30), (float)(1.0 / 56),
+                            (float)(1.0 / 90), (float)(1.0 / 132)};
+  const float x2 = x * x;
+  float s = 1.0f, c = 1.0f;
+  for (int k = 6; k >= 1; --k) {
+    s = 1.0f - (x2 * s) * inv_sin[k];
+    c = 1.0f - (x2 * c) * inv_cos[k];
+  }
+  *s_out = x * s;
+  *c_out = c;
+}
+
 __host__ __device__ inline unsigned char round_u8(float v) {
   float r = rintf(v);
   r = r < 0.0f ? 0.0f : (r > 255.0f ? 255.0f : r);

@@ -84,6 +84,32 @@ extern "C" __global__ void plan_items(int count, const long long *indices, u32 s
         break;
       }
     }
+  } else if (ri[RI_JITTER] == JITTER_SVD) {  // params._svd_jitter
+    for (int attempt = 0; attempt < ri[RI_JITTER_TRIES]; ++attempt) {
+      Words jw = draw_words(seed, epoch, index, tag, DRAW_ITEM_JITTER + attempt);
+      int k = (int)to_int(jw.w[0], nmaps);
+      int part = (int)to_int(jw.w[1], 3);
+      float u = to_range(jw.w[2], rf, RF_SVD_JITTER), v = to_range(jw.w[3], rf, RF_SVD_JITTER);
+      float s, c;
+      sin_cos(u, &s, &c);
+      const float *r = maps + k * ROW;
+      float row[ROW];
+      if (part == 0) {  // R A
+        row[0] = c * r[0] - s * r[3], row[1] = c * r[1] - s * r[4], row[2] = r[2];
+        row[3] = s * r[0] + c * r[3], row[4] = s * r[1] + c * r[4], row[5] = r[5];
+      } else if (part == 1) {  // A R
+        row[0] = r[0] * c + r[1] * s, row[1] = r[1] * c - r[0] * s, row[2] = r[2];
+        row[3] = r[3] * c + r[4] * s, row[4] = r[4] * c - r[3] * s, row[5] = r[5];
+      } else {
+        for (int j = 0; j < ROW; ++j) row[j] = r[j];
+        row[2] = r[2] + u, row[5] = r[5] + v;
+      }
+      if (!singular_value_too_big(row)) {
+        for (int j = 0; j < ROW; ++j) maps[k * ROW + j] = row[j];
+        jitter = attempt;
+        break;
+      }
+    }
   } else if (ri[RI_JITTER] == JITTER_FRACTALDB) {
     jitter = (int)to_int(w.w[2], 25);
     for (int m = 0; m < MAX_MAPS; ++m) maps[m * ROW + FDB_POSITION[jitter]] *= FDB_WEIGHT[jitter];

@@ -1,0 +1,134 @@
+"""Two-view self-supervised pre-training (model.objective: simsiam) on CPU: the loss, the optimiser groups,
+the smoke config end to end to a backbone ad_eval loads, exact resume, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fractal_pretrain.cli import main
+from fractal_pretrain.train.knn import knn_top1
+from fractal_pretrain.train.objectives import SimSiam, normalised_std
+
+REPO = Path(__file__).resolve().parents[2]
+SMOKE = str(REPO / "jobs" / "pretrain" / "selfsup_smoke.yaml")
+
+
+def fit_args(root: Path, *extra: str) -> list[str]:
+    return ["fit", "--config", SMOKE, "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar",
+            "false", "--trainer.deterministic", "true", *extra]
+
+
+def metrics(root: Path) -> list[dict[str, str]]:
+    with open(root / "logs" / "version_0" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_simsiam_loss_equals_a_direct_transcription():
+    torch.manual_seed(0)
+    objective = SimSiam(features=12, dim=6, pred_dim=3).train()
+    backbone = torch.nn.Linear(5, 12)
+    x1, x2 = torch.randn(7, 5), torch.randn(7, 5)
+    loss, stats = objective(backbone, x1, x2)
+    # SimSiam paper, Algorithm 1: D(p, z) = -(normalize(p) * normalize(z.detach())).sum(1).mean()
+    z1, z2 = objective.projector(backbone(x1)), objective.projector(backbone(x2))
+    p1, p2 = objective.predictor(z1), objective.predictor(z2)
+
+    def d(p, z):
+        return -(F.normalize(p, dim=1) * F.normalize(z.detach(), dim=1)).sum(dim=1).mean()
+
+    torch.testing.assert_close(loss, d(p1, z2) / 2 + d(p2, z1) / 2)
+    assert -1.0 <= loss.item() <= 1.0
+    zn = z1 / z1.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(stats["z_std"], zn.std(dim=0).mean())
+
+
+def test_no_gradient_flows_through_the_target_branch():
+    torch.manual_seed(1)
+    objective = SimSiam(features=8, dim=4, pred_dim=2).train()
+    backbone = torch.nn.Linear(3, 8)
+    x1, x2 = torch.randn(6, 3, requires_grad=True), torch.randn(6, 3, requires_grad=True)
+    # Only the predicted branch D(p1, z2) of a one-sided loss: x2 enters through z2 alone, the target.
+    z1, z2 = objective.projector(backbone(x1)), objective.projector(backbone(x2))
+    from fractal_pretrain.train.objectives import negative_cosine
+
+    negative_cosine(objective.predictor(z1), z2).backward()
+    assert x2.grad is None or torch.count_nonzero(x2.grad) == 0
+    assert torch.count_nonzero(x1.grad) > 0
+
+
+def test_normalised_std_shows_collapse():
+    healthy = torch.randn(512, 64)
+    assert abs(normalised_std(healthy).item() - 64 ** -0.5) < 0.01
+    collapsed = torch.ones(512, 64) + 1e-6 * torch.randn(512, 64)
+    assert normalised_std(collapsed).item() < 1e-4
+
+
+def test_knn_top1_on_separable_and_random_features():
+    labels = torch.arange(4).repeat_interleave(5)
+    clustered = F.one_hot(labels, 4).float() + 0.01 * torch.randn(20, 4)
+    assert knn_top1(clustered, labels, k=3, classes=4) == 1.0
+    same = torch.ones(20, 4)  # every neighbour equally close: no better than chance on average
+    assert knn_top1(same, labels, k=3, classes=4) <= 0.5
+
+
+def test_smoke_config_end_to_end_to_a_backbone_ad_eval_loads(tmp_path):
+    from ad_eval.backbones import load_backbone
+
+    assert main(fit_args(tmp_path)) == 0
+    rows = metrics(tmp_path)
+    body = [float(r["lr-SGD/pg1"]) for r in rows if r.get("lr-SGD/pg1")]
+    head = [float(r["lr-SGD/pg2"]) for r in rows if r.get("lr-SGD/pg2")]
+    scaled = 0.05 * 8 / 256  # model.lr x batch / 256
+    assert len(body) >= 3 and body[0] > body[-1] and max(body) <= scaled + 1e-12  # one-cycle decay
+    assert head == [pytest.approx(scaled)] * len(head)  # the predictor's lr is fixed
+    z_std = [float(r["train/z_std"]) for r in rows if r.get("train/z_std")]
+    assert z_std and all(0.02 < v < 0.2 for v in z_std)  # ~1/sqrt(256) = 0.0625, not collapsed
+    knn = [float(r["val/knn_top1"]) for r in rows if r.get("val/knn_top1")]
+    assert len(knn) == 1 and 0.0 <= knn[0] <= 1.0
+    state = torch.load(tmp_path / "backbone.pt", map_location="cpu", weights_only=True)
+    assert not any(k.startswith(("fc.", "objective.", "projector", "predictor")) for k in state)
+    backbone = load_backbone(str(tmp_path / "backbone.pt"))
+    assert backbone.arch == "resnet18"
+    meta = json.loads((tmp_path / "backbone.json").read_text())
+    assert meta["recipe"] == "selfsup" and meta["recipe_config"]["views"] == 2
+
+
+def test_resumed_two_view_run_equals_uninterrupted_run(tmp_path):
+    # one-cycle fixes its length at the start, so the split run uses a cosine of a set length
+    common = ("--checkpoint_every_n_steps", "1", "--data.val_samples", "0", "--model.knn_classes", "0",
+              "--model.schedule", "cosine", "--model.cosine_steps", "4")
+    assert main(fit_args(tmp_path / "straight", "--trainer.max_steps", "4", *common)) == 0
+    assert main(fit_args(tmp_path / "split", "--trainer.max_steps", "2", *common)) == 0
+    assert main(fit_args(tmp_path / "split", "--trainer.max_steps", "4", *common)) == 0
+    a = torch.load(tmp_path / "straight" / "backbone.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "backbone.pt", weights_only=True)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7, msg=key)
+    ca = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    cb = torch.load(tmp_path / "split" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    for key in (k for k in ca if k.startswith("objective.")):  # the heads resume too
+        torch.testing.assert_close(ca[key], cb[key], rtol=1e-6, atol=1e-7, msg=key)
+    # under the cosine too, the predictor keeps lr x batch / 256 while the rest decays
+    groups = torch.load(tmp_path / "split" / "checkpoints" / "last.ckpt", weights_only=False)["optimizer_states"][0]
+    lrs = [g["lr"] for g in groups["param_groups"]]
+    assert lrs[1] == pytest.approx(0.05 * 8 / 256) and lrs[0] < lrs[1]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (("--data.recipe", "anderson", "--data.recipe_overrides", "{num_classes: 4, num_points: 2000}"),
+     "model.objective=simsiam: needs a two-view recipe"),
+    (("--model.projector_dim", "0"), "model.projector_dim=0"),
+    (("--model.objective", "byol"), "model.objective='byol': must be one of classification, multilabel, simsiam"),
+    (("--model.objective", "classification"), "model.objective=classification: a two-view recipe"),
+])
+def test_bad_two_view_config_is_one_line(tmp_path, capsys, extra, message):
+    assert main(fit_args(tmp_path, *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "backbone.pt").exists()
