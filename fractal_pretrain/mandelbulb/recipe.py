@@ -108,6 +108,8 @@ class MandelbulbRecipe:
 
     # --- derived (the interface the data module, export and CLI read from every recipe) ---
     multi_label = False
+    fixed_images = 0  # every sample is ray-marched (or composed from the view bank) afresh: no fixed set
+    views = 0  # one image per sample (no two-view objective)
 
     @property
     def rule_list(self) -> tuple[int, ...]:

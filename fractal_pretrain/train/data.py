@@ -249,7 +249,7 @@ class FractalDataModule(pl.LightningDataModule):
     @property
     def views(self) -> int:
         """Views per sample (two-view recipes: batches of 2B images, all first views then all second views)."""
-        return getattr(self.recipe, "views", 0) if self.source == "render" else 0  # Mandelbulb recipes: none
+        return self.recipe.views if self.source == "render" else 0
 
     @property
     def multi_label(self) -> bool:
