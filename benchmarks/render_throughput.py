@@ -1,11 +1,15 @@
-"""Fractal rendering throughput: GPU images/s per recipe, and reference images/s per CPU core.
+"""Fractal rendering throughput: GPU images/s per recipe, and CPU images/s per core and on all cores.
 
 GPU: CUDA-event timing of ``CupyRenderer.render_tensor`` (uint8, channels_last) after warm-up, at
-256x256, batch 512, 100k points per fractal (the recipe defaults). CPU: the NumPy reference on one
-process (``OMP_NUM_THREADS=1``), small batches, reported per core.
+256x256, batch 512, 100k points per fractal (the recipe defaults). CPU (``--device cpu``): per recipe, side
+by side, the NumPy reference (``cpu-reference``, one core), the compiled renderer on one thread (per core)
+and on every core (``--threads``); best of ``--trials`` timings (the development machine is shared), with
+images per CPU-second (all threads' CPU time: what a core makes when other processes take turns on it) and
+the 1-minute load average.
+``--device cpu-reference`` times the reference alone.
 
     python3 benchmarks/render_throughput.py --device cuda [--recipes anderson,...] [--batch 512] [--profile]
-    OMP_NUM_THREADS=1 python3 benchmarks/render_throughput.py --device cpu --batch 8 --repeats 2
+    OMP_NUM_THREADS=1 python3 benchmarks/render_throughput.py --device cpu --batch 8 --size 256
 
 Every row also has ``digest``: a hash of the uint8 images of keys 0..63 (epoch 0), so that rows of
 different versions of the renderer (``--label``, benchmarks/kernel_versions.sh) show whether they draw the
@@ -17,12 +21,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import time
 
 import numpy as np
 
 from fractal_pretrain.recipes import get_recipe, list_recipes
 from fractal_pretrain.render import make_renderer
+from fractal_pretrain.render.fast_cpu import available_cores
 
 
 def bench_gpu(renderer, batch: int, repeats: int, warmup: int = 3) -> float:
@@ -62,12 +68,39 @@ def image_digest(renderer, count: int = 64) -> str:
     return hashlib.sha1(renderer.render(np.arange(count), 0).images.tobytes()).hexdigest()[:12]
 
 
-def bench_cpu(renderer, batch: int, repeats: int) -> float:
+def bench_cpu(renderer, batch: int, repeats: int, trials: int = 1) -> tuple[float, float]:
+    """(wall, CPU) seconds per batch: the best of `trials` means over `repeats` batches each (other load on a
+    shared machine only slows a trial down). CPU seconds are the process's, all threads together."""
     renderer.render(np.arange(batch))  # warm-up (bank cache, allocations)
-    start = time.perf_counter()
-    for i in range(repeats):
-        renderer.render(np.arange(batch) + (i + 1) * batch)
-    return (time.perf_counter() - start) / repeats
+    wall = cpu = float("inf")
+    for _ in range(trials):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        for i in range(repeats):
+            renderer.render(np.arange(batch) + (i + 1) * batch)
+        wall = min(wall, (time.perf_counter() - start) / repeats)
+        cpu = min(cpu, (time.process_time() - start_cpu) / repeats)
+    return wall, cpu
+
+
+def cpu_variants(device: str, threads: list[int]) -> list[tuple[str, int]]:
+    """(device, threads) of the CPU rows: the reference on one core, the compiled renderer per thread count."""
+    if device == "cpu-reference":
+        return [("cpu-reference", 1)]
+    return [("cpu-reference", 1)] + [("cpu", t) for t in threads]
+
+
+def base_row(args, name: str, device: str, overrides: dict) -> dict:
+    row = {"recipe": name, "device": device, "size": args.size, "batch": args.batch}
+    if overrides:
+        row["overrides"] = overrides
+    if args.label:
+        row["version"] = args.label
+    return row
+
+
+def emit(row: dict) -> dict:
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def main(argv=None) -> int:
@@ -77,6 +110,8 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--trials", type=int, default=3, help="CPU: best of this many timings")
+    parser.add_argument("--threads", default="1,all", help="CPU: thread counts of the compiled renderer rows")
     parser.add_argument("--set", action="append", default=[], help="recipe override KEY=VALUE (YAML value)")
     parser.add_argument("--profile", action="store_true", help="GPU: also ms per batch of every kernel")
     parser.add_argument("--label", default="", help="a name for the renderer version, copied into every row")
@@ -86,24 +121,31 @@ def main(argv=None) -> int:
     overrides = dict((kv.split("=", 1)[0], yaml.safe_load(kv.split("=", 1)[1])) for kv in args.set)
     rows = []
     for name in args.recipes.split(","):
-        renderer = make_renderer(get_recipe(name, overrides), size=args.size, seed=0, device=args.device)
-        if args.device == "cpu":
-            seconds = bench_cpu(renderer, args.batch, args.repeats)
-        else:
-            seconds = bench_gpu(renderer, args.batch, args.repeats)
-        row = {"recipe": name, "device": args.device, "size": args.size, "batch": args.batch,
-               "ms_per_batch": round(seconds * 1e3, 3), "images_per_s": round(args.batch / seconds, 1)}
-        if overrides:
-            row["overrides"] = overrides
-        if args.label:
-            row["version"] = args.label
-        row["digest"] = image_digest(renderer)
-        if args.device != "cpu":
-            row["shared_histogram"] = bool(renderer.use_shared)
-            if args.profile:
-                row["kernel_ms"] = kernel_ms(renderer, args.batch)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        recipe = get_recipe(name, overrides)
+        if args.device.startswith("cpu"):
+            threads = [available_cores() if t == "all" else int(t) for t in args.threads.split(",")]
+            bank = None
+            for device, count in cpu_variants(args.device, threads):
+                renderer = make_renderer(recipe, size=args.size, seed=0, device=device, bank=bank,
+                                         num_threads=count if device == "cpu" else None)
+                bank = renderer.bank
+                seconds, cpu_seconds = bench_cpu(renderer, args.batch, args.repeats, args.trials)
+                rows.append(emit({**base_row(args, name, device, overrides), "threads": count,
+                                  "ms_per_batch": round(seconds * 1e3, 3),
+                                  "images_per_s": round(args.batch / seconds, 1),
+                                  "images_per_s_per_core": round(args.batch / seconds / count, 1),
+                                  "images_per_cpu_s": round(args.batch / cpu_seconds, 1),
+                                  "load": round(os.getloadavg()[0], 1),
+                                  "digest": image_digest(renderer)}))
+            continue
+        renderer = make_renderer(recipe, size=args.size, seed=0, device=args.device)
+        seconds = bench_gpu(renderer, args.batch, args.repeats)
+        row = {**base_row(args, name, args.device, overrides), "ms_per_batch": round(seconds * 1e3, 3),
+               "images_per_s": round(args.batch / seconds, 1), "digest": image_digest(renderer),
+               "shared_histogram": bool(renderer.use_shared)}
+        if args.profile:
+            row["kernel_ms"] = kernel_ms(renderer, args.batch)
+        rows.append(emit(row))
     return 0
 
 

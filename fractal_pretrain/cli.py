@@ -69,7 +69,16 @@ def _add_render_args(p: argparse.ArgumentParser) -> None:
         "--start", type=_non_negative_int, default=0, help="first global sample index (default 0)"
     )
     p.add_argument(
-        "--device", default="cpu", help="cpu (NumPy reference) or cuda (CuPy kernels); default cpu"
+        "--device",
+        default="cpu",
+        help="cpu (compiled C++, byte-identical to the reference), cpu-reference (NumPy reference) "
+        "or cuda (CuPy kernels); default cpu",
+    )
+    p.add_argument(
+        "--threads",
+        type=_non_negative_int,
+        default=None,
+        help="CPU threads of --device cpu (default: every core of this process)",
     )
     add_set_option(p, "override a recipe field, VALUE parsed as YAML; repeatable")
 
@@ -137,7 +146,9 @@ def _cmd_render(args: argparse.Namespace) -> int:
     from fractal_pretrain.render import make_renderer
 
     recipe = get_recipe(args.recipe, overrides(args.overrides) or None)
-    renderer = make_renderer(recipe, size=args.size, seed=args.seed, device=args.device)
+    renderer = make_renderer(
+        recipe, size=args.size, seed=args.seed, device=args.device, num_threads=args.threads
+    )
     indices = np.arange(args.start, args.start + args.num, dtype=np.int64)
     batch = renderer.render(indices, epoch=args.epoch)
     labels = None
@@ -163,6 +174,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         start=args.start,
         batch_size=args.batch_size,
         device=args.device,
+        num_threads=args.threads,
         progress=not args.no_progress,
     )
     print(

@@ -27,6 +27,10 @@ import io
 import json
 import os
 import tarfile
+import struct
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +44,7 @@ SHARD_GLOB = "shard-[0-9]*.tar"
 MANIFEST_NAME = "manifest.json"
 KEY_DIGITS = 9  # keys are f"{index:09d}": sortable, no dots (webdataset splits extensions at dots)
 MANIFEST_FORMAT = 1  # bump when the shard layout changes
+PNG_LEVEL = 3  # zlib level of the PNGs: 1-3 are zlib's fast strategy, ~2.5x the speed of 6 for ~7% more bytes
 
 
 @dataclass(frozen=True)
@@ -67,10 +72,25 @@ def sample_key(index: int) -> str:
 
 
 def encode_png(image: np.ndarray) -> bytes:
-    """Lossless PNG bytes of a uint8 (H, W, 3) image."""
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image), "RGB").save(buf, format="PNG")
-    return buf.getvalue()
+    """Lossless PNG bytes of a uint8 (H, W, 3) image: 8-bit RGB, every row with the 'Up' filter.
+
+    Written with zlib rather than Pillow because ``zlib.compress`` releases the GIL: export encodes a
+    batch on as many threads as the renderer uses (Pillow's in-memory encoder holds the GIL).
+    """
+    image = np.ascontiguousarray(image, dtype=np.uint8)
+    height, width, _ = image.shape
+    rows = image.reshape(height, width * 3)
+    filtered = np.empty((height, width * 3 + 1), dtype=np.uint8)
+    filtered[:, 0] = 2  # Up: each byte minus the byte above (the row above the first is zero)
+    filtered[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # uint8: modulo 256, as PNG defines it
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, RGB, deflate, no interlace
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(filtered.tobytes(), PNG_LEVEL))
+            + chunk(b"IEND", b""))
 
 
 def decode_png(data: bytes) -> np.ndarray:
@@ -119,6 +139,7 @@ def export_shards(
     start: int = 0,
     batch_size: int = 64,
     device: str = "cpu",
+    num_threads: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Render samples ``start .. start+num-1`` and write them as WebDataset shards.
@@ -136,8 +157,9 @@ def export_shards(
         epoch: epoch passed to the renderer.
         start: first global sample index.
         batch_size: samples rendered per ``render`` call.
-        device: ``"cpu"`` or ``"cuda"``.
-        progress: show a tqdm bar over samples (on stderr).
+        device: ``"cpu"``, ``"cpu-reference"`` or ``"cuda"``.
+        num_threads: CPU threads of ``device="cpu"`` (None: every core); the images do not depend on it.
+        progress: show a tqdm bar over samples with images/s (on stderr).
 
     Returns:
         The manifest dict (also written to ``out_dir/manifest.json``).
@@ -166,7 +188,7 @@ def export_shards(
             raise ValueError(f"{name} must be >= 0, got {value}")
     overrides = dict(overrides or {})
     recipe = get_recipe(recipe_name, overrides or None)
-    renderer = make_renderer(recipe, size=size, seed=seed, device=device)
+    renderer = make_renderer(recipe, size=size, seed=seed, device=device, num_threads=num_threads)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -180,19 +202,25 @@ def export_shards(
         shards.append(Path(fname).name)
 
     count = 0
+    render_seconds = 0.0
     with (
+        # the bar's rate is images/s written; the postfix is images/s of the renderer alone
         tqdm(total=num, unit="img", desc=f"export {recipe.name}", disable=not progress) as bar,
+        ThreadPoolExecutor(max_workers=getattr(renderer, "num_threads", 1)) as encoder,
         wds.ShardWriter(
             str(out_dir / SHARD_PATTERN), maxcount=shard_size, verbose=0, post=_record_shard
         ) as sink,
     ):
         for lo in range(start, start + num, batch_size):
             indices = np.arange(lo, min(lo + batch_size, start + num), dtype=np.int64)
+            tick = time.perf_counter()
             batch = renderer.render(indices, epoch=epoch)
+            render_seconds += time.perf_counter() - tick
+            pngs = list(encoder.map(encode_png, batch.images))
             for j, index in enumerate(indices.tolist()):
                 sample: dict[str, Any] = {
                     "__key__": sample_key(index),
-                    "png": encode_png(batch.images[j]),
+                    "png": pngs[j],
                     "json": _json_bytes(batch.metadata(j)),
                 }
                 if recipe.multi_label:
@@ -201,6 +229,7 @@ def export_shards(
                     sample["cls"] = str(int(batch.labels[j])).encode("ascii")
                 sink.write(sample)
                 count += 1
+            bar.set_postfix_str(f"render {count / max(render_seconds, 1e-9):.0f} img/s", refresh=False)
             bar.update(len(indices))
 
     manifest: dict[str, Any] = {

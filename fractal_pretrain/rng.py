@@ -26,7 +26,9 @@ STREAM_SAMPLE = 1  # per-image draws: object count, blur, background constants
 STREAM_ITEM = 2  # per-fractal draws: system choice, jitter, window, patch, flips, colours, placement
 STREAM_CHAOS = 3  # chaos-game map choices (lane = chain)
 STREAM_PLASMA = 4  # diamond-square noise (draw = grid cell)
-STREAM_SHOTS = 5  # ad_eval few-shot choice of train images (epoch = category key, index = image)
+STREAM_AUGMENT = 5  # training-time augmentation draws of one sample (augment/params.py; host only)
+STREAM_MIX = 6  # batch mixing draws; index = step, lane = rank (augment/params.py; host only)
+STREAM_SHOTS = 8  # ad_eval few-shot choice of train images (epoch = category key, index = image)
 
 _M0 = np.uint64(0xD2511F53)
 _M1 = np.uint64(0xCD9E8D57)

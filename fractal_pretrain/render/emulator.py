@@ -91,9 +91,14 @@ def asan_environment() -> dict[str, str]:
             "ASAN_OPTIONS": "detect_leaks=0:detect_stack_use_after_return=0:abort_on_error=0"}
 
 
-def cache_dir() -> Path:
+def cache_root() -> Path:
+    """The project's cache of built code: $FRACTAL_PRETRAIN_CACHE or ~/.cache/fractal_pretrain."""
     root = os.environ.get(CACHE_ENV)
-    return (Path(root) if root else Path.home() / ".cache" / "fractal_pretrain") / "emulator"
+    return Path(root) if root else Path.home() / ".cache" / "fractal_pretrain"
+
+
+def cache_dir() -> Path:
+    return cache_root() / "emulator"
 
 
 _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+([\w\s]+?)\s+(\w+)\s*\[\s*\]\s*;")

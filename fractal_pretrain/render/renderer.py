@@ -1,7 +1,8 @@
 """Renderers: keys (seed, epoch, sample indices) in, labelled fractal images out.
 
-``ReferenceRenderer`` runs the NumPy reference (``reference.py``) anywhere; ``CupyRenderer``
-(``cupy_renderer.py``) runs the same pipeline as CUDA kernels. Both share planning, labels and
+``ReferenceRenderer`` runs the NumPy reference (``reference.py``) anywhere (``device: cpu-reference``);
+``FastCpuRenderer`` (``fast_cpu.py``, ``device: cpu``) the same pipeline as compiled C++ on every core;
+``CupyRenderer`` (``cupy_renderer.py``) as CUDA kernels. All three share planning, labels and
 metadata from this module, so they differ only in where the pixels are made.
 """
 
@@ -27,6 +28,7 @@ from fractal_pretrain.render.params import (
 
 MIN_SIZE = 8
 MAX_SIZE = 4096
+MAX_THREADS = 4096  # CPU render threads (num_threads; 0 or None: every core)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Output dtypes, in the order of compose.cu finish's out_kind; bfloat16: the float32 values rounded to nearest even.
@@ -191,12 +193,24 @@ class ReferenceRenderer(Renderer):
 
 
 def make_renderer(recipe: Recipe, *, size: int = 256, seed: int = 0, device: str = "cpu",
-                  bank: SystemBank | None = None) -> Renderer:
-    """A renderer for the recipe on 'cpu' (NumPy reference) or 'cuda' / 'cuda:N' (CuPy kernels)."""
+                  bank: SystemBank | None = None, num_threads: int | None = None) -> Renderer:
+    """A renderer for the recipe on 'cpu' (compiled C++, every core or ``num_threads``; the NumPy reference
+    with a one-line note on stderr where it cannot be built), 'cpu-reference' (the NumPy reference) or
+    'cuda' / 'cuda:N' (CuPy kernels). All of them draw the same images for the same keys."""
+    if num_threads is not None:
+        check_range("num_threads", num_threads, 0, MAX_THREADS, integer=True)
     if device == "cpu":
+        from fractal_pretrain.render import fast_cpu
+
+        try:
+            return fast_cpu.FastCpuRenderer(recipe, size=size, seed=seed, bank=bank, num_threads=num_threads)
+        except fast_cpu.FastCpuUnavailable as err:
+            fast_cpu.warn_unavailable(err)
+            return ReferenceRenderer(recipe, size=size, seed=seed, bank=bank)
+    if device == "cpu-reference":
         return ReferenceRenderer(recipe, size=size, seed=seed, bank=bank)
     if device == "cuda" or device.startswith("cuda:"):
         from fractal_pretrain.render.cupy_renderer import CupyRenderer
 
         return CupyRenderer(recipe, size=size, seed=seed, bank=bank, device=device)
-    raise ConfigError(f"device={device!r}: must be one of cpu, cuda, cuda:N")
+    raise ConfigError(f"device={device!r}: must be one of cpu, cpu-reference, cuda, cuda:N")

@@ -19,7 +19,14 @@ import numpy as np
 
 from fractal_pretrain.config import ConfigError, check_choice, check_range
 from fractal_pretrain.recipes import get_recipe
-from fractal_pretrain.render.renderer import IMAGENET_MEAN, IMAGENET_STD, check_output, make_renderer
+from fractal_pretrain.render.fast_cpu import available_cores
+from fractal_pretrain.render.renderer import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MAX_THREADS,
+    check_output,
+    make_renderer,
+)
 
 VAL_EPOCH = 2**32 - 1  # an epoch number training never reaches: validation keys never meet training keys
 
@@ -114,7 +121,7 @@ class SideStreamPrefetch:
 
 
 class FractalDataModule(pl.LightningDataModule):
-    """Fractal batches rendered on the rank's device (CuPy kernels on CUDA, NumPy reference on CPU).
+    """Fractal batches rendered on the rank's device (CuPy kernels on CUDA, compiled C++ on the CPU cores).
 
     Args:
         recipe: Recipe name (``fractal-pretrain recipes`` lists them).
@@ -130,12 +137,15 @@ class FractalDataModule(pl.LightningDataModule):
         dtype: Input dtype, ``float32`` or ``bfloat16`` (the float32 values rounded to nearest even, as a
             bf16 autocast would round them in the first convolution, without writing and reading float32);
             ``auto``: ``bfloat16`` on CUDA under ``trainer.precision`` bf16-mixed or bf16-true, else float32.
+        num_threads: On CPU, threads that render a batch (null: the process's cores shared among the ranks of
+            the node); the images do not depend on it.
     """
 
     def __init__(self, recipe: str = "fractal4ad", recipe_overrides: dict[str, Any] | None = None,
                  size: int = 256, batch_size: int = 512, samples_per_epoch: int = 1_000_000,
                  val_samples: int = 10_000, seed: int = 0, mean: tuple[float, float, float] = IMAGENET_MEAN,
-                 std: tuple[float, float, float] = IMAGENET_STD, prefetch: bool = True, dtype: str = "auto"):
+                 std: tuple[float, float, float] = IMAGENET_STD, prefetch: bool = True, dtype: str = "auto",
+                 num_threads: int | None = None):
         super().__init__()
         self.recipe = get_recipe(recipe, recipe_overrides or {})
         check_range("data.size", size, 8, 4096, integer=True)
@@ -145,6 +155,9 @@ class FractalDataModule(pl.LightningDataModule):
         check_range("data.seed", seed, 0, 2**32 - 1, integer=True)
         check_output("float32", tuple(mean), tuple(std))
         check_choice("data.dtype", dtype, ("auto", "float32", "bfloat16"))
+        if num_threads is not None:
+            check_range("data.num_threads", num_threads, 0, MAX_THREADS, integer=True)
+        self.num_threads = num_threads
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.samples_per_epoch, self.val_samples = samples_per_epoch, val_samples
         self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
@@ -164,19 +177,29 @@ class FractalDataModule(pl.LightningDataModule):
         return self.recipe.multi_label
 
     def prepare_data(self) -> None:
-        # Once per node, before the ranks set up: build (or load) the cached system bank.
-        make_renderer(self.recipe, size=self.size, seed=self.seed)
+        # Once per node, before the ranks set up: build (or load) the cached system bank (the reference
+        # renderer: constructing it builds nothing else).
+        make_renderer(self.recipe, size=self.size, seed=self.seed, device="cpu-reference")
 
     def setup(self, stage: str) -> None:
         if self.renderer is not None:
             return
         device = self.trainer.strategy.root_device if self.trainer is not None else None
         name = f"cuda:{device.index or 0}" if device is not None and device.type == "cuda" else "cpu"
-        self.renderer = make_renderer(self.recipe, size=self.size, seed=self.seed, device=name)
+        self.renderer = make_renderer(self.recipe, size=self.size, seed=self.seed, device=name,
+                                      num_threads=self._render_threads() if name == "cpu" else None)
         self.channels_last = name != "cpu"
         self.input_dtype = self._input_dtype(on_cuda=name != "cpu")
         if self.prefetch and name != "cpu":
             self._prefetcher = SideStreamPrefetch(self._render, device)
+
+    def _render_threads(self) -> int:
+        """data.num_threads, or the process's cores divided among this node's ranks (DDP on CPU runs one
+        process per device, all on the same cores: each taking them all would oversubscribe them)."""
+        if self.num_threads:
+            return self.num_threads
+        ranks_here = self.trainer.num_devices if self.trainer is not None else 1
+        return max(1, available_cores() // max(1, ranks_here))
 
     def _input_dtype(self, on_cuda: bool) -> str:
         """The dtype batches are rendered in (see ``dtype``); bfloat16 needs a bf16 precision to run."""

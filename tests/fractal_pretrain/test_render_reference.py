@@ -1,6 +1,8 @@
 """Tests of the NumPy reference renderer (fractal_pretrain.render.reference / renderer).
 
-Covers, for every recipe at small sizes:
+Tests of whole images run on both CPU backends (fixture ``device``: the compiled ``cpu`` renderer and
+``cpu-reference``); tests of the pipeline's stages call ``reference`` directly. Covers, for every recipe at
+small sizes:
 
 * determinism: the same (seed, epoch, indices) renders byte-identical images, labels and metadata
   across renderer instances, batch splits (1x8, 2x4, 8x1) and shuffled orders; a different index,
@@ -67,10 +69,32 @@ def assert_batches_equal(a, b):
 
 # ----------------------------------------------------------------------------- fixtures
 
+# Every test that renders whole images runs on both CPU backends: the compiled renderer (device "cpu",
+# render/fast_cpu.py) and the NumPy reference ("cpu-reference"); they must give the same bytes
+# (tests/fractal_pretrain/test_render_fast_cpu.py checks that directly, at full size).
+BACKENDS = ("cpu", "cpu-reference")
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def device(request):
+    return request.param
+
+
+def make(device, recipe, **kwargs):
+    return make_renderer(recipe, device=device, **kwargs)
+
+
 @pytest.fixture(scope="session")
-def renderers():
-    """name -> reference renderer (size 32, seed 0) of the small recipe; banks built once."""
-    return {name: make_renderer(small_recipe(name), size=SIZE, seed=SEED) for name in NAMES}
+def banks():
+    """name -> system bank of the small recipe (seed 0), built once."""
+    return {name: make_renderer(small_recipe(name), size=SIZE, seed=SEED, device="cpu-reference").bank
+            for name in NAMES}
+
+
+@pytest.fixture(scope="session")
+def renderers(device, banks):
+    """name -> renderer of the small recipe (size 32, seed 0) on the backend under test."""
+    return {name: make(device, small_recipe(name), size=SIZE, seed=SEED, bank=banks[name]) for name in NAMES}
 
 
 @pytest.fixture(scope="session")
@@ -82,8 +106,8 @@ def batches(renderers):
 # ----------------------------------------------------------------------------- determinism
 
 @pytest.mark.parametrize("name", NAMES)
-def test_same_key_same_bytes_across_instances(name, batches):
-    other = make_renderer(small_recipe(name), size=SIZE, seed=SEED)  # loads the cached bank
+def test_same_key_same_bytes_across_instances(name, batches, device):
+    other = make(device, small_recipe(name), size=SIZE, seed=SEED)  # loads the cached bank
     assert_batches_equal(batches[name], other.render(np.arange(B), 0))
 
 
@@ -109,12 +133,12 @@ def test_batch_split_and_order_do_not_matter(name, renderers, batches):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_different_key_different_image(name, renderers, batches):
+def test_different_key_different_image(name, renderers, batches, device):
     r, full = renderers[name], batches[name]
     base = full.images[0]
     assert not np.array_equal(base, full.images[1])  # index
     assert not np.array_equal(base, r.render([0], 1).images[0])  # epoch
-    other_seed = make_renderer(small_recipe(name), size=SIZE, seed=SEED + 1)
+    other_seed = make(device, small_recipe(name), size=SIZE, seed=SEED + 1)
     assert not np.array_equal(base, other_seed.render([0], 0).images[0])  # seed
     # The high word of the index matters: i and i + 2**32 differ, and huge indices render.
     far = r.render([2**32], 0)
@@ -188,8 +212,8 @@ def test_every_recipe_renders(name, renderers, batches):
 
 @pytest.mark.parametrize("size", [33, 50])
 @pytest.mark.parametrize("name", NAMES)
-def test_odd_sizes_render(name, size, renderers):
-    r = make_renderer(renderers[name].recipe, size=size, seed=SEED, bank=renderers[name].bank)
+def test_odd_sizes_render(name, size, renderers, device):
+    r = make(device, renderers[name].recipe, size=size, seed=SEED, bank=renderers[name].bank)
     batch = r.render(np.arange(3), 0)
     assert batch.images.shape == (3, size, size, 3)
     assert batch.images.dtype == np.uint8
@@ -199,9 +223,9 @@ def test_odd_sizes_render(name, size, renderers):
 
 # ----------------------------------------------------------------------------- semantics
 
-def test_black_background_outside_the_fractal(renderers):
+def test_black_background_outside_the_fractal(renderers, device):
     bank = renderers["anderson"].bank
-    r = make_renderer(small_recipe("anderson", background=False, blur_p=0.0), size=SIZE, seed=SEED,
+    r = make(device, small_recipe("anderson", background=False, blur_p=0.0), size=SIZE, seed=SEED,
                       bank=bank)
     batch = r.render(np.arange(B), 0)
     rgb, dens, _, _, items = render_plan(r, np.arange(B))
@@ -215,9 +239,9 @@ def test_black_background_outside_the_fractal(renderers):
     assert (np.abs(peak - val)[~outside] <= 1).all()
 
 
-def test_plasma_background_outside_the_fractal(renderers):
+def test_plasma_background_outside_the_fractal(renderers, device):
     """Single-object, no blur: fractal pixels overwrite the plasma, every other pixel is plasma."""
-    r = make_renderer(small_recipe("anderson", blur_p=0.0), size=SIZE, seed=SEED,
+    r = make(device, small_recipe("anderson", blur_p=0.0), size=SIZE, seed=SEED,
                       bank=renderers["anderson"].bank)
     batch = r.render(np.arange(B), 0)
     rgb, dens, _, samples, _ = render_plan(r, np.arange(B))
@@ -233,11 +257,11 @@ def test_plasma_background_outside_the_fractal(renderers):
     np.testing.assert_array_equal(reference.background(r.recipe, SEED, 0, later, SIZE), bg[::-1])
 
 
-def test_black_background_outside_pasted_objects(renderers):
+def test_black_background_outside_pasted_objects(renderers, device):
     bank = renderers["multiformula"].bank
     rec = small_recipe("multiformula", blur_p=0.0)
     assert not rec.background
-    r = make_renderer(rec, size=64, seed=SEED, bank=bank)
+    r = make(device, rec, size=64, seed=SEED, bank=bank)
     batch = r.render(np.arange(4), 0)
     covered = _object_cover(batch, 64)
     assert (batch.images[~covered] == 0).all()
@@ -254,11 +278,11 @@ def _object_cover(batch, size):
     return covered
 
 
-def test_pasted_objects_keep_the_plasma_under_black_pixels(renderers):
+def test_pasted_objects_keep_the_plasma_under_black_pixels(renderers, device):
     """Multi-instance, no blur: outside the objects the plasma is untouched, and an object's black
     (empty) pixels do not cover it, so no pixel is black (the plasma's V is >= 0.4 * 255)."""
     rec = small_recipe("multiinstance", blur_p=0.0)
-    r = make_renderer(rec, size=64, seed=SEED, bank=renderers["multiinstance"].bank)
+    r = make(device, rec, size=64, seed=SEED, bank=renderers["multiinstance"].bank)
     batch = r.render(np.arange(4), 0)
     bg = reference.background(rec, SEED, 0, batch.samples, 64)
     covered = _object_cover(batch, 64)
@@ -305,10 +329,10 @@ def test_bilinear_taps():
     assert lower[-1] == 3 and upper[-1] == 3
 
 
-def test_grey_colouring(renderers):
+def test_grey_colouring(renderers, device):
     bank = renderers["anderson"].bank
     rec = small_recipe("anderson", color=False, background=False, blur_p=0.0)
-    r = make_renderer(rec, size=SIZE, seed=SEED, bank=bank)
+    r = make(device, rec, size=SIZE, seed=SEED, bank=bank)
     batch = r.render(np.arange(B), 0)
     _, dens, _, _, _ = render_plan(r, np.arange(B))
     img = batch.images
@@ -342,9 +366,9 @@ def test_flip_matches_numpy_for_all_8_patterns():
     np.testing.assert_array_equal(g, np.random.default_rng(0).random((8, 7, 7)).astype(np.float32))
 
 
-def test_rendered_item_flips(renderers):
+def test_rendered_item_flips(banks):
     """An item rendered with flip bits equals the unflipped render transformed by numpy."""
-    bank = renderers["anderson"].bank
+    bank = banks["anderson"]
     r = make_renderer(small_recipe("anderson", flips="none"), size=SIZE, seed=SEED, bank=bank)
     _, base, _, _, items = render_plan(r, [3])
     assert (items.flips == 0).all()
@@ -357,9 +381,9 @@ def test_rendered_item_flips(renderers):
 
 @pytest.mark.parametrize("mode, allowed", [("none", {0}), ("hv", {0, 2, 4, 6}),
                                            ("dihedral", set(range(8)))])
-def test_planned_flip_bits(renderers, mode, allowed):
+def test_planned_flip_bits(banks, mode, allowed):
     r = make_renderer(small_recipe("anderson", flips=mode), size=SIZE, seed=SEED,
-                      bank=renderers["anderson"].bank)
+                      bank=banks["anderson"])
     _, _, items = r.plan(np.arange(256), 0)
     assert set(items.flips.tolist()) == allowed
 
@@ -415,8 +439,8 @@ def test_stamp_graded_sums_and_edges():
     assert (block[7:10, 7:10] == 1).all() and block.sum() == 9
 
 
-def test_graded_density_max_is_one(renderers):
-    bank = renderers["anderson"].bank
+def test_graded_density_max_is_one(banks):
+    bank = banks["anderson"]
     for overrides in ({}, {"window_translate": 0.0, "window_scale": (1.0, 1.0)}):
         r = make_renderer(small_recipe("anderson", **overrides), size=SIZE, seed=SEED, bank=bank)
         _, dens, pts, _, _ = render_plan(r, np.arange(16))
@@ -447,10 +471,10 @@ def test_hsv_to_rgb_dtype_and_greys():
 # ----------------------------------------------------------------------------- degenerate systems
 
 @pytest.fixture(scope="session")
-def degenerate_batch(hand_bank):
+def degenerate_batch(hand_bank, device):
     # 20000 points: 99 steps of x3 overflow float32 (3**81 > 3.4e38), so the orbit escapes.
     rec = get_recipe("fractaldb", {"num_classes": 4, "num_points": 20000, "jitter": "none"})
-    r = make_renderer(rec, size=SIZE, seed=SEED, bank=hand_bank(rec))
+    r = make(device, rec, size=SIZE, seed=SEED, bank=hand_bank(rec))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         batch = r.render(np.arange(8), 0)  # systems 0, 1, 2, 3, 0, 1, 2, 3
@@ -503,8 +527,8 @@ def _chaos(r, indices, epoch=0):
     return items, map_words, x, y, recorded
 
 
-def test_recorded_points_inside_bounding_box(renderers):
-    r = renderers["anderson"]
+def test_recorded_points_inside_bounding_box(banks):
+    r = make_renderer(small_recipe("anderson"), size=SIZE, seed=SEED, device="cpu-reference", bank=banks["anderson"])
     rec = r.recipe
     items, _, x, y, recorded = _chaos(r, np.arange(B))
     box, count = reference.bounding_box(x, y, recorded)
@@ -533,8 +557,8 @@ def _map_choice(u, maps, num_maps):
 
 
 @pytest.mark.parametrize("chains", [1, 4])
-def test_first_point_is_map_k_of_the_fixed_point(renderers, chains):
-    bank = renderers["anderson"].bank
+def test_first_point_is_map_k_of_the_fixed_point(banks, chains):
+    bank = banks["anderson"]
     rec = small_recipe("anderson", burn_in=0, chains=chains, jitter="none", num_points=2000)
     r = make_renderer(rec, size=SIZE, seed=SEED, bank=bank)
     items, words, x, y, recorded = _chaos(r, np.arange(B))
@@ -553,9 +577,9 @@ def test_first_point_is_map_k_of_the_fixed_point(renderers, chains):
             assert abs(float(y[i, c, 0]) - want_y) < 1e-5
 
 
-def test_map_choices_follow_determinant_weights(renderers):
+def test_map_choices_follow_determinant_weights(banks):
     """Over many steps the map frequencies match p_i ~ |det A_i| (jitter off)."""
-    bank = renderers["anderson"].bank
+    bank = banks["anderson"]
     rec = small_recipe("anderson", jitter="none", num_points=20000)
     r = make_renderer(rec, size=SIZE, seed=SEED, bank=bank)
     items, words, _, _, _ = _chaos(r, [0])
@@ -567,8 +591,8 @@ def test_map_choices_follow_determinant_weights(renderers):
     np.testing.assert_allclose(freq, det / det.sum(), atol=0.02)
 
 
-def test_identity_window_keeps_every_point(renderers):
-    bank = renderers["anderson"].bank
+def test_identity_window_keeps_every_point(banks):
+    bank = banks["anderson"]
     rec = small_recipe("anderson", window_translate=0.0, window_scale=(1.0, 1.0), patch="none",
                        render_mode="binary", flips="none")
     r = make_renderer(rec, size=64, seed=SEED, bank=bank)
