@@ -67,7 +67,7 @@ class AdaptModule(pl.LightningModule):
                  shots: tuple[int, ...] = (1, 4, 8), eval_shots: int = 8, center_images: int = 64,
                  center_shots: int = 4, val_classes: int = 10,
                  anomalies: dict | None = None, projector: dict | None = None, lr: float = 1e-4,
-                 weight_decay: float = 5e-4, milestones: tuple[float, ...] = (0.7, 0.9), gamma: float = 0.1,
+                 weight_decay: float = 5e-4, milestones: tuple[int, ...] = (), gamma: float = 0.1,
                  seed: int = 0, render_device: str = "auto"):
         super().__init__()
         self.save_hyperparameters()
@@ -87,8 +87,8 @@ class AdaptModule(pl.LightningModule):
         check_range("model.center_images", center_images, 1, 100_000, integer=True)
         check_range("model.val_classes", val_classes, 1, 1_000_000, integer=True)
         check_range("model.seed", seed, 0, 2**32 - 1, integer=True)
-        if any(not 0 < m <= 1 for m in milestones):
-            raise ConfigError(f"model.milestones={list(milestones)!r}: fractions of max_steps in (0, 1]")
+        if any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in milestones):
+            raise ConfigError(f"model.milestones={list(milestones)!r}: optimiser steps (integers >= 1)")
         self.recipe = get_recipe(recipe, recipe_overrides)
         check_normal_classes(self.recipe, val_classes)
         self.mix = build_checked(AnomalyMix, anomalies, "model.anomalies")
@@ -232,9 +232,10 @@ class AdaptModule(pl.LightningModule):
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.projector.parameters(), lr=self.hparams.lr,
                                      weight_decay=self.hparams.weight_decay)
-        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 1
-        milestones = sorted({max(1, int(round(m * total))) for m in self.hparams.milestones})
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=self.hparams.gamma)
+        # Absolute steps, not fractions of max_steps: a run stopped and resumed with a larger max_steps
+        # keeps the schedule it started with.
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, sorted(set(self.hparams.milestones)),
+                                                         gamma=self.hparams.gamma)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def export(self, folder, steps: int) -> None:
