@@ -76,8 +76,10 @@ def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     kernel = kernel / kernel.sum()
     out = maps[:, None]
     pad_w, pad_h = min(radius, maps.shape[-1] - 1), min(radius, maps.shape[-2] - 1)
-    out = F.conv2d(F.pad(out, (pad_w, pad_w, 0, 0), mode="reflect"), kernel[radius - pad_w:radius + pad_w + 1].view(1, 1, 1, -1))
-    out = F.conv2d(F.pad(out, (0, 0, pad_h, pad_h), mode="reflect"), kernel[radius - pad_h:radius + pad_h + 1].view(1, 1, -1, 1))
+    kernel_w = kernel[radius - pad_w:radius + pad_w + 1].view(1, 1, 1, -1)  # small maps: a truncated kernel
+    kernel_h = kernel[radius - pad_h:radius + pad_h + 1].view(1, 1, -1, 1)
+    out = F.conv2d(F.pad(out, (pad_w, pad_w, 0, 0), mode="reflect"), kernel_w / kernel_w.sum())
+    out = F.conv2d(F.pad(out, (0, 0, pad_h, pad_h), mode="reflect"), kernel_h / kernel_h.sum())
     return out[:, 0]
 
 

@@ -15,9 +15,9 @@ given one defect of a kind drawn by the ``AnomalyMix`` weights:
 
 Every draw is a pure function of (seed, epoch, sample index) through ``fractal_pretrain.rng``
 (``STREAM_ANOMALY``, ``STREAM_ANOMALY_NOISE``; the mask renderer draws with its own streams under the
-same key). The returned mask is exactly the set of pixels whose value changed: the defect's region
+same key). The mask is built from the defect's region (the dilated fractal mask, the rotated scar)
 intersected with "differs after rounding to uint8", so a pasted pixel equal to the old one is not
-labelled anomalous (nothing changed there).
+labelled anomalous (nothing changed there); the tests check that it equals the set of changed pixels.
 """
 
 from __future__ import annotations
@@ -209,25 +209,27 @@ class AnomalySynthesizer:
             raise ConfigError(f"indices: {len(indices)} keys for {batch} images")
         words = sample_words(self.seed, epoch, indices)
         out = images.clone()
+        masks = torch.zeros(batch, height, width, dtype=torch.bool, device=images.device)
         plans = []
         for b in range(batch):
             w = words[b]
             if float(rng.to_uniform(np.uint32(w[W_ANOMALOUS]))) >= self.mix.anomaly_p:
                 continue
-            plans.append((b, choose_kind(int(w[W_KIND]), self.mix.weights), self.mask_side(int(w[W_SIDE]), height, width)))
+            kind = choose_kind(int(w[W_KIND]), self.mix.weights)
+            plans.append((b, kind, self.mask_side(int(w[W_SIDE]), height, width)))
         masks_by_side: dict[int, dict[int, torch.Tensor]] = {}
         for side in sorted({side for _, kind, side in plans if KINDS[kind] != "scar"}):
             members = [b for b, kind, s in plans if s == side and KINDS[kind] != "scar"]
             rendered = self.fractal_masks(side, indices[members], epoch)
-            masks_by_side[side] = dict(zip(members, rendered))
+            masks_by_side[side] = dict(zip(members, rendered, strict=False))
         for b, kind, side in plans:
             region_mask = masks_by_side.get(side, {}).get(b)
-            self._defect(out, images, b, KINDS[kind], side, words[b], region_mask, int(indices[b]), epoch)
-        masks = (out != images).any(dim=1)
+            self._defect(out, masks, images, b, KINDS[kind], side, words[b], region_mask, int(indices[b]), epoch)
         return out, masks
 
-    def _defect(self, out, images, b, kind, side, w, fractal_mask, index, epoch) -> None:
-        """Writes one defect into ``out[b]`` (only pixels whose rounded value changes differ)."""
+    def _defect(self, out, masks, images, b, kind, side, w, fractal_mask, index, epoch) -> None:
+        """Writes one defect into ``out[b]`` and its mask into ``masks[b]``: the defect's region where the
+        rounded new value differs from the old one."""
         _, _, height, width = images.shape
         u = lambda k: float(rng.to_uniform(np.uint32(w[k])))  # noqa: E731 - one uniform of this sample
         dst_y, dst_x = int(u(W_DST_Y) * (height - side + 1)), int(u(W_DST_X) * (width - side + 1))
@@ -247,9 +249,9 @@ class AnomalySynthesizer:
                 patch = patch.flip(-2)
             low, high = self.mix.rotation
             if kind == "scar":
-                region = self._scar_region(side, u(W_SCAR_ASPECT), patch.device)
                 angle = low + u(W_ANGLE) * (high - low)
-                _, region = rotate(region[None].float().expand(3, -1, -1).contiguous(), angle)
+                region, _ = rotate(self._scar_region(side, u(W_SCAR_ASPECT), patch.device)[None].float(), angle)
+                region = region[0] > 0.5  # the rotated scar samples only inside the box: no uncovered corners
                 patch, _ = rotate(patch, angle)
             else:
                 patch, inside = rotate(patch, low + u(W_ANGLE) * (high - low))
@@ -271,7 +273,9 @@ class AnomalySynthesizer:
                 content = target + shift.view(3, 1, 1)
         content = content.round().clamp(0, 255).to(torch.uint8)
         box = out[b, :, dst_y:dst_y + side, dst_x:dst_x + side]
-        box[:, region] = content[:, region]
+        changed = region & (content != box).any(dim=0)
+        box[:, changed] = content[:, changed]
+        masks[b, dst_y:dst_y + side, dst_x:dst_x + side] |= changed
 
     @staticmethod
     def _scar_region(side: int, aspect_u: float, device) -> torch.Tensor:

@@ -142,7 +142,8 @@ class AdaptModule(pl.LightningModule):
 
     def batch_plan(self, batch: int, classes_range: tuple[int, int], fixed_shots: int | None):
         """(K, classes (B,)) of batch number ``batch``: pure functions of (seed, batch)."""
-        words = rng.draw_words(self.hparams.seed, 0, batch, rng.STREAM_REFERENCES, np.arange(1 + self.hparams.batch_size))
+        words = rng.draw_words(self.hparams.seed, 0, batch, rng.STREAM_REFERENCES,
+                               np.arange(1 + self.hparams.batch_size))
         shots = self.hparams.shots
         k = fixed_shots or shots[int(rng.to_int(words[0][0], len(shots)))]
         low, high = classes_range
@@ -162,7 +163,8 @@ class AdaptModule(pl.LightningModule):
         """Anomalous views, their residuals and the masks of batch number ``batch``."""
         size = self.hparams.batch_size
         if val:
-            k, classes = self.batch_plan(2**31 + batch, (self.train_classes, self.recipe.num_classes), self.hparams.eval_shots)
+            k, classes = self.batch_plan(2**31 + batch, (self.train_classes, self.recipe.num_classes),
+                                         self.hparams.eval_shots)
             epochs = (EPOCH_VAL, EPOCH_VAL_REFS)
         else:
             k, classes = self.batch_plan(batch, (0, self.train_classes), None)

@@ -18,22 +18,22 @@ def softplus(x: float) -> float:
 def angle_by_hand(e1, e2, m, c, t=0.15):
     e1, e2 = (e1 - c).tolist(), (e2 - c).tolist()
     unit = lambda v: [x / math.sqrt(sum(y * y for y in v)) for x in v]  # noqa: E731
-    dot = lambda a, b: sum(x * y for x, y in zip(a, b))  # noqa: E731
+    dot = lambda a, b: sum(x * y for x, y in zip(a, b, strict=False))  # noqa: E731
     feats = [unit(v) for v in e1 + e2]
     labels = list(m) + list(m)
     n = len(e1)
     total = 0.0
     for i, z in enumerate(feats):
         other = feats[(i + n) % (2 * n)]
-        negatives = [a for a, label in zip(feats, labels) if label != labels[i]]
+        negatives = [a for a, label in zip(feats, labels, strict=False) if label != labels[i]]
         total += -math.log(math.exp(dot(z, other) / t) / sum(math.exp(dot(z, a) / t) for a in negatives))
     return total / (2 * n)
 
 
 def norm_by_hand(e, m):
     norms = [math.sqrt(math.sqrt(sum(x * x for x in v)) + 1) - 1 for v in e.tolist()]
-    abnormal = [a for a, label in zip(norms, m) if label]
-    normal = [a for a, label in zip(norms, m) if not label]
+    abnormal = [a for a, label in zip(norms, m, strict=False) if label]
+    normal = [a for a, label in zip(norms, m, strict=False) if not label]
     r_max = min(0.9 * min(abnormal), 0.4) if abnormal else 0.4
     r_min = 0.99 * r_max if abnormal else 0.396
     pen = []
