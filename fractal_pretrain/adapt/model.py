@@ -106,7 +106,7 @@ class AdaptModule(pl.LightningModule):
         self.register_buffer("centers_ready", torch.zeros((), dtype=torch.bool))
         self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
         self.train_classes = self.recipe.num_classes - val_classes
-        self._renderer = self._synth = None
+        self._renderer = self._synth = self._last_start = None
         self._mean = torch.tensor(self.backbone_info.mean).view(1, 3, 1, 1)
         self._std = torch.tensor(self.backbone_info.std).view(1, 3, 1, 1)
 
@@ -205,6 +205,9 @@ class AdaptModule(pl.LightningModule):
         number = int(self.batches_seen)
         self.batches_seen += 1
         start = time.perf_counter()
+        if self._last_start is not None:  # wall time of the whole previous step (forward, backward, optimiser)
+            self.log("train/step_s", start - self._last_start, on_step=True)
+        self._last_start = start
         residuals, mask, k = self.make_batch(number, val=False)
         prepared = time.perf_counter()
         e1, e2 = (self.projector(r) for r in residuals)
