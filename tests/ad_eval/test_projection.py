@@ -73,3 +73,21 @@ def test_method_without_projector_support_is_refused(projector, dataset, tmp_pat
 def test_missing_projector_file(dataset, tmp_path, capsys):
     assert run(dataset, tmp_path, "featurenorm", "--projector", str(tmp_path / "nope.pt")) == 2
     assert "nope.pt: file not found" in capsys.readouterr().err
+
+
+def test_grid_backbone_with_a_projector(tmp_path, dataset):
+    from ad_eval.grid import GridError, expand, parse_grid
+
+    data = {"datasets": {"mvtec": {"root": str(dataset), "categories": ["texture"]}},
+            "backbones": {"Random": {"spec": "random", "arch": "resnet18"},
+                          "Random+adapt": {"spec": "random", "arch": "resnet18", "projector": "p/projector.pt",
+                                           "projector_shots": 2}},
+            "methods": {"patchcore": {}, "featurenorm": {}}, "size": 64, "seeds": [0]}
+    cells = expand(parse_grid(data, "grid.yaml"), tmp_path, "grid.yaml").cells
+    adapted = [c for c in cells if c.projector]
+    assert len(cells) == 4 and len(adapted) == 2
+    assert {c.backbone_name for c in adapted} == {"Random+adapt"}
+    assert all(c.projector == str(tmp_path / "p/projector.pt") and c.projector_shots == 2 for c in adapted)
+    data["methods"] = {"stfpm": {}}
+    with pytest.raises(GridError, match="does not accept a projector"):
+        expand(parse_grid(data, "grid.yaml"), tmp_path, "grid.yaml")
