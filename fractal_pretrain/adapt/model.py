@@ -217,7 +217,9 @@ class AdaptModule(pl.LightningModule):
         self.log("train/prepare_s", prepared - start, on_step=True)
         if loss is None:
             self.log("train/skipped", 1.0, on_step=True)
-            return None
+            if self.trainer.world_size > 1:  # DDP: every rank must run backward; a zero loss adds no gradient
+                return sum(p.sum() for p in self.projector.parameters()) * 0.0
+            return None  # one device: no backward, no update (the batch still counts towards max_steps)
         self.log("train/loss", loss, on_step=True, prog_bar=True)
         return loss
 
