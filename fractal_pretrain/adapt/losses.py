@@ -44,24 +44,32 @@ def angle_loss(e1: torch.Tensor, e2: torch.Tensor, labels: torch.Tensor, center:
     return torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def _barrier(distance: torch.Tensor) -> torch.Tensor:
+    """Mean of exp(d) * softplus(d) over the violations d > 0 (weight detached); 0 when there is none."""
+    violations = distance[distance > 0]
+    if violations.numel() == 0:
+        return distance.sum() * 0.0  # keeps the graph and the dtype
+    return (torch.exp(violations).detach() * F.softplus(violations)).mean()
+
+
 def norm_loss(e: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Norm-oriented loss: normal A on the band [r_min, r_max], abnormal A beyond r_max + 0.75."""
+    """Norm-oriented loss: normal A on the band [r_min, r_max], abnormal A beyond r_max + 0.75.
+
+    As ``losses/norm_loss.py``: r_max = min(0.9 min A_abnormal, 0.4) is a constant (``.item()`` there:
+    no gradient through it); each penalty (normal above r_max, normal below r_min, abnormal below the
+    boundary) is averaged over the features that violate it only, with a detached exp weight.
+    """
     norm = compressed_norm(e.float())
     abnormal = labels.bool()
     if abnormal.any():
-        r_max = torch.clamp(RADIUS_FRACTION * norm[abnormal].min(), max=NORMAL_RADIUS)
+        r_max = min(RADIUS_FRACTION * float(norm[abnormal].min()), NORMAL_RADIUS)
     else:
-        r_max = torch.tensor(NORMAL_RADIUS, device=e.device)
+        r_max = NORMAL_RADIUS
     r_min = BAND * r_max
     normal = norm[~abnormal]
-    above, below = normal - r_max, r_min - normal
-    outside = torch.where(above > 0, above, torch.where(below > 0, below, torch.zeros_like(normal)))
-    normal_penalty = torch.where(outside > 0, torch.exp(outside).detach() * F.softplus(outside),
-                                 torch.zeros_like(normal))
-    loss = normal_penalty.mean() if normal.numel() else norm.sum() * 0
+    loss = _barrier(normal - r_max) + _barrier(r_min - normal)
     if abnormal.any():
-        short = (r_max + MARGIN) - norm[abnormal]
-        loss = loss + torch.where(short > 0, torch.exp(short) * F.softplus(short), torch.zeros_like(short)).mean()
+        loss = loss + _barrier((r_max + MARGIN) - norm[abnormal])
     return loss
 
 

@@ -36,18 +36,13 @@ def norm_by_hand(e, m):
     normal = [a for a, label in zip(norms, m, strict=False) if not label]
     r_max = min(0.9 * min(abnormal), 0.4) if abnormal else 0.4
     r_min = 0.99 * r_max if abnormal else 0.396
-    pen = []
-    for a in normal:
-        if a > r_max:
-            pen.append(math.exp(a - r_max) * softplus(a - r_max))
-        elif a < r_min:
-            pen.append(math.exp(r_min - a) * softplus(r_min - a))
-        else:
-            pen.append(0.0)
-    loss = sum(pen) / len(pen)
+    def mean_barrier(distances):  # each penalty: the mean over the features that violate it
+        bad = [d for d in distances if d > 0]
+        return sum(math.exp(d) * softplus(d) for d in bad) / len(bad) if bad else 0.0
+
+    loss = mean_barrier([a - r_max for a in normal]) + mean_barrier([r_min - a for a in normal])
     if abnormal:
-        b = r_max + 0.75
-        loss += sum(math.exp(b - a) * softplus(b - a) if a < b else 0.0 for a in abnormal) / len(abnormal)
+        loss += mean_barrier([r_max + 0.75 - a for a in abnormal])
     return loss
 
 
@@ -91,6 +86,14 @@ def test_norm_loss_is_zero_inside_the_radius_band():
     assert norm_loss(e, torch.zeros(2)).item() == 0.0
     assert norm_loss(e * 2, torch.zeros(2)).item() > 0
     assert norm_loss(e * 0.5, torch.zeros(2)).item() > 0
+
+
+def test_norm_loss_has_no_gradient_through_the_radius():
+    e = torch.tensor([[0.5, 0.0], [3.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    norm_loss(e, torch.tensor([0, 1])).backward()
+    # the normal feature (A = 0.22 < r_min) is pulled outwards; the abnormal one (A = 1 < 0.4 + 0.75) pushed
+    # outwards too: no gradient flows into it through r_max = min(0.9 * 1, 0.4) = 0.4
+    assert e.grad[0, 0] < 0 and e.grad[1, 0] < 0
 
 
 def test_abnormal_far_beyond_the_boundary_costs_nothing():
