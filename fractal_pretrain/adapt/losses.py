@@ -1,4 +1,6 @@
-"""ADPretrain's two losses, as ad_methods.md §3.4 writes them (``losses/angle_loss.py``, ``norm_loss.py``).
+"""ADPretrain's two losses, as ad_methods.md §3.4 writes them and as the reference code computes them
+(``losses/angle_loss.py``, ``losses/norm_loss.py`` of shirazzyy/ADPretrain, read for the details §3.4 leaves
+open: which features each mean runs over, which weights are detached).
 
 Per level: e1, e2 are the projected residual features of two photometric views, (N, D) each (flattened
 over batch and positions); m in {0, 1}^N their patch labels (1 = abnormal). ``total_loss`` sums
