@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ad_eval.methods import get_method
+from ad_eval.methods import get_method, list_methods
 from ad_eval.methods.base import check_layers
 from fractal_pretrain.atomic import atomic_write
 from fractal_pretrain.config import ConfigError
@@ -50,6 +50,8 @@ class Cell:
     seed: int = 0
     config: dict[str, Any] = field(default_factory=dict, hash=False, compare=True)  # the method's overrides
     shots: int | None = None  # train on this many normal images (ad_eval.fewshot); None: all of them
+    projector: str | None = None  # a projector.pt (fractal-pretrain adapt): the method sees projected residuals
+    projector_shots: int | None = None  # its K references; None: the projector's own ``shots``
 
     def __post_init__(self):
         try:
@@ -67,6 +69,19 @@ class Cell:
             raise ConfigError(f"shots={self.shots!r}: must be an integer >= 1 (or all)")
         if not self.backbone_name:
             object.__setattr__(self, "backbone_name", default_backbone_name(self.backbone, self.arch))
+        if self.projector is not None:
+            if not spec.accepts_projector:
+                raise ConfigError(f"method={self.method!r} does not accept a projector (only "
+                                  f"{', '.join(m for m in list_methods() if get_method(m).accepts_projector)})")
+            from ad_eval.projection import projected_label
+
+            object.__setattr__(self, "backbone_name", projected_label(self.backbone_name))
+        elif self.projector_shots is not None:
+            raise ConfigError("projector_shots: needs a projector")
+        if self.projector_shots is not None and (isinstance(self.projector_shots, bool)
+                                                 or not isinstance(self.projector_shots, int)
+                                                 or self.projector_shots < 1):
+            raise ConfigError(f"projector_shots={self.projector_shots!r}: must be an integer >= 1")
         if not isinstance(self.size, int) or self.size < 8:
             raise ValueError(f"size={self.size!r}: must be an integer >= 8")
 
@@ -82,8 +97,9 @@ class Cell:
         """The cell as JSON data; ``shots`` only when set, so full-data cells keep their ids and records."""
         data = dataclasses.asdict(self)
         data["layers"] = list(self.layers) if self.layers else None
-        if self.shots is None:
-            del data["shots"]
+        for key in ("shots", "projector", "projector_shots"):  # unset: ids and records as before they existed
+            if data[key] is None:
+                del data[key]
         return data
 
 
@@ -171,8 +187,24 @@ def preflight(cell: Cell) -> None:
     from ad_eval.backbones import check_spec
 
     spec = get_method(cell.method)
-    cell_split(cell, spec, spec.make_config(cell.config), spec.resolve_layers(cell.layers))
+    layers = spec.resolve_layers(cell.layers)
+    cell_split(cell, spec, spec.make_config(cell.config), layers)
     check_spec(cell.backbone, cell.arch)
+    if cell.projector is not None:  # reads the backbone weights for the digest: a mismatch is one line here
+        from ad_eval.backbones import load_backbone
+
+        projection = cell_projection(cell, load_backbone(cell.backbone, cell.arch, seed=cell.seed))
+        projection.check_layers(layers, cell.method)
+
+
+def cell_projection(cell: Cell, backbone):
+    """The cell's projector checked against ``backbone``, references from the category's full train set."""
+    from ad_eval.datasets import scan
+    from ad_eval.projection import load_projection
+
+    train = scan(cell.dataset, cell.root, cell.category).train
+    return load_projection(cell.projector, backbone, train, seed=cell.seed, category=cell.category,
+                           shots=cell.projector_shots)
 
 
 def cell_split(cell: Cell, spec, config, layers):
@@ -206,6 +238,13 @@ def compute_scores(cell: Cell, device: str, work_dir: Path):
         extra["train_images"] = [sample.path.name for sample in split.train]
     backbone = load_backbone(cell.backbone, cell.arch, seed=cell.seed)
     extra.update(provenance(backbone))
+    if cell.projector is not None:
+        from ad_eval.projection import attach
+
+        projection = cell_projection(cell, backbone)
+        projection.check_layers(layers, cell.method)
+        extra.update(projection.record_fields())
+        backbone = attach(backbone, projection)
     scores = spec.run(backbone, split, layers=layers, size=cell.size, crop=cell.crop, config=config, device=device,
                       seed=cell.seed, work_dir=work_dir)
     return scores, extra

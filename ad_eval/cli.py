@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shots", default=None, metavar="K",
                    help="train on K normal images chosen by (seed, category, K), nested in 2K; default: all")
+    p.add_argument("--projector", default=None, metavar="PATH",
+                   help="projector.pt of `fractal-pretrain adapt` for this backbone: projected residual features")
+    p.add_argument("--projector-shots", type=int, default=None, metavar="K",
+                   help="reference images of the projector (default: its projector.json shots)")
     add_set_option(p, "method hyper-parameter override (YAML value), repeatable")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--keep-maps", action="store_true", help="also save the anomaly maps (npz) for figures")
@@ -85,7 +89,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cell = Cell(method=args.method, dataset=args.dataset, root=args.root, category=args.category,
                 backbone=args.backbone, backbone_name=args.name, arch=args.arch, layers=args.layers,
                 size=args.size, crop=args.crop, seed=args.seed, config=overrides(args.overrides),
-                shots=parse_shots(args.shots))
+                shots=parse_shots(args.shots), projector=args.projector, projector_shots=args.projector_shots)
     preflight(cell)  # a bad dataset or backbone path: one line, no failure record
     record = run_cell(cell, args.out, device=args.device, keep_maps=args.keep_maps)
     metrics = ", ".join(f"{k} {record[k]:.4f}" for k in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")

@@ -99,9 +99,13 @@ class BackboneEntry:
 
     spec: str  # a backbone.pt path (or its folder), imagenet:/path/file.pth, or random
     arch: str | None = None  # architecture; required for imagenet: and random
+    projector: str | None = None  # projector.pt of fractal-pretrain adapt: cells use projected residuals
+    projector_shots: int | None = None  # its K references; None: the projector's own
 
     def __post_init__(self):
         check_type("spec", self.spec, str, "a backbone.pt path, imagenet:/path/file.pth or random")
+        if self.projector is not None:
+            check_type("projector", self.projector, str, "a projector.pt path")
 
 
 @dataclass(frozen=True)
@@ -235,7 +239,9 @@ def expand(config: GridConfig, base: Path, source: str) -> Grid:
                         method=method, dataset=dataset, root=str((base / dspec.root).resolve()), category=category,
                         backbone=_resolve_spec(bspec.spec, base), backbone_name=label, arch=bspec.arch,
                         layers=tuple(layers) if layers else None, size=config.size, crop=config.crop,
-                        seed=seed, config=dict(entry.config or {}), shots=shots))
+                        seed=seed, config=dict(entry.config or {}), shots=shots,
+                        projector=None if bspec.projector is None else _resolve_spec(bspec.projector, base),
+                        projector_shots=bspec.projector_shots))
                 except ValueError as err:
                     raise GridError(f"{source}: methods.{method}: {err}") from None
     return Grid(cells=cells, resources=resources, cells_per_task=config.cells_per_task, device=config.device,

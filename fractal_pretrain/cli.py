@@ -10,6 +10,7 @@ Usage::
     fractal-pretrain render --recipe anderson --set num_points=20000 --set num_classes=10 ...
     fractal-pretrain fit --config jobs/pretrain/smoke.yaml [--trainer.max_steps 20 ...]
     fractal-pretrain export-backbone runs/smoke/checkpoints/last.ckpt
+    fractal-pretrain adapt --config jobs/adapt/smoke.yaml [--trainer.max_steps 20 ...]
 
 ``--set KEY=VALUE`` overrides a recipe field; VALUE is parsed as YAML (``10`` -> int,
 ``[1, 2]`` -> list, ``true`` -> bool). Configuration errors (unknown recipe, key or device)
@@ -110,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_export)
 
     sub.add_parser("fit", help="pre-train a backbone (LightningCLI: fit --help)", add_help=False)
+    sub.add_parser("adapt", help="train a residual-feature projector on synthetic anomalies (adapt --help)",
+                   add_help=False)
 
     p = sub.add_parser("export-backbone", help="write backbone.pt + backbone.json from a checkpoint")
     p.add_argument("checkpoint", help="a pre-training checkpoint (.ckpt)")
@@ -213,6 +216,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             return fit(argv[1:])
+        except ConfigError as exc:
+            return fail(PROG, exc)
+    if argv[:1] == ["adapt"]:  # LightningCLI too
+        from fractal_pretrain.adapt.cli import adapt
+
+        try:
+            return adapt(argv[1:])
         except ConfigError as exc:
             return fail(PROG, exc)
     args, status = parse_or_exit_status(build_parser(), argv)

@@ -454,6 +454,7 @@ def run_anomalib(
     try:
         seed_everything(seed, workers=True, verbose=False)
         model = build_model(method, backbone, layers=names, out_size=out_size, config=cfg)
+        project_features(method, model, backbone, names, size, crop)
         train_loader = DataLoader(
             _Items(train_items),
             batch_size=cfg["train_batch_size"],
@@ -493,6 +494,24 @@ def run_anomalib(
     )
 
 
+def project_features(method: str, model: nn.Module, backbone: Backbone, layers: Sequence[str], size, crop) -> None:
+    """With a projector attached to ``backbone`` (``--projector``), PatchCore and PaDiM see projected
+    residual features: their extractor is wrapped (``ad_eval.projection.ProjectedExtractor``), the
+    references preprocessed exactly like the inputs (resized, cropped, normalised once)."""
+    from ad_eval.projection import ProjectedExtractor, projection_of
+
+    projection = projection_of(backbone)
+    if projection is None:
+        return
+    if not _spec(method).accepts_projector:
+        raise ConfigError(f"method={method!r} does not accept a projector (patchcore, padim, featurenorm do)")
+    projection.check_layers(layers, method)
+    images = torch.stack([item["image"] for item in _load_items(projection.references, size, crop)])
+    mean = torch.tensor(backbone.mean).view(1, 3, 1, 1)
+    std = torch.tensor(backbone.std).view(1, 3, 1, 1)
+    model.model.feature_extractor = ProjectedExtractor(model.model.feature_extractor, projection, (images - mean) / std)
+
+
 def _as_nhw(anomaly_map: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
     """(N, H, W) or (N, 1, H, W) maps as (N, h, w) at ``out_size`` (bilinear if resized)."""
     maps = anomaly_map.float().reshape(anomaly_map.shape[0], 1, *anomaly_map.shape[-2:])
@@ -530,9 +549,10 @@ DEFAULT_LAYERS: dict[str, tuple[str, ...]] = {}  # filled below: the reference l
 FIXED = (("layer1", "layer2", "layer3"),)  # FastFlow (out_indices=[1, 2, 3]) and RD (three scales)
 for _spec_args in (
     dict(name="patchcore", label="PatchCore", default_layers=("layer2", "layer3"), allowed_layer_sets=ANY_LAYER_SET,
-         min_train_images=_patchcore_min_images),
+         min_train_images=_patchcore_min_images, accepts_projector=True),
     dict(name="padim", label="PaDiM", default_layers=("layer1", "layer2", "layer3"), allowed_layer_sets=ANY_LAYER_SET,
-         min_train_images=lambda config, layers, side: 2),  # a covariance needs two samples
+         min_train_images=lambda config, layers, side: 2,  # a covariance needs two samples
+         accepts_projector=True),
     dict(name="fastflow", label="FastFlow", default_layers=FIXED[0], allowed_layer_sets=FIXED),
     dict(name="cflow", label="C-Flow", default_layers=("layer2", "layer3", "layer4"), allowed_layer_sets=ANY_LAYER_SET),
     dict(name="rd", label="RD", default_layers=FIXED[0], allowed_layer_sets=FIXED),

@@ -35,6 +35,7 @@ BUILTIN_MODULES = (
     "ad_eval.methods.anomalib_models",
     "ad_eval.methods.panda",
     "ad_eval.methods.cutpaste",
+    "ad_eval.methods.featurenorm",
 )
 PLUGIN_ENV = "AD_EVAL_METHODS"  # comma-separated extra modules to import (see the module docstring)
 # Every non-empty subset of layer1..layer4, sorted as check_layers sorts: "any layer set".
@@ -58,6 +59,7 @@ class MethodSpec:
     pixel_maps: bool = True  # gives anomaly maps (pixel AUROC, AUPRO); False: image scores only
     # (config, layers, image side) -> the fewest train images it can fit on; None: 1
     min_train_images: Callable[[Any, tuple[str, ...] | None, int], int] | None = None
+    accepts_projector: bool = False  # runs on projected residual features (``--projector``, ad_eval/projection.py)
 
     def __post_init__(self):
         if not self.name.isidentifier() or self.name != self.name.lower():

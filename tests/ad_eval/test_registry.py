@@ -82,7 +82,8 @@ def records(out: Path) -> list[dict]:
 
 def test_builtin_methods_are_registered_with_their_properties():
     names = list_methods()
-    assert names == ("patchcore", "padim", "fastflow", "cflow", "rd", "stfpm", "panda", "cutpaste", "toymean")
+    assert names == ("patchcore", "padim", "fastflow", "cflow", "rd", "stfpm", "panda", "cutpaste", "featurenorm",
+                     "toymean")
     assert get_method("cflow").label == "C-Flow" and get_method("patchcore").default_layers == ("layer2", "layer3")
     assert not get_method("panda").pixel_maps and not get_method("cutpaste").pixel_maps
     assert get_method("cutpaste").allowed_layer_sets is None and not get_method("cutpaste").takes_layers

@@ -1,0 +1,103 @@
+"""``fractal-pretrain adapt``: LightningCLI over AdaptModule + AdaptData, the machinery of ``fit``.
+
+    fractal-pretrain adapt --config jobs/adapt/smoke.yaml [--trainer.max_steps 20 ...]
+
+The run directory is ``trainer.default_root_dir``: ``config.yaml``, ``checkpoints/last.ckpt`` (every
+``--checkpoint_every_n_steps``), ``logs/version_*/metrics.csv`` and, at the end, ``projector.pt`` +
+``projector.json``. ``--ckpt_path auto`` (the default) resumes from the newest checkpoint as ``fit`` does;
+the batch counter is in the checkpoint, so a resumed run continues with the very next batch. Slurm
+requeue and DDP come from the same callbacks and checks as ``fit`` (``train/cli.py``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from torch.utils.data import DataLoader
+
+from fractal_pretrain.adapt.model import AdaptModule
+from fractal_pretrain.config import ConfigError, check_range
+from fractal_pretrain.train.callbacks import RequeueOnSignal
+from fractal_pretrain.train.cli import CHECKPOINT_DIR, RunConfig, check_slurm_layout, default_loggers, resume_checkpoint
+
+
+class AdaptData(pl.LightningDataModule):
+    """Only batch numbers: every image is rendered from its key inside the step, on the device."""
+
+    def __init__(self, batches_per_epoch: int = 1000, val_batches: int = 2):
+        super().__init__()
+        check_range("data.batches_per_epoch", batches_per_epoch, 1, 10**9, integer=True)
+        check_range("data.val_batches", val_batches, 0, 10**6, integer=True)
+        self.batches_per_epoch, self.val_batches = batches_per_epoch, val_batches
+
+    def train_dataloader(self):
+        return DataLoader(torch.arange(self.batches_per_epoch), batch_size=None)
+
+    def val_dataloader(self):
+        return DataLoader(torch.arange(self.val_batches), batch_size=None)
+
+
+class ExportProjector(pl.Callback):
+    """projector.pt + projector.json in the run directory when training ends (rank 0)."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            pl_module.export(Path(trainer.default_root_dir), trainer.global_step)
+            print(f"wrote {Path(trainer.default_root_dir) / 'projector.pt'}", flush=True)
+
+
+class AdaptCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--ckpt_path", default="auto", help="auto (resume if possible), none, or a checkpoint")
+        parser.add_argument("--checkpoint_every_n_steps", type=int, default=500, help="refresh last.ckpt")
+        parser.add_argument("--requeue_check_every", type=int, default=10, help="steps between requeue checks")
+
+    def instantiate_trainer(self, **kwargs):
+        config = self.config_init
+        trainer = config["trainer"]
+        root = Path(trainer.get("default_root_dir") or "runs/adapt")
+        trainer["default_root_dir"] = str(root)
+        if trainer.get("logger") in (None, True):
+            kwargs["logger"] = default_loggers(root)
+        if config["checkpoint_every_n_steps"] < 1:
+            raise ConfigError("checkpoint_every_n_steps must be >= 1")
+        if (trainer.get("max_steps") or -1) < 1:
+            raise ConfigError("trainer.max_steps: adapt needs a fixed number of steps (>= 1)")
+        trainer["callbacks"] = list(trainer.get("callbacks") or []) + [
+            ModelCheckpoint(dirpath=root / CHECKPOINT_DIR, every_n_train_steps=config["checkpoint_every_n_steps"],
+                            save_last=True, save_top_k=0),
+            ExportProjector(),
+            RequeueOnSignal(check_every=config["requeue_check_every"]),
+        ]
+        if SLURMEnvironment.detect():
+            check_slurm_layout(trainer.get("devices", "auto"), trainer.get("num_nodes", 1))
+            if not trainer.get("plugins"):
+                kwargs["plugins"] = [SLURMEnvironment(auto_requeue=False)]
+        return super().instantiate_trainer(**kwargs)
+
+
+def adapt(argv: Sequence[str]) -> int:
+    """Runs ``fractal-pretrain adapt ARGS``; returns the exit status."""
+    from ad_eval.backbones import BackboneError
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
+        try:
+            cli = AdaptCLI(AdaptModule, AdaptData, run=False, args=list(argv), save_config_callback=RunConfig,
+                           save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
+                           seed_everything_default=0, parser_kwargs={"prog": "fractal-pretrain adapt"})
+        except BackboneError as err:
+            raise ConfigError(f"model.backbone: {err}") from None
+    root = Path(cli.trainer.default_root_dir)
+    ckpt = resume_checkpoint(root, cli.config["ckpt_path"])
+    if ckpt:
+        print(f"resuming from {ckpt}", flush=True)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+    return 0

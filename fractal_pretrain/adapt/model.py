@@ -1,0 +1,261 @@
+"""The ``adapt`` Lightning module: a frozen backbone, a trained residual-feature projector.
+
+Each training batch is a pure function of (seed, batch number): B normal images, each of a training
+class of the recipe drawn per image (class c renders as indices c + C * j, so different keys give
+different renders of one class); K in ``shots`` drawn once per batch, and K references per image,
+other renders of the same class; synthetic anomalies (``anomalies.py``); two photometric views
+(``views.py``); residual features of each view against its references; the projector; ADPretrain's
+losses. Batches without anomalies are skipped. The batch number is a saved counter, not the optimiser
+step, so a skipped batch does not repeat and a resumed run continues with the next batch.
+
+The last ``val_classes`` classes never train: validation renders fixed batches of them (loss and the
+patch AUROC of the compressed norm, for the logs only: nothing is selected on it).
+"""
+
+from __future__ import annotations
+
+import time
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+
+from fractal_pretrain import rng
+from fractal_pretrain.adapt.anomalies import AnomalyMix, AnomalySynthesizer
+from fractal_pretrain.adapt.export import weights_digest, write_projector
+from fractal_pretrain.adapt.features import stage_channels, stage_features
+from fractal_pretrain.adapt.losses import compressed_norm, norm_labels, total_loss
+from fractal_pretrain.adapt.projector import Projector, ProjectorConfig
+from fractal_pretrain.adapt.residual import residual_features
+from fractal_pretrain.adapt.views import photometric_view
+from fractal_pretrain.config import ConfigError, build_checked, check_range
+from fractal_pretrain.recipes import get_recipe
+from fractal_pretrain.render import make_renderer
+
+MAX_SHOTS = 64
+# Render epochs (the renderer's key word) of each use: no two uses share a key.
+EPOCH_TRAIN, EPOCH_TRAIN_REFS, EPOCH_VAL, EPOCH_VAL_REFS, EPOCH_CENTER, EPOCH_CENTER_REFS = range(6)
+
+
+def check_normal_classes(recipe, val_classes: int) -> None:
+    """A recipe is usable when each image has one class (renders of one class are its normal images)."""
+    if recipe.multi_label or recipe.object_source != "class":
+        raise ConfigError(f"recipe={recipe.name!r}: has no classes usable as normal classes (label={recipe.label}, "
+                          f"object_source={recipe.object_source}); use a single-label recipe")
+    if recipe.num_classes <= val_classes:
+        raise ConfigError(f"val_classes={val_classes}: recipe {recipe.name!r} has only {recipe.num_classes} classes "
+                          f"(some must remain for training)")
+
+
+def patch_auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Rank AUROC (ties counted half) of scores for labels 1 vs 0; NaN with one class only."""
+    scores, labels = scores.float().flatten().cpu(), labels.flatten().bool().cpu()
+    pos, neg = scores[labels], scores[~labels]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).float().mean()
+    equal = (pos[:, None] == neg[None, :]).float().mean()
+    return float(greater + 0.5 * equal)
+
+
+class AdaptModule(pl.LightningModule):
+    """Trains ``Projector`` over a frozen backbone's residual features on synthetic fractal anomalies."""
+
+    def __init__(self, backbone: str = "random", arch: str | None = None, backbone_seed: int = 0,
+                 layers: tuple[str, ...] = ("layer2", "layer3"), recipe: str = "anderson",
+                 recipe_overrides: dict | None = None, size: int = 224, batch_size: int = 32,
+                 shots: tuple[int, ...] = (1, 4, 8), eval_shots: int = 8, center_images: int = 64,
+                 center_shots: int = 4, val_classes: int = 10,
+                 anomalies: dict | None = None, projector: dict | None = None, lr: float = 1e-4,
+                 weight_decay: float = 5e-4, milestones: tuple[int, ...] = (), gamma: float = 0.1,
+                 seed: int = 0, render_device: str = "auto"):
+        super().__init__()
+        self.save_hyperparameters()
+        from ad_eval.backbones import load_backbone  # the validated backbone loader (same as ad-eval's)
+        from ad_eval.methods.base import check_layers
+
+        try:
+            self.layers = check_layers(layers)
+        except ValueError as err:
+            raise ConfigError(f"model.layers: {err}") from None
+        check_range("model.size", size, 32, 1024, integer=True)
+        check_range("model.batch_size", batch_size, 1, 4096, integer=True)
+        if not shots or any(isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_SHOTS for k in shots):
+            raise ConfigError(f"model.shots={list(shots)!r}: must be a non-empty list of integers in [1, {MAX_SHOTS}]")
+        for name, value in (("eval_shots", eval_shots), ("center_shots", center_shots)):
+            check_range(f"model.{name}", value, 1, MAX_SHOTS, integer=True)
+        check_range("model.center_images", center_images, 1, 100_000, integer=True)
+        check_range("model.val_classes", val_classes, 1, 1_000_000, integer=True)
+        check_range("model.seed", seed, 0, 2**32 - 1, integer=True)
+        if any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in milestones):
+            raise ConfigError(f"model.milestones={list(milestones)!r}: optimiser steps (integers >= 1)")
+        self.recipe = get_recipe(recipe, recipe_overrides)
+        check_normal_classes(self.recipe, val_classes)
+        self.mix = build_checked(AnomalyMix, anomalies, "model.anomalies")
+        self.projector_config = build_checked(ProjectorConfig, projector, "model.projector")
+        self.backbone_info = load_backbone(backbone, arch, seed=backbone_seed)
+        self.backbone_digest = weights_digest(self.backbone_info.state_dict)
+        self._frozen = [self.backbone_info.build().requires_grad_(False)]  # a list: not a submodule, not saved
+        self.channels = stage_channels(self._frozen[0], self.layers)
+        try:
+            self.projector = Projector(self.channels, self.projector_config)
+        except ValueError as err:
+            raise ConfigError(f"model.projector: {err}") from None
+        for name, c in self.channels.items():
+            self.register_buffer(f"center_{name}", torch.zeros(c))
+        self.register_buffer("centers_ready", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
+        self.train_classes = self.recipe.num_classes - val_classes
+        self._renderer = self._synth = self._last_start = None
+        self._mean = torch.tensor(self.backbone_info.mean).view(1, 3, 1, 1)
+        self._std = torch.tensor(self.backbone_info.std).view(1, 3, 1, 1)
+
+    # ------------------------------------------------------------------ pieces
+    @property
+    def backbone(self) -> torch.nn.Module:
+        return self._frozen[0]
+
+    def setup(self, stage: str) -> None:
+        device = str(self.device) if self.hparams.render_device == "auto" else self.hparams.render_device
+        device = "cpu" if device.startswith("cpu") else device
+        self._renderer = make_renderer(self.recipe, size=self.hparams.size, seed=self.hparams.seed, device=device)
+        self._synth = AnomalySynthesizer(self.mix, seed=self.hparams.seed, device=device)
+
+    def on_fit_start(self) -> None:
+        self.backbone.to(self.device).eval()
+        if not bool(self.centers_ready):
+            self.compute_centers()
+
+    def centers(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, f"center_{name}") for name in self.layers}
+
+    def render(self, classes: np.ndarray, keys: np.ndarray, epoch: int) -> torch.Tensor:
+        """(B, 3, H, W) uint8 renders of ``classes`` with per-image keys (class c, key j: index c + C j)."""
+        indices = classes.astype(np.int64) + self.recipe.num_classes * keys.astype(np.int64)
+        images, _ = self._renderer.render_tensor(indices, epoch, dtype="uint8")
+        return images.to(self.device)
+
+    def features(self, images01: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = (images01 - self._mean.to(images01)) / self._std.to(images01)
+        with torch.no_grad():
+            return {k: v.float() for k, v in stage_features(self.backbone, x, self.layers).items()}
+
+    def batch_plan(self, batch: int, classes_range: tuple[int, int], fixed_shots: int | None):
+        """(K, classes (B,)) of batch number ``batch``: pure functions of (seed, batch)."""
+        words = rng.draw_words(self.hparams.seed, 0, batch, rng.STREAM_REFERENCES,
+                               np.arange(1 + self.hparams.batch_size))
+        shots = self.hparams.shots
+        k = fixed_shots or shots[int(rng.to_int(words[0][0], len(shots)))]
+        low, high = classes_range
+        return k, low + rng.to_int(words[1][1:], high - low)
+
+    def residuals(self, views: list[torch.Tensor], refs: torch.Tensor, k: int) -> list[dict[str, torch.Tensor]]:
+        """Residual features of each view against each image's K references ((B K, 3, H, W) uint8)."""
+        ref_feats = self.features(refs.float() / 255.0)
+        out = []
+        for view in views:
+            feats = self.features(view)
+            out.append({name: residual_features(f, ref_feats[name].view(f.shape[0], k, *ref_feats[name].shape[1:]))
+                        for name, f in feats.items()})
+        return out
+
+    def make_batch(self, batch: int, *, val: bool):
+        """Anomalous views, their residuals and the masks of batch number ``batch``."""
+        size = self.hparams.batch_size
+        if val:
+            k, classes = self.batch_plan(2**31 + batch, (self.train_classes, self.recipe.num_classes),
+                                         self.hparams.eval_shots)
+            epochs = (EPOCH_VAL, EPOCH_VAL_REFS)
+        else:
+            k, classes = self.batch_plan(batch, (0, self.train_classes), None)
+            epochs = (EPOCH_TRAIN, EPOCH_TRAIN_REFS)
+        keys = batch * size + np.arange(size)
+        images = self.render(classes, keys, epochs[0])
+        refs = self.render(np.repeat(classes, k), (keys[:, None] * MAX_SHOTS + np.arange(k)).reshape(-1), epochs[1])
+        anomalous, mask = self._synth.apply(images, keys, epochs[0])
+        views = [photometric_view(anomalous, keys, self.hparams.seed, v) for v in (0, 1)]
+        return self.residuals(views, refs, k), mask, k
+
+    @torch.no_grad()
+    def compute_centers(self) -> None:
+        """Mean normal residual per layer (K = center_shots) over ``center_images`` training-class renders."""
+        total = {name: torch.zeros(c, device=self.device, dtype=torch.float64) for name, c in self.channels.items()}
+        count, done, batch = 0, 0, 0
+        while done < self.hparams.center_images:
+            n = min(self.hparams.batch_size, self.hparams.center_images - done)
+            _, classes = self.batch_plan(2**30 + batch, (0, self.train_classes), None)
+            classes, keys = classes[:n], done + np.arange(n)
+            k = self.hparams.center_shots
+            images = self.render(classes, keys, EPOCH_CENTER)
+            refs = self.render(np.repeat(classes, k), (keys[:, None] * MAX_SHOTS + np.arange(k)).reshape(-1),
+                               EPOCH_CENTER_REFS)
+            (res,) = self.residuals([images.float() / 255.0], refs, k)
+            for name, r in res.items():
+                total[name] += r.double().sum(dim=(0, 2, 3))
+            count += n * 1
+            done += n
+            batch += 1
+        for name in self.layers:
+            spatial = res[name].shape[-2] * res[name].shape[-1]
+            getattr(self, f"center_{name}").copy_((total[name] / (count * spatial)).float())
+        self.centers_ready.fill_(True)
+
+    # ------------------------------------------------------------------ Lightning
+    def training_step(self, batch, batch_idx):
+        number = int(self.batches_seen)
+        self.batches_seen += 1
+        start = time.perf_counter()
+        if self._last_start is not None:  # wall time of the whole previous step (forward, backward, optimiser)
+            self.log("train/step_s", start - self._last_start, on_step=True)
+        self._last_start = start
+        residuals, mask, k = self.make_batch(number, val=False)
+        prepared = time.perf_counter()
+        e1, e2 = (self.projector(r) for r in residuals)
+        loss = total_loss(e1, e2, mask, self.centers())
+        self.log("train/k", float(k), on_step=True)
+        self.log("train/anomalous_fraction", mask.flatten(1).any(1).float().mean(), on_step=True)
+        self.log("train/prepare_s", prepared - start, on_step=True)
+        if loss is None:
+            self.log("train/skipped", 1.0, on_step=True)
+            if self.trainer.world_size > 1:  # DDP: every rank must run backward; a zero loss adds no gradient
+                return sum(p.sum() for p in self.projector.parameters()) * 0.0
+            return None  # one device: no backward, no update (the batch still counts towards max_steps)
+        self.log("train/loss", loss, on_step=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        residuals, mask, _ = self.make_batch(int(batch_idx), val=True)
+        e1, e2 = (self.projector(r) for r in residuals)
+        loss = total_loss(e1, e2, mask, self.centers())
+        if loss is not None:
+            self.log("val/loss", loss, on_epoch=True, batch_size=mask.shape[0])
+        for name, e in e1.items():
+            labels = norm_labels(mask, tuple(e.shape[-2:]))
+            self.log(f"val/auroc_norm_{name}", patch_auroc(compressed_norm(e.movedim(1, -1)), labels),
+                     on_epoch=True, batch_size=mask.shape[0])
+            raw = compressed_norm(residuals[0][name].movedim(1, -1))
+            self.log(f"val/auroc_raw_{name}", patch_auroc(raw, labels), on_epoch=True, batch_size=mask.shape[0])
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.projector.parameters(), lr=self.hparams.lr,
+                                     weight_decay=self.hparams.weight_decay)
+        # Absolute steps, not fractions of max_steps: a run stopped and resumed with a larger max_steps
+        # keeps the schedule it started with.
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, sorted(set(self.hparams.milestones)),
+                                                         gamma=self.hparams.gamma)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def export(self, folder, steps: int) -> None:
+        """projector.pt + projector.json (see ``export.py``)."""
+        meta = {
+            "backbone": self.hparams.backbone, "backbone_digest": self.backbone_digest,
+            "arch": self.backbone_info.arch, "backbone_seed": self.hparams.backbone_seed,
+            "layers": list(self.layers), "channels": self.channels,
+            "projector": self.projector_config.to_dict(), "shots": self.hparams.eval_shots,
+            "train_shots": list(self.hparams.shots), "center_shots": self.hparams.center_shots,
+            "center_images": self.hparams.center_images, "recipe": self.recipe.name,
+            "recipe_config": self.recipe.to_dict(), "anomalies": self.mix.to_dict(), "seed": self.hparams.seed,
+            "size": self.hparams.size, "steps": steps, "batches": int(self.batches_seen),
+            "bank_bytes": self.projector.bank_bytes(),
+        }
+        write_projector(folder, self.projector.state_dict(), self.centers(), meta)

@@ -1,0 +1,93 @@
+"""``ad-eval run --projector``: the CPU smoke projector used end to end on generated data, and its errors."""
+
+import json
+
+import pytest
+
+from ad_eval.cli import main as ad_eval
+from ad_eval.methods import get_method
+from fractal_pretrain.cli import main as fractal_pretrain
+
+
+@pytest.fixture(scope="module")
+def projector(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapt")
+    status = fractal_pretrain(["adapt", "--config", "jobs/adapt/smoke.yaml", "--trainer.max_steps", "2",
+                               "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false"])
+    assert status == 0
+    return root / "projector.pt"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    assert ad_eval(["synthetic", "--out", str(root), "--categories", "texture", "--size", "64", "--n-train", "6",
+                    "--n-test-good", "3", "--n-test-defect", "2"]) == 0
+    return root
+
+
+def run(dataset, out, method, *extra):
+    return ad_eval(["run", "--method", method, "--dataset", "mvtec", "--root", str(dataset), "--category", "texture",
+                    "--backbone", "random", "--arch", "resnet18", "--size", "64", "--device", "cpu",
+                    "--out", str(out), *extra])
+
+
+@pytest.mark.parametrize("method", ["patchcore", "featurenorm"])
+def test_projected_run_records_its_label_and_references(projector, dataset, tmp_path, method):
+    assert run(dataset, tmp_path, method, "--projector", str(projector)) == 0
+    (record_file,) = tmp_path.glob("*.json")
+    record = json.loads(record_file.read_text())
+    assert record["backbone"] == "random-resnet18+adapt"
+    assert record["projector"] == str(projector) and record["projector_shots"] == 2
+    assert len(record["projector_references"]) == 2
+    assert 0.0 <= record["image_AUROC"] <= 1.0 and record["pixel_AUROC"] is not None
+
+
+def test_raw_and_projected_cells_differ(projector, dataset, tmp_path):
+    assert run(dataset, tmp_path / "raw", "patchcore") == 0
+    assert run(dataset, tmp_path / "adapt", "patchcore", "--projector", str(projector)) == 0
+    raw = json.loads(next((tmp_path / "raw").glob("*.json")).read_text())
+    adapted = json.loads(next((tmp_path / "adapt").glob("*.json")).read_text())
+    assert raw["cell_id"] != adapted["cell_id"] and "projector" not in raw
+    assert raw["pixel_AUROC"] != adapted["pixel_AUROC"]  # the features really changed
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--seed", "1"], "made for backbone 'random' resnet18 seed 0"),  # random init of seed 1: other weights
+    (["--layers", "1,2"], "trained on layers layer2, layer3; patchcore uses layer1, layer2"),
+    (["--projector-shots", "7"], "projector_shots=7: category 'texture' has only 6 train images"),
+])
+def test_bad_projector_use_is_one_line(projector, dataset, tmp_path, capsys, extra, message):
+    assert run(dataset, tmp_path, "patchcore", "--projector", str(projector), *extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not any(tmp_path.iterdir())
+
+
+def test_method_without_projector_support_is_refused(projector, dataset, tmp_path, capsys):
+    assert not get_method("stfpm").accepts_projector
+    assert run(dataset, tmp_path, "stfpm", "--projector", str(projector)) == 2
+    assert "does not accept a projector" in capsys.readouterr().err
+
+
+def test_missing_projector_file(dataset, tmp_path, capsys):
+    assert run(dataset, tmp_path, "featurenorm", "--projector", str(tmp_path / "nope.pt")) == 2
+    assert "nope.pt: file not found" in capsys.readouterr().err
+
+
+def test_grid_backbone_with_a_projector(tmp_path, dataset):
+    from ad_eval.grid import GridError, expand, parse_grid
+
+    data = {"datasets": {"mvtec": {"root": str(dataset), "categories": ["texture"]}},
+            "backbones": {"Random": {"spec": "random", "arch": "resnet18"},
+                          "Random+adapt": {"spec": "random", "arch": "resnet18", "projector": "p/projector.pt",
+                                           "projector_shots": 2}},
+            "methods": {"patchcore": {}, "featurenorm": {}}, "size": 64, "seeds": [0]}
+    cells = expand(parse_grid(data, "grid.yaml"), tmp_path, "grid.yaml").cells
+    adapted = [c for c in cells if c.projector]
+    assert len(cells) == 4 and len(adapted) == 2
+    assert {c.backbone_name for c in adapted} == {"Random+adapt"}
+    assert all(c.projector == str(tmp_path / "p/projector.pt") and c.projector_shots == 2 for c in adapted)
+    data["methods"] = {"stfpm": {}}
+    with pytest.raises(GridError, match="does not accept a projector"):
+        expand(parse_grid(data, "grid.yaml"), tmp_path, "grid.yaml")

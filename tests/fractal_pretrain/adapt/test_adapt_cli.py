@@ -1,0 +1,58 @@
+"""``fractal-pretrain adapt``: the CPU smoke config to projector.pt/json, exact resume, bad input."""
+
+import json
+
+import pytest
+import torch
+
+from fractal_pretrain.adapt.export import read_projector, weights_digest
+from fractal_pretrain.cli import main
+
+SMOKE = "jobs/adapt/smoke.yaml"
+
+
+def adapt(tmp_path, name, *extra):
+    root = tmp_path / name
+    status = main(["adapt", "--config", SMOKE, "--trainer.default_root_dir", str(root),
+                   "--trainer.enable_progress_bar", "false", *extra])
+    return status, root
+
+
+def test_smoke_writes_the_projector_of_its_backbone(tmp_path):
+    from ad_eval.backbones import load_backbone
+
+    status, root = adapt(tmp_path, "run", "--trainer.max_steps", "2")
+    assert status == 0
+    data, meta = read_projector(root)
+    assert meta["backbone_digest"] == weights_digest(load_backbone("random", "resnet18", seed=0).state_dict)
+    assert meta["layers"] == ["layer2", "layer3"] and meta["steps"] == 2 and meta["shots"] == 2
+    assert set(data["centers"]) == {"layer2", "layer3"} and data["centers"]["layer3"].shape == (256,)
+    assert meta["recipe"] == "anderson" and meta["seed"] == 0
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly(tmp_path):
+    status, straight = adapt(tmp_path, "straight", "--trainer.max_steps", "4", "--checkpoint_every_n_steps", "2")
+    assert status == 0
+    assert adapt(tmp_path, "split", "--trainer.max_steps", "2", "--checkpoint_every_n_steps", "2")[0] == 0
+    status, resumed = adapt(tmp_path, "split", "--trainer.max_steps", "4", "--checkpoint_every_n_steps", "2")
+    assert status == 0
+    a, b = torch.load(straight / "projector.pt"), torch.load(resumed / "projector.pt")
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert json.loads((resumed / "projector.json").read_text())["batches"] == 4
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model.recipe", "multiinstance"], "no classes usable as normal classes"),
+    (["--model.anomalies", "{fractal_paste: 0, scar: 0, blur: 0, contrast: 0, colour: 0}"],
+     "must sum to something positive"),
+    (["--model.anomalies", "{speckle: 1}"], "model.anomalies: unknown key 'speckle'"),
+    (["--model.val_classes", "12"], "val_classes=12"),
+    (["--model.backbone", "/nonexistent/backbone.pt"], "model.backbone"),
+])
+def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, extra, message):
+    status, root = adapt(tmp_path, "bad", *extra)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and message in err[-1] and err[-1].startswith("fractal-pretrain: error:")
+    assert not (root / "projector.pt").exists()

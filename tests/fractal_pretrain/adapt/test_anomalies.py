@@ -1,0 +1,57 @@
+"""Synthetic anomalies: exact masks, determinism by key, every kind, bad mixes."""
+
+import numpy as np
+import pytest
+import torch
+
+from fractal_pretrain.adapt.anomalies import KINDS, AnomalyMix, AnomalySynthesizer
+from fractal_pretrain.config import ConfigError
+from fractal_pretrain.recipes import get_recipe
+from fractal_pretrain.render import make_renderer
+
+
+@pytest.fixture(scope="module")
+def normal_images():
+    renderer = make_renderer(get_recipe("anderson", {"num_classes": 4, "num_points": 4000}), size=64)
+    images, _ = renderer.render_tensor(np.arange(6), 0)
+    return images
+
+
+def only(kind: str, **extra) -> AnomalyMix:
+    weights = {k: (1.0 if k == kind else 0.0) for k in KINDS}
+    return AnomalyMix(anomaly_p=1.0, mask_systems=16, mask_points=3000, **weights, **extra)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_mask_is_exactly_the_changed_pixels(normal_images, kind):
+    out, masks = AnomalySynthesizer(only(kind), seed=3).apply(normal_images, np.arange(6), epoch=1)
+    assert out.dtype == torch.uint8 and masks.shape == (6, 64, 64)
+    assert torch.equal(masks, (out != normal_images).any(dim=1))
+    assert (masks.flatten(1).sum(1) > 0).sum() >= 4  # a defect actually changes pixels in most images
+
+
+def test_defects_are_local(normal_images):
+    _, masks = AnomalySynthesizer(only("fractal_paste"), seed=0).apply(normal_images, np.arange(6))
+    assert 0 < masks.float().mean() < 0.3  # a patch of side <= 0.5 of the image, fractal-masked
+
+
+def test_pure_function_of_the_key(normal_images):
+    synth = AnomalySynthesizer(AnomalyMix(anomaly_p=1.0, mask_systems=16), seed=5)
+    a = synth.apply(normal_images, np.arange(10, 16), epoch=2)
+    b = AnomalySynthesizer(AnomalyMix(anomaly_p=1.0, mask_systems=16), seed=5).apply(
+        normal_images, np.arange(10, 16), epoch=2)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    c = synth.apply(normal_images, np.arange(10, 16), epoch=3)
+    assert not torch.equal(a[1], c[1])
+
+
+def test_no_anomaly_leaves_images_unchanged(normal_images):
+    out, masks = AnomalySynthesizer(AnomalyMix(anomaly_p=0.0, mask_systems=16)).apply(normal_images, np.arange(6))
+    assert torch.equal(out, normal_images) and not masks.any()
+
+
+def test_mix_weights_must_sum_to_something_positive():
+    with pytest.raises(ConfigError, match="must sum to something positive"):
+        AnomalyMix(**{k: 0.0 for k in KINDS})
+    with pytest.raises(ConfigError, match="scar=-1"):
+        AnomalyMix(scar=-1.0)
