@@ -31,6 +31,7 @@ from fractal_pretrain.config import ConfigError
 
 DATASETS = ("mvtec", "visa")
 FAILED_SUFFIX = ".failed.json"
+MAPS_DIR = "maps"  # keep_maps: <out>/maps/<cell_id>.npz (the report finds it through the record's "maps" path)
 
 
 @dataclass(frozen=True)
@@ -278,7 +279,7 @@ def run_cell(cell: Cell, out_dir: str | Path, device: str = "auto", keep_maps: b
         }
         record.pop("backbone_name", None)
         if keep_maps and scores.anomaly_maps is not None:
-            maps = out_dir / "maps" / f"{cell.cell_id}.npz"
+            maps = out_dir / MAPS_DIR / f"{cell.cell_id}.npz"
             maps.parent.mkdir(parents=True, exist_ok=True)
             np.savez_compressed(maps, anomaly_maps=scores.anomaly_maps.astype(np.float16), masks=scores.masks,
                                 image_scores=scores.image_scores, image_labels=scores.image_labels)

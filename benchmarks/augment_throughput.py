@@ -96,6 +96,8 @@ def _no_autoaugment(params):
 
 
 def bench_step(args, aug: BatchAugmenter, device: torch.device) -> None:
+    from train_throughput import make_step  # the step train_throughput times (benchmarks/ is on sys.path)
+
     from fractal_pretrain.train.model import build_resnet
 
     torch.manual_seed(0)
@@ -107,12 +109,7 @@ def bench_step(args, aug: BatchAugmenter, device: torch.device) -> None:
     constant = constant.contiguous(memory_format=torch.channels_last)
     onehot = F.one_hot(labels, 1000).float()
 
-    def train(x, targets):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = F.cross_entropy(model(x).float(), targets)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    train = make_step(model, optimizer)
 
     def ceiling(i):
         train(constant, onehot)

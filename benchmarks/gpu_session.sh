@@ -28,6 +28,23 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   python3 -c "import cupy, torch; print('cupy', cupy.__version__, 'torch', torch.__version__)"
 } > "$out/device.txt" 2>&1
 
+# pretrain_and_report NAME BACKBONES: jobs/pretrain/NAME.yaml, its backbone in parts, then jobs/eval/NAME.yaml
+# and the report comparing BACKBONES; one archive: training curve, backbone.json, evaluation records and the
+# report (tables, figures)
+pretrain_and_report() {
+  local name=$1 backbones=$2 run=runs/$1
+  python3 -m fractal_pretrain fit --config "jobs/pretrain/$name.yaml" --trainer.enable_progress_bar false \
+    --ckpt_path none 2>&1 | tail -n 200 > "$out/pretrain.log"
+  split -b 15M -d "$run"/backbone.pt "$out/backbone.pt.part-"
+  python3 -m ad_eval grid --config "jobs/eval/$name.yaml" --cluster local --out "results/$name" \
+    > "$out/eval.log" 2>&1
+  python3 -m ad_eval report --results "results/$name" --out "reports/$name" --backbones "$backbones" \
+    >> "$out/eval.log" 2>&1
+  cat "reports/$name"/table_*AUROC*.md >> "$out/eval.log" 2>/dev/null
+  tar czf "$out/$name.tar.gz" "$run"/logs/version_0/metrics.csv "$run"/backbone.json "results/$name" \
+    "reports/$name"
+}
+
 case "$stage" in
   kernels)
     python3 -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu-tests.log"
@@ -41,18 +58,7 @@ case "$stage" in
     python3 benchmarks/summarise.py "$out/render.jsonl" "$out/train.jsonl" | tee "$out/summary.md"
     ;;
   pretrain)
-    run=runs/short_r18
-    python3 -m fractal_pretrain fit --config jobs/pretrain/short_r18.yaml --trainer.enable_progress_bar false \
-      --ckpt_path none 2>&1 | tail -n 200 > "$out/pretrain.log"
-    split -b 15M -d "$run"/backbone.pt "$out/backbone.pt.part-"
-    python3 -m ad_eval grid --config jobs/eval/short_r18.yaml --cluster local --out results/short_r18 \
-      > "$out/eval.log" 2>&1
-    python3 -m ad_eval report --results results/short_r18 --out reports/short_r18 --backbones Random,Fractals \
-      >> "$out/eval.log" 2>&1
-    cat reports/short_r18/table_*AUROC*.md >> "$out/eval.log" 2>/dev/null
-    # one archive: training curve, backbone.json, evaluation records and the report (tables, figures)
-    tar czf "$out/short_r18.tar.gz" "$run"/logs/version_0/metrics.csv "$run"/backbone.json results/short_r18 \
-      reports/short_r18
+    pretrain_and_report short_r18 Random,Fractals
     ;;
   versions)
     for dir in .bench-versions/*/ .; do
@@ -80,17 +86,7 @@ case "$stage" in
       2>&1 | tee "$out/ofdb_train.jsonl"
     ;;
   ofdb-pretrain)
-    run=runs/ofdb_short_r50
-    python3 -m fractal_pretrain fit --config jobs/pretrain/ofdb_short_r50.yaml --trainer.enable_progress_bar false \
-      --ckpt_path none 2>&1 | tail -n 200 > "$out/pretrain.log"
-    split -b 15M -d "$run"/backbone.pt "$out/backbone.pt.part-"
-    python3 -m ad_eval grid --config jobs/eval/ofdb_short_r50.yaml --cluster local --out results/ofdb_short_r50 \
-      > "$out/eval.log" 2>&1
-    python3 -m ad_eval report --results results/ofdb_short_r50 --out reports/ofdb_short_r50 --backbones Random,OFDB \
-      >> "$out/eval.log" 2>&1
-    cat reports/ofdb_short_r50/table_*AUROC*.md >> "$out/eval.log" 2>/dev/null
-    tar czf "$out/ofdb_short_r50.tar.gz" "$run"/logs/version_0/metrics.csv "$run"/backbone.json \
-      results/ofdb_short_r50 reports/ofdb_short_r50
+    pretrain_and_report ofdb_short_r50 Random,OFDB
     ;;
   *)
     echo "unknown stage $stage: kernels, pretrain, versions, mandelbulb, ofdb or ofdb-pretrain" >&2

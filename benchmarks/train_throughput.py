@@ -51,6 +51,21 @@ def make_step(model, optimizer):
     return step
 
 
+def classifier_step(arch: str, num_classes: int, compile: bool):
+    """The classification step the runs train: a channels-last ResNet on the GPU, SGD as the configs set it."""
+    model = build_resnet(arch, num_classes).cuda().to(memory_format=torch.channels_last)
+    if compile:
+        model.compile()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    return make_step(model, optimizer)
+
+
+def constant_input(batch: int, side: int, dtype: str) -> torch.Tensor:
+    """The model-only ceiling's input: one random channels-last batch in ``dtype``, reused every step."""
+    fixed = torch.randn(batch, 3, side, side, device="cuda").to(getattr(torch, dtype))
+    return fixed.contiguous(memory_format=torch.channels_last)
+
+
 def timed(fn, steps: int, warmup: int) -> float:
     for i in range(warmup):
         fn(i)
@@ -68,13 +83,8 @@ def bench(arch: str, recipe: str, batch: int, size: int, steps: int, warmup: int
           dtype: str, overrides: dict | None = None) -> dict:
     torch.manual_seed(0)
     renderer = make_renderer(get_recipe(recipe, overrides), size=size, seed=0, device="cuda")
-    model = build_resnet(arch, renderer.recipe.num_classes).cuda().to(memory_format=torch.channels_last)
-    if compile:
-        model.compile()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    step = make_step(model, optimizer)
-    fixed = torch.randn(batch, 3, size, size, device="cuda").to(getattr(torch, dtype))
-    fixed = fixed.contiguous(memory_format=torch.channels_last)
+    step = classifier_step(arch, renderer.recipe.num_classes, compile)
+    fixed = constant_input(batch, size, dtype)
     fixed_labels = torch.randint(0, renderer.recipe.num_classes, (batch,), device="cuda")
 
     def ceiling(i):
@@ -133,13 +143,8 @@ def bench_ofdb(arch: str, batch: int, size: int, steps: int, warmup: int, compil
     setup_start[1].record()
     torch.cuda.synchronize()
     crop = data.augment.size
-    model = build_resnet(arch, data.num_classes).cuda().to(memory_format=torch.channels_last)
-    if compile:
-        model.compile()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    step = make_step(model, optimizer)
-    fixed = torch.randn(batch, 3, crop, crop, device="cuda").to(getattr(torch, dtype))
-    fixed = fixed.contiguous(memory_format=torch.channels_last)
+    step = classifier_step(arch, data.num_classes, compile)
+    fixed = constant_input(batch, crop, dtype)
     fixed_targets = F.one_hot(torch.randint(0, data.num_classes, (batch,), device="cuda"), data.num_classes).float()
     loader = data.train_dataloader()
 
@@ -202,8 +207,7 @@ def bench_simsiam(arch: str, batch: int, size: int, steps: int, warmup: int, com
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    fixed = torch.randn(2 * batch, 3, size, size, device="cuda").to(getattr(torch, dtype))
-    fixed = fixed.contiguous(memory_format=torch.channels_last)
+    fixed = constant_input(2 * batch, size, dtype)
     fixed_labels = torch.zeros(batch, dtype=torch.int64, device="cuda")
 
     def render(i):

@@ -16,20 +16,7 @@ import numpy as np
 
 from fractal_pretrain import rng
 from fractal_pretrain.mandelbulb.recipe import MandelbulbRecipe
-from fractal_pretrain.render.params import (
-    DRAW_SAMPLE_BG_HS,
-    DRAW_SAMPLE_BG_V,
-    DRAW_SAMPLE_CORNERS,
-    DRAW_SAMPLE_MAIN,
-    PLASMA_DECAY,
-    PLASMA_HUE_GAIN,
-    PLASMA_HUE_OFFSET,
-    PLASMA_SAT_GAIN,
-    PLASMA_SAT_OFFSET,
-    PLASMA_VAL_GAIN,
-    PLASMA_VAL_OFFSET,
-    exp_neg,
-)
+from fractal_pretrain.render.params import DRAW_SAMPLE_MAIN, plasma_draws
 
 F32 = np.float32
 
@@ -122,22 +109,11 @@ def plan_samples(recipe: MandelbulbRecipe, seed: int, epoch: int, index: np.ndar
     main = rng.draw_words(seed, epoch, index, rng.STREAM_SAMPLE, DRAW_SAMPLE_MAIN)
     lo, hi = recipe.objects
     drawn = lo + rng.to_int(main[0], hi - lo + 1)
-    corners = np.stack(rng.to_uniform(np.stack(
-        rng.draw_words(seed, epoch, index, rng.STREAM_SAMPLE, DRAW_SAMPLE_CORNERS)))).T
-    hs = rng.draw_words(seed, epoch, index, rng.STREAM_SAMPLE, DRAW_SAMPLE_BG_HS)
-    v = rng.draw_words(seed, epoch, index, rng.STREAM_SAMPLE, DRAW_SAMPLE_BG_V)
-    gains = [
-        rng.to_range(hs[0], *PLASMA_HUE_GAIN), rng.to_range(hs[1], *PLASMA_HUE_OFFSET),
-        rng.to_range(hs[2], *PLASMA_SAT_GAIN), rng.to_range(hs[3], *PLASMA_SAT_OFFSET),
-        rng.to_range(v[0], *PLASMA_VAL_GAIN), rng.to_range(v[1], *PLASMA_VAL_OFFSET),
-    ]
     return MandelbulbSamples(
         index=index,
         label=index % recipe.num_classes,
         num_objects=np.minimum(drawn, recipe.members_per_class),  # fractal4AD: min(U{4..10}, members)
-        decay=exp_neg(rng.to_range(main[3], *PLASMA_DECAY)),
-        corners=corners.astype(F32),
-        bg_hsv=np.stack([g * F32(255.0) for g in gains], axis=1),
+        **plasma_draws(seed, epoch, index, main),
     )
 
 

@@ -329,10 +329,10 @@ def paste(canvas: np.ndarray, sprites: np.ndarray, items: MandelbulbItems, slots
     for item in np.flatnonzero(items.active):
         b = item // slots
         side, top, left = int(items.side[item]), int(items.top[item]), int(items.left[item])
-        r0, r1 = max(top, 0), min(top + side, size)
-        c0, c1 = max(left, 0), min(left + side, size)
-        if r0 >= r1 or c0 >= c1:
+        window = ifs_reference.clipped_window(top, left, side, size)
+        if window is None:
             continue
+        r0, r1, c0, c1 = window
         sprite = sprites[item, r0 - top:r1 - top, c0 - left:c1 - left]
         keep = (F32(255.0) - sprite[..., 3:].astype(F32)) * F32(1.0 / 255.0)
         value = sprite[..., :3].astype(F32) + canvas[b, r0:r1, c0:c1].astype(F32) * keep

@@ -146,6 +146,27 @@ def exp_neg(x: np.ndarray) -> np.ndarray:
     return p * p
 
 
+def plasma_draws(seed: int, epoch: int, index: np.ndarray, main: np.ndarray) -> dict[str, np.ndarray]:
+    """A sample's plasma background draws (decay, corners, bg_hsv): the IFS and Mandelbulb plans share them.
+
+    ``main`` is the sample's DRAW_SAMPLE_MAIN words; its word 3 is the decay.
+    """
+    corners = np.stack(rng.to_uniform(np.stack(
+        rng.draw_words(seed, epoch, index, rng.STREAM_SAMPLE, DRAW_SAMPLE_CORNERS)))).T
+    hs = rng.draw_words(seed, epoch, index, rng.STREAM_SAMPLE, DRAW_SAMPLE_BG_HS)
+    v = rng.draw_words(seed, epoch, index, rng.STREAM_SAMPLE, DRAW_SAMPLE_BG_V)
+    gains = [
+        rng.to_range(hs[0], *PLASMA_HUE_GAIN), rng.to_range(hs[1], *PLASMA_HUE_OFFSET),
+        rng.to_range(hs[2], *PLASMA_SAT_GAIN), rng.to_range(hs[3], *PLASMA_SAT_OFFSET),
+        rng.to_range(v[0], *PLASMA_VAL_GAIN), rng.to_range(v[1], *PLASMA_VAL_OFFSET),
+    ]
+    return dict(
+        decay=exp_neg(rng.to_range(main[3], *PLASMA_DECAY)),
+        corners=corners.astype(F32),
+        bg_hsv=np.stack([g * F32(255.0) for g in gains], axis=1),
+    )
+
+
 def plan_samples(recipe: Recipe, seed: int, epoch: int, index: np.ndarray) -> SamplePlan:
     index = np.asarray(index, dtype=np.int64)
     main = rng.draw_words(seed, epoch, index, rng.STREAM_SAMPLE, DRAW_SAMPLE_MAIN)
@@ -156,15 +177,6 @@ def plan_samples(recipe: Recipe, seed: int, epoch: int, index: np.ndarray) -> Sa
     inv = F32(1.0) / ((sigma * sigma) * F32(2.0))
     w1 = exp_neg(inv)
     norm = (F32(1.0) + w1) + w1
-    corners = np.stack(rng.to_uniform(np.stack(
-        rng.draw_words(seed, epoch, index, rng.STREAM_SAMPLE, DRAW_SAMPLE_CORNERS)))).T
-    hs = rng.draw_words(seed, epoch, index, rng.STREAM_SAMPLE, DRAW_SAMPLE_BG_HS)
-    v = rng.draw_words(seed, epoch, index, rng.STREAM_SAMPLE, DRAW_SAMPLE_BG_V)
-    gains = [
-        rng.to_range(hs[0], *PLASMA_HUE_GAIN), rng.to_range(hs[1], *PLASMA_HUE_OFFSET),
-        rng.to_range(hs[2], *PLASMA_SAT_GAIN), rng.to_range(hs[3], *PLASMA_SAT_OFFSET),
-        rng.to_range(v[0], *PLASMA_VAL_GAIN), rng.to_range(v[1], *PLASMA_VAL_OFFSET),
-    ]
     label = index % recipe.num_classes if not recipe.multi_label else np.full_like(index, -1)
     return SamplePlan(
         index=index,
@@ -174,9 +186,7 @@ def plan_samples(recipe: Recipe, seed: int, epoch: int, index: np.ndarray) -> Sa
         blur_k0=F32(1.0) / norm,
         blur_k1=w1 / norm,
         blur_sigma=sigma,
-        decay=exp_neg(rng.to_range(main[3], *PLASMA_DECAY)),
-        corners=corners.astype(F32),
-        bg_hsv=np.stack([g * F32(255.0) for g in gains], axis=1),
+        **plasma_draws(seed, epoch, index, main),
     )
 
 

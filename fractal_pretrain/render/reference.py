@@ -272,6 +272,15 @@ def background(recipe: Recipe, seed: int, epoch: int, samples: SamplePlan, size:
 
 # ----------------------------------------------------------------------------- composition
 
+def clipped_window(top: int, left: int, side: int, size: int) -> tuple[int, int, int, int] | None:
+    """Canvas rows r0:r1 and columns c0:c1 an object of ``side`` at (top, left) covers; None if it is off the canvas."""
+    r0, r1 = max(top, 0), min(top + side, size)
+    c0, c1 = max(left, 0), min(left + side, size)
+    if r0 >= r1 or c0 >= c1:
+        return None
+    return r0, r1, c0, c1
+
+
 def paste_objects(canvas: np.ndarray, objects: np.ndarray, plan: ItemPlan, slots: int) -> None:
     """Paste each active object, bilinearly resized to its side, where the result is not black."""
     size = canvas.shape[1]
@@ -279,10 +288,10 @@ def paste_objects(canvas: np.ndarray, objects: np.ndarray, plan: ItemPlan, slots
     for item in np.flatnonzero(plan.active):
         b = item // slots
         side, top, left = int(plan.side[item]), int(plan.top[item]), int(plan.left[item])
-        r0, r1 = max(top, 0), min(top + side, size)
-        c0, c1 = max(left, 0), min(left + side, size)
-        if r0 >= r1 or c0 >= c1:
+        window = clipped_window(top, left, side, size)
+        if window is None:
             continue
+        r0, r1, c0, c1 = window
         ratio = F32(src) / F32(side)
         rows = bilinear_taps(np.arange(r0 - top, r1 - top), ratio, src)
         cols = bilinear_taps(np.arange(c0 - left, c1 - left), ratio, src)

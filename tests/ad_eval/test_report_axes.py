@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from ad_eval.cell import MAPS_DIR
 from ad_eval.datasets import ADImageDataset, scan
 from ad_eval.report import build_report, load_records
 from ad_eval.report.figures.common import DPI
@@ -153,10 +154,10 @@ CATEGORY, SIZE = "hazelnut_reduced", 64
 def write_maps(results, root, backbone, maps, masks, labels, seed=0):
     """A record and its npz as run_cell(keep_maps=True) writes them (float16 maps, scores = map maxima)."""
     record = make_record("patchcore", CATEGORY, backbone, seed, (0.9, 0.9, 0.9), root=str(root), size=SIZE)
-    record["maps"] = f"/elsewhere/results/maps/{record['cell_id']}.npz"  # written there, the folder moved since
+    record["maps"] = f"/elsewhere/results/{MAPS_DIR}/{record['cell_id']}.npz"  # written there, the folder moved since
     write_records(results, [record])
-    (results / "maps").mkdir(exist_ok=True)
-    np.savez_compressed(results / "maps" / f"{record['cell_id']}.npz", anomaly_maps=maps.astype(np.float16),
+    (results / MAPS_DIR).mkdir(exist_ok=True)
+    np.savez_compressed(results / MAPS_DIR / f"{record['cell_id']}.npz", anomaly_maps=maps.astype(np.float16),
                         masks=masks, image_scores=maps.reshape(len(maps), -1).max(1), image_labels=labels)
 
 

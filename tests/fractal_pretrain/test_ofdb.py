@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from fit_helpers import assert_split_run_equals_straight_run, fit_command, weights
 
 from fractal_pretrain.cli import main
 from fractal_pretrain.recipes import get_recipe
@@ -149,13 +151,7 @@ def test_an_epoch_of_a_fixed_set_shows_every_image_once():
     assert torch.equal(images, data.image_set.images[:4])
 
 
-def fit_args(root: Path, *extra: str) -> list[str]:
-    return ["fit", "--config", OFDB_SMOKE, "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar",
-            "false", "--trainer.deterministic", "true", *extra]
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+fit_args = partial(fit_command, OFDB_SMOKE)
 
 
 def test_stopped_mid_epoch_with_augmentation_and_mixing_resumes_to_the_same_weights(tmp_path):
@@ -163,12 +159,7 @@ def test_stopped_mid_epoch_with_augmentation_and_mixing_resumes_to_the_same_weig
     # length is fixed in epochs (by default it is the run's, which max_steps shortens for the first part).
     common = ("--data.augment", "{enabled: true, size: 32, mix_p: 1.0}", "--checkpoint_every_n_steps", "1",
               "--data.val_samples", "0", "--trainer.max_epochs", "2", "--model.cosine_epochs", "2")
-    assert main(fit_args(tmp_path / "straight", *common)) == 0
-    assert main(fit_args(tmp_path / "split", "--trainer.max_steps", "3", *common)) == 0
-    assert main(fit_args(tmp_path / "split", *common)) == 0
-    a, b = weights(tmp_path / "straight" / "backbone.pt"), weights(tmp_path / "split" / "backbone.pt")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7, msg=key)
+    a = assert_split_run_equals_straight_run(fit_args, tmp_path, 3, (), common)
     assert json.loads((tmp_path / "split" / "backbone.json").read_text())["steps"] == 4
     # the augmentation stream matters: another seed gives other weights
     assert main(fit_args(tmp_path / "other", "--data.seed", "1", *common)) == 0

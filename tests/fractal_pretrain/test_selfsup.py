@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from fit_helpers import assert_split_run_equals_straight_run, fit_command
 
 from fractal_pretrain.cli import main
 from fractal_pretrain.train.knn import knn_top1
@@ -19,9 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 SMOKE = str(REPO / "jobs" / "pretrain" / "selfsup_smoke.yaml")
 
 
-def fit_args(root: Path, *extra: str) -> list[str]:
-    return ["fit", "--config", SMOKE, "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar",
-            "false", "--trainer.deterministic", "true", *extra]
+fit_args = partial(fit_command, SMOKE)
 
 
 def metrics(root: Path) -> list[dict[str, str]]:
@@ -103,13 +103,7 @@ def test_resumed_two_view_run_equals_uninterrupted_run(tmp_path):
     # one-cycle fixes its length at the start, so the split run uses a cosine of a set length
     common = ("--checkpoint_every_n_steps", "1", "--data.val_samples", "0", "--model.knn_classes", "0",
               "--model.schedule", "cosine", "--model.cosine_steps", "4")
-    assert main(fit_args(tmp_path / "straight", "--trainer.max_steps", "4", *common)) == 0
-    assert main(fit_args(tmp_path / "split", "--trainer.max_steps", "2", *common)) == 0
-    assert main(fit_args(tmp_path / "split", "--trainer.max_steps", "4", *common)) == 0
-    a = torch.load(tmp_path / "straight" / "backbone.pt", weights_only=True)
-    b = torch.load(tmp_path / "split" / "backbone.pt", weights_only=True)
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7, msg=key)
+    assert_split_run_equals_straight_run(fit_args, tmp_path, 2, ("--trainer.max_steps", "4"), common)
     ca = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     cb = torch.load(tmp_path / "split" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     for key in (k for k in ca if k.startswith("objective.")):  # the heads resume too

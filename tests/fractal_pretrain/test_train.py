@@ -8,12 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torchvision
+from fit_helpers import assert_split_run_equals_straight_run, fit_command, weights
 
 from fractal_pretrain.cli import main
 from fractal_pretrain.config import ConfigError
@@ -28,13 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 SMOKE = str(REPO / "jobs" / "pretrain" / "smoke.yaml")
 
 
-def fit_args(root: Path, *extra: str) -> list[str]:
-    return ["fit", "--config", SMOKE, "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar",
-            "false", "--trainer.deterministic", "true", *extra]
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+fit_args = partial(fit_command, SMOKE)
 
 
 @pytest.mark.parametrize("total,batch,world", [(64, 8, 1), (64, 8, 2), (64, 8, 4), (70, 8, 3), (1000, 7, 5)])
@@ -79,13 +75,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     # 4 steps per epoch: stop mid-epoch 0 at step 3, resume across the epoch boundary (lr decays there).
     common = ("--data.samples_per_epoch", "32", "--model.schedule", "multistep", "--model.milestones", "[1]",
               "--checkpoint_every_n_steps", "1", "--data.val_samples", "0")
-    assert main(fit_args(tmp_path / "straight", "--trainer.max_steps", "6", *common)) == 0
-    assert main(fit_args(tmp_path / "split", "--trainer.max_steps", "3", *common)) == 0
-    assert main(fit_args(tmp_path / "split", "--trainer.max_steps", "6", *common)) == 0
-    a, b = weights(tmp_path / "straight" / "backbone.pt"), weights(tmp_path / "split" / "backbone.pt")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7, msg=key)
+    a = assert_split_run_equals_straight_run(fit_args, tmp_path, 3, ("--trainer.max_steps", "6"), common)
     meta = json.loads((tmp_path / "split" / "backbone.json").read_text())
     assert meta["steps"] == 6 and meta["epoch"] == 2  # 1.5 epochs: the second one started
     # and the stream really matters: a resume that restarted the epoch would differ

@@ -1,4 +1,4 @@
-"""What the figures share: a pyplot-free Figure and one colour per backbone."""
+"""What the figures share: a pyplot-free Figure, one colour per backbone, the legend/title/save ending."""
 
 from __future__ import annotations
 
@@ -20,3 +20,10 @@ def new_figure(width: float, height: float, layout: str | None = "constrained"):
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), layout=layout)
+
+
+def finish_figure(fig, ax, title: str, path, ncols: int) -> None:
+    """The panel figures' common end: the last panel's legend below the panels, the title, a PNG at DPI."""
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=ncols)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=DPI)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ad_eval.report.figures.common import DPI, backbone_colors, new_figure
+from ad_eval.report.figures.common import backbone_colors, finish_figure, new_figure
 from ad_eval.report.order import METRIC_NAMES, dataset_name, order_categories, order_methods
 from ad_eval.report.records import ALL_SHOTS, method_label, shots_label
 from ad_eval.report.stats import average_stat, cell_stats
@@ -63,7 +63,6 @@ def fewshot_figure(records: pd.DataFrame, dataset: str, metric: str, backbones: 
         ax.set_title(f"{method_label(method)} ({len(cats)} categor{'y' if len(cats) == 1 else 'ies'})")
         if i == 0:
             ax.set_ylabel(f"{METRIC_NAMES[metric]} (%)")
-    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=len(backbones))
-    fig.suptitle(f"{dataset_name(dataset)}: {METRIC_NAMES[metric]} against K")
-    fig.savefig(path, dpi=DPI)
+    title = f"{dataset_name(dataset)}: {METRIC_NAMES[metric]} against K"
+    finish_figure(fig, ax, title, path, ncols=len(backbones))
     return True, notes

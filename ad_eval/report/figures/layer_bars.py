@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ad_eval.report.figures.common import DPI, backbone_colors, new_figure
+from ad_eval.report.figures.common import backbone_colors, finish_figure, new_figure
 from ad_eval.report.order import METRIC_NAMES, dataset_name, order_categories, order_methods
 from ad_eval.report.records import method_label
 from ad_eval.report.stats import complete_mean, layer_sort_key
@@ -57,7 +57,6 @@ def layers_figure(long: pd.DataFrame, records: pd.DataFrame, dataset: str, metri
         ax.set_ylim(0, 105)
         if i == 0:
             ax.set_ylabel(f"{METRIC_NAMES[metric]} (%)")
-    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=len(backbones))
-    fig.suptitle(f"{dataset_name(dataset)}: average {METRIC_NAMES[metric]} per layer set")
-    fig.savefig(path, dpi=DPI)
+    title = f"{dataset_name(dataset)}: average {METRIC_NAMES[metric]} per layer set"
+    finish_figure(fig, ax, title, path, ncols=len(backbones))
     return True, notes

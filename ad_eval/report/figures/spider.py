@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ad_eval.datasets import CATEGORY_GROUPS
-from ad_eval.report.figures.common import DPI, new_figure
+from ad_eval.report.figures.common import finish_figure, new_figure
 from ad_eval.report.order import METRIC_NAMES, dataset_name
 from ad_eval.report.records import method_label
 from ad_eval.report.stats import complete_mean
@@ -52,7 +52,6 @@ def spider_figure(values: Mapping[tuple[str, str, str], float], dataset: str, me
         ax.set_xticks(angles, [method_label(m) for m in kept])
         ax.set_ylim(low, 100)
         ax.set_title(backbone, pad=16)
-    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=len(groups))
-    fig.suptitle(f"{dataset_name(dataset)}: average {METRIC_NAMES[metric]} (%) by category group")
-    fig.savefig(path, dpi=DPI)
+    title = f"{dataset_name(dataset)}: average {METRIC_NAMES[metric]} (%) by category group"
+    finish_figure(fig, ax, title, path, ncols=len(groups))
     return True, notes

@@ -1,0 +1,35 @@
+"""What the `fit` tests share: a smoke run's command line, backbone weights, and the resume comparison."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fractal_pretrain.cli import main
+
+
+def fit_command(config: str, root: Path, *extra: str) -> list[str]:
+    """`fractal-pretrain fit` of ``config`` into ``root``, deterministic and without a progress bar."""
+    return ["fit", "--config", config, "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar",
+            "false", "--trainer.deterministic", "true", *extra]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_split_run_equals_straight_run(fit_args, root: Path, stop_at: int, finish: tuple[str, ...],
+                                         common: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Run ``root/straight`` to ``finish``; run ``root/split`` to step ``stop_at``, then resume it to ``finish``.
+
+    Asserts both backbones have the same weights and returns the straight run's.
+    """
+    assert main(fit_args(root / "straight", *finish, *common)) == 0
+    assert main(fit_args(root / "split", "--trainer.max_steps", str(stop_at), *common)) == 0
+    assert main(fit_args(root / "split", *finish, *common)) == 0
+    a, b = weights(root / "straight" / "backbone.pt"), weights(root / "split" / "backbone.pt")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7, msg=key)
+    return a
