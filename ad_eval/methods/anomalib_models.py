@@ -1,16 +1,20 @@
-"""One evaluation cell of an anomalib 2.7 model (PatchCore, PaDiM, FastFlow, CFlow, RD, STFPM).
+"""The anomalib 2.7 adapter: one evaluation cell of an anomalib model around our backbone.
 
-``run_anomalib(method, backbone, split, ...)`` builds the anomalib model around our backbone, fits
-it on ``split.train`` with anomalib's ``Engine`` and returns per-image scores and anomaly maps of
-``split.test`` as ``MethodScores``; metrics are computed by ``ad_eval.metrics``, not anomalib.
+Each anomalib method is its own module -- ``patchcore.py``, ``padim.py``, ``fastflow.py``,
+``cflow.py``, ``rd.py``, ``stfpm.py`` -- holding its config dataclass, its construction (the anomalib
+class call), where its frozen extractor(s) live, the archs it can be built for and its layer sets; it
+registers with ``register_anomalib(AnomalibModel(...), MethodSpec(...))``. This module is what they
+share, with no per-method branches: ``build_model(method, ...)`` constructs offline and injects,
+``run_anomalib(method, backbone, split, ...)`` fits on ``split.train`` with anomalib's ``Engine`` and
+returns per-image scores and anomaly maps of ``split.test`` as ``MethodScores``; metrics are computed
+by ``ad_eval.metrics``, not anomalib.
 
 Backbone (shared/reference/anomalib.md, method A): each model is built with the *string*
 backbone ``backbone.arch`` and ``pre_trained=False`` while ``timm.create_model`` is patched to
 force ``pretrained=False`` (STFPM hard-codes a pretrained teacher), so construction never touches
-the network; then our weights are loaded into the frozen timm extractor with
-``ad_eval.backbones.inject`` (every extractor key present, shapes equal). STFPM: the teacher gets
-our weights, the student keeps its random init, as in the paper. ``frozen_extractors`` lists the
-injected modules per method.
+the network; then our weights are loaded into the frozen timm extractor(s) named by the method's
+``AnomalibModel.extractors`` with ``ad_eval.backbones.inject`` (every extractor key present, shapes
+equal). ``frozen_extractors`` returns them.
 
 Data: the images are decoded, resized (and centre-cropped) once by ``ADImageDataset`` -- the same
 code and pixels every other ad_eval method sees -- with identity normalisation, kept in memory,
@@ -21,17 +25,14 @@ unchanged) and is there because FastFlow and RD read their input size from it; n
 therefore happens exactly once, with the backbone's statistics. No anomalib datamodule is used:
 it would rescan the folders with its own pairing rules and copy the test set as validation set.
 
-Protocol: fixed epochs from ``DEFAULTS`` (no validation loop, no early stopping, nothing chosen
-on the test set); anomalib's post-processor, evaluator and visualizer are off, so the scores are
-the raw model outputs; Lightning runs barebones (no checkpoints, logs or progress bar) under
+Protocol: fixed epochs from the method's config (no validation loop, no early stopping, nothing
+chosen on the test set); anomalib's post-processor, evaluator and visualizer are off, so the scores
+are the raw model outputs; Lightning runs barebones (no checkpoints, logs or progress bar) under
 ``deterministic="warn"`` after ``seed_everything(seed)`` (PaDiM's channel subset, the coreset,
 the random inits and the shuffling all depend on it).
 
-Layer sets (``layers=None`` = the method's reference set, ``DEFAULT_LAYERS``): PatchCore, PaDiM,
-CFlow and STFPM take any non-empty subset of layer1..layer4; FastFlow and RD only layer1-3
-(FastFlow's timm model is built with ``out_indices=[1, 2, 3]``; RD's bottleneck fuses exactly
-three scales). FastFlow supports the archs resnet18 and wide_resnet50_2 only, RD the ResNets its
-decoder table names (``ARCHS_BY_METHOD``).
+Layer sets (``layers=None`` = the method's reference set, its spec's ``default_layers``) and archs
+(``AnomalibModel.archs``) are declared by each method's module.
 
 Example::
 
@@ -47,8 +48,7 @@ import contextlib
 import dataclasses
 import operator
 import os
-import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,37 +63,23 @@ from torch.utils.data import DataLoader, Dataset
 from ad_eval.backbones import Backbone, inject
 from ad_eval.datasets import ADImageDataset, Sample, Split
 from ad_eval.methods.base import LAYER_NAMES, MethodScores
-from ad_eval.methods.registry import ANY_LAYER_SET, MethodSpec, get_method, register
-from fractal_pretrain.config import ConfigError, check_choice, check_range
+from ad_eval.methods.registry import MethodSpec, get_method, list_methods, register
+from fractal_pretrain.config import ConfigError, check_range
 
 # anomalib, lightning and timm are imported where used: importing anomalib takes seconds, and the
-# registry imports this module whenever any method is looked up.
+# registry imports this module (through the method modules) whenever any method is looked up.
 
-METHODS = ("patchcore", "padim", "fastflow", "cflow", "rd", "stfpm")
-
-# Methods that look the backbone up by name (anomalib's tables); the others take any ResNet.
-ARCHS_BY_METHOD = {
-    "fastflow": ("resnet18", "wide_resnet50_2"),
-    "rd": (
-        "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
-        "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2",
-    ),
-}  # fmt: skip
-# PaDiM's random channel subset: anomalib's sizes (resnet18: 100, wide_resnet50_2: 550), by block
-# type for the other ResNets, capped at the channels of the chosen layers.
-PADIM_N_FEATURES = {"basic": 100, "bottleneck": 550}
 LOADER_KEYS = ("train_batch_size", "eval_batch_size")
-LAYER_STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}  # input pixels per feature cell
 
 
 # ----------------------------------------------------------------------------- configuration
-# Per-method hyper-parameters: anomalib 2.7 defaults (= the papers'); epochs = the max_epochs of
-# anomalib's examples/configs/model/*.yaml, run in full here since those configs' EarlyStopping
-# monitors test pixel AUROC.
+# Per-method hyper-parameters (each method's module): anomalib 2.7 defaults (= the papers'); epochs =
+# the max_epochs of anomalib's examples/configs/model/*.yaml, run in full here since those configs'
+# EarlyStopping monitors test pixel AUROC. Every config derives from one of these two.
 
 
 @dataclass(frozen=True)
-class _Loader:
+class LoaderConfig:
     """Loader settings every anomalib method has (anomalib's datamodule defaults)."""
 
     train_batch_size: int = 32  # images per training step
@@ -105,7 +91,7 @@ class _Loader:
 
 
 @dataclass(frozen=True)
-class _Trained(_Loader):
+class TrainedConfig(LoaderConfig):
     """A method trained for a fixed number of epochs (no early stopping: nothing is chosen on test data)."""
 
     max_epochs: int = 1  # full passes over the train images
@@ -115,103 +101,30 @@ class _Trained(_Loader):
         check_range("max_epochs", self.max_epochs, 1, integer=True)
 
 
-@dataclass(frozen=True)
-class PatchcoreConfig(_Loader):
-    """PatchCore: one pass builds the memory bank."""
-
-    coreset_sampling_ratio: float = 0.1  # share of the patch features kept by greedy coreset selection
-    num_neighbors: int = 9  # memory-bank neighbours that reweight the image score
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_range("coreset_sampling_ratio", self.coreset_sampling_ratio, 1e-9, 1.0)
-        check_range("num_neighbors", self.num_neighbors, 1, integer=True)
+# ----------------------------------------------------------------------------- registration
 
 
 @dataclass(frozen=True)
-class PadimConfig(_Loader):
-    """PaDiM: one pass fits the per-position Gaussians."""
+class AnomalibModel:
+    """What differs between the anomalib methods, declared by each method's module."""
 
-    n_features: int | None = None  # random channel subset; None: PADIM_N_FEATURES, capped at the layers'
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.n_features is not None:
-            check_range("n_features", self.n_features, 1, integer=True)
-
-
-@dataclass(frozen=True)
-class FastflowConfig(_Trained):
-    """FastFlow; Adam lr 1e-3, weight decay 1e-5 (fixed in anomalib)."""
-
-    max_epochs: int = 500  # full passes over the train images
-    flow_steps: int = 8  # flow blocks per scale
-    conv3x3_only: bool = False  # 3x3 convolutions only in the subnets (the paper's ResNet setting: False)
-    hidden_ratio: float = 1.0  # subnet hidden channels / input channels
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_range("flow_steps", self.flow_steps, 1, integer=True)
-        check_choice("conv3x3_only", self.conv3x3_only, (False, True))
-        check_range("hidden_ratio", self.hidden_ratio, 1e-6)
+    # (backbone, layers, hyper, common) -> the anomalib Lightning module, called while
+    # ``offline_construction`` is active. hyper: the config's fields minus LOADER_KEYS and max_epochs;
+    # common: pre-processor and the switched-off post-processor, evaluator and visualizer, as kwargs.
+    construct: Callable[[Backbone, tuple[str, ...], dict, dict], nn.Module]
+    extractors: Mapping[str, str]  # frozen timm module(s) that get our weights: name -> path from the module
+    archs: tuple[str, ...] | None = None  # archs anomalib can build it for (looked up by name); None: any ResNet
 
 
-@dataclass(frozen=True)
-class CflowConfig(_Trained):
-    """CFlow; B * H * W of every layer's feature map must be >= fiber_batch_size."""
-
-    max_epochs: int = 50  # full passes over the train images
-    fiber_batch_size: int = 64  # feature vectors per flow step
-    decoder: str = "freia-cflow"  # normalising-flow decoder type
-    condition_vector: int = 128  # positional-encoding channels
-    coupling_blocks: int = 8  # coupling layers per decoder
-    clamp_alpha: float = 1.9  # soft clamp of the coupling scales
-    permute_soft: bool = False  # random orthogonal (True) or hard permutations between couplings
-    lr: float = 1e-4  # Adam learning rate
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_range("fiber_batch_size", self.fiber_batch_size, 1, integer=True)
-        check_range("condition_vector", self.condition_vector, 1, integer=True)
-        check_range("coupling_blocks", self.coupling_blocks, 1, integer=True)
-        check_range("clamp_alpha", self.clamp_alpha, 1e-6)
-        check_choice("permute_soft", self.permute_soft, (False, True))
-        check_range("lr", self.lr, 1e-12)
+_MODELS: dict[str, AnomalibModel] = {}  # method name -> its AnomalibModel, filled by register_anomalib
 
 
-@dataclass(frozen=True)
-class RdConfig(_Trained):
-    """Reverse Distillation; Adam lr 5e-3, betas (0.5, 0.99) (fixed in anomalib)."""
+def register_anomalib(model: AnomalibModel, spec: MethodSpec) -> MethodSpec:
+    """Registers ``spec`` (its ``run`` calls ``run_anomalib(spec.name, ...)``) and what builds its model."""
+    registered = register(spec)
+    _MODELS[spec.name] = model
+    return registered
 
-    max_epochs: int = 200  # full passes over the train images
-    anomaly_map_mode: str = "add"  # how the per-scale maps combine: add or multiply
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_choice("anomaly_map_mode", self.anomaly_map_mode, ("add", "multiply"))
-
-
-@dataclass(frozen=True)
-class StfpmConfig(_Trained):
-    """STFPM; SGD lr 0.4, momentum 0.9, weight decay 1e-3 (fixed in anomalib)."""
-
-    max_epochs: int = 100  # full passes over the train images
-
-
-CONFIGS = {"patchcore": PatchcoreConfig, "padim": PadimConfig, "fastflow": FastflowConfig,
-           "cflow": CflowConfig, "rd": RdConfig, "stfpm": StfpmConfig}
-DEFAULTS: dict[str, dict] = {method: dataclasses.asdict(cls()) for method, cls in CONFIGS.items()}
-
-
-# Where each model keeps the frozen backbone, relative to the Lightning module.
-EXTRACTOR_PATHS = {
-    "patchcore": {"feature_extractor": "model.feature_extractor.feature_extractor"},
-    "padim": {"feature_extractor": "model.feature_extractor.feature_extractor"},
-    "fastflow": {"feature_extractor": "model.feature_extractor"},
-    "cflow": {"encoder": "model.encoder.feature_extractor"},
-    "rd": {"encoder": "model.encoder.feature_extractor"},
-    "stfpm": {"teacher": "model.teacher_model.feature_extractor"},
-}
 
 _DEVICES = ("auto", "cpu", "cuda", "gpu")
 _LOAD_THREADS = 8  # image decoding threads (PIL and torch resize release the GIL)
@@ -233,14 +146,20 @@ def resolve_layers(method: str, layers: Sequence[str] | str | None) -> tuple[str
     return _spec(method).resolve_layers(layers)
 
 
+def _anomalib_methods() -> tuple[str, ...]:
+    """The registered anomalib methods, in ``list_methods`` order (which loads them all)."""
+    return tuple(name for name in list_methods() if name in _MODELS)
+
+
 def _spec(method: str) -> MethodSpec:
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}: must be one of {', '.join(METHODS)}")
+    methods = _anomalib_methods()
+    if method not in methods:
+        raise ConfigError(f"unknown method {method!r}: must be one of {', '.join(methods)}")
     return get_method(method)
 
 
 def _check_arch(method: str, arch: str) -> None:
-    allowed = ARCHS_BY_METHOD.get(method)
+    allowed = _MODELS[method].archs
     if allowed is not None and arch not in allowed:
         raise ValueError(
             f"{method} does not support arch={arch} (anomalib looks the backbone up by name); "
@@ -248,16 +167,23 @@ def _check_arch(method: str, arch: str) -> None:
         )
 
 
-def _layer_channels(backbone: Backbone, layer: str) -> int:
-    """Output channels of ``layer``: the size of its last BatchNorm."""
-    pattern = re.compile(rf"^{layer}\.\d+\.bn\d+\.weight$")
-    return [v for k, v in backbone.state_dict.items() if pattern.match(k)][-1].shape[0]
+def __getattr__(name: str):
+    """Tables derived from the registry on first use (the method modules register after this one loads).
 
-
-def padim_n_features(backbone: Backbone, layers: Sequence[str]) -> int:
-    """PaDiM's default channel-subset size for this arch, capped at the layers' channels."""
-    block = "bottleneck" if "layer1.0.bn3.weight" in backbone.state_dict else "basic"
-    return min(PADIM_N_FEATURES[block], sum(_layer_channels(backbone, name) for name in layers))
+    METHODS: the anomalib methods' names; DEFAULTS: method -> its config's defaults as a dict;
+    DEFAULT_LAYERS: method -> what ``layers=None`` means; FIXED_LAYERS: method -> its only layer set,
+    for the methods whose anomalib implementation fixes it (FastFlow, RD).
+    """
+    if name == "METHODS":
+        return _anomalib_methods()
+    if name not in ("DEFAULTS", "DEFAULT_LAYERS", "FIXED_LAYERS"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    specs = [get_method(method) for method in _anomalib_methods()]
+    if name == "DEFAULTS":
+        return {spec.name: dataclasses.asdict(spec.config()) for spec in specs}
+    if name == "DEFAULT_LAYERS":
+        return {spec.name: spec.default_layers for spec in specs}
+    return {spec.name: spec.allowed_layer_sets[0] for spec in specs if len(spec.allowed_layer_sets) == 1}
 
 
 # ----------------------------------------------------------------------------- construction
@@ -308,7 +234,7 @@ def build_model(
     Seed before calling (PaDiM draws its channel subset and the trained heads their init here).
 
     Args:
-        method: one of ``METHODS``.
+        method: a registered anomalib method (``METHODS``).
         backbone: the weights; ``backbone.arch`` names the timm model.
         layers: layer set (None: the method's ``default_layers``).
         out_size: (height, width) of the model input.
@@ -318,8 +244,8 @@ def build_model(
         The anomalib Lightning module, its frozen extractor(s) holding ``backbone``'s weights.
     """
     names = resolve_layers(method, layers)
-    from anomalib.models import Cflow, Fastflow, Padim, Patchcore, ReverseDistillation, Stfpm
-    from anomalib.models.image.reverse_distillation.anomaly_map import AnomalyMapGenerationMode
+    # Loaded before offline_construction patches timm: a module binding create_model at import binds the real one.
+    import anomalib.models  # noqa: F401
 
     cfg = resolve_config(method, config)
     _check_arch(method, backbone.arch)
@@ -330,26 +256,8 @@ def build_model(
         "evaluator": False,  # metrics come from ad_eval.metrics
         "visualizer": False,
     }
-    arch = backbone.arch
     with offline_construction():
-        if method == "patchcore":
-            model = Patchcore(backbone=arch, layers=names, pre_trained=False, **hyper, **common)
-        elif method == "padim":
-            if hyper["n_features"] is None:
-                hyper["n_features"] = padim_n_features(backbone, names)
-            model = Padim(backbone=arch, layers=list(names), pre_trained=False, **hyper, **common)
-        elif method == "fastflow":
-            model = Fastflow(backbone=arch, pre_trained=False, **hyper, **common)
-        elif method == "cflow":
-            model = Cflow(backbone=arch, layers=names, pre_trained=False, **hyper, **common)
-        elif method == "rd":
-            mode = AnomalyMapGenerationMode(hyper.pop("anomaly_map_mode"))
-            model = ReverseDistillation(
-                backbone=arch, layers=names, anomaly_map_mode=mode, pre_trained=False, **hyper,
-                **common,
-            )
-        else:  # stfpm
-            model = Stfpm(backbone=arch, layers=names, **hyper, **common)
+        model = _MODELS[method].construct(backbone, names, hyper, common)
     for where, extractor in frozen_extractors(method, model).items():
         inject(extractor, backbone, where=f"{method} {where}")
     return model
@@ -358,7 +266,7 @@ def build_model(
 def frozen_extractors(method: str, model: nn.Module) -> dict[str, nn.Module]:
     """The timm modules of ``model`` that hold the evaluated backbone, by name."""
     _spec(method)
-    return {name: operator.attrgetter(path)(model) for name, path in EXTRACTOR_PATHS[method].items()}
+    return {name: operator.attrgetter(path)(model) for name, path in _MODELS[method].extractors.items()}
 
 
 # ----------------------------------------------------------------------------- data
@@ -415,11 +323,11 @@ def run_anomalib(
     """Fit ``method`` on ``split.train`` and score ``split.test``.
 
     Args:
-        method: one of ``METHODS``.
+        method: a registered anomalib method (``METHODS``).
         backbone: the evaluated weights and their normalisation.
         split: from ``ad_eval.datasets.scan``.
-        layers: backbone stages used (None: the method's ``default_layers``); FastFlow and RD accept
-            only layer1-3.
+        layers: backbone stages used (None: the method's ``default_layers``); checked against the
+            spec's ``allowed_layer_sets`` (FastFlow and RD: only layer1-3).
         size, crop: resize target and optional centre crop (as ``ADImageDataset``); the model
             input and the evaluation size are ``crop or size``.
         config: the method's config dataclass, or overrides of ``DEFAULTS[method]``.
@@ -520,61 +428,18 @@ def _as_nhw(anomaly_map: torch.Tensor, out_size: tuple[int, int]) -> torch.Tenso
     return maps[:, 0]
 
 
-def _patchcore_min_images(config: PatchcoreConfig, layers: tuple[str, ...], side: int) -> int:
-    """Fewest train images whose coreset holds ``num_neighbors`` patches (anomalib's kNN reweighting).
-
-    PatchCore's patch grid is the first layer's feature map; the coreset keeps
-    ``int(images * patches * ratio)`` patches.
-    """
-    cells = -(-side // LAYER_STRIDES[layers[0]])  # ceil: the feature map's side
-    need = 1
-    while int(need * cells * cells * config.coreset_sampling_ratio) < config.num_neighbors:
-        need += 1
-    return need
-
-
-def _runner(method: str):
-    """The registry's ``run`` for one anomalib method."""
-
-    def run(backbone: Backbone, split: Split, *, layers: tuple[str, ...] | None, size: int, crop: int | None,
-            config, device: str, seed: int, work_dir: Path) -> MethodScores:
-        return run_anomalib(method, backbone, split, layers=layers, size=size, crop=crop, config=config,
-                            device=device, seed=seed, work_dir=work_dir)
-
-    run.__qualname__ = f"run_{method}"
-    return run
-
-
-DEFAULT_LAYERS: dict[str, tuple[str, ...]] = {}  # filled below: the reference layer sets (anomalib's = papers')
-FIXED = (("layer1", "layer2", "layer3"),)  # FastFlow (out_indices=[1, 2, 3]) and RD (three scales)
-for _spec_args in (
-    dict(name="patchcore", label="PatchCore", default_layers=("layer2", "layer3"), allowed_layer_sets=ANY_LAYER_SET,
-         min_train_images=_patchcore_min_images, accepts_projector=True),
-    dict(name="padim", label="PaDiM", default_layers=("layer1", "layer2", "layer3"), allowed_layer_sets=ANY_LAYER_SET,
-         min_train_images=lambda config, layers, side: 2,  # a covariance needs two samples
-         accepts_projector=True),
-    dict(name="fastflow", label="FastFlow", default_layers=FIXED[0], allowed_layer_sets=FIXED),
-    dict(name="cflow", label="C-Flow", default_layers=("layer2", "layer3", "layer4"), allowed_layer_sets=ANY_LAYER_SET),
-    dict(name="rd", label="RD", default_layers=FIXED[0], allowed_layer_sets=FIXED),
-    dict(name="stfpm", label="STFPM", default_layers=("layer1", "layer2", "layer3"), allowed_layer_sets=ANY_LAYER_SET),
-):
-    _registered = register(MethodSpec(config=CONFIGS[_spec_args["name"]], run=_runner(_spec_args["name"]),
-                                      pixel_maps=True, **_spec_args))
-    DEFAULT_LAYERS[_registered.name] = _registered.default_layers  # what layers=None means
-del _spec_args, _registered
-
-FIXED_LAYERS = {m: FIXED[0] for m in ("fastflow", "rd")}  # layer sets fixed by the anomalib implementation
-
-
+# Also METHODS, DEFAULTS, DEFAULT_LAYERS, FIXED_LAYERS: derived from the registry by __getattr__.
 __all__ = [
-    "DEFAULTS",
-    "DEFAULT_LAYERS",
-    "FIXED_LAYERS",
     "LAYER_NAMES",
-    "METHODS",
+    "AnomalibModel",
+    "LoaderConfig",
+    "TrainedConfig",
     "build_model",
     "frozen_extractors",
+    "make_pre_processor",
     "offline_construction",
+    "project_features",
+    "register_anomalib",
     "resolve_config",
     "resolve_layers",
     "run_anomalib",

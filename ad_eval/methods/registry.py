@@ -30,9 +30,14 @@ from typing import Any
 from ad_eval.methods.base import LAYER_NAMES, MethodScores, check_layers
 from fractal_pretrain.config import ConfigError, build_checked
 
-# One line per method module; a module may register several methods (the anomalib adapter: six).
+# One line per method module (list_methods keeps this order); the anomalib ones share anomalib_models.py.
 BUILTIN_MODULES = (
-    "ad_eval.methods.anomalib_models",
+    "ad_eval.methods.patchcore",
+    "ad_eval.methods.padim",
+    "ad_eval.methods.fastflow",
+    "ad_eval.methods.cflow",
+    "ad_eval.methods.rd",
+    "ad_eval.methods.stfpm",
     "ad_eval.methods.panda",
     "ad_eval.methods.cutpaste",
     "ad_eval.methods.featurenorm",

@@ -25,6 +25,7 @@ from ad_eval import metrics
 from ad_eval.backbones import load_backbone
 from ad_eval.datasets import ADImageDataset, Split, scan
 from ad_eval.methods import anomalib_models as am
+from ad_eval.methods.padim import padim_n_features
 
 CATEGORY = "hazelnut_reduced"
 SIZE = 64
@@ -154,10 +155,10 @@ def test_arch_support_by_name():
 
 
 def test_padim_n_features(backbone):
-    assert am.padim_n_features(backbone, ("layer1", "layer2", "layer3")) == 100
-    assert am.padim_n_features(backbone, ("layer1",)) == 64  # capped at the channels
+    assert padim_n_features(backbone, ("layer1", "layer2", "layer3")) == 100
+    assert padim_n_features(backbone, ("layer1",)) == 64  # capped at the channels
     wide = load_backbone("random", arch="wide_resnet50_2")
-    assert am.padim_n_features(wide, ("layer1", "layer2", "layer3")) == 550
+    assert padim_n_features(wide, ("layer1", "layer2", "layer3")) == 550
     model = am.build_model("padim", backbone, layers=("layer1",), out_size=(SIZE, SIZE))
     assert model.model.n_features == 64
 
