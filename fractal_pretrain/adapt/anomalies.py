@@ -23,7 +23,6 @@ labelled anomalous (nothing changed there); the tests check that it equals the s
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from fractal_pretrain import rng
+from fractal_pretrain.augment.augmenter import upload
 from fractal_pretrain.config import ConfigError, check_pair, check_range
 from fractal_pretrain.recipes import Recipe
 from fractal_pretrain.render import make_renderer
@@ -98,69 +98,99 @@ def sample_words(seed: int, epoch: int, indices: np.ndarray) -> np.ndarray:
     return np.concatenate(words, axis=-1)
 
 
-def choose_kind(word: int, weights: tuple[float, ...]) -> int:
-    """Index into KINDS for one uniform word, by cumulative weights."""
+def choose_kinds(words: np.ndarray, weights: tuple[float, ...]) -> np.ndarray:
+    """Indices into KINDS for uniform words, by cumulative weights."""
     cumulative = np.cumsum(np.asarray(weights, dtype=np.float64))
-    u = float(rng.to_uniform(np.uint32(word))) * cumulative[-1]
-    return int(min(np.searchsorted(cumulative, u, side="right"), len(weights) - 1))
+    u = rng.to_uniform(words).astype(np.float64) * cumulative[-1]
+    return np.minimum(np.searchsorted(cumulative, u, side="right"), len(weights) - 1)
 
 
-def gaussian_noise(seed: int, epoch: int, index: int, count: int) -> np.ndarray:
-    """``count`` standard normal float32 values (Box-Muller on Philox words), pure in the key."""
-    blocks = (count + 1) // 2
-    w = rng.draw_words(seed, epoch, index, rng.STREAM_ANOMALY_NOISE, np.arange(blocks))
+def gaussian_noise(seed: int, epoch: int, indices: np.ndarray, counts: np.ndarray, width: int) -> np.ndarray:
+    """(n, width) float32: row i holds ``counts[i]`` standard normal values (Box-Muller on Philox words, the
+    cosines of all blocks first, then the sines), zeros after; pure in the key (seed, epoch, index)."""
+    blocks = (np.asarray(counts) + 1) // 2
+    w = rng.draw_words(seed, epoch, np.asarray(indices)[:, None], rng.STREAM_ANOMALY_NOISE,
+                       np.arange(max(1, int(blocks.max(initial=1))))[None, :])
     u1 = 1.0 - rng.to_uniform(w[0]).astype(np.float64)  # (0, 1]: log is finite
     u2 = rng.to_uniform(w[1]).astype(np.float64)
-    radius = np.sqrt(-2.0 * np.log(u1))
-    normal = np.concatenate([radius * np.cos(2 * np.pi * u2), radius * np.sin(2 * np.pi * u2)])
-    return normal[:count].astype(np.float32)
+    position = np.arange(width)[None, :]
+    second = position >= blocks[:, None]
+    block = np.clip(np.where(second, position - blocks[:, None], position), 0, u1.shape[1] - 1)
+    radius = np.sqrt(-2.0 * np.log(np.take_along_axis(u1, block, 1)))
+    angle = 2 * np.pi * np.take_along_axis(u2, block, 1)
+    normal = radius * np.where(second, np.sin(angle), np.cos(angle))
+    return np.where(position < np.asarray(counts)[:, None], normal, 0.0).astype(np.float32)
 
 
-def dilate(mask: torch.Tensor, times: int) -> torch.Tensor:
-    """Binary 3x3 dilation of a (h, w) bool mask, ``times`` times."""
-    x = mask[None, None].float()
+def dilate(masks: torch.Tensor, times: int) -> torch.Tensor:
+    """Binary 3x3 dilation of (n, h, w) bool masks, ``times`` times."""
+    x = masks[:, None].float()
     for _ in range(times):
         x = F.max_pool2d(x, 3, stride=1, padding=1)
-    return x[0, 0] > 0
+    return x[:, 0] > 0
 
 
-def rotate(patch: torch.Tensor, degrees: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(C, s, s) float patch rotated about its centre (nearest), and the bool mask of pixels that came
-    from inside the patch (the corners a rotation uncovers are outside it)."""
-    theta = math.radians(degrees)
-    c, s = math.cos(theta), math.sin(theta)
-    matrix = torch.tensor([[c, -s, 0.0], [s, c, 0.0]], dtype=torch.float32, device=patch.device)[None]
-    grid = F.affine_grid(matrix, (1, patch.shape[0] + 1, *patch.shape[1:]), align_corners=False)
-    ones = torch.ones_like(patch[:1])
-    out = F.grid_sample(torch.cat([patch, ones])[None], grid, mode="nearest", padding_mode="zeros",
-                        align_corners=False)[0]
-    return out[:-1], out[-1] > 0.5
+def jitter_factor(amount: np.ndarray) -> np.ndarray:
+    """``amount`` in [0, 1) -> a factor in [0.5, 1.5) away from 1 by at least 0.2."""
+    factor = 0.5 + amount.astype(np.float64)
+    return np.where(np.abs(factor - 1.0) < 0.2, np.where(factor >= 1.0, 1.2, 0.8), factor)
 
 
-def colour_jitter(patch: torch.Tensor, choice: int, amount: float) -> torch.Tensor:
-    """One of three jitters of a (3, h, w) float 0-255 patch: brightness, contrast, saturation.
-    ``amount`` in [0, 1) maps to a factor in [0.5, 1.5) away from 1 by at least 0.2."""
-    factor = 0.5 + amount  # [0.5, 1.5)
-    if abs(factor - 1.0) < 0.2:
-        factor = 1.2 if factor >= 1.0 else 0.8
-    if choice == 0:
-        return patch * factor
-    if choice == 1:
-        mean = patch.mean()
-        return (patch - mean) * factor + mean
-    grey = patch.mean(dim=0, keepdim=True)
-    return (patch - grey) * factor + grey
+def colour_jitter(pixels: torch.Tensor, choice: torch.Tensor, factor: torch.Tensor, mean: torch.Tensor):
+    """One of three jitters (per sample ``choice``: brightness, contrast about the patch ``mean``,
+    saturation about the pixel's grey) of (n, 3, H, W) float 0-255 pixels; per-sample (n,) parameters."""
+    f, m = factor.view(-1, 1, 1, 1), mean.view(-1, 1, 1, 1)
+    grey = pixels.mean(dim=1, keepdim=True)
+    choice = choice.view(-1, 1, 1, 1)
+    return torch.where(choice == 0, pixels * f,
+                       torch.where(choice == 1, (pixels - m) * f + m, (pixels - grey) * f + grey))
 
 
-def box_blur(patch: torch.Tensor, radius: int) -> torch.Tensor:
-    """(3, h, w) box blur of side 2 * radius + 1, replicate padding."""
-    k = 2 * radius + 1
-    padded = F.pad(patch[None], (radius,) * 4, mode="replicate")
-    return F.avg_pool2d(padded, k, stride=1)[0]
+def gather_pixels(images: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(n, C, H, W) images sampled at per-sample integer coordinates (n, H, W) (clamped into the image)."""
+    n, c, height, width = images.shape
+    flat = (y.clamp(0, height - 1) * width + x.clamp(0, width - 1)).view(n, 1, -1).expand(n, c, -1)
+    return images.flatten(2).gather(2, flat).view(n, c, height, width)
+
+
+def box_mean(images: torch.Tensor, top, left, side) -> torch.Tensor:
+    """(n,) mean over channels and the box [top, top + side) x [left, left + side) of each sample."""
+    _, _, height, width = images.shape
+    ys = torch.arange(height, device=images.device).view(1, -1, 1)
+    xs = torch.arange(width, device=images.device).view(1, 1, -1)
+    t, l, s = (v.view(-1, 1, 1) for v in (top, left, side))
+    box = ((ys >= t) & (ys < t + s) & (xs >= l) & (xs < l + s)).float()[:, None]
+    return (images * box).sum(dim=(1, 2, 3)) / (3 * side.float() ** 2)
+
+
+def box_blur(images: torch.Tensor, top, left, side, radius, max_radius: int = 3) -> torch.Tensor:
+    """Per-sample box blur of side 2 radius + 1 of the box's pixels, replicate padding at the box's edges
+    (separable: rows then columns, coordinates clamped into the box)."""
+    n, _, height, width = images.shape
+    ys = torch.arange(height, device=images.device).view(1, -1, 1).expand(n, -1, width)
+    xs = torch.arange(width, device=images.device).view(1, 1, -1).expand(n, height, -1)
+    t, l, s, r = (v.view(-1, 1, 1) for v in (top, left, side, radius))
+    out = images
+    for axis in (1, 0):  # along x, then along y
+        total = torch.zeros_like(out)
+        for d in range(-max_radius, max_radius + 1):
+            if axis == 1:
+                shifted = gather_pixels(out, ys, torch.minimum(torch.maximum(xs + d, l), l + s - 1))
+            else:
+                shifted = gather_pixels(out, torch.minimum(torch.maximum(ys + d, t), t + s - 1), xs)
+            total = total + shifted * (abs(d) <= r).float()[:, None]
+        out = total / (2 * r + 1).float()[:, None]
+    return out
 
 
 class AnomalySynthesizer:
-    """Applies an ``AnomalyMix`` to batches of normal images; masks rendered on ``device``'s renderer."""
+    """Applies an ``AnomalyMix`` to batches of normal images; masks rendered on ``device``'s renderer.
+
+    Every per-sample decision is drawn on the host (NumPy, vectorised over the batch) and goes to the
+    images' device in one copy (``augment.augmenter.upload``); the defects themselves are batched tensor
+    ops in the full image frame (a pixel's source coordinate through the paste, flips and rotation), so a
+    batch costs no per-sample host loop. Fractal masks: one renderer call per distinct patch side.
+    """
 
     def __init__(self, mix: AnomalyMix, *, seed: int = 0, device: str = "cpu"):
         check_range("seed", seed, 0, 2**32 - 1, integer=True)
@@ -183,11 +213,42 @@ class AnomalySynthesizer:
         images, _ = self._renderer(side).render_tensor(indices, epoch, dtype="uint8")
         return (images.to(self.device) > 0).any(dim=1)
 
-    def mask_side(self, word: int, height: int, width: int) -> int:
+    def mask_sides(self, words: np.ndarray, height: int, width: int) -> np.ndarray:
         low, high = self.mix.patch_side
-        side = float(rng.to_range(np.uint32(word), low, high)) * min(height, width)
-        side = max(MIN_MASK_SIDE, int(round(side / MASK_QUANTUM)) * MASK_QUANTUM)
-        return min(side, min(height, width))
+        side = rng.to_range(words, low, high).astype(np.float64) * min(height, width)
+        side = np.maximum(MIN_MASK_SIDE, np.round(side / MASK_QUANTUM).astype(np.int64) * MASK_QUANTUM)
+        return np.minimum(side, min(height, width))
+
+    def plan(self, words: np.ndarray, height: int, width: int, batch: int) -> dict[str, np.ndarray]:
+        """Every per-sample parameter of the anomalous samples (host, vectorised over them)."""
+        u = rng.to_uniform(words).astype(np.float64)
+        chosen = np.flatnonzero(u[:, W_ANOMALOUS] < self.mix.anomaly_p)
+        w, u = words[chosen], u[chosen]
+        side = self.mask_sides(w[:, W_SIDE], height, width)
+        band_y, band_x = int(0.1 * height), int(0.1 * width)
+        span_y = np.maximum(0, int(0.9 * height) - side - band_y)
+        span_x = np.maximum(0, int(0.9 * width) - side - band_x)
+        low, high = self.mix.rotation
+        theta = np.radians(low + u[:, W_ANGLE] * (high - low))
+        amount = u[:, W_JITTER_AMOUNT]
+        kind = choose_kinds(w[:, W_KIND], self.mix.weights)
+        noisy = ((kind == KINDS.index("fractal_paste")) & (u[:, W_NOISE] < self.mix.noise_p)
+                 & (self.mix.noise_amplitude > 0))
+        signs = np.where(u[:, [W_FLIP_H, W_FLIP_V, W_SPARE]] < 0.5, 1.0, -1.0)
+        return {
+            "chosen": chosen, "kind": kind, "side": side, "noisy": noisy,
+            "dst_y": (u[:, W_DST_Y] * (height - side + 1)).astype(np.int64),
+            "dst_x": (u[:, W_DST_X] * (width - side + 1)).astype(np.int64),
+            "src_y": np.minimum(band_y + (u[:, W_SRC_Y] * (span_y + 1)).astype(np.int64), height - side),
+            "src_x": np.minimum(band_x + (u[:, W_SRC_X] * (span_x + 1)).astype(np.int64), width - side),
+            "source": rng.to_int(w[:, W_SOURCE], batch),
+            "jitter": rng.to_int(w[:, W_JITTER], 3), "factor": jitter_factor(amount.astype(np.float32)),
+            "flip_h": u[:, W_FLIP_H] < 0.5, "flip_v": u[:, W_FLIP_V] < 0.5,
+            "cos": np.cos(theta).astype(np.float32), "sin": np.sin(theta).astype(np.float32),
+            "thickness": np.maximum(1, np.round(side * (0.1 + 0.15 * u[:, W_SCAR_ASPECT])).astype(np.int64)),
+            "blur_radius": 1 + (amount * 3).astype(np.int64),
+            "shift": (20 + 40 * amount)[:, None] * signs,
+        }
 
     def apply(self, images: torch.Tensor, indices, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Anomalous copies of ``images`` and their masks.
@@ -207,81 +268,93 @@ class AnomalySynthesizer:
         batch, _, height, width = images.shape
         if len(indices) != batch:
             raise ConfigError(f"indices: {len(indices)} keys for {batch} images")
-        words = sample_words(self.seed, epoch, indices)
-        out = images.clone()
+        plan = self.plan(sample_words(self.seed, epoch, indices), height, width, batch)
         masks = torch.zeros(batch, height, width, dtype=torch.bool, device=images.device)
-        plans = []
-        for b in range(batch):
-            w = words[b]
-            if float(rng.to_uniform(np.uint32(w[W_ANOMALOUS]))) >= self.mix.anomaly_p:
-                continue
-            kind = choose_kind(int(w[W_KIND]), self.mix.weights)
-            plans.append((b, kind, self.mask_side(int(w[W_SIDE]), height, width)))
-        masks_by_side: dict[int, dict[int, torch.Tensor]] = {}
-        for side in sorted({side for _, kind, side in plans if KINDS[kind] != "scar"}):
-            members = [b for b, kind, s in plans if s == side and KINDS[kind] != "scar"]
-            rendered = self.fractal_masks(side, indices[members], epoch)
-            masks_by_side[side] = dict(zip(members, rendered, strict=False))
-        for b, kind, side in plans:
-            region_mask = masks_by_side.get(side, {}).get(b)
-            self._defect(out, masks, images, b, KINDS[kind], side, words[b], region_mask, int(indices[b]), epoch)
+        if len(plan["chosen"]) == 0:
+            return images.clone(), masks
+        fractal = self.placed_fractal_masks(plan, indices, epoch, images.device)
+        noise_rows = np.flatnonzero(plan["noisy"])
+        width_noise = 3 * int(plan["side"].max()) ** 2
+        noise = gaussian_noise(self.seed, epoch, indices[plan["chosen"][noise_rows]],
+                               3 * plan["side"][noise_rows] ** 2, width_noise) * self.mix.noise_amplitude
+        noise_row = np.full(len(plan["chosen"]), -1)
+        noise_row[noise_rows] = np.arange(len(noise_rows))
+        names = ("chosen", "kind", "side", "dst_y", "dst_x", "src_y", "src_x", "source", "jitter", "factor",
+                 "flip_h", "flip_v", "cos", "sin", "thickness", "blur_radius", "shift")
+        staged = upload([plan[n] for n in names] + [noise_row, noise.reshape(-1)], images.device)
+        p = dict(zip(names, staged[:-2], strict=True))
+        ints = {n: p[n].long() for n in names if n not in ("factor", "cos", "sin", "shift")}
+        content, region = self.defects(images, ints, p, fractal, staged[-2].long(), staged[-1].float().view(
+            len(noise_rows), width_noise) if len(noise_rows) else None)
+        target = images.index_select(0, ints["chosen"])
+        content = content.round().clamp(0, 255).to(torch.uint8)
+        changed = region & (content != target).any(dim=1)
+        out = images.clone()
+        out.index_copy_(0, ints["chosen"], torch.where(changed[:, None], content, target))
+        masks.index_copy_(0, ints["chosen"], changed)
         return out, masks
 
-    def _defect(self, out, masks, images, b, kind, side, w, fractal_mask, index, epoch) -> None:
-        """Writes one defect into ``out[b]`` and its mask into ``masks[b]``: the defect's region where the
-        rounded new value differs from the old one."""
-        _, _, height, width = images.shape
-        u = lambda k: float(rng.to_uniform(np.uint32(w[k])))  # noqa: E731 - one uniform of this sample
-        dst_y, dst_x = int(u(W_DST_Y) * (height - side + 1)), int(u(W_DST_X) * (width - side + 1))
-        target = images[b, :, dst_y:dst_y + side, dst_x:dst_x + side].float()
-        if kind in ("fractal_paste", "scar"):
-            source = images[int(rng.to_int(np.uint32(w[W_SOURCE]), images.shape[0]))]
-            band_y, band_x = int(0.1 * height), int(0.1 * width)
-            span_y = max(0, int(0.9 * height) - side - band_y)
-            span_x = max(0, int(0.9 * width) - side - band_x)
-            src_y = min(band_y + int(u(W_SRC_Y) * (span_y + 1)), height - side)
-            src_x = min(band_x + int(u(W_SRC_X) * (span_x + 1)), width - side)
-            patch = source[:, src_y:src_y + side, src_x:src_x + side].float()
-            patch = colour_jitter(patch, int(rng.to_int(np.uint32(w[W_JITTER]), 3)), u(W_JITTER_AMOUNT))
-            if u(W_FLIP_H) < 0.5:
-                patch = patch.flip(-1)
-            if u(W_FLIP_V) < 0.5:
-                patch = patch.flip(-2)
-            low, high = self.mix.rotation
-            if kind == "scar":
-                angle = low + u(W_ANGLE) * (high - low)
-                region, _ = rotate(self._scar_region(side, u(W_SCAR_ASPECT), patch.device)[None].float(), angle)
-                region = region[0] > 0.5  # the rotated scar samples only inside the box: no uncovered corners
-                patch, _ = rotate(patch, angle)
-            else:
-                patch, inside = rotate(patch, low + u(W_ANGLE) * (high - low))
-                region = dilate(fractal_mask, self.mix.dilation) & inside
-            if kind == "fractal_paste" and u(W_NOISE) < self.mix.noise_p and self.mix.noise_amplitude > 0:
-                noise = gaussian_noise(self.seed, epoch, index, patch.numel())
-                patch = patch + self.mix.noise_amplitude * torch.from_numpy(noise).view_as(patch).to(patch.device)
-            content = patch
-        else:
-            region = dilate(fractal_mask, self.mix.dilation)
-            amount = u(W_JITTER_AMOUNT)
-            if kind == "blur":
-                content = box_blur(target, 1 + int(amount * 3))
-            elif kind == "contrast":
-                content = colour_jitter(target, 1, amount)
-            else:  # colour: a per-channel shift of 20-60 grey levels, sign per channel
-                shift = torch.tensor([(20 + 40 * amount) * (1 if u(k) < 0.5 else -1)
-                                      for k in (W_FLIP_H, W_FLIP_V, W_SPARE)], device=target.device)
-                content = target + shift.view(3, 1, 1)
-        content = content.round().clamp(0, 255).to(torch.uint8)
-        box = out[b, :, dst_y:dst_y + side, dst_x:dst_x + side]
-        changed = region & (content != box).any(dim=0)
-        box[:, changed] = content[:, changed]
-        masks[b, dst_y:dst_y + side, dst_x:dst_x + side] |= changed
+    def placed_fractal_masks(self, plan, indices: np.ndarray, epoch: int, device) -> torch.Tensor:
+        """(n, S, S) dilated fractal masks of the anomalous samples (S the largest side, zero-padded);
+        one renderer call per distinct side, scars get none."""
+        sides, kinds = plan["side"], plan["kind"]
+        biggest = int(sides.max())
+        out = torch.zeros(len(sides), biggest, biggest, dtype=torch.bool, device=device)
+        scar = KINDS.index("scar")
+        for side in np.unique(sides[kinds != scar]):
+            rows = np.flatnonzero((sides == side) & (kinds != scar))
+            rendered = dilate(self.fractal_masks(int(side), indices[plan["chosen"][rows]], epoch).to(device),
+                              self.mix.dilation)
+            padded = F.pad(rendered, (0, biggest - int(side), 0, biggest - int(side)))
+            out.index_copy_(0, torch.as_tensor(rows, device=device), padded)
+        return out
 
-    @staticmethod
-    def _scar_region(side: int, aspect_u: float, device) -> torch.Tensor:
-        """A centred thin rectangle: full length, width 10-25% of the side (CutPaste scar proportions)."""
-        thickness = max(1, int(round(side * (0.1 + 0.15 * aspect_u))))
-        region = torch.zeros(side, side, dtype=torch.bool, device=device)
-        start = (side - thickness) // 2
-        region[start:start + thickness, :] = True
-        return region
+    def defects(self, images, ints, p, fractal, noise_row, noise):
+        """(content (n, 3, H, W) float, region (n, H, W) bool) of the anomalous samples, full image frame."""
+        _, _, height, width = images.shape
+        device = images.device
+        n = len(ints["chosen"])
+        s = ints["side"].view(n, 1, 1)
+        ly = torch.arange(height, device=device).view(1, -1, 1) - ints["dst_y"].view(n, 1, 1)
+        lx = torch.arange(width, device=device).view(1, 1, -1) - ints["dst_x"].view(n, 1, 1)
+        in_box = (ly >= 0) & (ly < s) & (lx >= 0) & (lx < s)
+        # Rotation about the patch centre, nearest, as affine_grid + grid_sample (align_corners=False).
+        sf = s.float()
+        xn, yn = (2 * lx.float() + 1) / sf - 1, (2 * ly.float() + 1) / sf - 1
+        c, sn = p["cos"].float().view(n, 1, 1), p["sin"].float().view(n, 1, 1)
+        ix = torch.round(((c * xn - sn * yn + 1) * sf - 1) / 2).long()
+        iy = torch.round(((sn * xn + c * yn + 1) * sf - 1) / 2).long()
+        inside = (ix >= 0) & (ix < s) & (iy >= 0) & (iy < s)
+        # Pasted kinds: the flipped, jittered crop of the source image at the rotated coordinate.
+        px = torch.where(ints["flip_h"].bool().view(n, 1, 1), s - 1 - ix, ix)
+        py = torch.where(ints["flip_v"].bool().view(n, 1, 1), s - 1 - iy, iy)
+        source = images.index_select(0, ints["source"]).float()
+        pasted = gather_pixels(source, ints["src_y"].view(n, 1, 1) + py, ints["src_x"].view(n, 1, 1) + px)
+        crop_mean = box_mean(source, ints["src_y"], ints["src_x"], ints["side"])
+        pasted = colour_jitter(pasted, ints["jitter"], p["factor"].float(), crop_mean)
+        pasted = pasted * inside[:, None]  # grid_sample's zero padding outside the patch
+        if noise is not None:
+            position = (torch.arange(3, device=device).view(1, 3, 1, 1) * s.view(n, 1, 1, 1) ** 2
+                        + (ly * s + lx)[:, None]).clamp(0, noise.shape[1] - 1)
+            rows = noise_row.clamp(min=0)
+            values = noise.index_select(0, rows).gather(1, position.flatten(1)).view_as(pasted)
+            pasted = pasted + values * (noise_row >= 0).view(n, 1, 1, 1)
+        # Local kinds: the image's own box, blurred, contrast-changed or colour-shifted.
+        target = images.index_select(0, ints["chosen"]).float()
+        blurred = box_blur(target, ints["dst_y"], ints["dst_x"], ints["side"], ints["blur_radius"])
+        contrast = colour_jitter(target, torch.ones_like(ints["jitter"]), p["factor"].float(),
+                                 box_mean(target, ints["dst_y"], ints["dst_x"], ints["side"]))
+        coloured = target + p["shift"].float().view(n, 3, 1, 1)
+        fractal_here = fractal[torch.arange(n, device=device).view(n, 1, 1), ly.clamp(0, fractal.shape[1] - 1),
+                               lx.clamp(0, fractal.shape[2] - 1)] & in_box
+        start = (s - ints["thickness"].view(n, 1, 1)) // 2
+        scar_region = inside & (iy >= start) & (iy < start + ints["thickness"].view(n, 1, 1)) & in_box
+        kind = ints["kind"].view(n, 1, 1)
+        k = {name: kind == KINDS.index(name) for name in KINDS}
+        region = torch.where(k["scar"], scar_region,
+                             torch.where(k["fractal_paste"], fractal_here & inside, fractal_here))
+        kind4 = kind[:, None]
+        content = torch.where((kind4 == KINDS.index("fractal_paste")) | (kind4 == KINDS.index("scar")), pasted,
+                              torch.where(kind4 == KINDS.index("blur"), blurred,
+                                          torch.where(kind4 == KINDS.index("contrast"), contrast, coloured)))
+        return content, region
