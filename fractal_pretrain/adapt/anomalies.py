@@ -158,8 +158,8 @@ def box_mean(images: torch.Tensor, top, left, side) -> torch.Tensor:
     _, _, height, width = images.shape
     ys = torch.arange(height, device=images.device).view(1, -1, 1)
     xs = torch.arange(width, device=images.device).view(1, 1, -1)
-    t, l, s = (v.view(-1, 1, 1) for v in (top, left, side))
-    box = ((ys >= t) & (ys < t + s) & (xs >= l) & (xs < l + s)).float()[:, None]
+    t, lf, s = (v.view(-1, 1, 1) for v in (top, left, side))
+    box = ((ys >= t) & (ys < t + s) & (xs >= lf) & (xs < lf + s)).float()[:, None]
     return (images * box).sum(dim=(1, 2, 3)) / (3 * side.float() ** 2)
 
 
@@ -169,13 +169,13 @@ def box_blur(images: torch.Tensor, top, left, side, radius, max_radius: int = 3)
     n, _, height, width = images.shape
     ys = torch.arange(height, device=images.device).view(1, -1, 1).expand(n, -1, width)
     xs = torch.arange(width, device=images.device).view(1, 1, -1).expand(n, height, -1)
-    t, l, s, r = (v.view(-1, 1, 1) for v in (top, left, side, radius))
+    t, lf, s, r = (v.view(-1, 1, 1) for v in (top, left, side, radius))
     out = images
     for axis in (1, 0):  # along x, then along y
         total = torch.zeros_like(out)
         for d in range(-max_radius, max_radius + 1):
             if axis == 1:
-                shifted = gather_pixels(out, ys, torch.minimum(torch.maximum(xs + d, l), l + s - 1))
+                shifted = gather_pixels(out, ys, torch.minimum(torch.maximum(xs + d, lf), lf + s - 1))
             else:
                 shifted = gather_pixels(out, torch.minimum(torch.maximum(ys + d, t), t + s - 1), xs)
             total = total + shifted * (abs(d) <= r).float()[:, None]

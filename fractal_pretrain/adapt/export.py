@@ -4,8 +4,9 @@
 divisor of its input residuals), "centers": {layer: (C,) mean normal residual, in scaled units}}``.
 ``projector.json``: ``{"format", "backbone" (the spec adapt loaded), "backbone_digest", "arch", "layers",
 "channels", "projector" (ProjectorConfig), "shots" (K at evaluation), "center_shots", "recipe",
-"recipe_config", "anomalies", "seed", "steps", "residual_scales" (the same divisors, for reading)}``. The digest is over the backbone weights (every
-tensor, sorted by name), so a projector is only ever used on the features it was trained on.
+"recipe_config", "anomalies", "seed", "steps", "residual_scales" (the same divisors, for reading)}``.
+The digest is over the backbone weights (every tensor, sorted by name), so a projector is only ever used
+on the features it was trained on.
 """
 
 from __future__ import annotations

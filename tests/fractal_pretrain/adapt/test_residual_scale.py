@@ -1,6 +1,5 @@
 """Residual scale: fixed from the normal residuals before training, stored, applied in adapt and ad_eval alike."""
 
-import numpy as np
 import pytest
 import torch
 
