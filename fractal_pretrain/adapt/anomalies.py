@@ -147,39 +147,35 @@ def colour_jitter(pixels: torch.Tensor, choice: torch.Tensor, factor: torch.Tens
 
 
 def gather_pixels(images: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(n, C, H, W) images sampled at per-sample integer coordinates (n, H, W) (clamped into the image)."""
+    """(n, C, H, W) images sampled at per-sample integer coordinates (n, h, w), clamped into the image."""
     n, c, height, width = images.shape
-    flat = (y.clamp(0, height - 1) * width + x.clamp(0, width - 1)).view(n, 1, -1).expand(n, c, -1)
-    return images.flatten(2).gather(2, flat).view(n, c, height, width)
+    flat = (y.clamp(0, height - 1) * width + x.clamp(0, width - 1)).expand(n, -1, -1)
+    h, w = flat.shape[-2:]
+    return images.flatten(2).gather(2, flat.reshape(n, 1, -1).expand(n, c, -1)).view(n, c, h, w)
 
 
-def box_mean(images: torch.Tensor, top, left, side) -> torch.Tensor:
-    """(n,) mean over channels and the box [top, top + side) x [left, left + side) of each sample."""
-    _, _, height, width = images.shape
-    ys = torch.arange(height, device=images.device).view(1, -1, 1)
-    xs = torch.arange(width, device=images.device).view(1, 1, -1)
-    t, lf, s = (v.view(-1, 1, 1) for v in (top, left, side))
-    box = ((ys >= t) & (ys < t + s) & (xs >= lf) & (xs < lf + s)).float()[:, None]
-    return (images * box).sum(dim=(1, 2, 3)) / (3 * side.float() ** 2)
+def window_mean(window: torch.Tensor, in_box: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+    """(n,) mean over channels and the box of (n, 3, S, S) windows whose box is ``in_box`` (n, S, S)."""
+    return (window * in_box[:, None]).sum(dim=(1, 2, 3)) / (3 * side.float() ** 2)
 
 
-def box_blur(images: torch.Tensor, top, left, side, radius, max_radius: int = 3) -> torch.Tensor:
-    """Per-sample box blur of side 2 radius + 1 of the box's pixels, replicate padding at the box's edges
-    (separable: rows then columns, coordinates clamped into the box)."""
-    n, _, height, width = images.shape
-    ys = torch.arange(height, device=images.device).view(1, -1, 1).expand(n, -1, width)
-    xs = torch.arange(width, device=images.device).view(1, 1, -1).expand(n, height, -1)
-    t, lf, s, r = (v.view(-1, 1, 1) for v in (top, left, side, radius))
-    out = images
-    for axis in (1, 0):  # along x, then along y
+def box_blur(window: torch.Tensor, side: torch.Tensor, radius: torch.Tensor, max_radius: int = 3) -> torch.Tensor:
+    """Per-sample box blur of side 2 radius + 1 of (n, 3, S, S) windows whose box is [0, side)^2,
+    replicate padding at the box's edges (separable: rows then columns, coordinates clamped into the box)."""
+    n, _, size, _ = window.shape
+    ys = torch.arange(size, device=window.device).view(1, -1, 1).expand(n, -1, size)
+    xs = torch.arange(size, device=window.device).view(1, 1, -1).expand(n, size, -1)
+    last, r = side.view(-1, 1, 1) - 1, radius.view(-1, 1, 1, 1)
+    out = window
+    for along_x in (True, False):
         total = torch.zeros_like(out)
         for d in range(-max_radius, max_radius + 1):
-            if axis == 1:
-                shifted = gather_pixels(out, ys, torch.minimum(torch.maximum(xs + d, lf), lf + s - 1))
+            if along_x:
+                shifted = gather_pixels(out, ys, torch.minimum((xs + d).clamp(min=0), last))
             else:
-                shifted = gather_pixels(out, torch.minimum(torch.maximum(ys + d, t), t + s - 1), xs)
-            total = total + shifted * (abs(d) <= r).float()[:, None]
-        out = total / (2 * r + 1).float()[:, None]
+                shifted = gather_pixels(out, torch.minimum((ys + d).clamp(min=0), last), xs)
+            total = total + shifted * (abs(d) <= r).float()
+        out = total / (2 * r + 1).float()
     return out
 
 
@@ -284,14 +280,27 @@ class AnomalySynthesizer:
         staged = upload([plan[n] for n in names] + [noise_row, noise.reshape(-1)], images.device)
         p = dict(zip(names, staged[:-2], strict=True))
         ints = {n: p[n].long() for n in names if n not in ("factor", "cos", "sin", "shift")}
-        content, region = self.defects(images, ints, p, fractal, staged[-2].long(), staged[-1].float().view(
-            len(noise_rows), width_noise) if len(noise_rows) else None)
-        target = images.index_select(0, ints["chosen"])
+        noise = staged[-1].float().view(len(noise_rows), width_noise) if len(noise_rows) else None
+        # Every defect lives in the S x S window at its destination (S the batch's largest side): work there,
+        # on a canvas padded by S so that each window's pixels are distinct positions.
+        size = int(plan["side"].max())
+        canvas = F.pad(images.index_select(0, ints["chosen"]), (0, size, 0, size))
+        local = torch.arange(size, device=images.device)
+        position = ((ints["dst_y"].view(-1, 1, 1) + local.view(1, -1, 1)) * (width + size)
+                    + ints["dst_x"].view(-1, 1, 1) + local.view(1, 1, -1))  # (n, S, S) into the canvas
+        target = canvas.flatten(2).gather(2, position.flatten(1)[:, None].expand(-1, 3, -1)).view(-1, 3, size, size)
+        content, region = self.defects(images, target.float(), ints, p, fractal, staged[-2].long(), noise,
+                                       set(plan["kind"].tolist()))
         content = content.round().clamp(0, 255).to(torch.uint8)
         changed = region & (content != target).any(dim=1)
+        written = torch.where(changed[:, None], content, target)
+        canvas = canvas.flatten(2).scatter(2, position.flatten(1)[:, None].expand(-1, 3, -1), written.flatten(2))
         out = images.clone()
-        out.index_copy_(0, ints["chosen"], torch.where(changed[:, None], content, target))
-        masks.index_copy_(0, ints["chosen"], changed)
+        out.index_copy_(0, ints["chosen"], canvas.view(-1, 3, height + size, width + size)[..., :height, :width])
+        flags = torch.zeros(len(plan["chosen"]), (height + size) * (width + size), dtype=torch.uint8,
+                            device=images.device)
+        flags = flags.scatter(1, position.flatten(1), changed.flatten(1).to(torch.uint8))
+        masks.index_copy_(0, ints["chosen"], flags.view(-1, height + size, width + size)[:, :height, :width] > 0)
         return out, masks
 
     def placed_fractal_masks(self, plan, indices: np.ndarray, epoch: int, device) -> torch.Tensor:
@@ -309,15 +318,16 @@ class AnomalySynthesizer:
             out.index_copy_(0, torch.as_tensor(rows, device=device), padded)
         return out
 
-    def defects(self, images, ints, p, fractal, noise_row, noise):
-        """(content (n, 3, H, W) float, region (n, H, W) bool) of the anomalous samples, full image frame."""
-        _, _, height, width = images.shape
+    def defects(self, images, target, ints, p, fractal, noise_row, noise, kinds: set):
+        """(content (n, 3, S, S) float, region (n, S, S) bool) of the anomalous samples in their windows;
+        ``target`` (n, 3, S, S) the windows' current pixels, ``kinds`` the kind indices present (the host
+        knows them: absent kinds cost nothing)."""
         device = images.device
-        n = len(ints["chosen"])
+        n, _, size, _ = target.shape
         s = ints["side"].view(n, 1, 1)
-        ly = torch.arange(height, device=device).view(1, -1, 1) - ints["dst_y"].view(n, 1, 1)
-        lx = torch.arange(width, device=device).view(1, 1, -1) - ints["dst_x"].view(n, 1, 1)
-        in_box = (ly >= 0) & (ly < s) & (lx >= 0) & (lx < s)
+        ly = torch.arange(size, device=device).view(1, -1, 1)
+        lx = torch.arange(size, device=device).view(1, 1, -1)
+        in_box = (ly < s) & (lx < s)
         # Rotation about the patch centre, nearest, as affine_grid + grid_sample (align_corners=False).
         sf = s.float()
         xn, yn = (2 * lx.float() + 1) / sf - 1, (2 * ly.float() + 1) / sf - 1
@@ -325,36 +335,38 @@ class AnomalySynthesizer:
         ix = torch.round(((c * xn - sn * yn + 1) * sf - 1) / 2).long()
         iy = torch.round(((sn * xn + c * yn + 1) * sf - 1) / 2).long()
         inside = (ix >= 0) & (ix < s) & (iy >= 0) & (iy < s)
-        # Pasted kinds: the flipped, jittered crop of the source image at the rotated coordinate.
-        px = torch.where(ints["flip_h"].bool().view(n, 1, 1), s - 1 - ix, ix)
-        py = torch.where(ints["flip_v"].bool().view(n, 1, 1), s - 1 - iy, iy)
-        source = images.index_select(0, ints["source"]).float()
-        pasted = gather_pixels(source, ints["src_y"].view(n, 1, 1) + py, ints["src_x"].view(n, 1, 1) + px)
-        crop_mean = box_mean(source, ints["src_y"], ints["src_x"], ints["side"])
-        pasted = colour_jitter(pasted, ints["jitter"], p["factor"].float(), crop_mean)
-        pasted = pasted * inside[:, None]  # grid_sample's zero padding outside the patch
-        if noise is not None:
-            position = (torch.arange(3, device=device).view(1, 3, 1, 1) * s.view(n, 1, 1, 1) ** 2
-                        + (ly * s + lx)[:, None]).clamp(0, noise.shape[1] - 1)
-            rows = noise_row.clamp(min=0)
-            values = noise.index_select(0, rows).gather(1, position.flatten(1)).view_as(pasted)
-            pasted = pasted + values * (noise_row >= 0).view(n, 1, 1, 1)
-        # Local kinds: the image's own box, blurred, contrast-changed or colour-shifted.
-        target = images.index_select(0, ints["chosen"]).float()
-        blurred = box_blur(target, ints["dst_y"], ints["dst_x"], ints["side"], ints["blur_radius"])
-        contrast = colour_jitter(target, torch.ones_like(ints["jitter"]), p["factor"].float(),
-                                 box_mean(target, ints["dst_y"], ints["dst_x"], ints["side"]))
-        coloured = target + p["shift"].float().view(n, 3, 1, 1)
-        fractal_here = fractal[torch.arange(n, device=device).view(n, 1, 1), ly.clamp(0, fractal.shape[1] - 1),
-                               lx.clamp(0, fractal.shape[2] - 1)] & in_box
-        start = (s - ints["thickness"].view(n, 1, 1)) // 2
-        scar_region = inside & (iy >= start) & (iy < start + ints["thickness"].view(n, 1, 1)) & in_box
         kind = ints["kind"].view(n, 1, 1)
-        k = {name: kind == KINDS.index(name) for name in KINDS}
-        region = torch.where(k["scar"], scar_region,
-                             torch.where(k["fractal_paste"], fractal_here & inside, fractal_here))
-        kind4 = kind[:, None]
-        content = torch.where((kind4 == KINDS.index("fractal_paste")) | (kind4 == KINDS.index("scar")), pasted,
-                              torch.where(kind4 == KINDS.index("blur"), blurred,
-                                          torch.where(kind4 == KINDS.index("contrast"), contrast, coloured)))
+        content, region = target, torch.zeros_like(in_box)
+        fractal_here = fractal[:, :size, :size] & in_box
+        if kinds & {KINDS.index("fractal_paste"), KINDS.index("scar")}:
+            # The flipped, jittered crop of the source image at the rotated coordinate.
+            px = torch.where(ints["flip_h"].bool().view(n, 1, 1), s - 1 - ix, ix)
+            py = torch.where(ints["flip_v"].bool().view(n, 1, 1), s - 1 - iy, iy)
+            source = images.index_select(0, ints["source"]).float()
+            src_y, src_x = ints["src_y"].view(n, 1, 1), ints["src_x"].view(n, 1, 1)
+            crop_mean = window_mean(gather_pixels(source, src_y + ly, src_x + lx), in_box, ints["side"])
+            pasted = gather_pixels(source, src_y + py, src_x + px)
+            pasted = colour_jitter(pasted, ints["jitter"], p["factor"].float(), crop_mean)
+            pasted = pasted * inside[:, None]  # grid_sample's zero padding outside the patch
+            if noise is not None:
+                where = (torch.arange(3, device=device).view(1, 3, 1, 1) * s.view(n, 1, 1, 1) ** 2
+                         + (ly * s + lx)[:, None]).clamp(0, noise.shape[1] - 1)
+                values = noise.index_select(0, noise_row.clamp(min=0)).gather(1, where.flatten(1)).view_as(pasted)
+                pasted = pasted + values * (noise_row >= 0).view(n, 1, 1, 1)
+            start = (s - ints["thickness"].view(n, 1, 1)) // 2
+            scar_region = inside & (iy >= start) & (iy < start + ints["thickness"].view(n, 1, 1)) & in_box
+            pasting = (kind == KINDS.index("fractal_paste")) | (kind == KINDS.index("scar"))
+            content = torch.where(pasting[:, None], pasted, content)
+            region = torch.where(kind == KINDS.index("scar"), scar_region,
+                                 torch.where(kind == KINDS.index("fractal_paste"), fractal_here & inside, region))
+        # Local kinds: the window's own box, blurred, contrast-changed or colour-shifted, under the fractal mask.
+        local = {"blur": lambda: box_blur(target, ints["side"], ints["blur_radius"]),
+                 "contrast": lambda: colour_jitter(target, torch.ones_like(ints["jitter"]), p["factor"].float(),
+                                                   window_mean(target, in_box, ints["side"])),
+                 "colour": lambda: target + p["shift"].float().view(n, 3, 1, 1)}
+        for name, make in local.items():
+            if KINDS.index(name) in kinds:
+                mine = kind == KINDS.index(name)
+                content = torch.where(mine[:, None], make(), content)
+                region = torch.where(mine, fractal_here, region)
         return content, region

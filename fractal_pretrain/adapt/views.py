@@ -50,8 +50,9 @@ def photometric_view(images: torch.Tensor, indices, seed: int, view: int) -> tor
     radius = np.minimum(np.maximum(1, np.ceil(3 * sigma)), min(height, width) - 1)
     max_radius = int(min(np.ceil(3 * BLUR_SIGMA[1]), height - 1, width - 1))
     factors = 1 - JITTER + 2 * JITTER * u[:, 1:4]
-    jitter, to_grey, blur, factors, sigma, radius = upload(
-        [u[:, 0] < JITTER_P, u[:, 4] < GREY_P, u[:, 5] < BLUR_P, factors, sigma.astype(np.float32), radius],
+    blurred = np.flatnonzero(u[:, 5] < BLUR_P)  # the host knows which: only those are blurred
+    jitter, to_grey, rows, factors, sigma, radius = upload(
+        [u[:, 0] < JITTER_P, u[:, 4] < GREY_P, blurred, factors, sigma[blurred].astype(np.float32), radius[blurred]],
         images.device)
     flag = lambda v: v.bool().view(-1, 1, 1, 1)  # noqa: E731 - a per-sample condition over an image
     per = lambda v: v.float().view(-1, 1, 1, 1)  # noqa: E731
@@ -63,4 +64,7 @@ def photometric_view(images: torch.Tensor, indices, seed: int, view: int) -> tor
     jittered = ((jittered - g) * per(factors[:, 2]) + g).clamp(0, 1)
     x = torch.where(flag(jitter), jittered, x)
     x = torch.where(flag(to_grey), grey(x).expand(-1, 3, -1, -1), x)
-    return torch.where(flag(blur), gaussian_blur(x.contiguous(), sigma.float(), radius, max_radius), x)
+    if len(blurred) == 0:
+        return x
+    rows = rows.long()
+    return x.index_copy(0, rows, gaussian_blur(x.index_select(0, rows), sigma.float(), radius, max_radius))
