@@ -23,7 +23,6 @@ labelled anomalous (nothing changed there); the tests check that it equals the s
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from fractal_pretrain import rng
+from fractal_pretrain.augment.augmenter import upload
 from fractal_pretrain.config import ConfigError, check_pair, check_range
 from fractal_pretrain.recipes import Recipe
 from fractal_pretrain.render import make_renderer
@@ -98,69 +98,95 @@ def sample_words(seed: int, epoch: int, indices: np.ndarray) -> np.ndarray:
     return np.concatenate(words, axis=-1)
 
 
-def choose_kind(word: int, weights: tuple[float, ...]) -> int:
-    """Index into KINDS for one uniform word, by cumulative weights."""
+def choose_kinds(words: np.ndarray, weights: tuple[float, ...]) -> np.ndarray:
+    """Indices into KINDS for uniform words, by cumulative weights."""
     cumulative = np.cumsum(np.asarray(weights, dtype=np.float64))
-    u = float(rng.to_uniform(np.uint32(word))) * cumulative[-1]
-    return int(min(np.searchsorted(cumulative, u, side="right"), len(weights) - 1))
+    u = rng.to_uniform(words).astype(np.float64) * cumulative[-1]
+    return np.minimum(np.searchsorted(cumulative, u, side="right"), len(weights) - 1)
 
 
-def gaussian_noise(seed: int, epoch: int, index: int, count: int) -> np.ndarray:
-    """``count`` standard normal float32 values (Box-Muller on Philox words), pure in the key."""
-    blocks = (count + 1) // 2
-    w = rng.draw_words(seed, epoch, index, rng.STREAM_ANOMALY_NOISE, np.arange(blocks))
+def gaussian_noise(seed: int, epoch: int, indices: np.ndarray, counts: np.ndarray, width: int) -> np.ndarray:
+    """(n, width) float32: row i holds ``counts[i]`` standard normal values (Box-Muller on Philox words, the
+    cosines of all blocks first, then the sines), zeros after; pure in the key (seed, epoch, index)."""
+    blocks = (np.asarray(counts) + 1) // 2
+    w = rng.draw_words(seed, epoch, np.asarray(indices)[:, None], rng.STREAM_ANOMALY_NOISE,
+                       np.arange(max(1, int(blocks.max(initial=1))))[None, :])
     u1 = 1.0 - rng.to_uniform(w[0]).astype(np.float64)  # (0, 1]: log is finite
     u2 = rng.to_uniform(w[1]).astype(np.float64)
-    radius = np.sqrt(-2.0 * np.log(u1))
-    normal = np.concatenate([radius * np.cos(2 * np.pi * u2), radius * np.sin(2 * np.pi * u2)])
-    return normal[:count].astype(np.float32)
+    position = np.arange(width)[None, :]
+    second = position >= blocks[:, None]
+    block = np.clip(np.where(second, position - blocks[:, None], position), 0, u1.shape[1] - 1)
+    radius = np.sqrt(-2.0 * np.log(np.take_along_axis(u1, block, 1)))
+    angle = 2 * np.pi * np.take_along_axis(u2, block, 1)
+    normal = radius * np.where(second, np.sin(angle), np.cos(angle))
+    return np.where(position < np.asarray(counts)[:, None], normal, 0.0).astype(np.float32)
 
 
-def dilate(mask: torch.Tensor, times: int) -> torch.Tensor:
-    """Binary 3x3 dilation of a (h, w) bool mask, ``times`` times."""
-    x = mask[None, None].float()
+def dilate(masks: torch.Tensor, times: int) -> torch.Tensor:
+    """Binary 3x3 dilation of (n, h, w) bool masks, ``times`` times."""
+    x = masks[:, None].float()
     for _ in range(times):
         x = F.max_pool2d(x, 3, stride=1, padding=1)
-    return x[0, 0] > 0
+    return x[:, 0] > 0
 
 
-def rotate(patch: torch.Tensor, degrees: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(C, s, s) float patch rotated about its centre (nearest), and the bool mask of pixels that came
-    from inside the patch (the corners a rotation uncovers are outside it)."""
-    theta = math.radians(degrees)
-    c, s = math.cos(theta), math.sin(theta)
-    matrix = torch.tensor([[c, -s, 0.0], [s, c, 0.0]], dtype=torch.float32, device=patch.device)[None]
-    grid = F.affine_grid(matrix, (1, patch.shape[0] + 1, *patch.shape[1:]), align_corners=False)
-    ones = torch.ones_like(patch[:1])
-    out = F.grid_sample(torch.cat([patch, ones])[None], grid, mode="nearest", padding_mode="zeros",
-                        align_corners=False)[0]
-    return out[:-1], out[-1] > 0.5
+def jitter_factor(amount: np.ndarray) -> np.ndarray:
+    """``amount`` in [0, 1) -> a factor in [0.5, 1.5) away from 1 by at least 0.2."""
+    factor = 0.5 + amount.astype(np.float64)
+    return np.where(np.abs(factor - 1.0) < 0.2, np.where(factor >= 1.0, 1.2, 0.8), factor)
 
 
-def colour_jitter(patch: torch.Tensor, choice: int, amount: float) -> torch.Tensor:
-    """One of three jitters of a (3, h, w) float 0-255 patch: brightness, contrast, saturation.
-    ``amount`` in [0, 1) maps to a factor in [0.5, 1.5) away from 1 by at least 0.2."""
-    factor = 0.5 + amount  # [0.5, 1.5)
-    if abs(factor - 1.0) < 0.2:
-        factor = 1.2 if factor >= 1.0 else 0.8
-    if choice == 0:
-        return patch * factor
-    if choice == 1:
-        mean = patch.mean()
-        return (patch - mean) * factor + mean
-    grey = patch.mean(dim=0, keepdim=True)
-    return (patch - grey) * factor + grey
+def colour_jitter(pixels: torch.Tensor, choice: torch.Tensor, factor: torch.Tensor, mean: torch.Tensor):
+    """One of three jitters (per sample ``choice``: brightness, contrast about the patch ``mean``,
+    saturation about the pixel's grey) of (n, 3, H, W) float 0-255 pixels; per-sample (n,) parameters."""
+    f, m = factor.view(-1, 1, 1, 1), mean.view(-1, 1, 1, 1)
+    grey = pixels.mean(dim=1, keepdim=True)
+    choice = choice.view(-1, 1, 1, 1)
+    return torch.where(choice == 0, pixels * f,
+                       torch.where(choice == 1, (pixels - m) * f + m, (pixels - grey) * f + grey))
 
 
-def box_blur(patch: torch.Tensor, radius: int) -> torch.Tensor:
-    """(3, h, w) box blur of side 2 * radius + 1, replicate padding."""
-    k = 2 * radius + 1
-    padded = F.pad(patch[None], (radius,) * 4, mode="replicate")
-    return F.avg_pool2d(padded, k, stride=1)[0]
+def gather_pixels(images: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(n, C, H, W) images sampled at per-sample integer coordinates (n, h, w), clamped into the image."""
+    n, c, height, width = images.shape
+    flat = (y.clamp(0, height - 1) * width + x.clamp(0, width - 1)).expand(n, -1, -1)
+    h, w = flat.shape[-2:]
+    return images.flatten(2).gather(2, flat.reshape(n, 1, -1).expand(n, c, -1)).view(n, c, h, w)
+
+
+def window_mean(window: torch.Tensor, in_box: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+    """(n,) mean over channels and the box of (n, 3, S, S) windows whose box is ``in_box`` (n, S, S)."""
+    return (window * in_box[:, None]).sum(dim=(1, 2, 3)) / (3 * side.float() ** 2)
+
+
+def box_blur(window: torch.Tensor, side: torch.Tensor, radius: torch.Tensor, max_radius: int = 3) -> torch.Tensor:
+    """Per-sample box blur of side 2 radius + 1 of (n, 3, S, S) windows whose box is [0, side)^2,
+    replicate padding at the box's edges (separable: rows then columns, coordinates clamped into the box)."""
+    n, _, size, _ = window.shape
+    ys = torch.arange(size, device=window.device).view(1, -1, 1).expand(n, -1, size)
+    xs = torch.arange(size, device=window.device).view(1, 1, -1).expand(n, size, -1)
+    last, r = side.view(-1, 1, 1) - 1, radius.view(-1, 1, 1, 1)
+    out = window
+    for along_x in (True, False):
+        total = torch.zeros_like(out)
+        for d in range(-max_radius, max_radius + 1):
+            if along_x:
+                shifted = gather_pixels(out, ys, torch.minimum((xs + d).clamp(min=0), last))
+            else:
+                shifted = gather_pixels(out, torch.minimum((ys + d).clamp(min=0), last), xs)
+            total = total + shifted * (abs(d) <= r).float()
+        out = total / (2 * r + 1).float()
+    return out
 
 
 class AnomalySynthesizer:
-    """Applies an ``AnomalyMix`` to batches of normal images; masks rendered on ``device``'s renderer."""
+    """Applies an ``AnomalyMix`` to batches of normal images; masks rendered on ``device``'s renderer.
+
+    Every per-sample decision is drawn on the host (NumPy, vectorised over the batch) and goes to the
+    images' device in one copy (``augment.augmenter.upload``); the defects themselves are batched tensor
+    ops in the full image frame (a pixel's source coordinate through the paste, flips and rotation), so a
+    batch costs no per-sample host loop. Fractal masks: one renderer call per distinct patch side.
+    """
 
     def __init__(self, mix: AnomalyMix, *, seed: int = 0, device: str = "cpu"):
         check_range("seed", seed, 0, 2**32 - 1, integer=True)
@@ -183,11 +209,42 @@ class AnomalySynthesizer:
         images, _ = self._renderer(side).render_tensor(indices, epoch, dtype="uint8")
         return (images.to(self.device) > 0).any(dim=1)
 
-    def mask_side(self, word: int, height: int, width: int) -> int:
+    def mask_sides(self, words: np.ndarray, height: int, width: int) -> np.ndarray:
         low, high = self.mix.patch_side
-        side = float(rng.to_range(np.uint32(word), low, high)) * min(height, width)
-        side = max(MIN_MASK_SIDE, int(round(side / MASK_QUANTUM)) * MASK_QUANTUM)
-        return min(side, min(height, width))
+        side = rng.to_range(words, low, high).astype(np.float64) * min(height, width)
+        side = np.maximum(MIN_MASK_SIDE, np.round(side / MASK_QUANTUM).astype(np.int64) * MASK_QUANTUM)
+        return np.minimum(side, min(height, width))
+
+    def plan(self, words: np.ndarray, height: int, width: int, batch: int) -> dict[str, np.ndarray]:
+        """Every per-sample parameter of the anomalous samples (host, vectorised over them)."""
+        u = rng.to_uniform(words).astype(np.float64)
+        chosen = np.flatnonzero(u[:, W_ANOMALOUS] < self.mix.anomaly_p)
+        w, u = words[chosen], u[chosen]
+        side = self.mask_sides(w[:, W_SIDE], height, width)
+        band_y, band_x = int(0.1 * height), int(0.1 * width)
+        span_y = np.maximum(0, int(0.9 * height) - side - band_y)
+        span_x = np.maximum(0, int(0.9 * width) - side - band_x)
+        low, high = self.mix.rotation
+        theta = np.radians(low + u[:, W_ANGLE] * (high - low))
+        amount = u[:, W_JITTER_AMOUNT]
+        kind = choose_kinds(w[:, W_KIND], self.mix.weights)
+        noisy = ((kind == KINDS.index("fractal_paste")) & (u[:, W_NOISE] < self.mix.noise_p)
+                 & (self.mix.noise_amplitude > 0))
+        signs = np.where(u[:, [W_FLIP_H, W_FLIP_V, W_SPARE]] < 0.5, 1.0, -1.0)
+        return {
+            "chosen": chosen, "kind": kind, "side": side, "noisy": noisy,
+            "dst_y": (u[:, W_DST_Y] * (height - side + 1)).astype(np.int64),
+            "dst_x": (u[:, W_DST_X] * (width - side + 1)).astype(np.int64),
+            "src_y": np.minimum(band_y + (u[:, W_SRC_Y] * (span_y + 1)).astype(np.int64), height - side),
+            "src_x": np.minimum(band_x + (u[:, W_SRC_X] * (span_x + 1)).astype(np.int64), width - side),
+            "source": rng.to_int(w[:, W_SOURCE], batch),
+            "jitter": rng.to_int(w[:, W_JITTER], 3), "factor": jitter_factor(amount.astype(np.float32)),
+            "flip_h": u[:, W_FLIP_H] < 0.5, "flip_v": u[:, W_FLIP_V] < 0.5,
+            "cos": np.cos(theta).astype(np.float32), "sin": np.sin(theta).astype(np.float32),
+            "thickness": np.maximum(1, np.round(side * (0.1 + 0.15 * u[:, W_SCAR_ASPECT])).astype(np.int64)),
+            "blur_radius": 1 + (amount * 3).astype(np.int64),
+            "shift": (20 + 40 * amount)[:, None] * signs,
+        }
 
     def apply(self, images: torch.Tensor, indices, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Anomalous copies of ``images`` and their masks.
@@ -207,81 +264,109 @@ class AnomalySynthesizer:
         batch, _, height, width = images.shape
         if len(indices) != batch:
             raise ConfigError(f"indices: {len(indices)} keys for {batch} images")
-        words = sample_words(self.seed, epoch, indices)
-        out = images.clone()
+        plan = self.plan(sample_words(self.seed, epoch, indices), height, width, batch)
         masks = torch.zeros(batch, height, width, dtype=torch.bool, device=images.device)
-        plans = []
-        for b in range(batch):
-            w = words[b]
-            if float(rng.to_uniform(np.uint32(w[W_ANOMALOUS]))) >= self.mix.anomaly_p:
-                continue
-            kind = choose_kind(int(w[W_KIND]), self.mix.weights)
-            plans.append((b, kind, self.mask_side(int(w[W_SIDE]), height, width)))
-        masks_by_side: dict[int, dict[int, torch.Tensor]] = {}
-        for side in sorted({side for _, kind, side in plans if KINDS[kind] != "scar"}):
-            members = [b for b, kind, s in plans if s == side and KINDS[kind] != "scar"]
-            rendered = self.fractal_masks(side, indices[members], epoch)
-            masks_by_side[side] = dict(zip(members, rendered, strict=False))
-        for b, kind, side in plans:
-            region_mask = masks_by_side.get(side, {}).get(b)
-            self._defect(out, masks, images, b, KINDS[kind], side, words[b], region_mask, int(indices[b]), epoch)
+        if len(plan["chosen"]) == 0:
+            return images.clone(), masks
+        fractal = self.placed_fractal_masks(plan, indices, epoch, images.device)
+        noise_rows = np.flatnonzero(plan["noisy"])
+        width_noise = 3 * int(plan["side"].max()) ** 2
+        noise = gaussian_noise(self.seed, epoch, indices[plan["chosen"][noise_rows]],
+                               3 * plan["side"][noise_rows] ** 2, width_noise) * self.mix.noise_amplitude
+        noise_row = np.full(len(plan["chosen"]), -1)
+        noise_row[noise_rows] = np.arange(len(noise_rows))
+        names = ("chosen", "kind", "side", "dst_y", "dst_x", "src_y", "src_x", "source", "jitter", "factor",
+                 "flip_h", "flip_v", "cos", "sin", "thickness", "blur_radius", "shift")
+        staged = upload([plan[n] for n in names] + [noise_row, noise.reshape(-1)], images.device)
+        p = dict(zip(names, staged[:-2], strict=True))
+        ints = {n: p[n].long() for n in names if n not in ("factor", "cos", "sin", "shift")}
+        noise = staged[-1].float().view(len(noise_rows), width_noise) if len(noise_rows) else None
+        # Every defect lives in the S x S window at its destination (S the batch's largest side): work there,
+        # on a canvas padded by S so that each window's pixels are distinct positions.
+        size = int(plan["side"].max())
+        canvas = F.pad(images.index_select(0, ints["chosen"]), (0, size, 0, size))
+        local = torch.arange(size, device=images.device)
+        position = ((ints["dst_y"].view(-1, 1, 1) + local.view(1, -1, 1)) * (width + size)
+                    + ints["dst_x"].view(-1, 1, 1) + local.view(1, 1, -1))  # (n, S, S) into the canvas
+        target = canvas.flatten(2).gather(2, position.flatten(1)[:, None].expand(-1, 3, -1)).view(-1, 3, size, size)
+        content, region = self.defects(images, target.float(), ints, p, fractal, staged[-2].long(), noise,
+                                       set(plan["kind"].tolist()))
+        content = content.round().clamp(0, 255).to(torch.uint8)
+        changed = region & (content != target).any(dim=1)
+        written = torch.where(changed[:, None], content, target)
+        canvas = canvas.flatten(2).scatter(2, position.flatten(1)[:, None].expand(-1, 3, -1), written.flatten(2))
+        out = images.clone()
+        out.index_copy_(0, ints["chosen"], canvas.view(-1, 3, height + size, width + size)[..., :height, :width])
+        flags = torch.zeros(len(plan["chosen"]), (height + size) * (width + size), dtype=torch.uint8,
+                            device=images.device)
+        flags = flags.scatter(1, position.flatten(1), changed.flatten(1).to(torch.uint8))
+        masks.index_copy_(0, ints["chosen"], flags.view(-1, height + size, width + size)[:, :height, :width] > 0)
         return out, masks
 
-    def _defect(self, out, masks, images, b, kind, side, w, fractal_mask, index, epoch) -> None:
-        """Writes one defect into ``out[b]`` and its mask into ``masks[b]``: the defect's region where the
-        rounded new value differs from the old one."""
-        _, _, height, width = images.shape
-        u = lambda k: float(rng.to_uniform(np.uint32(w[k])))  # noqa: E731 - one uniform of this sample
-        dst_y, dst_x = int(u(W_DST_Y) * (height - side + 1)), int(u(W_DST_X) * (width - side + 1))
-        target = images[b, :, dst_y:dst_y + side, dst_x:dst_x + side].float()
-        if kind in ("fractal_paste", "scar"):
-            source = images[int(rng.to_int(np.uint32(w[W_SOURCE]), images.shape[0]))]
-            band_y, band_x = int(0.1 * height), int(0.1 * width)
-            span_y = max(0, int(0.9 * height) - side - band_y)
-            span_x = max(0, int(0.9 * width) - side - band_x)
-            src_y = min(band_y + int(u(W_SRC_Y) * (span_y + 1)), height - side)
-            src_x = min(band_x + int(u(W_SRC_X) * (span_x + 1)), width - side)
-            patch = source[:, src_y:src_y + side, src_x:src_x + side].float()
-            patch = colour_jitter(patch, int(rng.to_int(np.uint32(w[W_JITTER]), 3)), u(W_JITTER_AMOUNT))
-            if u(W_FLIP_H) < 0.5:
-                patch = patch.flip(-1)
-            if u(W_FLIP_V) < 0.5:
-                patch = patch.flip(-2)
-            low, high = self.mix.rotation
-            if kind == "scar":
-                angle = low + u(W_ANGLE) * (high - low)
-                region, _ = rotate(self._scar_region(side, u(W_SCAR_ASPECT), patch.device)[None].float(), angle)
-                region = region[0] > 0.5  # the rotated scar samples only inside the box: no uncovered corners
-                patch, _ = rotate(patch, angle)
-            else:
-                patch, inside = rotate(patch, low + u(W_ANGLE) * (high - low))
-                region = dilate(fractal_mask, self.mix.dilation) & inside
-            if kind == "fractal_paste" and u(W_NOISE) < self.mix.noise_p and self.mix.noise_amplitude > 0:
-                noise = gaussian_noise(self.seed, epoch, index, patch.numel())
-                patch = patch + self.mix.noise_amplitude * torch.from_numpy(noise).view_as(patch).to(patch.device)
-            content = patch
-        else:
-            region = dilate(fractal_mask, self.mix.dilation)
-            amount = u(W_JITTER_AMOUNT)
-            if kind == "blur":
-                content = box_blur(target, 1 + int(amount * 3))
-            elif kind == "contrast":
-                content = colour_jitter(target, 1, amount)
-            else:  # colour: a per-channel shift of 20-60 grey levels, sign per channel
-                shift = torch.tensor([(20 + 40 * amount) * (1 if u(k) < 0.5 else -1)
-                                      for k in (W_FLIP_H, W_FLIP_V, W_SPARE)], device=target.device)
-                content = target + shift.view(3, 1, 1)
-        content = content.round().clamp(0, 255).to(torch.uint8)
-        box = out[b, :, dst_y:dst_y + side, dst_x:dst_x + side]
-        changed = region & (content != box).any(dim=0)
-        box[:, changed] = content[:, changed]
-        masks[b, dst_y:dst_y + side, dst_x:dst_x + side] |= changed
+    def placed_fractal_masks(self, plan, indices: np.ndarray, epoch: int, device) -> torch.Tensor:
+        """(n, S, S) dilated fractal masks of the anomalous samples (S the largest side, zero-padded);
+        one renderer call per distinct side, scars get none."""
+        sides, kinds = plan["side"], plan["kind"]
+        biggest = int(sides.max())
+        out = torch.zeros(len(sides), biggest, biggest, dtype=torch.bool, device=device)
+        scar = KINDS.index("scar")
+        for side in np.unique(sides[kinds != scar]):
+            rows = np.flatnonzero((sides == side) & (kinds != scar))
+            rendered = dilate(self.fractal_masks(int(side), indices[plan["chosen"][rows]], epoch).to(device),
+                              self.mix.dilation)
+            padded = F.pad(rendered, (0, biggest - int(side), 0, biggest - int(side)))
+            out.index_copy_(0, torch.as_tensor(rows, device=device), padded)
+        return out
 
-    @staticmethod
-    def _scar_region(side: int, aspect_u: float, device) -> torch.Tensor:
-        """A centred thin rectangle: full length, width 10-25% of the side (CutPaste scar proportions)."""
-        thickness = max(1, int(round(side * (0.1 + 0.15 * aspect_u))))
-        region = torch.zeros(side, side, dtype=torch.bool, device=device)
-        start = (side - thickness) // 2
-        region[start:start + thickness, :] = True
-        return region
+    def defects(self, images, target, ints, p, fractal, noise_row, noise, kinds: set):
+        """(content (n, 3, S, S) float, region (n, S, S) bool) of the anomalous samples in their windows;
+        ``target`` (n, 3, S, S) the windows' current pixels, ``kinds`` the kind indices present (the host
+        knows them: absent kinds cost nothing)."""
+        device = images.device
+        n, _, size, _ = target.shape
+        s = ints["side"].view(n, 1, 1)
+        ly = torch.arange(size, device=device).view(1, -1, 1)
+        lx = torch.arange(size, device=device).view(1, 1, -1)
+        in_box = (ly < s) & (lx < s)
+        # Rotation about the patch centre, nearest, as affine_grid + grid_sample (align_corners=False).
+        sf = s.float()
+        xn, yn = (2 * lx.float() + 1) / sf - 1, (2 * ly.float() + 1) / sf - 1
+        c, sn = p["cos"].float().view(n, 1, 1), p["sin"].float().view(n, 1, 1)
+        ix = torch.round(((c * xn - sn * yn + 1) * sf - 1) / 2).long()
+        iy = torch.round(((sn * xn + c * yn + 1) * sf - 1) / 2).long()
+        inside = (ix >= 0) & (ix < s) & (iy >= 0) & (iy < s)
+        kind = ints["kind"].view(n, 1, 1)
+        content, region = target, torch.zeros_like(in_box)
+        fractal_here = fractal[:, :size, :size] & in_box
+        if kinds & {KINDS.index("fractal_paste"), KINDS.index("scar")}:
+            # The flipped, jittered crop of the source image at the rotated coordinate.
+            px = torch.where(ints["flip_h"].bool().view(n, 1, 1), s - 1 - ix, ix)
+            py = torch.where(ints["flip_v"].bool().view(n, 1, 1), s - 1 - iy, iy)
+            source = images.index_select(0, ints["source"]).float()
+            src_y, src_x = ints["src_y"].view(n, 1, 1), ints["src_x"].view(n, 1, 1)
+            crop_mean = window_mean(gather_pixels(source, src_y + ly, src_x + lx), in_box, ints["side"])
+            pasted = gather_pixels(source, src_y + py, src_x + px)
+            pasted = colour_jitter(pasted, ints["jitter"], p["factor"].float(), crop_mean)
+            pasted = pasted * inside[:, None]  # grid_sample's zero padding outside the patch
+            if noise is not None:
+                where = (torch.arange(3, device=device).view(1, 3, 1, 1) * s.view(n, 1, 1, 1) ** 2
+                         + (ly * s + lx)[:, None]).clamp(0, noise.shape[1] - 1)
+                values = noise.index_select(0, noise_row.clamp(min=0)).gather(1, where.flatten(1)).view_as(pasted)
+                pasted = pasted + values * (noise_row >= 0).view(n, 1, 1, 1)
+            start = (s - ints["thickness"].view(n, 1, 1)) // 2
+            scar_region = inside & (iy >= start) & (iy < start + ints["thickness"].view(n, 1, 1)) & in_box
+            pasting = (kind == KINDS.index("fractal_paste")) | (kind == KINDS.index("scar"))
+            content = torch.where(pasting[:, None], pasted, content)
+            region = torch.where(kind == KINDS.index("scar"), scar_region,
+                                 torch.where(kind == KINDS.index("fractal_paste"), fractal_here & inside, region))
+        # Local kinds: the window's own box, blurred, contrast-changed or colour-shifted, under the fractal mask.
+        local = {"blur": lambda: box_blur(target, ints["side"], ints["blur_radius"]),
+                 "contrast": lambda: colour_jitter(target, torch.ones_like(ints["jitter"]), p["factor"].float(),
+                                                   window_mean(target, in_box, ints["side"])),
+                 "colour": lambda: target + p["shift"].float().view(n, 3, 1, 1)}
+        for name, make in local.items():
+            if KINDS.index(name) in kinds:
+                mine = kind == KINDS.index(name)
+                content = torch.where(mine[:, None], make(), content)
+                region = torch.where(mine, fractal_here, region)
+        return content, region

@@ -17,15 +17,12 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from torch.utils.data import DataLoader
 
 from fractal_pretrain.adapt.model import AdaptModule
 from fractal_pretrain.config import ConfigError, check_range
-from fractal_pretrain.train.callbacks import RequeueOnSignal
-from fractal_pretrain.train.cli import CHECKPOINT_DIR, RunConfig, check_slurm_layout, default_loggers, resume_checkpoint
+from fractal_pretrain.train.cli import RunConfig, add_run_callbacks, fit_resuming, run_directory
 
 
 class AdaptData(pl.LightningDataModule):
@@ -61,25 +58,12 @@ class AdaptCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         config = self.config_init
-        trainer = config["trainer"]
-        root = Path(trainer.get("default_root_dir") or "runs/adapt")
-        trainer["default_root_dir"] = str(root)
-        if trainer.get("logger") in (None, True):
-            kwargs["logger"] = default_loggers(root)
+        root = run_directory(config, kwargs, "runs/adapt")
         if config["checkpoint_every_n_steps"] < 1:
             raise ConfigError("checkpoint_every_n_steps must be >= 1")
-        if (trainer.get("max_steps") or -1) < 1:
+        if (config["trainer"].get("max_steps") or -1) < 1:
             raise ConfigError("trainer.max_steps: adapt needs a fixed number of steps (>= 1)")
-        trainer["callbacks"] = list(trainer.get("callbacks") or []) + [
-            ModelCheckpoint(dirpath=root / CHECKPOINT_DIR, every_n_train_steps=config["checkpoint_every_n_steps"],
-                            save_last=True, save_top_k=0),
-            ExportProjector(),
-            RequeueOnSignal(check_every=config["requeue_check_every"]),
-        ]
-        if SLURMEnvironment.detect():
-            check_slurm_layout(trainer.get("devices", "auto"), trainer.get("num_nodes", 1))
-            if not trainer.get("plugins"):
-                kwargs["plugins"] = [SLURMEnvironment(auto_requeue=False)]
+        add_run_callbacks(config, kwargs, root, [ExportProjector()])
         return super().instantiate_trainer(**kwargs)
 
 
@@ -95,9 +79,4 @@ def adapt(argv: Sequence[str]) -> int:
                            seed_everything_default=0, parser_kwargs={"prog": "fractal-pretrain adapt"})
         except BackboneError as err:
             raise ConfigError(f"model.backbone: {err}") from None
-    root = Path(cli.trainer.default_root_dir)
-    ckpt = resume_checkpoint(root, cli.config["ckpt_path"])
-    if ckpt:
-        print(f"resuming from {ckpt}", flush=True)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
-    return 0
+    return fit_resuming(cli)

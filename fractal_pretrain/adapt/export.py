@@ -1,10 +1,12 @@
 """The projector hand-off from ``adapt`` to ``ad_eval``: ``projector.pt`` + ``projector.json``.
 
-``projector.pt``: ``{"state_dict": projector weights, "centers": {layer: (C,) mean normal residual}}``.
+``projector.pt``: ``{"state_dict": projector weights (with each layer's ``residual_scale`` buffer, the
+divisor of its input residuals), "centers": {layer: (C,) mean normal residual, in scaled units}}``.
 ``projector.json``: ``{"format", "backbone" (the spec adapt loaded), "backbone_digest", "arch", "layers",
 "channels", "projector" (ProjectorConfig), "shots" (K at evaluation), "center_shots", "recipe",
-"recipe_config", "anomalies", "seed", "steps"}``. The digest is over the backbone weights (every
-tensor, sorted by name), so a projector is only ever used on the features it was trained on.
+"recipe_config", "anomalies", "seed", "steps", "residual_scales" (the same divisors, for reading)}``.
+The digest is over the backbone weights (every tensor, sorted by name), so a projector is only ever used
+on the features it was trained on.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 
 from fractal_pretrain.config import ConfigError
 
-FORMAT = "fractal-pretrain-projector/1"
+FORMAT = "fractal-pretrain-projector/2"  # 2: per-layer residual_scale buffers in the state dict
 WEIGHTS_NAME = "projector.pt"
 META_NAME = "projector.json"
 

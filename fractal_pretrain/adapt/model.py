@@ -178,9 +178,12 @@ class AdaptModule(pl.LightningModule):
 
     @torch.no_grad()
     def compute_centers(self) -> None:
-        """Mean normal residual per layer (K = center_shots) over ``center_images`` training-class renders."""
+        """Per layer, over ``center_images`` training-class renders (K = center_shots): the residual scale
+        (mean norm of the normal residuals, the projector's fixed input divisor) and the centre (mean normal
+        residual, in scaled units: the projector's input and, through its skip, output units)."""
         total = {name: torch.zeros(c, device=self.device, dtype=torch.float64) for name, c in self.channels.items()}
-        count, done, batch = 0, 0, 0
+        norms = {name: torch.zeros((), device=self.device, dtype=torch.float64) for name in self.channels}
+        done, batch = 0, 0
         while done < self.hparams.center_images:
             n = min(self.hparams.batch_size, self.hparams.center_images - done)
             _, classes = self.batch_plan(2**30 + batch, (0, self.train_classes), None)
@@ -192,12 +195,15 @@ class AdaptModule(pl.LightningModule):
             (res,) = self.residuals([images.float() / 255.0], refs, k)
             for name, r in res.items():
                 total[name] += r.double().sum(dim=(0, 2, 3))
-            count += n * 1
+                norms[name] += torch.linalg.vector_norm(r.double(), dim=1).sum()
             done += n
             batch += 1
         for name in self.layers:
             spatial = res[name].shape[-2] * res[name].shape[-1]
-            getattr(self, f"center_{name}").copy_((total[name] / (count * spatial)).float())
+            count = done * spatial
+            scale = (norms[name] / count).clamp_min(1e-6)  # all-zero residuals (identical references): no scaling
+            self.projector.layers[name].residual_scale.copy_(scale.float())
+            getattr(self, f"center_{name}").copy_((total[name] / count / scale).float())
         self.centers_ready.fill_(True)
 
     # ------------------------------------------------------------------ Lightning
@@ -256,6 +262,6 @@ class AdaptModule(pl.LightningModule):
             "center_images": self.hparams.center_images, "recipe": self.recipe.name,
             "recipe_config": self.recipe.to_dict(), "anomalies": self.mix.to_dict(), "seed": self.hparams.seed,
             "size": self.hparams.size, "steps": steps, "batches": int(self.batches_seen),
-            "bank_bytes": self.projector.bank_bytes(),
+            "bank_bytes": self.projector.bank_bytes(), "residual_scales": self.projector.scales(),
         }
         write_projector(folder, self.projector.state_dict(), self.centers(), meta)

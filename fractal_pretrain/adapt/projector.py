@@ -5,6 +5,14 @@
 x - Attn(x, bank, bank) (subtractive); then an MLP C -> 4C, a squeeze-excitation gate over the hidden
 vector of each token, GELU, 4C -> C, with a skip. ``kind="mlp"`` is the simpler variant without the bank
 and the attention (the MLP block alone), kept to measure what the attention adds. Both keep (B, C, h, w).
+
+Residual scale (not in ADPretrain): each layer divides its input by a fixed ``residual_scale`` buffer, the
+mean norm of normal residuals of that layer (set once before training, ``AdaptModule.compute_centers``).
+ADPretrain feeds raw ViT residuals and its norm loss has fixed constants (normal shell at compressed norm
+0.4, i.e. ||e|| ~ 0.96; abnormal margin 0.75). CNN residual norms are ~10: the exp(distance) weights of
+the norm loss explode (loss ~3e5). Keeping §3.4's constants as written and instead dividing by the mean
+normal residual norm puts normal residuals at mean norm 1 (compressed 0.41), on the shell the loss
+describes; the buffer is in the state dict, so ``ad_eval`` (``projection.py``) applies the same division.
 """
 
 from __future__ import annotations
@@ -65,10 +73,11 @@ class LayerProjector(nn.Module):
         hidden = channels * config.mlp_ratio
         self.mlp = nn.Sequential(nn.Linear(channels, hidden), SqueezeExcitation(hidden, config.se_reduction),
                                  nn.GELU(), nn.Linear(hidden, channels))
+        self.register_buffer("residual_scale", torch.ones(()))  # fixed before training, never trained
 
     def forward(self, residual: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = residual.shape
-        x = residual.flatten(2).transpose(1, 2)  # (B, hw, C)
+        x = (residual / self.residual_scale.to(residual.dtype)).flatten(2).transpose(1, 2)  # (B, hw, C)
         if self.kind == "attention":
             bank = self.embed(self.bank).transpose(1, 2).expand(batch, -1, -1)  # (B, bank, C)
             x = x - self.attention(x, bank, bank, need_weights=False)[0]
@@ -87,6 +96,9 @@ class Projector(nn.Module):
 
     def forward(self, residuals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {name: self.layers[name](r) for name, r in residuals.items()}
+
+    def scales(self) -> dict[str, float]:
+        return {name: float(m.residual_scale) for name, m in self.layers.items()}
 
     def bank_bytes(self) -> int:
         """Memory of the learnable reference banks (parameters only)."""

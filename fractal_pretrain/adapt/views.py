@@ -12,44 +12,59 @@ import torch
 import torch.nn.functional as F
 
 from fractal_pretrain import rng
+from fractal_pretrain.augment.augmenter import upload
 
 JITTER = 0.4
 JITTER_P, GREY_P, BLUR_P = 0.8, 0.2, 0.5
 BLUR_SIGMA = (0.1, 2.0)
 
 
-def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
-    """(3, H, W) float Gaussian blur, kernel radius ceil(3 sigma), reflect padding."""
-    radius = max(1, int(np.ceil(3 * sigma)))
-    radius = min(radius, image.shape[-1] - 1, image.shape[-2] - 1)
-    x = torch.arange(-radius, radius + 1, device=image.device, dtype=image.dtype)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    out = F.pad(image[None], (radius, radius, radius, radius), mode="reflect")
-    out = F.conv2d(out, kernel.view(1, 1, 1, -1).expand(3, 1, 1, -1), groups=3)
-    return F.conv2d(out, kernel.view(1, 1, -1, 1).expand(3, 1, -1, 1), groups=3)[0]
+def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, radius: torch.Tensor, max_radius: int) -> torch.Tensor:
+    """(B, 3, H, W) float Gaussian blur, per-sample ``sigma`` and kernel ``radius`` (B,), reflect padding;
+    one grouped convolution per axis (kernels zero beyond their radius, up to ``max_radius``)."""
+    batch, channels, height, width = images.shape
+    x = torch.arange(-max_radius, max_radius + 1, device=images.device, dtype=images.dtype)
+    kernel = torch.exp(-0.5 * (x / sigma.view(-1, 1)) ** 2) * (x.abs() <= radius.view(-1, 1))
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(channels, dim=0)  # (B C, K)
+    out = F.pad(images.reshape(1, batch * channels, height, width), (max_radius,) * 4, mode="reflect")
+    out = F.conv2d(out, kernel.view(batch * channels, 1, 1, -1), groups=batch * channels)
+    out = F.conv2d(out, kernel.view(batch * channels, 1, -1, 1), groups=batch * channels)
+    return out.view(batch, channels, height, width)
+
+
+def grey(images: torch.Tensor) -> torch.Tensor:
+    return (0.299 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2])[:, None]
 
 
 def photometric_view(images: torch.Tensor, indices, seed: int, view: int) -> torch.Tensor:
-    """(B, 3, H, W) float [0, 1] view of (B, 3, H, W) uint8 ``images`` keyed by (seed, index, view)."""
+    """(B, 3, H, W) float [0, 1] view of (B, 3, H, W) uint8 ``images`` keyed by (seed, index, view).
+
+    The draws are made on the host and go to the images' device in one copy; the view is batched tensor
+    ops (no per-sample loop)."""
     indices = np.asarray(indices, dtype=np.int64).reshape(-1)
     words = np.stack([np.stack(rng.draw_words(seed, 0, indices, rng.STREAM_VIEWS, d, slot=view), -1)
                       for d in range(2)], axis=1).reshape(len(indices), 8)
     u = rng.to_uniform(words)
+    height, width = images.shape[-2:]
+    sigma = BLUR_SIGMA[0] + u[:, 6].astype(np.float64) * (BLUR_SIGMA[1] - BLUR_SIGMA[0])
+    radius = np.minimum(np.maximum(1, np.ceil(3 * sigma)), min(height, width) - 1)
+    max_radius = int(min(np.ceil(3 * BLUR_SIGMA[1]), height - 1, width - 1))
+    factors = 1 - JITTER + 2 * JITTER * u[:, 1:4]
+    blurred = np.flatnonzero(u[:, 5] < BLUR_P)  # the host knows which: only those are blurred
+    jitter, to_grey, rows, factors, sigma, radius = upload(
+        [u[:, 0] < JITTER_P, u[:, 4] < GREY_P, blurred, factors, sigma[blurred].astype(np.float32), radius[blurred]],
+        images.device)
+    flag = lambda v: v.bool().view(-1, 1, 1, 1)  # noqa: E731 - a per-sample condition over an image
+    per = lambda v: v.float().view(-1, 1, 1, 1)  # noqa: E731
     x = images.float() / 255.0
-    out = []
-    for b in range(len(indices)):
-        img = x[b]
-        if u[b, 0] < JITTER_P:
-            brightness, contrast, saturation = (1 - JITTER + 2 * JITTER * float(u[b, k]) for k in (1, 2, 3))
-            img = img * brightness
-            img = (img - img.mean()) * contrast + img.mean()
-            grey = (0.299 * img[0] + 0.587 * img[1] + 0.114 * img[2])[None]
-            img = (img - grey) * saturation + grey
-            img = img.clamp(0, 1)
-        if u[b, 4] < GREY_P:
-            img = (0.299 * img[0] + 0.587 * img[1] + 0.114 * img[2])[None].expand(3, -1, -1)
-        if u[b, 5] < BLUR_P:
-            img = gaussian_blur(img.contiguous(), BLUR_SIGMA[0] + float(u[b, 6]) * (BLUR_SIGMA[1] - BLUR_SIGMA[0]))
-        out.append(img)
-    return torch.stack(out)
+    jittered = x * per(factors[:, 0])
+    mean = jittered.mean(dim=(1, 2, 3), keepdim=True)
+    jittered = (jittered - mean) * per(factors[:, 1]) + mean
+    g = grey(jittered)
+    jittered = ((jittered - g) * per(factors[:, 2]) + g).clamp(0, 1)
+    x = torch.where(flag(jitter), jittered, x)
+    x = torch.where(flag(to_grey), grey(x).expand(-1, 3, -1, -1), x)
+    if len(blurred) == 0:
+        return x
+    rows = rows.long()
+    return x.index_copy(0, rows, gaussian_blur(x.index_select(0, rows), sigma.float(), radius, max_radius))

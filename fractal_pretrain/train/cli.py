@@ -72,29 +72,55 @@ class FractalCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         config = self.config_init
-        trainer = config["trainer"]
-        root = Path(trainer.get("default_root_dir") or "runs/default")
-        trainer["default_root_dir"] = str(root)
-        if trainer.get("logger") in (None, True):
-            kwargs["logger"] = default_loggers(root)
+        root = run_directory(config, kwargs, "runs/default")
         if config["checkpoint_every_n_steps"] < 1 or config["keep_every_n_epochs"] < 1:
             raise ConfigError("checkpoint_every_n_steps and keep_every_n_epochs must be >= 1")
-        trainer["callbacks"] = list(trainer.get("callbacks") or []) + [
-            ModelCheckpoint(dirpath=root / CHECKPOINT_DIR, every_n_train_steps=config["checkpoint_every_n_steps"],
-                            save_last=True, save_top_k=0),
+        add_run_callbacks(config, kwargs, root, [
             ModelCheckpoint(dirpath=root / CHECKPOINT_DIR, every_n_epochs=config["keep_every_n_epochs"],
                             save_top_k=-1, filename="{epoch:03d}-{step}"),
             LearningRateMonitor(logging_interval="step"),
             ImagesPerSecond(),
             ExportBackbone(),
-            RequeueOnSignal(check_every=config["requeue_check_every"]),
-        ]
-        if SLURMEnvironment.detect():
-            check_slurm_layout(trainer.get("devices", "auto"), trainer.get("num_nodes", 1))
-            if not trainer.get("plugins"):
-                # Preemption is handled by RequeueOnSignal (+ host-side scontrol), which also works in containers.
-                kwargs["plugins"] = [SLURMEnvironment(auto_requeue=False)]
+        ])
         return super().instantiate_trainer(**kwargs)
+
+
+def run_directory(config, kwargs: dict, default: str) -> Path:
+    """The run directory (``trainer.default_root_dir``, else ``default``), with the default loggers in it
+    unless the config names its own (``fit`` and ``adapt``)."""
+    trainer = config["trainer"]
+    root = Path(trainer.get("default_root_dir") or default)
+    trainer["default_root_dir"] = str(root)
+    if trainer.get("logger") in (None, True):
+        kwargs["logger"] = default_loggers(root)
+    return root
+
+
+def add_run_callbacks(config, kwargs: dict, root: Path, callbacks: list) -> None:
+    """last.ckpt every ``checkpoint_every_n_steps``, then ``callbacks``, then the requeue check; under Slurm
+    the layout check and the plugin (``fit`` and ``adapt``)."""
+    trainer = config["trainer"]
+    trainer["callbacks"] = list(trainer.get("callbacks") or []) + [
+        ModelCheckpoint(dirpath=root / CHECKPOINT_DIR, every_n_train_steps=config["checkpoint_every_n_steps"],
+                        save_last=True, save_top_k=0),
+        *callbacks,
+        RequeueOnSignal(check_every=config["requeue_check_every"]),
+    ]
+    if SLURMEnvironment.detect():
+        check_slurm_layout(trainer.get("devices", "auto"), trainer.get("num_nodes", 1))
+        if not trainer.get("plugins"):
+            # Preemption is handled by RequeueOnSignal (+ host-side scontrol), which also works in containers.
+            kwargs["plugins"] = [SLURMEnvironment(auto_requeue=False)]
+
+
+def fit_resuming(cli: LightningCLI) -> int:
+    """``trainer.fit`` from the checkpoint ``--ckpt_path`` names (auto: the newest in the run directory)."""
+    root = Path(cli.trainer.default_root_dir)
+    ckpt = resume_checkpoint(root, cli.config["ckpt_path"])
+    if ckpt:
+        print(f"resuming from {ckpt}", flush=True)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+    return 0
 
 
 def check_slurm_layout(devices, num_nodes) -> None:
@@ -128,9 +154,4 @@ def fit(argv: Sequence[str]) -> int:
             seed_everything_default=0, parser_kwargs={"prog": "fractal-pretrain fit"},
         )
     cli.datamodule.load_images()  # bad images are errors before the run directory is touched
-    root = Path(cli.trainer.default_root_dir)
-    ckpt = resume_checkpoint(root, cli.config["ckpt_path"])
-    if ckpt:
-        print(f"resuming from {ckpt}", flush=True)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
-    return 0
+    return fit_resuming(cli)
