@@ -26,12 +26,12 @@ import dataclasses
 import io
 import json
 import os
-import tarfile
 import struct
+import tarfile
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

@@ -165,7 +165,7 @@ def upload(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]
         host = host.pin_memory()  # pageable copies may synchronise with the device
     staged = host.to(device, non_blocking=True)
     out, offset = [], 0
-    for array, values in zip(arrays, flat):
+    for array, values in zip(arrays, flat, strict=True):
         out.append(staged[offset:offset + len(values)].view(np.shape(array)))
         offset += len(values)
     return out

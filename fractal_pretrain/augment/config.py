@@ -64,7 +64,7 @@ class AugmentConfig:
         check_range("mix_alpha", self.mix_alpha, 1e-3, 1e3)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any] | None) -> "AugmentConfig":
+    def from_dict(cls, values: dict[str, Any] | None) -> AugmentConfig:
         """Build from a YAML mapping; unknown keys and bad values raise a one-line ConfigError."""
         if values is not None and not isinstance(values, dict):
             raise ConfigError(f"augment={values!r}: must be a mapping of augmentation keys")

@@ -5,18 +5,17 @@ Run: PYTHONPATH=$PWD .venv/bin/python -m pytest tests/fractal_pretrain/test_augm
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_augment_ops import tv_apply
 from torchvision.transforms import AutoAugment, AutoAugmentPolicy
 from torchvision.transforms.v2 import functional as TF
 
 from fractal_pretrain.augment import AugmentConfig, BatchAugmenter, apply_mix
 from fractal_pretrain.augment.params import mix_params, sample_params
 from fractal_pretrain.config import ConfigError
-from test_augment_ops import tv_apply
 
 OFDB = AugmentConfig(enabled=True, size=32)  # OFDB-4AD's settings at a small output size
 
@@ -296,7 +295,9 @@ def test_cuda_batch_never_syncs_and_matches_cpu():
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["Color", "Contrast", "Sharpness", "Rotate", "ShearX", "Equalize", "AutoContrast"])
 def test_cuda_ops_equal_torchvision_on_cuda(name):
-    from test_augment_ops import CASES, _images as op_images
+    from test_augment_ops import CASES
+    from test_augment_ops import _images as op_images
+
     from fractal_pretrain.augment import ops
 
     images, mags = op_images().cuda(), CASES[name]

@@ -31,7 +31,8 @@ for name, size, force_global, overrides in cases:
     print("ok", name, size, force_global, flush=True)
 from fractal_pretrain.mandelbulb.renderer import MandelbulbKernelRenderer
 small = {"rules": [42, 506, 413], "num_classes": 10, "bank_views": 2, "shadow": False}
-for name, mode in (("mandelbulbvar", "on_the_fly"), ("multimandelbulb", "on_the_fly"), ("multimandelbulb", "view_bank")):
+cases = (("mandelbulbvar", "on_the_fly"), ("multimandelbulb", "on_the_fly"), ("multimandelbulb", "view_bank"))
+for name, mode in cases:
     recipe = get_recipe(name, {**small, "num_classes": 51 if name == "mandelbulbvar" else 10, "mode": mode,
                                "background": "plasma"})
     MandelbulbKernelRenderer(recipe, size=12, seed=1, emulate=True).render_tensor(np.arange(3), dtype="float32")
