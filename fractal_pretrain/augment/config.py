@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fractal_pretrain.config import ConfigError, check_choice, check_pair, check_range, replace_checked
+from fractal_pretrain.render.base import IMAGENET_MEAN, IMAGENET_STD
 
 AUTOAUGMENT_POLICIES = ("imagenet", "none")
 
@@ -31,8 +32,8 @@ class AugmentConfig:
     # --- 3. AutoAugment (torchvision's 25 ImageNet sub-policies, nearest, fill 0) ---
     autoaugment: str = "imagenet"  # "imagenet" | "none"
     # --- 4. normalisation of [0, 1] pixels ---
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
     # --- 5. RandomErasing on the normalised image ---
     erase_p: float = 0.5
     erase_scale: tuple[float, float] = (0.02, 0.33)  # erased area as a fraction of the image area
