@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from fractal_pretrain.atomic import atomic_write
 from fractal_pretrain.config import ConfigError
 
 FORMAT = "fractal-pretrain-projector/2"  # 2: per-layer residual_scale buffers in the state dict
@@ -37,15 +38,13 @@ def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
 
 
 def write_projector(folder: Path, state_dict: dict, centers: dict, meta: dict) -> None:
-    """Writes both files atomically (each to a temporary name, then renamed)."""
+    """Writes both files atomically (``fractal_pretrain.atomic``: a killed job never leaves half a file)."""
     folder.mkdir(parents=True, exist_ok=True)
-    weights, sidecar = folder / WEIGHTS_NAME, folder / META_NAME
-    weights_tmp, sidecar_tmp = folder / f"{WEIGHTS_NAME}.tmp", folder / f"{META_NAME}.tmp"
-    torch.save({"state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
-                "centers": {k: v.detach().cpu().float() for k, v in centers.items()}}, weights_tmp)
-    sidecar_tmp.write_text(json.dumps({"format": FORMAT, **meta}, indent=2) + "\n")
-    weights_tmp.replace(weights)
-    sidecar_tmp.replace(sidecar)
+    payload = {"state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
+               "centers": {k: v.detach().cpu().float() for k, v in centers.items()}}
+    text = json.dumps({"format": FORMAT, **meta}, indent=2) + "\n"
+    atomic_write(folder / WEIGHTS_NAME, lambda f: torch.save(payload, f))
+    atomic_write(folder / META_NAME, lambda f: f.write(text.encode()))
 
 
 def read_projector(path: str | Path) -> tuple[dict, dict]:
