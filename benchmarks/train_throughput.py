@@ -251,11 +251,14 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], help="recipe override KEY=VALUE (YAML value)")
     parser.add_argument("--ofdb", action="store_true", help="OFDB-4AD settings: fixed set + data.augment (--size 512)")
     parser.add_argument("--simsiam", action="store_true", help="two-view SimSiam step on the selfsup recipe")
+    parser.add_argument("--matmul-precision", default="high", choices=("highest", "high", "medium"),
+                        help="torch.set_float32_matmul_precision, as fit's --float32_matmul_precision (default high)")
     args = parser.parse_args(argv)
     import yaml
 
     overrides = dict((kv.split("=", 1)[0], yaml.safe_load(kv.split("=", 1)[1])) for kv in args.set)
     torch.backends.cudnn.benchmark = True
+    torch.set_float32_matmul_precision(args.matmul_precision)
     for arch in args.archs.split(","):
         if args.simsiam:
             row = bench_simsiam(arch, args.batch, args.size, args.steps, args.warmup, args.compile, args.dtype,

@@ -24,6 +24,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -69,10 +70,15 @@ class FractalCLI(LightningCLI):
         parser.add_argument("--keep_every_n_epochs", type=int, default=10, help="keep a checkpoint every N epochs")
         parser.add_argument("--requeue_check_every", type=int, default=10,
                             help="steps between checks for a requeue signal (each check syncs the ranks)")
+        parser.add_argument("--float32_matmul_precision", default="high", choices=["highest", "high", "medium"],
+                            help="torch.set_float32_matmul_precision on CUDA: 'high' lets float32 products "
+                                 "(the augmentation's crop, anything outside autocast) use TF32")
 
     def instantiate_trainer(self, **kwargs):
         config = self.config_init
         root = run_directory(config, kwargs, "runs/default")
+        if torch.cuda.is_available():  # CPU matmuls keep full float32 (tests compare runs bit for bit)
+            torch.set_float32_matmul_precision(config["float32_matmul_precision"])
         if config["checkpoint_every_n_steps"] < 1 or config["keep_every_n_epochs"] < 1:
             raise ConfigError("checkpoint_every_n_steps and keep_every_n_epochs must be >= 1")
         add_run_callbacks(config, kwargs, root, [

@@ -123,6 +123,15 @@ def test_unknown_config_key_is_an_error(tmp_path, capsys):
     assert "batch_sise" in capsys.readouterr().err
 
 
+def test_bad_matmul_precision_is_an_error_naming_the_allowed_values(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(fit_args(tmp_path, "--float32_matmul_precision", "tf32"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "float32_matmul_precision" in err and "highest" in err
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
 def test_bad_value_names_the_key(tmp_path, capsys):
     assert main(fit_args(tmp_path, "--data.size", "3")) == 2
     assert "data.size=3" in capsys.readouterr().err
@@ -222,6 +231,7 @@ def test_fit_on_gpu_renders_on_the_device(tmp_path):
     header = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     assert "val/mAP" in header
     assert json.loads((tmp_path / "backbone.json").read_text())["steps"] == 3
+    assert torch.get_float32_matmul_precision() == "high"  # the default lets float32 products use TF32
 
 
 @pytest.mark.parametrize("config", sorted((REPO / "jobs" / "pretrain").glob("*.yaml")), ids=lambda p: p.name)
