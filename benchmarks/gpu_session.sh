@@ -21,7 +21,7 @@ stage="${1:?usage: gpu_session.sh kernels|pretrain|versions|mandelbulb|ofdb|ofdb
 out="${OUT:-gpu-logs}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 FRACTAL_PRETRAIN_CACHE=/tmp/fp-banks
+  && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 FRACTAL_PRETRAIN_CACHE=/tmp/fp-cache
 {
   date -u
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv

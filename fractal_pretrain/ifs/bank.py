@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from fractal_pretrain.atomic import atomic_write
+from fractal_pretrain.cache import cache_root
 from fractal_pretrain.ifs.sample import (
     MAX_MAPS,
     fill_rate,
@@ -51,7 +52,6 @@ SAMPLERS = ("svd", "fractaldb")
 CONTRACTIVITY_TOLERANCE = 1e-6
 # Smallest fill image that leaves room inside fill_rate's 6-pixel margin.
 MIN_FILL_SIZE = 16
-CACHE_ENV = "FRACTAL_PRETRAIN_CACHE"
 # Fixed seed of fill_rate's chaos game, so acceptance depends on the system alone.
 FILL_SEED = 0
 
@@ -426,11 +426,8 @@ def build_bank(spec: BankSpec, seed: int, *, progress: bool = False) -> SystemBa
 
 
 def default_cache_dir() -> Path:
-    """Returns ``$FRACTAL_PRETRAIN_CACHE`` or ``~/.cache/fractal_pretrain/banks``."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env)
-    return Path.home() / ".cache" / "fractal_pretrain" / "banks"
+    """``banks/`` in the project's cache folder (``fractal_pretrain.cache``)."""
+    return cache_root() / "banks"
 
 
 def bank_path(spec: BankSpec, seed: int, cache_dir: Path | None = None) -> Path:

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fractal_pretrain.cache import cache_root
+
 RENDER_DIR = Path(__file__).resolve().parent
 KERNEL_DIR = RENDER_DIR / "kernels"
 RUNTIME_HEADER = RENDER_DIR / "emulator_runtime.h"
@@ -42,7 +44,6 @@ CXX_FLAGS = (
     "-std=c++17", "-O2", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared", "-fvisibility=hidden",
     "-fno-gnu-unique", "-Wall", "-Wno-unknown-pragmas", "-Wno-unused-function", "-Wno-unused-variable",
 )
-CACHE_ENV = "FRACTAL_PRETRAIN_CACHE"
 # Set to 1 to build kernels with AddressSanitizer: every out-of-bounds access of a kernel aborts with a
 # report. The Python process must then run with the ASan runtime preloaded (see asan_environment()).
 SANITIZE_ENV = "FRACTAL_EMULATOR_ASAN"
@@ -89,12 +90,6 @@ def asan_environment() -> dict[str, str]:
     runtime = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
     return {**os.environ, SANITIZE_ENV: "1", "LD_PRELOAD": runtime,
             "ASAN_OPTIONS": "detect_leaks=0:detect_stack_use_after_return=0:abort_on_error=0"}
-
-
-def cache_root() -> Path:
-    """The project's cache of built code: $FRACTAL_PRETRAIN_CACHE or ~/.cache/fractal_pretrain."""
-    root = os.environ.get(CACHE_ENV)
-    return Path(root) if root else Path.home() / ".cache" / "fractal_pretrain"
 
 
 def cache_dir() -> Path:

@@ -278,7 +278,7 @@ def test_cached_bank_builds_once(
 
     monkeypatch.setattr(bank_module, "build_bank", counting_build)
     first = cached_bank(SMALL_SVD, 3)
-    files = sorted((tmp_path / "cache").iterdir())
+    files = sorted((tmp_path / "cache" / "banks").iterdir())  # banks/ of the project's one cache folder
     assert [p.suffix for p in files] == [".json", ".npz"]
     npz = files[1]
     assert npz.name == f"bank-svd-3-{SMALL_SVD.cache_key()}.npz"
@@ -294,7 +294,7 @@ def test_cached_bank_builds_once(
     cached_bank(SMALL_SVD, 4)
     cached_bank(BankSpec(num_systems=12, bval=0.5), 3)
     assert len(calls) == 3
-    assert len(list((tmp_path / "cache").glob("*.npz"))) == 3
+    assert len(list((tmp_path / "cache" / "banks").glob("*.npz"))) == 3
 
 
 def test_cached_bank_explicit_dir(tmp_path: Path) -> None:
