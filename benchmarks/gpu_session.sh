@@ -9,6 +9,10 @@
 #   bash benchmarks/gpu_session.sh mandelbulb # Mandelbulb GPU tests, both modes' images/s, WRN50 vs ceiling (~6 min)
 #   bash benchmarks/gpu_session.sh ofdb       # OFDB GPU tests, end to end vs model-only ceiling at OFDB settings (~3 min)
 #   bash benchmarks/gpu_session.sh ofdb-pretrain  # jobs/pretrain/ofdb_short_r50.yaml, then PatchCore vs random init
+#   bash benchmarks/gpu_session.sh selfsup    # selfsup GPU tests, SimSiam two-view step vs its ceiling (~3 min)
+#   bash benchmarks/gpu_session.sh adapt      # adapt step cost (wrn50), then the short_r18 projector, raw vs
+#                                             # projected PatchCore/FeatureNorm (needs runs/short_r18 from
+#                                             # `pretrain` on the same warm machine; ~8 min)
 #
 # `versions` needs .bench-versions (bash benchmarks/kernel_versions.sh [COMMIT...], then carry it too): anderson
 # and fractal4ad images/s with per-kernel ms for every version and the working tree, and an image digest per
@@ -17,7 +21,7 @@
 # $OUT brings back at most 8 files of 16 MiB: a few logs, one archive, and backbone.pt in 15 MiB parts
 # (cat backbone.pt.part-* > backbone.pt).
 set -uo pipefail
-stage="${1:?usage: gpu_session.sh kernels|pretrain|versions|mandelbulb|ofdb|ofdb-pretrain}"
+stage="${1:?usage: gpu_session.sh kernels|pretrain|versions|mandelbulb|ofdb|ofdb-pretrain|selfsup|adapt}"
 out="${OUT:-gpu-logs}"
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -88,8 +92,44 @@ case "$stage" in
   ofdb-pretrain)
     pretrain_and_report ofdb_short_r50 Random,OFDB
     ;;
+  selfsup)
+    python3 -m pytest -q -m gpu tests -k "selfsup or simsiam" 2>&1 | tee "$out/gpu-tests.log"
+    for batch in 512 256; do
+      python3 benchmarks/train_throughput.py --simsiam --archs resnet50 --batch $batch --size 224 \
+        2>&1 | tee -a "$out/simsiam.jsonl"
+    done
+    ;;
+  adapt)
+    # the backbone of `pretrain`: still there on the same warm machine, or carried in .gpu_data/short_r18/
+    # (backbone.pt reassembled from the parts `pretrain` returned, and backbone.json from its archive)
+    if [ ! -f runs/short_r18/backbone.pt ] && [ -f .gpu_data/short_r18/backbone.pt ]; then
+      mkdir -p runs/short_r18 && cp .gpu_data/short_r18/backbone.* runs/short_r18/
+    fi
+    if [ ! -f runs/short_r18/backbone.pt ]; then
+      echo "adapt: runs/short_r18/backbone.pt is missing: run the pretrain stage first on this machine," \
+        "or carry .gpu_data/short_r18/backbone.pt and backbone.json" >&2
+      exit 2
+    fi
+    # 1. the step's cost on wide_resnet50_2: train/prepare_s vs train/step_s
+    python3 -m fractal_pretrain adapt --config jobs/adapt/short_gpu.yaml --model.backbone random \
+      --model.arch wide_resnet50_2 --trainer.max_steps 200 --trainer.val_check_interval 200 \
+      --trainer.enable_progress_bar false --trainer.default_root_dir runs/adapt_bench_wrn50 --ckpt_path none \
+      2>&1 | tail -n 50 > "$out/adapt_bench.log"
+    python3 benchmarks/adapt_step_share.py runs/adapt_bench_wrn50 | tee -a "$out/adapt_bench.log"
+    # 2. the short resnet18's projector, then raw vs projected on the real samples
+    python3 -m fractal_pretrain adapt --config jobs/adapt/short_gpu.yaml --trainer.enable_progress_bar false \
+      --ckpt_path none 2>&1 | tail -n 100 > "$out/adapt.log"
+    python3 -m ad_eval grid --config jobs/eval/adapt_short_r18.yaml --cluster local \
+      --out results/adapt_short_r18 > "$out/eval.log" 2>&1
+    python3 -m ad_eval report --results results/adapt_short_r18 --out reports/adapt_short_r18 \
+      --backbones Fractals,Fractals+adapt >> "$out/eval.log" 2>&1
+    cat reports/adapt_short_r18/table_*.md >> "$out/eval.log" 2>/dev/null
+    tar czf "$out/adapt_short_r18.tar.gz" runs/adapt_short_r18/logs/version_0/metrics.csv \
+      runs/adapt_short_r18/projector.json runs/adapt_bench_wrn50/logs/version_0/metrics.csv \
+      results/adapt_short_r18 reports/adapt_short_r18
+    ;;
   *)
-    echo "unknown stage $stage: kernels, pretrain, versions, mandelbulb, ofdb or ofdb-pretrain" >&2
+    echo "unknown stage $stage: kernels, pretrain, versions, mandelbulb, ofdb, ofdb-pretrain, selfsup or adapt" >&2
     exit 2
     ;;
 esac
