@@ -394,9 +394,6 @@ class ShardStream(IterableDataset):
         self.steps = stream_steps(listing.count, batch_size, world)
         self.epoch, self.start = 0, 0
 
-    def __len__(self) -> int:
-        return self.steps
-
     def segments(self, epoch: int, worker: int) -> list[tuple[int, int, int]]:
         """``(shard, skip, take)`` runs that logical ``worker`` of this rank reads in ``epoch``."""
         counts = worker_batches(self.steps, self.workers)
