@@ -31,6 +31,8 @@ STREAM_MIX = 6  # batch mixing draws; index = step, lane = rank (augment/params.
 STREAM_GROUPS = 7  # Mandelbulb class groups: index = formula (mandelbulb/params.py; host only)
 STREAM_SHOTS = 8  # ad_eval few-shot choice of train images (epoch = category key, index = image)
 STREAM_ORDER = 16  # order of a fixed image set within an epoch (train/images.py epoch_order; host only)
+STREAM_SHARDS = 17  # order of a streamed set's shards within an epoch (train/images.py shard_order; host only)
+STREAM_SHARD_SHUFFLE = 18  # shuffle buffer of a streamed set; index = rank, lane = worker (train/images.py; host only)
 STREAM_ANOMALY = 20  # adapt: synthetic anomaly draws of one sample (adapt/anomalies.py; host only)
 STREAM_ANOMALY_NOISE = 21  # adapt: per-pixel noise of one anomaly (lane = pixel block; host only)
 STREAM_REFERENCES = 22  # adapt: K and the classes of one batch (index = step; host only)

@@ -12,7 +12,10 @@ The validation set is fixed: indices ``[0, val_samples)`` of the reserved epoch 
 Fixed image sets (``train/images.py``: a recipe with ``images_per_class`` such as ``ofdb``, an image
 folder, WebDataset shards) are decoded or rendered once and stay on the device as uint8; an epoch is
 the set, visited in the order ``epoch_order(seed, epoch)``, so the same index batches (and resumes)
-apply. ``data.augment`` (``fractal_pretrain/augment``) then makes every training batch on the device;
+apply. Shards larger than ``data.resident_gb`` stream instead (``images.ShardStream``): each rank reads its
+own contiguous part of the epoch's shard sequence, ``count // (batch_size * world)`` full batches on every
+rank, and a resume skips the consumed batches, so it is exact for the same world size and worker count.
+``data.augment`` (``fractal_pretrain/augment``) then makes every training batch on the device;
 validation uses the first ``val_samples`` images of the set, resized to the augmentation's output size.
 """
 
@@ -60,30 +63,31 @@ def steps_per_epoch(total: int, batch_size: int, world: int) -> int:
     return steps
 
 
-class KeyBatches:
-    """One rank's index batches for one split; stateful, so a mid-epoch resume continues exactly.
+class ResumableBatches:
+    """A rank's batches of one split, stateful, so a mid-epoch resume continues exactly.
 
     Lightning prefetches a batch ahead, so the iterator position is not what training used: the
-    data module reports each batch actually consumed (``mark_consumed``) and ``state_dict`` saves that.
+    data module reports each batch actually consumed (``mark_consumed``) and ``state_dict`` saves that;
+    Lightning hands it back to ``load_state_dict`` on a restore, and the next iteration of that epoch
+    starts after the consumed batches (``_begin``).
     """
 
-    def __init__(self, split: str, total: int, batch_size: int, rank: int, world: int, epoch_fn):
-        self.split, self.total, self.batch_size, self.rank, self.world = split, total, batch_size, rank, world
+    steps: int
+
+    def __init__(self, epoch_fn):
         self.epoch_fn = epoch_fn
-        self.steps = steps_per_epoch(total, batch_size, world)
         self.epoch, self.consumed = -1, 0
         self._resume: dict[int, int] = {}
 
     def __len__(self) -> int:
         return self.steps
 
-    def __iter__(self):
+    def _begin(self) -> tuple[int, int]:
+        """(epoch, first step) of a new iteration: step 0, or where a restored run stopped."""
         epoch = self.epoch_fn()
         start = self._resume.pop(epoch, 0)
         self.epoch, self.consumed = epoch, start
-        for step in range(start, self.steps):
-            indices = rank_slice(step, self.total, self.batch_size, self.rank, self.world)
-            yield {"split": self.split, "epoch": epoch, "step": step, "indices": indices}
+        return epoch, start
 
     def mark_consumed(self, step: int) -> None:
         self.consumed = step + 1
@@ -93,6 +97,36 @@ class KeyBatches:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._resume = {int(state["epoch"]): int(state["consumed"])}
+
+
+class KeyBatches(ResumableBatches):
+    """One rank's index batches for one split (rendered keys or positions in a fixed set's epoch order)."""
+
+    def __init__(self, split: str, total: int, batch_size: int, rank: int, world: int, epoch_fn):
+        super().__init__(epoch_fn)
+        self.split, self.total, self.batch_size, self.rank, self.world = split, total, batch_size, rank, world
+        self.steps = steps_per_epoch(total, batch_size, world)
+
+    def __iter__(self):
+        epoch, start = self._begin()
+        for step in range(start, self.steps):
+            indices = rank_slice(step, self.total, self.batch_size, self.rank, self.world)
+            yield {"split": self.split, "epoch": epoch, "step": step, "indices": indices}
+
+
+class StreamBatches(ResumableBatches):
+    """One rank's batches of a streamed shard set (``images.ShardStream``): a DataLoader per epoch whose
+    workers read the shards; each batch is a pure function of (seed, epoch, step, rank, world, workers)."""
+
+    def __init__(self, stream: image_sets.ShardStream, num_workers: int, epoch_fn):
+        super().__init__(epoch_fn)
+        self.stream, self.num_workers, self.steps = stream, num_workers, stream.steps
+
+    def __iter__(self):
+        from torch.utils.data import DataLoader
+
+        self.stream.epoch, self.stream.start = self._begin()  # read by the workers this DataLoader starts
+        yield from DataLoader(self.stream, batch_size=None, num_workers=self.num_workers)
 
 
 class SideStreamPrefetch:
@@ -234,9 +268,8 @@ class FractalDataModule(pl.LightningDataModule):
         self.image_set: image_sets.ImageSet | None = None
         self.record: dict[str, Any] = {}
         self._orders: dict[int, Any] = {}
-        self._stream_step = 0
         self._prefetcher: SideStreamPrefetch | None = None
-        self._loaders: dict[str, KeyBatches] = {}
+        self._loaders: dict[str, ResumableBatches] = {}
 
     @property
     def num_classes(self) -> int:
@@ -356,17 +389,18 @@ class FractalDataModule(pl.LightningDataModule):
         """Steps per epoch of this rank's train loader (the same on every rank), without building it."""
         rank, world = self._world()
         if self.streams:
-            return self.listing.count // (self.batch_size * world)
+            return image_sets.stream_steps(self.listing.count, self.batch_size, world)
         return steps_per_epoch(self._train_total(), self.batch_size, world)
 
     def train_dataloader(self):
         rank, world = self._world()
         if self.streams:
-            steps = self.listing.count // (self.batch_size * world)
-            if steps < 1:
+            stream = image_sets.ShardStream(self.listing, self.batch_size, self.seed, rank, world, self.num_workers)
+            if stream.steps < 1:
                 raise ConfigError(f"data.path={self.path!r}: {self.listing.count} samples make no full batch of "
                                   f"{self.batch_size} for {world} rank(s)")
-            return image_sets.stream_loader(self.listing, self.batch_size, steps, self.seed, self.num_workers)
+            self._loaders["train"] = StreamBatches(stream, self.num_workers, self._epoch)
+            return self._loaders["train"]
         total = self._train_total()
         if total < world:
             raise ConfigError(f"data.samples_per_epoch={total}: fewer samples than ranks ({world})")
@@ -406,12 +440,12 @@ class FractalDataModule(pl.LightningDataModule):
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Index batch -> (images, targets) on this rank's device."""
-        if isinstance(batch, (tuple, list)) and self.streams:
-            return self._streamed(batch)
-        if not (isinstance(batch, dict) and "indices" in batch):
+        if not (isinstance(batch, dict) and ("indices" in batch or "images" in batch)):
             return batch
         keys = self._loaders[batch["split"]]
         keys.mark_consumed(batch["step"])
+        if "images" in batch:
+            return self._streamed(batch)
         epoch = VAL_EPOCH if batch["split"] == "val" else batch["epoch"]
         if self.image_set is not None:
             groups, labels = self._take(batch["split"], epoch, batch["indices"])
@@ -429,17 +463,20 @@ class FractalDataModule(pl.LightningDataModule):
         return self._finish([(None, images)], labels, batch["split"], epoch, batch["indices"], batch["step"])
 
     def _streamed(self, batch):
-        """A streamed shard batch (host uint8 HWC) -> the device, augmented like any other."""
+        """A streamed shard batch (uint8 (B, H, W, 3) on the host) -> the device, augmented like any other.
+
+        Its samples take the global indices a resident set's step would give them (step-major, then rank),
+        which key their augmentation draws.
+        """
         import torch
 
-        images, labels = batch
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-        images = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).to(device, non_blocking=True)
-        labels = torch.as_tensor(np.asarray(labels, dtype=np.int64)).to(device, non_blocking=True)
+        images = torch.as_tensor(batch["images"]).permute(0, 3, 1, 2).to(device, non_blocking=True)
+        labels = torch.as_tensor(batch["labels"], dtype=torch.int64).to(device, non_blocking=True)
         rank, world = self._world()
-        step, self._stream_step = self._stream_step, self._stream_step + 1
+        step = int(batch["step"])
         indices = (step * world + rank) * self.batch_size + np.arange(len(labels), dtype=np.int64)
-        return self._finish([(None, images)], labels, "train", self._epoch(), indices, step)
+        return self._finish([(None, images)], labels, "train", int(batch["epoch"]), indices, step)
 
     def _finish(self, groups, labels, split: str, epoch: int, indices: np.ndarray, step: int):
         """uint8 image groups (see ImageSet.gather) -> the model's input: augmented (training) or normalised."""

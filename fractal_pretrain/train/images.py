@@ -3,7 +3,8 @@
 A fixed set is decoded (or rendered) once and kept as one uint8 tensor ``(N, 3, H, W)`` on the
 training device, with int64 labels; each epoch visits it in an order that is a pure function of
 (seed, epoch) (:func:`epoch_order`), so a resume continues the same stream. Shards too large for
-``data.resident_gb`` stream instead (:func:`stream_loader`).
+``data.resident_gb`` stream instead (:class:`ShardStream`), with an epoch that is just as much a pure
+function of (seed, epoch) for a given world size and worker count, so their resumes are exact too.
 
 Sources (``data.source``):
 
@@ -21,13 +22,16 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
+import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch.utils.data import IterableDataset, get_worker_info
 
 from fractal_pretrain import rng
 from fractal_pretrain.config import ConfigError
@@ -81,14 +85,19 @@ class ImageSet:
         return sum(images.numel() for _, images in self.buckets)
 
 
+def philox_permutation(seed: int, epoch: int, n: int, stream: int) -> np.ndarray:
+    """A permutation of ``range(n)`` for (seed, epoch): argsort of a 64-bit Philox key per element of ``stream``."""
+    hi, lo, _, _ = rng.draw_words(seed, epoch, np.arange(n, dtype=np.int64), stream, 0)
+    keys = (hi.astype(np.uint64) << np.uint64(32)) | lo.astype(np.uint64)
+    return np.argsort(keys, kind="stable").astype(np.int64)
+
+
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     """The permutation of a fixed set of n images for (seed, epoch): position p shows image order[p].
 
-    Argsort of a 64-bit Philox key per image, so it is the same on every rank and after any resume.
+    The same on every rank and after any resume.
     """
-    hi, lo, _, _ = rng.draw_words(seed, epoch, np.arange(n, dtype=np.int64), rng.STREAM_ORDER, 0)
-    keys = (hi.astype(np.uint64) << np.uint64(32)) | lo.astype(np.uint64)
-    return np.argsort(keys, kind="stable").astype(np.int64)
+    return philox_permutation(seed, epoch, n, rng.STREAM_ORDER)
 
 
 def list_digest(entries: list[tuple[str, int]]) -> str:
@@ -323,20 +332,108 @@ def shard_set(listing: ShardListing, mixed_sizes: bool = False) -> ImageSet:
     return build_set(arrays, names, listing.labels, listing.num_classes, listing.record(), mixed_sizes)
 
 
-def stream_loader(listing: ShardListing, batch_size: int, steps: int, seed: int, num_workers: int):
-    """Batches streamed from shards too large to keep: ``steps`` batches per rank for every rank.
+# ----------------------------------------------------------------------------- streamed shards
+#
+# Epoch e of a streamed set is one sequence of samples: the shards in the order shard_order(seed, e), each
+# in its tar order. Rank r reads the contiguous part [r * Q, (r + 1) * Q) with Q = steps * batch_size and
+# steps = count // (batch_size * world), so ranks read disjoint samples and make the same number of full
+# batches (the tail of the sequence, under one global batch, is left out; another one every epoch). Within
+# a rank, batch t comes from logical worker t % W (the DataLoader's round robin over W workers); logical
+# worker l reads its own contiguous part of the rank's samples through a shuffle buffer seeded by
+# (seed, e, r, l). Everything is a pure function of (seed, e, rank, world, W): a resume after t batches
+# starts each worker where its share of batches t, t+1, ... begins and gives the same batches.
 
-    Shards are resampled per rank and worker (webdataset ``resampled=True``), and ``with_epoch`` fixes
-    the batch count, so ranks never wait on each other (../shared/reference/infra.md section 3). A stream
-    is not a pure function of (seed, epoch): a resume continues with fresh draws, not the same ones.
+SHUFFLE_BUFFER = 1000  # encoded samples per worker (webdataset's default)
+
+
+def stream_steps(count: int, batch_size: int, world: int) -> int:
+    """Full batches per rank and epoch of a streamed set (the same on every rank)."""
+    return count // (batch_size * world)
+
+
+def shard_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of a streamed set's n shards in ``epoch``."""
+    return philox_permutation(seed, epoch, n, rng.STREAM_SHARDS)
+
+
+def worker_batches(steps: int, workers: int) -> list[int]:
+    """Batches of each logical worker: worker l makes batches l, l + W, l + 2W... of the rank's epoch."""
+    return [len(range(w, steps, workers)) for w in range(workers)]
+
+
+def stream_segments(counts: tuple[int, ...], order: np.ndarray, lo: int, hi: int) -> list[tuple[int, int, int]]:
+    """``(shard, skip, take)`` runs that hold positions [lo, hi) of the epoch's sample sequence."""
+    sizes = np.asarray(counts, dtype=np.int64)[order]
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    segments = []
+    for k, shard in enumerate(order):
+        a, b = max(lo, int(starts[k])), min(hi, int(starts[k + 1]))
+        if a < b:
+            segments.append((int(shard), a - int(starts[k]), b - a))
+    return segments
+
+
+def shuffle_seed(seed: int, epoch: int, rank: int, worker: int) -> int:
+    """The 64-bit seed of one (rank, logical worker)'s shuffle buffer in ``epoch``."""
+    hi, lo, _, _ = rng.draw_words(seed, epoch, rank, rng.STREAM_SHARD_SHUFFLE, 0, lane=worker)
+    return (int(hi) << 32) | int(lo)
+
+
+class ShardStream(IterableDataset):
+    """One rank's streamed batches of one epoch, read by webdataset; a torch ``IterableDataset``.
+
+    ``epoch`` and ``start`` (batches of the epoch already consumed) are set before each iteration; every
+    DataLoader worker then yields dicts ``{split, epoch, step, images (B, H, W, 3) uint8, labels}`` for its
+    share of the steps ``start...``, in the order the DataLoader's round robin returns them.
     """
-    import webdataset as wds
 
-    urls = [str(p) for p in listing.shards]
-    # nodesplitter: webdataset refuses multi-rank pipelines without one, even resampled ones
-    dataset = (wds.WebDataset(urls, resampled=True, shardshuffle=False, seed=seed, nodesplitter=wds.split_by_node)
-               .shuffle(1000)
-               .decode("rgb8")
-               .to_tuple(";".join(SHARD_IMAGE_KEYS), "cls")
-               .batched(batch_size, partial=False))
-    return wds.WebLoader(dataset, batch_size=None, num_workers=num_workers).with_epoch(steps).with_length(steps)
+    def __init__(self, listing: ShardListing, batch_size: int, seed: int, rank: int, world: int, workers: int,
+                 buffer: int = SHUFFLE_BUFFER):
+        self.listing, self.batch_size, self.seed = listing, batch_size, seed
+        self.rank, self.world, self.workers, self.buffer = rank, world, max(1, workers), buffer
+        self.steps = stream_steps(listing.count, batch_size, world)
+        self.epoch, self.start = 0, 0
+
+    def segments(self, epoch: int, worker: int) -> list[tuple[int, int, int]]:
+        """``(shard, skip, take)`` runs that logical ``worker`` of this rank reads in ``epoch``."""
+        counts = worker_batches(self.steps, self.workers)
+        lo = (self.rank * self.steps + sum(counts[:worker])) * self.batch_size
+        order = shard_order(self.seed, epoch, len(self.listing.shards))
+        return stream_segments(self.listing.counts, order, lo, lo + counts[worker] * self.batch_size)
+
+    def _samples(self, segments):
+        """The raw samples of the segments, grouped by webdataset; a short shard is an error naming it."""
+        import webdataset as wds
+
+        for shard, skip, take in segments:
+            url = str(self.listing.shards[shard])
+            got = 0
+            for sample in itertools.islice(wds.tarfile_samples([{"url": url}]), skip, skip + take):
+                got += 1
+                yield sample
+            if got < take:
+                raise ConfigError(f"{url}: {skip + got} samples, the listing counted {self.listing.counts[shard]} "
+                                  "(the shard changed since the run started)")
+
+    def __iter__(self):
+        import webdataset as wds
+
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if workers != self.workers:
+            raise RuntimeError(f"ShardStream planned for {self.workers} worker(s), runs in {workers}")
+        epoch, start = self.epoch, self.start
+        logical = (start + worker) % workers  # the DataLoader asks worker 0 first: for step start on a resume
+        skipped = len(range(logical, start, workers))  # batches of this logical worker before start
+        pipeline = wds.DataPipeline(
+            lambda: self._samples(self.segments(epoch, logical)),
+            wds.shuffle(self.buffer, initial=self.buffer,
+                        rng=random.Random(shuffle_seed(self.seed, epoch, self.rank, logical))),
+            lambda samples: itertools.islice(samples, skipped * self.batch_size, None),  # consumed: not decoded
+            wds.decode("rgb8"),
+            wds.to_tuple(";".join(SHARD_IMAGE_KEYS), "cls"),
+            wds.batched(self.batch_size, partial=False),
+        )
+        for k, (images, labels) in enumerate(pipeline):
+            yield {"split": "train", "epoch": epoch, "step": start + worker + k * workers, "images": images,
+                   "labels": np.asarray(labels, dtype=np.int64)}

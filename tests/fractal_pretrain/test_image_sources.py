@@ -6,17 +6,20 @@ import io
 import json
 import math
 import tarfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from fit_helpers import assert_split_run_equals_straight_run, fit_command
 from PIL import Image
 
 from fractal_pretrain.cli import main
 from fractal_pretrain.export import read_shards
-from fractal_pretrain.train.images import list_digest, list_folder, list_shards, shard_set, stream_loader
+from fractal_pretrain.train.data import StreamBatches
+from fractal_pretrain.train.images import ShardStream, list_digest, list_folder, list_shards, shard_set
 from fractal_pretrain.train.model import cosine_factor, soft_cross_entropy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -92,8 +95,8 @@ def png_bytes(side: int = 16, seed: int = 0) -> bytes:
 
 
 def test_foreign_shards_with_jpg_and_cls_stream_equal_batch_counts(tmp_path):
-    # Shards of 5, 5 and 2 samples; too large for data.resident_gb 0 they stream, resampled per rank and
-    # worker, and every rank gets exactly count // (batch x world) full batches.
+    # Shards of 5, 5 and 2 samples; too large for data.resident_gb 0 they stream, and every rank gets
+    # exactly count // (batch x world) full batches.
     for s, n in enumerate((5, 5, 2)):
         samples = []
         for i in range(n):
@@ -103,8 +106,8 @@ def test_foreign_shards_with_jpg_and_cls_stream_equal_batch_counts(tmp_path):
         write_shard(tmp_path / f"part-{s}.tar", samples)
     listing = list_shards(str(tmp_path / "part-{0..2}.tar"))
     assert listing.count == 12 and listing.num_classes == 3
-    batches = list(stream_loader(listing, batch_size=4, steps=3, seed=0, num_workers=0))
-    assert len(batches) == 3 and all(len(b[1]) == 4 and b[0].shape == (4, 16, 16, 3) for b in batches)
+    batches = list(ShardStream(listing, batch_size=4, seed=0, rank=0, world=1, workers=0))
+    assert len(batches) == 3 and all(len(b["labels"]) == 4 and b["images"].shape == (4, 16, 16, 3) for b in batches)
     run = tmp_path / "run"
     assert main(fit_args(run, "--data.source", "webdataset", "--data.path", str(tmp_path), "--data.resident_gb", "0",
                          "--data.num_workers", "0", "--data.batch_size", "4", "--trainer.max_epochs", "1")) == 0
@@ -237,20 +240,80 @@ def test_images_of_different_sizes_train_when_the_augmentation_crops_them_to_one
                          "--data.batch_size", "4", "--trainer.max_steps", "2")) == 0
 
 
-def test_streamed_ranks_get_the_same_batch_count_and_different_samples(tmp_path, monkeypatch):
-    # 3 shards of unequal size for 2 ranks: split_by_node would give the ranks 2 and 1 shards (and unequal
-    # batch counts, a DDP hang); resampling gives each rank its own draws and with_epoch the same count.
-    for s, n in enumerate((6, 6, 3)):
-        write_shard(tmp_path / f"part-{s}.tar",
-                    [{"__key__": f"s{s}_{i}", "png": png_bytes(8, seed=100 * s + i), "cls": str(s).encode()}
-                     for i in range(n)])
+def write_numbered_shards(root: Path, sizes: tuple[int, ...], side: int = 8) -> None:
+    """Shards whose sample j (counted over all shards) is an image of noise seeded by j, with label j."""
+    root.mkdir(parents=True, exist_ok=True)
+    j = 0
+    for s, n in enumerate(sizes):
+        samples = []
+        for _ in range(n):
+            samples.append({"__key__": f"s{j:04d}", "png": png_bytes(side, seed=j), "cls": str(j).encode()})
+            j += 1
+        write_shard(root / f"part-{s}.tar", samples)
+
+
+def streamed(listing, epoch: int, rank: int = 0, world: int = 1, workers: int = 0, seed: int = 0, batch: int = 3,
+             consumed: int = 0) -> list[dict]:
+    """The batches one rank streams in ``epoch``, resumed after ``consumed`` batches."""
+    batches = StreamBatches(ShardStream(listing, batch, seed, rank, world, workers), workers, lambda: epoch)
+    batches.load_state_dict({"epoch": epoch, "consumed": consumed})
+    return list(batches)
+
+
+def sample_ids(batches: list[dict]) -> list[int]:
+    return [int(v) for b in batches for v in b["labels"]]
+
+
+def test_streamed_order_is_a_function_of_seed_and_epoch(tmp_path):
+    write_numbered_shards(tmp_path, (7, 5, 9, 3))
     listing = list_shards(str(tmp_path))
-    steps = listing.count // (3 * 2)
-    seen = []
-    for rank in (0, 1):  # webdataset reads the rank from RANK / WORLD_SIZE when both are set
-        monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        batches = list(stream_loader(listing, batch_size=3, steps=steps, seed=0, num_workers=0))
-        assert len(batches) == steps == 2 and all(len(labels) == 3 for _, labels in batches)
-        seen.append(np.concatenate([images for images, _ in batches]))
-    assert not np.array_equal(seen[0], seen[1])
+    first, again = streamed(listing, epoch=2), streamed(list_shards(str(tmp_path)), epoch=2)
+    assert [b["step"] for b in first] == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert sample_ids(first) == sample_ids(again)
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(torch.as_tensor(a["images"]), torch.as_tensor(b["images"]))
+    # labels name the samples: 24 of 24 distinct ones in an epoch of 8 batches of 3, shuffled
+    assert sorted(sample_ids(first)) == list(range(24)) and sample_ids(first) != list(range(24))
+    assert sample_ids(streamed(listing, epoch=3)) != sample_ids(first)
+    assert sample_ids(streamed(listing, epoch=2, seed=1)) != sample_ids(first)
+    # pixels come with their labels: sample j is noise seeded by j
+    want = np.asarray(Image.open(io.BytesIO(png_bytes(8, seed=sample_ids(first)[0]))).convert("RGB"))
+    assert np.array_equal(np.asarray(first[0]["images"][0]), want)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streamed_ranks_get_the_same_batch_count_and_disjoint_samples(tmp_path, workers):
+    # 3 shards of unequal size for 2 ranks: a split by shard would give the ranks 2 and 1 shards (and unequal
+    # batch counts, a DDP hang); each rank reads its own half of the epoch's sample sequence instead.
+    write_numbered_shards(tmp_path, (6, 6, 3))
+    listing = list_shards(str(tmp_path))
+    ranks = [streamed(listing, epoch=1, rank=rank, world=2, workers=workers) for rank in (0, 1)]
+    assert [len(b) for b in ranks] == [2, 2]  # 15 // (3 x 2)
+    assert all(len(b["labels"]) == 3 for batches in ranks for b in batches)
+    seen = [set(sample_ids(batches)) for batches in ranks]
+    assert len(seen[0]) == len(seen[1]) == 6 and not seen[0] & seen[1]
+
+
+def test_streamed_resume_continues_with_the_batches_an_uninterrupted_epoch_gives(tmp_path):
+    # two workers: batch t comes from worker t % 2, so a resume after an odd count swaps the workers' roles
+    write_numbered_shards(tmp_path, (7, 5, 9, 3))
+    listing = list_shards(str(tmp_path))
+    whole = streamed(listing, epoch=4, rank=1, world=2, workers=2)
+    assert [b["step"] for b in whole] == [0, 1, 2, 3]
+    for consumed in (1, 2, 3):
+        tail = streamed(listing, epoch=4, rank=1, world=2, workers=2, consumed=consumed)
+        assert [b["step"] for b in tail] == [b["step"] for b in whole[consumed:]]
+        assert sample_ids(tail) == sample_ids(whole[consumed:]), consumed
+
+
+def test_streamed_fit_stopped_mid_epoch_resumes_to_the_same_weights(tmp_path):
+    # 13 samples at batch 4 stream as 3 steps per epoch through 2 workers; stop after step 4 (mid-epoch 1,
+    # an odd count of consumed batches: the workers swap roles), every batch augmented and mixed.
+    write_numbered_shards(tmp_path / "shards", (5, 2, 6), side=16)
+    common = ("--data.source", "webdataset", "--data.path", str(tmp_path / "shards"), "--data.resident_gb", "0",
+              "--data.num_workers", "2", "--data.batch_size", "4", "--data.augment",
+              "{enabled: true, size: 16, mix_p: 1.0}", "--checkpoint_every_n_steps", "1",
+              "--trainer.max_epochs", "2", "--model.cosine_epochs", "2")
+    assert_split_run_equals_straight_run(partial(fit_command, OFDB_SMOKE), tmp_path, 4, (), common)
+    meta = json.loads((tmp_path / "split" / "backbone.json").read_text())
+    assert meta["images"]["streamed"] is True and meta["steps"] == 6
