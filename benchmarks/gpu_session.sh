@@ -45,7 +45,7 @@ pretrain_and_report() {
   python3 -m ad_eval report --results "results/$name" --out "reports/$name" --backbones "$backbones" \
     >> "$out/eval.log" 2>&1
   cat "reports/$name"/table_*AUROC*.md >> "$out/eval.log" 2>/dev/null
-  tar czf "$out/$name.tar.gz" "$run"/logs/version_0/metrics.csv "$run"/backbone.json "results/$name" \
+  tar czf "$out/$name.tar.gz" "$run"/logs/version_*/metrics.csv "$run"/backbone.json "results/$name" \
     "reports/$name"
 }
 
@@ -112,7 +112,7 @@ case "$stage" in
     fi
     # 1. the step's cost on wide_resnet50_2: train/prepare_s vs train/step_s
     python3 -m fractal_pretrain adapt --config jobs/adapt/short_gpu.yaml --model.backbone random \
-      --model.arch wide_resnet50_2 --trainer.max_steps 200 --trainer.val_check_interval 200 \
+      --model.arch wide_resnet50_2 --trainer.max_steps 200 --trainer.val_check_interval 200 --trainer.log_every_n_steps 1 \
       --trainer.enable_progress_bar false --trainer.default_root_dir runs/adapt_bench_wrn50 --ckpt_path none \
       2>&1 | tail -n 50 > "$out/adapt_bench.log"
     python3 benchmarks/adapt_step_share.py runs/adapt_bench_wrn50 | tee -a "$out/adapt_bench.log"
@@ -124,8 +124,8 @@ case "$stage" in
     python3 -m ad_eval report --results results/adapt_short_r18 --out reports/adapt_short_r18 \
       --backbones Fractals,Fractals+adapt >> "$out/eval.log" 2>&1
     cat reports/adapt_short_r18/table_*.md >> "$out/eval.log" 2>/dev/null
-    tar czf "$out/adapt_short_r18.tar.gz" runs/adapt_short_r18/logs/version_0/metrics.csv \
-      runs/adapt_short_r18/projector.json runs/adapt_bench_wrn50/logs/version_0/metrics.csv \
+    tar czf "$out/adapt_short_r18.tar.gz" runs/adapt_short_r18/logs/version_*/metrics.csv \
+      runs/adapt_short_r18/projector.json runs/adapt_bench_wrn50/logs/version_*/metrics.csv \
       results/adapt_short_r18 reports/adapt_short_r18
     ;;
   *)
