@@ -5,6 +5,8 @@ the definition. The plan (``params.py``, NumPy, ~1 ms a batch) is shared; the pi
 histogram, stamp, flips, colour, plasma, paste, blur) are made in C++ in the reference's float32 operation
 order, compiled with ``-ffp-contract=off -fno-fast-math`` (no fused multiply-add, IEEE division) like the
 CUDA emulator, so the images are the same bytes (tests/fractal_pretrain/test_render_fast_cpu.py).
+Two-view recipes (``selfsup``) are planned by ``params.plan_views`` as for the reference: one chaos game and
+density per sample, coloured, pasted onto its own plasma and blurred once per view.
 
 A batch is spread over threads, one sample at a time (``num_threads``; default: every core this process
 may run on). Each sample's bytes depend only on its key, so any thread count gives the same images.
