@@ -5,7 +5,8 @@ GPU: CUDA-event timing of ``CupyRenderer.render_tensor`` (uint8, channels_last) 
 by side, the NumPy reference (``cpu-reference``, one core), the compiled renderer on one thread (per core)
 and on every core (``--threads``); best of ``--trials`` timings (the development machine is shared), with
 images per CPU-second (all threads' CPU time: what a core makes when other processes take turns on it) and
-the 1-minute load average.
+the 1-minute load average. Two-view recipes (``selfsup``) count a sample (two views of one fractal) once in
+``images_per_s`` and add ``view_images_per_s``.
 ``--device cpu-reference`` times the reference alone.
 
     python3 benchmarks/render_throughput.py --device cuda [--recipes anderson,...] [--batch 512] [--profile]
@@ -93,6 +94,12 @@ def cpu_variants(device: str, threads: list[int]) -> list[tuple[str, int]]:
     return [("cpu-reference", 1)] + [("cpu", t) for t in threads]
 
 
+def view_images(recipe, samples_per_s: float) -> dict:
+    """Two-view recipes: images_per_s counts samples (a pair of views once); this adds the views made per second."""
+    views = getattr(recipe, "views", 0)
+    return {"view_images_per_s": round(views * samples_per_s, 1)} if views else {}
+
+
 def base_row(args, name: str, device: str, overrides: dict) -> dict:
     row = {"recipe": name, "device": device, "size": args.size, "batch": args.batch}
     if overrides:
@@ -139,6 +146,7 @@ def main(argv=None) -> int:
                                   "images_per_s": round(args.batch / seconds, 1),
                                   "images_per_s_per_core": round(args.batch / seconds / count, 1),
                                   "images_per_cpu_s": round(args.batch / cpu_seconds, 1),
+                                  **view_images(recipe, args.batch / seconds),
                                   "load": round(os.getloadavg()[0], 1),
                                   "digest": image_digest(renderer)}))
             continue

@@ -10,6 +10,9 @@
 // (each chain from the fixed point of map 0, points stored), bounding box, window, histogram, 3x3 patch
 // stamp, density, flips and colour (a 256-entry table per item: the hue byte is the only varying input),
 // written into the canvas (single object) or an object buffer pasted bilinearly (multi-object); then blur.
+// Two-view recipes (views > 0, params.plan_views; chaos.cu's `views`): one chaos game and density per sample,
+// coloured once per view with the view's flips and colours, pasted onto the view's own plasma canvas (keyed by
+// the view key), blurred with the view's own blur.
 // Speed (benchmarks/RESULTS.md): chains run 8 at a time in lockstep with their Philox blocks computed in
 // AVX2 registers, the stamp is nine shifted row passes, plasma colours are memoised per (h8, s8, v8).
 #include <algorithm>
@@ -46,6 +49,8 @@ struct Batch {
   const float *item_f;
   unsigned char *images;
   long long *points;
+  int views;                        // 0: one image per sample; V: V views per sample, view-major (V * count)
+  const long long *canvas_keys;     // key of each canvas's plasma: the sample's, or its view key
 };
 
 // Per-thread buffers, grown on demand and reused across samples.
@@ -344,18 +349,26 @@ STAGE void colour_item(const Batch &bt, const int *ii, const float *f, const flo
   }
 }
 
+// The density of an item (in s.g; nullptr when it draws nothing: inactive, or every chain escaped) and its
+// recorded point count n.
+const float *item_density(const Batch &bt, long long index, int slot, const int *ii, const float *f, int side,
+                          Scratch &s, long long &n) {
+  n = 0;
+  if (!ii[0]) return nullptr;  // inactive: records nothing, draws nothing
+  const bool point_masks = bt.ri[RI_PATCH] == PATCH_POINT;
+  n = point_masks ? chaos_game<true>(bt, index, slot, ii, f, s) : chaos_game<false>(bt, index, slot, ii, f, s);
+  if (n == 0) return nullptr;  // background only
+  float lo[2], sc[2];
+  window(s.px.data(), s.py.data(), n, f, side, lo, sc);
+  return point_masks ? density<true>(bt, ii, n, lo, sc, side, s) : density<false>(bt, ii, n, lo, sc, side, s);
+}
+
 // One item, start to end: returns its recorded point count.
 long long render_item(const Batch &bt, long long index, int slot, const int *ii, const float *f, int side,
                       unsigned char *out, Scratch &s) {
-  if (!ii[0]) return 0;  // inactive: records nothing, draws nothing
-  const bool point_masks = bt.ri[RI_PATCH] == PATCH_POINT;
-  const long long n = point_masks ? chaos_game<true>(bt, index, slot, ii, f, s)
-                                  : chaos_game<false>(bt, index, slot, ii, f, s);
-  if (n == 0) return 0;  // background only
-  float lo[2], sc[2];
-  window(s.px.data(), s.py.data(), n, f, side, lo, sc);
-  const float *g = point_masks ? density<true>(bt, ii, n, lo, sc, side, s) : density<false>(bt, ii, n, lo, sc, side, s);
-  colour_item(bt, ii, f, g, side, out);
+  long long n;
+  const float *g = item_density(bt, index, slot, ii, f, side, s, n);
+  if (g) colour_item(bt, ii, f, g, side, out);
   return n;
 }
 
@@ -514,14 +527,48 @@ TARGETS void blur(const float *sf, int size, unsigned char *img, Scratch &s) {
   }
 }
 
+// Canvas c (a sample, or a view of one): its plasma keyed by canvas_keys[c], or black.
+unsigned char *canvas(const Batch &bt, long long c, const float *sf, Scratch &s) {
+  const int size = bt.ri[RI_SIZE];
+  unsigned char *img = bt.images + (size_t)c * size * size * 3;
+  if (bt.ri[RI_BACKGROUND]) background(bt, bt.canvas_keys[c], sf, img, s);
+  else std::memset(img, 0, (size_t)size * size * 3);
+  return img;
+}
+
+// The views of sample b (reference.render_items + compose of params.plan_views' view items): view items
+// c = v * count + b share the fractal (system, jitter, window, patch, slot 0: every field but the look), so
+// the chaos game and density run once, from view 0's item; each view colours it with its own flips and
+// colours into a full-size object, pasted at its own size and position onto its own canvas, then blurred.
+void render_views(const Batch &bt, int b, Scratch &s) {
+  const int size = bt.ri[RI_SIZE], side = bt.ri[RI_SIDE];
+  long long n;
+  const float *g = item_density(bt, bt.indices[b], 0, bt.item_i + (size_t)b * ITEM_INTS,
+                                bt.item_f + (size_t)b * ITEM_FLOATS, side, s, n);
+  for (int v = 0; v < bt.views; ++v) {
+    const long long c = (long long)v * bt.count + b;
+    const int *ii = bt.item_i + (size_t)c * ITEM_INTS;
+    const float *f = bt.item_f + (size_t)c * ITEM_FLOATS;
+    const float *sf = bt.sample_f + (size_t)c * SAMPLE_FLOATS;
+    unsigned char *img = canvas(bt, c, sf, s);
+    bt.points[c] = n;
+    if (g) {  // an object without points is black: pasting it changes nothing
+      unsigned char *obj = sized(s.object, (size_t)side * side * 3);
+      std::memset(obj, 0, (size_t)side * side * 3);
+      colour_item(bt, ii, f, g, side, obj);
+      paste(ii, obj, side, size, img);
+    }
+    if (sf[0] > 0.0f) blur(sf, size, img, s);
+  }
+}
+
 void render_sample(const Batch &bt, int b, Scratch &s) {
+  if (bt.views) return render_views(bt, b, s);
   const int *ri = bt.ri;
   const int size = ri[RI_SIZE], side = ri[RI_SIDE], slots = ri[RI_SLOTS];
   const long long index = bt.indices[b];
   const float *sf = bt.sample_f + (size_t)b * SAMPLE_FLOATS;
-  unsigned char *img = bt.images + (size_t)b * size * size * 3;
-  if (ri[RI_BACKGROUND]) background(bt, index, sf, img, s);
-  else std::memset(img, 0, (size_t)size * size * 3);
+  unsigned char *img = canvas(bt, b, sf, s);
   for (int slot = 0; slot < slots; ++slot) {
     const int item = b * slots + slot;
     const int *ii = bt.item_i + (size_t)item * ITEM_INTS;
@@ -542,11 +589,15 @@ void render_sample(const Batch &bt, int b, Scratch &s) {
 
 // Renders `count` samples into images (count x size x size x 3) and points (count x slots) on `threads`
 // threads (samples taken in turn from a shared counter; each sample's bytes depend only on its key).
-// Returns 0, or 1 when a thread failed (out of memory).
+// Two-view recipes (views > 0): sample_f, item_i, item_f, images and points hold views * count canvases,
+// view-major, and view_keys their plasma keys (params.view_keys). Returns 0, or 1 when a thread failed
+// (out of memory).
 extern "C" __attribute__((visibility("default"))) int render_batch(
     int count, const long long *indices, u32 seed, u32 epoch, const int *ri, const float *sample_f,
-    const int *item_i, const float *item_f, unsigned char *images, long long *points, int threads) {
-  const Batch bt{count, indices, seed, epoch, ri, sample_f, item_i, item_f, images, points};
+    const int *item_i, const float *item_f, unsigned char *images, long long *points, int threads, int views,
+    const long long *view_keys) {
+  const Batch bt{count, indices, seed, epoch, ri, sample_f, item_i, item_f, images, points, views,
+                 views ? view_keys : indices};
   std::atomic<int> next{0};
   std::atomic<bool> failed{false};
   auto work = [&] {

@@ -5,6 +5,8 @@ the definition. The plan (``params.py``, NumPy, ~1 ms a batch) is shared; the pi
 histogram, stamp, flips, colour, plasma, paste, blur) are made in C++ in the reference's float32 operation
 order, compiled with ``-ffp-contract=off -fno-fast-math`` (no fused multiply-add, IEEE division) like the
 CUDA emulator, so the images are the same bytes (tests/fractal_pretrain/test_render_fast_cpu.py).
+Two-view recipes (``selfsup``) are planned by ``params.plan_views`` as for the reference: one chaos game and
+density per sample, coloured, pasted onto its own plasma and blurred once per view.
 
 A batch is spread over threads, one sample at a time (``num_threads``; default: every core this process
 may run on). Each sample's bytes depend only on its key, so any thread count gives the same images.
@@ -38,7 +40,7 @@ from fractal_pretrain.recipes import Recipe
 from fractal_pretrain.render import emulator
 from fractal_pretrain.render.base import MAX_THREADS, RenderedBatch, Renderer, make_labels
 from fractal_pretrain.render.kernel_constants import ITEM_FLOATS, ITEM_INTS, SAMPLE_FLOATS, define_options, recipe_ints
-from fractal_pretrain.render.params import ItemPlan, SamplePlan, slots_per_sample
+from fractal_pretrain.render.params import ItemPlan, SamplePlan
 
 SOURCE = Path(__file__).resolve().parent / "fast_cpu.cpp"
 COMMON = Path(__file__).resolve().parent / "kernels" / "common.cuh"
@@ -95,7 +97,7 @@ def load() -> ctypes.CDLL:
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p,
                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                   ctypes.c_int]
+                   ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     return lib
 
 
@@ -152,23 +154,29 @@ class FastCpuRenderer(Renderer):
         if num_threads is not None:
             check_range("num_threads", num_threads, 0, MAX_THREADS, integer=True)
         self.num_threads = num_threads or available_cores()
-        if recipe.views:  # views are composed on the device or by the reference; fast_cpu.cpp has no view pass
-            raise FastCpuUnavailable(f"recipe {recipe.name!r} has views={recipe.views}, which it does not render")
         self._lib = load()  # before the bank: a missing compiler is reported without building it
         super().__init__(recipe, size=size, seed=seed, bank=bank, cache_dir=cache_dir)
         self._ri = recipe_ints(recipe, size)
 
     def render(self, indices, epoch: int = 0) -> RenderedBatch:
-        indices, samples, items = self.plan(indices, epoch)
-        b, slots = len(indices), slots_per_sample(self.recipe)
+        views, extra = self.recipe.views, {}
+        if views:  # V*B canvases and view items, view-major (params.plan_views), as the reference renders them
+            indices, samples, canvases, items = self.plan_views(indices, epoch)
+            canvas_keys, extra["view_samples"] = canvases.index, canvases
+        else:
+            indices, samples, items = self.plan(indices, epoch)
+            canvases, canvas_keys = samples, indices
+        b = len(indices)
         item_i, item_f = pack_items(items)
-        sample_f = pack_samples(samples)
-        images = np.empty((b, self.size, self.size, 3), dtype=np.uint8)
-        points = np.zeros(b * slots, dtype=np.int64)
+        sample_f = pack_samples(canvases)
+        images = np.empty((max(views, 1) * b, self.size, self.size, 3), dtype=np.uint8)
+        points = np.zeros(len(item_i), dtype=np.int64)
+        canvas_keys = np.ascontiguousarray(canvas_keys, dtype=np.int64)
         rc = self._lib.render_batch(b, _ptr(indices), self.seed, epoch, _ptr(self._ri), _ptr(sample_f), _ptr(item_i),
-                                    _ptr(item_f), _ptr(images), _ptr(points), self.num_threads)
+                                    _ptr(item_f), _ptr(images), _ptr(points), self.num_threads, views,
+                                    _ptr(canvas_keys))
         if rc != 0:
             raise MemoryError(f"fast CPU renderer: out of memory rendering {b} samples of {self.size} px")
         return RenderedBatch(
             images=images, labels=make_labels(self.recipe, samples, items), recipe=self.recipe, seed=self.seed,
-            epoch=epoch, samples=samples, items=items, points=points, size=self.size)
+            epoch=epoch, samples=samples, items=items, points=points, size=self.size, extra=extra)

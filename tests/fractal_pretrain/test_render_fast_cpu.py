@@ -5,6 +5,7 @@
   for variants that take other code paths (point patches, binary, grey, dihedral flips, chain counts that
   are not a multiple of the 8 lockstep lanes, no burn-in, systems of more than 4 maps, a zoomed window that
   drops points, blur on a black background) and for degenerate systems that escape at different steps;
+  the two-view recipe ``selfsup`` likewise, every view of every sample;
 * threads: 1, 2, 3 and more threads than samples give the same bytes;
 * the compiled library is cached across processes (a second process runs no compiler);
 * without a compiler, or with an unwritable build cache, ``make_renderer`` says so once on stderr and
@@ -27,7 +28,7 @@ from fractal_pretrain.render import make_renderer
 from fractal_pretrain.render.fast_cpu import FastCpuRenderer
 from fractal_pretrain.render.renderer import ReferenceRenderer
 
-NAMES = ("anderson", "fractal4ad", "multiformula", "multiinstance", "fractaldb")
+NAMES = ("anderson", "fractal4ad", "multiformula", "multiinstance", "fractaldb", "selfsup")
 SMALL = {"num_classes": 10, "num_points": 3000}
 SEED = 4
 
@@ -36,8 +37,19 @@ def assert_same(expected, got):
     np.testing.assert_array_equal(got.images, expected.images)
     np.testing.assert_array_equal(got.labels, expected.labels)
     np.testing.assert_array_equal(got.points, expected.points)
-    assert [got.metadata(i) for i in range(len(got.images))] == \
-        [expected.metadata(i) for i in range(len(expected.images))]
+    assert [got.metadata(i) for i in range(len(got.labels))] == \
+        [expected.metadata(i) for i in range(len(expected.labels))]
+    if expected.recipe.views:  # the views' canvases (plasma keys, blur) and looks
+        for field in ("index", "corners", "blur", "blur_sigma"):
+            np.testing.assert_array_equal(getattr(got.extra["view_samples"], field),
+                                          getattr(expected.extra["view_samples"], field))
+        for field in ("flips", "hue_shift", "side", "top", "left"):
+            np.testing.assert_array_equal(getattr(got.items, field), getattr(expected.items, field))
+
+
+def by_sample(array: np.ndarray, recipe) -> np.ndarray:
+    """(V, B, ...) of a batch's images or points: two-view batches are view-major (all first views, then ...)."""
+    return array.reshape(max(recipe.views, 1), -1, *array.shape[1:])
 
 
 def pair(recipe, size, bank=None):
@@ -56,8 +68,10 @@ def test_same_bytes_as_the_reference_any_batch_split(name, size):
     expected = ref.render(indices, 2)
     assert_same(expected, fast.render(indices, 2))
     parts = [fast.render(indices[a:b], 2) for a, b in ((0, 1), (1, 4), (4, 6))]
-    np.testing.assert_array_equal(np.concatenate([p.images for p in parts]), expected.images)
-    np.testing.assert_array_equal(np.concatenate([p.points for p in parts]), expected.points)
+    rec = ref.recipe
+    for field in ("images", "points"):
+        np.testing.assert_array_equal(np.concatenate([by_sample(getattr(p, field), rec) for p in parts], axis=1),
+                                      by_sample(getattr(expected, field), rec))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -77,6 +91,9 @@ VARIANTS = [
     ("fractal4ad", {"blur_p": 1.0, "blur_sigma": [0.5, 1.5]}),
     ("multiinstance", {"objects": [3, 5], "object_scale": [0.5, 1.2], "flips": "dihedral"}),
     ("fractaldb", {"chains": 9, "grey_level": 255}),
+    ("selfsup", {"patch": "point", "render_mode": "binary", "background": False, "flips": "dihedral"}),
+    ("selfsup", {"color": False, "blur_p": 1.0, "object_scale": [0.5, 2.0], "chains": 13, "min_maps": 5,
+                 "max_maps": 8}),
 ]
 
 
@@ -97,7 +114,17 @@ def test_degenerate_systems_same_bytes(hand_bank, late_escape):
     assert (expected.points == 0).sum() >= 2  # the expanding system, twice: really degenerate
 
 
-@pytest.mark.parametrize("name", ["anderson", "multiformula"])
+def test_degenerate_systems_same_bytes_in_both_views(hand_bank):
+    bank_of = get_recipe("fractaldb")  # the hand bank's spec
+    rec = get_recipe("selfsup", {"num_classes": 4, "num_points": 20000, "jitter": "none", "sampler": "fractaldb",
+                                 "min_maps": 2, "max_maps": 7, "fill_threshold": bank_of.fill_threshold})
+    ref, fast = pair(rec, 32, bank=hand_bank(rec, late_escape=True))
+    expected = ref.render(np.arange(8), 0)
+    assert_same(expected, fast.render(np.arange(8), 0))
+    assert (expected.points == 0).sum() >= 4  # degenerate in both views
+
+
+@pytest.mark.parametrize("name", ["anderson", "multiformula", "selfsup"])
 def test_threads_do_not_change_the_bytes(name):
     rec = get_recipe(name, SMALL)
     one = make_renderer(rec, size=40, seed=SEED, num_threads=1)

@@ -68,14 +68,17 @@ def test_two_view_recipes_need_a_view_size_and_small_indices(renderer):
 
 
 @pytest.mark.skipif(emulator.compiler() is None, reason="no C++ compiler")
-def test_cpu_device_falls_back_to_the_reference_with_one_line(capsys):
+def test_cpu_device_renders_views_compiled_with_the_reference_bytes(renderer, capsys):
     from fractal_pretrain.render import fast_cpu
 
     fast_cpu._warned = False
-    r = make_renderer(get_recipe("selfsup", SMALL), size=48, seed=2, device="cpu")
-    assert isinstance(r, ReferenceRenderer)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert any("views=2" in line and "NumPy reference" in line for line in err)
+    fast = make_renderer(renderer.recipe, size=48, seed=2, device="cpu", bank=renderer.bank)
+    assert isinstance(fast, fast_cpu.FastCpuRenderer)
+    assert "NumPy reference" not in capsys.readouterr().err
+    want, got = renderer.render(INDICES, epoch=1), fast.render(INDICES, epoch=1)
+    np.testing.assert_array_equal(got.images, want.images)
+    np.testing.assert_array_equal(got.points, want.points)
+    np.testing.assert_array_equal(got.extra["view_samples"].index, view_keys(INDICES, 2))
 
 
 @pytest.mark.skipif(emulator.compiler() is None, reason="no C++ compiler for the CUDA emulator")
