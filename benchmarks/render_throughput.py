@@ -19,6 +19,14 @@ the fly, ``rays_per_s`` (primary rays: pixels of every object x supersample^2).
 Every row also has ``digest``: a hash of the uint8 images of keys 0..63 (epoch 0), so that rows of
 different versions of the renderer (``--label``, benchmarks/kernel_versions.sh) show whether they draw the
 same images.
+
+``--device emulator`` runs the GPU rows' code with the CUDA kernels on the CPU emulator (render/emulator.py),
+timed by the wall clock: for tests at tiny sizes (tests/benchmarks), not for numbers; ``kernel_ms`` (needs
+CUPTI) is null there.
+
+The ``versions`` stage runs this script against older copies of the package (.bench-versions): the GPU path
+may use only what every one of them has (get_recipe, make_renderer(recipe, size, seed, device), render,
+render_tensor, use_shared), and newer names are imported where they are needed, with a fallback.
 """
 
 from __future__ import annotations
@@ -31,16 +39,49 @@ import time
 
 import numpy as np
 
-from fractal_pretrain.recipes import get_recipe, list_recipes, recipe_family
+from fractal_pretrain.recipes import get_recipe, list_recipes
 from fractal_pretrain.render import make_renderer
-from fractal_pretrain.render.fast_cpu import available_cores
 
 
-def bench_gpu(renderer, batch: int, repeats: int, warmup: int = 3) -> float:
+def recipe_family(recipe) -> str:
+    """"ifs" or "mandelbulb"; "ifs" in package versions from before the Mandelbulb recipes."""
+    try:
+        from fractal_pretrain.recipes import recipe_family as family
+    except ImportError:
+        return "ifs"
+    return family(recipe)
+
+
+def ifs_recipes() -> str:
+    """The default --recipes: every IFS recipe (older versions list only those, and take no family)."""
+    try:
+        return ",".join(list_recipes("ifs"))
+    except TypeError:
+        return ",".join(list_recipes())
+
+
+def emulated_renderer(recipe, size: int):
+    """The CUDA kernels of this recipe on the CPU emulator, as ``--device cuda`` would run them."""
+    if recipe_family(recipe) == "mandelbulb":
+        from fractal_pretrain.mandelbulb.renderer import MandelbulbKernelRenderer
+
+        return MandelbulbKernelRenderer(recipe, size=size, seed=0, emulate=True)
+    from fractal_pretrain.render.cupy_renderer import CupyRenderer
+
+    return CupyRenderer(recipe, size=size, seed=0, emulate=True)
+
+
+def bench_gpu(renderer, batch: int, repeats: int, warmup: int = 3, cuda: bool = True) -> float:
+    """Seconds per batch: CUDA events, or the wall clock for the emulator (``cuda=False``)."""
     import torch
 
     for i in range(warmup):
         renderer.render_tensor(np.arange(batch) + i * batch, channels_last=True)
+    if not cuda:
+        start = time.perf_counter()
+        for i in range(repeats):
+            renderer.render_tensor(np.arange(batch) + (i + warmup) * batch, channels_last=True)
+        return (time.perf_counter() - start) / repeats
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -116,8 +157,9 @@ def emit(row: dict) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--recipes", default=",".join(list_recipes("ifs")))
+    parser.add_argument("--device", default="cuda",
+                        help="cuda | cuda:N | cpu | cpu-reference | emulator (the GPU rows on the CPU emulator)")
+    parser.add_argument("--recipes", default=ifs_recipes())
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=20)
@@ -134,6 +176,8 @@ def main(argv=None) -> int:
     for name in args.recipes.split(","):
         recipe = get_recipe(name, overrides)
         if args.device.startswith("cpu"):
+            from fractal_pretrain.render.fast_cpu import available_cores
+
             threads = [available_cores() if t == "all" else int(t) for t in args.threads.split(",")]
             bank = None
             for device, count in cpu_variants(args.device, threads):
@@ -150,13 +194,17 @@ def main(argv=None) -> int:
                                   "load": round(os.getloadavg()[0], 1),
                                   "digest": image_digest(renderer)}))
             continue
+        cuda = args.device != "emulator"
         setup = time.perf_counter()
-        renderer = make_renderer(recipe, size=args.size, seed=0, device=args.device)
-        import torch
+        if cuda:
+            renderer = make_renderer(recipe, size=args.size, seed=0, device=args.device)
+            import torch
 
-        torch.cuda.synchronize()
+            torch.cuda.synchronize()
+        else:
+            renderer = emulated_renderer(recipe, args.size)
         setup = time.perf_counter() - setup
-        seconds = bench_gpu(renderer, args.batch, args.repeats)
+        seconds = bench_gpu(renderer, args.batch, args.repeats, cuda=cuda)
         row = {**base_row(args, name, args.device, overrides), "ms_per_batch": round(seconds * 1e3, 3),
                "images_per_s": round(args.batch / seconds, 1), "digest": image_digest(renderer)}
         if recipe_family(recipe) == "mandelbulb":
@@ -168,7 +216,7 @@ def main(argv=None) -> int:
         else:
             row["shared_histogram"] = bool(renderer.use_shared)
         if args.profile:
-            row["kernel_ms"] = kernel_ms(renderer, args.batch)
+            row["kernel_ms"] = kernel_ms(renderer, args.batch) if cuda else None
         rows.append(emit(row))
     return 0
 
