@@ -4,12 +4,14 @@ One process, one device (CUDA when available, else CPU):
   * host: the per-batch draws on the host (params, mix, grouping), which the device never waits for;
   * stages: crop+flip (512 -> 224), AutoAugment, normalise+erase, mix, each timed alone;
   * augment: the whole ``BatchAugmenter`` call, ms per batch and images/s;
-  * with ``--model`` on CUDA: the model-only training step (constant input, bf16 autocast, channels_last,
+  * with ``--model``: the model-only training step (constant input, bf16 autocast, channels_last,
     SGD) against the same step fed by the augmenter, side by side: ratio (target >= 0.97) and the
     augmentation's share of the step (target < 3%).
-Prints one JSON line per measurement.
+Prints one JSON line per measurement. On the CPU (``--device cpu``, tests at tiny sizes) the augmenter's
+output is float32 rather than bfloat16, and the step's bf16 autocast is the CPU's.
 
     python3 benchmarks/augment_throughput.py [--batch 128] [--source 512] [--size 224] [--model resnet50] [--tf32]
+    python3 benchmarks/augment_throughput.py --device cpu --batch 2 --source 64 --size 32 --model resnet18
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ def bench_step(args, aug: BatchAugmenter, device: torch.device) -> None:
     constant = constant.contiguous(memory_format=torch.channels_last)
     onehot = F.one_hot(labels, 1000).float()
 
-    train = make_step(model, optimizer)
+    train = make_step(model, optimizer, device.type)
 
     def ceiling(i):
         train(constant, onehot)
@@ -124,7 +126,8 @@ def bench_step(args, aug: BatchAugmenter, device: torch.device) -> None:
         for name, fn in (("ceiling", ceiling), ("end_to_end", end_to_end)):
             results.setdefault(name, []).append(timed(fn, args.steps, args.warmup, device))
     best = {name: min(values) for name, values in results.items()}
-    print(json.dumps({"measure": "train_step", "arch": args.model, "device": torch.cuda.get_device_name(device),
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    print(json.dumps({"measure": "train_step", "arch": args.model, "device": name,
                       "tf32": args.tf32,
                       "batch": args.batch, "source": args.source, "size": args.size,
                       "ceiling_img_s": round(args.batch / best["ceiling"], 1),
@@ -133,7 +136,7 @@ def bench_step(args, aug: BatchAugmenter, device: torch.device) -> None:
                       "augment_share": round(1 - best["ceiling"] / best["end_to_end"], 4)}), flush=True)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--source", type=int, default=512, help="side of the uint8 source images")
@@ -141,8 +144,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of the step comparison")
-    parser.add_argument("--model", default="", help="e.g. resnet50: also time the training step (CUDA only)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--model", default="", help="e.g. resnet50: also time the training step")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--tf32", action="store_true",
                         help="float32 matmuls on TF32 (the crop's products; rare pixels move by one level)")
     args = parser.parse_args(argv)
@@ -150,9 +153,10 @@ def main(argv=None) -> None:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     aug = bench_augment(args, device)
-    if args.model and device.type == "cuda":
+    if args.model:
         bench_step(args, aug, device)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
