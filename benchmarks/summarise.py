@@ -72,7 +72,8 @@ def augment_table(augment: list[dict]) -> list[str]:
            "|---|---|---|---|---|---|---|"]
     for r in augment:
         out.append(f"| {r['measure']} | {r.get('device', '')} | {r.get('tf32', '')} | {r['batch']} "
-                   f"| {r.get('source', '')} -> {r.get('size', '')} | {r['ms_per_batch']} | {number(r['images_per_s'])} |")
+                   f"| {r.get('source', '')} -> {r.get('size', '')} | {r['ms_per_batch']} "
+                   f"| {number(r['images_per_s'])} |")
     return out
 
 
@@ -86,7 +87,8 @@ def train_table(train: list[dict]) -> list[str]:
         if render is None and r.get("augment_ms_per_batch") is not None:
             render = f"{r['augment_ms_per_batch']} (augment)"
         out.append(f"| {arch} | {number(first(r, 'ceiling_img_s', 'ceiling_samples_s'))} "
-                   f"| {number(first(r, 'end_to_end_img_s', 'end_to_end_samples_s'))} | {number(r.get('ratio'), '.3f')} "
+                   f"| {number(first(r, 'end_to_end_img_s', 'end_to_end_samples_s'))} "
+                   f"| {number(r.get('ratio'), '.3f')} "
                    f"| {number(first(r, 'prefetch_img_s', 'prefetch_samples_s'))} "
                    f"| {number(r.get('prefetch_ratio'), '.3f')} | {MISSING if render is None else render} |")
     return out

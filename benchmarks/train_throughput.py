@@ -53,7 +53,6 @@ from fractal_pretrain.render import make_renderer
 from fractal_pretrain.train.data import SideStreamPrefetch
 from fractal_pretrain.train.model import build_resnet
 
-
 DEVICES = ("cuda", "cpu", "emulator")  # emulator: the model on the CPU, the renderer's CUDA kernels emulated
 
 

@@ -33,7 +33,7 @@ PENDING = BENCH / "PENDING_GPU.md"
 # Mandelbulb recipes small enough for the emulator's view bank (4 formulas x 2 views) and the NumPy reference.
 MANDELBULB_TINY = ["--set", "powers=[2,3]", "--set", "rules=[107,106]", "--set", "num_classes=4",
                    "--set", "bank_views=2"]
-IFS_TINY = ["--set", "num_points=2000"]
+IFS_TINY = ["--set", "num_points=2000", "--set", "num_classes=8"]  # 8 classes: banks of a few hundred systems
 
 
 @pytest.fixture(autouse=True)
@@ -104,9 +104,9 @@ def test_train_on_the_cpu_renderer_reports_null_prefetch_and_summarises(capsys, 
                                     "--matmul-precision", "highest", *IFS_TINY], capsys)
     assert len(rows) == 1
     check_train_row(rows[0], "cpu")
-    assert rows[0]["recipe"] == "fractal4ad" and rows[0]["overrides"] == {"num_points": 2000}
+    assert rows[0]["recipe"] == "fractal4ad" and rows[0]["overrides"] == {"num_points": 2000, "num_classes": 8}
     assert table_lines(rows, tmp_path) == [
-        f"| resnet18, float32, num_points=2000, cpu | {rows[0]['ceiling_img_s']:,.0f} "
+        f"| resnet18, float32, num_points=2000, num_classes=8, cpu | {rows[0]['ceiling_img_s']:,.0f} "
         f"| {rows[0]['end_to_end_img_s']:,.0f} | {rows[0]['ratio']:.3f} | – | – | {rows[0]['render_ms_per_batch']} |"]
 
 
@@ -129,7 +129,7 @@ def test_train_mandelbulb_on_the_cpu_reference(capsys):
 
 def test_train_ofdb_takes_its_overrides_and_a_batch_larger_than_the_set_is_one_line(capsys, tmp_path):
     argv = ["--ofdb", "--device", "cpu", "--archs", "resnet18", "--size", "32", "--crop", "16", "--steps", "1",
-            "--warmup", "1", "--set", "num_classes=6", *IFS_TINY]
+            "--warmup", "1", *IFS_TINY, "--set", "num_classes=6"]
     rows = run("train_throughput", argv + ["--batch", "3"], capsys)
     check_train_row(rows[0], "cpu")
     assert (rows[0]["crop"], rows[0]["overrides"]["num_classes"]) == (16, 6)
@@ -161,7 +161,8 @@ def test_render_emulated_kernels_draw_the_cpu_renderers_images(capsys, tmp_path)
     digests = {r["recipe"]: r["digest"] for r in emulated}
     assert all(r["digest"] == digests[r["recipe"]] for r in cpu)
     lines = table_lines(emulated + cpu, tmp_path)
-    assert len(lines) == 6 and lines[0].startswith("| anderson, num_points=2000, emulator | tree | 32 | 2 |")
+    assert len(lines) == 6
+    assert lines[0].startswith("| anderson, num_points=2000, num_classes=8, emulator | tree | 32 | 2 |")
 
 
 @pytest.mark.parametrize("mode", ["view_bank", "on_the_fly"])
@@ -256,8 +257,8 @@ def session_commands() -> list[tuple[str, str, tuple[str, ...]]]:
             if not m:
                 continue
             for values in itertools.product(*loop.values()) if loop else [()]:
-                shell = {**SHELL_VALUES, **dict(zip(loop, values))}
-                args = re.sub(r"\$\{?(\w+)\}?", lambda v: shell[v.group(1)], m.group(2))
+                shell = {**SHELL_VALUES, **dict(zip(loop, values, strict=True))}
+                args = re.sub(r"\$\{?(\w+)\}?", lambda v, shell=shell: shell[v.group(1)], m.group(2))
                 found.append((path.name, m.group(1), tuple(shlex.split(args))))
     return found
 
@@ -282,7 +283,7 @@ def tiny(script: str, argv: tuple[str, ...]) -> list[str]:
                 "1", "--repeats", "1"]
     common = ["--batch", "2", "--size", size, "--steps", "1", "--warmup", "1"]
     if "--ofdb" in argv:  # the data module renders the set on the trainer's device: the CPU renderer
-        return ["--device", "cpu", *common, "--crop", "16", "--set", "num_classes=4", *sets]
+        return ["--device", "cpu", *common, "--crop", "16", *sets]
     return ["--device", "emulator", *common, *sets]
 
 
