@@ -3,21 +3,10 @@ last in a device call, so a crash there would lose the summary of a whole sessio
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "summarise.py"
 
 
-def load_summarise():
-    spec = importlib.util.spec_from_file_location("summarise", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_render_and_train_rows_become_tables_and_other_lines_are_skipped(tmp_path):
+def test_render_and_train_rows_become_tables_and_other_lines_are_skipped(tmp_path, bench_script):
     render = [
         {"recipe": "anderson", "device": "cuda", "size": 256, "batch": 512, "ms_per_batch": 1.8,
          "images_per_s": 284444.4, "version": "5c48fc7 chaos kernel", "digest": "77032ad464c5",
@@ -30,7 +19,7 @@ def test_render_and_train_rows_become_tables_and_other_lines_are_skipped(tmp_pat
               "render_ms_per_batch": 1.3}]
     log = tmp_path / "session.log"
     log.write_text("3 passed in 2.1s\n" + "\n".join(json.dumps(r) for r in render + train) + "\n{not json\n")
-    text = load_summarise().summarise([str(log)])
+    text = bench_script("summarise").summarise([str(log)])
     lines = text.splitlines()
     assert "| anderson | 5c48fc7 chaos kernel | 256 | 512 | 1.8 | 284,444 | 77032ad464c5 | render_items 1.1, " \
            "plasma_background 0.5, finish 0.2 |" in lines
