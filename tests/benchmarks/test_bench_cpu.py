@@ -11,7 +11,6 @@ every row must come out of summarise.py as a table line.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import math
@@ -42,18 +41,15 @@ def bench_on_path(monkeypatch, one_torch_thread):
     monkeypatch.syspath_prepend(str(BENCH))
 
 
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def run(bench_script, capsys):
+    def rows(name: str, argv: list[str]) -> list[dict]:
+        """The JSON rows script ``name`` prints for ``argv`` (its main must return 0)."""
+        capsys.readouterr()
+        assert bench_script(name).main(argv) == 0
+        return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
 
-
-def run(name: str, argv: list[str], capsys) -> list[dict]:
-    """The JSON rows script ``name`` prints for ``argv`` (its main must return 0)."""
-    capsys.readouterr()
-    assert load(name).main(argv) == 0
-    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    return rows
 
 
 def positive(row: dict, *keys: str) -> None:
@@ -86,61 +82,66 @@ def check_augment_row(row: dict) -> None:
         positive(row, "batch", "ms_per_batch", "images_per_s")
 
 
-def table_lines(rows: list[dict], tmp_path: Path) -> list[str]:
-    """summarise.py's table body lines (header and separator lines left out) for these rows."""
-    log = tmp_path / "rows.jsonl"
-    log.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    text = load("summarise").summarise([str(log)])
-    return [line for line in text.splitlines()
-            if line.startswith("| ") and not line.startswith(("| recipe |", "| arch |", "| measure |"))]
+@pytest.fixture
+def table_lines(bench_script, tmp_path):
+    def lines(rows: list[dict]) -> list[str]:
+        """summarise.py's table body lines (header and separator lines left out) for these rows."""
+        log = tmp_path / "rows.jsonl"
+        log.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        text = bench_script("summarise").summarise([str(log)])
+        return [line for line in text.splitlines()
+                if line.startswith("| ") and not line.startswith(("| recipe |", "| arch |", "| measure |"))]
+
+    return lines
 
 
 # --- train_throughput ---------------------------------------------------------------------------------------
 
 
-def test_train_on_the_cpu_renderer_reports_null_prefetch_and_summarises(capsys, tmp_path):
+def test_train_on_the_cpu_renderer_reports_null_prefetch_and_summarises(run, table_lines):
     rows = run("train_throughput", ["--device", "cpu", "--archs", "resnet18", "--batch", "4", "--size", "32",
                                     "--steps", "2", "--warmup", "1", "--dtype", "float32",
-                                    "--matmul-precision", "highest", *IFS_TINY], capsys)
+                                    "--matmul-precision", "highest", *IFS_TINY])
     assert len(rows) == 1
     check_train_row(rows[0], "cpu")
     assert rows[0]["recipe"] == "fractal4ad" and rows[0]["overrides"] == {"num_points": 2000, "num_classes": 8}
-    assert table_lines(rows, tmp_path) == [
+    assert table_lines(rows) == [
         f"| resnet18, float32, num_points=2000, num_classes=8, cpu | {rows[0]['ceiling_img_s']:,.0f} "
         f"| {rows[0]['end_to_end_img_s']:,.0f} | {rows[0]['ratio']:.3f} | – | – | {rows[0]['render_ms_per_batch']} |"]
 
 
 @pytest.mark.parametrize("mode", ["view_bank", "on_the_fly"])
-def test_train_mandelbulb_on_the_emulated_kernels_in_both_modes(mode, capsys, tmp_path):
+def test_train_mandelbulb_on_the_emulated_kernels_in_both_modes(mode, run, table_lines):
     rows = run("train_throughput", ["--device", "emulator", "--archs", "resnet18", "--recipe", "mandelbulbvar",
                                     "--batch", "2", "--size", "16", "--steps", "1", "--warmup", "1",
-                                    "--set", f"mode={mode}", *MANDELBULB_TINY], capsys)
+                                    "--set", f"mode={mode}", *MANDELBULB_TINY])
     check_train_row(rows[0], "emulator")
     assert rows[0]["overrides"]["mode"] == mode
-    assert f"mode={mode}" in table_lines(rows, tmp_path)[0]
+    assert f"mode={mode}" in table_lines(rows)[0]
 
 
-def test_train_mandelbulb_on_the_cpu_reference(capsys):
+def test_train_mandelbulb_on_the_cpu_reference(run):
     rows = run("train_throughput", ["--device", "cpu", "--archs", "resnet18", "--recipe", "mandelbulbvar",
                                     "--batch", "2", "--size", "8", "--steps", "1", "--warmup", "1",
-                                    "--set", "mode=on_the_fly", *MANDELBULB_TINY], capsys)
+                                    "--set", "mode=on_the_fly", *MANDELBULB_TINY])
     check_train_row(rows[0], "cpu")
 
 
-def test_train_ofdb_takes_its_overrides_and_a_batch_larger_than_the_set_is_one_line(capsys, tmp_path):
+def test_train_ofdb_takes_its_overrides_and_a_batch_larger_than_the_set_is_one_line(run, table_lines, bench_script,
+                                                                                      capsys):
     argv = ["--ofdb", "--device", "cpu", "--archs", "resnet18", "--size", "32", "--crop", "16", "--steps", "1",
             "--warmup", "1", *IFS_TINY, "--set", "num_classes=6"]
-    rows = run("train_throughput", argv + ["--batch", "3"], capsys)
+    rows = run("train_throughput", argv + ["--batch", "3"])
     check_train_row(rows[0], "cpu")
     assert (rows[0]["crop"], rows[0]["overrides"]["num_classes"]) == (16, 6)
-    assert "(augment)" in table_lines(rows, tmp_path)[0]
-    assert load("train_throughput").main(argv + ["--batch", "8"]) == 2
+    assert "(augment)" in table_lines(rows)[0]
+    assert bench_script("train_throughput").main(argv + ["--batch", "8"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "train_throughput: error: --batch 8: the OFDB set has 6 images, fewer than a batch"
 
 
-def test_train_bad_override_is_one_line_with_status_2(capsys):
-    assert load("train_throughput").main(["--device", "cpu", "--set", "no_such_key=1"]) == 2
+def test_train_bad_override_is_one_line_with_status_2(bench_script, capsys):
+    assert bench_script("train_throughput").main(["--device", "cpu", "--set", "no_such_key=1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no_such_key" in err[0]
 
@@ -148,10 +149,10 @@ def test_train_bad_override_is_one_line_with_status_2(capsys):
 # --- render_throughput --------------------------------------------------------------------------------------
 
 
-def test_render_emulated_kernels_draw_the_cpu_renderers_images(capsys, tmp_path):
+def test_render_emulated_kernels_draw_the_cpu_renderers_images(run, table_lines):
     argv = ["--recipes", "anderson,selfsup", "--size", "32", "--batch", "2", "--repeats", "1", *IFS_TINY]
-    emulated = run("render_throughput", ["--device", "emulator", "--profile", "--label", "tree", *argv], capsys)
-    cpu = run("render_throughput", ["--device", "cpu", "--trials", "1", "--threads", "1", *argv], capsys)
+    emulated = run("render_throughput", ["--device", "emulator", "--profile", "--label", "tree", *argv])
+    cpu = run("render_throughput", ["--device", "cpu", "--trials", "1", "--threads", "1", *argv])
     for row in emulated:
         check_render_row(row)
         assert row["kernel_ms"] is None and row["version"] == "tree" and row["shared_histogram"] is True
@@ -160,16 +161,15 @@ def test_render_emulated_kernels_draw_the_cpu_renderers_images(capsys, tmp_path)
     assert [r["device"] for r in cpu] == ["cpu-reference", "cpu"] * 2
     digests = {r["recipe"]: r["digest"] for r in emulated}
     assert all(r["digest"] == digests[r["recipe"]] for r in cpu)
-    lines = table_lines(emulated + cpu, tmp_path)
+    lines = table_lines(emulated + cpu)
     assert len(lines) == 6
     assert lines[0].startswith("| anderson, num_points=2000, num_classes=8, emulator | tree | 32 | 2 |")
 
 
 @pytest.mark.parametrize("mode", ["view_bank", "on_the_fly"])
-def test_render_mandelbulb_rows_on_the_emulated_kernels(mode, capsys):
+def test_render_mandelbulb_rows_on_the_emulated_kernels(mode, run):
     rows = run("render_throughput", ["--device", "emulator", "--recipes", "mandelbulbvar", "--size", "16",
-                                     "--batch", "2", "--repeats", "1", "--set", f"mode={mode}", *MANDELBULB_TINY],
-               capsys)
+                                     "--batch", "2", "--repeats", "1", "--set", f"mode={mode}", *MANDELBULB_TINY])
     check_render_row(rows[0])
     assert rows[0]["setup_s"] >= 0
     if mode == "on_the_fly":
@@ -209,16 +209,16 @@ def test_render_runs_against_the_old_packages_of_the_versions_stage(commit, tmp_
 # --- augment_throughput -------------------------------------------------------------------------------------
 
 
-def test_augment_stages_and_training_step_on_the_cpu(capsys, tmp_path):
+def test_augment_stages_and_training_step_on_the_cpu(run, table_lines):
     rows = run("augment_throughput", ["--device", "cpu", "--batch", "2", "--source", "64", "--size", "32",
                                       "--steps", "2", "--warmup", "1", "--repeats", "1", "--model", "resnet18",
-                                      "--tf32"], capsys)
+                                      "--tf32"])
     assert [r["measure"] for r in rows] == ["host_draws", "crop_flip", "autoaugment", "normalise_erase", "mix",
                                             "augment", "train_step"]
     for row in rows:
         check_augment_row(row)
         assert row["device"] == "cpu" and row["tf32"] is True
-    lines = table_lines(rows, tmp_path)
+    lines = table_lines(rows)
     assert len(lines) == 7 and lines[0].startswith("| host_draws | cpu | True | 2 | 64 -> 32 |")
     assert lines[-1].startswith("| resnet18, augment tf32, cpu |")
 
@@ -298,11 +298,11 @@ def command_id(argv) -> str:
 
 @pytest.mark.parametrize("where,script,argv", tiny_session_commands(),
                          ids=lambda v: command_id(v) if isinstance(v, tuple) else v)
-def test_every_session_command_runs_at_tiny_sizes_and_summarises(where, script, argv, capsys, tmp_path):
-    rows = run(script, list(argv), capsys)
+def test_every_session_command_runs_at_tiny_sizes_and_summarises(where, script, argv, run, table_lines):
+    rows = run(script, list(argv))
     assert rows
     for row in rows:
         {"render_throughput": lambda r: check_render_row(r),
          "augment_throughput": check_augment_row,
          "train_throughput": lambda r: check_train_row(r, "cpu" if "--ofdb" in argv else "emulator")}[script](row)
-    assert len(table_lines(rows, tmp_path)) == len(rows)
+    assert len(table_lines(rows)) == len(rows)
