@@ -96,28 +96,61 @@ __device__ __forceinline__ void cpow(float c, float s, float &rc, float &rs) {
   }
 }
 
-__device__ inline float axis_value(int rule, int axis, float cpt, float spt, float cpp, float spp) {
-  const bool is_sin = (rule >> (8 - 3 * axis)) & 1, is_theta = (rule >> (7 - 3 * axis)) & 1;
-  const bool is_neg = (rule >> (6 - 3 * axis)) & 1;
-  const float v = is_sin ? (is_theta ? spt : spp) : (is_theta ? cpt : cpp);
-  return is_neg ? -v : v;
+// The rule's choices as bit masks (all ones where chosen), so that picking cos or sin of p theta or p phi
+// and the sign is bit arithmetic (a LOP3 each on the device, no predicate): exactly the chosen float or
+// its negation (IEEE negation flips the sign bit). An angle no axis uses is not computed (the rule is
+// uniform per block row: no divergence).
+struct Rule {
+  unsigned sin[3], theta[3], neg[3];
+  bool uses_theta, uses_phi;
+};
+
+__device__ inline Rule rule_masks(int rule) {
+  Rule m;
+#pragma unroll
+  for (int axis = 0; axis < 3; ++axis) {
+    m.sin[axis] = 0u - ((rule >> (8 - 3 * axis)) & 1);
+    m.theta[axis] = 0u - ((rule >> (7 - 3 * axis)) & 1);
+    m.neg[axis] = ((unsigned)(rule >> (6 - 3 * axis)) & 1u) << 31;
+  }
+  m.uses_theta = (rule & 0x92) != 0;  // the theta bits 7, 4, 1
+  m.uses_phi = (~rule & 0x92) != 0;
+  return m;
+}
+
+// mask ? a : b bitwise. On the device one LOP3 (nvcc splits the C++ form into several); the same bits in
+// C++ for the emulator.
+__device__ __forceinline__ float pick(unsigned mask, float a, float b) {
+  const unsigned x = __float_as_uint(a), y = __float_as_uint(b);
+#if defined(__CUDA_ARCH__) && !defined(FRACTAL_EMULATOR)
+  unsigned out;
+  asm("lop3.b32 %0, %1, %2, %3, 0xCA;" : "=r"(out) : "r"(mask), "r"(x), "r"(y));  // (m & x) | (~m & y)
+  return __uint_as_float(out);
+#else
+  return __uint_as_float((x & mask) | (y & ~mask));
+#endif
+}
+
+__device__ __forceinline__ float axis_value(const Rule &m, int axis, float cpt, float spt, float cpp, float spp) {
+  const float v = pick(m.sin[axis], pick(m.theta[axis], spt, spp), pick(m.theta[axis], cpt, cpp));
+  return __uint_as_float(__float_as_uint(v) ^ m.neg[axis]);
 }
 
 // One step z <- z^P (by the rule) + c and dr <- r^P P dr + 1 (or r^(P-1) with `textbook`), r = |z| <= 4;
 // returns the new |z| (the next iteration's r).
 template <int P>
 __device__ __forceinline__ float iterate(float &zx, float &zy, float &zz, float &dr, float r, float cx, float cy,
-                                         float cz, int rule, bool textbook) {
+                                         float cz, const Rule &rule, bool textbook) {
   const float rho = sqrtf(zx * zx + zy * zy);
-  const float ct = zz / r, st = rho / r;
-  const bool flat = !(rho > 0.0f);
-  const float cp = flat ? 1.0f : zx / rho, sp = flat ? 0.0f : zy / rho;
   const float rp = ipow<P>(r);
   const float grow = textbook ? ipow<P - 1>(r) : rp;
   dr = (grow * (float)P) * dr + 1.0f;
-  float cpt, spt, cpp, spp;
-  cpow<P>(ct, st, cpt, spt);
-  cpow<P>(cp, sp, cpp, spp);
+  float cpt = 0.0f, spt = 0.0f, cpp = 0.0f, spp = 0.0f;
+  if (rule.uses_theta) cpow<P>(zz / r, rho / r, cpt, spt);
+  if (rule.uses_phi) {
+    const bool flat = !(rho > 0.0f);
+    cpow<P>(flat ? 1.0f : zx / rho, flat ? 0.0f : zy / rho, cpp, spp);
+  }
   zx = rp * axis_value(rule, 0, cpt, spt, cpp, spp) + cx;
   zy = rp * axis_value(rule, 1, cpt, spt, cpp, spp) + cy;
   zz = rp * axis_value(rule, 2, cpt, spt, cpp, spp) + cz;
@@ -127,7 +160,7 @@ __device__ __forceinline__ float iterate(float &zx, float &zy, float &zz, float 
 // Distance estimate 0.5 ln(r) r / dr from the r at the start of the last iteration (the bailing one, or the
 // 100th). Marching needs no orbit traps: they are recomputed once at the primary ray's last point (traps()).
 template <int P>
-__device__ inline float distance(float cx, float cy, float cz, int rule, bool textbook) {
+__device__ inline float distance(float cx, float cy, float cz, const Rule &rule, bool textbook) {
   float zx = cx, zy = cy, zz = cz, dr = 1.0f;
   float r = sqrtf((zx * zx + zy * zy) + zz * zz), last = r;
   for (int i = 0; i < MB_MAX_ITERATIONS; ++i) {
@@ -142,7 +175,7 @@ __device__ inline float distance(float cx, float cy, float cz, int rule, bool te
 // there is none). |z| is the next iteration's r; the division by 1.5 and the minimum commute (IEEE division
 // is monotonic), so it is done once.
 template <int P>
-__device__ inline Traps traps(float cx, float cy, float cz, int rule, bool textbook) {
+__device__ inline Traps traps(float cx, float cy, float cz, const Rule &rule, bool textbook) {
   float zx = cx, zy = cy, zz = cz, dr = 1.0f;
   float r = sqrtf((zx * zx + zy * zy) + zz * zz);
   float t0 = 1e20f, l1 = __int_as_float(0x7f800000), t2 = 1e20f;
@@ -161,8 +194,8 @@ __device__ inline Traps traps(float cx, float cy, float cz, int rule, bool textb
 // Sphere tracing: the distance L where DE <= threshold, or after `steps` steps (or once L >= limit); `probe`
 // is the L of the last DE evaluation (L itself unless the step limit or the early exit stopped the march).
 template <int P>
-__device__ inline float march(const float *o, const float *d, int rule, bool textbook, int steps, float threshold,
-                              float limit, bool early_exit, float &probe) {
+__device__ inline float march(const float *o, const float *d, const Rule &rule, bool textbook, int steps,
+                              float threshold, float limit, bool early_exit, float &probe) {
   float L = 0.0f;
   probe = 0.0f;
   for (int step = 0; step < steps; ++step) {
@@ -186,8 +219,8 @@ __device__ inline float clamp01(float x) { return x > 1.0f ? 1.0f : (x > 0.0f ? 
 
 // Colour of a hit (reference.shade), clamped to [0, 1].
 template <int P>
-__device__ inline void shade(const float *hit, const float *colours, const Traps &t, int rule, int flags,
-                             float *col) {
+__device__ inline void shade(const float *hit, const float *colours, const Traps &t, const Rule &rule,
+                             int flags, float *col) {
   const bool textbook = flags & MB_TEXTBOOK_DERIVATIVE;
   const float r = sqrtf((hit[0] * hit[0] + hit[1] * hit[1]) + hit[2] * hit[2]);
   float normal[3];
@@ -229,8 +262,10 @@ __device__ inline float screen(int coord, int n) {
 
 // One sprite pixel of an object of power P: supersample^2 rays, shaded, box-filtered.
 template <int P>
-__device__ void march_pixel(int i, int j, int side, int ss, int rule, int flags, const float *cam, unsigned char *out) {
+__device__ void march_pixel(int i, int j, int side, int ss, int rule_bits, int flags, const float *cam,
+                            unsigned char *out) {
   const int n = side * ss;
+  const Rule rule = rule_masks(rule_bits);
   const bool textbook = flags & MB_TEXTBOOK_DERIVATIVE;
   float acc[3] = {0.0f, 0.0f, 0.0f};
   int hits = 0;
@@ -274,7 +309,7 @@ __device__ void march_power(int p, int i, int j, int side, int ss, int rule, int
   }
 }
 
-extern "C" __global__ void march_sprites(int max_side, int supersample, int flags, const int *item_i,
+extern "C" __global__ void __launch_bounds__(128, 6) march_sprites(int max_side, int supersample, int flags, const int *item_i,
                                          const float *item_f, unsigned char *sprites) {
   const int item = blockIdx.y, q = blockIdx.x * blockDim.x + threadIdx.x;
   if (q >= max_side * max_side) return;
