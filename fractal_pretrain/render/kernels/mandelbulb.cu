@@ -309,7 +309,7 @@ __device__ void march_power(int p, int i, int j, int side, int ss, int rule, int
   }
 }
 
-extern "C" __global__ void __launch_bounds__(128, 6) march_sprites(int max_side, int supersample, int flags, const int *item_i,
+extern "C" __global__ void march_sprites(int max_side, int supersample, int flags, const int *item_i,
                                          const float *item_f, unsigned char *sprites) {
   const int item = blockIdx.y, q = blockIdx.x * blockDim.x + threadIdx.x;
   if (q >= max_side * max_side) return;
