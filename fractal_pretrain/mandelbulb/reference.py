@@ -94,38 +94,45 @@ def log32(x: np.ndarray) -> np.ndarray:
     return out.astype(F32)
 
 
-def _masked(take: np.ndarray, new, old):
-    """np.where(take, new(*old), old) per array of ``old``, skipping the arithmetic where no lane takes it."""
-    if not take.any():
-        return old
-    values = new(*old)
-    if take.all():
-        return values
-    return tuple(np.where(take, v, o) for v, o in zip(values, old, strict=True))
+def _multiply_in(bit: np.ndarray, started: np.ndarray, acc: tuple, base: tuple, times) -> tuple:
+    """One square-and-multiply round for the lanes of ``bit``: ``base`` where the product has not started
+    (the lowest set bit), ``times(acc, base)`` after; other lanes keep ``acc``. Skips the arithmetic no lane
+    needs (a batch of one power takes the whole-array branches)."""
+    if not bit.any():
+        return acc
+    first = bit & ~started
+    if first.all():
+        return base
+    later = bit & started
+    product = times(acc, base) if later.any() else acc
+    if later.all():
+        return product
+    return tuple(np.where(first, b, np.where(later, v, a)) for a, b, v in zip(acc, base, product, strict=True))
 
 
-def _times(a, b):
-    return (a * b,)
+def _times(acc, base):
+    return (acc[0] * base[0],)
 
 
-def _complex_times(c, s):
-    return lambda rc, rs: (rc * c - rs * s, rc * s + rs * c)
+def _complex_times(acc, base):
+    (rc, rs), (c, s) = acc, base
+    return (rc * c - rs * s, rc * s + rs * c)
 
 
 def ipow(x: np.ndarray, p) -> np.ndarray:
-    """x^p for integers 0 <= p < 32 by a five-round square-and-multiply (float32), the product starting at
-    the lowest set bit of p (1 * x == x: the same floats as a product from 1)."""
-    acc = np.ones_like(x)
-    base = x
+    """x^p for integers 0 <= p < 32 by square-and-multiply over the bits of p (float32), the product
+    starting at the lowest set bit (1 * x == x: the same floats as a product from 1)."""
     p = np.broadcast_to(np.asarray(p), np.shape(x))
+    acc, base = (np.ones_like(x),), (x,)
     started = np.zeros(np.shape(x), dtype=bool)
     for k in range(POWER_BITS):
         bit = (p >> k) & 1 == 1
-        (acc,) = _masked(bit & ~started, lambda a, b=base: (b,), (acc,))
-        (acc,) = _masked(bit & started, lambda a, b=base: _times(a, b), (acc,))
+        acc = _multiply_in(bit, started, acc, base, _times)
         started |= bit
-        base = base * base
-    return acc
+        if not (p >> (k + 1)).any():
+            break
+        base = (base[0] * base[0],)
+    return acc[0]
 
 
 def cpow(c: np.ndarray, s: np.ndarray, p) -> tuple[np.ndarray, np.ndarray]:
@@ -136,16 +143,18 @@ def cpow(c: np.ndarray, s: np.ndarray, p) -> tuple[np.ndarray, np.ndarray]:
     sign into another value: the divisors (r, rho, dr, norms) are square roots or sums >= 1, the orbit traps
     take absolute values, the rest are products, sums and comparisons. NaN goes with NaN (cos and sin of
     theta are both NaN or neither; those of phi are finite)."""
-    rc, rs = np.ones_like(c), np.zeros_like(s)
     p = np.broadcast_to(np.asarray(p), np.shape(c))
+    acc, base = (np.ones_like(c), np.zeros_like(s)), (c, s)
     started = np.zeros(np.shape(c), dtype=bool)
     for k in range(POWER_BITS):
         bit = (p >> k) & 1 == 1
-        rc, rs = _masked(bit & ~started, lambda a, b, cc=c, ss=s: (cc, ss), (rc, rs))
-        rc, rs = _masked(bit & started, _complex_times(c, s), (rc, rs))
+        acc = _multiply_in(bit, started, acc, base, _complex_times)
         started |= bit
-        c, s = c * c - s * s, c * s + s * c
-    return rc, rs
+        if not (p >> (k + 1)).any():
+            break
+        c, s = base
+        base = (c * c - s * s, c * s + s * c)
+    return acc
 
 
 def _lt_min(v, t):
