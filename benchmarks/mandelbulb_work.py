@@ -34,7 +34,8 @@ PROBES = (
     ("  return ((0.5f * log32(last)) * last) / dr;", None),
     ("  float normal[3];\n", "  WORK_KIND = 2;\n"),
     ("    float probe;\n    lit = march<P>", None),
-    ("      float probe;\n", "      WORK_KIND = 0;\n      const unsigned long long before = WORK[4] + WORK[5] + WORK[6] + WORK[7];\n"),
+    ("      float probe;\n",
+     "      WORK_KIND = 0;\n      const unsigned long long before = WORK[4] + WORK[5] + WORK[6] + WORK[7];\n"),
     ("        const Traps t = traps<P>(", None),
     ("        hits += 1;\n      }\n", "      RAY_WORK[RAYS++ % "
      f"{MAX_RAYS}] = (float)(WORK[4] + WORK[5] + WORK[6] + WORK[7] - before);\n"),
@@ -46,20 +47,20 @@ BEFORE = {
     PROBES[5][0]: PROBES[5][0].replace("    lit = march<P>", "    WORK_KIND = 3;\n    lit = march<P>"),
     PROBES[7][0]: "        WORK[1]++;\n" + PROBES[7][0],
 }
-READER = """
-extern "C" __global__ void read_work(unsigned long long *out, float *per_ray) {
+READER = f"""
+extern "C" __global__ void read_work(unsigned long long *out, float *per_ray) {{
   for (int k = 0; k < 16; ++k) out[k] = WORK[k], WORK[k] = 0;
-  for (long long k = 0; k < RAYS && k < %d; ++k) per_ray[k] = RAY_WORK[k];
+  for (long long k = 0; k < RAYS && k < {MAX_RAYS}; ++k) per_ray[k] = RAY_WORK[k];
   out[15] = RAYS;
   RAYS = 0;
-}
-""" % MAX_RAYS
+}}
+"""
 
 
 def instrumented_source(source: str) -> str:
     for anchor, after in PROBES:
-        if source.count(anchor) != 1:
-            raise SystemExit(f"mandelbulb.cu changed: anchor {anchor.strip()[:60]!r} found {source.count(anchor)} times")
+        if (found := source.count(anchor)) != 1:
+            raise SystemExit(f"mandelbulb.cu changed: anchor {anchor.strip()[:60]!r} found {found} times")
         source = source.replace(anchor, BEFORE[anchor] if after is None else anchor + after)
     return source + READER
 

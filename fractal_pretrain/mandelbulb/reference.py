@@ -401,13 +401,13 @@ def resize_sprite(sprite: np.ndarray, side: int) -> np.ndarray:
 
 
 def bank_sprites(recipe: MandelbulbRecipe, seed: int, items: MandelbulbItems, members: np.ndarray,
-                 size: int) -> np.ndarray:
+                 size: int, march=render_sprites) -> np.ndarray:
     """view_bank mode: each active object's bank view, resized to its side (the views are rendered here,
     only those the batch uses: the same pixels the device renders for its whole bank)."""
     bs = P.bank_side(recipe, size)
     rows = P.bank_row(recipe, items)
     wanted = np.unique(rows[items.active])
-    views = render_sprites(recipe, P.plan_bank(recipe, seed, wanted, members, bs), bs)
+    views = march(recipe, P.plan_bank(recipe, seed, wanted, members, bs), bs)
     max_side = int(items.side.max())
     sprites = np.zeros((len(items.index), max_side, max_side, 4), dtype=np.uint8)
     for item in np.flatnonzero(items.active):
@@ -417,12 +417,13 @@ def bank_sprites(recipe: MandelbulbRecipe, seed: int, items: MandelbulbItems, me
 
 
 def render(recipe: MandelbulbRecipe, seed: int, epoch: int, samples: MandelbulbSamples, items: MandelbulbItems,
-           size: int, members: np.ndarray) -> np.ndarray:
-    """Final (B, size, size, 3) uint8 images."""
+           size: int, members: np.ndarray, march=render_sprites) -> np.ndarray:
+    """Final (B, size, size, 3) uint8 images. ``march(recipe, items, max_side)`` renders the sprites
+    (``mandelbulb/cpu.py`` passes its compiled march: the same bytes)."""
     if recipe.mode == "view_bank":
-        sprites = bank_sprites(recipe, seed, items, members, size)
+        sprites = bank_sprites(recipe, seed, items, members, size, march)
     else:
-        sprites = render_sprites(recipe, items, int(items.side.max()))
+        sprites = march(recipe, items, int(items.side.max()))
     canvas = background(recipe, seed, epoch, samples, size)
     paste(canvas, sprites, items, P.slots_per_sample(recipe))
     return canvas
