@@ -283,15 +283,16 @@ class MandelbulbKernelRenderer(MandelbulbRenderer):
                           device_plan=t)
 
 
-def make_mandelbulb_renderer(recipe: MandelbulbRecipe, *, size: int = 256, seed: int = 0,
-                             device: str = "cpu") -> MandelbulbRenderer:
-    """'cpu': the compiled ray marcher (``cpu.py``; the NumPy reference, with a note on stderr once, where it
-    cannot be built); 'cpu-reference': the NumPy reference; 'cuda' / 'cuda:N': the kernels."""
+def make_mandelbulb_renderer(recipe: MandelbulbRecipe, *, size: int = 256, seed: int = 0, device: str = "cpu",
+                             num_threads: int | None = None) -> MandelbulbRenderer:
+    """'cpu': the compiled ray marcher (``cpu.py``, ``num_threads`` threads, default every core; the NumPy
+    reference, with a note on stderr once, where it cannot be built); 'cpu-reference': the NumPy reference;
+    'cuda' / 'cuda:N': the kernels."""
     if device == "cpu":
         from fractal_pretrain.render.fast_cpu import FastCpuUnavailable, warn_unavailable
 
         try:
-            return MandelbulbCpuRenderer(recipe, size=size, seed=seed)
+            return MandelbulbCpuRenderer(recipe, size=size, seed=seed, num_threads=num_threads)
         except FastCpuUnavailable as err:
             warn_unavailable(err)
     if device in ("cpu", "cpu-reference"):
