@@ -4,11 +4,13 @@
 //   into a premultiplied RGB + alpha uint8 sprite;
 //   paste_sprites: one thread per canvas pixel (grid: pixel blocks x samples), sprites blended in slot order;
 //   paste_bank: the same from a view bank (march_sprites output kept resident), each view resized bilinearly.
-// Only float32 +, -, *, /, sqrt and comparisons (compile with --fmad=false): no libm call whose last bits
-// could differ from NumPy's; powers by a fixed square-and-multiply, ln by Cephes' logf (frexpf is exact).
-// Cost per ray (benchmarks/PENDING_GPU.md): the march is specialised per power (march_power: the power is
-// uniform per block row), marching evaluates the estimator without orbit traps (traps() recomputes them once
-// at the primary ray's last point), and an iteration's closing |z| is the next one's r.
+// Only float32 +, -, *, /, sqrt, comparisons and bit selection (compile with --fmad=false): no libm call
+// whose last bits could differ from NumPy's; powers by square-and-multiply, ln by Cephes' logf (frexpf is
+// exact). Cost per ray (benchmarks/PENDING_GPU.md): the march is specialised per power (march_power: the
+// power is uniform per block row), marching evaluates the estimator without orbit traps (traps() recomputes
+// them once at the primary ray's last point), an iteration's closing |z| is the next one's r, the rule's
+// choices are bit masks and an angle no axis uses is skipped. mandelbulb/march_cpu.cpp builds this file for
+// the host (device: cpu).
 #include "common.cuh"
 
 // Layouts and flags (MB_ITEM_INTS, MB_ITEM_FLOATS, MB_IF_COLOURS, MB_SHADOW, ...): render/kernel_constants.py.
