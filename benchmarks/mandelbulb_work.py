@@ -3,14 +3,14 @@
 Builds a copy of ``render/kernels/mandelbulb.cu`` with counters added (distance-estimator calls and
 fractal iterations, by kind: primary march, orbit traps, normal taps, shadow march), renders a batch with
 ``MandelbulbKernelRenderer(emulate=True)`` and prints per-ray averages, plus a bound on SIMT efficiency:
-mean iterations per ray over the mean of each warp's (32 neighbouring pixels') largest count. Multiply by
+mean iterations per ray over the mean of each warp's (its 4 x 8 pixel tile's) largest count. Multiply by
 the per-iteration SASS counts of ``benchmarks/sass_loops.py --kernels march_sprites`` for a device
 prediction (benchmarks/PENDING_GPU.md, "Mandelbulb ray marcher").
 
     PYTHONPATH=. python3 benchmarks/mandelbulb_work.py [--recipe mandelbulbvar] [--size 256] [--num 24]
 
-Counts depend little on resolution (per ray); the warp bound does (a warp is a shorter stretch of an
-object's row at a higher resolution).
+Counts depend little on resolution (per ray); the warp bound does (a warp's tile is a smaller part of
+the object at a higher resolution).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from fractal_pretrain.mandelbulb import reference
 from fractal_pretrain.mandelbulb.recipe import MandelbulbRecipe
 from fractal_pretrain.render import emulator
 from fractal_pretrain.render.fast_cpu import FastCpuUnavailable, available_cores
-from fractal_pretrain.render.kernel_constants import define_options
+from fractal_pretrain.render.kernel_constants import MB_TILE_COLS, MB_TILE_ROWS, define_options, mb_march_threads
 
 SOURCE = Path(__file__).resolve().parent / "march_cpu.cpp"
 KERNEL = emulator.KERNEL_DIR / "mandelbulb.cu"
@@ -62,7 +62,7 @@ def load() -> ctypes.CDLL:
         raise FastCpuUnavailable(f"building or loading {out} failed: {err}") from None
     lib.march.restype = ctypes.c_int
     lib.march.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                          ctypes.c_void_p, ctypes.c_int]
+                          ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
     return lib
 
 
@@ -75,8 +75,10 @@ def march_sprites(recipe: MandelbulbRecipe, items, max_side: int, num_threads: i
     sprites = np.empty((len(item_i), max_side, max_side, 4), dtype=np.uint8)
     if len(item_i) == 0:
         return sprites
+    tiles = mb_march_threads(max_side) // (MB_TILE_ROWS * MB_TILE_COLS)
     failed = load().march(max_side, recipe.supersample, kernel_flags(recipe), item_i.ctypes.data,
-                          item_f.ctypes.data, len(item_i), sprites.ctypes.data, num_threads or available_cores())
+                          item_f.ctypes.data, len(item_i), tiles, sprites.ctypes.data,
+                          num_threads or available_cores())
     if failed:
         raise RuntimeError("the compiled Mandelbulb march failed in a worker thread")
     return sprites

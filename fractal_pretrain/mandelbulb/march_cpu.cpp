@@ -41,20 +41,23 @@ using std::min;
 
 #include "mandelbulb.cu"
 
-// Sprites (n_items, max_side, max_side, 4) as march_sprites writes them. Returns 0, or 1 if a thread failed.
+// Sprites (n_items, max_side, max_side, 4) as march_sprites writes them; `tiles` = its warps per object
+// (kernel_constants.mb_march_threads / 32). Returns 0, or 1 if a thread failed.
 extern "C" __attribute__((visibility("default"))) int march(int max_side, int supersample, int flags,
                                                              const int *item_i, const float *item_f,
-                                                             int n_items, unsigned char *sprites, int threads) {
-  const long long rows = (long long)n_items * max_side;
+                                                             int n_items, int tiles, unsigned char *sprites,
+                                                             int threads) {
+  const int warp = MB_TILE_ROWS * MB_TILE_COLS;
+  const long long units = (long long)n_items * tiles;
   std::atomic<long long> next{0};
   std::atomic<int> failed{0};
   auto work = [&] {
     try {
-      blockDim = {(unsigned)max_side, 1, 1};  // one block per sprite row: q = blockIdx.x * max_side + j
-      for (long long row; (row = next.fetch_add(1)) < rows;) {
-        blockIdx = {(unsigned)(row % max_side), (unsigned)(row / max_side), 0};
-        for (int j = 0; j < max_side; ++j) {
-          threadIdx.x = (unsigned)j;
+      blockDim = {(unsigned)warp, 1, 1};  // one block per tile: q = tile * 32 + lane
+      for (long long unit; (unit = next.fetch_add(1)) < units;) {
+        blockIdx = {(unsigned)(unit % tiles), (unsigned)(unit / tiles), 0};
+        for (int lane = 0; lane < warp; ++lane) {
+          threadIdx.x = (unsigned)lane;
           march_sprites(max_side, supersample, flags, item_i, item_f, sprites);
         }
       }
@@ -62,7 +65,7 @@ extern "C" __attribute__((visibility("default"))) int march(int max_side, int su
       failed = 1;
     }
   };
-  const int n = std::max(1, std::min<int>(threads, (int)std::min<long long>(rows, 1 << 20)));
+  const int n = std::max(1, std::min<int>(threads, (int)std::min<long long>(units, 1 << 20)));
   std::vector<std::thread> pool;
   for (int t = 1; t < n; ++t) pool.emplace_back(work);
   work();

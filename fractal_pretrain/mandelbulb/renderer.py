@@ -222,7 +222,7 @@ class MandelbulbKernelRenderer(MandelbulbRenderer):
     def _march(self, item_i, item_f, max_side: int, n_items: int, out) -> None:
         """march_sprites for the objects of ``item_i`` / ``item_f`` (device tensors) into ``out``."""
         self._kernel("mandelbulb", "march_sprites")(
-            (-(-max_side * max_side // PIXEL_BLOCK), n_items), (PIXEL_BLOCK,),
+            (-(-kernel_constants.mb_march_threads(max_side) // PIXEL_BLOCK), n_items), (PIXEL_BLOCK,),
             (np.int32(max_side), np.int32(self.recipe.supersample), np.int32(self.flags), _ptr(item_i),
              _ptr(item_f), _ptr(out)))
 
