@@ -16,7 +16,8 @@
 #
 # `versions` needs .bench-versions (bash benchmarks/kernel_versions.sh [COMMIT...], then carry it too): anderson
 # and fractal4ad images/s with per-kernel ms for every version and the working tree, and an image digest per
-# row that must be the same for all versions (they all draw the reference's images).
+# row that must be the same for all versions (they all draw the reference's images). Other recipes and options:
+# VERSION_RECIPES=mandelbulbvar VERSION_ARGS="--set mode=on_the_fly --repeats 3" bash benchmarks/gpu_session.sh versions
 #
 # $OUT brings back at most 8 files of 16 MiB: a few logs, one archive, and backbone.pt in 15 MiB parts
 # (cat backbone.pt.part-* > backbone.pt).
@@ -67,8 +68,10 @@ case "$stage" in
   versions)
     for dir in .bench-versions/*/ .; do
       label=$([ "$dir" = . ] && echo "working tree" || cat "$dir/LABEL")
+      # shellcheck disable=SC2086 # VERSION_ARGS: extra options, word-split on purpose
       PYTHONPATH="/tmp/site:$dir" python3 benchmarks/render_throughput.py --device cuda --profile \
-        --recipes anderson,fractal4ad --repeats 10 --label "$label" 2>&1 | tee -a "$out/versions.jsonl"
+        --recipes "${VERSION_RECIPES:-anderson,fractal4ad}" --repeats 10 --label "$label" ${VERSION_ARGS:-} 2>&1 \
+        | tee -a "$out/versions.jsonl"
     done
     python3 benchmarks/summarise.py "$out/versions.jsonl" | tee "$out/versions.md"
     ;;

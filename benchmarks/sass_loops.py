@@ -4,14 +4,17 @@ Compiles ``fractal_pretrain/render/kernels/*.cu`` for one architecture with nvcc
 disassembles with cuobjdump (``pip install nvidia-cuda-cuobjdump`` where the CUDA toolkit lacks it) and
 prints a Markdown table per kernel: every innermost loop (a backward branch with no other loop inside),
 its instructions, and the memory instructions among them (shared LDS/STS, global LDG/STG, atomics, local
-LDL/STL = spills, warp MATCH). A loop body that serves several chaos steps (4 per Philox call, 4 per
-replayed group) is reported whole: divide by hand. Static counts: branches inside a body are counted
-whether taken or not.
+LDL/STL = spills, warp MATCH) and CALL: the out-of-line slow paths of IEEE division and square root, whose
+~5 inline set-up instructions each are skipped on the fast path (executed ~ instructions - 5 CALL). A loop
+body that serves several chaos steps (4 per Philox call, 4 per replayed group) is reported whole: divide by
+hand. Static counts: branches inside a body are counted whether taken or not.
 
     python3 benchmarks/sass_loops.py [--arch sm_90] [--kernels render_items,finish] [--min 40] [--source DIR]
+                                     [--define MB_MIN_POWER=8 --define MB_MAX_POWER=8]
 
 ``--source`` compares another version's kernels, e.g. a ``git worktree`` of an older commit's
-``fractal_pretrain/render/kernels``.
+``fractal_pretrain/render/kernels``. ``--define NAME=VALUE`` replaces a generated constant, e.g. one
+power for ``march_sprites`` (it is specialised per power of MB_MIN_POWER..MB_MAX_POWER).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 FUNCTION = re.compile(r"Function : (\S+)")
 BRANCH_TARGET = re.compile(r"\bBRA\b.*0x([0-9a-f]+)\s*$")
 KINDS = {"LDS": ("LDS",), "STS": ("STS",), "LDG/STG": ("LDG", "STG", "LD.", "ST."), "ATOM": ("ATOM", "RED."),
-         "LDL/STL": ("LDL", "STL"), "MATCH": ("MATCH",)}
+         "LDL/STL": ("LDL", "STL"), "MATCH": ("MATCH",), "CALL": ("CALL",)}
 
 
 def cuobjdump() -> str:
@@ -47,15 +50,17 @@ def cuobjdump() -> str:
     sys.exit("cuobjdump not found: install the CUDA toolkit or `pip install nvidia-cuda-cuobjdump`")
 
 
-def disassemble(source: Path, arch: str, workdir: Path) -> str:
+def disassemble(source: Path, arch: str, workdir: Path, overrides: tuple[str, ...] = ()) -> str:
     nvcc = shutil.which("nvcc") or sys.exit("nvcc not found")
     cubin = workdir / f"{source.stem}.cubin"
     from fractal_pretrain.render.kernel_constants import define_options
 
     # Kernels since the generated constants need their -D options; older versions (--source) define their own.
     generated = "FRACTAL_CONSTANTS" in (source.parent / "common.cuh").read_text()
+    replaced = {o.split("=")[0] for o in overrides}
+    defines = [d for d in define_options() if d[2:].split("=")[0] not in replaced] if generated else []
     subprocess.run([nvcc, f"-arch={arch}", "-cubin", "-fmad=false", "-std=c++17",
-                    *(define_options() if generated else ()), f"-I{source.parent}", "-o", str(cubin), str(source)],
+                    *defines, *(f"-D{o}" for o in overrides), f"-I{source.parent}", "-o", str(cubin), str(source)],
                    check=True)
     return subprocess.run([cuobjdump(), "-sass", str(cubin)], check=True, capture_output=True, text=True).stdout
 
@@ -98,11 +103,12 @@ def main(argv=None) -> None:
     parser.add_argument("--kernels", default="", help="comma-separated kernel names (default: all)")
     parser.add_argument("--min", type=int, default=20, help="hide loops with fewer instructions")
     parser.add_argument("--source", type=Path, default=KERNELS, help="folder of the .cu files")
+    parser.add_argument("--define", action="append", default=[], help="NAME=VALUE replacing a generated constant")
     args = parser.parse_args(argv)
     wanted = {k for k in args.kernels.split(",") if k}
     with tempfile.TemporaryDirectory() as tmp:
         for source in sorted(args.source.glob("*.cu")):
-            for name, code in functions(disassemble(source, args.arch, Path(tmp))).items():
+            for name, code in functions(disassemble(source, args.arch, Path(tmp), tuple(args.define))).items():
                 if wanted and name not in wanted:
                     continue
                 rows = [loop_row(code, lo, hi) for lo, hi in innermost_loops(code)]

@@ -29,6 +29,10 @@ Mathematically this is the shader's estimator; numerically it differs from GLSL'
 last bits, as GLSL implementations differ among themselves, which moves individual surface pixels but not
 the distribution (tests/fractal_pretrain/test_mandelbulb.py checks the published coverage statistics).
 
+Cheaper in the same floats (the kernel's cost, benchmarks/PENDING_GPU.md): marching evaluates only the DE;
+the orbit traps are computed once, at the primary ray's last DE point (``orbit_traps``); an iteration's
+closing |z| is the next one's r; the powers start their product at the lowest set bit of p.
+
 ``early_exit`` stops a primary ray once L >= 10 and a shadow ray once L >= 10000: L only grows (a step
 adds DE > threshold > 0), so the outcome is already decided and the image is identical.
 
@@ -90,43 +94,67 @@ def log32(x: np.ndarray) -> np.ndarray:
     return out.astype(F32)
 
 
-def _masked(take: np.ndarray, new, old):
-    """np.where(take, new(*old), old) per array of ``old``, skipping the arithmetic where no lane takes it."""
-    if not take.any():
-        return old
-    values = new(*old)
-    if take.all():
-        return values
-    return tuple(np.where(take, v, o) for v, o in zip(values, old, strict=True))
+def _multiply_in(bit: np.ndarray, started: np.ndarray, acc: tuple, base: tuple, times) -> tuple:
+    """One square-and-multiply round for the lanes of ``bit``: ``base`` where the product has not started
+    (the lowest set bit), ``times(acc, base)`` after; other lanes keep ``acc``. Skips the arithmetic no lane
+    needs (a batch of one power takes the whole-array branches)."""
+    if not bit.any():
+        return acc
+    first = bit & ~started
+    if first.all():
+        return base
+    later = bit & started
+    product = times(acc, base) if later.any() else acc
+    if later.all():
+        return product
+    return tuple(np.where(first, b, np.where(later, v, a)) for a, b, v in zip(acc, base, product, strict=True))
 
 
-def _times(a, b):
-    return (a * b,)
+def _times(acc, base):
+    return (acc[0] * base[0],)
 
 
-def _complex_times(c, s):
-    return lambda rc, rs: (rc * c - rs * s, rc * s + rs * c)
+def _complex_times(acc, base):
+    (rc, rs), (c, s) = acc, base
+    return (rc * c - rs * s, rc * s + rs * c)
 
 
 def ipow(x: np.ndarray, p) -> np.ndarray:
-    """x^p for integers 0 <= p < 32 by a fixed five-round square-and-multiply (float32)."""
-    acc = np.ones_like(x)
-    base = x
+    """x^p for integers 0 <= p < 32 by square-and-multiply over the bits of p (float32), the product
+    starting at the lowest set bit (1 * x == x: the same floats as a product from 1)."""
     p = np.broadcast_to(np.asarray(p), np.shape(x))
+    acc, base = (np.ones_like(x),), (x,)
+    started = np.zeros(np.shape(x), dtype=bool)
     for k in range(POWER_BITS):
-        (acc,) = _masked((p >> k) & 1 == 1, lambda a, b=base: _times(a, b), (acc,))
-        base = base * base
-    return acc
+        bit = (p >> k) & 1 == 1
+        acc = _multiply_in(bit, started, acc, base, _times)
+        started |= bit
+        if not (p >> (k + 1)).any():
+            break
+        base = (base[0] * base[0],)
+    return acc[0]
 
 
 def cpow(c: np.ndarray, s: np.ndarray, p) -> tuple[np.ndarray, np.ndarray]:
-    """(cos p t, sin p t) from (cos t, sin t): (c + i s)^p by the same square-and-multiply."""
-    rc, rs = np.ones_like(c), np.zeros_like(s)
+    """(cos p t, sin p t) from (cos t, sin t): (c + i s)^p by the same square-and-multiply.
+
+    The product starts at the lowest set bit's square instead of multiplying it by 1 + 0i: that changes
+    at most the sign of a zero (c - 0 s is +0 where c = -0 and s < 0), and nothing downstream turns a zero's
+    sign into another value: the divisors (r, rho, dr, norms) are square roots or sums >= 1, the orbit traps
+    take absolute values, the rest are products, sums and comparisons. NaN goes with NaN (cos and sin of
+    theta are both NaN or neither; those of phi are finite)."""
     p = np.broadcast_to(np.asarray(p), np.shape(c))
+    acc, base = (np.ones_like(c), np.zeros_like(s)), (c, s)
+    started = np.zeros(np.shape(c), dtype=bool)
     for k in range(POWER_BITS):
-        rc, rs = _masked((p >> k) & 1 == 1, _complex_times(c, s), (rc, rs))
-        c, s = c * c - s * s, c * s + s * c
-    return rc, rs
+        bit = (p >> k) & 1 == 1
+        acc = _multiply_in(bit, started, acc, base, _complex_times)
+        started |= bit
+        if not (p >> (k + 1)).any():
+            break
+        c, s = base
+        base = (c * c - s * s, c * s + s * c)
+    return acc
 
 
 def _lt_min(v, t):
@@ -139,25 +167,27 @@ def rule_bits(rule: np.ndarray) -> np.ndarray:
     return np.stack([((np.asarray(rule) >> (8 - k)) & 1) == 1 for k in range(9)])
 
 
-def distance(cx, cy, cz, power, rule, textbook: bool):
-    """DE and the three orbit traps of points c (float32 arrays), per-point power and rule."""
+def _orbit(cx, cy, cz, power, rule, textbook: bool, traps: bool):
+    """Iterates points c (float32 arrays, per-point power and rule): r at the start of the last iteration,
+    dr, and (traps only) the three orbit traps. An iteration's closing |z| is the next one's r (the same
+    expression); min |z|_1 / 1.5 is min |z|_1 divided once (IEEE division is monotonic)."""
     n = len(cx)
     zx, zy, zz = cx.copy(), cy.copy(), cz.copy()
     dr = np.ones(n, dtype=F32)
-    r = np.zeros(n, dtype=F32)
-    traps = [np.full(n, TRAP_START, dtype=F32) for _ in range(3)]
+    last = np.zeros(n, dtype=F32)
+    t0, l1, t2 = np.full(n, TRAP_START, dtype=F32), np.full(n, np.inf, dtype=F32), np.full(n, TRAP_START, dtype=F32)
     bits = rule_bits(rule)
     pw = F32(1.0) * power.astype(F32)
     live = np.arange(n)
     with np.errstate(all="ignore"):
+        rr = np.sqrt((cx * cx + cy * cy) + cz * cz)
         for _ in range(MAX_ITERATIONS):
-            x, y, z = zx[live], zy[live], zz[live]
-            rr = np.sqrt((x * x + y * y) + z * z)
-            r[live] = rr
+            last[live] = rr
             going = ~(rr > BAILOUT)
-            live, x, y, z, rr = live[going], x[going], y[going], z[going], rr[going]
+            live, rr = live[going], rr[going]
             if live.size == 0:
                 break
+            x, y, z = zx[live], zy[live], zz[live]
             p = power[live]
             rho = np.sqrt(x * x + y * y)
             ct, st = z / rr, rho / rr
@@ -178,37 +208,53 @@ def distance(cx, cy, cz, power, rule, textbook: bool):
                 new.append(rp * v + c[live])
             x, y, z = new
             zx[live], zy[live], zz[live] = x, y, z
-            ax, ay, az = np.abs(x), np.abs(y), np.abs(z)
-            traps[0][live] = _lt_min(az, traps[0][live])
-            traps[1][live] = _lt_min(((ax + ay) + az) / F32(1.5), traps[1][live])
-            traps[2][live] = _lt_min(np.sqrt((x * x + y * y) + z * z), traps[2][live])
-        de = ((F32(0.5) * log32(r)) * r) / dr
-    return de.astype(F32), traps
+            rr = np.sqrt((x * x + y * y) + z * z)
+            if traps:
+                az = np.abs(z)
+                t0[live] = _lt_min(az, t0[live])
+                l1[live] = _lt_min((np.abs(x) + np.abs(y)) + az, l1[live])
+                t2[live] = _lt_min(rr, t2[live])
+        t1 = l1 / F32(1.5)
+    return last, dr, (t0, _lt_min(t1, TRAP_START), t2)
+
+
+def distance(cx, cy, cz, power, rule, textbook: bool):
+    """DE = 0.5 ln(r) r / dr of points c (float32 arrays), per-point power and rule."""
+    r, dr, _ = _orbit(cx, cy, cz, power, rule, textbook, traps=False)
+    with np.errstate(all="ignore"):
+        return (((F32(0.5) * log32(r)) * r) / dr).astype(F32)
+
+
+def orbit_traps(cx, cy, cz, power, rule, textbook: bool):
+    """min |z_z|, min |z|_1 / 1.5 and min |z| after each step of the DE's iteration (1e20 when none).
+
+    Marching needs only the DE: the traps are computed once, at the primary ray's last DE point."""
+    return _orbit(cx, cy, cz, power, rule, textbook, traps=True)[2]
 
 
 def march(origin, direction, power, rule, textbook: bool, steps: int, threshold, limit, early_exit: bool):
-    """Sphere tracing of N rays: (L, hit-before-step-limit flag, traps at the stopping point)."""
+    """Sphere tracing of N rays: L (where DE <= threshold, or after the step limit or the early exit) and
+    the L of the last DE evaluation (the point whose orbit traps colour a hit)."""
     n = len(power)
     length = np.zeros(n, dtype=F32)
-    traps = [np.full(n, TRAP_START, dtype=F32) for _ in range(3)]
+    probe = np.zeros(n, dtype=F32)
     live = np.arange(n)
     with np.errstate(all="ignore"):
         for _ in range(steps):
             if live.size == 0:
                 break
             L = length[live]
+            probe[live] = L
             p = [origin[a][live] + L * direction[a][live] for a in range(3)]
-            de, t = distance(*p, power[live], rule[live], textbook)
+            de = distance(*p, power[live], rule[live], textbook)
             stop = ~(de > threshold)
-            for k in range(3):
-                traps[k][live] = t[k]
             L = np.where(stop, L, L + de)
             length[live] = L
             going = ~stop
             if early_exit:
                 going &= ~(L >= limit)
             live = live[going]
-    return length, traps
+    return length, probe
 
 
 def normalise(v):
@@ -229,7 +275,7 @@ def shade(recipe: MandelbulbRecipe, hit, ray, colours, traps, power, rule):
         for a in range(3):
             plus = [h + NORMAL_EPS if k == a else h for k, h in enumerate(hit)]
             minus = [h - NORMAL_EPS if k == a else h for k, h in enumerate(hit)]
-            grad.append(distance(*plus, power, rule, textbook)[0] - distance(*minus, power, rule, textbook)[0])
+            grad.append(distance(*plus, power, rule, textbook) - distance(*minus, power, rule, textbook))
         normal = normalise(grad)
         light = normalise([LIGHT[a] - hit[a] for a in range(3)])
         facing = [-c for c in normal] if recipe.diffuse_normal == "negated" else normal
@@ -283,15 +329,17 @@ def render_sprites(recipe: MandelbulbRecipe, items: MandelbulbItems, max_side: i
     ray = [np.concatenate([r[1][k].reshape(-1) for r in rays]) for k in range(3)]
     owner = np.repeat(active, counts)
     power, rule = items.power[owner], items.rule[owner]
-    length, traps = march(origin, ray, power, rule, textbook, PRIMARY_STEPS, PRIMARY_THRESHOLD,
+    length, probe = march(origin, ray, power, rule, textbook, PRIMARY_STEPS, PRIMARY_THRESHOLD,
                           PRIMARY_LIMIT, recipe.early_exit)
     hit = length < PRIMARY_LIMIT
     col = np.zeros((3, len(owner)), dtype=F32)
     h = np.flatnonzero(hit)
     if h.size:
+        probes = [origin[k][h] + probe[h] * ray[k][h] for k in range(3)]
+        traps = orbit_traps(*probes, power[h], rule[h], textbook)
         points = [origin[k][h] + ray[k][h] * length[h] for k in range(3)]
-        col[:, h] = clamp01(shade(recipe, points, [d[h] for d in ray], items.colours[owner[h]],
-                                  [t[h] for t in traps], power[h], rule[h]))
+        col[:, h] = clamp01(shade(recipe, points, [d[h] for d in ray], items.colours[owner[h]], traps,
+                                  power[h], rule[h]))
     start = 0
     for item, count in zip(active, counts, strict=True):
         side = int(items.side[item])
@@ -353,13 +401,13 @@ def resize_sprite(sprite: np.ndarray, side: int) -> np.ndarray:
 
 
 def bank_sprites(recipe: MandelbulbRecipe, seed: int, items: MandelbulbItems, members: np.ndarray,
-                 size: int) -> np.ndarray:
+                 size: int, march=render_sprites) -> np.ndarray:
     """view_bank mode: each active object's bank view, resized to its side (the views are rendered here,
     only those the batch uses: the same pixels the device renders for its whole bank)."""
     bs = P.bank_side(recipe, size)
     rows = P.bank_row(recipe, items)
     wanted = np.unique(rows[items.active])
-    views = render_sprites(recipe, P.plan_bank(recipe, seed, wanted, members, bs), bs)
+    views = march(recipe, P.plan_bank(recipe, seed, wanted, members, bs), bs)
     max_side = int(items.side.max())
     sprites = np.zeros((len(items.index), max_side, max_side, 4), dtype=np.uint8)
     for item in np.flatnonzero(items.active):
@@ -369,12 +417,13 @@ def bank_sprites(recipe: MandelbulbRecipe, seed: int, items: MandelbulbItems, me
 
 
 def render(recipe: MandelbulbRecipe, seed: int, epoch: int, samples: MandelbulbSamples, items: MandelbulbItems,
-           size: int, members: np.ndarray) -> np.ndarray:
-    """Final (B, size, size, 3) uint8 images."""
+           size: int, members: np.ndarray, march=render_sprites) -> np.ndarray:
+    """Final (B, size, size, 3) uint8 images. ``march(recipe, items, max_side)`` renders the sprites
+    (``mandelbulb/cpu.py`` passes its compiled march: the same bytes)."""
     if recipe.mode == "view_bank":
-        sprites = bank_sprites(recipe, seed, items, members, size)
+        sprites = bank_sprites(recipe, seed, items, members, size, march)
     else:
-        sprites = render_sprites(recipe, items, int(items.side.max()))
+        sprites = march(recipe, items, int(items.side.max()))
     canvas = background(recipe, seed, epoch, samples, size)
     paste(canvas, sprites, items, P.slots_per_sample(recipe))
     return canvas

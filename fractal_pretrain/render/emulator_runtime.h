@@ -312,3 +312,4 @@ inline unsigned __float_as_uint(float f) { return bits_as<unsigned>(f); }
 
 #define __CUDACC__ 1
 #define __CUDA_ARCH__ 900  // the H100's feature set
+#define FRACTAL_EMULATOR 1  // kernels with inline PTX take their C++ form under this

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from fractal_pretrain import rng
+from fractal_pretrain.mandelbulb.recipe import POWER_RANGE
 from fractal_pretrain.recipes import FLIP_BITS, JITTERS, PATCHES, Recipe
 from fractal_pretrain.render import params as P
 
@@ -33,6 +34,13 @@ MB_ITEM_INTS = 7
 MB_IF_COLOURS = 12
 MB_ITEM_FLOATS = MB_IF_COLOURS + 9
 MB_FLAGS = {"SHADOW": 1, "NEGATED_NORMAL": 2, "TEXTBOOK_DERIVATIVE": 4, "EARLY_EXIT": 8}
+MB_MIN_POWER, MB_MAX_POWER = POWER_RANGE  # march_sprites is specialised for each power of this range
+MB_TILE_ROWS, MB_TILE_COLS = 4, 8  # march_sprites: the sprite pixels of one warp
+
+
+def mb_march_threads(max_side: int) -> int:
+    """Threads march_sprites needs per object: whole 4 x 8 tiles covering the max_side^2 sprite."""
+    return -(-max_side // MB_TILE_ROWS) * -(-max_side // MB_TILE_COLS) * MB_TILE_ROWS * MB_TILE_COLS
 
 # Order of the integer and float recipe constants: the RI_* and RF_* defines.
 RECIPE_INTS = (
@@ -129,6 +137,8 @@ def kernel_defines() -> dict[str, int]:
     d.update({f"IF_{name}": at for name, at in ITEM_OFFSETS.items()})
     d.update(MB_ITEM_INTS=MB_ITEM_INTS, MB_ITEM_FLOATS=MB_ITEM_FLOATS, MB_IF_COLOURS=MB_IF_COLOURS)
     d.update({f"MB_{name}": bit for name, bit in MB_FLAGS.items()})
+    d.update(MB_MIN_POWER=MB_MIN_POWER, MB_MAX_POWER=MB_MAX_POWER, MB_TILE_ROWS=MB_TILE_ROWS,
+             MB_TILE_COLS=MB_TILE_COLS)
     return d
 
 

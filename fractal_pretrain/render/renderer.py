@@ -54,7 +54,7 @@ def make_renderer(recipe: Recipe, *, size: int = 256, seed: int = 0, device: str
     """A renderer for the recipe on 'cpu' (compiled C++, every core or ``num_threads``; the NumPy reference
     with a one-line note on stderr where it cannot be built), 'cpu-reference' (the NumPy reference) or
     'cuda' / 'cuda:N' (CuPy kernels). All of them draw the same images for the same keys. Mandelbulb
-    recipes have no compiled CPU renderer: 'cpu' runs their NumPy reference (with a note on stderr)."""
+    recipes: 'cpu' is their ray-marching kernel compiled for the host (mandelbulb/cpu.py)."""
     if num_threads is not None:
         check_range("num_threads", num_threads, 0, MAX_THREADS, integer=True)
     from fractal_pretrain.recipes import recipe_family
@@ -62,7 +62,7 @@ def make_renderer(recipe: Recipe, *, size: int = 256, seed: int = 0, device: str
     if recipe_family(recipe) == "mandelbulb":  # the ray marcher: no system bank
         from fractal_pretrain.mandelbulb.renderer import make_mandelbulb_renderer
 
-        return make_mandelbulb_renderer(recipe, size=size, seed=seed, device=device)
+        return make_mandelbulb_renderer(recipe, size=size, seed=seed, device=device, num_threads=num_threads)
     if device == "cpu":
         from fractal_pretrain.render import fast_cpu
 

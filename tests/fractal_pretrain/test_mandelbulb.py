@@ -19,7 +19,11 @@ from fractal_pretrain.config import ConfigError
 from fractal_pretrain.mandelbulb import params as P
 from fractal_pretrain.mandelbulb import reference as R
 from fractal_pretrain.mandelbulb.recipe import MANDELBULBVAR_1K_RULES, MandelbulbRecipe
-from fractal_pretrain.mandelbulb.renderer import MandelbulbKernelRenderer, MandelbulbReferenceRenderer
+from fractal_pretrain.mandelbulb.renderer import (
+    MandelbulbCpuRenderer,
+    MandelbulbKernelRenderer,
+    MandelbulbReferenceRenderer,
+)
 from fractal_pretrain.recipes import get_recipe
 from fractal_pretrain.render import emulator, make_renderer
 
@@ -119,6 +123,21 @@ def test_kernel_images_equal_the_reference(backend, case):
     ref_images, ref_labels = make_renderer(recipe, size=12, seed=3).render_tensor(indices, epoch=4, dtype="float32")
     torch.testing.assert_close(images.cpu(), ref_images, rtol=0, atol=0)
     assert (labels.cpu() == ref_labels).all()
+
+
+@needs_compiler
+@pytest.mark.parametrize("case", ["mandelbulbvar", "var-supersample-degrees-outward-textbook",
+                                  "multimandelbulb-back-supersample", "multi-bank-back-supersample"])
+def test_compiled_cpu_march_equals_the_reference_on_any_thread_count(case):
+    name, overrides = KERNEL_CASES[case]
+    recipe = get_recipe(name, overrides)
+    indices = np.array([61 * 8 + 20, 1036, 2**33 + 5])
+    want = MandelbulbReferenceRenderer(recipe, size=12, seed=3).render(indices, epoch=4)
+    for threads in (1, 3):
+        got = MandelbulbCpuRenderer(recipe, size=12, seed=3, num_threads=threads).render(indices, epoch=4)
+        np.testing.assert_array_equal(got.images, want.images)
+        np.testing.assert_array_equal(got.labels, want.labels)
+    assert isinstance(make_renderer(recipe, size=12), MandelbulbCpuRenderer)  # what device: cpu renders with
 
 
 @needs_compiler

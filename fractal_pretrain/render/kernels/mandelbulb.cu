@@ -4,13 +4,18 @@
 //   into a premultiplied RGB + alpha uint8 sprite;
 //   paste_sprites: one thread per canvas pixel (grid: pixel blocks x samples), sprites blended in slot order;
 //   paste_bank: the same from a view bank (march_sprites output kept resident), each view resized bilinearly.
-// Only float32 +, -, *, /, sqrt and comparisons (compile with --fmad=false): no libm call whose last bits
-// could differ from NumPy's; powers by a fixed square-and-multiply, ln by Cephes' logf (frexpf is exact).
+// Only float32 +, -, *, /, sqrt, comparisons and bit selection (compile with --fmad=false): no libm call
+// whose last bits could differ from NumPy's; powers by square-and-multiply, ln by Cephes' logf (frexpf is
+// exact). Cost per ray (benchmarks/PENDING_GPU.md): the march is specialised per power (march_power: the
+// power is uniform per block row), marching evaluates the estimator without orbit traps (traps() recomputes
+// them once at the primary ray's last point), an iteration's closing |z| is the next one's r, the rule's
+// choices are bit masks and an angle no axis uses is skipped; a warp marches a 4 x 8 pixel tile.
+// mandelbulb/march_cpu.cpp builds this file for the host (device: cpu).
 #include "common.cuh"
 
 // Layouts and flags (MB_ITEM_INTS, MB_ITEM_FLOATS, MB_IF_COLOURS, MB_SHADOW, ...): render/kernel_constants.py.
 // Per object ints: active, power, rule, side, top, left, bank row. Floats: camera (position, side, up,
-// direction), colours.
+// direction), colours. Powers MB_MIN_POWER..MB_MAX_POWER (recipe.POWER_RANGE).
 #define MB_MAX_ITERATIONS 100
 #define MB_POWER_BITS 5
 
@@ -47,74 +52,157 @@ __device__ inline float log32(float x) {
   return x == 0.0f ? -__int_as_float(0x7f800000) : __int_as_float(0x7fc00000);
 }
 
-__device__ inline float ipow(float x, int p) {
+// x^P by square-and-multiply over the bits of P, the product starting at the lowest set bit (1 * x == x:
+// the same floats as a product from 1). P is a template argument: only the squarings and products P needs.
+template <int P>
+__device__ __forceinline__ float ipow(float x) {
   float acc = 1.0f, base = x;
+  bool started = false;
+#pragma unroll
   for (int k = 0; k < MB_POWER_BITS; ++k) {
-    if ((p >> k) & 1) acc = acc * base;
-    base = base * base;
+    if ((P >> k) & 1) {
+      acc = started ? acc * base : base;
+      started = true;
+    }
+    if (P >> (k + 1)) base = base * base;
   }
   return acc;
 }
 
-// (cos p t, sin p t) from (cos t, sin t).
-__device__ inline void cpow(float c, float s, int p, float &rc, float &rs) {
+// (cos P t, sin P t) from (cos t, sin t): (c + i s)^P, the product starting at the lowest set bit's square.
+// Skipping the product with 1 + 0i changes at most the sign of a zero, which no later operation turns into
+// another value (reference.cpow explains why).
+template <int P>
+__device__ __forceinline__ void cpow(float c, float s, float &rc, float &rs) {
   rc = 1.0f;
   rs = 0.0f;
+  bool started = false;
+#pragma unroll
   for (int k = 0; k < MB_POWER_BITS; ++k) {
-    if ((p >> k) & 1) {
-      const float nc = rc * c - rs * s, ns = rc * s + rs * c;
-      rc = nc;
-      rs = ns;
+    if ((P >> k) & 1) {
+      if (started) {
+        const float nc = rc * c - rs * s, ns = rc * s + rs * c;
+        rc = nc;
+        rs = ns;
+      } else {
+        rc = c;
+        rs = s;
+      }
+      started = true;
     }
-    const float nc = c * c - s * s, ns = c * s + s * c;
-    c = nc;
-    s = ns;
+    if (P >> (k + 1)) {
+      const float nc = c * c - s * s, ns = c * s + s * c;
+      c = nc;
+      s = ns;
+    }
   }
 }
 
-__device__ inline float axis_value(int rule, int axis, float cpt, float spt, float cpp, float spp) {
-  const bool is_sin = (rule >> (8 - 3 * axis)) & 1, is_theta = (rule >> (7 - 3 * axis)) & 1;
-  const bool is_neg = (rule >> (6 - 3 * axis)) & 1;
-  const float v = is_sin ? (is_theta ? spt : spp) : (is_theta ? cpt : cpp);
-  return is_neg ? -v : v;
+// The rule's choices as bit masks (all ones where chosen), so that picking cos or sin of p theta or p phi
+// and the sign is bit arithmetic (a LOP3 each on the device, no predicate): exactly the chosen float or
+// its negation (IEEE negation flips the sign bit). An angle no axis uses is not computed (the rule is
+// uniform per block row: no divergence).
+struct Rule {
+  unsigned sin[3], theta[3], neg[3];
+  bool uses_theta, uses_phi;
+};
+
+__device__ inline Rule rule_masks(int rule) {
+  Rule m;
+#pragma unroll
+  for (int axis = 0; axis < 3; ++axis) {
+    m.sin[axis] = 0u - ((rule >> (8 - 3 * axis)) & 1);
+    m.theta[axis] = 0u - ((rule >> (7 - 3 * axis)) & 1);
+    m.neg[axis] = ((unsigned)(rule >> (6 - 3 * axis)) & 1u) << 31;
+  }
+  m.uses_theta = (rule & 0x92) != 0;  // the theta bits 7, 4, 1
+  m.uses_phi = (~rule & 0x92) != 0;
+  return m;
 }
 
-__device__ inline float distance(float cx, float cy, float cz, int p, int rule, bool textbook, Traps &t) {
-  float zx = cx, zy = cy, zz = cz, dr = 1.0f, r = 0.0f;
-  t.t0 = t.t1 = t.t2 = 1e20f;
-  const float pw = (float)p;
-  for (int i = 0; i < MB_MAX_ITERATIONS; ++i) {
-    r = sqrtf((zx * zx + zy * zy) + zz * zz);
-    if (r > 4.0f) break;
-    const float rho = sqrtf(zx * zx + zy * zy);
-    const float ct = zz / r, st = rho / r;
+// mask ? a : b bitwise. On the device one LOP3 (nvcc splits the C++ form into several); the same bits in
+// C++ for the emulator.
+__device__ __forceinline__ float pick(unsigned mask, float a, float b) {
+  const unsigned x = __float_as_uint(a), y = __float_as_uint(b);
+#if defined(__CUDA_ARCH__) && !defined(FRACTAL_EMULATOR)
+  unsigned out;
+  asm("lop3.b32 %0, %1, %2, %3, 0xCA;" : "=r"(out) : "r"(mask), "r"(x), "r"(y));  // (m & x) | (~m & y)
+  return __uint_as_float(out);
+#else
+  return __uint_as_float((x & mask) | (y & ~mask));
+#endif
+}
+
+__device__ __forceinline__ float axis_value(const Rule &m, int axis, float cpt, float spt, float cpp, float spp) {
+  const float v = pick(m.sin[axis], pick(m.theta[axis], spt, spp), pick(m.theta[axis], cpt, cpp));
+  return __uint_as_float(__float_as_uint(v) ^ m.neg[axis]);
+}
+
+// One step z <- z^P (by the rule) + c and dr <- r^P P dr + 1 (or r^(P-1) with `textbook`), r = |z| <= 4;
+// returns the new |z| (the next iteration's r).
+template <int P>
+__device__ __forceinline__ float iterate(float &zx, float &zy, float &zz, float &dr, float r, float cx, float cy,
+                                         float cz, const Rule &rule, bool textbook) {
+  const float rho = sqrtf(zx * zx + zy * zy);
+  const float rp = ipow<P>(r);
+  const float grow = textbook ? ipow<P - 1>(r) : rp;
+  dr = (grow * (float)P) * dr + 1.0f;
+  float cpt = 0.0f, spt = 0.0f, cpp = 0.0f, spp = 0.0f;
+  if (rule.uses_theta) cpow<P>(zz / r, rho / r, cpt, spt);
+  if (rule.uses_phi) {
     const bool flat = !(rho > 0.0f);
-    const float cp = flat ? 1.0f : zx / rho, sp = flat ? 0.0f : zy / rho;
-    const float rp = ipow(r, p);
-    const float grow = textbook ? ipow(r, p - 1) : rp;
-    dr = (grow * pw) * dr + 1.0f;
-    float cpt, spt, cpp, spp;
-    cpow(ct, st, p, cpt, spt);
-    cpow(cp, sp, p, cpp, spp);
-    zx = rp * axis_value(rule, 0, cpt, spt, cpp, spp) + cx;
-    zy = rp * axis_value(rule, 1, cpt, spt, cpp, spp) + cy;
-    zz = rp * axis_value(rule, 2, cpt, spt, cpp, spp) + cz;
-    const float ax = fabsf(zx), ay = fabsf(zy), az = fabsf(zz);
-    t.t0 = az < t.t0 ? az : t.t0;
-    const float l1 = ((ax + ay) + az) / 1.5f;
-    t.t1 = l1 < t.t1 ? l1 : t.t1;
-    const float len = sqrtf((zx * zx + zy * zy) + zz * zz);
-    t.t2 = len < t.t2 ? len : t.t2;
+    cpow<P>(flat ? 1.0f : zx / rho, flat ? 0.0f : zy / rho, cpp, spp);
   }
-  return ((0.5f * log32(r)) * r) / dr;
+  zx = rp * axis_value(rule, 0, cpt, spt, cpp, spp) + cx;
+  zy = rp * axis_value(rule, 1, cpt, spt, cpp, spp) + cy;
+  zz = rp * axis_value(rule, 2, cpt, spt, cpp, spp) + cz;
+  return sqrtf((zx * zx + zy * zy) + zz * zz);
 }
 
-// Sphere tracing: the distance L where DE <= threshold, or after `steps` steps (or once L >= limit).
-__device__ inline float march(const float *o, const float *d, int p, int rule, bool textbook, int steps,
-                              float threshold, float limit, bool early_exit, Traps &t) {
+// Distance estimate 0.5 ln(r) r / dr from the r at the start of the last iteration (the bailing one, or the
+// 100th). Marching needs no orbit traps: they are recomputed once at the primary ray's last point (traps()).
+template <int P>
+__device__ inline float distance(float cx, float cy, float cz, const Rule &rule, bool textbook) {
+  float zx = cx, zy = cy, zz = cz, dr = 1.0f;
+  float r = sqrtf((zx * zx + zy * zy) + zz * zz), last = r;
+  for (int i = 0; i < MB_MAX_ITERATIONS; ++i) {
+    last = r;
+    if (r > 4.0f) break;
+    r = iterate<P>(zx, zy, zz, dr, r, cx, cy, cz, rule, textbook);
+  }
+  return ((0.5f * log32(last)) * last) / dr;
+}
+
+// The orbit traps of the same iteration: min |z_z|, min |z|_1 / 1.5 and min |z| after each step (1e20 when
+// there is none). |z| is the next iteration's r; the division by 1.5 and the minimum commute (IEEE division
+// is monotonic), so it is done once.
+template <int P>
+__device__ inline Traps traps(float cx, float cy, float cz, const Rule &rule, bool textbook) {
+  float zx = cx, zy = cy, zz = cz, dr = 1.0f;
+  float r = sqrtf((zx * zx + zy * zy) + zz * zz);
+  float t0 = 1e20f, l1 = __int_as_float(0x7f800000), t2 = 1e20f;
+  for (int i = 0; i < MB_MAX_ITERATIONS; ++i) {
+    if (r > 4.0f) break;
+    r = iterate<P>(zx, zy, zz, dr, r, cx, cy, cz, rule, textbook);
+    const float az = fabsf(zz), sum = (fabsf(zx) + fabsf(zy)) + az;
+    t0 = az < t0 ? az : t0;
+    l1 = sum < l1 ? sum : l1;
+    t2 = r < t2 ? r : t2;
+  }
+  const float t1 = l1 / 1.5f;
+  return {t0, t1 < 1e20f ? t1 : 1e20f, t2};
+}
+
+// Sphere tracing: the distance L where DE <= threshold, or after `steps` steps (or once L >= limit); `probe`
+// is the L of the last DE evaluation (L itself unless the step limit or the early exit stopped the march).
+template <int P>
+__device__ inline float march(const float *o, const float *d, const Rule &rule, bool textbook, int steps,
+                              float threshold, float limit, bool early_exit, float &probe) {
   float L = 0.0f;
+  probe = 0.0f;
   for (int step = 0; step < steps; ++step) {
-    const float de = distance(o[0] + L * d[0], o[1] + L * d[1], o[2] + L * d[2], p, rule, textbook, t);
+    probe = L;
+    const float de = distance<P>(o[0] + L * d[0], o[1] + L * d[1], o[2] + L * d[2], rule, textbook);
     if (!(de > threshold)) return L;
     L = L + de;
     if (early_exit && L >= limit) return L;
@@ -132,19 +220,19 @@ __device__ inline void normalise(float *v) {
 __device__ inline float clamp01(float x) { return x > 1.0f ? 1.0f : (x > 0.0f ? x : 0.0f); }
 
 // Colour of a hit (reference.shade), clamped to [0, 1].
-__device__ inline void shade(const float *hit, const float *colours, const Traps &t, int p, int rule, int flags,
-                             float *col) {
+template <int P>
+__device__ inline void shade(const float *hit, const float *colours, const Traps &t, const Rule &rule,
+                             int flags, float *col) {
   const bool textbook = flags & MB_TEXTBOOK_DERIVATIVE;
   const float r = sqrtf((hit[0] * hit[0] + hit[1] * hit[1]) + hit[2] * hit[2]);
   float normal[3];
-  Traps unused;
 #pragma unroll
   for (int a = 0; a < 3; ++a) {
     float plus[3] = {hit[0], hit[1], hit[2]}, minus[3] = {hit[0], hit[1], hit[2]};
     plus[a] = hit[a] + 1e-3f;
     minus[a] = hit[a] - 1e-3f;
-    normal[a] = distance(plus[0], plus[1], plus[2], p, rule, textbook, unused) -
-                distance(minus[0], minus[1], minus[2], p, rule, textbook, unused);
+    normal[a] = distance<P>(plus[0], plus[1], plus[2], rule, textbook) -
+                distance<P>(minus[0], minus[1], minus[2], rule, textbook);
   }
   normalise(normal);
   float light[3] = {-10.0f - hit[0], 10.0f - hit[1], 10.0f - hit[2]};
@@ -152,12 +240,13 @@ __device__ inline void shade(const float *hit, const float *colours, const Traps
   const float sign = (flags & MB_NEGATED_NORMAL) ? -1.0f : 1.0f;  // -x and -1 * x are the same float
   const float d = (light[0] * (sign * normal[0]) + light[1] * (sign * normal[1])) + light[2] * (sign * normal[2]);
   const float diffuse = 0.9f * (d > 0.0f ? d : 0.0f);
-  const float w0 = clamp01(t.t0), w1 = clamp01(ipow(t.t1, 10)), w2 = clamp01(ipow(t.t2, 10));
+  const float w0 = clamp01(t.t0), w1 = clamp01(ipow<10>(t.t1)), w2 = clamp01(ipow<10>(t.t2));
   bool lit = false;
   if (flags & MB_SHADOW) {
     const float start[3] = {hit[0] + normal[0] / 100000.0f, hit[1] + normal[1] / 100000.0f,
                             hit[2] + normal[2] / 100000.0f};
-    lit = march(start, light, p, rule, textbook, 10000, 1e-4f, 10000.0f, flags & MB_EARLY_EXIT, unused) >= 10000.0f;
+    float probe;
+    lit = march<P>(start, light, rule, textbook, 10000, 1e-4f, 10000.0f, flags & MB_EARLY_EXIT, probe) >= 10000.0f;
   }
 #pragma unroll
   for (int c = 0; c < 3; ++c) {
@@ -173,19 +262,12 @@ __device__ inline float screen(int coord, int n) {
   return ((((float)coord + 0.5f) * 2.0f - nf) / nf) / 2.0f;
 }
 
-extern "C" __global__ void march_sprites(int max_side, int supersample, int flags, const int *item_i,
-                                         const float *item_f, unsigned char *sprites) {
-  const int item = blockIdx.y, q = blockIdx.x * blockDim.x + threadIdx.x;
-  if (q >= max_side * max_side) return;
-  const int *ii = item_i + (long long)item * MB_ITEM_INTS;
-  const float *cam = item_f + (long long)item * MB_ITEM_FLOATS;
-  unsigned char *out = sprites + ((long long)item * max_side * max_side + q) * 4;
-  const int side = ii[3], i = q / max_side, j = q - i * max_side;
-  if (!ii[0] || i >= side || j >= side) {
-    out[0] = out[1] = out[2] = out[3] = 0;
-    return;
-  }
-  const int p = ii[1], rule = ii[2], ss = supersample, n = side * ss;
+// One sprite pixel of an object of power P: supersample^2 rays, shaded, box-filtered.
+template <int P>
+__device__ void march_pixel(int i, int j, int side, int ss, int rule_bits, int flags, const float *cam,
+                            unsigned char *out) {
+  const int n = side * ss;
+  const Rule rule = rule_masks(rule_bits);
   const bool textbook = flags & MB_TEXTBOOK_DERIVATIVE;
   float acc[3] = {0.0f, 0.0f, 0.0f};
   int hits = 0;
@@ -196,12 +278,14 @@ extern "C" __global__ void march_sprites(int max_side, int supersample, int flag
 #pragma unroll
       for (int k = 0; k < 3; ++k) ray[k] = (cam[3 + k] * px + cam[6 + k] * py) + cam[9 + k];
       normalise(ray);
-      Traps t;
-      const float L = march(cam, ray, p, rule, textbook, 1000, 1e-3f, 10.0f, flags & MB_EARLY_EXIT, t);
+      float probe;
+      const float L = march<P>(cam, ray, rule, textbook, 1000, 1e-3f, 10.0f, flags & MB_EARLY_EXIT, probe);
       float col[3] = {0.0f, 0.0f, 0.0f};
       if (L < 10.0f) {
+        const Traps t = traps<P>(cam[0] + probe * ray[0], cam[1] + probe * ray[1], cam[2] + probe * ray[2], rule,
+                                 textbook);
         const float hit[3] = {cam[0] + ray[0] * L, cam[1] + ray[1] * L, cam[2] + ray[2] * L};
-        shade(hit, cam + MB_IF_COLOURS, t, p, rule, flags, col);
+        shade<P>(hit, cam + MB_IF_COLOURS, t, rule, flags, col);
         hits += 1;
       }
 #pragma unroll
@@ -212,6 +296,41 @@ extern "C" __global__ void march_sprites(int max_side, int supersample, int flag
 #pragma unroll
   for (int c = 0; c < 3; ++c) out[c] = round_u8((acc[c] / count) * 255.0f);
   out[3] = (unsigned char)((hits * 510 + ss * ss) / (2 * ss * ss));
+}
+
+// The power is uniform per object (a block row): one specialised march per power of the recipes' range.
+template <int P>
+__device__ void march_power(int p, int i, int j, int side, int ss, int rule, int flags, const float *cam,
+                            unsigned char *out) {
+  if (p == P) {
+    march_pixel<P>(i, j, side, ss, rule, flags, cam, out);
+  } else if constexpr (P < MB_MAX_POWER) {
+    march_power<P + 1>(p, i, j, side, ss, rule, flags, cam, out);
+  } else {
+    out[0] = out[1] = out[2] = out[3] = 0;  // outside the validated range (recipe.POWER_RANGE): never planned
+  }
+}
+
+extern "C" __global__ void march_sprites(int max_side, int supersample, int flags, const int *item_i,
+                                         const float *item_f, unsigned char *sprites) {
+  // A warp's 32 threads take a tile of MB_TILE_ROWS x MB_TILE_COLS pixels (4 x 8): neighbouring rays take
+  // similar step counts, less divergence than 32 pixels of one row. Tiles in row-major order; threads past
+  // the sprite's edge (max_side not a multiple of the tile) write nothing.
+  const int item = blockIdx.y, q = blockIdx.x * blockDim.x + threadIdx.x;
+  const int tiles_per_row = (max_side + MB_TILE_COLS - 1) / MB_TILE_COLS;
+  const int tile = q / (MB_TILE_ROWS * MB_TILE_COLS), lane = q % (MB_TILE_ROWS * MB_TILE_COLS);
+  const int i = (tile / tiles_per_row) * MB_TILE_ROWS + lane / MB_TILE_COLS;
+  const int j = (tile % tiles_per_row) * MB_TILE_COLS + lane % MB_TILE_COLS;
+  if (i >= max_side || j >= max_side) return;
+  const int *ii = item_i + (long long)item * MB_ITEM_INTS;
+  const float *cam = item_f + (long long)item * MB_ITEM_FLOATS;
+  unsigned char *out = sprites + ((long long)item * max_side * max_side + (long long)i * max_side + j) * 4;
+  const int side = ii[3];
+  if (!ii[0] || i >= side || j >= side) {
+    out[0] = out[1] = out[2] = out[3] = 0;
+    return;
+  }
+  march_power<MB_MIN_POWER>(ii[1], i, j, side, supersample, ii[2], flags, cam, out);
 }
 
 // Blends a premultiplied RGBA texel over the canvas pixel: rint(rgb + canvas (255 - alpha) / 255).
