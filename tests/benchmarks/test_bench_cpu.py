@@ -239,6 +239,8 @@ def test_gpu_session_script_parses_and_handles_every_stage_of_its_usage():
 
 
 SHELL_VALUES = {"label": "working tree"}  # variables the commands use outside a for loop
+# $name, ${name} or ${name:-default} (an unset variable with a default takes the default)
+SHELL_VARIABLE = re.compile(r"\$\{(?P<name>\w+)(?::-(?P<default>[^}]*))?\}|\$(?P<bare>\w+)")
 
 
 def session_commands() -> list[tuple[str, str, tuple[str, ...]]]:
@@ -258,7 +260,8 @@ def session_commands() -> list[tuple[str, str, tuple[str, ...]]]:
                 continue
             for values in itertools.product(*loop.values()) if loop else [()]:
                 shell = {**SHELL_VALUES, **dict(zip(loop, values, strict=True))}
-                args = re.sub(r"\$\{?(\w+)\}?", lambda v, shell=shell: shell[v.group(1)], m.group(2))
+                args = SHELL_VARIABLE.sub(lambda v, shell=shell: shell.get(v["name"] or v["bare"], v["default"]),
+                                          m.group(2))
                 found.append((path.name, m.group(1), tuple(shlex.split(args))))
     return found
 
