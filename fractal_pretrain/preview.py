@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 from fractal_pretrain.atomic import atomic_write
 
 GAP_PX = 2  # background between neighbouring tiles
+GROUP_GAP_PX = 10  # background between neighbouring groups of tiles (e.g. view pairs)
 BACKGROUND = (255, 255, 255)  # gaps and caption strips
 TEXT_COLOR = (0, 0, 0)
 CAPTION_PAD_PX = 2  # space above and below a caption line
@@ -53,7 +54,9 @@ def tile_origins(n: int, height: int, width: int, *, labels: bool, gap_px: int =
     """Top-left ``(x, y)`` of each of ``n`` tiles of ``height`` x ``width`` in :func:`make_grid`'s sheet."""
     _, cols = grid_shape(n, group)
     cell_h = height + (_caption_height(ImageFont.load_default()) if labels else 0)
-    return [(c * (width + gap_px), r * (cell_h + gap_px)) for r, c in (divmod(i, cols) for i in range(n))]
+    between_groups = GROUP_GAP_PX - gap_px if group > 1 else 0  # groups stand apart from each other
+    return [(c * (width + gap_px) + (c // group) * between_groups, r * (cell_h + gap_px))
+            for r, c in (divmod(i, cols) for i in range(n))]
 
 
 def to_pixels(images, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -113,8 +116,8 @@ def make_grid(
         group: columns are a multiple of this (see :func:`grid_shape`).
 
     Returns:
-        A PIL RGB image of width ``cols*W + (cols-1)*gap_px`` and height
-        ``rows*(H + caption) + (rows-1)*gap_px`` where ``caption`` is 0 without labels.
+        A PIL RGB image of width ``cols*W + (cols-1)*gap_px`` (plus ``GROUP_GAP_PX - gap_px`` between groups)
+        and height ``rows*(H + caption) + (rows-1)*gap_px`` where ``caption`` is 0 without labels.
     """
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
@@ -128,11 +131,10 @@ def make_grid(
     font = ImageFont.load_default()
     cap_h = _caption_height(font) if labels is not None else 0
     cell_h = h + cap_h
-    canvas = Image.new(
-        "RGB", (cols * w + (cols - 1) * gap_px, rows * cell_h + (rows - 1) * gap_px), BACKGROUND
-    )
-    draw = ImageDraw.Draw(canvas)
     origins = tile_origins(n, h, w, labels=labels is not None, gap_px=gap_px, group=group)
+    width = cols * w + (cols - 1) * gap_px + ((cols - 1) // group) * (GROUP_GAP_PX - gap_px if group > 1 else 0)
+    canvas = Image.new("RGB", (width, rows * cell_h + (rows - 1) * gap_px), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
     for i, (x, y) in enumerate(origins):
         canvas.paste(Image.fromarray(images[i], "RGB"), (x, y))
         if labels is not None:

@@ -40,6 +40,7 @@ import numpy as np
 
 from fractal_pretrain.cli_kit import check_output_file
 from fractal_pretrain.config import ConfigError
+from fractal_pretrain.preview import save_grid, to_pixels, zoom
 
 PROG = "fractal-pretrain preview"
 MIN_TILE_PX = 128  # default zoom: tiles at least this wide, so a caption such as "12:0.63 480:0.37" fits
@@ -120,12 +121,11 @@ def on_cpu(argv: Sequence[str]) -> list[str]:
     return [*argv[:last + 1], "--trainer.accelerator", "cpu", *argv[last + 1:]]
 
 
-def write_sheet(sheet: Sheet, out: Path, zoom: int | None) -> tuple[Path, int]:
-    """Writes ``sheet`` (zoomed) as a PNG; returns the path and the zoom used."""
-    from fractal_pretrain.preview import save_grid, zoom as zoomed
-
-    factor = zoom or max(1, math.ceil(MIN_TILE_PX / sheet.pixels.shape[2]))
-    return save_grid(zoomed(sheet.pixels, factor), out, labels=sheet.captions, group=sheet.group), factor
+def write_sheet(sheet: Sheet, out: Path, factor: int | None) -> tuple[Path, int]:
+    """Writes ``sheet`` zoomed by ``factor`` (None: tiles of at least MIN_TILE_PX) as a PNG; returns the path
+    and the zoom used."""
+    factor = factor or max(1, math.ceil(MIN_TILE_PX / sheet.pixels.shape[2]))
+    return save_grid(zoom(sheet.pixels, factor), out, labels=sheet.captions, group=sheet.group), factor
 
 
 def target_caption(target, multi_label: bool) -> str:
@@ -151,6 +151,7 @@ def training_batch(data, trainer, epoch: int, step: int):
     ``data`` exactly as for the step's ``training_step``: the loader resumed at the step, then
     ``on_before_batch_transfer``."""
     data.trainer = trainer
+    data.prepare_data()
     data.setup("fit")
     loader = data.train_dataloader()
     if step >= len(loader):
@@ -171,8 +172,6 @@ def training_batch(data, trainer, epoch: int, step: int):
 def batch_sheet(images, targets, *, mean, std, views: int, multi_label: bool, num: int) -> Sheet:
     """The first ``num`` samples of a model input batch as tiles: two-view batches (all first views, then all
     second views) as adjacent pairs."""
-    from fractal_pretrain.preview import to_pixels
-
     pixels = to_pixels(images, mean, std)
     if views:
         samples = len(pixels) // views

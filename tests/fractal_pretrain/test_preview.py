@@ -129,6 +129,33 @@ def test_two_views_are_adjacent_pairs(tmp_path):
     np.testing.assert_array_equal(sheet.pixels, pairs[:4])
 
 
+def test_streamed_shards_with_augmentation_give_the_batch_of_an_uninterrupted_epoch(tmp_path):
+    shards = tmp_path / "shards"
+    assert main(["export", "--recipe", "anderson", "--num", "12", "--size", "32", "--out", str(shards),
+                 "--shard-size", "4", "--set", "num_classes=5", "--set", "num_points=2000", "--no-progress"]) == 0
+    source = ("--data.source", "webdataset", "--data.path", str(shards), "--data.resident_gb", "0",
+              "--data.num_workers", "1", "--data.batch_size", "4", "--data.augment", "{enabled: true, size: 16}")
+    out = tmp_path / "stream.png"
+    assert preview(OFDB_SMOKE, out, *source, "--epoch", "1", "--step", "2", "--zoom", "1") == 0
+    cli = make_cli(on_cpu(["--config", OFDB_SMOKE, *source]))
+    assert cli.datamodule.streams
+    images, targets = natural_batch(cli.datamodule, epoch=1, step=2)
+    assert targets.shape == (4, 5)
+    np.testing.assert_array_equal(tiles(out, 4, 16), to_pixels(images, cli.datamodule.mean, cli.datamodule.std))
+
+
+def test_pairs_stand_apart_on_one_row(tmp_path):
+    images = np.arange(6, dtype=np.uint8).repeat(4 * 4 * 3).reshape(6, 4, 4, 3)
+    grid = save_grid(images, tmp_path / "g.png", group=2)
+    sheet = np.asarray(Image.open(grid).convert("RGB"))
+    assert grid_shape(6, group=2) == (2, 4) and grid_shape(3, group=2) == (2, 2)
+    assert sheet.shape == (2 * 4 + 2, 4 * 4 + 2 * 2 + 10, 3)  # 2 px between the views, 10 between the pairs
+    origins = tile_origins(6, 4, 4, labels=False, group=2)
+    assert origins[:4] == [(0, 0), (6, 0), (20, 0), (26, 0)] and origins[4] == (0, 6)
+    for i, (x, y) in enumerate(origins):
+        assert (sheet[y:y + 4, x:x + 4] == i).all()
+
+
 def test_multi_label_captions_are_the_label_sets():
     cli = make_cli(on_cpu(["--config", SMOKE, "--data.recipe", "multiinstance", "--data.batch_size", "4"]))
     images, labels = training_batch(cli.datamodule, cli.trainer, epoch=0, step=0)
