@@ -61,6 +61,17 @@ def check_output_dir(path: str | Path, flag: str = "--out") -> Path:
     return path
 
 
+def check_output_file(path: str | Path, flag: str = "--out") -> Path:
+    """``path`` as an output file: not a folder, in a folder that exists (nothing is created for it)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path}: is a folder, not a file")
+    if not path.parent.is_dir():
+        what = "is not a folder" if path.parent.exists() else "does not exist"
+        raise ConfigError(f"{flag} {path}: its folder {path.parent} {what}")
+    return path
+
+
 def fail(prog: str, exc: BaseException) -> int:
     """Prints an error as one line ``<prog>: error: ...`` on stderr and returns ``EXIT_USAGE``."""
     print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)

@@ -150,14 +150,20 @@ def default_loggers(root: Path) -> list:
     return loggers
 
 
-def fit(argv: Sequence[str]) -> int:
-    """Runs ``fractal-pretrain fit ARGS``; returns the exit status."""
+def make_cli(argv: Sequence[str], prog: str = "fractal-pretrain fit", **parser_kwargs) -> FractalCLI:
+    """The ``fit`` command line parsed and instantiated (model, data module, trainer), not run: every key and
+    check of ``fit``, also for ``fractal-pretrain preview``."""
     with warnings.catch_warnings():  # we always pass args; LightningCLI warns when sys.argv has some too
         warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
-        cli = FractalCLI(
+        return FractalCLI(
             FractalClassifier, FractalDataModule, run=False, args=list(argv),
             save_config_callback=RunConfig, save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
-            seed_everything_default=0, parser_kwargs={"prog": "fractal-pretrain fit"},
+            seed_everything_default=0, parser_kwargs={"prog": prog, **parser_kwargs},
         )
+
+
+def fit(argv: Sequence[str]) -> int:
+    """Runs ``fractal-pretrain fit ARGS``; returns the exit status."""
+    cli = make_cli(argv)
     cli.datamodule.load_images()  # bad images are errors before the run directory is touched
     return fit_resuming(cli)
