@@ -17,9 +17,10 @@ Two definitions (``model.references``):
 * ``class`` (the issue's first wording): the references are other renders of the same class (other keys).
   With ``anderson`` two renders of one class differ in almost everything but the IFS system (window scale
   0.5-2 per axis, 8 flips, any hue, another plasma background, another 3x3 patch), so a normal patch is
-  about as far from its nearest reference patch as a defect is: on held-out classes the raw residual
-  norm separates defect patches from normal ones with a patch AUROC of only ~0.6 (random resnet18,
-  RESULTS.md), and 8-image validation batches put it anywhere in 0.3-0.7. Kept for comparison.
+  nearly as far from its nearest reference patch as a defect is: on held-out classes the raw residual
+  norm of plain anomalous images separates defect patches from normal ones with a patch AUROC of
+  0.64 / 0.69 (layers 2 / 3, random resnet18 at 96 px), against 0.81 / 0.76 with ``instance``
+  references (RESULTS.md, "Why the held-out validation read below 0.5"). Kept for comparison.
 
 Crop offsets: ``rng.STREAM_REFERENCE_SHIFTS`` with the render's key (seed, epoch, sample key), slot 0 for
 the image and slot 1 + i for reference i; so the image and its references are pure functions of the key.
