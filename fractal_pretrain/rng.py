@@ -37,6 +37,7 @@ STREAM_ANOMALY = 20  # adapt: synthetic anomaly draws of one sample (adapt/anoma
 STREAM_ANOMALY_NOISE = 21  # adapt: per-pixel noise of one anomaly (lane = pixel block; host only)
 STREAM_REFERENCES = 22  # adapt: K and the classes of one batch (index = step; host only)
 STREAM_VIEWS = 23  # adapt: photometric view draws (index = sample, slot = view; host only)
+STREAM_REFERENCE_SHIFTS = 24  # adapt: crop offsets of a normal instance (slot = copy; host only)
 
 _M0 = np.uint64(0xD2511F53)
 _M1 = np.uint64(0xCD9E8D57)

@@ -2,8 +2,9 @@
 
 Each training batch is a pure function of (seed, batch number): B normal images, each of a training
 class of the recipe drawn per image (class c renders as indices c + C * j, so different keys give
-different renders of one class); K in ``shots`` drawn once per batch, and K references per image,
-other renders of the same class; synthetic anomalies (``anomalies.py``); two photometric views
+different renders of one class); K in ``shots`` drawn once per batch, and K references per image
+(``normals.py``: by default shifted crops of the image's own render, a normal *instance*; or other renders
+of the same class); synthetic anomalies (``anomalies.py``); two photometric views
 (``views.py``); residual features of each view against its references; the projector; ADPretrain's
 losses. Batches without anomalies are skipped. The batch number is a saved counter, not the optimiser
 step, so a skipped batch does not repeat and a resumed run continues with the next batch.
@@ -25,16 +26,18 @@ from fractal_pretrain.adapt.anomalies import AnomalyMix, AnomalySynthesizer
 from fractal_pretrain.adapt.export import weights_digest, write_projector
 from fractal_pretrain.adapt.features import stage_channels, stage_features
 from fractal_pretrain.adapt.losses import compressed_norm, norm_labels, total_loss
+from fractal_pretrain.adapt.normals import REFERENCE_MODES, crop_copies, crop_offsets, shift_margin, split_copies
 from fractal_pretrain.adapt.projector import Projector, ProjectorConfig
 from fractal_pretrain.adapt.residual import residual_features
 from fractal_pretrain.adapt.views import photometric_view
-from fractal_pretrain.config import ConfigError, build_checked, check_range
+from fractal_pretrain.config import ConfigError, build_checked, check_choice, check_range
 from fractal_pretrain.recipes import get_recipe
 from fractal_pretrain.render import make_renderer
 
 MAX_SHOTS = 64
 # Render epochs (the renderer's key word) of each use: no two uses share a key.
 EPOCH_TRAIN, EPOCH_TRAIN_REFS, EPOCH_VAL, EPOCH_VAL_REFS, EPOCH_CENTER, EPOCH_CENTER_REFS = range(6)
+CENTER_VIEW = 2  # photometric view draw slot of the centre pass (training uses views 0 and 1)
 
 
 def check_normal_classes(recipe, val_classes: int) -> None:
@@ -65,7 +68,8 @@ class AdaptModule(pl.LightningModule):
                  layers: tuple[str, ...] = ("layer2", "layer3"), recipe: str = "anderson",
                  recipe_overrides: dict | None = None, size: int = 224, batch_size: int = 32,
                  shots: tuple[int, ...] = (1, 4, 8), eval_shots: int = 8, center_images: int = 64,
-                 center_shots: int = 4, val_classes: int = 10,
+                 center_shots: int = 4, val_classes: int = 10, references: str = "instance",
+                 reference_shift: float = 0.0625,
                  anomalies: dict | None = None, projector: dict | None = None, lr: float = 1e-4,
                  weight_decay: float = 5e-4, milestones: tuple[int, ...] = (), gamma: float = 0.1,
                  seed: int = 0, render_device: str = "auto"):
@@ -87,6 +91,9 @@ class AdaptModule(pl.LightningModule):
         check_range("model.center_images", center_images, 1, 100_000, integer=True)
         check_range("model.val_classes", val_classes, 1, 1_000_000, integer=True)
         check_range("model.seed", seed, 0, 2**32 - 1, integer=True)
+        check_choice("model.references", references, REFERENCE_MODES)
+        check_range("model.reference_shift", reference_shift, 0.0, 0.25)
+        self.margin = shift_margin(size, reference_shift) if references == "instance" else 0
         if any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in milestones):
             raise ConfigError(f"model.milestones={list(milestones)!r}: optimiser steps (integers >= 1)")
         self.recipe = get_recipe(recipe, recipe_overrides)
@@ -107,6 +114,7 @@ class AdaptModule(pl.LightningModule):
         self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
         self.train_classes = self.recipe.num_classes - val_classes
         self._renderer = self._synth = self._last_start = None
+        self._val_scores: dict[tuple[str, str], list[torch.Tensor]] = {}
         self._mean = torch.tensor(self.backbone_info.mean).view(1, 3, 1, 1)
         self._std = torch.tensor(self.backbone_info.std).view(1, 3, 1, 1)
 
@@ -118,7 +126,8 @@ class AdaptModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         device = str(self.device) if self.hparams.render_device == "auto" else self.hparams.render_device
         device = "cpu" if device.startswith("cpu") else device
-        self._renderer = make_renderer(self.recipe, size=self.hparams.size, seed=self.hparams.seed, device=device)
+        self._renderer = make_renderer(self.recipe, size=self.hparams.size + 2 * self.margin, seed=self.hparams.seed,
+                                       device=device)
         self._synth = AnomalySynthesizer(self.mix, seed=self.hparams.seed, device=device)
 
     def on_fit_start(self) -> None:
@@ -130,7 +139,8 @@ class AdaptModule(pl.LightningModule):
         return {name: getattr(self, f"center_{name}") for name in self.layers}
 
     def render(self, classes: np.ndarray, keys: np.ndarray, epoch: int) -> torch.Tensor:
-        """(B, 3, H, W) uint8 renders of ``classes`` with per-image keys (class c, key j: index c + C j)."""
+        """(B, 3, S, S) uint8 renders of ``classes`` with per-image keys (class c, key j: index c + C j);
+        S = size + 2 margin (the margin is 0 unless references are crops of the image's render)."""
         indices = classes.astype(np.int64) + self.recipe.num_classes * keys.astype(np.int64)
         images, _ = self._renderer.render_tensor(indices, epoch, dtype="uint8")
         return images.to(self.device)
@@ -159,8 +169,21 @@ class AdaptModule(pl.LightningModule):
                         for name, f in feats.items()})
         return out
 
-    def make_batch(self, batch: int, *, val: bool):
-        """Anomalous views, their residuals and the masks of batch number ``batch``."""
+    def normal_images(self, classes: np.ndarray, keys: np.ndarray, k: int, epochs: tuple[int, int]):
+        """(images (B, 3, H, W), references (B K, 3, H, W)) uint8 of the normal classes (``normals.py``):
+        ``instance``: 1 + K crops of one render per image (epoch ``epochs[0]``); ``class``: the references
+        are renders of the same classes with other keys (epoch ``epochs[1]``)."""
+        if self.hparams.references == "instance":
+            renders = self.render(classes, keys, epochs[0])
+            offsets = crop_offsets(self.hparams.seed, epochs[0], keys, 1 + k, self.margin)
+            return split_copies(crop_copies(renders, offsets, self.hparams.size), 1 + k)
+        images = self.render(classes, keys, epochs[0])
+        refs = self.render(np.repeat(classes, k), (keys[:, None] * MAX_SHOTS + np.arange(k)).reshape(-1), epochs[1])
+        return images, refs
+
+    def make_batch(self, batch: int, *, val: bool, plain: bool = False):
+        """Residuals of the two anomalous views (and, with ``plain``, of the anomalous images themselves, as
+        a third entry), the masks and K of batch number ``batch``."""
         size = self.hparams.batch_size
         if val:
             k, classes = self.batch_plan(2**31 + batch, (self.train_classes, self.recipe.num_classes),
@@ -170,17 +193,21 @@ class AdaptModule(pl.LightningModule):
             k, classes = self.batch_plan(batch, (0, self.train_classes), None)
             epochs = (EPOCH_TRAIN, EPOCH_TRAIN_REFS)
         keys = batch * size + np.arange(size)
-        images = self.render(classes, keys, epochs[0])
-        refs = self.render(np.repeat(classes, k), (keys[:, None] * MAX_SHOTS + np.arange(k)).reshape(-1), epochs[1])
+        images, refs = self.normal_images(classes, keys, k, epochs)
         anomalous, mask = self._synth.apply(images, keys, epochs[0])
         views = [photometric_view(anomalous, keys, self.hparams.seed, v) for v in (0, 1)]
+        if plain:
+            views.append(anomalous.float() / 255.0)
         return self.residuals(views, refs, k), mask, k
 
     @torch.no_grad()
     def compute_centers(self) -> None:
         """Per layer, over ``center_images`` training-class renders (K = center_shots): the residual scale
         (mean norm of the normal residuals, the projector's fixed input divisor) and the centre (mean normal
-        residual, in scaled units: the projector's input and, through its skip, output units)."""
+        residual, in scaled units: the projector's input and, through its skip, output units). Residuals of a
+        photometric view (draw slot CENTER_VIEW, no training view's), as the losses see them: against a
+        normal instance's own crops an unjittered image leaves little but the shift, and a scale from
+        those would put the jittered normal training residuals far outside the norm loss's shell."""
         total = {name: torch.zeros(c, device=self.device, dtype=torch.float64) for name, c in self.channels.items()}
         norms = {name: torch.zeros((), device=self.device, dtype=torch.float64) for name in self.channels}
         done, batch = 0, 0
@@ -189,10 +216,8 @@ class AdaptModule(pl.LightningModule):
             _, classes = self.batch_plan(2**30 + batch, (0, self.train_classes), None)
             classes, keys = classes[:n], done + np.arange(n)
             k = self.hparams.center_shots
-            images = self.render(classes, keys, EPOCH_CENTER)
-            refs = self.render(np.repeat(classes, k), (keys[:, None] * MAX_SHOTS + np.arange(k)).reshape(-1),
-                               EPOCH_CENTER_REFS)
-            (res,) = self.residuals([images.float() / 255.0], refs, k)
+            images, refs = self.normal_images(classes, keys, k, (EPOCH_CENTER, EPOCH_CENTER_REFS))
+            (res,) = self.residuals([photometric_view(images, keys, self.hparams.seed, CENTER_VIEW)], refs, k)
             for name, r in res.items():
                 total[name] += r.double().sum(dim=(0, 2, 3))
                 norms[name] += torch.linalg.vector_norm(r.double(), dim=1).sum()
@@ -221,26 +246,52 @@ class AdaptModule(pl.LightningModule):
         self.log("train/k", float(k), on_step=True)
         self.log("train/anomalous_fraction", mask.flatten(1).any(1).float().mean(), on_step=True)
         self.log("train/prepare_s", prepared - start, on_step=True)
-        if loss is None:
-            self.log("train/skipped", 1.0, on_step=True)
+        # Logged on every step: Lightning keeps reporting a step metric's last value until the epoch ends, so
+        # a "skipped" logged only on skipped steps read 1 on every later row of metrics.csv.
+        self.log("train/skipped", float(loss is None), on_step=True)
+        if loss is None:  # NaN, not nothing: an unlogged loss would repeat the previous step's value
+            self.log("train/loss", float("nan"), on_step=True, prog_bar=True)
             if self.trainer.world_size > 1:  # DDP: every rank must run backward; a zero loss adds no gradient
                 return sum(p.sum() for p in self.projector.parameters()) * 0.0
             return None  # one device: no backward, no update (the batch still counts towards max_steps)
         self.log("train/loss", loss, on_step=True, prog_bar=True)
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_scores = {}
+
     def validation_step(self, batch, batch_idx):
-        residuals, mask, _ = self.make_batch(int(batch_idx), val=True)
-        e1, e2 = (self.projector(r) for r in residuals)
+        """The loss on the two views; the scores of the plain anomalous images (``val_scores``)."""
+        residuals, mask, _ = self.make_batch(int(batch_idx), val=True, plain=True)
+        e1, e2 = (self.projector(r) for r in residuals[:2])
         loss = total_loss(e1, e2, mask, self.centers())
         if loss is not None:
             self.log("val/loss", loss, on_epoch=True, batch_size=mask.shape[0])
-        for name, e in e1.items():
-            labels = norm_labels(mask, tuple(e.shape[-2:]))
-            self.log(f"val/auroc_norm_{name}", patch_auroc(compressed_norm(e.movedim(1, -1)), labels),
-                     on_epoch=True, batch_size=mask.shape[0])
-            raw = compressed_norm(residuals[0][name].movedim(1, -1))
-            self.log(f"val/auroc_raw_{name}", patch_auroc(raw, labels), on_epoch=True, batch_size=mask.shape[0])
+        for key, scores in self.val_scores(residuals[2], mask).items():
+            self._val_scores.setdefault(key, []).append(scores)
+
+    def val_scores(self, plain: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[tuple[str, str], torch.Tensor]:
+        """Per (layer, raw | norm): (2, B h w) compressed norms and patch labels of the plain anomalous images.
+
+        Plain, not a photometric view: downstream a test image is compared with train images taken under
+        the same light, unjittered (``ad_eval``); the views are the training objective's invariance, and a
+        jittered image's residual is large everywhere for a backbone that is not photometrically invariant
+        (e.g. a random init), which drowned the defects (RESULTS.md)."""
+        projected = self.projector(plain)
+        out = {}
+        for name, e in projected.items():
+            labels = norm_labels(mask, tuple(e.shape[-2:])).flatten().float()
+            for kind, r in (("raw", plain[name]), ("norm", e)):
+                out[(name, kind)] = torch.stack([compressed_norm(r.movedim(1, -1)).flatten().float(), labels])
+        return out
+
+    def on_validation_epoch_end(self) -> None:
+        """Patch AUROC over all validation batches pooled (a mean of per-batch AUROCs is NaN as soon as one
+        batch has no abnormal patch at a layer, and noisy with a few defects per batch); this rank's batches."""
+        for (name, kind), parts in sorted(self._val_scores.items()):
+            scores, labels = torch.cat(parts, dim=1)
+            self.log(f"val/auroc_{kind}_{name}", patch_auroc(scores, labels))
+        self._val_scores = {}
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.projector.parameters(), lr=self.hparams.lr,
@@ -261,7 +312,8 @@ class AdaptModule(pl.LightningModule):
             "train_shots": list(self.hparams.shots), "center_shots": self.hparams.center_shots,
             "center_images": self.hparams.center_images, "recipe": self.recipe.name,
             "recipe_config": self.recipe.to_dict(), "anomalies": self.mix.to_dict(), "seed": self.hparams.seed,
-            "size": self.hparams.size, "steps": steps, "batches": int(self.batches_seen),
+            "size": self.hparams.size, "references": self.hparams.references,
+            "reference_shift": self.hparams.reference_shift, "steps": steps, "batches": int(self.batches_seen),
             "bank_bytes": self.projector.bank_bytes(), "residual_scales": self.projector.scales(),
         }
         write_projector(folder, self.projector.state_dict(), self.centers(), meta)

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -56,3 +57,22 @@ def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, extra, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and message in err[-1] and err[-1].startswith("fractal-pretrain: error:")
     assert not (root / "projector.pt").exists()
+
+
+def test_skipped_is_logged_on_every_step(tmp_path):
+    """With anomaly_p 0.3 batch 2 of seed 0 has no defect (its loss is skipped) and batches 3-4 have one:
+    metrics.csv must say skipped 1 and loss NaN on that step only (Lightning repeats a step metric's last
+    value on rows where it was not logged, so before the fix every row after the first skip read 1)."""
+    import csv
+
+    status, root = adapt(tmp_path, "skips", "--trainer.max_steps", "5", "--trainer.log_every_n_steps", "1",
+                         "--trainer.val_check_interval", "5",
+                         "--model.anomalies", "{anomaly_p: 0.3, mask_systems: 32, mask_points: 3000}")
+    assert status == 0
+    (metrics,) = root.glob("logs/*/metrics.csv")
+    rows = [r for r in csv.DictReader(metrics.open()) if r["train/skipped"] != ""]
+    assert [int(r["step"]) for r in rows] == [0, 1, 2, 3, 4]
+    assert [float(r["train/skipped"]) for r in rows] == [0, 0, 1, 0, 0]
+    assert [float(r["train/anomalous_fraction"]) == 0 for r in rows] == [False, False, True, False, False]
+    losses = [float(r["train/loss"]) for r in rows]
+    assert np.isnan(losses[2]) and all(np.isfinite(v) for i, v in enumerate(losses) if i != 2)

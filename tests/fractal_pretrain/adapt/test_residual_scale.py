@@ -15,9 +15,9 @@ from fractal_pretrain.adapt.residual import residual_features
 LAYERS = ("layer2", "layer3")
 
 
-@pytest.fixture(scope="module")
-def module():
-    m = AdaptModule(backbone="random", arch="resnet18", layers=LAYERS, recipe="anderson",
+@pytest.fixture(scope="module", params=["instance", "class"])
+def module(request):
+    m = AdaptModule(backbone="random", arch="resnet18", layers=LAYERS, recipe="anderson", references=request.param,
                     recipe_overrides={"num_classes": 6, "num_points": 4000}, size=64, batch_size=4, shots=(2,),
                     eval_shots=2, center_images=8, center_shots=2, val_classes=2,
                     anomalies={"anomaly_p": 1.0, "mask_systems": 16, "mask_points": 3000},
@@ -33,7 +33,7 @@ def test_scale_is_the_mean_normal_residual_norm(module):
     residuals, mask, _ = module.make_batch(0, val=False)
     normal = {n: flat(r)[~torch.nn.functional.interpolate(mask[:, None].float(), r.shape[-2:])[:, 0].flatten().bool()]
               for n, r in residuals[0].items()}
-    for name, r in normal.items():  # scaled normal residuals of other renders: mean norm about 1
+    for name, r in normal.items():  # scaled normal residuals of a training view: mean norm about 1
         assert 0.3 < float(torch.linalg.vector_norm(r, dim=1).mean()) / scales[name] < 3.0
 
 
@@ -61,7 +61,9 @@ def test_loss_is_finite_and_sane_only_with_the_scale(module):
         for name, layer in module.projector.layers.items():
             layer.residual_scale.fill_(saved[name])
     assert all(normal_median_norm(raw[0], mask, n) > 1.2 for n in LAYERS)  # raw: far outside the shell
-    assert float(unscaled) > 2 * float(loss)  # the exp(distance) weights of the norm loss grow with it
+    # the exp(distance) weights of the norm loss grow with the norms (x2.3 with other renders as references,
+    # x1.6 with crops of the image's own render, whose raw residuals are smaller)
+    assert float(unscaled) > 1.5 * float(loss)
 
 
 def test_ad_eval_applies_the_stored_scale(module, tmp_path):
