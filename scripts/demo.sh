@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on a local default (no Slurm, no downloads; GPU if CuPy and CUDA are there, else CPU):
-#   1. render a preview grid of fractals,
+#   1. render a preview grid of fractals, and the first training batch of the smoke config,
 #   2. pre-train a small resnet18 on fractals for a couple of minutes,
 #   3. evaluate it and a random-init control with PatchCore (3 seeds, anomaly maps kept) on the real MVTec
 #      samples in ../shared/realdata (or, without them, on a generated MVTec-like dataset),
@@ -18,6 +18,8 @@ mkdir -p outputs
 
 echo "== 1. fractal-pretrain render (16 anderson fractals, 256 px, CPU reference)"
 "$FP" render --recipe anderson --num 16 --seed 0 --size 256 --device cpu --out outputs/preview_anderson.png
+echo "== 1b. fractal-pretrain preview (the first batch jobs/pretrain/smoke.yaml trains on, exactly as the model sees it)"
+"$FP" preview --config jobs/pretrain/smoke.yaml --num 16 --out outputs/preview_smoke_batch.png
 
 accelerator=cpu
 if "$PY" -c "import cupy, torch; assert torch.cuda.is_available()" 2>/dev/null; then accelerator=gpu; fi
