@@ -31,8 +31,11 @@ function beside :func:`preview_fit` that builds its own ``Sheet``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import logging
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -191,6 +194,23 @@ def _check_epoch(trainer, epoch: int) -> None:
                           f"(trainer.max_epochs={max_epochs})")
 
 
+@contextlib.contextmanager
+def quiet_lightning():
+    """A preview trains nothing: Lightning's start-up lines (seed, accelerators, tips, the srun hint) are
+    noise there. Its warnings and errors still show."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*`srun` command is available.*")
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
+
+
 def preview_fit(argv: Sequence[str]) -> int:
     """Runs ``fractal-pretrain preview ARGS`` (see the module docstring); returns the exit status."""
     from jsonargparse import ArgumentError
@@ -199,13 +219,14 @@ def preview_fit(argv: Sequence[str]) -> int:
     from fractal_pretrain.train.cli import make_cli
 
     options, rest = parse_preview(preview_options(PROG, "fit"), argv)
-    try:
-        cli = make_cli(on_cpu(rest), prog=PROG, exit_on_error=False)
-    except (ArgumentError, MisconfigurationException) as exc:  # a bad key or value, as one line
-        raise ConfigError(str(exc)) from None
-    _check_epoch(cli.trainer, options.epoch)
-    data = cli.datamodule
-    images, targets = training_batch(data, cli.trainer, options.epoch, options.step)
+    with quiet_lightning():
+        try:
+            cli = make_cli(on_cpu(rest), prog=PROG, exit_on_error=False)
+        except (ArgumentError, MisconfigurationException) as exc:  # a bad key or value, as one line
+            raise ConfigError(str(exc)) from None
+        _check_epoch(cli.trainer, options.epoch)
+        data = cli.datamodule
+        images, targets = training_batch(data, cli.trainer, options.epoch, options.step)
     sheet = batch_sheet(images, targets, mean=data.mean, std=data.std, views=data.views,
                         multi_label=data.multi_label, num=options.num)
     path, factor = write_sheet(sheet, options.out, options.zoom)
