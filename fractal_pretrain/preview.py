@@ -2,9 +2,10 @@
 
 Used by ``fractal-pretrain render`` (rendered images) and ``fractal-pretrain preview`` (a training batch,
 ``train/preview.py``). The grid is near-square (``ceil(sqrt(n))`` columns, rounded up to a multiple of
-``group`` so that groups such as view pairs share a row; or a given number of columns), tiles are separated by ``gap_px`` pixels of
-background, and each tile can carry a short caption (drawn with PIL's default font) in a strip underneath
-it. :func:`to_pixels` turns a normalised model input back into the uint8 pixels shown.
+``group`` so that groups such as view pairs share a row) or has ``cols`` columns (one adapt sample per row),
+tiles are separated by ``gap_px`` pixels of background, and each tile can carry a short caption (drawn with
+PIL's default font) in a strip underneath it. :func:`to_pixels` turns a normalised model input back into
+the uint8 pixels shown.
 
 Example:
     >>> from fractal_pretrain.preview import save_grid

@@ -1,4 +1,4 @@
-"""``fractal-pretrain preview``: the training batch a ``fit`` config feeds its model, as a contact sheet.
+"""``fractal-pretrain preview``: the training batch a ``fit`` or ``adapt`` config feeds its model, as a contact sheet.
 
     fractal-pretrain preview --config jobs/pretrain/ofdb_smoke.yaml --epoch 1 --step 0 --out batch.png
     fractal-pretrain preview --config jobs/pretrain/ofdb_r50.yaml --data.batch_size 16 --out batch.png
@@ -23,9 +23,22 @@ zoomed by an integer factor (nearest neighbour, so a tile's pixels are the batch
 (CutMix / MixUp: ``12:0.63 480:0.37``); the label set of multi-label recipes; ``pair i view 1`` and
 ``pair i view 2`` side by side for two-view recipes.
 
+An ``adapt`` config (:func:`config_command`: a ``model.*`` / ``data.*`` key that only ``adapt`` accepts, such as
+``model.shots``; one only ``fit`` accepts, such as ``data.recipe``, means ``fit``; both or neither: a one-line
+error) goes to :func:`preview_adapt`:
+
+    fractal-pretrain preview --config jobs/adapt/smoke.yaml --batch 3 --out adapt.png
+    fractal-pretrain preview --config jobs/adapt/cpu_r18.yaml --batch 0 --val --out adapt_val.png
+
+It builds the module with ``adapt``'s own command line (``adapt/cli.py`` ``make_adapt_cli``, on the CPU as
+above) and draws ``AdaptModule.batch_inputs`` of batch number ``--batch N`` (the run's step N; with ``--val``
+validation batch N): the images ``make_batch`` gives the backbone, one row per sample: the first
+MAX_REFERENCE_TILES of its K references (``ref 1/K``), the normal image (``i: class c``), the anomalous image
+(captioned with the defect kind drawn, or ``none``), the anomalous image with its exact mask in half red
+(``mask 3.2%`` of the pixels), the two photometric views.
+
 The sheet-independent parts (options, output check, writing) are ``preview_options``, ``parse_preview``,
-``Sheet`` and ``write_sheet``, so a preview of ``adapt``'s batches (images, masks, references) is a second
-function beside :func:`preview_fit` that builds its own ``Sheet``.
+``Sheet`` and ``write_sheet``, shared by :func:`preview_fit` and :func:`preview_adapt`.
 """
 
 from __future__ import annotations
@@ -90,15 +103,17 @@ def _positive(text: str) -> int:
 
 def preview_options(prog: str, command: str) -> argparse.ArgumentParser:
     """The preview's own options; everything else goes to ``command``'s command line."""
+    override = "--model.batch_size 8" if command == "adapt" else "--data.batch_size 16"
     parser = argparse.ArgumentParser(
         prog=prog, allow_abbrev=False,
-        description=f"Write the training batch a `{command}` config gives its model as a PNG contact sheet. "
+        description=f"Write the training batch a `{command}` config gives its model as a PNG contact sheet (a fit "
+                    f"or an adapt config, told apart by its keys; `--help` after an adapt --config shows adapt's). "
                     f"Every other argument is `fractal-pretrain {command}`'s (a --config file, dotted overrides "
-                    f"such as --data.batch_size 16; see `fractal-pretrain {command} --help`).",
+                    f"such as {override}; see `fractal-pretrain {command} --help`).",
     )
     parser.add_argument("--out", required=True, help="output PNG (its folder must exist)")
     if command == "adapt":  # one batch counter over the whole run, and fixed validation batches
-        parser.add_argument("--batch", "--step", dest="step", type=_non_negative, default=0,
+        parser.add_argument("--batch", "--step", dest="step", metavar="N", type=_non_negative, default=0,
                             help="batch number N: the run's step N (default 0); with --val, validation batch N")
         parser.add_argument("--val", action="store_true", help="a held-out validation batch, not a training one")
     else:
@@ -287,7 +302,7 @@ def _check_batch(cli, options: PreviewOptions) -> None:
         if options.step >= val_batches:
             raise ConfigError(f"--batch {options.step} --val: validation has batches 0..{val_batches - 1} "
                               f"(data.val_batches={val_batches})" if val_batches else
-                              f"--val: validation has no batches (data.val_batches=0)")
+                              "--val: validation has no batches (data.val_batches=0)")
         return
     max_steps = cli.trainer.max_steps
     if options.step >= max_steps:
