@@ -338,9 +338,10 @@ def preview_adapt(argv: Sequence[str]) -> int:
 
 # ---------------------------------------------------------------------------------------------- which config
 
-def _config_keys(argv: Sequence[str]) -> tuple[list[str], set[str]]:
-    """The readable ``--config`` files among ``argv`` and the ``model.*`` / ``data.*`` keys they and the dotted
-    overrides name (an unreadable file is left to the command line that parses it)."""
+def _config_keys(argv: Sequence[str]) -> tuple[list[str], set[str], bool]:
+    """The readable ``--config`` files among ``argv``, the ``model.*`` / ``data.*`` keys they and the dotted
+    overrides name (an unreadable file is left to the command line that parses it), and whether overrides
+    name some."""
     import yaml
 
     paths, keys = [], set()
@@ -352,6 +353,7 @@ def _config_keys(argv: Sequence[str]) -> tuple[list[str], set[str]]:
         elif arg.startswith(("--model.", "--data.")):
             section, _, key = arg[2:].partition("=")[0].partition(".")
             keys.add(f"{section}.{key.split('.')[0]}")
+    overridden = bool(keys)
     readable = []
     for path in paths:
         try:
@@ -364,7 +366,7 @@ def _config_keys(argv: Sequence[str]) -> tuple[list[str], set[str]]:
         for section in ("model", "data"):
             if isinstance(config.get(section), dict):
                 keys |= {f"{section}.{key}" for key in config[section]}
-    return readable, keys
+    return readable, keys, overridden
 
 
 def _init_keys(model, data) -> set[str]:
@@ -384,10 +386,10 @@ def config_command(argv: Sequence[str]) -> str:
     from fractal_pretrain.train.data import FractalDataModule
     from fractal_pretrain.train.model import FractalClassifier
 
-    configs, keys = _config_keys(argv)
+    configs, keys, overridden = _config_keys(argv)
     fit_keys, adapt_keys = _init_keys(FractalClassifier, FractalDataModule), _init_keys(AdaptModule, AdaptData)
     fit_only, adapt_only = sorted(keys & (fit_keys - adapt_keys)), sorted(keys & (adapt_keys - fit_keys))
-    where = f"--config {' '.join(configs)}" if configs else "the arguments"
+    where = f"--config {' '.join(configs)}{' with its overrides' if overridden else ''}" if configs else "the arguments"
     if fit_only and adapt_only:
         raise ConfigError(f"{where}: mixes keys of fit ({', '.join(fit_only[:3])}) and of adapt "
                           f"({', '.join(adapt_only[:3])}); preview takes a config of one of them")

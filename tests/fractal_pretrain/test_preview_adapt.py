@@ -142,7 +142,8 @@ def test_configs_are_told_apart_by_their_keys(tmp_path):
     trainer_only.write_text("trainer:\n  max_steps: 3\nmodel:\n  lr: 0.1\n")  # lr: both have it
     with pytest.raises(ConfigError, match=r"trainer.yaml: neither a fit config .* nor an adapt config"):
         config_command(["--config", str(trainer_only)])
-    with pytest.raises(ConfigError, match=r"mixes keys of fit \(data.recipe\) and of adapt \(data.batches_per"):
+    with pytest.raises(ConfigError, match=r"smoke.yaml with its overrides: mixes keys of fit \(data.recipe\) and of "
+                                          r"adapt \(data.batches_per"):
         config_command(["--config", ADAPT_SMOKE, "--data.recipe", "anderson"])
 
 
