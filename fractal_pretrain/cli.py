@@ -11,6 +11,7 @@ Usage::
     fractal-pretrain fit --config jobs/pretrain/smoke.yaml [--trainer.max_steps 20 ...]
     fractal-pretrain preview --config jobs/pretrain/ofdb_smoke.yaml [--epoch 1 --step 0 --data.batch_size 16 ...] \\
         --out outputs/batch.png
+    fractal-pretrain preview --config jobs/adapt/smoke.yaml [--batch 3] [--val] --out outputs/adapt_batch.png
     fractal-pretrain export-backbone runs/smoke/checkpoints/last.ckpt
     fractal-pretrain adapt --config jobs/adapt/smoke.yaml [--trainer.max_steps 20 ...]
 
@@ -113,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_export)
 
     sub.add_parser("fit", help="pre-train a backbone (LightningCLI: fit --help)", add_help=False)
-    sub.add_parser("preview", help="write the training batch a fit config gives its model as a PNG (preview --help)",
-                   add_help=False)
+    sub.add_parser("preview", help="write the training batch a fit or adapt config gives its model as a PNG "
+                                   "(preview --help)", add_help=False)
     sub.add_parser("adapt", help="train a residual-feature projector on synthetic anomalies (adapt --help)",
                    add_help=False)
 
@@ -222,11 +223,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return fit(argv[1:])
         except ConfigError as exc:
             return fail(PROG, exc)
-    if argv[:1] == ["preview"]:  # its own options, then fit's (LightningCLI)
-        from fractal_pretrain.train.preview import preview_fit
+    if argv[:1] == ["preview"]:  # its own options, then fit's or adapt's (LightningCLI)
+        from fractal_pretrain.train.preview import preview
 
         try:
-            return call_handler(PROG, preview_fit, argv[1:])
+            return call_handler(PROG, preview, argv[1:])
         except SystemExit as exc:  # argparse printed usage + error (or --help)
             return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
     if argv[:1] == ["adapt"]:  # LightningCLI too

@@ -2,9 +2,10 @@
 
 Used by ``fractal-pretrain render`` (rendered images) and ``fractal-pretrain preview`` (a training batch,
 ``train/preview.py``). The grid is near-square (``ceil(sqrt(n))`` columns, rounded up to a multiple of
-``group`` so that groups such as view pairs share a row), tiles are separated by ``gap_px`` pixels of
-background, and each tile can carry a short caption (drawn with PIL's default font) in a strip underneath
-it. :func:`to_pixels` turns a normalised model input back into the uint8 pixels shown.
+``group`` so that groups such as view pairs share a row) or has ``cols`` columns (one adapt sample per row),
+tiles are separated by ``gap_px`` pixels of background, and each tile can carry a short caption (drawn with
+PIL's default font) in a strip underneath it. :func:`to_pixels` turns a normalised model input back into
+the uint8 pixels shown.
 
 Example:
     >>> from fractal_pretrain.preview import save_grid
@@ -29,30 +30,34 @@ TEXT_COLOR = (0, 0, 0)
 CAPTION_PAD_PX = 2  # space above and below a caption line
 
 
-def grid_shape(n: int, group: int = 1) -> tuple[int, int]:
+def grid_shape(n: int, group: int = 1, cols: int | None = None) -> tuple[int, int]:
     """Rows and columns of the near-square grid for ``n`` tiles.
 
     Args:
         n: number of tiles, >= 1.
         group: columns are a multiple of this (tiles ``[k*group, (k+1)*group)`` stay on one row).
+        cols: the number of columns instead of the near-square choice (a multiple of ``group``; e.g.
+            ``cols=group``: one group per row).
 
     Returns:
-        ``(rows, cols)`` with ``cols = ceil(sqrt(n))`` rounded up to a multiple of ``group`` and
-        ``rows = ceil(n / cols)``.
+        ``(rows, cols)`` with ``cols = ceil(sqrt(n))`` (or ``cols``) rounded up to a multiple of ``group``
+        and ``rows = ceil(n / cols)``.
     """
     if n < 1:
         raise ValueError(f"grid needs at least one image, got {n}")
     if group < 1:
         raise ValueError(f"group must be >= 1, got {group}")
-    cols = -(-math.ceil(math.sqrt(n)) // group) * group
+    if cols is not None and cols < 1:
+        raise ValueError(f"cols must be >= 1, got {cols}")
+    cols = -(-(cols or math.ceil(math.sqrt(n))) // group) * group
     rows = math.ceil(n / cols)
     return rows, cols
 
 
 def tile_origins(n: int, height: int, width: int, *, labels: bool, gap_px: int = GAP_PX,
-                 group: int = 1) -> list[tuple[int, int]]:
+                 group: int = 1, cols: int | None = None) -> list[tuple[int, int]]:
     """Top-left ``(x, y)`` of each of ``n`` tiles of ``height`` x ``width`` in :func:`make_grid`'s sheet."""
-    _, cols = grid_shape(n, group)
+    _, cols = grid_shape(n, group, cols)
     cell_h = height + (_caption_height(ImageFont.load_default()) if labels else 0)
     between_groups = GROUP_GAP_PX - gap_px if group > 1 else 0  # groups stand apart from each other
     return [(c * (width + gap_px) + (c // group) * between_groups, r * (cell_h + gap_px))
@@ -106,6 +111,7 @@ def make_grid(
     labels: Sequence[str] | None = None,
     gap_px: int = GAP_PX,
     group: int = 1,
+    cols: int | None = None,
 ) -> Image.Image:
     """Tile ``images`` into one RGB image.
 
@@ -114,6 +120,7 @@ def make_grid(
         labels: optional caption per image (length N), drawn under each tile.
         gap_px: background pixels between neighbouring tiles (not around the border).
         group: columns are a multiple of this (see :func:`grid_shape`).
+        cols: columns instead of the near-square choice (see :func:`grid_shape`).
 
     Returns:
         A PIL RGB image of width ``cols*W + (cols-1)*gap_px`` (plus ``GROUP_GAP_PX - gap_px`` between groups)
@@ -127,11 +134,11 @@ def make_grid(
     n, h, w, _ = images.shape
     if labels is not None and len(labels) != n:
         raise ValueError(f"got {len(labels)} labels for {n} images")
-    rows, cols = grid_shape(n, group)
+    rows, cols = grid_shape(n, group, cols)
     font = ImageFont.load_default()
     cap_h = _caption_height(font) if labels is not None else 0
     cell_h = h + cap_h
-    origins = tile_origins(n, h, w, labels=labels is not None, gap_px=gap_px, group=group)
+    origins = tile_origins(n, h, w, labels=labels is not None, gap_px=gap_px, group=group, cols=cols)
     width = cols * w + (cols - 1) * gap_px + ((cols - 1) // group) * (GROUP_GAP_PX - gap_px if group > 1 else 0)
     canvas = Image.new("RGB", (width, rows * cell_h + (rows - 1) * gap_px), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
@@ -150,6 +157,7 @@ def save_grid(
     labels: Sequence[str] | None = None,
     gap_px: int = GAP_PX,
     group: int = 1,
+    cols: int | None = None,
 ) -> Path:
     """Write :func:`make_grid` of ``images`` as a PNG, creating parent directories; atomically, so a reader
     never sees a half-written file. The bytes depend only on the pixels and captions.
@@ -160,12 +168,13 @@ def save_grid(
         labels: optional caption per image.
         gap_px: background pixels between tiles.
         group: columns are a multiple of this (see :func:`grid_shape`).
+        cols: columns instead of the near-square choice (see :func:`grid_shape`).
 
     Returns:
         The path written.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sheet = make_grid(images, labels=labels, gap_px=gap_px, group=group)
+    sheet = make_grid(images, labels=labels, gap_px=gap_px, group=group, cols=cols)
     atomic_write(path, lambda f: sheet.save(f, format="PNG"))
     return path

@@ -67,16 +67,21 @@ class AdaptCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
-def adapt(argv: Sequence[str]) -> int:
-    """Runs ``fractal-pretrain adapt ARGS``; returns the exit status."""
+def make_adapt_cli(argv: Sequence[str], prog: str = "fractal-pretrain adapt", **parser_kwargs) -> AdaptCLI:
+    """The ``adapt`` command line parsed and instantiated (module, data, trainer), not run: every key and check
+    of ``adapt``, also for ``fractal-pretrain preview``."""
     from ad_eval.backbones import BackboneError
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
         try:
-            cli = AdaptCLI(AdaptModule, AdaptData, run=False, args=list(argv), save_config_callback=RunConfig,
-                           save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
-                           seed_everything_default=0, parser_kwargs={"prog": "fractal-pretrain adapt"})
+            return AdaptCLI(AdaptModule, AdaptData, run=False, args=list(argv), save_config_callback=RunConfig,
+                            save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
+                            seed_everything_default=0, parser_kwargs={"prog": prog, **parser_kwargs})
         except BackboneError as err:
             raise ConfigError(f"model.backbone: {err}") from None
-    return fit_resuming(cli)
+
+
+def adapt(argv: Sequence[str]) -> int:
+    """Runs ``fractal-pretrain adapt ARGS``; returns the exit status."""
+    return fit_resuming(make_adapt_cli(argv))

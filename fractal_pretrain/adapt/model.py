@@ -15,6 +15,7 @@ patch AUROC of the compressed norm, for the logs only: nothing is selected on it
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import lightning.pytorch as pl
@@ -59,6 +60,25 @@ def patch_auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     greater = (pos[:, None] > neg[None, :]).float().mean()
     equal = (pos[:, None] == neg[None, :]).float().mean()
     return float(greater + 0.5 * equal)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptBatch:
+    """One batch's images before the backbone (``AdaptModule.batch_inputs``), on the module's device:
+    uint8 (B, 3, H, W) normal ``images``, their (B K, 3, H, W) ``references`` (image i's are rows
+    i K .. i K + K - 1), the ``anomalous`` copies and their (B, H, W) bool ``mask``, and the two photometric
+    ``views`` of the anomalous images (float [0, 1]); ``classes`` and ``keys`` (B,) and the key ``epoch`` of
+    the renders and anomalies."""
+
+    k: int
+    classes: np.ndarray
+    keys: np.ndarray
+    epoch: int
+    images: torch.Tensor
+    references: torch.Tensor
+    anomalous: torch.Tensor
+    mask: torch.Tensor
+    views: tuple[torch.Tensor, torch.Tensor]
 
 
 class AdaptModule(pl.LightningModule):
@@ -181,9 +201,9 @@ class AdaptModule(pl.LightningModule):
         refs = self.render(np.repeat(classes, k), (keys[:, None] * MAX_SHOTS + np.arange(k)).reshape(-1), epochs[1])
         return images, refs
 
-    def make_batch(self, batch: int, *, val: bool, plain: bool = False):
-        """Residuals of the two anomalous views (and, with ``plain``, of the anomalous images themselves, as
-        a third entry), the masks and K of batch number ``batch``."""
+    def batch_inputs(self, batch: int, *, val: bool) -> AdaptBatch:
+        """The images of batch number ``batch`` (training, or with ``val`` the held-out validation batch),
+        before the backbone: what ``make_batch`` feeds it, and what ``fractal-pretrain preview`` shows."""
         size = self.hparams.batch_size
         if val:
             k, classes = self.batch_plan(2**31 + batch, (self.train_classes, self.recipe.num_classes),
@@ -195,10 +215,17 @@ class AdaptModule(pl.LightningModule):
         keys = batch * size + np.arange(size)
         images, refs = self.normal_images(classes, keys, k, epochs)
         anomalous, mask = self._synth.apply(images, keys, epochs[0])
-        views = [photometric_view(anomalous, keys, self.hparams.seed, v) for v in (0, 1)]
+        views = tuple(photometric_view(anomalous, keys, self.hparams.seed, v) for v in (0, 1))
+        return AdaptBatch(k, classes, keys, epochs[0], images, refs, anomalous, mask, views)
+
+    def make_batch(self, batch: int, *, val: bool, plain: bool = False):
+        """Residuals of the two anomalous views (and, with ``plain``, of the anomalous images themselves, as
+        a third entry), the masks and K of batch number ``batch``."""
+        inputs = self.batch_inputs(batch, val=val)
+        views = list(inputs.views)
         if plain:
-            views.append(anomalous.float() / 255.0)
-        return self.residuals(views, refs, k), mask, k
+            views.append(inputs.anomalous.float() / 255.0)
+        return self.residuals(views, inputs.references, inputs.k), inputs.mask, inputs.k
 
     @torch.no_grad()
     def compute_centers(self) -> None:
