@@ -224,6 +224,8 @@ def _check_epoch(trainer, epoch: int) -> None:
 def quiet_lightning():
     """A preview trains nothing: Lightning's start-up lines (seed, accelerators, tips, the srun hint) are
     noise there. Its warnings and errors still show."""
+    import lightning.pytorch  # noqa: F401  (its import sets its loggers' levels: import first, then lower them)
+
     loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
     levels = [logger.level for logger in loggers]
     with warnings.catch_warnings():
@@ -245,14 +247,13 @@ def preview_fit(argv: Sequence[str]) -> int:
     from fractal_pretrain.train.cli import make_cli
 
     options, rest = parse_preview(preview_options(PROG, "fit"), argv)
-    with quiet_lightning():
-        try:
-            cli = make_cli(on_cpu(rest), prog=PROG, exit_on_error=False)
-        except (ArgumentError, MisconfigurationException) as exc:  # a bad key or value, as one line
-            raise ConfigError(str(exc)) from None
-        _check_epoch(cli.trainer, options.epoch)
-        data = cli.datamodule
-        images, targets = training_batch(data, cli.trainer, options.epoch, options.step)
+    try:
+        cli = make_cli(on_cpu(rest), prog=PROG, exit_on_error=False)
+    except (ArgumentError, MisconfigurationException) as exc:  # a bad key or value, as one line
+        raise ConfigError(str(exc)) from None
+    _check_epoch(cli.trainer, options.epoch)
+    data = cli.datamodule
+    images, targets = training_batch(data, cli.trainer, options.epoch, options.step)
     sheet = batch_sheet(images, targets, mean=data.mean, std=data.std, views=data.views,
                         multi_label=data.multi_label, num=options.num)
     path, factor = write_sheet(sheet, options.out, options.zoom)
@@ -425,4 +426,5 @@ def config_command(argv: Sequence[str]) -> str:
 def preview(argv: Sequence[str]) -> int:
     """Runs ``fractal-pretrain preview ARGS``: :func:`preview_fit` or :func:`preview_adapt` by the config's
     keys (:func:`config_command`); returns the exit status."""
-    return (preview_adapt if config_command(argv) == "adapt" else preview_fit)(argv)
+    with quiet_lightning():
+        return (preview_adapt if config_command(argv) == "adapt" else preview_fit)(argv)
