@@ -69,7 +69,7 @@ class AdaptModule(pl.LightningModule):
                  recipe_overrides: dict | None = None, size: int = 224, batch_size: int = 32,
                  shots: tuple[int, ...] = (1, 4, 8), eval_shots: int = 8, center_images: int = 64,
                  center_shots: int = 4, val_classes: int = 10, references: str = "instance",
-                 reference_shift: float = 0.0625,
+                 reference_shift: float = 0.0625, jitter_references: bool = True,
                  anomalies: dict | None = None, projector: dict | None = None, lr: float = 1e-4,
                  weight_decay: float = 5e-4, milestones: tuple[int, ...] = (), gamma: float = 0.1,
                  seed: int = 0, render_device: str = "auto"):
@@ -93,6 +93,8 @@ class AdaptModule(pl.LightningModule):
         check_range("model.seed", seed, 0, 2**32 - 1, integer=True)
         check_choice("model.references", references, REFERENCE_MODES)
         check_range("model.reference_shift", reference_shift, 0.0, 0.25)
+        if not isinstance(jitter_references, bool):
+            raise ConfigError(f"model.jitter_references={jitter_references!r}: must be true or false")
         self.margin = shift_margin(size, reference_shift) if references == "instance" else 0
         if any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in milestones):
             raise ConfigError(f"model.milestones={list(milestones)!r}: optimiser steps (integers >= 1)")
@@ -159,15 +161,37 @@ class AdaptModule(pl.LightningModule):
         low, high = classes_range
         return k, low + rng.to_int(words[1][1:], high - low)
 
-    def residuals(self, views: list[torch.Tensor], refs: torch.Tensor, k: int) -> list[dict[str, torch.Tensor]]:
-        """Residual features of each view against each image's K references ((B K, 3, H, W) uint8)."""
-        ref_feats = self.features(refs.float() / 255.0)
+    def residuals(self, views: list[torch.Tensor], refs, k: int) -> list[dict[str, torch.Tensor]]:
+        """Residual features of each view against each image's K references: ``refs`` (B K, 3, H, W) uint8
+        shared by every view, or a list of float [0, 1] references, one per view (``reference_views``)."""
+        if isinstance(refs, torch.Tensor):
+            ref_feats = [self.features(refs.float() / 255.0)] * len(views)
+        else:
+            ref_feats = [self.features(r) for r in refs]
         out = []
-        for view in views:
+        for view, refs_of_view in zip(views, ref_feats):
             feats = self.features(view)
-            out.append({name: residual_features(f, ref_feats[name].view(f.shape[0], k, *ref_feats[name].shape[1:]))
+            out.append({name: residual_features(f, refs_of_view[name].view(f.shape[0], k, *refs_of_view[name].shape[1:]))
                         for name, f in feats.items()})
         return out
+
+    def photometric_views(self, images: torch.Tensor, refs: torch.Tensor, keys: np.ndarray, k: int,
+                          slots: tuple[int, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Photometric views (draw ``slots``) of the images and the references each is matched against.
+
+        With ``jitter_references`` (the default) an image's K references get the very draw of its view (same
+        brightness, contrast, saturation, greyscale and blur), as a test image and the category's train
+        images share one light: the residual then measures the defect, not the jitter. Without it (the
+        literal reading of ADPretrain, whose DINOv2 features are nearly jitter invariant) a backbone that is
+        not photometrically invariant (random init, a CNN) turns the jitter into a residual on every patch:
+        the projector learns to find defects among jitter residuals, which transfers to unjittered test
+        images not at all (RESULTS.md, "Can the projector learn?")."""
+        seed = self.hparams.seed
+        views = [photometric_view(images, keys, seed, v) for v in slots]
+        if not self.hparams.jitter_references:
+            return views, [refs.float() / 255.0] * len(slots)
+        ref_keys = np.repeat(np.asarray(keys), k)  # reference i of image b draws with b's key
+        return views, [photometric_view(refs, ref_keys, seed, v) for v in slots]
 
     def normal_images(self, classes: np.ndarray, keys: np.ndarray, k: int, epochs: tuple[int, int]):
         """(images (B, 3, H, W), references (B K, 3, H, W)) uint8 of the normal classes (``normals.py``):
@@ -195,19 +219,21 @@ class AdaptModule(pl.LightningModule):
         keys = batch * size + np.arange(size)
         images, refs = self.normal_images(classes, keys, k, epochs)
         anomalous, mask = self._synth.apply(images, keys, epochs[0])
-        views = [photometric_view(anomalous, keys, self.hparams.seed, v) for v in (0, 1)]
+        views, ref_views = self.photometric_views(anomalous, refs, keys, k, (0, 1))
         if plain:
             views.append(anomalous.float() / 255.0)
-        return self.residuals(views, refs, k), mask, k
+            ref_views.append(refs.float() / 255.0)
+        return self.residuals(views, ref_views, k), mask, k
 
     @torch.no_grad()
     def compute_centers(self) -> None:
         """Per layer, over ``center_images`` training-class renders (K = center_shots): the residual scale
         (mean norm of the normal residuals, the projector's fixed input divisor) and the centre (mean normal
         residual, in scaled units: the projector's input and, through its skip, output units). Residuals of a
-        photometric view (draw slot CENTER_VIEW, no training view's), as the losses see them: against a
-        normal instance's own crops an unjittered image leaves little but the shift, and a scale from
-        those would put the jittered normal training residuals far outside the norm loss's shell."""
+        photometric view (draw slot CENTER_VIEW, no training view's) and its references made as for the
+        training views (``photometric_views``), as the losses see them: with ``jitter_references`` off, an
+        unjittered image against its own crops leaves little but the shift, and a scale from those would put
+        the jittered normal training residuals far outside the norm loss's shell."""
         total = {name: torch.zeros(c, device=self.device, dtype=torch.float64) for name, c in self.channels.items()}
         norms = {name: torch.zeros((), device=self.device, dtype=torch.float64) for name in self.channels}
         done, batch = 0, 0
@@ -217,7 +243,7 @@ class AdaptModule(pl.LightningModule):
             classes, keys = classes[:n], done + np.arange(n)
             k = self.hparams.center_shots
             images, refs = self.normal_images(classes, keys, k, (EPOCH_CENTER, EPOCH_CENTER_REFS))
-            (res,) = self.residuals([photometric_view(images, keys, self.hparams.seed, CENTER_VIEW)], refs, k)
+            (res,) = self.residuals(*self.photometric_views(images, refs, keys, k, (CENTER_VIEW,)), k)
             for name, r in res.items():
                 total[name] += r.double().sum(dim=(0, 2, 3))
                 norms[name] += torch.linalg.vector_norm(r.double(), dim=1).sum()
@@ -313,7 +339,8 @@ class AdaptModule(pl.LightningModule):
             "center_images": self.hparams.center_images, "recipe": self.recipe.name,
             "recipe_config": self.recipe.to_dict(), "anomalies": self.mix.to_dict(), "seed": self.hparams.seed,
             "size": self.hparams.size, "references": self.hparams.references,
-            "reference_shift": self.hparams.reference_shift, "steps": steps, "batches": int(self.batches_seen),
+            "reference_shift": self.hparams.reference_shift,
+            "jitter_references": self.hparams.jitter_references, "steps": steps, "batches": int(self.batches_seen),
             "bank_bytes": self.projector.bank_bytes(), "residual_scales": self.projector.scales(),
         }
         write_projector(folder, self.projector.state_dict(), self.centers(), meta)
