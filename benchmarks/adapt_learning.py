@@ -1,8 +1,9 @@
 """Can the ``adapt`` projector learn? Trains it outside Lightning (plain Adam, fp32, CPU) and prints the patch
 AUROC of the projected compressed norm (FeatureNorm's score) next to the raw residual's, on three fixed sets:
-``seen`` (the first ``--evals`` training batches, which the run trains on; with ``--fixed``, that batch), ``unseen`` (other batches of the
-training classes) and ``heldout`` (the validation classes), each as the training sees it (``view``: photometric
-view 0) and as ``ad_eval`` does (``plain``: the anomalous image against unjittered references).
+``seen`` (the first ``--evals`` training batches, which the run trains on; with ``--fixed``, that batch),
+``unseen`` (other batches of the training classes) and ``heldout`` (the validation classes), each as the
+training sees it (``view``: photometric view 0) and as ``ad_eval`` does (``plain``: the anomalous image
+against unjittered references).
 
     python3 benchmarks/adapt_learning.py jobs/adapt/cpu_r18.yaml --steps 300 --lr 1e-3 [--fixed 3] \
         [--set jitter_references=false]
@@ -35,7 +36,7 @@ def aurocs(module, batches, slot: int) -> dict[str, tuple[float, float]]:
                 parts[name].append((compressed_norm(flat(residuals[slot][name])), compressed_norm(flat(e)), labels))
     out = {}
     for name, rows in parts.items():
-        raw, proj, labels = (torch.cat(c) for c in zip(*rows))
+        raw, proj, labels = (torch.cat(c) for c in zip(*rows, strict=True))
         out[name] = (patch_auroc(raw, labels), patch_auroc(proj, labels))
     return out
 
@@ -78,7 +79,10 @@ def main() -> None:
     report(0, float("nan"), start)
     for step in range(1, args.steps + 1):
         number = step - 1 if args.fixed is None else args.fixed
-        residuals, mask, _ = sets["seen"][seen.index(number)] if number in seen else module.make_batch(number, val=False)
+        if number in seen:
+            residuals, mask, _ = sets["seen"][seen.index(number)]
+        else:
+            residuals, mask, _ = module.make_batch(number, val=False)
         e1, e2 = (module.projector(r) for r in residuals[:2])
         loss = total_loss(e1, e2, mask, module.centers())
         if loss is not None:  # a batch without anomalies is skipped, as in training

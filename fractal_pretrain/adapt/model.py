@@ -169,10 +169,9 @@ class AdaptModule(pl.LightningModule):
         else:
             ref_feats = [self.features(r) for r in refs]
         out = []
-        for view, refs_of_view in zip(views, ref_feats):
-            feats = self.features(view)
-            out.append({name: residual_features(f, refs_of_view[name].view(f.shape[0], k, *refs_of_view[name].shape[1:]))
-                        for name, f in feats.items()})
+        for view, refs_of_view in zip(views, ref_feats, strict=True):
+            grouped = {name: r.view(-1, k, *r.shape[1:]) for name, r in refs_of_view.items()}  # (B, K, C, h, w)
+            out.append({name: residual_features(f, grouped[name]) for name, f in self.features(view).items()})
         return out
 
     def photometric_views(self, images: torch.Tensor, refs: torch.Tensor, keys: np.ndarray, k: int,
