@@ -64,7 +64,7 @@ def norm_loss(e: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     norm = compressed_norm(e.float())
     abnormal = labels.bool()
     if abnormal.any():
-        r_max = min(RADIUS_FRACTION * float(norm[abnormal].min()), NORMAL_RADIUS)
+        r_max = min(RADIUS_FRACTION * float(norm[abnormal].min().detach()), NORMAL_RADIUS)
     else:
         r_max = NORMAL_RADIUS
     r_min = BAND * r_max

@@ -67,8 +67,8 @@ class AdaptBatch:
     """One batch's images before the backbone (``AdaptModule.batch_inputs``), on the module's device:
     uint8 (B, 3, H, W) normal ``images``, their (B K, 3, H, W) ``references`` (image i's are rows
     i K .. i K + K - 1), the ``anomalous`` copies and their (B, H, W) bool ``mask``, and the two photometric
-    ``views`` of the anomalous images (float [0, 1]); ``classes`` and ``keys`` (B,) and the key ``epoch`` of
-    the renders and anomalies."""
+    ``views`` of the anomalous images (float [0, 1]) with the ``reference_views`` each is matched against
+    (``photometric_views``); ``classes`` and ``keys`` (B,) and the key ``epoch`` of the renders and anomalies."""
 
     k: int
     classes: np.ndarray
@@ -79,6 +79,7 @@ class AdaptBatch:
     anomalous: torch.Tensor
     mask: torch.Tensor
     views: tuple[torch.Tensor, torch.Tensor]
+    reference_views: tuple[torch.Tensor, torch.Tensor]
 
 
 class AdaptModule(pl.LightningModule):
@@ -89,7 +90,7 @@ class AdaptModule(pl.LightningModule):
                  recipe_overrides: dict | None = None, size: int = 224, batch_size: int = 32,
                  shots: tuple[int, ...] = (1, 4, 8), eval_shots: int = 8, center_images: int = 64,
                  center_shots: int = 4, val_classes: int = 10, references: str = "instance",
-                 reference_shift: float = 0.0625,
+                 reference_shift: float = 0.0625, jitter_references: bool = True,
                  anomalies: dict | None = None, projector: dict | None = None, lr: float = 1e-4,
                  weight_decay: float = 5e-4, milestones: tuple[int, ...] = (), gamma: float = 0.1,
                  seed: int = 0, render_device: str = "auto"):
@@ -113,6 +114,8 @@ class AdaptModule(pl.LightningModule):
         check_range("model.seed", seed, 0, 2**32 - 1, integer=True)
         check_choice("model.references", references, REFERENCE_MODES)
         check_range("model.reference_shift", reference_shift, 0.0, 0.25)
+        if not isinstance(jitter_references, bool):
+            raise ConfigError(f"model.jitter_references={jitter_references!r}: must be true or false")
         self.margin = shift_margin(size, reference_shift) if references == "instance" else 0
         if any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in milestones):
             raise ConfigError(f"model.milestones={list(milestones)!r}: optimiser steps (integers >= 1)")
@@ -179,15 +182,36 @@ class AdaptModule(pl.LightningModule):
         low, high = classes_range
         return k, low + rng.to_int(words[1][1:], high - low)
 
-    def residuals(self, views: list[torch.Tensor], refs: torch.Tensor, k: int) -> list[dict[str, torch.Tensor]]:
-        """Residual features of each view against each image's K references ((B K, 3, H, W) uint8)."""
-        ref_feats = self.features(refs.float() / 255.0)
+    def residuals(self, views: list[torch.Tensor], refs, k: int) -> list[dict[str, torch.Tensor]]:
+        """Residual features of each view against each image's K references: ``refs`` (B K, 3, H, W) uint8
+        shared by every view, or a list of float [0, 1] references, one per view (``reference_views``)."""
+        if isinstance(refs, torch.Tensor):
+            ref_feats = [self.features(refs.float() / 255.0)] * len(views)
+        else:
+            ref_feats = [self.features(r) for r in refs]
         out = []
-        for view in views:
-            feats = self.features(view)
-            out.append({name: residual_features(f, ref_feats[name].view(f.shape[0], k, *ref_feats[name].shape[1:]))
-                        for name, f in feats.items()})
+        for view, refs_of_view in zip(views, ref_feats, strict=True):
+            grouped = {name: r.view(-1, k, *r.shape[1:]) for name, r in refs_of_view.items()}  # (B, K, C, h, w)
+            out.append({name: residual_features(f, grouped[name]) for name, f in self.features(view).items()})
         return out
+
+    def photometric_views(self, images: torch.Tensor, refs: torch.Tensor, keys: np.ndarray, k: int,
+                          slots: tuple[int, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Photometric views (draw ``slots``) of the images and the references each is matched against.
+
+        With ``jitter_references`` (the default) an image's K references get the very draw of its view (same
+        brightness, contrast, saturation, greyscale and blur), as a test image and the category's train
+        images share one light: the residual then measures the defect, not the jitter. Without it (the
+        literal reading of ADPretrain, whose DINOv2 features are nearly jitter invariant) a backbone that is
+        not photometrically invariant (random init, a CNN) turns the jitter into a residual on every patch:
+        the projector learns to find defects among jitter residuals, which transfers to unjittered test
+        images not at all (RESULTS.md, "Can the projector learn?")."""
+        seed = self.hparams.seed
+        views = [photometric_view(images, keys, seed, v) for v in slots]
+        if not self.hparams.jitter_references:
+            return views, [refs.float() / 255.0] * len(slots)
+        ref_keys = np.repeat(np.asarray(keys), k)  # reference i of image b draws with b's key
+        return views, [photometric_view(refs, ref_keys, seed, v) for v in slots]
 
     def normal_images(self, classes: np.ndarray, keys: np.ndarray, k: int, epochs: tuple[int, int]):
         """(images (B, 3, H, W), references (B K, 3, H, W)) uint8 of the normal classes (``normals.py``):
@@ -215,26 +239,28 @@ class AdaptModule(pl.LightningModule):
         keys = batch * size + np.arange(size)
         images, refs = self.normal_images(classes, keys, k, epochs)
         anomalous, mask = self._synth.apply(images, keys, epochs[0])
-        views = tuple(photometric_view(anomalous, keys, self.hparams.seed, v) for v in (0, 1))
-        return AdaptBatch(k, classes, keys, epochs[0], images, refs, anomalous, mask, views)
+        views, ref_views = self.photometric_views(anomalous, refs, keys, k, (0, 1))
+        return AdaptBatch(k, classes, keys, epochs[0], images, refs, anomalous, mask, tuple(views), tuple(ref_views))
 
     def make_batch(self, batch: int, *, val: bool, plain: bool = False):
-        """Residuals of the two anomalous views (and, with ``plain``, of the anomalous images themselves, as
-        a third entry), the masks and K of batch number ``batch``."""
+        """Residuals of the two anomalous views (and, with ``plain``, of the anomalous images themselves against
+        the plain references, as a third entry), the masks and K of batch number ``batch``."""
         inputs = self.batch_inputs(batch, val=val)
-        views = list(inputs.views)
+        views, ref_views = list(inputs.views), list(inputs.reference_views)
         if plain:
             views.append(inputs.anomalous.float() / 255.0)
-        return self.residuals(views, inputs.references, inputs.k), inputs.mask, inputs.k
+            ref_views.append(inputs.references.float() / 255.0)
+        return self.residuals(views, ref_views, inputs.k), inputs.mask, inputs.k
 
     @torch.no_grad()
     def compute_centers(self) -> None:
         """Per layer, over ``center_images`` training-class renders (K = center_shots): the residual scale
         (mean norm of the normal residuals, the projector's fixed input divisor) and the centre (mean normal
         residual, in scaled units: the projector's input and, through its skip, output units). Residuals of a
-        photometric view (draw slot CENTER_VIEW, no training view's), as the losses see them: against a
-        normal instance's own crops an unjittered image leaves little but the shift, and a scale from
-        those would put the jittered normal training residuals far outside the norm loss's shell."""
+        photometric view (draw slot CENTER_VIEW, no training view's) and its references made as for the
+        training views (``photometric_views``), as the losses see them: with ``jitter_references`` off, an
+        unjittered image against its own crops leaves little but the shift, and a scale from those would put
+        the jittered normal training residuals far outside the norm loss's shell."""
         total = {name: torch.zeros(c, device=self.device, dtype=torch.float64) for name, c in self.channels.items()}
         norms = {name: torch.zeros((), device=self.device, dtype=torch.float64) for name in self.channels}
         done, batch = 0, 0
@@ -244,7 +270,7 @@ class AdaptModule(pl.LightningModule):
             classes, keys = classes[:n], done + np.arange(n)
             k = self.hparams.center_shots
             images, refs = self.normal_images(classes, keys, k, (EPOCH_CENTER, EPOCH_CENTER_REFS))
-            (res,) = self.residuals([photometric_view(images, keys, self.hparams.seed, CENTER_VIEW)], refs, k)
+            (res,) = self.residuals(*self.photometric_views(images, refs, keys, k, (CENTER_VIEW,)), k)
             for name, r in res.items():
                 total[name] += r.double().sum(dim=(0, 2, 3))
                 norms[name] += torch.linalg.vector_norm(r.double(), dim=1).sum()
@@ -340,7 +366,8 @@ class AdaptModule(pl.LightningModule):
             "center_images": self.hparams.center_images, "recipe": self.recipe.name,
             "recipe_config": self.recipe.to_dict(), "anomalies": self.mix.to_dict(), "seed": self.hparams.seed,
             "size": self.hparams.size, "references": self.hparams.references,
-            "reference_shift": self.hparams.reference_shift, "steps": steps, "batches": int(self.batches_seen),
+            "reference_shift": self.hparams.reference_shift,
+            "jitter_references": self.hparams.jitter_references, "steps": steps, "batches": int(self.batches_seen),
             "bank_bytes": self.projector.bank_bytes(), "residual_scales": self.projector.scales(),
         }
         write_projector(folder, self.projector.state_dict(), self.centers(), meta)

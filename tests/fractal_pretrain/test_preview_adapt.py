@@ -59,9 +59,9 @@ def test_rows_are_the_tensors_make_batch_uses(tmp_path, capsys):
     k, classes = inputs.k, inputs.classes
     assert f"training batch 3, K={k}, 4 of 4 samples" in capsys.readouterr().out
 
-    # make_batch feeds the backbone exactly these images: its residuals are those of the views vs the references.
+    # make_batch feeds the backbone exactly these images: residuals of the views vs the references in the same light.
     residuals, mask, k_made = module.make_batch(3, val=False)
-    expected = module.residuals(list(inputs.views), inputs.references, k)
+    expected = module.residuals(list(inputs.views), list(inputs.reference_views), k)
     assert k_made == k and torch.equal(mask, inputs.mask)
     for made, want in zip(residuals, expected, strict=True):
         assert all(torch.equal(made[name], want[name]) for name in want)
