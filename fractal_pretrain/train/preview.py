@@ -239,18 +239,24 @@ def quiet_lightning():
                 logger.setLevel(level)
 
 
-def preview_fit(argv: Sequence[str]) -> int:
-    """Runs ``fractal-pretrain preview ARGS`` (see the module docstring); returns the exit status."""
+def parsed_cli(make, command: str, argv: Sequence[str]):
+    """(preview options, the ``command``'s LightningCLI built by ``make`` on the CPU, not run): every key and
+    check of ``fit`` / ``adapt``; a bad key or value is one line."""
     from jsonargparse import ArgumentError
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+    options, rest = parse_preview(preview_options(PROG, command), argv)
+    try:
+        return options, make(on_cpu(rest), prog=PROG, exit_on_error=False)
+    except (ArgumentError, MisconfigurationException) as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def preview_fit(argv: Sequence[str]) -> int:
+    """Runs ``fractal-pretrain preview ARGS`` (see the module docstring); returns the exit status."""
     from fractal_pretrain.train.cli import make_cli
 
-    options, rest = parse_preview(preview_options(PROG, "fit"), argv)
-    try:
-        cli = make_cli(on_cpu(rest), prog=PROG, exit_on_error=False)
-    except (ArgumentError, MisconfigurationException) as exc:  # a bad key or value, as one line
-        raise ConfigError(str(exc)) from None
+    options, cli = parsed_cli(make_cli, "fit", argv)
     _check_epoch(cli.trainer, options.epoch)
     data = cli.datamodule
     images, targets = training_batch(data, cli.trainer, options.epoch, options.step)
@@ -334,16 +340,9 @@ def _check_batch(cli, options: PreviewOptions) -> None:
 
 def preview_adapt(argv: Sequence[str]) -> int:
     """Runs ``fractal-pretrain preview ARGS`` for an ``adapt`` config; returns the exit status."""
-    from jsonargparse import ArgumentError
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
     from fractal_pretrain.adapt.cli import make_adapt_cli
 
-    options, rest = parse_preview(preview_options(PROG, "adapt"), argv)
-    try:
-        cli = make_adapt_cli(on_cpu(rest), prog=PROG, exit_on_error=False)
-    except (ArgumentError, MisconfigurationException) as exc:  # a bad key or value, as one line
-        raise ConfigError(str(exc)) from None
+    options, cli = parsed_cli(make_adapt_cli, "adapt", argv)
     _check_batch(cli, options)
     module = cli.model.to(cli.trainer.strategy.root_device)
     module.setup("fit")  # its renderers and anomaly synthesizer, as at the start of a run
