@@ -64,6 +64,7 @@ echo
 for metric in image_AUROC pixel_AUROC pixel_AUPRO; do cat "reports/demo/table_mvtec_${metric}.md"; echo; done
 echo "Outputs:"
 echo "  preview grid: $(pwd)/outputs/preview_anderson.png"
+echo "  first batch:  $(pwd)/outputs/preview_smoke_batch.png (what the smoke config trains on)"
 echo "  backbone:     $(pwd)/runs/demo/backbone.pt (+ backbone.json, checkpoints/, logs/)"
 echo "  results:      $(pwd)/results/demo/*.json"
 echo "  report:       $(pwd)/reports/demo/ (tables .md/.csv/.tex, figures .png, summary.md)"
