@@ -119,20 +119,26 @@ def _complex_times(acc, base):
     return (rc * c - rs * s, rc * s + rs * c)
 
 
-def ipow(x: np.ndarray, p) -> np.ndarray:
-    """x^p for integers 0 <= p < 32 by square-and-multiply over the bits of p (float32), the product
-    starting at the lowest set bit (1 * x == x: the same floats as a product from 1)."""
-    p = np.broadcast_to(np.asarray(p), np.shape(x))
-    acc, base = (np.ones_like(x),), (x,)
-    started = np.zeros(np.shape(x), dtype=bool)
+def _power(base: tuple, p, one: tuple, times) -> tuple:
+    """``base``^p (a real or complex number as a tuple of arrays) for integers 0 <= p < 32: square-and-multiply
+    over the bits of p, squaring by ``times(base, base)``, the product starting at the lowest set bit."""
+    p = np.broadcast_to(np.asarray(p), np.shape(base[0]))
+    acc = one
+    started = np.zeros(np.shape(base[0]), dtype=bool)
     for k in range(POWER_BITS):
         bit = (p >> k) & 1 == 1
-        acc = _multiply_in(bit, started, acc, base, _times)
+        acc = _multiply_in(bit, started, acc, base, times)
         started |= bit
         if not (p >> (k + 1)).any():
             break
-        base = (base[0] * base[0],)
-    return acc[0]
+        base = times(base, base)
+    return acc
+
+
+def ipow(x: np.ndarray, p) -> np.ndarray:
+    """x^p for integers 0 <= p < 32 by square-and-multiply over the bits of p (float32), the product
+    starting at the lowest set bit (1 * x == x: the same floats as a product from 1)."""
+    return _power((x,), p, (np.ones_like(x),), _times)[0]
 
 
 def cpow(c: np.ndarray, s: np.ndarray, p) -> tuple[np.ndarray, np.ndarray]:
@@ -143,18 +149,7 @@ def cpow(c: np.ndarray, s: np.ndarray, p) -> tuple[np.ndarray, np.ndarray]:
     sign into another value: the divisors (r, rho, dr, norms) are square roots or sums >= 1, the orbit traps
     take absolute values, the rest are products, sums and comparisons. NaN goes with NaN (cos and sin of
     theta are both NaN or neither; those of phi are finite)."""
-    p = np.broadcast_to(np.asarray(p), np.shape(c))
-    acc, base = (np.ones_like(c), np.zeros_like(s)), (c, s)
-    started = np.zeros(np.shape(c), dtype=bool)
-    for k in range(POWER_BITS):
-        bit = (p >> k) & 1 == 1
-        acc = _multiply_in(bit, started, acc, base, _complex_times)
-        started |= bit
-        if not (p >> (k + 1)).any():
-            break
-        c, s = base
-        base = (c * c - s * s, c * s + s * c)
-    return acc
+    return _power((c, s), p, (np.ones_like(c), np.zeros_like(s)), _complex_times)
 
 
 def _lt_min(v, t):
