@@ -75,12 +75,14 @@ class MandelbulbRecipe:
         check_pair("powers", self.powers, *POWER_RANGE)
         if any(isinstance(p, bool) or not isinstance(p, int) for p in self.powers):
             raise ConfigError(f"powers={list(self.powers)!r}: must be integers in [2, 18]")
+        allowed_rules = f"a list name ({', '.join(RULE_LISTS)}) or a non-empty list of distinct rule numbers 0..511"
         if isinstance(self.rules, str):
-            check_choice("rules", self.rules, tuple(RULE_LISTS))
+            if self.rules not in RULE_LISTS:
+                raise ConfigError(f"rules={self.rules!r}: must be {allowed_rules}")
         else:
             if not isinstance(self.rules, (tuple, list)) or not self.rules:
-                raise ConfigError(f"rules={self.rules!r}: must be a list name ({', '.join(RULE_LISTS)}) "
-                                  f"or a non-empty list of rule numbers")
+                shown = list(self.rules) if isinstance(self.rules, tuple) else self.rules
+                raise ConfigError(f"rules={shown!r}: must be {allowed_rules}")
             for rule in self.rules:
                 check_range("rules", rule, 0, MAX_RULE, integer=True)
             if len(set(self.rules)) != len(self.rules):

@@ -237,6 +237,15 @@ def test_bad_input_is_a_one_line_error_naming_the_key(overrides, key):
     assert str(err.value).startswith(f"{key}") and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("rules", ["mandelbulbvar-2k", []])
+def test_bad_rules_name_every_allowed_form(rules):
+    # A rule list name or explicit rule numbers are both allowed: the message says so, in the user's own terms.
+    with pytest.raises(ConfigError) as err:
+        get_recipe("mandelbulbvar", {"rules": rules})
+    message = str(err.value)
+    assert message.startswith(f"rules={rules!r}: ") and "mandelbulbvar-1k" in message and "0..511" in message
+
+
 def test_rule_list_overrides_are_stored_as_tuples():
     recipe = get_recipe("mandelbulbvar", {"rules": [42, 506], "num_classes": 34})
     assert recipe.rules == (42, 506) and recipe.num_formulas == 34 and hash(recipe)
