@@ -119,10 +119,32 @@ def add_run_callbacks(config, kwargs: dict, root: Path, callbacks: list) -> None
             kwargs["plugins"] = [SLURMEnvironment(auto_requeue=False)]
 
 
+# What a pre-training run learns from and with. Resuming with another value would continue a different run
+# (another recipe's classes, a changed recipe key: silently mixed images; another head size: a traceback).
+SAME_RUN_KEYS = {"data": ("datamodule_hyper_parameters", ("recipe", "recipe_overrides", "size", "seed", "source")),
+                 "model": ("hyper_parameters", ("arch", "num_classes", "multi_label", "views", "objective"))}
+
+
+def check_same_run(ckpt: str, model, datamodule) -> None:
+    """A checkpoint written by another run configuration is a one-line error naming the first key that differs,
+    before anything in the run directory is touched."""
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+    for section, (stored, keys) in SAME_RUN_KEYS.items():
+        recorded = saved.get(stored) or {}
+        current = (model if section == "model" else datamodule).hparams
+        for key in keys:
+            if key in recorded and key in current and recorded[key] != current[key]:
+                raise ConfigError(f"{section}.{key}={current[key]!r}: {ckpt} was written by a run with "
+                                  f"{recorded[key]!r}; resume with that value, or use another "
+                                  f"trainer.default_root_dir or --ckpt_path none")
+
+
 def fit_resuming(cli: LightningCLI) -> int:
     """``trainer.fit`` from the checkpoint ``--ckpt_path`` names (auto: the newest in the run directory)."""
     root = Path(cli.trainer.default_root_dir)
     ckpt = resume_checkpoint(root, cli.config["ckpt_path"])
+    if ckpt and isinstance(cli.model, FractalClassifier):
+        check_same_run(ckpt, cli.model, cli.datamodule)
     if ckpt:
         print(f"resuming from {ckpt}", flush=True)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)

@@ -137,6 +137,24 @@ def test_bad_value_names_the_key(tmp_path, capsys):
     assert "data.size=3" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("change", "named"), [
+    (("--data.recipe", "mandelbulbvar", "--data.recipe_overrides", "{powers: [10, 10], num_classes: 61}"),
+     "data.recipe='mandelbulbvar'"),
+    (("--data.recipe_overrides", "{num_classes: 10, num_points: 4000}"), "data.recipe_overrides="),
+    (("--model.arch", "resnet34"), "model.arch='resnet34'"),
+])
+def test_resuming_a_checkpoint_of_another_run_is_one_line_naming_the_key(tmp_path, capsys, change, named):
+    common = ("--data.size", "16", "--data.batch_size", "2", "--data.samples_per_epoch", "8", "--data.val_samples",
+              "0", "--checkpoint_every_n_steps", "1")
+    assert main(fit_args(tmp_path, "--trainer.max_steps", "1", *common)) == 0
+    config = (tmp_path / "config.yaml").read_bytes()
+    capsys.readouterr()
+    assert main(fit_args(tmp_path, "--trainer.max_steps", "2", *common, *change)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and named in err[0] and "last.ckpt" in err[0]
+    assert (tmp_path / "config.yaml").read_bytes() == config  # the run directory still describes its checkpoint
+
+
 def test_bfloat16_batches_train_under_bf16_precision_only(tmp_path, capsys):
     # bfloat16 batches (the CUDA default under bf16 precision, rendered as the float32 values rounded to
     # nearest even) feed a bf16 autocast; with float32 weights and no autocast they could not run.
