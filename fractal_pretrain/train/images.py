@@ -26,6 +26,7 @@ import itertools
 import json
 import random
 import sys
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -309,7 +310,7 @@ def list_shards(path: str) -> ShardListing:
                 if shape is None:
                     shape = image_shape(files[image], f"{shard}:{key}.{image}")
                 n += 1
-        except (OSError, EOFError) as err:  # tarfile.ReadError is an OSError
+        except (OSError, EOFError, tarfile.TarError) as err:  # not a tar, or cut short
             raise ConfigError(f"{shard}: unreadable shard ({type(err).__name__}: {err})") from None
         counts.append(n)
     if not labels:

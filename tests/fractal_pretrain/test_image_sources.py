@@ -165,6 +165,17 @@ def test_bad_shard_samples_are_named(tmp_path, capsys, second, expected):
     assert err.startswith("fractal-pretrain: error:") and expected in err and not run.exists()
 
 
+@pytest.mark.parametrize("damage", [lambda data: data[:1000], lambda data: png_bytes()],
+                         ids=["truncated-tar", "not-a-tar"])
+def test_a_shard_that_is_not_a_readable_tar_is_named(tmp_path, capsys, damage):
+    write_shard(tmp_path / "a.tar", [{"__key__": f"k{i}", "png": png_bytes(seed=i), "cls": b"0"} for i in range(4)])
+    (tmp_path / "a.tar").write_bytes(damage((tmp_path / "a.tar").read_bytes()))
+    run = tmp_path / "run"
+    assert main(fit_args(run, "--data.source", "webdataset", "--data.path", str(tmp_path / "a.tar"))) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("fractal-pretrain: error:") and "a.tar: unreadable shard" in err and not run.exists()
+
+
 @pytest.mark.parametrize("augment,expected", [("{enabled: true, crop_sclae: [0.1, 1.0]}", "crop_sclae"),
                                               ("{enabled: true, erase_p: 1.5}", "erase_p=1.5"),
                                               ("{enabled: true, mean: [0.5, 0.5, 0.5]}", "data.augment.mean")])
