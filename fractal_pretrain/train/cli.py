@@ -166,4 +166,5 @@ def fit(argv: Sequence[str]) -> int:
     """Runs ``fractal-pretrain fit ARGS``; returns the exit status."""
     cli = make_cli(argv)
     cli.datamodule.load_images()  # bad images are errors before the run directory is touched
+    cli.model.check_schedule(cli.trainer, cli.datamodule)  # so is a schedule that does not fit the run
     return fit_resuming(cli)

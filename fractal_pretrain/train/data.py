@@ -385,9 +385,10 @@ class FractalDataModule(pl.LightningDataModule):
             return self.listing.count
         return self.recipe.fixed_images or self.samples_per_epoch
 
-    def train_steps_per_epoch(self) -> int:
-        """Steps per epoch of this rank's train loader (the same on every rank), without building it."""
-        rank, world = self._world()
+    def train_steps_per_epoch(self, world: int | None = None) -> int:
+        """Steps per epoch of this rank's train loader (the same on every rank), without building it; ``world``
+        for a data module not yet attached to its trainer."""
+        world = world or self._world()[1]
         if self.streams:
             return image_sets.stream_steps(self.listing.count, self.batch_size, world)
         return steps_per_epoch(self._train_total(), self.batch_size, world)

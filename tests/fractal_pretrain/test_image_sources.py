@@ -211,6 +211,18 @@ def test_cosine_schedule_in_epochs_is_stepped_per_optimiser_step(tmp_path):
     assert lrs[2] == pytest.approx(0.05) and lrs[0] == pytest.approx(0.01)
 
 
+@pytest.mark.parametrize("schedule,expected", [(["--model.warmup_epochs", "3"], "model.warmup_epochs=3 (2 steps per "),
+                                               (["--model.warmup_epochs", "0", "--model.warmup_steps", "9"],
+                                                "model.warmup_steps=9")], ids=["epochs", "steps"])
+def test_a_warm_up_longer_than_the_run_is_an_error_before_anything_is_written(tmp_path, capsys, schedule, expected):
+    # 10 images at batch 6: 2 steps per epoch, 4 steps in 2 epochs
+    run = tmp_path / "run"
+    assert main(fit_args(run, "--trainer.max_epochs", "2", *schedule)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("fractal-pretrain: error:") and expected in err and "cosine schedule (4 steps)" in err
+    assert not run.exists()
+
+
 def test_soft_targets_give_the_mixed_cross_entropy():
     logits = torch.randn(5, 7, generator=torch.Generator().manual_seed(0))
     a, b, lam = torch.tensor([0, 3, 6, 2, 2]), torch.tensor([1, 3, 0, 5, 4]), 0.3
