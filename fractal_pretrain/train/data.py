@@ -246,6 +246,9 @@ class FractalDataModule(pl.LightningDataModule):
         check_range("data.num_workers", num_workers, 0, None, integer=True)
         if source != "render" and not path:
             raise ConfigError(f"data.source={source} needs data.path")
+        if source == "render" and path:  # a forgotten data.source would train on rendered images instead
+            raise ConfigError(f"data.path={path!r} is not read with data.source=render; set data.source to folder "
+                              "or webdataset, or drop data.path")
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.samples_per_epoch, self.val_samples = samples_per_epoch, val_samples
         self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)

@@ -176,6 +176,15 @@ def test_a_shard_that_is_not_a_readable_tar_is_named(tmp_path, capsys, damage):
     assert err.startswith("fractal-pretrain: error:") and "a.tar: unreadable shard" in err and not run.exists()
 
 
+def test_a_path_without_a_source_that_reads_it_is_an_error(tmp_path, capsys):
+    folder = make_folder(tmp_path / "images")
+    run = tmp_path / "run"
+    assert main(fit_args(run, "--data.path", str(folder))) == 2  # data.source stays render
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("fractal-pretrain: error: data.path=") and "data.source=render" in err
+    assert not run.exists()
+
+
 @pytest.mark.parametrize("augment,expected", [("{enabled: true, crop_sclae: [0.1, 1.0]}", "crop_sclae"),
                                               ("{enabled: true, erase_p: 1.5}", "erase_p=1.5"),
                                               ("{enabled: true, mean: [0.5, 0.5, 0.5]}", "data.augment.mean")])
