@@ -167,4 +167,24 @@ def fit(argv: Sequence[str]) -> int:
     cli = make_cli(argv)
     cli.datamodule.load_images()  # bad images are errors before the run directory is touched
     cli.model.check_schedule(cli.trainer, cli.datamodule)  # so is a schedule that does not fit the run
+    check_checkpoint_fits(resume_checkpoint(Path(cli.trainer.default_root_dir), cli.config["ckpt_path"]), cli.model)
     return fit_resuming(cli)
+
+
+def check_checkpoint_fits(ckpt: str | None, model) -> None:
+    """A checkpoint whose weights this config's model cannot take (another arch, class count...) is an error
+    naming it, before the run directory (and its config.yaml) is rewritten; Lightning would fail later with
+    a traceback."""
+    if ckpt is None:
+        return
+    try:
+        theirs = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False)["state_dict"]
+    except Exception as err:  # a cut-short file, not a checkpoint at all...
+        raise ConfigError(f"ckpt_path={ckpt!r}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+    ours = model.state_dict()
+    for key in sorted(set(ours) | set(theirs)):
+        if key not in theirs or key not in ours or theirs[key].shape != ours[key].shape:
+            there = tuple(theirs[key].shape) if key in theirs else "missing"
+            here = tuple(ours[key].shape) if key in ours else "missing"
+            raise ConfigError(f"ckpt_path={ckpt!r}: {key} is {there} there, {here} in this config's model (another "
+                              "arch or class count?); resume with the config that wrote it, or --ckpt_path none")

@@ -185,6 +185,23 @@ def test_a_path_without_a_source_that_reads_it_is_an_error(tmp_path, capsys):
     assert not run.exists()
 
 
+def test_resuming_a_checkpoint_of_another_model_is_an_error_that_leaves_the_run_alone(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(fit_args(run, "--trainer.max_steps", "1", "--model.warmup_epochs", "0")) == 0  # 10 classes
+    config = (run / "config.yaml").read_bytes()
+    folder = make_folder(tmp_path / "images")  # 3 classes
+    capsys.readouterr()
+    assert main(fit_args(run, "--data.source", "folder", "--data.path", str(folder))) == 2  # --ckpt_path auto
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("fractal-pretrain: error: ckpt_path=") and "last.ckpt" in err
+    assert "net.fc.bias is (10,) there, (3,)" in err
+    assert (run / "config.yaml").read_bytes() == config and len(list((run / "logs").iterdir())) == 1
+    (tmp_path / "cut.ckpt").write_bytes((run / "checkpoints" / "last.ckpt").read_bytes()[:1000])
+    assert main(fit_args(tmp_path / "other", "--ckpt_path", str(tmp_path / "cut.ckpt"))) == 2
+    assert "cut.ckpt': not a readable checkpoint" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "other").exists()
+
+
 @pytest.mark.parametrize("augment,expected", [("{enabled: true, crop_sclae: [0.1, 1.0]}", "crop_sclae"),
                                               ("{enabled: true, erase_p: 1.5}", "erase_p=1.5"),
                                               ("{enabled: true, mean: [0.5, 0.5, 0.5]}", "data.augment.mean")])
