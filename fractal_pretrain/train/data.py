@@ -126,7 +126,10 @@ class StreamBatches(ResumableBatches):
         from torch.utils.data import DataLoader
 
         self.stream.epoch, self.stream.start = self._begin()  # read by the workers this DataLoader starts
-        yield from DataLoader(self.stream, batch_size=None, num_workers=self.num_workers)
+        try:
+            yield from DataLoader(self.stream, batch_size=None, num_workers=self.num_workers)
+        except ConfigError as err:  # from a worker, torch wraps the message in the worker's traceback
+            raise ConfigError(str(err).rstrip().rsplit("ConfigError: ", 1)[-1]) from None
 
 
 class SideStreamPrefetch:

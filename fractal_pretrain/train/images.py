@@ -272,6 +272,16 @@ def shard_label(files: dict[str, bytes], key: str, shard: Path) -> int:
         raise ConfigError(f"{shard}: sample {key!r} has a .cls that is not an integer") from None
 
 
+def decode_sample(sample: dict[str, Any]) -> tuple[np.ndarray, int]:
+    """(uint8 (H, W, 3) RGB pixels, label) of a raw webdataset sample; a bad image is an error naming it
+    (streamed images are read only when trained on: the listing checked labels and one image's header)."""
+    key, url = sample["__key__"], Path(sample["__url__"])
+    image = shard_image_key(sample)
+    if image is None:
+        raise ConfigError(f"{url}: sample {key!r} has no image ({', '.join(SHARD_IMAGE_KEYS)})")
+    return decode_image(sample[image], f"{url}:{key}.{image}"), shard_label(sample, key, url)
+
+
 @dataclass(frozen=True)
 class ShardListing:
     """What a scan of the shards found: sample counts, labels, the first image's size."""
@@ -431,8 +441,7 @@ class ShardStream(IterableDataset):
             wds.shuffle(self.buffer, initial=self.buffer,
                         rng=random.Random(shuffle_seed(self.seed, epoch, self.rank, logical))),
             lambda samples: itertools.islice(samples, skipped * self.batch_size, None),  # consumed: not decoded
-            wds.decode("rgb8"),
-            wds.to_tuple(";".join(SHARD_IMAGE_KEYS), "cls"),
+            lambda samples: map(decode_sample, samples),
             wds.batched(self.batch_size, partial=False),
         )
         for k, (images, labels) in enumerate(pipeline):

@@ -176,6 +176,21 @@ def test_a_shard_that_is_not_a_readable_tar_is_named(tmp_path, capsys, damage):
     assert err.startswith("fractal-pretrain: error:") and "a.tar: unreadable shard" in err and not run.exists()
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_bad_image_in_streamed_shards_stops_the_run_with_one_line_naming_it(tmp_path, capsys, workers):
+    # streamed images are decoded only when trained on: the listing reads labels and one image's header
+    samples = [{"__key__": f"k{i}", "png": png_bytes(seed=i), "cls": str(i % 2).encode()} for i in range(8)]
+    samples[5]["png"] = samples[5]["png"][:60]
+    write_shard(tmp_path / "a.tar", samples)
+    run = tmp_path / "run"
+    assert main(fit_args(run, "--data.source", "webdataset", "--data.path", str(tmp_path / "a.tar"),
+                         "--data.resident_gb", "0", "--data.num_workers", str(workers), "--data.batch_size", "2",
+                         "--model.warmup_epochs", "0")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("fractal-pretrain: error: ") and err.endswith("a.tar:k5.png: unreadable image (OSError: "
+                                                                         "image file is truncated)")
+
+
 def test_a_path_without_a_source_that_reads_it_is_an_error(tmp_path, capsys):
     folder = make_folder(tmp_path / "images")
     run = tmp_path / "run"
