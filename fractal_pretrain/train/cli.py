@@ -96,6 +96,8 @@ def run_directory(config, kwargs: dict, default: str) -> Path:
     unless the config names its own (``fit`` and ``adapt``)."""
     trainer = config["trainer"]
     root = Path(trainer.get("default_root_dir") or default)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"trainer.default_root_dir={str(root)!r}: not a directory")
     trainer["default_root_dir"] = str(root)
     if trainer.get("logger") in (None, True):
         kwargs["logger"] = default_loggers(root)
