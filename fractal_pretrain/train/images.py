@@ -272,14 +272,20 @@ def shard_label(files: dict[str, bytes], key: str, shard: Path) -> int:
         raise ConfigError(f"{shard}: sample {key!r} has a .cls that is not an integer") from None
 
 
-def decode_sample(sample: dict[str, Any]) -> tuple[np.ndarray, int]:
-    """(uint8 (H, W, 3) RGB pixels, label) of a raw webdataset sample; a bad image is an error naming it
-    (streamed images are read only when trained on: the listing checked labels and one image's header)."""
+def decode_sample(sample: dict[str, Any], shape: tuple[int, int]) -> tuple[np.ndarray, int]:
+    """(uint8 (H, W, 3) RGB pixels, label) of a raw webdataset sample; a bad image, or one of another size
+    than ``shape`` (a streamed batch is one tensor), is an error naming it (streamed images are read only when
+    trained on: the listing checked labels and one image's header)."""
     key, url = sample["__key__"], Path(sample["__url__"])
     image = shard_image_key(sample)
     if image is None:
         raise ConfigError(f"{url}: sample {key!r} has no image ({', '.join(SHARD_IMAGE_KEYS)})")
-    return decode_image(sample[image], f"{url}:{key}.{image}"), shard_label(sample, key, url)
+    name = f"{url}:{key}.{image}"
+    pixels = decode_image(sample[image], name)
+    if pixels.shape[:2] != tuple(shape):
+        raise ConfigError(f"{name} is {pixels.shape[0]}x{pixels.shape[1]}, the first image {shape[0]}x{shape[1]}: "
+                          "streamed shards need images of one size")
+    return pixels, shard_label(sample, key, url)
 
 
 @dataclass(frozen=True)
@@ -441,7 +447,7 @@ class ShardStream(IterableDataset):
             wds.shuffle(self.buffer, initial=self.buffer,
                         rng=random.Random(shuffle_seed(self.seed, epoch, self.rank, logical))),
             lambda samples: itertools.islice(samples, skipped * self.batch_size, None),  # consumed: not decoded
-            lambda samples: map(decode_sample, samples),
+            lambda samples: (decode_sample(sample, self.listing.shape) for sample in samples),
             wds.batched(self.batch_size, partial=False),
         )
         for k, (images, labels) in enumerate(pipeline):

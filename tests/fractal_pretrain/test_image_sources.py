@@ -189,6 +189,14 @@ def test_a_bad_image_in_streamed_shards_stops_the_run_with_one_line_naming_it(tm
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("fractal-pretrain: error: ") and err.endswith("a.tar:k5.png: unreadable image (OSError: "
                                                                          "image file is truncated)")
+    # the same shard with k5 whole: k1 is 12x12 (k0, the first, 16x16) and fails its batch
+    samples[5]["png"], samples[1]["png"] = png_bytes(seed=5), png_bytes(side=12)
+    write_shard(tmp_path / "a.tar", samples)
+    assert main(fit_args(tmp_path / "run2", "--data.source", "webdataset", "--data.path", str(tmp_path / "a.tar"),
+                         "--data.resident_gb", "0", "--data.num_workers", str(workers), "--data.batch_size", "2",
+                         "--model.warmup_epochs", "0")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith("is 12x12, the first image 16x16: streamed shards need images of one size")
 
 
 def test_a_run_directory_that_is_a_file_is_an_error(tmp_path, capsys):
