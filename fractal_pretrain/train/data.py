@@ -189,6 +189,10 @@ def augment_config(augment: dict[str, Any] | None, mean, std):
         for key in ("mean", "std"):
             if key in augment:
                 raise ConfigError(f"data.augment.{key}: set data.{key} instead (the run records it in backbone.json)")
+        allowed = sorted(f.name for f in dataclasses.fields(AugmentConfig) if f.name not in ("mean", "std"))
+        unknown = sorted(set(augment) - set(allowed))
+        if unknown:  # AugmentConfig's own message would offer mean and std, refused above
+            raise ConfigError(f"data.augment: unknown key {unknown[0]!r}; allowed: {', '.join(allowed)}")
     try:
         config = AugmentConfig.from_dict(augment)
     except ConfigError as err:

@@ -241,6 +241,7 @@ def test_bad_augment_keys_and_probabilities_are_one_line_errors(tmp_path, capsys
     assert main(fit_args(run, "--data.augment", augment)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fractal-pretrain: error: data.augment") and expected in err[0]
+    assert "mean" not in err[0].partition("allowed:")[2]  # the block refuses mean and std: data.mean, data.std
     assert not run.exists()
 
 
