@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +31,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from fractal_pretrain.config import ConfigError
 from fractal_pretrain.train.callbacks import ExportBackbone, ImagesPerSecond, RequeueOnSignal
@@ -96,6 +99,8 @@ def run_directory(config, kwargs: dict, default: str) -> Path:
     unless the config names its own (``fit`` and ``adapt``)."""
     trainer = config["trainer"]
     root = Path(trainer.get("default_root_dir") or default)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"trainer.default_root_dir={str(root)!r}: not a directory")
     trainer["default_root_dir"] = str(root)
     if trainer.get("logger") in (None, True):
         kwargs["logger"] = default_loggers(root)
@@ -125,10 +130,8 @@ SAME_RUN_KEYS = {"data": ("datamodule_hyper_parameters", ("recipe", "recipe_over
                  "model": ("hyper_parameters", ("arch", "num_classes", "multi_label", "views", "objective"))}
 
 
-def check_same_run(ckpt: str, model, datamodule) -> None:
-    """A checkpoint written by another run configuration is a one-line error naming the first key that differs,
-    before anything in the run directory is touched."""
-    saved = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+def check_same_run(saved: dict, ckpt: str, model, datamodule) -> None:
+    """A checkpoint written by another run configuration is a one-line error naming the first key that differs."""
     for section, (stored, keys) in SAME_RUN_KEYS.items():
         recorded = saved.get(stored) or {}
         current = (model if section == "model" else datamodule).hparams
@@ -143,11 +146,14 @@ def fit_resuming(cli: LightningCLI) -> int:
     """``trainer.fit`` from the checkpoint ``--ckpt_path`` names (auto: the newest in the run directory)."""
     root = Path(cli.trainer.default_root_dir)
     ckpt = resume_checkpoint(root, cli.config["ckpt_path"])
-    if ckpt and isinstance(cli.model, FractalClassifier):
-        check_same_run(ckpt, cli.model, cli.datamodule)
     if ckpt:
         print(f"resuming from {ckpt}", flush=True)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+    except SIGTERMException:  # a SystemExit(None): Lightning stops at the next step and would exit 0, as if done
+        print("fractal-pretrain: stopped by SIGTERM before the end of the run; the same command resumes from the "
+              "last checkpoint", file=sys.stderr, flush=True)
+        return 128 + signal.SIGTERM
     return 0
 
 
@@ -188,4 +194,28 @@ def fit(argv: Sequence[str]) -> int:
     """Runs ``fractal-pretrain fit ARGS``; returns the exit status."""
     cli = make_cli(argv)
     cli.datamodule.load_images()  # bad images are errors before the run directory is touched
+    cli.model.check_schedule(cli.trainer, cli.datamodule)  # so is a schedule that does not fit the run
+    check_resumable(resume_checkpoint(Path(cli.trainer.default_root_dir), cli.config["ckpt_path"]), cli.model,
+                    cli.datamodule)
     return fit_resuming(cli)
+
+
+def check_resumable(ckpt: str | None, model, datamodule) -> None:
+    """A checkpoint of another run (recipe, size, seed, source, arch, classes...) or whose weights this config's
+    model cannot take is an error naming the key, before the run directory (and its config.yaml) is rewritten;
+    Lightning would fail later with a traceback, or silently continue a different run."""
+    if ckpt is None:
+        return
+    try:
+        saved = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False)
+        theirs = saved["state_dict"]
+    except Exception as err:  # a cut-short file, not a checkpoint at all...
+        raise ConfigError(f"ckpt_path={ckpt!r}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+    check_same_run(saved, ckpt, model, datamodule)
+    ours = model.state_dict()
+    for key in sorted(set(ours) | set(theirs)):
+        if key not in theirs or key not in ours or theirs[key].shape != ours[key].shape:
+            there = tuple(theirs[key].shape) if key in theirs else "missing"
+            here = tuple(ours[key].shape) if key in ours else "missing"
+            raise ConfigError(f"ckpt_path={ckpt!r}: {key} is {there} there, {here} in this config's model (another "
+                              "arch or class count?); resume with the config that wrote it, or --ckpt_path none")

@@ -126,7 +126,10 @@ class StreamBatches(ResumableBatches):
         from torch.utils.data import DataLoader
 
         self.stream.epoch, self.stream.start = self._begin()  # read by the workers this DataLoader starts
-        yield from DataLoader(self.stream, batch_size=None, num_workers=self.num_workers)
+        try:
+            yield from DataLoader(self.stream, batch_size=None, num_workers=self.num_workers)
+        except ConfigError as err:  # from a worker, torch wraps the message in the worker's traceback
+            raise ConfigError(str(err).rstrip().rsplit("ConfigError: ", 1)[-1]) from None
 
 
 class SideStreamPrefetch:
@@ -186,6 +189,10 @@ def augment_config(augment: dict[str, Any] | None, mean, std):
         for key in ("mean", "std"):
             if key in augment:
                 raise ConfigError(f"data.augment.{key}: set data.{key} instead (the run records it in backbone.json)")
+        allowed = sorted(f.name for f in dataclasses.fields(AugmentConfig) if f.name not in ("mean", "std"))
+        unknown = sorted(set(augment) - set(allowed))
+        if unknown:  # AugmentConfig's own message would offer mean and std, refused above
+            raise ConfigError(f"data.augment: unknown key {unknown[0]!r}; allowed: {', '.join(allowed)}")
     try:
         config = AugmentConfig.from_dict(augment)
     except ConfigError as err:
@@ -246,6 +253,9 @@ class FractalDataModule(pl.LightningDataModule):
         check_range("data.num_workers", num_workers, 0, None, integer=True)
         if source != "render" and not path:
             raise ConfigError(f"data.source={source} needs data.path")
+        if source == "render" and path:  # a forgotten data.source would train on rendered images instead
+            raise ConfigError(f"data.path={path!r} is not read with data.source=render; set data.source to folder "
+                              "or webdataset, or drop data.path")
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.samples_per_epoch, self.val_samples = samples_per_epoch, val_samples
         self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
@@ -385,9 +395,10 @@ class FractalDataModule(pl.LightningDataModule):
             return self.listing.count
         return self.recipe.fixed_images or self.samples_per_epoch
 
-    def train_steps_per_epoch(self) -> int:
-        """Steps per epoch of this rank's train loader (the same on every rank), without building it."""
-        rank, world = self._world()
+    def train_steps_per_epoch(self, world: int | None = None) -> int:
+        """Steps per epoch of this rank's train loader (the same on every rank), without building it; ``world``
+        for a data module not yet attached to its trainer."""
+        world = world or self._world()[1]
         if self.streams:
             return image_sets.stream_steps(self.listing.count, self.batch_size, world)
         return steps_per_epoch(self._train_total(), self.batch_size, world)

@@ -26,6 +26,7 @@ import itertools
 import json
 import random
 import sys
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -271,6 +272,22 @@ def shard_label(files: dict[str, bytes], key: str, shard: Path) -> int:
         raise ConfigError(f"{shard}: sample {key!r} has a .cls that is not an integer") from None
 
 
+def decode_sample(sample: dict[str, Any], shape: tuple[int, int]) -> tuple[np.ndarray, int]:
+    """(uint8 (H, W, 3) RGB pixels, label) of a raw webdataset sample; a bad image, or one of another size
+    than ``shape`` (a streamed batch is one tensor), is an error naming it (streamed images are read only when
+    trained on: the listing checked labels and one image's header)."""
+    key, url = sample["__key__"], Path(sample["__url__"])
+    image = shard_image_key(sample)
+    if image is None:
+        raise ConfigError(f"{url}: sample {key!r} has no image ({', '.join(SHARD_IMAGE_KEYS)})")
+    name = f"{url}:{key}.{image}"
+    pixels = decode_image(sample[image], name)
+    if pixels.shape[:2] != tuple(shape):
+        raise ConfigError(f"{name} is {pixels.shape[0]}x{pixels.shape[1]}, the first image {shape[0]}x{shape[1]}: "
+                          "streamed shards need images of one size")
+    return pixels, shard_label(sample, key, url)
+
+
 @dataclass(frozen=True)
 class ShardListing:
     """What a scan of the shards found: sample counts, labels, the first image's size."""
@@ -309,7 +326,7 @@ def list_shards(path: str) -> ShardListing:
                 if shape is None:
                     shape = image_shape(files[image], f"{shard}:{key}.{image}")
                 n += 1
-        except (OSError, EOFError) as err:  # tarfile.ReadError is an OSError
+        except (OSError, EOFError, tarfile.TarError) as err:  # not a tar, or cut short
             raise ConfigError(f"{shard}: unreadable shard ({type(err).__name__}: {err})") from None
         counts.append(n)
     if not labels:
@@ -430,8 +447,7 @@ class ShardStream(IterableDataset):
             wds.shuffle(self.buffer, initial=self.buffer,
                         rng=random.Random(shuffle_seed(self.seed, epoch, self.rank, logical))),
             lambda samples: itertools.islice(samples, skipped * self.batch_size, None),  # consumed: not decoded
-            wds.decode("rgb8"),
-            wds.to_tuple(";".join(SHARD_IMAGE_KEYS), "cls"),
+            lambda samples: (decode_sample(sample, self.listing.shape) for sample in samples),
             wds.batched(self.batch_size, partial=False),
         )
         for k, (images, labels) in enumerate(pipeline):

@@ -299,34 +299,51 @@ class FractalClassifier(pl.LightningModule):
             return {"optimizer": optimizer,
                     "lr_scheduler": {"scheduler": self._cosine(optimizer, lr), "interval": "step"}}
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=lr, total_steps=self._run_steps()[1],
+            optimizer, max_lr=lr, total_steps=self._run_steps(self.trainer, self.trainer.datamodule)[1],
             pct_start=hp.onecycle_pct_start, final_div_factor=hp.onecycle_final_div_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _cosine(self, optimizer, lr: float):
         """Cosine with linear warm-up, stepped per optimiser step; epochs count the run's steps per epoch."""
         hp = self.hparams
-        per_epoch, total = self._run_steps()
-        warmup = hp.warmup_steps or round(hp.warmup_epochs * per_epoch)
-        length = hp.cosine_steps or (round(hp.cosine_epochs * per_epoch) if hp.cosine_epochs is not None else total)
-        if warmup > length:
-            raise ConfigError(f"model warm-up ({warmup} steps) is longer than the cosine schedule ({length} steps)")
+        warmup, length = self._cosine_steps(self.trainer, self.trainer.datamodule)
         lr_at = functools.partial(cosine_factor, warmup=warmup, length=length, lr=lr, min_lr=hp.min_lr,
                                   warmup_start_lr=hp.warmup_start_lr)
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
 
-    def _run_steps(self) -> tuple[int, int]:
+    def check_schedule(self, trainer, data) -> None:
+        """The schedule's length checks, before ``fit`` writes anything (``fit`` only runs them once the run
+        directory exists)."""
+        if self.hparams.schedule == "cosine":
+            self._cosine_steps(trainer, data)
+        elif self.hparams.schedule == "onecycle":
+            self._run_steps(trainer, data)
+
+    def _cosine_steps(self, trainer, data) -> tuple[int, int]:
+        """(warm-up steps, cosine length in steps) of the run; a warm-up longer than the cosine is an error."""
+        hp = self.hparams
+        per_epoch, total = self._run_steps(trainer, data)
+        warmup = hp.warmup_steps or round(hp.warmup_epochs * per_epoch)
+        length = hp.cosine_steps or (round(hp.cosine_epochs * per_epoch) if hp.cosine_epochs is not None else total)
+        if warmup > length:
+            given = f"model.warmup_steps={hp.warmup_steps}" if hp.warmup_steps else (
+                f"model.warmup_epochs={hp.warmup_epochs:g} ({per_epoch} steps per epoch)")
+            raise ConfigError(f"{given}: the warm-up ({warmup} steps) is longer than the cosine schedule "
+                              f"({length} steps); shorten it or lengthen the run")
+        return warmup, length
+
+    @staticmethod
+    def _run_steps(trainer, data) -> tuple[int, int]:
         """(optimiser steps per epoch, optimiser steps of the run), counted without building the loader.
 
         Lightning's ``estimated_stepping_batches`` builds the train loader here, before a checkpoint's
         loader state is restored, and that state is then never applied: a mid-epoch resume would start
         its epoch over. The data module knows its steps per epoch without a loader.
         """
-        trainer = self.trainer
-        data = trainer.datamodule
         if data is None or not hasattr(data, "train_steps_per_epoch"):
             return max(1, int(trainer.num_training_batches)), int(trainer.estimated_stepping_batches)
-        per_epoch = max(1, math.ceil(data.train_steps_per_epoch() / trainer.accumulate_grad_batches))
+        steps = data.train_steps_per_epoch(world=trainer.world_size)
+        per_epoch = max(1, math.ceil(steps / trainer.accumulate_grad_batches))
         limits = [per_epoch * trainer.max_epochs] if trainer.max_epochs not in (None, -1) else []
         if trainer.max_steps != -1:
             limits.append(trainer.max_steps)

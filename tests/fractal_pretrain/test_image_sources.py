@@ -165,6 +165,81 @@ def test_bad_shard_samples_are_named(tmp_path, capsys, second, expected):
     assert err.startswith("fractal-pretrain: error:") and expected in err and not run.exists()
 
 
+@pytest.mark.parametrize("damage", [lambda data: data[:1000], lambda data: png_bytes()],
+                         ids=["truncated-tar", "not-a-tar"])
+def test_a_shard_that_is_not_a_readable_tar_is_named(tmp_path, capsys, damage):
+    write_shard(tmp_path / "a.tar", [{"__key__": f"k{i}", "png": png_bytes(seed=i), "cls": b"0"} for i in range(4)])
+    (tmp_path / "a.tar").write_bytes(damage((tmp_path / "a.tar").read_bytes()))
+    run = tmp_path / "run"
+    assert main(fit_args(run, "--data.source", "webdataset", "--data.path", str(tmp_path / "a.tar"))) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("fractal-pretrain: error:") and "a.tar: unreadable shard" in err and not run.exists()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_bad_image_in_streamed_shards_stops_the_run_with_one_line_naming_it(tmp_path, capsys, workers):
+    # streamed images are decoded only when trained on: the listing reads labels and one image's header
+    samples = [{"__key__": f"k{i}", "png": png_bytes(seed=i), "cls": str(i % 2).encode()} for i in range(8)]
+    samples[5]["png"] = samples[5]["png"][:60]
+    write_shard(tmp_path / "a.tar", samples)
+    run = tmp_path / "run"
+    assert main(fit_args(run, "--data.source", "webdataset", "--data.path", str(tmp_path / "a.tar"),
+                         "--data.resident_gb", "0", "--data.num_workers", str(workers), "--data.batch_size", "2",
+                         "--model.warmup_epochs", "0")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("fractal-pretrain: error: ") and err.endswith("a.tar:k5.png: unreadable image (OSError: "
+                                                                         "image file is truncated)")
+    # the same shard with k5 whole: k1 is 12x12 (k0, the first, 16x16) and fails its batch
+    samples[5]["png"], samples[1]["png"] = png_bytes(seed=5), png_bytes(side=12)
+    write_shard(tmp_path / "a.tar", samples)
+    assert main(fit_args(tmp_path / "run2", "--data.source", "webdataset", "--data.path", str(tmp_path / "a.tar"),
+                         "--data.resident_gb", "0", "--data.num_workers", str(workers), "--data.batch_size", "2",
+                         "--model.warmup_epochs", "0")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith("is 12x12, the first image 16x16: streamed shards need images of one size")
+
+
+def test_a_run_directory_that_is_a_file_is_an_error(tmp_path, capsys):
+    (tmp_path / "run").write_text("not a folder")
+    assert main(fit_args(tmp_path / "run", "--trainer.max_steps", "1")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"fractal-pretrain: error: trainer.default_root_dir={str(tmp_path / 'run')!r}: not a directory"
+    assert (tmp_path / "run").read_text() == "not a folder"
+
+
+def test_a_path_without_a_source_that_reads_it_is_an_error(tmp_path, capsys):
+    folder = make_folder(tmp_path / "images")
+    run = tmp_path / "run"
+    assert main(fit_args(run, "--data.path", str(folder))) == 2  # data.source stays render
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("fractal-pretrain: error: data.path=") and "data.source=render" in err
+    assert not run.exists()
+
+
+def test_resuming_a_checkpoint_of_another_model_is_an_error_that_leaves_the_run_alone(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(fit_args(run, "--trainer.max_steps", "1", "--model.warmup_epochs", "0")) == 0  # 10 classes
+    config = (run / "config.yaml").read_bytes()
+    folder = make_folder(tmp_path / "images")  # 3 classes
+    capsys.readouterr()
+    assert main(fit_args(run, "--data.source", "folder", "--data.path", str(folder))) == 2  # --ckpt_path auto
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("fractal-pretrain: error: data.source='folder': ") and "last.ckpt" in err
+    assert (run / "config.yaml").read_bytes() == config and len(list((run / "logs").iterdir())) == 1
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)  # a checkpoint without the run's keys:
+    del saved["hyper_parameters"], saved["datamodule_hyper_parameters"]  # its weights still tell
+    torch.save(saved, tmp_path / "bare.ckpt")
+    assert main(fit_args(run, "--data.source", "folder", "--data.path", str(folder),
+                         "--ckpt_path", str(tmp_path / "bare.ckpt"))) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("fractal-pretrain: error: ckpt_path=") and "net.fc.bias is (10,) there, (3,)" in err
+    assert (run / "config.yaml").read_bytes() == config and len(list((run / "logs").iterdir())) == 1
+    (tmp_path / "cut.ckpt").write_bytes((run / "checkpoints" / "last.ckpt").read_bytes()[:1000])
+    assert main(fit_args(tmp_path / "other", "--ckpt_path", str(tmp_path / "cut.ckpt"))) == 2
+    assert "cut.ckpt': not a readable checkpoint" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "other").exists()
+
+
 @pytest.mark.parametrize("augment,expected", [("{enabled: true, crop_sclae: [0.1, 1.0]}", "crop_sclae"),
                                               ("{enabled: true, erase_p: 1.5}", "erase_p=1.5"),
                                               ("{enabled: true, mean: [0.5, 0.5, 0.5]}", "data.augment.mean")])
@@ -173,6 +248,7 @@ def test_bad_augment_keys_and_probabilities_are_one_line_errors(tmp_path, capsys
     assert main(fit_args(run, "--data.augment", augment)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fractal-pretrain: error: data.augment") and expected in err[0]
+    assert "mean" not in err[0].partition("allowed:")[2]  # the block refuses mean and std: data.mean, data.std
     assert not run.exists()
 
 
@@ -198,6 +274,18 @@ def test_cosine_schedule_in_epochs_is_stepped_per_optimiser_step(tmp_path):
                 for s in range(6)]
     np.testing.assert_allclose(lrs, expected, rtol=1e-6)
     assert lrs[2] == pytest.approx(0.05) and lrs[0] == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("schedule,expected", [(["--model.warmup_epochs", "3"], "model.warmup_epochs=3 (2 steps per "),
+                                               (["--model.warmup_epochs", "0", "--model.warmup_steps", "9"],
+                                                "model.warmup_steps=9")], ids=["epochs", "steps"])
+def test_a_warm_up_longer_than_the_run_is_an_error_before_anything_is_written(tmp_path, capsys, schedule, expected):
+    # 10 images at batch 6: 2 steps per epoch, 4 steps in 2 epochs
+    run = tmp_path / "run"
+    assert main(fit_args(run, "--trainer.max_epochs", "2", *schedule)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("fractal-pretrain: error:") and expected in err and "cosine schedule (4 steps)" in err
+    assert not run.exists()
 
 
 def test_soft_targets_give_the_mixed_cross_entropy():

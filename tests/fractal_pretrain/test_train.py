@@ -229,6 +229,22 @@ def test_signal_checkpoints_stops_and_resume_matches_uninterrupted(tmp_path):
     assert json.loads((tmp_path / "run" / "backbone.json").read_text())["steps"] == 10
 
 
+def test_sigterm_stops_with_status_143_and_the_same_command_resumes(tmp_path):
+    common = ("--trainer.max_steps", "10", "--data.samples_per_epoch", "32", "--data.val_samples", "0",
+              "--data.recipe_overrides", "{num_classes: 10, num_points: 1000}", "--checkpoint_every_n_steps", "1")
+    proc = _run_cli(fit_args(tmp_path / "run", *common))
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 120
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out  # Lightning's SIGTERMException is a SystemExit(None): it exited 0
+    assert "stopped by SIGTERM" in out and not (tmp_path / "run" / "backbone.pt").exists()
+    assert main(fit_args(tmp_path / "run", *common)) == 0
+    assert json.loads((tmp_path / "run" / "backbone.json").read_text())["steps"] == 10
+
+
 def test_ddp_on_two_cpu_processes(tmp_path):
     proc = _run_cli(fit_args(tmp_path, "--trainer.max_steps", "3", "--trainer.devices", "2",
                              "--trainer.strategy", "ddp", "--data.val_samples", "16"))
