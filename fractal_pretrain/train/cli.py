@@ -19,6 +19,7 @@ or a Slurm requeue, continues where the run stopped; ``none`` starts fresh; a pa
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import warnings
 from collections.abc import Sequence
@@ -153,6 +154,8 @@ def default_loggers(root: Path) -> list:
 def make_cli(argv: Sequence[str], prog: str = "fractal-pretrain fit", **parser_kwargs) -> FractalCLI:
     """The ``fit`` command line parsed and instantiated (model, data module, trainer), not run: every key and
     check of ``fit``, also for ``fractal-pretrain preview``."""
+    # "Seed set to N" before the model is built would precede a config error's one line; config.yaml has the seed.
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
     with warnings.catch_warnings():  # we always pass args; LightningCLI warns when sys.argv has some too
         warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
         return FractalCLI(
