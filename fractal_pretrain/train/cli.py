@@ -169,4 +169,5 @@ def fit(argv: Sequence[str]) -> int:
     """Runs ``fractal-pretrain fit ARGS``; returns the exit status."""
     cli = make_cli(argv)
     cli.datamodule.load_images()  # bad images are errors before the run directory is touched
+    cli.datamodule.train_steps_per_epoch(cli.trainer.world_size)  # and so is a batch split that cannot train
     return fit_resuming(cli)

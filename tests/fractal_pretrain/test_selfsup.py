@@ -126,3 +126,27 @@ def test_bad_two_view_config_is_one_line(tmp_path, capsys, extra, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "backbone.pt").exists()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (("--data.batch_size", "1"), "data.batch_size=1: two-view training needs at least 2 samples per rank"),
+    (("--data.samples_per_epoch", "9"), "samples_per_epoch=9: the last step would hold 1 sample(s) for 1 ranks; "
+                                        "two-view training needs 2 per rank"),
+])
+def test_a_batch_of_one_pair_is_refused_before_anything_is_written(tmp_path, capsys, extra, message):
+    # the projector's BatchNorm cannot train on one sample: a traceback mid-run before this check
+    root = tmp_path / "run"
+    assert main(fit_args(root, *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and sum(line.startswith("fractal-pretrain: error:") for line in err) == 1, err
+    assert not root.exists()
+
+
+def test_the_last_step_gives_every_rank_two_samples_of_a_two_view_epoch():
+    from fractal_pretrain.config import ConfigError
+    from fractal_pretrain.train.data import steps_per_epoch
+
+    assert steps_per_epoch(20, 8, 2, per_rank=2) == 2  # last step: 4 samples, 2 per rank
+    with pytest.raises(ConfigError, match="would hold 3 sample"):
+        steps_per_epoch(19, 8, 2, per_rank=2)
+    assert steps_per_epoch(19, 8, 2) == 2  # supervised: one sample per rank is enough
