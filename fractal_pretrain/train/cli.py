@@ -21,6 +21,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import signal
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +32,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from fractal_pretrain.config import ConfigError
 from fractal_pretrain.train.callbacks import ExportBackbone, ImagesPerSecond, RequeueOnSignal
@@ -126,7 +129,14 @@ def fit_resuming(cli: LightningCLI) -> int:
     ckpt = resume_checkpoint(root, cli.config["ckpt_path"])
     if ckpt:
         print(f"resuming from {ckpt}", flush=True)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+    except SIGTERMException:  # a SystemExit without a code: the run would look finished (status 0)
+        if cli.trainer.is_global_zero:
+            last = resume_checkpoint(root, "auto")
+            print(f"{cli.parser.prog}: stopped by SIGTERM at step {cli.trainer.global_step}, not finished; the same "
+                  f"command resumes from {last or 'the start (no checkpoint yet)'}", file=sys.stderr, flush=True)
+        return 128 + signal.SIGTERM
     return 0
 
 

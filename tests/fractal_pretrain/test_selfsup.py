@@ -150,3 +150,18 @@ def test_the_last_step_gives_every_rank_two_samples_of_a_two_view_epoch():
     with pytest.raises(ConfigError, match="would hold 3 sample"):
         steps_per_epoch(19, 8, 2, per_rank=2)
     assert steps_per_epoch(19, 8, 2) == 2  # supervised: one sample per rank is enough
+
+
+def test_a_sigterm_is_a_failure_status_and_the_same_command_finishes_the_run(tmp_path, capsys):
+    # Lightning ends a SIGTERMed fit with a SystemExit without a code: status 0 and no backbone.pt looked
+    # like a finished run to `fit ... && ad-eval run ...`.
+    args = fit_args(tmp_path, "--trainer.max_steps", "4", "--checkpoint_every_n_steps", "1",
+                    "--data.val_samples", "0", "--model.knn_classes", "0")
+    assert main([*args, "--trainer.callbacks+=fit_helpers.SigtermAtStep"]) == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"fractal-pretrain fit: stopped by SIGTERM at step 2, not finished; the same command resumes "
+                       f"from {tmp_path / 'checkpoints' / 'last.ckpt'}")
+    assert not (tmp_path / "backbone.pt").exists()
+    assert main(args) == 0
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    assert json.loads((tmp_path / "backbone.json").read_text())["steps"] == 4
