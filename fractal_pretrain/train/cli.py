@@ -179,5 +179,17 @@ def fit(argv: Sequence[str]) -> int:
     """Runs ``fractal-pretrain fit ARGS``; returns the exit status."""
     cli = make_cli(argv)
     cli.datamodule.load_images()  # bad images are errors before the run directory is touched
-    cli.datamodule.train_steps_per_epoch(cli.trainer.world_size)  # and so is a batch split that cannot train
+    steps = cli.datamodule.train_steps_per_epoch(cli.trainer.world_size)  # and so is a batch split that cannot train
+    check_val_interval(cli.trainer, steps)
     return fit_resuming(cli)
+
+
+def check_val_interval(trainer, steps: int) -> None:
+    """Lightning refuses a step count ``val_check_interval`` longer than the epoch with a traceback once the run
+    directory exists (e.g. a GPU config shrunk for a CPU try); the same condition as one line, earlier."""
+    interval = trainer.val_check_interval
+    if (isinstance(interval, int) and not isinstance(interval, bool) and interval > steps
+            and trainer.check_val_every_n_epoch is not None and trainer.limit_val_batches > 0
+            and trainer.limit_train_batches == 1.0):
+        raise ConfigError(f"trainer.val_check_interval={interval}: more than the {steps} training steps of an epoch; "
+                          "lower it, or set trainer.check_val_every_n_epoch null to count steps across epochs")

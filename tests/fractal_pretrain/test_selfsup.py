@@ -165,3 +165,22 @@ def test_a_sigterm_is_a_failure_status_and_the_same_command_finishes_the_run(tmp
     assert main(args) == 0
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
     assert json.loads((tmp_path / "backbone.json").read_text())["steps"] == 4
+
+
+def test_the_short_gpu_config_shrunk_for_a_cpu_try_names_its_val_check_interval(tmp_path, capsys):
+    # its val_check_interval (2000 steps) outlasts a shrunk epoch: Lightning's traceback after the run
+    # directory was made, before this check
+    short = str(REPO / "jobs" / "pretrain" / "selfsup_short_r50.yaml")
+    root = tmp_path / "run"
+    args = fit_command(short, root, "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
+                       "--data.size", "32", "--data.batch_size", "4", "--data.samples_per_epoch", "8",
+                       "--data.recipe_overrides", "{num_classes: 8}")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fractal-pretrain: error: trainer.val_check_interval=2000: more than the 2 training "
+                              "steps of an epoch"), err
+    assert not root.exists()
+    # counted across epochs, the same interval is fine (no error before training starts)
+    from fractal_pretrain.train.cli import check_val_interval, make_cli
+    cli = make_cli([*args[1:], "--trainer.check_val_every_n_epoch", "null"])
+    check_val_interval(cli.trainer, 2)
