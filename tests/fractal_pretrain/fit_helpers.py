@@ -38,12 +38,13 @@ def assert_split_run_equals_straight_run(fit_args, root: Path, stop_at: int, fin
     return a
 
 
-class SigtermAtStep(Callback):
-    """Sends this process a real SIGTERM after optimiser step ``step`` (``--trainer.callbacks+=...``)."""
+class SignalAtStep(Callback):
+    """Sends this process a real signal (``SIGTERM``, ``SIGUSR1``) after optimiser step ``step``, once
+    (``--trainer.callbacks+=fit_helpers.SignalAtStep``)."""
 
-    def __init__(self, step: int = 2):
-        self.step = step
+    def __init__(self, step: int = 2, signame: str = "SIGTERM"):
+        self.step, self.signum = step, getattr(signal, signame)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), self.signum)

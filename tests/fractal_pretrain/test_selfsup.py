@@ -157,7 +157,7 @@ def test_a_sigterm_is_a_failure_status_and_the_same_command_finishes_the_run(tmp
     # like a finished run to `fit ... && ad-eval run ...`.
     args = fit_args(tmp_path, "--trainer.max_steps", "4", "--checkpoint_every_n_steps", "1",
                     "--data.val_samples", "0", "--model.knn_classes", "0")
-    assert main([*args, "--trainer.callbacks+=fit_helpers.SigtermAtStep"]) == 143
+    assert main([*args, "--trainer.callbacks+=fit_helpers.SignalAtStep"]) == 143
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == (f"fractal-pretrain fit: stopped by SIGTERM at step 2, not finished; the same command resumes "
                        f"from {tmp_path / 'checkpoints' / 'last.ckpt'}")
@@ -184,3 +184,16 @@ def test_the_short_gpu_config_shrunk_for_a_cpu_try_names_its_val_check_interval(
     from fractal_pretrain.train.cli import check_val_interval, make_cli
     cli = make_cli([*args[1:], "--trainer.check_val_every_n_epoch", "null"])
     check_val_interval(cli.trainer, 2)
+
+
+def test_a_run_resumed_after_a_requeue_stop_writes_its_backbone(tmp_path, capsys):
+    # SIGUSR1 (checkpoint and stop) leaves the REQUEUE marker; outside Slurm nothing removes it, so the resumed
+    # run used to finish without backbone.pt and without a word
+    args = fit_args(tmp_path, "--trainer.max_steps", "4", "--requeue_check_every", "1", "--data.val_samples", "0",
+                    "--model.knn_classes", "0")
+    assert main([*args, "--trainer.callbacks+=fit_helpers.SignalAtStep", "--trainer.callbacks.signame=SIGUSR1"]) == 0
+    assert "requeue requested: checkpoint at step 2" in capsys.readouterr().out
+    assert (tmp_path / "REQUEUE").is_file() and not (tmp_path / "backbone.pt").exists()
+    assert main(args) == 0
+    assert not (tmp_path / "REQUEUE").exists()
+    assert json.loads((tmp_path / "backbone.json").read_text())["steps"] == 4
