@@ -248,6 +248,9 @@ class FractalDataModule(pl.LightningDataModule):
         check_range("data.num_workers", num_workers, 0, None, integer=True)
         if source != "render" and not path:
             raise ConfigError(f"data.source={source} needs data.path")
+        if source != "render" and self.recipe.views:  # else simsiam would say this recipe gives no views
+            raise ConfigError(f"data.recipe={recipe}: its {self.recipe.views} views are rendered on the fly; "
+                              f"data.source={source} gives one image per sample (use data.source: render)")
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.samples_per_epoch, self.val_samples = samples_per_epoch, val_samples
         self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
