@@ -120,6 +120,7 @@ def test_resumed_two_view_run_equals_uninterrupted_run(tmp_path):
     (("--model.projector_dim", "0"), "model.projector_dim=0"),
     (("--model.objective", "byol"), "model.objective='byol': must be one of classification, multilabel, simsiam"),
     (("--model.objective", "classification"), "model.objective=classification: a two-view recipe"),
+    (("--model.label_smoothing", "0.1"), "model.label_smoothing=0.1: model.objective=simsiam has no labels"),
     (("--data.source", "folder", "--data.path", "images"),  # was: simsiam 'needs a two-view recipe', of selfsup
      "data.recipe=selfsup: its 2 views are rendered on the fly; data.source=folder gives one image per sample"),
 ])
