@@ -177,7 +177,13 @@ def make_cli(argv: Sequence[str], prog: str = "fractal-pretrain fit", **parser_k
 
 def fit(argv: Sequence[str]) -> int:
     """Runs ``fractal-pretrain fit ARGS``; returns the exit status."""
-    cli = make_cli(argv)
+    from jsonargparse import ArgumentError
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:  # a bad key or type (jsonargparse printed the whole usage), a trainer it cannot build (no GPU): one line
+        cli = make_cli(argv, exit_on_error=False)
+    except (ArgumentError, MisconfigurationException) as exc:
+        raise ConfigError(str(exc)) from None
     cli.datamodule.load_images()  # bad images are errors before the run directory is touched
     steps = cli.datamodule.train_steps_per_epoch(cli.trainer.world_size)  # and so is a batch split that cannot train
     check_val_interval(cli.trainer, steps)
