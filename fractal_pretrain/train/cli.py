@@ -34,6 +34,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from fractal_pretrain.cli_kit import check_output_dir
 from fractal_pretrain.config import ConfigError
 from fractal_pretrain.train.callbacks import ExportBackbone, ImagesPerSecond, RequeueOnSignal
 from fractal_pretrain.train.data import FractalDataModule
@@ -184,6 +185,7 @@ def fit(argv: Sequence[str]) -> int:
         cli = make_cli(argv, exit_on_error=False)
     except (ArgumentError, MisconfigurationException) as exc:
         raise ConfigError(str(exc)) from None
+    check_output_dir(cli.trainer.default_root_dir, "trainer.default_root_dir")  # a file there: a traceback later
     cli.datamodule.load_images()  # bad images are errors before the run directory is touched
     steps = cli.datamodule.train_steps_per_epoch(cli.trainer.world_size)  # and so is a batch split that cannot train
     check_val_interval(cli.trainer, steps)

@@ -129,6 +129,16 @@ def test_bad_matmul_precision_is_an_error_naming_the_allowed_values(tmp_path, ca
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("below", ["", "run"])
+def test_a_run_directory_that_is_a_file_is_one_line(tmp_path, capsys, below):
+    # was NotADirectoryError's traceback from the loggers
+    (tmp_path / "file").write_text("x")
+    assert main(fit_args(tmp_path / "file" / below)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fractal-pretrain: error: trainer.default_root_dir ") and "file" in err[-1], err
+    assert (tmp_path / "file").read_text() == "x"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_a_gpu_config_on_a_machine_without_one_is_one_line(tmp_path, capsys):
     # was Lightning's MisconfigurationException traceback, status 1
