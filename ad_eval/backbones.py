@@ -175,6 +175,9 @@ def _pretrained_files(spec: str, arch: str | None) -> tuple[Path, dict]:
             f"{IMAGENET_PREFIX}<path> or {RANDOM_SPEC})"
         )
     json_path = path.with_suffix(".json")
+    if not json_path.is_file() and path.suffix == ".ckpt":  # a fit's checkpoints/last.ckpt: say how to get one
+        raise BackboneError(f"{path}: a training checkpoint, not a backbone.pt; write one with "
+                            f"`fractal-pretrain export-backbone {path}`")
     if not json_path.is_file():
         _read_state_dict(path, what="not a backbone checkpoint")  # a stray file: say so, not "json missing"
     meta = read_backbone_json(json_path)

@@ -74,6 +74,8 @@ class RequeueOnSignal(pl.Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         signal.signal(self.signum, self._handle)
+        if trainer.is_global_zero:  # an earlier stop's marker (this run is its resume) would block the export
+            self.marker(trainer.default_root_dir).unlink(missing_ok=True)
 
     def _handle(self, signum, frame) -> None:
         self.requested = True

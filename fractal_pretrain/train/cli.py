@@ -19,6 +19,7 @@ or a Slurm requeue, continues where the run stopped; ``none`` starts fresh; a pa
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import signal
 import sys
@@ -33,6 +34,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from fractal_pretrain.cli_kit import check_output_dir
 from fractal_pretrain.config import ConfigError
 from fractal_pretrain.train.callbacks import ExportBackbone, ImagesPerSecond, RequeueOnSignal
 from fractal_pretrain.train.data import FractalDataModule
@@ -98,9 +100,7 @@ def run_directory(config, kwargs: dict, default: str) -> Path:
     """The run directory (``trainer.default_root_dir``, else ``default``), with the default loggers in it
     unless the config names its own (``fit`` and ``adapt``)."""
     trainer = config["trainer"]
-    root = Path(trainer.get("default_root_dir") or default)
-    if root.exists() and not root.is_dir():
-        raise ConfigError(f"trainer.default_root_dir={str(root)!r}: not a directory")
+    root = check_output_dir(trainer.get("default_root_dir") or default, "trainer.default_root_dir")
     trainer["default_root_dir"] = str(root)
     if trainer.get("logger") in (None, True):
         kwargs["logger"] = default_loggers(root)
@@ -150,9 +150,11 @@ def fit_resuming(cli: LightningCLI) -> int:
         print(f"resuming from {ckpt}", flush=True)
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
-    except SIGTERMException:  # a SystemExit(None): Lightning stops at the next step and would exit 0, as if done
-        print("fractal-pretrain: stopped by SIGTERM before the end of the run; the same command resumes from the "
-              "last checkpoint", file=sys.stderr, flush=True)
+    except SIGTERMException:  # a SystemExit without a code: the run would look finished (status 0)
+        if cli.trainer.is_global_zero:
+            last = resume_checkpoint(root, "auto")
+            print(f"{cli.parser.prog}: stopped by SIGTERM at step {cli.trainer.global_step}, not finished; the same "
+                  f"command resumes from {last or 'the start (no checkpoint yet)'}", file=sys.stderr, flush=True)
         return 128 + signal.SIGTERM
     return 0
 
@@ -181,6 +183,8 @@ def default_loggers(root: Path) -> list:
 def make_cli(argv: Sequence[str], prog: str = "fractal-pretrain fit", **parser_kwargs) -> FractalCLI:
     """The ``fit`` command line parsed and instantiated (model, data module, trainer), not run: every key and
     check of ``fit``, also for ``fractal-pretrain preview``."""
+    # "Seed set to N" before the model is built would precede a config error's one line; config.yaml has the seed.
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
     with warnings.catch_warnings():  # we always pass args; LightningCLI warns when sys.argv has some too
         warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
         return FractalCLI(
@@ -192,12 +196,31 @@ def make_cli(argv: Sequence[str], prog: str = "fractal-pretrain fit", **parser_k
 
 def fit(argv: Sequence[str]) -> int:
     """Runs ``fractal-pretrain fit ARGS``; returns the exit status."""
-    cli = make_cli(argv)
+    from jsonargparse import ArgumentError
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:  # a bad key or type (jsonargparse printed the whole usage), a trainer it cannot build (no GPU): one line
+        cli = make_cli(argv, exit_on_error=False)
+    except (ArgumentError, MisconfigurationException) as exc:
+        raise ConfigError(str(exc)) from None
     cli.datamodule.load_images()  # bad images are errors before the run directory is touched
     cli.model.check_schedule(cli.trainer, cli.datamodule)  # so is a schedule that does not fit the run
+    steps = cli.datamodule.train_steps_per_epoch(cli.trainer.world_size)  # and so is a batch split that cannot train
+    check_val_interval(cli.trainer, steps)
     check_resumable(resume_checkpoint(Path(cli.trainer.default_root_dir), cli.config["ckpt_path"]), cli.model,
                     cli.datamodule)
     return fit_resuming(cli)
+
+
+def check_val_interval(trainer, steps: int) -> None:
+    """Lightning refuses a step count ``val_check_interval`` longer than the epoch with a traceback once the run
+    directory exists (e.g. a GPU config shrunk for a CPU try); the same condition as one line, earlier."""
+    interval = trainer.val_check_interval
+    if (isinstance(interval, int) and not isinstance(interval, bool) and interval > steps
+            and trainer.check_val_every_n_epoch is not None and trainer.limit_val_batches > 0
+            and trainer.limit_train_batches == 1.0):
+        raise ConfigError(f"trainer.val_check_interval={interval}: more than the {steps} training steps of an epoch; "
+                          "lower it, or set trainer.check_val_every_n_epoch null to count steps across epochs")
 
 
 def check_resumable(ckpt: str | None, model, datamodule) -> None:

@@ -51,14 +51,16 @@ def rank_slice(step: int, total: int, batch_size: int, rank: int, world: int) ->
     return np.array_split(np.arange(lo, hi, dtype=np.int64), world)[rank]
 
 
-def steps_per_epoch(total: int, batch_size: int, world: int) -> int:
-    """Steps that cover ``total`` samples; a short last step must still give every rank a sample."""
+def steps_per_epoch(total: int, batch_size: int, world: int, per_rank: int = 1) -> int:
+    """Steps that cover ``total`` samples; a short last step must still give every rank ``per_rank`` samples
+    (two-view training: 2, the objective's heads batch-normalise)."""
     global_batch = batch_size * world
     steps = -(-total // global_batch)
     tail = total - (steps - 1) * global_batch
-    if tail < world:
+    if tail < world * per_rank:
+        need = f"; two-view training needs {per_rank} per rank" if per_rank > 1 else ""
         raise ConfigError(
-            f"samples_per_epoch={total}: the last step would hold {tail} sample(s) for {world} ranks; "
+            f"samples_per_epoch={total}: the last step would hold {tail} sample(s) for {world} ranks{need}; "
             f"use a multiple of batch_size * world_size = {global_batch}")
     return steps
 
@@ -102,10 +104,10 @@ class ResumableBatches:
 class KeyBatches(ResumableBatches):
     """One rank's index batches for one split (rendered keys or positions in a fixed set's epoch order)."""
 
-    def __init__(self, split: str, total: int, batch_size: int, rank: int, world: int, epoch_fn):
+    def __init__(self, split: str, total: int, batch_size: int, rank: int, world: int, epoch_fn, per_rank: int = 1):
         super().__init__(epoch_fn)
         self.split, self.total, self.batch_size, self.rank, self.world = split, total, batch_size, rank, world
-        self.steps = steps_per_epoch(total, batch_size, world)
+        self.steps = steps_per_epoch(total, batch_size, world, per_rank)
 
     def __iter__(self):
         epoch, start = self._begin()
@@ -256,6 +258,9 @@ class FractalDataModule(pl.LightningDataModule):
         if source == "render" and path:  # a forgotten data.source would train on rendered images instead
             raise ConfigError(f"data.path={path!r} is not read with data.source=render; set data.source to folder "
                               "or webdataset, or drop data.path")
+        if source != "render" and self.recipe.views:  # else simsiam would say this recipe gives no views
+            raise ConfigError(f"data.recipe={recipe}: its {self.recipe.views} views are rendered on the fly; "
+                              f"data.source={source} gives one image per sample (use data.source: render)")
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.samples_per_epoch, self.val_samples = samples_per_epoch, val_samples
         self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
@@ -270,6 +275,9 @@ class FractalDataModule(pl.LightningDataModule):
         elif source == "webdataset":
             self.listing = image_sets.list_shards(path)
         self.augment = augment_config(augment, self.mean, self.std)
+        if self.views and batch_size < 2:
+            raise ConfigError(f"data.batch_size={batch_size}: two-view training needs at least 2 samples per rank "
+                              "(the objective's heads batch-normalise)")
         if self.augment is not None and self.views:
             raise ConfigError(f"data.augment: recipe {self.recipe.name!r} renders two views with their own draws; "
                               "set data.augment: null")
@@ -397,11 +405,16 @@ class FractalDataModule(pl.LightningDataModule):
 
     def train_steps_per_epoch(self, world: int | None = None) -> int:
         """Steps per epoch of this rank's train loader (the same on every rank), without building it; ``world``
-        for a data module not yet attached to its trainer."""
+        for a data module not yet attached to its trainer (``fit`` checks the count before the run starts)."""
         world = world or self._world()[1]
         if self.streams:
             return image_sets.stream_steps(self.listing.count, self.batch_size, world)
-        return steps_per_epoch(self._train_total(), self.batch_size, world)
+        return steps_per_epoch(self._train_total(), self.batch_size, world, self._train_per_rank)
+
+    @property
+    def _train_per_rank(self) -> int:
+        """Fewest samples a rank's training batch may hold: two views train heads with BatchNorm (2)."""
+        return 2 if self.views else 1
 
     def train_dataloader(self):
         rank, world = self._world()
@@ -415,7 +428,8 @@ class FractalDataModule(pl.LightningDataModule):
         total = self._train_total()
         if total < world:
             raise ConfigError(f"data.samples_per_epoch={total}: fewer samples than ranks ({world})")
-        self._loaders["train"] = KeyBatches("train", total, self.batch_size, rank, world, self._epoch)
+        self._loaders["train"] = KeyBatches("train", total, self.batch_size, rank, world, self._epoch,
+                                            self._train_per_rank)
         return self._loaders["train"]
 
     def val_dataloader(self):

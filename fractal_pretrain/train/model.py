@@ -170,6 +170,9 @@ class FractalClassifier(pl.LightningModule):
         check_range("model.label_smoothing", label_smoothing, 0.0, 1.0)
         if label_smoothing and multi_label:
             raise ConfigError("model.label_smoothing needs a single-label recipe (multi-label trains with BCE)")
+        if label_smoothing and objective in TWO_VIEW_OBJECTIVES:
+            raise ConfigError(f"model.label_smoothing={label_smoothing}: model.objective={objective} has no labels to "
+                              "smooth; set it to 0")
         if list(milestones) != sorted(milestones):
             raise ConfigError(f"model.milestones={list(milestones)!r}: must be increasing epochs")
         self.save_hyperparameters()

@@ -143,6 +143,16 @@ def test_missing_json(tmp_path):
         load_backbone(str(tmp_path / "backbone.pt"))
 
 
+def test_a_training_checkpoint_says_how_to_export_its_backbone(tmp_path):
+    # a fit's last.ckpt passed as --backbone used to be "checkpoints/last.json: missing"
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir()
+    torch.save({"state_dict": {f"net.{k}": v for k, v in _weights().items()}, "global_step": 6}, ckpt)
+    with pytest.raises(BackboneError, match=r"last\.ckpt: a training checkpoint, not a backbone\.pt; write one with "
+                                            r"`fractal-pretrain export-backbone .*last\.ckpt`"):
+        load_backbone(str(ckpt))
+
+
 @pytest.mark.parametrize(
     ("meta", "message"),
     [

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import torch
+from lightning.pytorch import Callback
 
 from fractal_pretrain.cli import main
 
@@ -33,3 +36,15 @@ def assert_split_run_equals_straight_run(fit_args, root: Path, stop_at: int, fin
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7, msg=key)
     return a
+
+
+class SignalAtStep(Callback):
+    """Sends this process a real signal (``SIGTERM``, ``SIGUSR1``) after optimiser step ``step``, once
+    (``--trainer.callbacks+=fit_helpers.SignalAtStep``)."""
+
+    def __init__(self, step: int = 2, signame: str = "SIGTERM"):
+        self.step, self.signum = step, getattr(signal, signame)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)

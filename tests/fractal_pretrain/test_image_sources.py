@@ -199,14 +199,6 @@ def test_a_bad_image_in_streamed_shards_stops_the_run_with_one_line_naming_it(tm
     assert err.endswith("is 12x12, the first image 16x16: streamed shards need images of one size")
 
 
-def test_a_run_directory_that_is_a_file_is_an_error(tmp_path, capsys):
-    (tmp_path / "run").write_text("not a folder")
-    assert main(fit_args(tmp_path / "run", "--trainer.max_steps", "1")) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err == f"fractal-pretrain: error: trainer.default_root_dir={str(tmp_path / 'run')!r}: not a directory"
-    assert (tmp_path / "run").read_text() == "not a folder"
-
-
 def test_a_path_without_a_source_that_reads_it_is_an_error(tmp_path, capsys):
     folder = make_folder(tmp_path / "images")
     run = tmp_path / "run"

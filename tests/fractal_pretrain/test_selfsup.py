@@ -120,9 +120,83 @@ def test_resumed_two_view_run_equals_uninterrupted_run(tmp_path):
     (("--model.projector_dim", "0"), "model.projector_dim=0"),
     (("--model.objective", "byol"), "model.objective='byol': must be one of classification, multilabel, simsiam"),
     (("--model.objective", "classification"), "model.objective=classification: a two-view recipe"),
+    (("--model.label_smoothing", "0.1"), "model.label_smoothing=0.1: model.objective=simsiam has no labels"),
+    (("--data.source", "folder", "--data.path", "images"),  # was: simsiam 'needs a two-view recipe', of selfsup
+     "data.recipe=selfsup: its 2 views are rendered on the fly; data.source=folder gives one image per sample"),
 ])
 def test_bad_two_view_config_is_one_line(tmp_path, capsys, extra, message):
     assert main(fit_args(tmp_path, *extra)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "backbone.pt").exists()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (("--data.batch_size", "1"), "data.batch_size=1: two-view training needs at least 2 samples per rank"),
+    (("--data.samples_per_epoch", "9"), "samples_per_epoch=9: the last step would hold 1 sample(s) for 1 ranks; "
+                                        "two-view training needs 2 per rank"),
+])
+def test_a_batch_of_one_pair_is_refused_before_anything_is_written(tmp_path, capsys, extra, message):
+    # the projector's BatchNorm cannot train on one sample: a traceback mid-run before this check
+    root = tmp_path / "run"
+    assert main(fit_args(root, *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and sum(line.startswith("fractal-pretrain: error:") for line in err) == 1, err
+    assert not root.exists()
+
+
+def test_the_last_step_gives_every_rank_two_samples_of_a_two_view_epoch():
+    from fractal_pretrain.config import ConfigError
+    from fractal_pretrain.train.data import steps_per_epoch
+
+    assert steps_per_epoch(20, 8, 2, per_rank=2) == 2  # last step: 4 samples, 2 per rank
+    with pytest.raises(ConfigError, match="would hold 3 sample"):
+        steps_per_epoch(19, 8, 2, per_rank=2)
+    assert steps_per_epoch(19, 8, 2) == 2  # supervised: one sample per rank is enough
+
+
+def test_a_sigterm_is_a_failure_status_and_the_same_command_finishes_the_run(tmp_path, capsys):
+    # Lightning ends a SIGTERMed fit with a SystemExit without a code: status 0 and no backbone.pt looked
+    # like a finished run to `fit ... && ad-eval run ...`.
+    args = fit_args(tmp_path, "--trainer.max_steps", "4", "--checkpoint_every_n_steps", "1",
+                    "--data.val_samples", "0", "--model.knn_classes", "0")
+    assert main([*args, "--trainer.callbacks+=fit_helpers.SignalAtStep"]) == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"fractal-pretrain fit: stopped by SIGTERM at step 2, not finished; the same command resumes "
+                       f"from {tmp_path / 'checkpoints' / 'last.ckpt'}")
+    assert not (tmp_path / "backbone.pt").exists()
+    assert main(args) == 0
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    assert json.loads((tmp_path / "backbone.json").read_text())["steps"] == 4
+
+
+def test_the_short_gpu_config_shrunk_for_a_cpu_try_names_its_val_check_interval(tmp_path, capsys):
+    # its val_check_interval (2000 steps) outlasts a shrunk epoch: Lightning's traceback after the run
+    # directory was made, before this check
+    short = str(REPO / "jobs" / "pretrain" / "selfsup_short_r50.yaml")
+    root = tmp_path / "run"
+    args = fit_command(short, root, "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
+                       "--data.size", "32", "--data.batch_size", "4", "--data.samples_per_epoch", "8",
+                       "--data.recipe_overrides", "{num_classes: 8}")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fractal-pretrain: error: trainer.val_check_interval=2000: more than the 2 training "
+                              "steps of an epoch"), err
+    assert not root.exists()
+    # counted across epochs, the same interval is fine (no error before training starts)
+    from fractal_pretrain.train.cli import check_val_interval, make_cli
+    cli = make_cli([*args[1:], "--trainer.check_val_every_n_epoch", "null"])
+    check_val_interval(cli.trainer, 2)
+
+
+def test_a_run_resumed_after_a_requeue_stop_writes_its_backbone(tmp_path, capsys):
+    # SIGUSR1 (checkpoint and stop) leaves the REQUEUE marker; outside Slurm nothing removes it, so the resumed
+    # run used to finish without backbone.pt and without a word
+    args = fit_args(tmp_path, "--trainer.max_steps", "4", "--requeue_check_every", "1", "--data.val_samples", "0",
+                    "--model.knn_classes", "0")
+    assert main([*args, "--trainer.callbacks+=fit_helpers.SignalAtStep", "--trainer.callbacks.signame=SIGUSR1"]) == 0
+    assert "requeue requested: checkpoint at step 2" in capsys.readouterr().out
+    assert (tmp_path / "REQUEUE").is_file() and not (tmp_path / "backbone.pt").exists()
+    assert main(args) == 0
+    assert not (tmp_path / "REQUEUE").exists()
+    assert json.loads((tmp_path / "backbone.json").read_text())["steps"] == 4

@@ -117,18 +117,34 @@ def test_export_errors_name_the_file(tmp_path, capsys):
 
 
 def test_unknown_config_key_is_an_error(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(fit_args(tmp_path, "--data.batch_sise", "4"))
-    assert exit_info.value.code == 2
-    assert "batch_sise" in capsys.readouterr().err
+    assert main(fit_args(tmp_path, "--data.batch_sise", "4")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fractal-pretrain: error: ") and "batch_sise" in err[0], err
 
 
 def test_bad_matmul_precision_is_an_error_naming_the_allowed_values(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(fit_args(tmp_path, "--float32_matmul_precision", "tf32"))
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "float32_matmul_precision" in err and "highest" in err
+    assert main(fit_args(tmp_path, "--float32_matmul_precision", "tf32")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "float32_matmul_precision" in err[0] and "highest" in err[0], err
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("below", ["", "run"])
+def test_a_run_directory_that_is_a_file_is_one_line(tmp_path, capsys, below):
+    # was NotADirectoryError's traceback from the loggers
+    (tmp_path / "file").write_text("x")
+    assert main(fit_args(tmp_path / "file" / below)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fractal-pretrain: error: trainer.default_root_dir ") and "file" in err[-1], err
+    assert (tmp_path / "file").read_text() == "x"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_gpu_config_on_a_machine_without_one_is_one_line(tmp_path, capsys):
+    # was Lightning's MisconfigurationException traceback, status 1
+    assert main(fit_args(tmp_path, "--trainer.accelerator", "gpu")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["fractal-pretrain: error: No supported gpu backend found!"], err
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
