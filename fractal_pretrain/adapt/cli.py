@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from fractal_pretrain.adapt.model import AdaptModule
 from fractal_pretrain.config import ConfigError, check_range
+from fractal_pretrain.train.callbacks import RequeueOnSignal
 from fractal_pretrain.train.cli import RunConfig, add_run_callbacks, fit_resuming, run_directory
 
 
@@ -42,12 +43,15 @@ class AdaptData(pl.LightningDataModule):
 
 
 class ExportProjector(pl.Callback):
-    """projector.pt + projector.json in the run directory when training ends (rank 0)."""
+    """projector.pt + projector.json in the run directory when fit ends (rank 0), as ``ExportBackbone``:
+    on fit end, not train end, so a run resumed from a checkpoint at ``max_steps`` (killed after its last
+    checkpoint, before the export) still writes them; not after a requeue stop (the run is not finished)."""
 
-    def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero:
-            pl_module.export(Path(trainer.default_root_dir), trainer.global_step)
-            print(f"wrote {Path(trainer.default_root_dir) / 'projector.pt'}", flush=True)
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero or RequeueOnSignal.marker(trainer.default_root_dir).exists():
+            return
+        pl_module.export(Path(trainer.default_root_dir), trainer.global_step)
+        print(f"wrote {Path(trainer.default_root_dir) / 'projector.pt'}", flush=True)
 
 
 class AdaptCLI(LightningCLI):

@@ -76,3 +76,38 @@ def test_skipped_is_logged_on_every_step(tmp_path):
     assert [float(r["train/anomalous_fraction"]) == 0 for r in rows] == [False, False, True, False, False]
     losses = [float(r["train/loss"]) for r in rows]
     assert np.isnan(losses[2]) and all(np.isfinite(v) for i, v in enumerate(losses) if i != 2)
+
+
+def test_a_run_resumed_at_max_steps_still_writes_its_projector(tmp_path):
+    """Killed after its last checkpoint (at max_steps) but before the export, e.g. during the final
+    validation: re-running the command must write the projector (before the fix it exited 0 with none)."""
+    status, root = adapt(tmp_path, "run", "--trainer.max_steps", "2", "--checkpoint_every_n_steps", "2")
+    assert status == 0
+    first = read_projector(root)[0]["state_dict"]
+    for name in ("projector.pt", "projector.json"):
+        (root / name).unlink()
+    assert adapt(tmp_path, "run", "--trainer.max_steps", "2", "--checkpoint_every_n_steps", "2")[0] == 0
+    data, meta = read_projector(root)
+    assert meta["steps"] == 2 and all(torch.equal(first[k], data["state_dict"][k]) for k in first)
+
+
+def test_a_requeue_stop_writes_no_projector(tmp_path, monkeypatch):
+    """A requeue signal stops the run early: no projector.pt of a half-trained run (before the fix one of
+    step 1 of 3 was written); after the requeue the run finishes and writes it."""
+    from fractal_pretrain.train.callbacks import RequeueOnSignal
+
+    setup = RequeueOnSignal.setup
+
+    def signalled(self, trainer, pl_module, stage):  # as if Slurm had sent USR1 before the first step
+        setup(self, trainer, pl_module, stage)
+        self.requested = True
+
+    monkeypatch.setattr(RequeueOnSignal, "setup", signalled)
+    extra = ("--trainer.max_steps", "3", "--requeue_check_every", "1", "--trainer.val_check_interval", "3")
+    status, root = adapt(tmp_path, "run", *extra)
+    assert status == 0 and (root / "requeue.ckpt").is_file() and (root / "REQUEUE").is_file()
+    assert not (root / "projector.pt").exists() and not (root / "projector.json").exists()
+    monkeypatch.setattr(RequeueOnSignal, "setup", setup)
+    (root / "REQUEUE").unlink()  # what slurm/pretrain.sbatch does before requeueing
+    assert adapt(tmp_path, "run", *extra)[0] == 0
+    assert read_projector(root)[1]["steps"] == 3
