@@ -11,6 +11,7 @@ requeue and DDP come from the same callbacks and checks as ``fit`` (``train/cli.
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader
 from fractal_pretrain.adapt.model import AdaptModule
 from fractal_pretrain.config import ConfigError, check_range
 from fractal_pretrain.train.callbacks import RequeueOnSignal
-from fractal_pretrain.train.cli import RunConfig, add_run_callbacks, fit_resuming, run_directory
+from fractal_pretrain.train.cli import RunConfig, add_run_callbacks, fit_resuming, resume_checkpoint, run_directory
 
 
 class AdaptData(pl.LightningDataModule):
@@ -86,6 +87,32 @@ def make_adapt_cli(argv: Sequence[str], prog: str = "fractal-pretrain adapt", **
             raise ConfigError(f"model.backbone: {err}") from None
 
 
+# Model keys a resume may change: where images are rendered (the same images everywhere), the backbone's
+# spelling (compared by its weights digest instead: a moved file is the same backbone, a retrained one is not).
+RESUMABLE_KEYS = frozenset({"render_device", "backbone", "_instantiator"})
+
+
+def check_resume(ckpt: str | None, model: AdaptModule) -> None:
+    """A checkpoint of another model config would continue (or, at max_steps, export) a projector that its
+    projector.json, written from this config, misdescribes: refuse it, naming the differing keys."""
+    if ckpt is None:
+        return
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    before, now = saved.get("hyper_parameters", {}), dict(model.hparams)
+    plain = lambda value: json.loads(json.dumps(value, default=list))  # noqa: E731  (tuples and lists alike)
+    changed = [f"model.{key}: {before.get(key)!r} there, {now.get(key)!r} here"
+               for key in sorted((set(before) | set(now)) - RESUMABLE_KEYS)
+               if plain(before.get(key)) != plain(now.get(key))]
+    if saved.get("backbone_digest", model.backbone_digest) != model.backbone_digest:
+        changed.insert(0, f"model.backbone weights: digest {saved['backbone_digest']} there, "
+                          f"{model.backbone_digest} here")
+    if changed:
+        raise ConfigError(f"checkpoint {ckpt} was written by another adapt config ({'; '.join(changed)}): use "
+                          "another trainer.default_root_dir, or --ckpt_path none to start afresh")
+
+
 def adapt(argv: Sequence[str]) -> int:
     """Runs ``fractal-pretrain adapt ARGS``; returns the exit status."""
-    return fit_resuming(make_adapt_cli(argv))
+    cli = make_adapt_cli(argv)
+    check_resume(resume_checkpoint(Path(cli.trainer.default_root_dir), cli.config["ckpt_path"]), cli.model)
+    return fit_resuming(cli)

@@ -346,6 +346,9 @@ class AdaptModule(pl.LightningModule):
             self.log(f"val/auroc_{kind}_{name}", patch_auroc(scores, labels))
         self._val_scores = {}
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["backbone_digest"] = self.backbone_digest  # a resume refuses other weights (adapt/cli.py)
+
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.projector.parameters(), lr=self.hparams.lr,
                                      weight_decay=self.hparams.weight_decay)

@@ -111,3 +111,35 @@ def test_a_requeue_stop_writes_no_projector(tmp_path, monkeypatch):
     (root / "REQUEUE").unlink()  # what slurm/pretrain.sbatch does before requeueing
     assert adapt(tmp_path, "run", *extra)[0] == 0
     assert read_projector(root)[1]["steps"] == 3
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model.backbone_seed", "1"], "model.backbone_seed: 0 there, 1 here"),
+    (["--model.anomalies", "{anomaly_p: 0.5}"], "model.anomalies:"),
+])
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, capsys, extra, message):
+    """Re-running into a run directory with another config used to continue the old checkpoint (or, at
+    max_steps, keep the old projector) and rewrite config.yaml: now one line naming the checkpoint and key."""
+    status, root = adapt(tmp_path, "run", "--trainer.max_steps", "1", "--checkpoint_every_n_steps", "1")
+    assert status == 0
+    files = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    status, _ = adapt(tmp_path, "run", "--trainer.max_steps", "2", *extra)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and err[-1].startswith("fractal-pretrain: error: checkpoint ") and message in err[-1]
+    assert "last.ckpt" in err[-1] and "--ckpt_path none" in err[-1]
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == files  # nothing touched
+
+
+def test_resume_refuses_other_backbone_weights_at_the_same_path(tmp_path, capsys):
+    import torchvision
+
+    weights = tmp_path / "resnet18.pth"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    extra = ("--model.backbone", f"imagenet:{weights}", "--checkpoint_every_n_steps", "1")
+    assert adapt(tmp_path, "run", "--trainer.max_steps", "1", *extra)[0] == 0
+    torch.save(torchvision.models.resnet18().state_dict(), weights)  # other weights, same file name
+    capsys.readouterr()
+    assert adapt(tmp_path, "run", "--trainer.max_steps", "2", *extra)[0] == 2
+    assert "model.backbone weights: digest" in capsys.readouterr().err.strip().splitlines()[-1]
