@@ -74,7 +74,11 @@ class AdaptCLI(LightningCLI):
 
 def make_adapt_cli(argv: Sequence[str], prog: str = "fractal-pretrain adapt", **parser_kwargs) -> AdaptCLI:
     """The ``adapt`` command line parsed and instantiated (module, data, trainer), not run: every key and check
-    of ``adapt``, also for ``fractal-pretrain preview``."""
+    of ``adapt``, also for ``fractal-pretrain preview``. A bad key or value is a ``ConfigError`` (one line),
+    not the parser's usage text."""
+    from jsonargparse import ArgumentError
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     from ad_eval.backbones import BackboneError
 
     with warnings.catch_warnings():
@@ -82,9 +86,12 @@ def make_adapt_cli(argv: Sequence[str], prog: str = "fractal-pretrain adapt", **
         try:
             return AdaptCLI(AdaptModule, AdaptData, run=False, args=list(argv), save_config_callback=RunConfig,
                             save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
-                            seed_everything_default=0, parser_kwargs={"prog": prog, **parser_kwargs})
+                            seed_everything_default=0,
+                            parser_kwargs={"prog": prog, "exit_on_error": False, **parser_kwargs})
         except BackboneError as err:
             raise ConfigError(f"model.backbone: {err}") from None
+        except (ArgumentError, MisconfigurationException) as err:
+            raise ConfigError(str(err)) from None
 
 
 # Model keys a resume may change: where images are rendered (the same images everywhere), the backbone's

@@ -51,12 +51,23 @@ def test_resume_continues_exactly(tmp_path):
     (["--model.anomalies", "{speckle: 1}"], "model.anomalies: unknown key 'speckle'"),
     (["--model.val_classes", "12"], "val_classes=12"),
     (["--model.backbone", "/nonexistent/backbone.pt"], "model.backbone"),
+    (["--model.layerz", "[layer2]"], "Unrecognized arguments: --model.layerz"),  # was the 75-line usage
+    (["--model.size", "abc"], 'Parser key "model.size"'),
 ])
 def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, extra, message):
     status, root = adapt(tmp_path, "bad", *extra)
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and message in err[-1] and err[-1].startswith("fractal-pretrain: error:")
     assert not (root / "projector.pt").exists()
+
+
+def test_a_typo_in_the_config_file_is_one_line(tmp_path, capsys):
+    config = tmp_path / "typo.yaml"
+    config.write_text(open(SMOKE).read().replace("  batch_size: 4", "  batch_sise: 4"))
+    status = main(["adapt", "--config", str(config), "--trainer.default_root_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and err == ["fractal-pretrain: error: Group 'model' does not accept option 'batch_sise'"]
+    assert not (tmp_path / "run").exists()
 
 
 def test_skipped_is_logged_on_every_step(tmp_path):
