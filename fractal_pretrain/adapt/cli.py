@@ -12,6 +12,7 @@ requeue and DDP come from the same callbacks and checks as ``fit`` (``train/cli.
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -81,8 +82,12 @@ def make_adapt_cli(argv: Sequence[str], prog: str = "fractal-pretrain adapt", **
 
     from ad_eval.backbones import BackboneError
 
+    # Lightning's "Seed set to 0" would precede a config error's one line (the seed is in config.yaml).
+    seed_log = logging.getLogger("lightning.fabric.utilities.seed")
+    level = seed_log.level
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
+        seed_log.setLevel(logging.WARNING)
         try:
             return AdaptCLI(AdaptModule, AdaptData, run=False, args=list(argv), save_config_callback=RunConfig,
                             save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
@@ -92,6 +97,8 @@ def make_adapt_cli(argv: Sequence[str], prog: str = "fractal-pretrain adapt", **
             raise ConfigError(f"model.backbone: {err}") from None
         except (ArgumentError, MisconfigurationException) as err:
             raise ConfigError(str(err)) from None
+        finally:
+            seed_log.setLevel(level)
 
 
 # Model keys a resume may change: where images are rendered (the same images everywhere), the backbone's
