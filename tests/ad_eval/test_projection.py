@@ -54,6 +54,8 @@ def test_raw_and_projected_cells_differ(projector, dataset, tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (["--seed", "1"], "made for backbone 'random' resnet18 seed 0"),  # random init of seed 1: other weights
+    (["--seed", "1"], "not for 'random' resnet18 seed 1 (digest"),  # which seed was used (it did not say)
+    (["--arch", "resnet34"], "not for 'random' resnet34 seed 0 (digest"),
     (["--layers", "1,2"], "trained on layers layer2, layer3; patchcore uses layer1, layer2"),
     (["--projector-shots", "7"], "projector_shots=7: category 'texture' has only 6 train images"),
 ])
