@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +31,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from fractal_pretrain.config import ConfigError
 from fractal_pretrain.train.callbacks import ExportBackbone, ImagesPerSecond, RequeueOnSignal
@@ -125,7 +128,12 @@ def fit_resuming(cli: LightningCLI) -> int:
     ckpt = resume_checkpoint(root, cli.config["ckpt_path"])
     if ckpt:
         print(f"resuming from {ckpt}", flush=True)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+    except SIGTERMException:  # a SystemExit without a code: the run would exit 0 as if it had finished
+        print(f"stopped by SIGTERM at step {cli.trainer.global_step}, not finished: re-run the same command to "
+              f"resume from the last checkpoint in {root}", file=sys.stderr, flush=True)
+        return 128 + signal.SIGTERM
     return 0
 
 

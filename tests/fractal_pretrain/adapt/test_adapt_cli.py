@@ -154,3 +154,28 @@ def test_resume_refuses_other_backbone_weights_at_the_same_path(tmp_path, capsys
     capsys.readouterr()
     assert adapt(tmp_path, "run", "--trainer.max_steps", "2", *extra)[0] == 2
     assert "model.backbone weights: digest" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_sigterm_stops_with_status_143_and_the_rerun_finishes(tmp_path, monkeypatch, capsys):
+    """SIGTERM (a scheduler's kill, Ctrl-\\ of a wrapper) stopped the run with status 0 and no projector:
+    `adapt && ad-eval ...` went on as if it had finished. Now 143 and a line saying how to resume."""
+    import os
+    import signal
+
+    from fractal_pretrain.adapt.model import AdaptModule
+
+    step = AdaptModule.training_step
+
+    def terminated_at_step_1(self, batch, batch_idx):
+        if int(self.batches_seen) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler: stop after this batch
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(AdaptModule, "training_step", terminated_at_step_1)
+    extra = ("--trainer.max_steps", "3", "--checkpoint_every_n_steps", "1")
+    status, root = adapt(tmp_path, "run", *extra)
+    assert status == 143 and not (root / "projector.pt").exists()
+    assert "stopped by SIGTERM at step 2" in capsys.readouterr().err
+    monkeypatch.setattr(AdaptModule, "training_step", step)
+    assert adapt(tmp_path, "run", *extra)[0] == 0
+    assert read_projector(root)[1]["steps"] == 3
