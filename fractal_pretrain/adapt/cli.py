@@ -129,4 +129,8 @@ def adapt(argv: Sequence[str]) -> int:
     """Runs ``fractal-pretrain adapt ARGS``; returns the exit status."""
     cli = make_adapt_cli(argv)
     check_resume(resume_checkpoint(Path(cli.trainer.default_root_dir), cli.config["ckpt_path"]), cli.model)
-    return fit_resuming(cli)
+    with warnings.catch_warnings():
+        # Lightning warns that a mid-epoch resume with a stateless loader is "unreliable": the loader only
+        # yields batch numbers, the batch counter is the module's (in the checkpoint), the resume is exact.
+        warnings.filterwarnings("ignore", message=".*ended before the epoch ended and your dataloader is not resumable")
+        return fit_resuming(cli)
