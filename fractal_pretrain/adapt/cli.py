@@ -69,6 +69,9 @@ class AdaptCLI(LightningCLI):
             raise ConfigError("checkpoint_every_n_steps must be >= 1")
         if (config["trainer"].get("max_steps") or -1) < 1:
             raise ConfigError("trainer.max_steps: adapt needs a fixed number of steps (>= 1)")
+        if self.model.mix.anomaly_p <= 0:  # the synthesizer allows it (clean copies); training learns nothing
+            raise ConfigError("model.anomalies: anomaly_p=0: no image would get a defect, every step would be "
+                              "skipped and the projector written untrained")
         add_run_callbacks(config, kwargs, root, [ExportProjector()])
         return super().instantiate_trainer(**kwargs)
 

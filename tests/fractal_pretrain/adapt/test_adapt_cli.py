@@ -53,6 +53,7 @@ def test_resume_continues_exactly(tmp_path):
     (["--model.anomalies", "{fractal_paste: 0, scar: 0, blur: 0, contrast: 0, colour: 0}"],
      "must sum to something positive"),
     (["--model.anomalies", "{speckle: 1}"], "model.anomalies: unknown key 'speckle'"),
+    (["--model.anomalies", "{anomaly_p: 0}"], "model.anomalies: anomaly_p=0"),  # wrote an untrained projector
     (["--model.val_classes", "12"], "val_classes=12"),
     (["--model.backbone", "/nonexistent/backbone.pt"], "model.backbone"),
     (["--model.layerz", "[layer2]"], "Unrecognized arguments: --model.layerz"),  # was the 75-line usage
