@@ -16,6 +16,7 @@ patch AUROC of the compressed norm, for the logs only: nothing is selected on it
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 
 import lightning.pytorch as pl
@@ -113,6 +114,9 @@ class AdaptModule(pl.LightningModule):
         check_range("model.val_classes", val_classes, 1, 1_000_000, integer=True)
         check_range("model.seed", seed, 0, 2**32 - 1, integer=True)
         check_choice("model.references", references, REFERENCE_MODES)
+        if not re.fullmatch(r"auto|cpu|cpu-reference|cuda(:\d+)?", str(render_device)):  # else only in setup
+            raise ConfigError(f"model.render_device={render_device!r}: must be auto, cpu, cpu-reference, cuda "
+                              "or cuda:N")
         check_range("model.reference_shift", reference_shift, 0.0, 0.25)
         if not isinstance(jitter_references, bool):
             raise ConfigError(f"model.jitter_references={jitter_references!r}: must be true or false")

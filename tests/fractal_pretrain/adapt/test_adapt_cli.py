@@ -58,6 +58,7 @@ def test_resume_continues_exactly(tmp_path):
     (["--model.backbone", "/nonexistent/backbone.pt"], "model.backbone"),
     (["--model.layerz", "[layer2]"], "Unrecognized arguments: --model.layerz"),  # was the 75-line usage
     (["--model.size", "abc"], 'Parser key "model.size"'),
+    (["--model.render_device", "gpu"], "model.render_device='gpu'"),  # was checked in setup: config.yaml, logs
 ])
 def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, extra, message):
     status, root = adapt(tmp_path, "bad", *extra)
