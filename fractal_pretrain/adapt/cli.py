@@ -114,8 +114,13 @@ def check_resume(ckpt: str | None, model: AdaptModule) -> None:
     projector.json, written from this config, misdescribes: refuse it, naming the differing keys."""
     if ckpt is None:
         return
-    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
-    before, now = saved.get("hyper_parameters", {}), dict(model.hparams)
+    try:
+        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001  (any unreadable file: pickle, zip, EOF errors)
+        raise ConfigError(f"checkpoint {ckpt}: cannot read ({type(err).__name__})") from None
+    if not isinstance(saved, dict) or "backbone_seed" not in saved.get("hyper_parameters", {}):
+        raise ConfigError(f"checkpoint {ckpt}: not a checkpoint of fractal-pretrain adapt")
+    before, now = saved["hyper_parameters"], dict(model.hparams)
     plain = lambda value: json.loads(json.dumps(value, default=list))  # noqa: E731  (tuples and lists alike)
     changed = [f"model.{key}: {before.get(key)!r} there, {now.get(key)!r} here"
                for key in sorted((set(before) | set(now)) - RESUMABLE_KEYS)

@@ -185,3 +185,17 @@ def test_sigterm_stops_with_status_143_and_the_rerun_finishes(tmp_path, monkeypa
     monkeypatch.setattr(AdaptModule, "training_step", step)
     assert adapt(tmp_path, "run", *extra)[0] == 0
     assert read_projector(root)[1]["steps"] == 3
+
+
+def test_ckpt_path_that_is_not_an_adapt_checkpoint(tmp_path, capsys):
+    """A projector.pt (or any file) as --ckpt_path: one line saying so (it listed every key as 'None there')."""
+    status, root = adapt(tmp_path, "run", "--trainer.max_steps", "1")
+    assert status == 0
+    (tmp_path / "junk.ckpt").write_text("not a checkpoint")
+    for path, message in ((root / "projector.pt", "not a checkpoint of fractal-pretrain adapt"),
+                          (tmp_path / "junk.ckpt", "cannot read")):
+        capsys.readouterr()
+        assert adapt(tmp_path, "other", "--ckpt_path", str(path))[0] == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"fractal-pretrain: error: checkpoint {path}: {message}"), err
+        assert not (tmp_path / "other").exists()
