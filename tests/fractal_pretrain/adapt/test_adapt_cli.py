@@ -54,6 +54,8 @@ def test_resume_continues_exactly(tmp_path):
      "must sum to something positive"),
     (["--model.anomalies", "{speckle: 1}"], "model.anomalies: unknown key 'speckle'"),
     (["--model.anomalies", "{anomaly_p: 0}"], "model.anomalies: anomaly_p=0"),  # wrote an untrained projector
+    (["--model.anomalies", "{scar: .nan}"], "model.anomalies: scar=nan: must be a finite number"),  # was accepted
+    (["--model.anomalies", "{fractal_paste: .inf}"], "model.anomalies: fractal_paste=inf: must be a finite"),
     (["--model.val_classes", "12"], "val_classes=12"),
     (["--model.backbone", "/nonexistent/backbone.pt"], "model.backbone"),
     (["--model.layerz", "[layer2]"], "Unrecognized arguments: --model.layerz"),  # was the 75-line usage
