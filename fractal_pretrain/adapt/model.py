@@ -44,9 +44,11 @@ CENTER_VIEW = 2  # photometric view draw slot of the centre pass (training uses 
 
 def check_normal_classes(recipe, val_classes: int) -> None:
     """A recipe is usable when each image has one class (renders of one class are its normal images)."""
-    if recipe.multi_label or recipe.object_source != "class":
-        raise ConfigError(f"recipe={recipe.name!r}: has no classes usable as normal classes (label={recipe.label}, "
-                          f"object_source={recipe.object_source}); use a single-label recipe")
+    # A MandelbulbRecipe has neither field: one label per image, its objects drawn from the class's formulas.
+    label, source = getattr(recipe, "label", "class"), getattr(recipe, "object_source", "class")
+    if getattr(recipe, "multi_label", False) or source != "class":
+        raise ConfigError(f"recipe={recipe.name!r}: has no classes usable as normal classes (label={label}, "
+                          f"object_source={source}); use a single-label recipe")
     if recipe.num_classes <= val_classes:
         raise ConfigError(f"val_classes={val_classes}: recipe {recipe.name!r} has only {recipe.num_classes} classes "
                           f"(some must remain for training)")
