@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from ad_eval.cell import DATASETS, Cell, read_record, record_path, run_cells
+from ad_eval.cell import DATASETS, Cell, preflight, read_record, record_path, run_cells
 from ad_eval.fewshot import parse_shots
 from ad_eval.methods import get_method, list_methods
 from fractal_pretrain.config import ConfigError, build_checked, check_range, check_type
@@ -376,10 +376,27 @@ def wait(jobs: list, out_dir: Path, grid: Grid, poll_s: float = 2.0, progress: b
     bar.close()
 
 
+def check_projectors(grid: Grid, cells: list[Cell]) -> None:
+    """``preflight`` of one cell per (backbone weights, projector) pair before anything is submitted: a
+    projector made for other weights (a random backbone is other weights for every seed) or other layers
+    fails every cell of the pair, and re-running would not help."""
+    seen = set()
+    for cell in cells:
+        key = (cell.backbone, cell.arch, cell.seed if cell.backbone == "random" else None, cell.projector)
+        if cell.projector is None or key in seen:
+            continue
+        seen.add(key)
+        try:
+            preflight(cell)
+        except ConfigError as err:
+            raise GridError(f"{grid.source}: backbones.{cell.backbone_name} (seed {cell.seed}): {err}") from None
+
+
 def run_grid(config: str | Path, out_dir: str | Path, cluster: str = "local", progress: bool = True) -> dict:
     """Submit pending cells, wait, and summarise; re-running continues where the last run stopped."""
     grid = load_grid(config)
     out_dir = Path(out_dir)
+    check_projectors(grid, pending_cells(grid, out_dir) if out_dir.exists() else grid.cells)
     before = len(grid.cells) - len(pending_cells(grid, out_dir)) if out_dir.exists() else 0
     jobs = submit(grid, out_dir, cluster)
     print(f"{len(grid.cells)} cells: {before} already done, {len(grid.cells) - before} submitted "

@@ -66,8 +66,13 @@ def load_projection(path: str, backbone: Backbone, train: Sequence[Sample], *, s
     digest = weights_digest(backbone.state_dict)
     if meta["backbone_digest"] != digest:
         made_for = f"{meta.get('backbone')!r} {meta.get('arch')} seed {meta.get('backbone_seed')}"
+        # A random init is other weights for every seed: say which seed this one is and what to do.
+        random = backbone.source == "random"
+        this = f"{backbone.source!r} {backbone.arch}" + (f" seed {seed}" if random else "")
+        same_init = random and meta.get("backbone") == "random" and meta.get("arch") == backbone.arch
+        hint = "; a random init differs per seed: adapt one per seed (model.backbone_seed)" if same_init else ""
         raise ConfigError(f"projector {path}: made for backbone {made_for} (weights digest {meta['backbone_digest']}), "
-                          f"not for {backbone.source!r} {backbone.arch} (digest {digest})")
+                          f"not for {this} (digest {digest}){hint}")
     k = meta["shots"] if shots is None else shots
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError(f"projector_shots={k!r}: must be an integer >= 1")

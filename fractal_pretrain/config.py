@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -19,6 +20,8 @@ def check_range(name: str, value, low=None, high=None, *, integer: bool = False)
     if isinstance(value, bool) or not isinstance(value, kind):
         wanted = "an integer" if integer else "a number"
         raise ConfigError(f"{name}={value!r}: must be {wanted}")
+    if not math.isfinite(value):  # NaN passes every comparison below (a YAML .nan or .inf is a float)
+        raise ConfigError(f"{name}={value!r}: must be a finite number")
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
         raise ConfigError(f"{name}={value!r}: must be in {bounds}")

@@ -11,6 +11,7 @@ requeue and DDP come from the same callbacks and checks as ``fit`` (``train/cli.
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +23,14 @@ from torch.utils.data import DataLoader
 
 from fractal_pretrain.adapt.model import AdaptModule
 from fractal_pretrain.config import ConfigError, check_range
-from fractal_pretrain.train.cli import RunConfig, add_run_callbacks, fit_resuming, run_directory
+from fractal_pretrain.train.callbacks import RequeueOnSignal
+from fractal_pretrain.train.cli import (
+    add_run_callbacks,
+    fit_resuming,
+    instantiate_cli,
+    resume_checkpoint,
+    run_directory,
+)
 
 
 class AdaptData(pl.LightningDataModule):
@@ -42,12 +50,15 @@ class AdaptData(pl.LightningDataModule):
 
 
 class ExportProjector(pl.Callback):
-    """projector.pt + projector.json in the run directory when training ends (rank 0)."""
+    """projector.pt + projector.json in the run directory when fit ends (rank 0), as ``ExportBackbone``:
+    on fit end, not train end, so a run resumed from a checkpoint at ``max_steps`` (killed after its last
+    checkpoint, before the export) still writes them; not after a requeue stop (the run is not finished)."""
 
-    def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero:
-            pl_module.export(Path(trainer.default_root_dir), trainer.global_step)
-            print(f"wrote {Path(trainer.default_root_dir) / 'projector.pt'}", flush=True)
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero or RequeueOnSignal.marker(trainer.default_root_dir).exists():
+            return
+        pl_module.export(Path(trainer.default_root_dir), trainer.global_step)
+        print(f"wrote {Path(trainer.default_root_dir) / 'projector.pt'}", flush=True)
 
 
 class AdaptCLI(LightningCLI):
@@ -63,25 +74,60 @@ class AdaptCLI(LightningCLI):
             raise ConfigError("checkpoint_every_n_steps must be >= 1")
         if (config["trainer"].get("max_steps") or -1) < 1:
             raise ConfigError("trainer.max_steps: adapt needs a fixed number of steps (>= 1)")
+        if self.model.mix.anomaly_p <= 0:  # the synthesizer allows it (clean copies); training learns nothing
+            raise ConfigError("model.anomalies: anomaly_p=0: no image would get a defect, every step would be "
+                              "skipped and the projector written untrained")
         add_run_callbacks(config, kwargs, root, [ExportProjector()])
         return super().instantiate_trainer(**kwargs)
 
 
 def make_adapt_cli(argv: Sequence[str], prog: str = "fractal-pretrain adapt", **parser_kwargs) -> AdaptCLI:
     """The ``adapt`` command line parsed and instantiated (module, data, trainer), not run: every key and check
-    of ``adapt``, also for ``fractal-pretrain preview``."""
+    of ``adapt``, also for ``fractal-pretrain preview``. A bad key or value is a ``ConfigError`` (one line),
+    not the parser's usage text."""
     from ad_eval.backbones import BackboneError
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
-        try:
-            return AdaptCLI(AdaptModule, AdaptData, run=False, args=list(argv), save_config_callback=RunConfig,
-                            save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
-                            seed_everything_default=0, parser_kwargs={"prog": prog, **parser_kwargs})
-        except BackboneError as err:
-            raise ConfigError(f"model.backbone: {err}") from None
+    try:
+        return instantiate_cli(AdaptCLI, AdaptModule, AdaptData, argv, prog, **parser_kwargs)
+    except BackboneError as err:
+        raise ConfigError(f"model.backbone: {err}") from None
+
+
+# Model keys a resume may change: where images are rendered (the same images everywhere), the backbone's
+# spelling (compared by its weights digest instead: a moved file is the same backbone, a retrained one is not).
+RESUMABLE_KEYS = frozenset({"render_device", "backbone", "_instantiator"})
+
+
+def check_resume(ckpt: str | None, model: AdaptModule) -> None:
+    """A checkpoint of another model config would continue (or, at max_steps, export) a projector that its
+    projector.json, written from this config, misdescribes: refuse it, naming the differing keys."""
+    if ckpt is None:
+        return
+    try:
+        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001  (any unreadable file: pickle, zip, EOF errors)
+        raise ConfigError(f"checkpoint {ckpt}: cannot read ({type(err).__name__})") from None
+    if not isinstance(saved, dict) or "backbone_seed" not in saved.get("hyper_parameters", {}):
+        raise ConfigError(f"checkpoint {ckpt}: not a checkpoint of fractal-pretrain adapt")
+    before, now = saved["hyper_parameters"], dict(model.hparams)
+    plain = lambda value: json.loads(json.dumps(value, default=list))  # noqa: E731  (tuples and lists alike)
+    changed = [f"model.{key}: {before.get(key)!r} there, {now.get(key)!r} here"
+               for key in sorted((set(before) | set(now)) - RESUMABLE_KEYS)
+               if plain(before.get(key)) != plain(now.get(key))]
+    if saved.get("backbone_digest", model.backbone_digest) != model.backbone_digest:
+        changed.insert(0, f"model.backbone weights: digest {saved['backbone_digest']} there, "
+                          f"{model.backbone_digest} here")
+    if changed:
+        raise ConfigError(f"checkpoint {ckpt} was written by another adapt config ({'; '.join(changed)}): use "
+                          "another trainer.default_root_dir, or --ckpt_path none to start afresh")
 
 
 def adapt(argv: Sequence[str]) -> int:
     """Runs ``fractal-pretrain adapt ARGS``; returns the exit status."""
-    return fit_resuming(make_adapt_cli(argv))
+    cli = make_adapt_cli(argv)
+    check_resume(resume_checkpoint(Path(cli.trainer.default_root_dir), cli.config["ckpt_path"]), cli.model)
+    with warnings.catch_warnings():
+        # Lightning warns that a mid-epoch resume with a stateless loader is "unreliable": the loader only
+        # yields batch numbers, the batch counter is the module's (in the checkpoint), the resume is exact.
+        warnings.filterwarnings("ignore", message=".*ended before the epoch ended and your dataloader is not resumable")
+        return fit_resuming(cli)

@@ -16,6 +16,7 @@ patch AUROC of the compressed norm, for the logs only: nothing is selected on it
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 
 import lightning.pytorch as pl
@@ -43,9 +44,11 @@ CENTER_VIEW = 2  # photometric view draw slot of the centre pass (training uses 
 
 def check_normal_classes(recipe, val_classes: int) -> None:
     """A recipe is usable when each image has one class (renders of one class are its normal images)."""
-    if recipe.multi_label or recipe.object_source != "class":
-        raise ConfigError(f"recipe={recipe.name!r}: has no classes usable as normal classes (label={recipe.label}, "
-                          f"object_source={recipe.object_source}); use a single-label recipe")
+    # A MandelbulbRecipe has neither field: one label per image, its objects drawn from the class's formulas.
+    label, source = getattr(recipe, "label", "class"), getattr(recipe, "object_source", "class")
+    if getattr(recipe, "multi_label", False) or source != "class":
+        raise ConfigError(f"recipe={recipe.name!r}: has no classes usable as normal classes (label={label}, "
+                          f"object_source={source}); use a single-label recipe")
     if recipe.num_classes <= val_classes:
         raise ConfigError(f"val_classes={val_classes}: recipe {recipe.name!r} has only {recipe.num_classes} classes "
                           f"(some must remain for training)")
@@ -113,6 +116,9 @@ class AdaptModule(pl.LightningModule):
         check_range("model.val_classes", val_classes, 1, 1_000_000, integer=True)
         check_range("model.seed", seed, 0, 2**32 - 1, integer=True)
         check_choice("model.references", references, REFERENCE_MODES)
+        if not re.fullmatch(r"auto|cpu|cpu-reference|cuda(:\d+)?", str(render_device)):  # else only in setup
+            raise ConfigError(f"model.render_device={render_device!r}: must be auto, cpu, cpu-reference, cuda "
+                              "or cuda:N")
         check_range("model.reference_shift", reference_shift, 0.0, 0.25)
         if not isinstance(jitter_references, bool):
             raise ConfigError(f"model.jitter_references={jitter_references!r}: must be true or false")
@@ -345,6 +351,9 @@ class AdaptModule(pl.LightningModule):
             scores, labels = torch.cat(parts, dim=1)
             self.log(f"val/auroc_{kind}_{name}", patch_auroc(scores, labels))
         self._val_scores = {}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["backbone_digest"] = self.backbone_digest  # a resume refuses other weights (adapt/cli.py)
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.projector.parameters(), lr=self.hparams.lr,

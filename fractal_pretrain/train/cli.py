@@ -180,29 +180,38 @@ def default_loggers(root: Path) -> list:
     return loggers
 
 
-def make_cli(argv: Sequence[str], prog: str = "fractal-pretrain fit", **parser_kwargs) -> FractalCLI:
-    """The ``fit`` command line parsed and instantiated (model, data module, trainer), not run: every key and
-    check of ``fit``, also for ``fractal-pretrain preview``."""
-    # "Seed set to N" before the model is built would precede a config error's one line; config.yaml has the seed.
-    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+def instantiate_cli(cli_class, model_class, data_class, argv: Sequence[str], prog: str, **parser_kwargs):
+    """A LightningCLI parsed and instantiated (model, data module, trainer), not run (``fit``, ``adapt`` and their
+    ``preview``): a bad key or value, or a trainer it cannot build (no GPU), is one ``ConfigError`` line instead of
+    the parser's usage text, with no "Seed set to N" line before it (config.yaml records the seed)."""
+    from jsonargparse import ArgumentError
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    seed_log = logging.getLogger("lightning.fabric.utilities.seed")
+    level = seed_log.level
     with warnings.catch_warnings():  # we always pass args; LightningCLI warns when sys.argv has some too
         warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
-        return FractalCLI(
-            FractalClassifier, FractalDataModule, run=False, args=list(argv),
-            save_config_callback=RunConfig, save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
-            seed_everything_default=0, parser_kwargs={"prog": prog, **parser_kwargs},
-        )
+        seed_log.setLevel(logging.WARNING)
+        try:
+            return cli_class(model_class, data_class, run=False, args=list(argv), save_config_callback=RunConfig,
+                             save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
+                             seed_everything_default=0,
+                             parser_kwargs={"prog": prog, "exit_on_error": False, **parser_kwargs})
+        except (ArgumentError, MisconfigurationException) as err:
+            raise ConfigError(str(err)) from None
+        finally:
+            seed_log.setLevel(level)
+
+
+def make_cli(argv: Sequence[str], prog: str = "fractal-pretrain fit", **parser_kwargs) -> FractalCLI:
+    """The ``fit`` command line parsed and instantiated, not run: every key and check of ``fit``, also for
+    ``fractal-pretrain preview``."""
+    return instantiate_cli(FractalCLI, FractalClassifier, FractalDataModule, argv, prog, **parser_kwargs)
 
 
 def fit(argv: Sequence[str]) -> int:
     """Runs ``fractal-pretrain fit ARGS``; returns the exit status."""
-    from jsonargparse import ArgumentError
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-    try:  # a bad key or type (jsonargparse printed the whole usage), a trainer it cannot build (no GPU): one line
-        cli = make_cli(argv, exit_on_error=False)
-    except (ArgumentError, MisconfigurationException) as exc:
-        raise ConfigError(str(exc)) from None
+    cli = make_cli(argv)
     cli.datamodule.load_images()  # bad images are errors before the run directory is touched
     cli.model.check_schedule(cli.trainer, cli.datamodule)  # so is a schedule that does not fit the run
     steps = cli.datamodule.train_steps_per_epoch(cli.trainer.world_size)  # and so is a batch split that cannot train

@@ -247,7 +247,7 @@ def parsed_cli(make, command: str, argv: Sequence[str]):
 
     options, rest = parse_preview(preview_options(PROG, command), argv)
     try:
-        return options, make(on_cpu(rest), prog=PROG, exit_on_error=False)
+        return options, make(on_cpu(rest), prog=PROG)
     except (ArgumentError, MisconfigurationException) as exc:
         raise ConfigError(str(exc)) from None
 

@@ -54,6 +54,8 @@ def test_raw_and_projected_cells_differ(projector, dataset, tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (["--seed", "1"], "made for backbone 'random' resnet18 seed 0"),  # random init of seed 1: other weights
+    (["--seed", "1"], "not for 'random' resnet18 seed 1 (digest"),  # which seed was used (it did not say)
+    (["--arch", "resnet34"], "not for 'random' resnet34 seed 0 (digest"),
     (["--layers", "1,2"], "trained on layers layer2, layer3; patchcore uses layer1, layer2"),
     (["--projector-shots", "7"], "projector_shots=7: category 'texture' has only 6 train images"),
 ])
@@ -91,3 +93,21 @@ def test_grid_backbone_with_a_projector(tmp_path, dataset):
     data["methods"] = {"stfpm": {}}
     with pytest.raises(GridError, match="does not accept a projector"):
         expand(parse_grid(data, "grid.yaml"), tmp_path, "grid.yaml")
+
+
+def test_grid_refuses_a_projector_of_another_seed_before_submitting(projector, dataset, tmp_path):
+    """A random backbone is other weights for every seed: with seeds [0, 1] and a projector adapted for seed 0
+    the seed-1 cells all failed at run time ("re-run the same command to retry"); now one error up front."""
+    import yaml
+
+    from ad_eval.grid import GridError, run_grid
+
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump({
+        "datasets": {"mvtec": {"root": str(dataset), "categories": ["texture"]}},
+        "backbones": {"Random+adapt": {"spec": "random", "arch": "resnet18", "projector": str(projector)}},
+        "methods": {"featurenorm": {}}, "size": 64, "seeds": [0, 1], "device": "cpu"}))
+    seed_1 = r"backbones.Random\+adapt \(seed 1\): projector .* not for 'random' resnet18 seed 1"
+    with pytest.raises(GridError, match=seed_1):
+        run_grid(config, tmp_path / "out", cluster="debug", progress=False)
+    assert not (tmp_path / "out").exists()

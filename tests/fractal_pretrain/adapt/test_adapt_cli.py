@@ -1,6 +1,7 @@
 """``fractal-pretrain adapt``: the CPU smoke config to projector.pt/json, exact resume, bad input."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -36,8 +37,11 @@ def test_resume_continues_exactly(tmp_path):
     status, straight = adapt(tmp_path, "straight", "--trainer.max_steps", "4", "--checkpoint_every_n_steps", "2")
     assert status == 0
     assert adapt(tmp_path, "split", "--trainer.max_steps", "2", "--checkpoint_every_n_steps", "2")[0] == 0
-    status, resumed = adapt(tmp_path, "split", "--trainer.max_steps", "4", "--checkpoint_every_n_steps", "2")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        status, resumed = adapt(tmp_path, "split", "--trainer.max_steps", "4", "--checkpoint_every_n_steps", "2")
     assert status == 0
+    assert not [w for w in caught if "not resumable" in str(w.message)]  # Lightning's "unreliable results"
     a, b = torch.load(straight / "projector.pt"), torch.load(resumed / "projector.pt")
     assert a["state_dict"].keys() == b["state_dict"].keys()
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
@@ -49,14 +53,29 @@ def test_resume_continues_exactly(tmp_path):
     (["--model.anomalies", "{fractal_paste: 0, scar: 0, blur: 0, contrast: 0, colour: 0}"],
      "must sum to something positive"),
     (["--model.anomalies", "{speckle: 1}"], "model.anomalies: unknown key 'speckle'"),
+    (["--model.anomalies", "{anomaly_p: 0}"], "model.anomalies: anomaly_p=0"),  # wrote an untrained projector
+    (["--model.anomalies", "{scar: .nan}"], "model.anomalies: scar=nan: must be a finite number"),  # was accepted
+    (["--model.anomalies", "{fractal_paste: .inf}"], "model.anomalies: fractal_paste=inf: must be a finite"),
     (["--model.val_classes", "12"], "val_classes=12"),
     (["--model.backbone", "/nonexistent/backbone.pt"], "model.backbone"),
+    (["--model.layerz", "[layer2]"], "Unrecognized arguments: --model.layerz"),  # was the 75-line usage
+    (["--model.size", "abc"], 'Parser key "model.size"'),
+    (["--model.render_device", "gpu"], "model.render_device='gpu'"),  # was checked in setup: config.yaml, logs
 ])
 def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, extra, message):
     status, root = adapt(tmp_path, "bad", *extra)
     err = capsys.readouterr().err.strip().splitlines()
-    assert status == 2 and message in err[-1] and err[-1].startswith("fractal-pretrain: error:")
-    assert not (root / "projector.pt").exists()
+    assert status == 2 and len(err) == 1 and message in err[0] and err[0].startswith("fractal-pretrain: error:")
+    assert not root.exists()
+
+
+def test_a_typo_in_the_config_file_is_one_line(tmp_path, capsys):
+    config = tmp_path / "typo.yaml"
+    config.write_text(open(SMOKE).read().replace("  batch_size: 4", "  batch_sise: 4"))
+    status = main(["adapt", "--config", str(config), "--trainer.default_root_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and err == ["fractal-pretrain: error: Group 'model' does not accept option 'batch_sise'"]
+    assert not (tmp_path / "run").exists()
 
 
 def test_skipped_is_logged_on_every_step(tmp_path):
@@ -76,3 +95,109 @@ def test_skipped_is_logged_on_every_step(tmp_path):
     assert [float(r["train/anomalous_fraction"]) == 0 for r in rows] == [False, False, True, False, False]
     losses = [float(r["train/loss"]) for r in rows]
     assert np.isnan(losses[2]) and all(np.isfinite(v) for i, v in enumerate(losses) if i != 2)
+
+
+def test_a_run_resumed_at_max_steps_still_writes_its_projector(tmp_path):
+    """Killed after its last checkpoint (at max_steps) but before the export, e.g. during the final
+    validation: re-running the command must write the projector (before the fix it exited 0 with none)."""
+    status, root = adapt(tmp_path, "run", "--trainer.max_steps", "2", "--checkpoint_every_n_steps", "2")
+    assert status == 0
+    first = read_projector(root)[0]["state_dict"]
+    for name in ("projector.pt", "projector.json"):
+        (root / name).unlink()
+    assert adapt(tmp_path, "run", "--trainer.max_steps", "2", "--checkpoint_every_n_steps", "2")[0] == 0
+    data, meta = read_projector(root)
+    assert meta["steps"] == 2 and all(torch.equal(first[k], data["state_dict"][k]) for k in first)
+
+
+def test_a_requeue_stop_writes_no_projector(tmp_path, monkeypatch):
+    """A requeue signal stops the run early: no projector.pt of a half-trained run (before the fix one of
+    step 1 of 3 was written); after the requeue the run finishes and writes it."""
+    from fractal_pretrain.train.callbacks import RequeueOnSignal
+
+    setup = RequeueOnSignal.setup
+
+    def signalled(self, trainer, pl_module, stage):  # as if Slurm had sent USR1 before the first step
+        setup(self, trainer, pl_module, stage)
+        self.requested = True
+
+    monkeypatch.setattr(RequeueOnSignal, "setup", signalled)
+    extra = ("--trainer.max_steps", "3", "--requeue_check_every", "1", "--trainer.val_check_interval", "3")
+    status, root = adapt(tmp_path, "run", *extra)
+    assert status == 0 and (root / "requeue.ckpt").is_file() and (root / "REQUEUE").is_file()
+    assert not (root / "projector.pt").exists() and not (root / "projector.json").exists()
+    monkeypatch.setattr(RequeueOnSignal, "setup", setup)
+    (root / "REQUEUE").unlink()  # what slurm/pretrain.sbatch does before requeueing
+    assert adapt(tmp_path, "run", *extra)[0] == 0
+    assert read_projector(root)[1]["steps"] == 3
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model.backbone_seed", "1"], "model.backbone_seed: 0 there, 1 here"),
+    (["--model.anomalies", "{anomaly_p: 0.5}"], "model.anomalies:"),
+])
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, capsys, extra, message):
+    """Re-running into a run directory with another config used to continue the old checkpoint (or, at
+    max_steps, keep the old projector) and rewrite config.yaml: now one line naming the checkpoint and key."""
+    status, root = adapt(tmp_path, "run", "--trainer.max_steps", "1", "--checkpoint_every_n_steps", "1")
+    assert status == 0
+    files = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    status, _ = adapt(tmp_path, "run", "--trainer.max_steps", "2", *extra)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and err[-1].startswith("fractal-pretrain: error: checkpoint ") and message in err[-1]
+    assert "last.ckpt" in err[-1] and "--ckpt_path none" in err[-1]
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == files  # nothing touched
+
+
+def test_resume_refuses_other_backbone_weights_at_the_same_path(tmp_path, capsys):
+    import torchvision
+
+    weights = tmp_path / "resnet18.pth"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    extra = ("--model.backbone", f"imagenet:{weights}", "--checkpoint_every_n_steps", "1")
+    assert adapt(tmp_path, "run", "--trainer.max_steps", "1", *extra)[0] == 0
+    torch.save(torchvision.models.resnet18().state_dict(), weights)  # other weights, same file name
+    capsys.readouterr()
+    assert adapt(tmp_path, "run", "--trainer.max_steps", "2", *extra)[0] == 2
+    assert "model.backbone weights: digest" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_sigterm_stops_with_status_143_and_the_rerun_finishes(tmp_path, monkeypatch, capsys):
+    """SIGTERM (a scheduler's kill, Ctrl-\\ of a wrapper) stopped the run with status 0 and no projector:
+    `adapt && ad-eval ...` went on as if it had finished. Now 143 and a line saying how to resume."""
+    import os
+    import signal
+
+    from fractal_pretrain.adapt.model import AdaptModule
+
+    step = AdaptModule.training_step
+
+    def terminated_at_step_1(self, batch, batch_idx):
+        if int(self.batches_seen) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler: stop after this batch
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(AdaptModule, "training_step", terminated_at_step_1)
+    extra = ("--trainer.max_steps", "3", "--checkpoint_every_n_steps", "1")
+    status, root = adapt(tmp_path, "run", *extra)
+    assert status == 143 and not (root / "projector.pt").exists()
+    assert "stopped by SIGTERM at step 2" in capsys.readouterr().err
+    monkeypatch.setattr(AdaptModule, "training_step", step)
+    assert adapt(tmp_path, "run", *extra)[0] == 0
+    assert read_projector(root)[1]["steps"] == 3
+
+
+def test_ckpt_path_that_is_not_an_adapt_checkpoint(tmp_path, capsys):
+    """A projector.pt (or any file) as --ckpt_path: one line saying so (it listed every key as 'None there')."""
+    status, root = adapt(tmp_path, "run", "--trainer.max_steps", "1")
+    assert status == 0
+    (tmp_path / "junk.ckpt").write_text("not a checkpoint")
+    for path, message in ((root / "projector.pt", "not a checkpoint of fractal-pretrain adapt"),
+                          (tmp_path / "junk.ckpt", "cannot read")):
+        capsys.readouterr()
+        assert adapt(tmp_path, "other", "--ckpt_path", str(path))[0] == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"fractal-pretrain: error: checkpoint {path}: {message}"), err
+        assert not (tmp_path / "other").exists()

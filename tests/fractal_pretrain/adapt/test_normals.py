@@ -85,3 +85,15 @@ def test_bad_reference_mode_and_shift():
         module("others")
     with pytest.raises(ConfigError, match="model.reference_shift"):
         module("instance", reference_shift=0.5)
+
+
+@pytest.mark.parametrize("name", ["mandelbulbvar", "multimandelbulb"])
+def test_mandelbulb_classes_are_normal_classes(name):
+    """One label per image, objects of the class's own formulas: usable (it was an AttributeError traceback,
+    MandelbulbRecipe has no label/object_source/multi_label fields)."""
+    from fractal_pretrain.adapt.model import check_normal_classes
+    from fractal_pretrain.recipes import get_recipe
+
+    check_normal_classes(get_recipe(name), 10)
+    with pytest.raises(ConfigError, match=f"val_classes=200000: recipe '{name}' has only"):
+        check_normal_classes(get_recipe(name), 200_000)
