@@ -54,7 +54,8 @@ def backbone_meta(hparams, data_hparams, *, epoch: int, steps: int, source: str,
         "arch": hparams["arch"],
         "mean": list(data_hparams.get("mean", ())),
         "std": list(data_hparams.get("std", ())),
-        "image_size": data_hparams.get("size"),
+        "image_size": input_size(data_hparams, images or {}),
+        "objective": hparams.get("objective") or ("multilabel" if hparams.get("multi_label") else "classification"),
         "recipe": recipe,
         "recipe_config": get_recipe(recipe, overrides).to_dict() if recipe else None,
         "seed": data_hparams.get("seed"),
@@ -63,6 +64,19 @@ def backbone_meta(hparams, data_hparams, *, epoch: int, steps: int, source: str,
         "source": source,
         "images": images or {},
     }
+
+
+def input_size(data_hparams, images: dict[str, Any]):
+    """The side the network was trained at: the augmentation's output, else a fixed set's image size
+    ([H, W], folders and shards are used as they are), else the rendered size."""
+    augment = data_hparams.get("augment") or {}
+    if augment.get("enabled", False):
+        from fractal_pretrain.augment import AugmentConfig
+
+        return augment.get("size", AugmentConfig.size)
+    if images.get("image_size") and images.get("source") != "render":
+        return images["image_size"]
+    return data_hparams.get("size")
 
 
 def write_backbone(state: dict[str, torch.Tensor], meta: dict[str, Any], out_dir: str | Path) -> Path:

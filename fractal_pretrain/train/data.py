@@ -559,11 +559,5 @@ class FractalDataModule(pl.LightningDataModule):
             out[where] = images
         return out
 
-    def describe(self) -> dict[str, Any]:
-        """What ``backbone.json`` records about the data."""
-        return {"recipe": self.recipe.name, "recipe_config": self.recipe.to_dict(), "seed": self.seed,
-                "image_size": self.size, "mean": list(self.mean), "std": list(self.std),
-                "samples_per_epoch": self.samples_per_epoch, "images": self.record}
-
     def state_dict(self) -> dict[str, Any]:
         return {"images": self.record}

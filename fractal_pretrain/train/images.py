@@ -128,8 +128,8 @@ def build_set(arrays: list[np.ndarray], names: list[str], labels, num_classes: i
 
     labels = torch.as_tensor(labels, dtype=torch.int64)
     shapes = sorted({a.shape for a in arrays})
-    if len(shapes) == 1:
-        return ImageSet(_to_tensor(arrays), labels, num_classes, record)
+    if len(shapes) == 1:  # the size the network sees without data.augment (backbone.json's image_size)
+        return ImageSet(_to_tensor(arrays), labels, num_classes, {**record, "image_size": list(shapes[0][:2])})
     if not mixed_sizes:
         other = next(i for i, a in enumerate(arrays) if a.shape != arrays[0].shape)
         raise ConfigError(
@@ -306,7 +306,8 @@ class ShardListing:
     def record(self) -> dict[str, Any]:
         entries = [(p.name, p.stat().st_size) for p in self.shards]
         return {"source": "webdataset", "path": str(Path(self.path).resolve()), "count": self.count,
-                "classes": self.num_classes, "shards": len(self.shards), "digest": list_digest(entries)}
+                "classes": self.num_classes, "shards": len(self.shards), "digest": list_digest(entries),
+                "image_size": list(self.shape)}
 
 
 def list_shards(path: str) -> ShardListing:

@@ -53,9 +53,11 @@ def test_folder_source_trains_and_records_where_its_images_came_from(tmp_path):
     meta = json.loads((run / "backbone.json").read_text())
     listing = list_folder(folder)
     entries = [(str(f.relative_to(folder)), f.stat().st_size) for f in listing.files]
+    side = list(np.asarray(Image.open(listing.files[0])).shape[:2])
     assert meta["images"] == {"source": "folder", "path": str(folder.resolve()), "count": 6, "classes": 3,
-                              "digest": list_digest(entries)}
+                              "digest": list_digest(entries), "image_size": side}
     assert meta["recipe"] is None and meta["steps"] == 4  # 6 images at batch 4: 2 steps per epoch
+    assert meta["image_size"] == 16 and meta["objective"] == "classification"  # the crops the network saw
 
 
 def test_shards_from_export_train_resident_and_hold_the_exported_images(tmp_path):
@@ -70,9 +72,10 @@ def test_shards_from_export_train_resident_and_hold_the_exported_images(tmp_path
     assert resident.labels.tolist() == [s.label for s in exported]
     run = tmp_path / "run"
     assert main(fit_args(run, "--data.source", "webdataset", "--data.path", str(shards), "--trainer.max_steps",
-                         "3")) == 0
+                         "3", "--data.augment", "null")) == 0
     meta = json.loads((run / "backbone.json").read_text())
     assert meta["images"]["source"] == "webdataset" and meta["images"]["count"] == 10
+    assert meta["image_size"] == [32, 32]  # no augmentation: the images as they are
     assert meta["images"]["shards"] == 3 and len(meta["images"]["digest"]) == 64
 
 

@@ -96,7 +96,7 @@ def test_smoke_config_end_to_end_to_a_backbone_ad_eval_loads(tmp_path):
     backbone = load_backbone(str(tmp_path / "backbone.pt"))
     assert backbone.arch == "resnet18"
     meta = json.loads((tmp_path / "backbone.json").read_text())
-    assert meta["recipe"] == "selfsup" and meta["recipe_config"]["views"] == 2
+    assert meta["recipe"] == "selfsup" and meta["recipe_config"]["views"] == 2 and meta["objective"] == "simsiam"
 
 
 def test_resumed_two_view_run_equals_uninterrupted_run(tmp_path):
