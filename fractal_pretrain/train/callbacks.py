@@ -1,4 +1,5 @@
-"""Callbacks of every pre-training run: images/s, the backbone export, a clean stop on a requeue signal."""
+"""Callbacks of every pre-training run: images/s, the backbone export, a clean stop on a requeue signal, the
+progress bar's epoch caption."""
 
 from __future__ import annotations
 
@@ -33,6 +34,29 @@ class ImagesPerSecond(pl.Callback):
             images = self._steps * len(batch[1]) * trainer.world_size  # samples: two views count once
             pl_module.log("train/images_per_s", images / (now - self._start), rank_zero_only=True)
             self._start, self._steps = now, 0
+
+
+def progress_bar(trainer_config: dict):
+    """Lightning's default (Rich) progress bar, captioned "Epoch 0 (max_steps 10000)" where Lightning writes
+    "Epoch 0/-2" (runs bounded by steps, max_epochs -1); None where Lightning's own choice stands (no bar,
+    a bar the config names, no rich)."""
+    import importlib.util
+
+    callbacks = trainer_config.get("callbacks") or []
+    if trainer_config.get("enable_progress_bar") is False or importlib.util.find_spec("rich") is None or any(
+            isinstance(c, pl.callbacks.ProgressBar) for c in callbacks):
+        return None
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    class StepsCaptionedBar(RichProgressBar):
+        def _get_train_description(self, current_epoch: int) -> str:
+            max_epochs, max_steps = self.trainer.max_epochs, self.trainer.max_steps
+            if max_epochs is not None and max_epochs >= 0 or max_steps < 0:
+                return super()._get_train_description(current_epoch)
+            caption = f"Epoch {current_epoch} (max_steps {max_steps})"
+            return f"{caption:{len(self.validation_description)}}"  # same width as "Validation" (no flicker)
+
+    return StepsCaptionedBar()
 
 
 class ExportBackbone(pl.Callback):

@@ -36,7 +36,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from fractal_pretrain.cli_kit import check_output_dir
 from fractal_pretrain.config import ConfigError
-from fractal_pretrain.train.callbacks import ExportBackbone, ImagesPerSecond, RequeueOnSignal
+from fractal_pretrain.train.callbacks import ExportBackbone, ImagesPerSecond, RequeueOnSignal, progress_bar
 from fractal_pretrain.train.data import FractalDataModule
 from fractal_pretrain.train.model import FractalClassifier
 
@@ -117,6 +117,9 @@ def add_run_callbacks(config, kwargs: dict, root: Path, callbacks: list) -> None
         *callbacks,
         RequeueOnSignal(check_every=config["requeue_check_every"]),
     ]
+    bar = progress_bar(trainer)
+    if bar is not None:
+        trainer["callbacks"].append(bar)
     if SLURMEnvironment.detect():
         check_slurm_layout(trainer.get("devices", "auto"), trainer.get("num_nodes", 1))
         if not trainer.get("plugins"):

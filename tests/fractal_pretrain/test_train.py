@@ -329,3 +329,15 @@ def test_slurm_layout_must_match_the_trainer(monkeypatch):
             check_slurm_layout(devices, 2)
     with pytest.raises(ConfigError, match=r"num_nodes=1.*--nodes=2"):
         check_slurm_layout(2, 1)
+
+
+@pytest.mark.parametrize("bound,caption", [(("--trainer.max_steps", "2"), "Epoch 0 (max_steps 2)"),
+                                           (("--trainer.max_epochs", "1", "--data.samples_per_epoch", "16"),
+                                            "Epoch 0/0")])
+def test_the_progress_bar_caption_names_the_runs_bound(tmp_path, capsys, bound, caption):
+    # Lightning's bar read "Epoch 0/-2" for a run bounded by steps (max_epochs -1)
+    args = ["fit", "--config", SMOKE, "--trainer.default_root_dir", str(tmp_path), "--data.batch_size", "8",
+            "--data.size", "32", "--data.val_samples", "0", *bound]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert caption in out and "/-2" not in out
