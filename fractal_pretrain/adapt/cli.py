@@ -27,6 +27,7 @@ from fractal_pretrain.train.callbacks import RequeueOnSignal
 from fractal_pretrain.train.cli import (
     add_run_callbacks,
     fit_resuming,
+    held_startup_output,
     instantiate_cli,
     resume_checkpoint,
     run_directory,
@@ -124,8 +125,9 @@ def check_resume(ckpt: str | None, model: AdaptModule) -> None:
 
 def adapt(argv: Sequence[str]) -> int:
     """Runs ``fractal-pretrain adapt ARGS``; returns the exit status."""
-    cli = make_adapt_cli(argv)
-    check_resume(resume_checkpoint(Path(cli.trainer.default_root_dir), cli.config["ckpt_path"]), cli.model)
+    with held_startup_output():
+        cli = make_adapt_cli(argv)
+        check_resume(resume_checkpoint(Path(cli.trainer.default_root_dir), cli.config["ckpt_path"]), cli.model)
     with warnings.catch_warnings():
         # Lightning warns that a mid-epoch resume with a stateless loader is "unreliable": the loader only
         # yields batch numbers, the batch counter is the module's (in the checkpoint), the resume is exact.

@@ -25,6 +25,7 @@ import signal
 import sys
 import warnings
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -206,6 +207,33 @@ def instantiate_cli(cli_class, model_class, data_class, argv: Sequence[str], pro
             seed_log.setLevel(level)
 
 
+@contextmanager
+def held_startup_output():
+    """Lightning's start-up lines (GPU available, tips, srun hints: log records and warnings) held back while the
+    checks that need the built trainer run, and shown once they pass: a bad config prints its one-line error only."""
+    held: list[logging.LogRecord] = []
+
+    class Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            held.append(record)
+
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    saved = [(logger, logger.handlers[:], logger.propagate) for logger in loggers]
+    for logger in loggers:
+        logger.handlers, logger.propagate = [Hold()], False
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")  # recorded as they would be shown, once per place
+            yield
+    finally:
+        for logger, handlers, propagate in saved:
+            logger.handlers, logger.propagate = handlers, propagate
+    for record in held:  # only reached when the block succeeded
+        logging.getLogger(record.name).handle(record)
+    for w in caught:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
 def make_cli(argv: Sequence[str], prog: str = "fractal-pretrain fit", **parser_kwargs) -> FractalCLI:
     """The ``fit`` command line parsed and instantiated, not run: every key and check of ``fit``, also for
     ``fractal-pretrain preview``."""
@@ -214,13 +242,14 @@ def make_cli(argv: Sequence[str], prog: str = "fractal-pretrain fit", **parser_k
 
 def fit(argv: Sequence[str]) -> int:
     """Runs ``fractal-pretrain fit ARGS``; returns the exit status."""
-    cli = make_cli(argv)
-    cli.datamodule.load_images()  # bad images are errors before the run directory is touched
-    cli.model.check_schedule(cli.trainer, cli.datamodule)  # so is a schedule that does not fit the run
-    steps = cli.datamodule.train_steps_per_epoch(cli.trainer.world_size)  # and so is a batch split that cannot train
-    check_val_interval(cli.trainer, steps)
-    check_resumable(resume_checkpoint(Path(cli.trainer.default_root_dir), cli.config["ckpt_path"]), cli.model,
-                    cli.datamodule)
+    with held_startup_output():
+        cli = make_cli(argv)
+        cli.datamodule.load_images()  # bad images are errors before the run directory is touched
+        cli.model.check_schedule(cli.trainer, cli.datamodule)  # so is a schedule that does not fit the run
+        steps = cli.datamodule.train_steps_per_epoch(cli.trainer.world_size)  # and a batch split that cannot train
+        check_val_interval(cli.trainer, steps)
+        check_resumable(resume_checkpoint(Path(cli.trainer.default_root_dir), cli.config["ckpt_path"]), cli.model,
+                        cli.datamodule)
     return fit_resuming(cli)
 
 

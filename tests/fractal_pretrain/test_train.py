@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -341,3 +342,14 @@ def test_the_progress_bar_caption_names_the_runs_bound(tmp_path, capsys, bound, 
     assert main(args) == 0
     out = capsys.readouterr().out
     assert caption in out and "/-2" not in out
+
+
+def test_a_config_error_found_after_the_trainer_is_built_is_the_only_line_on_stderr(tmp_path, capfd, caplog):
+    # Lightning's start-up lines (GPU available..., tips) came first; a passing config still shows them
+    caplog.set_level(logging.INFO)
+    assert main(fit_args(tmp_path / "bad", "--trainer.val_check_interval", "100000")) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fractal-pretrain: error: trainer.val_check_interval=100000"), err
+    assert not any("GPU available" in r.getMessage() for r in caplog.records)
+    assert main(fit_args(tmp_path / "good", "--trainer.max_steps", "1", "--data.val_samples", "0")) == 0
+    assert any("GPU available: False" in r.getMessage() for r in caplog.records)
