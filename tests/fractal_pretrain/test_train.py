@@ -217,6 +217,13 @@ def _run_cli(args: list[str], **kwargs) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
+def _wait_for_checkpoint(proc: subprocess.Popen, run: Path) -> None:
+    """Until the run started by ``proc`` has written last.ckpt (or ended, or 2 minutes passed)."""
+    deadline = time.time() + 120
+    while not (run / "checkpoints" / "last.ckpt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+
+
 def test_signal_checkpoints_stops_and_resume_matches_uninterrupted(tmp_path):
     # 10 steps, 4 per epoch: last.ckpt exists from step 2, so the stop comes early and the resumed run crosses
     # an epoch start
@@ -224,10 +231,7 @@ def test_signal_checkpoints_stops_and_resume_matches_uninterrupted(tmp_path):
               "--data.recipe_overrides", "{num_classes: 10, num_points: 1000}", "--requeue_check_every", "1",
               "--checkpoint_every_n_steps", "2")
     proc = _run_cli(fit_args(tmp_path / "run", *common))
-    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 120
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
+    _wait_for_checkpoint(proc, tmp_path / "run")
     proc.send_signal(signal.SIGUSR1)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
@@ -250,10 +254,7 @@ def test_sigterm_stops_with_status_143_and_the_same_command_resumes(tmp_path):
     common = ("--trainer.max_steps", "10", "--data.samples_per_epoch", "32", "--data.val_samples", "0",
               "--data.recipe_overrides", "{num_classes: 10, num_points: 1000}", "--checkpoint_every_n_steps", "1")
     proc = _run_cli(fit_args(tmp_path / "run", *common))
-    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 120
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
+    _wait_for_checkpoint(proc, tmp_path / "run")
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 143, out  # Lightning's SIGTERMException is a SystemExit(None): it exited 0
