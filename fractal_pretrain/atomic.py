@@ -11,8 +11,12 @@ from typing import Any
 def _new_file_mode() -> int:
     """The mode ``open()`` gives a new file (0o666 less the umask); mkstemp's own 0o600 would hide outputs
     (grids, backbones, shared caches) from everyone else on a cluster."""
-    umask = os.umask(0o022)
-    os.umask(umask)
+    try:  # Linux says it without changing it (os.umask sets the process-wide mask, racy beside other threads)
+        status = Path("/proc/self/status").read_text()
+        umask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0o022)
+        os.umask(umask)
     return 0o666 & ~umask
 
 
