@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from ad_eval.cell import Cell, preflight, run_cell
+    from ad_eval.cell import Cell, preflight, resolve_device, run_cell
     from ad_eval.fewshot import parse_shots
 
     check_output_dir(args.out)
@@ -90,8 +90,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 backbone=args.backbone, backbone_name=args.name, arch=args.arch, layers=args.layers,
                 size=args.size, crop=args.crop, seed=args.seed, config=overrides(args.overrides),
                 shots=parse_shots(args.shots), projector=args.projector, projector_shots=args.projector_shots)
+    device = resolve_device(args.device)  # a bad or absent device: one line, no failure record
     preflight(cell)  # a bad dataset or backbone path: one line, no failure record
-    record = run_cell(cell, args.out, device=args.device, keep_maps=args.keep_maps)
+    record = run_cell(cell, args.out, device=device, keep_maps=args.keep_maps)
     metrics = ", ".join(f"{k} {record[k]:.4f}" for k in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")
                         if record.get(k) is not None)
     print(f"{cell.cell_id}: {metrics} ({record['wall_time_s']:.1f} s) -> {args.out}")

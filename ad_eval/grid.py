@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from ad_eval.cell import DATASETS, Cell, read_record, record_path, run_cells
+from ad_eval.cell import DATASETS, Cell, check_device, read_record, record_path, run_cells
 from ad_eval.fewshot import parse_shots
 from ad_eval.methods import get_method, list_methods
 from fractal_pretrain.config import ConfigError, build_checked, check_range, check_type
@@ -148,7 +148,7 @@ class GridConfig:
             raise ConfigError("shots=[]: must list at least one K (or all)")
         check_range("cells_per_task", self.cells_per_task, 1, integer=True)
         check_type("keep_maps", self.keep_maps, bool, "true or false")
-        check_type("device", self.device, str, "auto, cpu, cuda or cuda:N")
+        check_device(self.device)  # the form only: the GPUs are on the compute nodes
 
 
 def parse_grid(data: Any, where: str) -> GridConfig:

@@ -56,3 +56,36 @@ def test_backbone_that_is_not_a_checkpoint(data_root, tmp_path, capsys, content)
     err = one_line(capsys, "ad-eval")
     assert f"{stray}: not a backbone checkpoint" in err and "json" not in err.split("(")[0]
     assert not out.exists()  # checked before the cell starts: no failure record either
+
+
+@pytest.mark.parametrize(("extra", "named"), [
+    (["--crop", "100"], "crop=100"),  # larger than --size 32
+    (["--device", "gpu"], "device='gpu'"),  # not a device form: was a Lightning traceback
+    (["--device", "cuda:x"], "device='cuda:x'"),
+])
+def test_ad_eval_run_bad_crop_or_device(data_root, tmp_path, capsys, extra, named):
+    out = tmp_path / "out"
+    assert ad_eval(run_args(data_root, out) + extra) == 2
+    assert named in one_line(capsys, "ad-eval")
+    assert not out.exists()  # checked before the cell starts: no failure record either
+
+
+def test_ad_eval_run_cuda_without_a_gpu(data_root, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    out = tmp_path / "out"
+    assert ad_eval(run_args(data_root, out) + ["--device", "cuda"]) == 2
+    assert "no CUDA device is visible" in one_line(capsys, "ad-eval")
+    assert not out.exists()
+
+
+def test_grid_bad_device_form(tmp_path):
+    from ad_eval.grid import GridError, load_grid
+
+    config = tmp_path / "grid.yaml"
+    config.write_text("datasets: {mvtec: {root: data, categories: [object]}}\n"
+                      "backbones: {Random: {spec: random, arch: resnet18}}\nmethods: {panda: {}}\ndevice: gpu\n")
+    with pytest.raises(GridError, match=r"device='gpu': must be auto, cpu, cuda or cuda:N"):
+        load_grid(config, base_dir=tmp_path)
