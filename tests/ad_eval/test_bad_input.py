@@ -89,3 +89,43 @@ def test_grid_bad_device_form(tmp_path):
                       "backbones: {Random: {spec: random, arch: resnet18}}\nmethods: {panda: {}}\ndevice: gpu\n")
     with pytest.raises(GridError, match=r"device='gpu': must be auto, cpu, cuda or cuda:N"):
         load_grid(config, base_dir=tmp_path)
+
+
+@pytest.fixture
+def unwritable(tmp_path) -> Path:
+    """A folder this process cannot write in: a read-only one, or (root ignores the bits) /sys."""
+    import os
+    import tempfile
+
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    candidates = [folder, Path("/sys")]
+    for candidate in candidates:
+        try:
+            with tempfile.TemporaryFile(dir=candidate):
+                pass
+        except OSError:
+            yield candidate
+            break
+    else:
+        pytest.skip(f"no unwritable folder here (euid {os.geteuid()})")
+    folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("command", ["run", "synthetic", "report", "export"])
+def test_out_folder_not_writable(data_root, tmp_path, capsys, unwritable, command):
+    out = unwritable / "new" / "out"
+    if command == "run":  # checked before the cell runs (was: a PermissionError traceback after the work)
+        status = ad_eval(run_args(data_root, out))
+    elif command == "synthetic":
+        status = ad_eval(["synthetic", "--out", str(out)])
+    elif command == "report":
+        status = ad_eval(["report", "--results", str(tmp_path), "--out", str(out)])
+    else:
+        status = fractal_pretrain(["export", "--recipe", "anderson", "--num", "2", "--size", "16", "--shard-size",
+                                   "2", "--out", str(out)])
+    assert status == 2
+    assert f"--out {out}: cannot write in {unwritable}" in one_line(capsys, "fractal-pretrain" if command == "export"
+                                                                      else "ad-eval")
+    assert not (unwritable / "new").exists()
