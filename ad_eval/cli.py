@@ -119,8 +119,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
     backbones = args.backbones.split(",") if args.backbones else None
     written = build_report(args.results, args.out, backbones=backbones)
     print(f"report written to {args.out}")
-    for problem in written.get("problems", []):
+    # the summary's warnings on the terminal too: a --backbones typo or an empty folder is not a silent success
+    for problem in [*written["problems"], *written["warnings"]]:
         print(f"  warning: {problem}", file=sys.stderr)
+    if written["failures"]:
+        print(f"  warning: {len(written['failures'])} failed cell(s), listed in {written['summary']}", file=sys.stderr)
     return 0
 
 
