@@ -148,7 +148,9 @@ def _imagenet_backbone(spec: str, arch: str) -> Backbone:
 
 
 def check_spec(spec: str, arch: str | None = None) -> None:
-    """The cheap part of ``load_backbone``: files exist, backbone.json is valid; the weights are not read.
+    """The cheap part of ``load_backbone``: files exist, backbone.json is valid; the weights of a backbone.pt are
+    not read. An ``imagenet:`` file has no json naming its arch, so its tensors are checked against ``arch`` here
+    (read once more when the cell loads it; a resnet18 file with ``--arch resnet50`` was a failure record).
 
     ``ad-eval run`` calls it before a cell starts, so a bad ``--backbone`` is one line and writes nothing.
     """
@@ -158,8 +160,7 @@ def check_spec(spec: str, arch: str | None = None) -> None:
         _require_arch(spec, arch)
     elif spec.startswith(IMAGENET_PREFIX):
         arch = _require_arch(spec, arch)
-        if not Path(spec[len(IMAGENET_PREFIX) :]).expanduser().is_file():
-            raise BackboneError(f"{spec}: file not found; {imagenet_download_hint(arch)}")
+        _imagenet_backbone(spec, arch)
     else:
         _pretrained_files(spec, arch)
 

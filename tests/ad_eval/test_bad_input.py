@@ -129,3 +129,18 @@ def test_out_folder_not_writable(data_root, tmp_path, capsys, unwritable, comman
     assert f"--out {out}: cannot write in {unwritable}" in one_line(capsys, "fractal-pretrain" if command == "export"
                                                                       else "ad-eval")
     assert not (unwritable / "new").exists()
+
+
+def test_imagenet_file_of_another_arch(data_root, tmp_path, capsys):
+    """A resnet18 weights file given with --arch resnet34: one line, and no failure record (was one)."""
+    import torch
+    import torchvision
+
+    weights = tmp_path / "resnet18-f37072fd.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    out = tmp_path / "out"
+    args = run_args(data_root, out, backbone=f"imagenet:{weights}")
+    args[args.index("--arch") + 1] = "resnet34"
+    assert ad_eval(args) == 2
+    assert f"{weights} holds resnet18-shaped weights but arch=resnet34" in one_line(capsys, "ad-eval")
+    assert not out.exists()
