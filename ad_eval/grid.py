@@ -116,6 +116,17 @@ class MethodEntry:
     config: dict | None = None  # hyper-parameter overrides, checked by the method's config dataclass
     resources: dict | None = None  # overrides of the top-level resources for this method's job arrays
 
+    def __post_init__(self):
+        # a list of lists: `layers: [2, 3]` (one set written flat) was a TypeError traceback in expand
+        if self.layers is not None and (not isinstance(self.layers, (list, tuple)) or not all(
+                isinstance(s, (list, tuple)) and s for s in self.layers)):
+            raise ConfigError(f"layers={_plain(self.layers)!r}: must be a list of layer sets, e.g. [[2, 3], [1, 2, 3]]")
+
+
+def _plain(value):
+    """A YAML value as the user wrote it (lists, not the tuples build_checked made)."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
 
 @dataclass(frozen=True)
 class GridConfig:
