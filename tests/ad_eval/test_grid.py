@@ -64,7 +64,7 @@ def test_bad_cells_are_one_line_errors(bad, message):
     ({"backbones": {"X": {"arch": "resnet18"}}}, "backbones.X: needs 'spec'"),
     ({"cells_per_task": 0}, "cells_per_task=0"),
     ({"methods": {"patchcore": {"layers": [[7]]}}}, "7 is not one of"),
-    ({"methods": {"patchcore": {"layers": [2, 3]}}}, r"methods.patchcore: layers=\[2, 3\]: must be a list of layer sets"),
+    ({"methods": {"patchcore": {"layers": [2, 3]}}}, r"patchcore: layers=\[2, 3\]: must be a list of layer sets"),
     ({"methods": {"patchcore": {"layers": "2,3"}}}, r"methods.patchcore: layers='2,3': must be a list of layer sets"),
     ({"methods": {"patchcore": {"layers": [[]]}}}, r"layers=\[\[\]\]: must be a list of layer sets"),
 ])
