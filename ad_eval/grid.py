@@ -387,9 +387,27 @@ def wait(jobs: list, out_dir: Path, grid: Grid, poll_s: float = 2.0, progress: b
     bar.close()
 
 
+def check_datasets(grid: Grid) -> None:
+    """Scans each (dataset, root, category) of the grid once, before anything is submitted.
+
+    A typo in a root or a category is then one line, not a failure record per cell (which a corrected config
+    would not reuse: a cell's id holds its root). Off Slurm only: a cluster's data may be visible only on its
+    compute nodes (staged by ``slurm_setup``), so there each cell checks its own.
+    """
+    from ad_eval.datasets import scan
+
+    for dataset, root, category in dict.fromkeys((c.dataset, c.root, c.category) for c in grid.cells):
+        try:
+            scan(dataset, root, category)
+        except ValueError as err:
+            raise GridError(f"{grid.source}: datasets.{dataset}: {err}") from None
+
+
 def run_grid(config: str | Path, out_dir: str | Path, cluster: str = "local", progress: bool = True) -> dict:
     """Submit pending cells, wait, and summarise; re-running continues where the last run stopped."""
     grid = load_grid(config)
+    if cluster != "slurm":
+        check_datasets(grid)
     out_dir = Path(out_dir)
     before = len(grid.cells) - len(pending_cells(grid, out_dir)) if out_dir.exists() else 0
     jobs = submit(grid, out_dir, cluster)

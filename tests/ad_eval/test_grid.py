@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -194,3 +195,19 @@ def test_jobs_gone_from_the_queue_without_a_result_are_lost():
     now["t"] = 61.0
     assert [j.job_id for j in lost.check(jobs)] == ["7_0"]
     assert LostJobs(queue=lambda: None).check(jobs) == []  # squeue unavailable: never declare a job lost
+
+
+@pytest.mark.parametrize(("category", "root", "message"), [
+    ("bottle", None, "unknown category 'bottle'"),
+    ("hazelnut_reduced", "nowhere", "dataset root .*nowhere is not a folder"),
+])
+def test_grid_bad_dataset_is_one_line_before_submitting(tmp_path, capsys, realdata, category, root, message):
+    """A typo in a root or category: one line, exit 2, nothing written (was: a failure record per cell)."""
+    datasets = {"mvtec": {"root": str(tmp_path / root) if root else str(realdata), "categories": [category]}}
+    config = write_grid(tmp_path / "grid.yaml", realdata, datasets=datasets)
+    out = tmp_path / "results"
+    assert main(["grid", "--config", str(config), "--cluster", "debug", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "grid.yaml: datasets.mvtec: " in err
+    assert re.search(message, err), err
+    assert not out.exists()
