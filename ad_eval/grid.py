@@ -28,10 +28,13 @@ cancelled, never run), so a killed grid loses nothing and no cell runs twice onc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -307,6 +310,11 @@ def submit(grid: Grid, out_dir: str | Path, cluster: str) -> list:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pending = pending_cells(grid, out_dir)
+    if (cluster == "local" and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            and threading.current_thread() is threading.main_thread()):
+        # a shell starts `ad-eval grid ... &` with SIGINT ignored, and the tasks inherit that: cancelling them
+        # (SIGINT, see local_tasks_end_with_the_grid) would do nothing
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     jobs = []
     for method in grid.resources:
         cells = [c for c in pending if c.method == method]
@@ -403,6 +411,34 @@ def check_datasets(grid: Grid) -> None:
             raise GridError(f"{grid.source}: datasets.{dataset}: {err}") from None
 
 
+@contextlib.contextmanager
+def local_tasks_end_with_the_grid(jobs: list, cluster: str):
+    """On ``local`` the tasks are processes of this machine: a SIGTERM (or Ctrl-C) of the grid cancels them.
+
+    They used to run on as orphans after ``kill <grid pid>``, and re-running the grid (as documented) started
+    their unfinished cells a second time beside them. Slurm jobs outlive the submitting process, as they should.
+    """
+    if cluster != "local" or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)  # unwinds to the cancel below; the shell's status for a SIGTERM
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    except BaseException:
+        running = [job for job in jobs if not job.done()]
+        for job in running:
+            job.cancel()  # SIGINT to submitit's controller, which stops its task (SIGKILL after 1 s)
+        print(f"grid stopped: {len(running)} running task(s) cancelled; re-run the same command to continue",
+              file=sys.stderr, flush=True)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_grid(config: str | Path, out_dir: str | Path, cluster: str = "local", progress: bool = True) -> dict:
     """Submit pending cells, wait, and summarise; re-running continues where the last run stopped."""
     grid = load_grid(config)
@@ -413,6 +449,7 @@ def run_grid(config: str | Path, out_dir: str | Path, cluster: str = "local", pr
     jobs = submit(grid, out_dir, cluster)
     print(f"{len(grid.cells)} cells: {before} already done, {len(grid.cells) - before} submitted "
           f"in {len(jobs)} task(s) on {cluster}", flush=True)
-    wait(jobs, out_dir, grid, progress=progress, lost=LostJobs() if cluster == "slurm" else None)
+    with local_tasks_end_with_the_grid(jobs, cluster):
+        wait(jobs, out_dir, grid, progress=progress, lost=LostJobs() if cluster == "slurm" else None)
     missing = pending_cells(grid, out_dir)
     return {"cells": len(grid.cells), "done": len(grid.cells) - len(missing), "missing": [c.cell_id for c in missing]}

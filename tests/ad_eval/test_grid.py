@@ -211,3 +211,50 @@ def test_grid_bad_dataset_is_one_line_before_submitting(tmp_path, capsys, realda
     assert err.count("\n") == 1 and "grid.yaml: datasets.mvtec: " in err
     assert re.search(message, err), err
     assert not out.exists()
+
+
+def _task_processes(folder: Path) -> list[int]:
+    """Live processes whose command line names ``folder``: a local grid's submitit tasks (Linux /proc)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes() if proc.name.isdigit() else b""
+        except OSError:
+            continue
+        if b"submitit" in cmdline and str(folder).encode() in cmdline:
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("sigint_ignored", [False, True], ids=["foreground", "started-with-&"])
+def test_sigterm_to_a_local_grid_ends_its_tasks(tmp_path, realdata, sigint_ignored):
+    # `kill <grid pid>` used to leave the local tasks running as orphans; a re-run then ran their cells twice.
+    # A shell starts `cmd &` with SIGINT ignored, which the tasks inherit; submitit cancels a local task by SIGINT.
+    config = write_grid(tmp_path / "grid.yaml", realdata, size=32, seeds=[0, 1, 2], cells_per_task=6)
+    out = tmp_path / "results"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "grid.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "ad_eval", "grid", "--config", str(config), "--cluster",
+                                 "local", "--out", str(out), "--no-progress"], cwd=tmp_path, env=env,
+                                start_new_session=True, stdout=sink, stderr=subprocess.STDOUT,
+                                preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored
+                                else None)
+    try:
+        deadline = time.time() + 300
+        while not _task_processes(out / "submitit") and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert _task_processes(out / "submitit") and not records(out), log.read_text()[-3000:]
+        proc.send_signal(signal.SIGTERM)  # the grid process only, as `kill PID` does
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        deadline = time.time() + 5  # submitit stops a cancelled task with SIGINT, then SIGKILL after 1 s
+        while _task_processes(out / "submitit") and time.time() < deadline:
+            time.sleep(0.2)
+        assert not _task_processes(out / "submitit")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the grid and its tasks
+        except ProcessLookupError:
+            pass
