@@ -249,7 +249,9 @@ def _read_state_dict(path: Path, what: str = "cannot read as a torch state dict"
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and weights_only errors: all mean "not a plain state dict"
-        raise BackboneError(_one_line(f"{path}: {what} ({type(err).__name__}: {err})")) from None
+        # torch's first sentence only: the rest of a weights_only error is advice to load with weights_only=False
+        detail = _one_line(str(err)).split(". ")[0][:200]
+        raise BackboneError(_one_line(f"{path}: {what} ({type(err).__name__}: {detail})")) from None
     while isinstance(obj, Mapping):
         inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
         if inner is None:
