@@ -10,6 +10,7 @@ Usage::
     ad-eval report --results results/smoke --out reports/smoke [--backbones ImageNet,Fractals]
     ad-eval run ... --shots 4                      # few-shot: 4 normal train images (ad_eval.fewshot)
     ad-eval synthetic --out /tmp/synth [--layout mvtec|visa] [--size 128] [--seed 0]
+    ad-eval methods                                # the registered methods, their layers and --set keys
 
 Errors (bad path, category, method, layer, config key or value, backbone file) print one line
 ``ad-eval: error: ...`` and exit with status 2 (``fractal_pretrain.cli_kit``); a cell that fails
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="results folder")
     p.set_defaults(handler=_cmd_run)
 
+    p = sub.add_parser("methods", help="list the registered methods: layers, outputs, --set keys and defaults")
+    p.set_defaults(handler=_cmd_methods)
+
     p = sub.add_parser("grid", help="evaluate every cell of a grid config with submitit job arrays")
     p.add_argument("--config", required=True, help="grid YAML (jobs/eval/*.yaml)")
     p.add_argument("--cluster", default="local", choices=CLUSTERS)
@@ -96,6 +100,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     metrics = ", ".join(f"{k} {record[k]:.4f}" for k in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")
                         if record.get(k) is not None)
     print(f"{cell.cell_id}: {metrics} ({record['wall_time_s']:.1f} s) -> {args.out}")
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from ad_eval.methods import get_method, list_methods
+    from ad_eval.methods.registry import describe
+
+    for name in list_methods():
+        print(describe(get_method(name)))
     return 0
 
 
