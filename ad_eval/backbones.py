@@ -148,7 +148,9 @@ def _imagenet_backbone(spec: str, arch: str) -> Backbone:
 
 
 def check_spec(spec: str, arch: str | None = None) -> None:
-    """The cheap part of ``load_backbone``: files exist, backbone.json is valid; the weights are not read.
+    """The cheap part of ``load_backbone``: files exist, backbone.json is valid; the weights of a backbone.pt are
+    not read. An ``imagenet:`` file has no json naming its arch, so its tensors are checked against ``arch`` here
+    (read once more when the cell loads it; a resnet18 file with ``--arch resnet50`` was a failure record).
 
     ``ad-eval run`` calls it before a cell starts, so a bad ``--backbone`` is one line and writes nothing.
     """
@@ -158,8 +160,7 @@ def check_spec(spec: str, arch: str | None = None) -> None:
         _require_arch(spec, arch)
     elif spec.startswith(IMAGENET_PREFIX):
         arch = _require_arch(spec, arch)
-        if not Path(spec[len(IMAGENET_PREFIX) :]).expanduser().is_file():
-            raise BackboneError(f"{spec}: file not found; {imagenet_download_hint(arch)}")
+        _imagenet_backbone(spec, arch)
     else:
         _pretrained_files(spec, arch)
 
@@ -251,7 +252,9 @@ def _read_state_dict(path: Path, what: str = "cannot read as a torch state dict"
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and weights_only errors: all mean "not a plain state dict"
-        raise BackboneError(_one_line(f"{path}: {what} ({type(err).__name__}: {err})")) from None
+        # torch's first sentence only: the rest of a weights_only error is advice to load with weights_only=False
+        detail = _one_line(str(err)).split(". ")[0][:200]
+        raise BackboneError(_one_line(f"{path}: {what} ({type(err).__name__}: {detail})")) from None
     while isinstance(obj, Mapping):
         inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
         if inner is None:

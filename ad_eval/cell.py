@@ -27,7 +27,7 @@ from typing import Any
 from ad_eval.methods import get_method, list_methods
 from ad_eval.methods.base import check_layers
 from fractal_pretrain.atomic import atomic_write
-from fractal_pretrain.config import ConfigError
+from fractal_pretrain.config import ConfigError, check_range
 
 DATASETS = ("mvtec", "visa")
 FAILED_SUFFIX = ".failed.json"
@@ -85,6 +85,8 @@ class Cell:
             raise ConfigError(f"projector_shots={self.projector_shots!r}: must be an integer >= 1")
         if not isinstance(self.size, int) or self.size < 8:
             raise ValueError(f"size={self.size!r}: must be an integer >= 8")
+        if self.crop is not None:  # as the grid checks it: a bad crop must not reach the method (failure record)
+            check_range("crop", self.crop, 8, self.size, integer=True)
 
     @property
     def cell_id(self) -> str:
@@ -132,9 +134,20 @@ def write_json_atomic(path: Path, data: dict) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
+DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
+
+
+def check_device(device: str) -> str:
+    """``device`` if it is one of ``DEVICE_FORMS`` (available or not), else a one-line ConfigError."""
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise ConfigError(f"device={device!r}: must be {DEVICE_FORMS}")
+    return device
+
+
 def resolve_device(device: str) -> str:
     import torch
 
+    check_device(device)
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():

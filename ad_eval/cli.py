@@ -10,6 +10,7 @@ Usage::
     ad-eval report --results results/smoke --out reports/smoke [--backbones ImageNet,Fractals]
     ad-eval run ... --shots 4                      # few-shot: 4 normal train images (ad_eval.fewshot)
     ad-eval synthetic --out /tmp/synth [--layout mvtec|visa] [--size 128] [--seed 0]
+    ad-eval methods                                # the registered methods, their layers and --set keys
 
 Errors (bad path, category, method, layer, config key or value, backbone file) print one line
 ``ad-eval: error: ...`` and exit with status 2 (``fractal_pretrain.cli_kit``); a cell that fails
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="results folder")
     p.set_defaults(handler=_cmd_run)
 
+    p = sub.add_parser("methods", help="list the registered methods: layers, outputs, --set keys and defaults")
+    p.set_defaults(handler=_cmd_methods)
+
     p = sub.add_parser("grid", help="evaluate every cell of a grid config with submitit job arrays")
     p.add_argument("--config", required=True, help="grid YAML (jobs/eval/*.yaml)")
     p.add_argument("--cluster", default="local", choices=CLUSTERS)
@@ -82,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from ad_eval.cell import Cell, preflight, run_cell
+    from ad_eval.cell import Cell, preflight, resolve_device, run_cell
     from ad_eval.fewshot import parse_shots
 
     check_output_dir(args.out)
@@ -90,11 +94,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 backbone=args.backbone, backbone_name=args.name, arch=args.arch, layers=args.layers,
                 size=args.size, crop=args.crop, seed=args.seed, config=overrides(args.overrides),
                 shots=parse_shots(args.shots), projector=args.projector, projector_shots=args.projector_shots)
+    device = resolve_device(args.device)  # a bad or absent device: one line, no failure record
     preflight(cell)  # a bad dataset or backbone path: one line, no failure record
-    record = run_cell(cell, args.out, device=args.device, keep_maps=args.keep_maps)
+    record = run_cell(cell, args.out, device=device, keep_maps=args.keep_maps)
     metrics = ", ".join(f"{k} {record[k]:.4f}" for k in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")
                         if record.get(k) is not None)
     print(f"{cell.cell_id}: {metrics} ({record['wall_time_s']:.1f} s) -> {args.out}")
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from ad_eval.methods import get_method, list_methods
+    from ad_eval.methods.registry import describe
+
+    for name in list_methods():
+        print(describe(get_method(name)))
     return 0
 
 
@@ -118,8 +132,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
     backbones = args.backbones.split(",") if args.backbones else None
     written = build_report(args.results, args.out, backbones=backbones)
     print(f"report written to {args.out}")
-    for problem in written.get("problems", []):
+    # the summary's warnings on the terminal too: a --backbones typo or an empty folder is not a silent success
+    for problem in [*written["problems"], *written["warnings"]]:
         print(f"  warning: {problem}", file=sys.stderr)
+    if written["failures"]:
+        print(f"  warning: {len(written['failures'])} failed cell(s), listed in {written['summary']}", file=sys.stderr)
     return 0
 
 

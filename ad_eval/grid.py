@@ -28,10 +28,13 @@ cancelled, never run), so a killed grid loses nothing and no cell runs twice onc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +42,7 @@ from typing import Any
 
 import yaml
 
-from ad_eval.cell import DATASETS, Cell, preflight, read_record, record_path, run_cells
+from ad_eval.cell import DATASETS, Cell, check_device, preflight, read_record, record_path, run_cells
 from ad_eval.fewshot import parse_shots
 from ad_eval.methods import get_method, list_methods
 from fractal_pretrain.config import ConfigError, build_checked, check_range, check_type
@@ -116,6 +119,17 @@ class MethodEntry:
     config: dict | None = None  # hyper-parameter overrides, checked by the method's config dataclass
     resources: dict | None = None  # overrides of the top-level resources for this method's job arrays
 
+    def __post_init__(self):
+        # a list of lists: `layers: [2, 3]` (one set written flat) was a TypeError traceback in expand
+        if self.layers is not None and (not isinstance(self.layers, (list, tuple)) or not all(
+                isinstance(s, (list, tuple)) and s for s in self.layers)):
+            raise ConfigError(f"layers={_plain(self.layers)!r}: must be a list of layer sets, e.g. [[2, 3], [1, 2, 3]]")
+
+
+def _plain(value):
+    """A YAML value as the user wrote it (lists, not the tuples build_checked made)."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
 
 @dataclass(frozen=True)
 class GridConfig:
@@ -148,7 +162,7 @@ class GridConfig:
             raise ConfigError("shots=[]: must list at least one K (or all)")
         check_range("cells_per_task", self.cells_per_task, 1, integer=True)
         check_type("keep_maps", self.keep_maps, bool, "true or false")
-        check_type("device", self.device, str, "auto, cpu, cuda or cuda:N")
+        check_device(self.device)  # the form only: the GPUs are on the compute nodes
 
 
 def parse_grid(data: Any, where: str) -> GridConfig:
@@ -296,6 +310,11 @@ def submit(grid: Grid, out_dir: str | Path, cluster: str) -> list:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pending = pending_cells(grid, out_dir)
+    if (cluster == "local" and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            and threading.current_thread() is threading.main_thread()):
+        # a shell starts `ad-eval grid ... &` with SIGINT ignored, and the tasks inherit that: cancelling them
+        # (SIGINT, see local_tasks_end_with_the_grid) would do nothing
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     jobs = []
     for method in grid.resources:
         cells = [c for c in pending if c.method == method]
@@ -392,15 +411,62 @@ def check_projectors(grid: Grid, cells: list[Cell]) -> None:
             raise GridError(f"{grid.source}: backbones.{cell.backbone_name} (seed {cell.seed}): {err}") from None
 
 
+def check_datasets(grid: Grid) -> None:
+    """Scans each (dataset, root, category) of the grid once, before anything is submitted.
+
+    A typo in a root or a category is then one line, not a failure record per cell (which a corrected config
+    would not reuse: a cell's id holds its root). Off Slurm only: a cluster's data may be visible only on its
+    compute nodes (staged by ``slurm_setup``), so there each cell checks its own.
+    """
+    from ad_eval.datasets import scan
+
+    for dataset, root, category in dict.fromkeys((c.dataset, c.root, c.category) for c in grid.cells):
+        try:
+            scan(dataset, root, category)
+        except ValueError as err:
+            raise GridError(f"{grid.source}: datasets.{dataset}: {err}") from None
+
+
+@contextlib.contextmanager
+def local_tasks_end_with_the_grid(jobs: list, cluster: str):
+    """On ``local`` the tasks are processes of this machine: a SIGTERM (or Ctrl-C) of the grid cancels them.
+
+    They used to run on as orphans after ``kill <grid pid>``, and re-running the grid (as documented) started
+    their unfinished cells a second time beside them. Slurm jobs outlive the submitting process, as they should.
+    """
+    if cluster != "local" or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)  # unwinds to the cancel below; the shell's status for a SIGTERM
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    except BaseException:
+        running = [job for job in jobs if not job.done()]
+        for job in running:
+            job.cancel()  # SIGINT to submitit's controller, which stops its task (SIGKILL after 1 s)
+        print(f"grid stopped: {len(running)} running task(s) cancelled; re-run the same command to continue",
+              file=sys.stderr, flush=True)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_grid(config: str | Path, out_dir: str | Path, cluster: str = "local", progress: bool = True) -> dict:
     """Submit pending cells, wait, and summarise; re-running continues where the last run stopped."""
     grid = load_grid(config)
+    if cluster != "slurm":
+        check_datasets(grid)
     out_dir = Path(out_dir)
     check_projectors(grid, pending_cells(grid, out_dir) if out_dir.exists() else grid.cells)
     before = len(grid.cells) - len(pending_cells(grid, out_dir)) if out_dir.exists() else 0
     jobs = submit(grid, out_dir, cluster)
     print(f"{len(grid.cells)} cells: {before} already done, {len(grid.cells) - before} submitted "
           f"in {len(jobs)} task(s) on {cluster}", flush=True)
-    wait(jobs, out_dir, grid, progress=progress, lost=LostJobs() if cluster == "slurm" else None)
+    with local_tasks_end_with_the_grid(jobs, cluster):
+        wait(jobs, out_dir, grid, progress=progress, lost=LostJobs() if cluster == "slurm" else None)
     missing = pending_cells(grid, out_dir)
     return {"cells": len(grid.cells), "done": len(grid.cells) - len(missing), "missing": [c.cell_id for c in missing]}

@@ -53,12 +53,25 @@ def check_output_dir(path: str | Path, flag: str = "--out") -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{flag} {path}: exists and is not a folder")
-    for parent in path.parents:  # a file higher up would fail at mkdir with a traceback
-        if parent.exists():
-            if not parent.is_dir():
-                raise ConfigError(f"{flag} {path}: {parent} is a file, not a folder")
+    for folder in (path, *path.parents):  # a file higher up would fail at mkdir with a traceback
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(f"{flag} {path}: {folder} is a file, not a folder")
+            _check_writable(folder, path, flag)
             break
     return path
+
+
+def _check_writable(folder: Path, path: Path, flag: str) -> None:
+    """Writes (and drops) a nameless file in ``folder``: an unwritable ``--out`` fails now, not after the
+    work (a permission bit, a read-only filesystem; root ignores the bits, so ``os.access`` cannot tell)."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot write in {folder} ({exc.strerror or exc})") from None
 
 
 def check_output_file(path: str | Path, flag: str = "--out") -> Path:

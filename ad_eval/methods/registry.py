@@ -161,3 +161,23 @@ def get_method(name: str) -> MethodSpec:
     if spec is None:
         raise ConfigError(f"unknown method {name!r}: must be one of {', '.join(list_methods())}")
     return spec
+
+
+def describe(spec: MethodSpec) -> str:
+    """Two lines for ``ad-eval methods``: name, label, layers, what it gives; its config keys and defaults."""
+
+    def layer_set(names) -> str:
+        return "+".join(name[-1] for name in names)
+
+    if not spec.takes_layers:
+        layers = "no layers"
+    elif spec.allowed_layer_sets == ANY_LAYER_SET:
+        layers = f"layers {layer_set(spec.default_layers)} (any of 1-4)"
+    else:
+        layers = f"layers {layer_set(spec.default_layers)} (allowed: " + ", ".join(
+            layer_set(s) for s in spec.allowed_layer_sets) + ")"
+    gives = "pixel maps" if spec.pixel_maps else "image scores only"
+    projector = ", accepts --projector" if spec.accepts_projector else ""
+    config = spec.config()
+    keys = "  ".join(f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config))
+    return f"{spec.name:<12} {spec.label:<12} {layers}, {gives}{projector}\n{'':25}--set keys: {keys or '-'}"

@@ -181,6 +181,8 @@ def build_report(results_dir: str | Path, out_dir: str | Path, backbones: str | 
     out_dir.mkdir(parents=True, exist_ok=True)
     n_read, done_ids = len(records), set(records["cell_id"])
     backbones, warnings = select_backbones(records, _as_list(backbones))
+    if not n_read:  # e.g. --results one folder too high: say so where the user looks, not only in summary.md
+        warnings.insert(0, f"no cell record (<cell_id>.json) in {results_dir}")
     records, duplicates = deduplicate(records[records["backbone"].isin(backbones)])
     warnings += duplicates + mixed_settings(records)
     long = aggregate(records)

@@ -55,4 +55,93 @@ def test_backbone_that_is_not_a_checkpoint(data_root, tmp_path, capsys, content)
     assert ad_eval(run_args(data_root, out, backbone=str(stray))) == 2
     err = one_line(capsys, "ad-eval")
     assert f"{stray}: not a backbone checkpoint" in err and "json" not in err.split("(")[0]
+    assert "weights_only" not in err and len(err) < 400  # was torch's 700-character advice to unpickle it anyway
     assert not out.exists()  # checked before the cell starts: no failure record either
+
+
+@pytest.mark.parametrize(("extra", "named"), [
+    (["--crop", "100"], "crop=100"),  # larger than --size 32
+    (["--device", "gpu"], "device='gpu'"),  # not a device form: was a Lightning traceback
+    (["--device", "cuda:x"], "device='cuda:x'"),
+])
+def test_ad_eval_run_bad_crop_or_device(data_root, tmp_path, capsys, extra, named):
+    out = tmp_path / "out"
+    assert ad_eval(run_args(data_root, out) + extra) == 2
+    assert named in one_line(capsys, "ad-eval")
+    assert not out.exists()  # checked before the cell starts: no failure record either
+
+
+def test_ad_eval_run_cuda_without_a_gpu(data_root, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    out = tmp_path / "out"
+    assert ad_eval(run_args(data_root, out) + ["--device", "cuda"]) == 2
+    assert "no CUDA device is visible" in one_line(capsys, "ad-eval")
+    assert not out.exists()
+
+
+def test_grid_bad_device_form(tmp_path):
+    from ad_eval.grid import GridError, load_grid
+
+    config = tmp_path / "grid.yaml"
+    config.write_text("datasets: {mvtec: {root: data, categories: [object]}}\n"
+                      "backbones: {Random: {spec: random, arch: resnet18}}\nmethods: {panda: {}}\ndevice: gpu\n")
+    with pytest.raises(GridError, match=r"device='gpu': must be auto, cpu, cuda or cuda:N"):
+        load_grid(config, base_dir=tmp_path)
+
+
+@pytest.fixture
+def unwritable(tmp_path) -> Path:
+    """A folder this process cannot write in: a read-only one, or (root ignores the bits) /sys."""
+    import os
+    import tempfile
+
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    candidates = [folder, Path("/sys")]
+    for candidate in candidates:
+        try:
+            with tempfile.TemporaryFile(dir=candidate):
+                pass
+        except OSError:
+            yield candidate
+            break
+    else:
+        pytest.skip(f"no unwritable folder here (euid {os.geteuid()})")
+    folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("command", ["run", "synthetic", "report", "export"])
+def test_out_folder_not_writable(data_root, tmp_path, capsys, unwritable, command):
+    out = unwritable / "new" / "out"
+    if command == "run":  # checked before the cell runs (was: a PermissionError traceback after the work)
+        status = ad_eval(run_args(data_root, out))
+    elif command == "synthetic":
+        status = ad_eval(["synthetic", "--out", str(out)])
+    elif command == "report":
+        status = ad_eval(["report", "--results", str(tmp_path), "--out", str(out)])
+    else:
+        status = fractal_pretrain(["export", "--recipe", "anderson", "--num", "2", "--size", "16", "--shard-size",
+                                   "2", "--out", str(out)])
+    assert status == 2
+    assert f"--out {out}: cannot write in {unwritable}" in one_line(capsys, "fractal-pretrain" if command == "export"
+                                                                      else "ad-eval")
+    assert not (unwritable / "new").exists()
+
+
+def test_imagenet_file_of_another_arch(data_root, tmp_path, capsys):
+    """A resnet18 weights file given with --arch resnet34: one line, and no failure record (was one)."""
+    import torch
+    import torchvision
+
+    weights = tmp_path / "resnet18-f37072fd.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    out = tmp_path / "out"
+    args = run_args(data_root, out, backbone=f"imagenet:{weights}")
+    args[args.index("--arch") + 1] = "resnet34"
+    assert ad_eval(args) == 2
+    assert f"{weights} holds resnet18-shaped weights but arch=resnet34" in one_line(capsys, "ad-eval")
+    assert not out.exists()

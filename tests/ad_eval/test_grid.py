@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -64,6 +65,9 @@ def test_bad_cells_are_one_line_errors(bad, message):
     ({"backbones": {"X": {"arch": "resnet18"}}}, "backbones.X: needs 'spec'"),
     ({"cells_per_task": 0}, "cells_per_task=0"),
     ({"methods": {"patchcore": {"layers": [[7]]}}}, "7 is not one of"),
+    ({"methods": {"patchcore": {"layers": [2, 3]}}}, r"patchcore: layers=\[2, 3\]: must be a list of layer sets"),
+    ({"methods": {"patchcore": {"layers": "2,3"}}}, r"methods.patchcore: layers='2,3': must be a list of layer sets"),
+    ({"methods": {"patchcore": {"layers": [[]]}}}, r"layers=\[\[\]\]: must be a list of layer sets"),
 ])
 def test_grid_config_errors_name_file_and_key(tmp_path, changes, message):
     path = write_grid(tmp_path / "grid.yaml", tmp_path, **changes)
@@ -191,3 +195,66 @@ def test_jobs_gone_from_the_queue_without_a_result_are_lost():
     now["t"] = 61.0
     assert [j.job_id for j in lost.check(jobs)] == ["7_0"]
     assert LostJobs(queue=lambda: None).check(jobs) == []  # squeue unavailable: never declare a job lost
+
+
+@pytest.mark.parametrize(("category", "root", "message"), [
+    ("bottle", None, "unknown category 'bottle'"),
+    ("hazelnut_reduced", "nowhere", "dataset root .*nowhere is not a folder"),
+])
+def test_grid_bad_dataset_is_one_line_before_submitting(tmp_path, capsys, realdata, category, root, message):
+    """A typo in a root or category: one line, exit 2, nothing written (was: a failure record per cell)."""
+    datasets = {"mvtec": {"root": str(tmp_path / root) if root else str(realdata), "categories": [category]}}
+    config = write_grid(tmp_path / "grid.yaml", realdata, datasets=datasets)
+    out = tmp_path / "results"
+    assert main(["grid", "--config", str(config), "--cluster", "debug", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "grid.yaml: datasets.mvtec: " in err
+    assert re.search(message, err), err
+    assert not out.exists()
+
+
+def _task_processes(folder: Path) -> list[int]:
+    """Live processes whose command line names ``folder``: a local grid's submitit tasks (Linux /proc)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes() if proc.name.isdigit() else b""
+        except OSError:
+            continue
+        if b"submitit" in cmdline and str(folder).encode() in cmdline:
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("sigint_ignored", [False, True], ids=["foreground", "started-with-&"])
+def test_sigterm_to_a_local_grid_ends_its_tasks(tmp_path, realdata, sigint_ignored):
+    # `kill <grid pid>` used to leave the local tasks running as orphans; a re-run then ran their cells twice.
+    # A shell starts `cmd &` with SIGINT ignored, which the tasks inherit; submitit cancels a local task by SIGINT.
+    config = write_grid(tmp_path / "grid.yaml", realdata, size=32, seeds=[0, 1, 2], cells_per_task=6)
+    out = tmp_path / "results"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "grid.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "ad_eval", "grid", "--config", str(config), "--cluster",
+                                 "local", "--out", str(out), "--no-progress"], cwd=tmp_path, env=env,
+                                start_new_session=True, stdout=sink, stderr=subprocess.STDOUT,
+                                preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored
+                                else None)
+    try:
+        deadline = time.time() + 300
+        while not _task_processes(out / "submitit") and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert _task_processes(out / "submitit") and not records(out), log.read_text()[-3000:]
+        proc.send_signal(signal.SIGTERM)  # the grid process only, as `kill PID` does
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        deadline = time.time() + 5  # submitit stops a cancelled task with SIGINT, then SIGKILL after 1 s
+        while _task_processes(out / "submitit") and time.time() < deadline:
+            time.sleep(0.2)
+        assert not _task_processes(out / "submitit")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the grid and its tasks
+        except ProcessLookupError:
+            pass

@@ -213,3 +213,16 @@ def test_registered_method_runs_through_run_grid_and_report(data_root, tmp_path,
     assert main(["report", "--results", str(results), "--out", str(tmp_path / "report")]) == 0
     table = (tmp_path / "report" / "table_mvtec_image_AUROC.md").read_text()
     assert TOY.label in table or TOY.name in table
+
+
+def test_methods_command_lists_every_method_with_its_set_keys(capsys):
+    """`ad-eval methods`: what --method, --layers and --set accept, without reading the source."""
+    assert main(["methods"]) == 0
+    out = "\n" + capsys.readouterr().out
+    assert all(f"\n{name} " in out for name in list_methods())  # the test-only method too
+    patchcore = out[out.index("\npatchcore ") + 1:].split("\n")[:2]
+    assert "PatchCore" in patchcore[0] and "layers 2+3 (any of 1-4)" in patchcore[0]
+    assert "coreset_sampling_ratio=0.1" in patchcore[1] and "num_neighbors=9" in patchcore[1]
+    assert "cutpaste " in out and "no layers, image scores only" in out
+    toy = out[out.index("\ntoymean ") + 1:].split("\n")[:2]
+    assert "ToyMean" in toy[0] and all(f"{f.name}=" in toy[1] for f in dataclasses.fields(ToyConfig))

@@ -240,3 +240,17 @@ def test_empty_folder(tmp_path):
     assert "- records read: 0;" in out["summary"].read_text()
     with pytest.raises(FileNotFoundError):
         build_report(tmp_path / "nowhere", tmp_path / "report")
+
+
+def test_cli_prints_the_warnings(results, tmp_path, capsys):
+    """A --backbones typo, an empty results folder and failed cells are said on stderr, not only in summary.md."""
+    from ad_eval.cli import main
+
+    assert main(["report", "--results", str(results), "--out", str(tmp_path / "r1"),
+                 "--backbones", "ImageNet,Fractal"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: backbone 'Fractal' has no record" in err
+    assert "warning: 1 failed cell(s)" in err and "broken.json" in err
+    (tmp_path / "empty").mkdir()
+    assert main(["report", "--results", str(tmp_path / "empty"), "--out", str(tmp_path / "r2")]) == 0
+    assert f"warning: no cell record (<cell_id>.json) in {tmp_path / 'empty'}" in capsys.readouterr().err

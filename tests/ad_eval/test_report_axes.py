@@ -238,3 +238,22 @@ def test_qualitative_figure_from_real_cells(realdata, tmp_path):
     pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
     assert pixels.shape[1] == round(6 * PANEL_INCHES * DPI)
     assert all(np.abs(panel(pixels, row, 2) - panel(pixels, row, 4)).mean() > 1 for row in range(3))
+
+
+@pytest.mark.parametrize("panels", [1, 3])
+def test_figure_title_fits_the_figure(tmp_path, panels):
+    """The layer-bar figure of one method is 4 inches wide; its title was cut off at both ends."""
+    from ad_eval.report.figures.common import finish_figure, new_figure
+
+    title = "MVTec: average image-level AUROC per layer set"  # layers_figure's title
+    fig = new_figure(max(4.0, 3.2 * panels), 3.6)
+    for i in range(panels):
+        ax = fig.add_subplot(1, panels, i + 1)
+        ax.bar([0, 1], [80, 90], label="Fractals")
+    finish_figure(fig, ax, title, tmp_path / "bars.png", ncols=1)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    box = fig._suptitle.get_window_extent(FigureCanvasAgg(fig).get_renderer())
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height
+    assert " ".join(fig._suptitle.get_text().split()) == title  # wrapped, nothing dropped
+    assert (tmp_path / "bars.png").stat().st_size > 0

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 BACKBONE_COLORS = {"ImageNet": "tab:blue", "Fractals": "tab:red"}  # the paper's figures 4-6
 OTHER_COLORS = ("tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
 DPI = 150
+TITLE_CHARS_PER_INCH = 9  # the suptitle's font (12 pt) averages ~7 pt a character; with a margin
 
 
 def backbone_colors(backbones: Sequence[str]) -> dict[str, str]:
@@ -24,6 +25,10 @@ def new_figure(width: float, height: float, layout: str | None = "constrained"):
 
 def finish_figure(fig, ax, title: str, path, ncols: int) -> None:
     """The panel figures' common end: the last panel's legend below the panels, the title, a PNG at DPI."""
+    import textwrap
+
     fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=ncols)
-    fig.suptitle(title)
+    # wrapped to the figure's width: a one-panel figure (one method with a layer study, one backbone's spider)
+    # is narrower than its title, and the layout engine does not shrink a suptitle (it was cut at both ends)
+    fig.suptitle(textwrap.fill(title, max(20, int(fig.get_figwidth() * TITLE_CHARS_PER_INCH))))
     fig.savefig(path, dpi=DPI)

@@ -53,7 +53,7 @@ def layers_figure(long: pd.DataFrame, records: pd.DataFrame, dataset: str, metri
             ax.bar_label(bars, fmt="%.1f", fontsize=7)
         ax.set_xticks(np.arange(len(sets)), sets)
         ax.set_xlabel("feature hierarchy j")
-        ax.set_title(f"{method_label(method)} ({len(cats)} categories)")
+        ax.set_title(f"{method_label(method)} ({len(cats)} categor{'y' if len(cats) == 1 else 'ies'})")
         ax.set_ylim(0, 105)
         if i == 0:
             ax.set_ylabel(f"{METRIC_NAMES[metric]} (%)")
