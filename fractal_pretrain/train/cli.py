@@ -217,7 +217,10 @@ def held_startup_output():
         def emit(self, record: logging.LogRecord) -> None:
             held.append(record)
 
-    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    # Every logger with handlers, root included: Lightning's lines come from whichever package set the shared
+    # rank_zero logger last (lightning.pytorch, lightning.fabric, or the standalone pytorch_lightning).
+    loggers = [logging.root, *(logger for logger in logging.root.manager.loggerDict.values()
+                               if isinstance(logger, logging.Logger) and logger.handlers)]
     saved = [(logger, logger.handlers[:], logger.propagate) for logger in loggers]
     for logger in loggers:
         logger.handlers, logger.propagate = [Hold()], False
