@@ -2,6 +2,7 @@
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from fractal_pretrain.adapt.export import read_projector, weights_digest
 from fractal_pretrain.cli import main
 
 SMOKE = "jobs/adapt/smoke.yaml"
+ADAPT_JOBS = Path(__file__).resolve().parents[3] / "jobs" / "adapt"
 
 
 def adapt(tmp_path, name, *extra):
@@ -30,6 +32,15 @@ def test_smoke_writes_the_projector_of_its_backbone(tmp_path):
     assert meta["layers"] == ["layer2", "layer3"] and meta["steps"] == 2 and meta["shots"] == 2
     assert set(data["centers"]) == {"layer2", "layer3"} and data["centers"]["layer3"].shape == (256,)
     assert meta["recipe"] == "anderson" and meta["seed"] == 0
+
+
+@pytest.mark.parametrize("config", sorted(ADAPT_JOBS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_adapt_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["adapt", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "backbone:" in printed and "projector:" in printed and "batches_per_epoch:" in printed
 
 
 @pytest.mark.slow
