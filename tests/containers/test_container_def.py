@@ -8,6 +8,7 @@ and the tiny render of %test with this environment's package.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import re
@@ -234,6 +235,17 @@ def test_runscript_usage(runscript):
     for args in ([], ["train"]):
         result = runscript(*args)
         assert result.returncode == 2 and "usage:" in result.stderr and result.stdout == ""
+
+
+def test_runscript_usage_lists_every_subcommand(runscript):
+    from ad_eval.cli import build_parser as ad_eval_parser
+    from fractal_pretrain.cli import build_parser as fractal_parser
+
+    usage = runscript("--help").stdout
+    for program, parser in (("fractal-pretrain", fractal_parser()), ("ad-eval", ad_eval_parser())):
+        (commands,) = (a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        (line,) = (line.split()[1] for line in usage.splitlines() if line.split()[:1] == [program])
+        assert line.split("|") == list(commands), f"{program}: usage lists {line}, the CLI has {list(commands)}"
 
 
 def test_test_section_render_command_runs(tmp_path):
