@@ -19,8 +19,8 @@
 # row that must be the same for all versions (they all draw the reference's images). Other recipes and options:
 # VERSION_RECIPES=mandelbulbvar VERSION_ARGS="--set mode=on_the_fly --repeats 3" bash benchmarks/gpu_session.sh versions
 #
-# $OUT brings back at most 8 files of 16 MiB: a few logs, one archive, and backbone.pt in 15 MiB parts
-# (cat backbone.pt.part-* > backbone.pt).
+# $OUT brings back at most 8 files of 16 MiB, 64 MiB in all: a few logs, one archive, and backbone.pt in 15 MiB
+# parts (cat backbone.pt.part-* > backbone.pt) where it is at most 48 MiB (resnet18; not ofdb-pretrain's resnet50).
 set -uo pipefail
 stage="${1:?usage: gpu_session.sh kernels|pretrain|versions|mandelbulb|ofdb|ofdb-pretrain|selfsup|adapt}"
 out="${OUT:-gpu-logs}"
@@ -40,7 +40,16 @@ pretrain_and_report() {
   local name=$1 backbones=$2 run=runs/$1
   python3 -m fractal_pretrain fit --config "jobs/pretrain/$name.yaml" --trainer.enable_progress_bar false \
     --ckpt_path none 2>&1 | tail -n 200 > "$out/pretrain.log"
-  split -b 15M -d "$run"/backbone.pt "$out/backbone.pt.part-"
+  # $OUT comes back only within 8 files and 64 MiB: backbone.pt in parts if it leaves room for the other four
+  # files (resnet18: 43 MiB, 3 parts); a resnet50's (~90 MiB) stays on the machine, in $run
+  if [ ! -f "$run"/backbone.pt ]; then
+    echo "gpu_session.sh: no $run/backbone.pt: the fit failed (see above)" >> "$out/pretrain.log"
+  elif [ "$(stat -c %s "$run"/backbone.pt)" -le $((48 * 1024 * 1024)) ]; then
+    split -b 15M -d "$run"/backbone.pt "$out/backbone.pt.part-"
+  else
+    echo "gpu_session.sh: $run/backbone.pt is over 48 MiB, too large to bring back from \$OUT; kept in $run" \
+      | tee -a "$out/pretrain.log"
+  fi
   python3 -m ad_eval grid --config "jobs/eval/$name.yaml" --cluster local --out "results/$name" \
     > "$out/eval.log" 2>&1
   python3 -m ad_eval report --results "results/$name" --out "reports/$name" --backbones "$backbones" \

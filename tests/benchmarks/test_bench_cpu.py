@@ -238,6 +238,36 @@ def test_gpu_session_script_parses_and_handles_every_stage_of_its_usage():
     assert sorted(re.split(r", | or ", unknown)) == sorted(usage)
 
 
+@pytest.mark.parametrize("mib, parts", [(43, 3), (90, 0)])  # a resnet18's backbone.pt, a resnet50's
+def test_pretrain_stages_leave_in_out_what_the_device_tool_brings_back(tmp_path, mib, parts):
+    """$OUT comes back only within 8 files of at most 16 MiB, 64 MiB in all: pretrain_and_report splits
+    backbone.pt into it where it fits, else leaves it in runs/ and says so (python3 stubbed: no GPU here)."""
+    function = re.search(r"^pretrain_and_report\(\) \{\n.*?^\}\n", GPU_SESSION.read_text(), re.M | re.S).group(0)
+    stub = tmp_path / "bin" / "python3"
+    stub.parent.mkdir()
+    stub.write_text("#!/bin/sh\nexit 0\n")
+    stub.chmod(0o755)
+    run = tmp_path / "runs" / "net"
+    (run / "logs" / "version_0").mkdir(parents=True)
+    (run / "logs" / "version_0" / "metrics.csv").write_text("step\n")
+    (run / "backbone.json").write_text("{}")
+    with open(run / "backbone.pt", "wb") as f:
+        f.truncate(mib * 2**20)
+    for folder in ("results/net", "reports/net"):
+        (tmp_path / folder).mkdir(parents=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "device.txt").write_text("gpu\n")
+    env = {**os.environ, "PATH": f"{stub.parent}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run(["bash", "-c", f"{function}out={out}\npretrain_and_report net A,B"], cwd=tmp_path, env=env,
+                   check=True)
+    sizes = [p.stat().st_size for p in out.iterdir()]
+    assert len(sizes) <= 8 and max(sizes) <= 16 * 2**20 and sum(sizes) <= 64 * 2**20
+    assert len(list(out.glob("backbone.pt.part-*"))) == parts and (out / "net.tar.gz").is_file()
+    if not parts:
+        assert "too large to bring back" in (out / "pretrain.log").read_text()
+
+
 SHELL_VALUES = {"label": "working tree"}  # variables the commands use outside a for loop
 # $name, ${name} or ${name:-default} (an unset variable with a default takes the default)
 SHELL_VARIABLE = re.compile(r"\$\{(?P<name>\w+)(?::-(?P<default>[^}]*))?\}|\$(?P<bare>\w+)")
