@@ -201,8 +201,12 @@ def instantiate_cli(cli_class, model_class, data_class, argv: Sequence[str], pro
                              save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
                              seed_everything_default=0,
                              parser_kwargs={"prog": prog, "exit_on_error": False, **parser_kwargs})
-        except (ArgumentError, MisconfigurationException) as err:
+        except ArgumentError as err:
             raise ConfigError(str(err)) from None
+        except MisconfigurationException as err:  # Lightning's words name no key; a GPU one is the accelerator's
+            gpu = "gpu" in str(err).lower()
+            raise ConfigError(f"trainer.accelerator: {err} (no usable GPU here: --trainer.accelerator cpu, or auto)"
+                              if gpu else str(err)) from None
         finally:
             seed_log.setLevel(level)
 

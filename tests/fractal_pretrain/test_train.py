@@ -145,7 +145,8 @@ def test_a_gpu_config_on_a_machine_without_one_is_one_line(tmp_path, capsys):
     # was Lightning's MisconfigurationException traceback, status 1
     assert main(fit_args(tmp_path, "--trainer.accelerator", "gpu")) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["fractal-pretrain: error: No supported gpu backend found!"], err
+    assert err == ["fractal-pretrain: error: trainer.accelerator: No supported gpu backend found! (no usable GPU "
+                   "here: --trainer.accelerator cpu, or auto)"], err
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
