@@ -398,7 +398,8 @@ def wait(jobs: list, out_dir: Path, grid: Grid, poll_s: float = 2.0, progress: b
 def check_projectors(grid: Grid, cells: list[Cell]) -> None:
     """``preflight`` of one cell per (backbone weights, projector) pair before anything is submitted: a
     projector made for other weights (a random backbone is other weights for every seed) or other layers
-    fails every cell of the pair, and re-running would not help."""
+    fails every cell of the pair, and re-running would not help. Off Slurm (its train images may be on the
+    compute nodes only)."""
     seen = set()
     for cell in cells:
         key = (cell.backbone, cell.arch, cell.seed if cell.backbone == "random" else None, cell.projector)
@@ -458,10 +459,10 @@ def local_tasks_end_with_the_grid(jobs: list, cluster: str):
 def run_grid(config: str | Path, out_dir: str | Path, cluster: str = "local", progress: bool = True) -> dict:
     """Submit pending cells, wait, and summarise; re-running continues where the last run stopped."""
     grid = load_grid(config)
-    if cluster != "slurm":
-        check_datasets(grid)
     out_dir = Path(out_dir)
-    check_projectors(grid, pending_cells(grid, out_dir) if out_dir.exists() else grid.cells)
+    if cluster != "slurm":  # a cluster's data may be visible on its compute nodes only: there each cell checks
+        check_datasets(grid)  # its own dataset and projector (the projector's references are train images)
+        check_projectors(grid, pending_cells(grid, out_dir) if out_dir.exists() else grid.cells)
     before = len(grid.cells) - len(pending_cells(grid, out_dir)) if out_dir.exists() else 0
     jobs = submit(grid, out_dir, cluster)
     print(f"{len(grid.cells)} cells: {before} already done, {len(grid.cells) - before} submitted "
