@@ -29,7 +29,7 @@ from fractal_pretrain.train.cli import (
     fit_resuming,
     held_startup_output,
     instantiate_cli,
-    resume_checkpoint,
+    run_checkpoint,
     run_directory,
 )
 
@@ -127,9 +127,10 @@ def adapt(argv: Sequence[str]) -> int:
     """Runs ``fractal-pretrain adapt ARGS``; returns the exit status."""
     with held_startup_output():
         cli = make_adapt_cli(argv)
-        check_resume(resume_checkpoint(Path(cli.trainer.default_root_dir), cli.config["ckpt_path"]), cli.model)
+        ckpt = run_checkpoint(cli)
+        check_resume(ckpt, cli.model)
     with warnings.catch_warnings():
         # Lightning warns that a mid-epoch resume with a stateless loader is "unreliable": the loader only
         # yields batch numbers, the batch counter is the module's (in the checkpoint), the resume is exact.
         warnings.filterwarnings("ignore", message=".*ended before the epoch ended and your dataloader is not resumable")
-        return fit_resuming(cli)
+        return fit_resuming(cli, ckpt)

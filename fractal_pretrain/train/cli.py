@@ -146,10 +146,14 @@ def check_same_run(saved: dict, ckpt: str, model, datamodule) -> None:
                                   f"trainer.default_root_dir or --ckpt_path none")
 
 
-def fit_resuming(cli: LightningCLI) -> int:
-    """``trainer.fit`` from the checkpoint ``--ckpt_path`` names (auto: the newest in the run directory)."""
+def run_checkpoint(cli: LightningCLI) -> str | None:
+    """The checkpoint ``--ckpt_path`` names (auto: the newest in the run directory), or None."""
+    return resume_checkpoint(Path(cli.trainer.default_root_dir), cli.config["ckpt_path"])
+
+
+def fit_resuming(cli: LightningCLI, ckpt: str | None) -> int:
+    """``trainer.fit`` from ``ckpt`` (``run_checkpoint``, checked by the caller)."""
     root = Path(cli.trainer.default_root_dir)
-    ckpt = resume_checkpoint(root, cli.config["ckpt_path"])
     if ckpt:
         print(f"resuming from {ckpt}", flush=True)
     try:
@@ -255,9 +259,9 @@ def fit(argv: Sequence[str]) -> int:
         cli.model.check_schedule(cli.trainer, cli.datamodule)  # so is a schedule that does not fit the run
         steps = cli.datamodule.train_steps_per_epoch(cli.trainer.world_size)  # and a batch split that cannot train
         check_val_interval(cli.trainer, steps)
-        check_resumable(resume_checkpoint(Path(cli.trainer.default_root_dir), cli.config["ckpt_path"]), cli.model,
-                        cli.datamodule)
-    return fit_resuming(cli)
+        ckpt = run_checkpoint(cli)
+        check_resumable(ckpt, cli.model, cli.datamodule)
+    return fit_resuming(cli, ckpt)
 
 
 def check_val_interval(trainer, steps: int) -> None:
