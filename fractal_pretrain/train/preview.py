@@ -241,15 +241,9 @@ def quiet_lightning():
 
 def parsed_cli(make, command: str, argv: Sequence[str]):
     """(preview options, the ``command``'s LightningCLI built by ``make`` on the CPU, not run): every key and
-    check of ``fit`` / ``adapt``; a bad key or value is one line."""
-    from jsonargparse import ArgumentError
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
+    check of ``fit`` / ``adapt``; a bad key or value is one line (``train.cli.instantiate_cli``)."""
     options, rest = parse_preview(preview_options(PROG, command), argv)
-    try:
-        return options, make(on_cpu(rest), prog=PROG)
-    except (ArgumentError, MisconfigurationException) as exc:
-        raise ConfigError(str(exc)) from None
+    return options, make(on_cpu(rest), prog=PROG)
 
 
 def preview_fit(argv: Sequence[str]) -> int:
