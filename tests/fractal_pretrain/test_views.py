@@ -155,3 +155,20 @@ def test_preview_shows_view_pairs_and_export_refuses_views(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "views=2" in err[0]
     assert not (tmp_path / "s").exists()
+
+
+def test_the_fractal_of_a_view_pair_is_rendered_at_its_bounding_box_as_in_ssfractal(renderer):
+    # Anderson's SelfSupervisedGenerator renders the fractal over minmax(points), without IFSGenerator's window
+    # zoom/shift: the object fills its square before each view resizes and places it.
+    from fractal_pretrain.render import reference
+
+    recipe = get_recipe("selfsup")
+    assert recipe.window_translate == 0.0 and recipe.window_scale == (1.0, 1.0)
+    indices = np.arange(24)
+    _, _, _, items = renderer.plan_views(indices, 1)
+    np.testing.assert_array_equal(items.shift, 0.0)
+    np.testing.assert_array_equal(items.scale, 1.0)
+    _, density, points = reference.render_items(renderer.recipe, renderer.seed, 1, items, 48)
+    for g in density[points > 0]:
+        rows, cols = np.flatnonzero(g.any(axis=1)), np.flatnonzero(g.any(axis=0))
+        assert rows[0] <= 1 and rows[-1] >= 46 and cols[0] <= 1 and cols[-1] >= 46  # edge to edge
