@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_session.sh kernels    # GPU tests, render images/s + per-kernel ms, train throughput (~5 min)
 #   bash benchmarks/gpu_session.sh pretrain   # short resnet18 pre-training, then AD eval vs random init (~8 min)
 #   bash benchmarks/gpu_session.sh versions   # each renderer version in .bench-versions side by side (~1 min each)
-#   bash benchmarks/gpu_session.sh mandelbulb # Mandelbulb GPU tests, both modes' images/s, WRN50 vs ceiling (~6 min)
+#   bash benchmarks/gpu_session.sh mandelbulb # Mandelbulb GPU tests, both modes' images/s, WRN50 vs ceiling (~7 min)
 #   bash benchmarks/gpu_session.sh ofdb       # OFDB GPU tests, end to end vs model-only ceiling at OFDB settings (~3 min)
 #   bash benchmarks/gpu_session.sh ofdb-pretrain  # jobs/pretrain/ofdb_short_r50.yaml, then PatchCore vs random init
 #   bash benchmarks/gpu_session.sh selfsup    # selfsup GPU tests, SimSiam two-view step vs its ceiling (~3 min)
@@ -94,6 +94,8 @@ case "$stage" in
       python3 benchmarks/train_throughput.py --archs wide_resnet50_2 --recipe mandelbulbvar --steps 15 --warmup 5 \
         --set mode=$mode 2>&1 | tee -a "$out/train.jsonl"
     done
+    python3 benchmarks/train_throughput.py --archs wide_resnet50_2 --recipe multimandelbulb --steps 15 --warmup 5 \
+      --set mode=view_bank 2>&1 | tee -a "$out/train.jsonl"
     python3 benchmarks/summarise.py "$out/render.jsonl" "$out/train.jsonl" | tee "$out/summary.md"
     ;;
   ofdb)

@@ -3,7 +3,8 @@
     python3 benchmarks/summarise.py render.jsonl train.jsonl
 
 Lines that are not JSON objects (pytest output, warnings) are skipped. Render rows (render_throughput.py)
-give ms per batch, images/s and, with --profile, the slowest kernels; augmentation rows
+give ms per batch, images/s, with --profile the slowest kernels, and for the Mandelbulb recipes rays/s and
+the setup time (the view bank's build); augmentation rows
 (augment_throughput.py) ms per batch by stage; train rows (train_throughput.py in every mode, and
 augment_throughput.py's train_step) the ceiling, end-to-end and prefetch throughput and their ratios to the
 ceiling (samples/s for SimSiam rows). A row's recipe, overrides and a non-GPU device are named beside its
@@ -57,13 +58,15 @@ def settings(row: dict, default_recipe: str | None) -> str:
 
 
 def render_table(render: list[dict]) -> list[str]:
-    out = ["| recipe | version | size | batch | ms / batch | images/s | image digest | slowest kernels (ms / batch) |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = ["| recipe | version | size | batch | ms / batch | images/s | image digest | slowest kernels (ms / batch) "
+           "| rays/s | setup s |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in render:
         kernels = ", ".join(f"{k} {v}" for k, v in list((r.get("kernel_ms") or {}).items())[:4])
         recipe = r["recipe"] + settings({**r, "recipe": None}, None)
         out.append(f"| {recipe} | {r.get('version', '')} | {r['size']} | {r['batch']} | {r['ms_per_batch']} "
-                   f"| {number(r['images_per_s'])} | {r.get('digest', '')} | {kernels} |")
+                   f"| {number(r['images_per_s'])} | {r.get('digest', '')} | {kernels} "
+                   f"| {number(r.get('rays_per_s'), '.3g')} | {number(r.get('setup_s'), 'g')} |")
     return out
 
 

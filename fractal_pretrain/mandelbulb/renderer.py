@@ -16,6 +16,7 @@ from fractal_pretrain.config import ConfigError, check_range
 from fractal_pretrain.mandelbulb import params as P
 from fractal_pretrain.mandelbulb import reference
 from fractal_pretrain.mandelbulb.recipe import MandelbulbRecipe
+from fractal_pretrain.render import backend as render_backend
 from fractal_pretrain.render import kernel_constants
 from fractal_pretrain.render.backend import make_backend
 from fractal_pretrain.render.backend import ptr as _ptr
@@ -163,6 +164,16 @@ def check_bank_memory(recipe: MandelbulbRecipe, size: int, free_bytes: int) -> N
             f"({recipe.num_classes * recipe.members_per_class} formulas x {recipe.bank_views} views of "
             f"{P.bank_side(recipe, size)} px RGBA), the device has {free_bytes / 2**30:.2f} GiB free; "
             f"use fewer bank_views or mode=on_the_fly")
+
+
+def check_bank_fits(recipe: MandelbulbRecipe, size: int, device) -> None:
+    """``check_bank_memory`` against ``device``'s free memory now (view_bank mode on a GPU; nothing to check
+    on the CPU), without building anything: ``fit`` calls it before Lightning creates the run's logs."""
+    if recipe.mode != "view_bank":
+        return
+    free = render_backend.device_free_memory(device)
+    if free is not None:
+        check_bank_memory(recipe, size, free)
 
 
 @dataclass

@@ -28,6 +28,17 @@ def ptr(tensor) -> np.uint64:
     return np.uint64(tensor.data_ptr())
 
 
+def device_free_memory(device) -> int | None:
+    """Free memory in bytes of a torch device (``torch.cuda.mem_get_info``); None for the CPU, where nothing
+    is kept resident and nothing is checked."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.mem_get_info(device)[0])
+
+
 def kernel_source(name: str) -> str:
     return (KERNEL_DIR / f"{name}.cu").read_text()
 
@@ -141,9 +152,7 @@ class CupyBackend(KernelBackend):
         return int(props.get("sharedMemPerBlockOptin", props["sharedMemPerBlock"]))
 
     def free_memory(self) -> int | None:
-        import torch
-
-        return int(torch.cuda.mem_get_info(self.torch_device)[0])
+        return device_free_memory(self.torch_device)
 
 
 def make_backend(device: str = "cuda", emulate: bool = False) -> KernelBackend:

@@ -256,6 +256,7 @@ def fit(argv: Sequence[str]) -> int:
     with held_startup_output():
         cli = make_cli(argv)
         cli.datamodule.load_images()  # bad images are errors before the run directory is touched
+        cli.datamodule.check_device_memory(cli.trainer.strategy.root_device)  # so is a view bank that cannot fit
         cli.model.check_schedule(cli.trainer, cli.datamodule)  # so is a schedule that does not fit the run
         steps = cli.datamodule.train_steps_per_epoch(cli.trainer.world_size)  # and a batch split that cannot train
         check_val_interval(cli.trainer, steps)

@@ -28,7 +28,7 @@ import lightning.pytorch as pl
 import numpy as np
 
 from fractal_pretrain.config import ConfigError, check_choice, check_range
-from fractal_pretrain.recipes import get_recipe
+from fractal_pretrain.recipes import get_recipe, recipe_family
 from fractal_pretrain.render.fast_cpu import available_cores
 from fractal_pretrain.render.renderer import (
     IMAGENET_MEAN,
@@ -369,6 +369,15 @@ class FractalDataModule(pl.LightningDataModule):
             self.image_set = image_sets.folder_set(self.listing, self.resident_gb, mixed_sizes)
         else:
             self.image_set = image_sets.shard_set(self.listing, mixed_sizes)
+
+    def check_device_memory(self, device) -> None:
+        """What setup would find too large for ``device`` (the trainer's root device), as a one-line error
+        before the run writes anything: Lightning creates logs/version_N before ``setup``, so ``fit`` calls
+        this first. Today: a Mandelbulb view bank larger than the device's free memory."""
+        if self.source == "render" and recipe_family(self.recipe) == "mandelbulb":
+            from fractal_pretrain.mandelbulb.renderer import check_bank_fits
+
+            check_bank_fits(self.recipe, self.size, device)
 
     def _render_threads(self) -> int:
         """data.num_threads, or the process's cores divided among this node's ranks (DDP on CPU runs one

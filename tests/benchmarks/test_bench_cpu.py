@@ -172,8 +172,7 @@ def test_render_mandelbulb_rows_on_the_emulated_kernels(mode, run):
                                      "--batch", "2", "--repeats", "1", "--set", f"mode={mode}", *MANDELBULB_TINY])
     check_render_row(rows[0])
     assert rows[0]["setup_s"] >= 0
-    if mode == "on_the_fly":
-        positive(rows[0], "rays_per_s")
+    positive(rows[0], "rays_per_s")  # view_bank: the bank's rays (4 formulas x 2 views x 16^2) over setup_s
 
 
 def kernel_versions_commits() -> list[str]:

@@ -53,7 +53,10 @@ def test_published_statistics_at_a_small_size():
     batch = make_renderer(recipe, size=size, seed=0).render(indices)
     assert (batch.labels == np.repeat(classes, views)).all()
     mask = object_mask(batch.images)
-    fraction = mask.mean(axis=(1, 2)).reshape(len(classes), views).mean(axis=1)
+    per_view = mask.mean(axis=(1, 2)).reshape(len(classes), views)
+    fraction = per_view.mean(axis=1)
+    # The same shape in every view of a class: the class, not the view, sets the coverage (0.27 vs ~0.6 here).
+    assert (np.abs(per_view - fraction[:, None]) < 0.1).all()
     for (key, want), got in zip(PUBLISHED_HIT.items(), fraction, strict=True):
         assert abs(got - want) < 0.08, f"power {key[0]} rule {key[1]}: hit fraction {got:.3f}, published ~{want}"
     # The published samples' classes (not power 2) cover 52-64% of the frame at 512 px with 2x AA.
@@ -325,3 +328,42 @@ def test_view_bank_memory_is_stated_and_checked():
         check_bank_memory(var, 256, 8 * 2**30)
     message = str(err.value)
     assert message.startswith("bank_views=64: ") and "16.20 GiB" in message and "8.00 GiB free" in message
+
+
+def test_a_view_bank_too_large_for_the_device_stops_fit_before_it_writes(tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    from fractal_pretrain.cli import main
+    from fractal_pretrain.render import backend
+    from fractal_pretrain.train.data import FractalDataModule
+
+    assert backend.device_free_memory("cpu") is None  # nothing is kept resident on the CPU: nothing to check
+    FractalDataModule(recipe="mandelbulbvar", size=256).check_device_memory("cpu")
+    # No GPU here: only the free-memory query is replaced, by one answering 1 GiB for any device (the CPU too),
+    # so the check fit runs before Lightning creates logs/version_N (where setup would build the bank) is seen.
+    queried = []
+
+    def one_gib_free(device):
+        queried.append(str(device))
+        return 2**30
+
+    monkeypatch.setattr(backend, "device_free_memory", one_gib_free)
+    smoke = Path(__file__).resolve().parents[2] / "jobs" / "pretrain" / "smoke.yaml"
+    root = tmp_path / "run"
+    args = ["fit", "--config", str(smoke), "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar",
+            "false", "--trainer.max_steps", "1", "--data.recipe", "mandelbulbvar", "--data.recipe_overrides", "{}",
+            "--data.size", "64",
+            "--data.batch_size", "2", "--data.samples_per_epoch", "2", "--data.val_samples", "0"]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fractal-pretrain: error: bank_views=64: the view bank needs 1.01 GiB at 64 px") and \
+        "1.00 GiB free" in err and err.count("\n") == 1
+    assert queried == ["cpu"] and not root.exists()
+    # The same bank fits in 2 GiB; on_the_fly keeps no bank at all.
+    monkeypatch.setattr(backend, "device_free_memory", lambda device: 2**31)
+    FractalDataModule(recipe="mandelbulbvar", size=64).check_device_memory("cuda:0")
+    monkeypatch.setattr(backend, "device_free_memory", one_gib_free)
+    on_the_fly = FractalDataModule(recipe="mandelbulbvar", recipe_overrides={"mode": "on_the_fly"}, size=64)
+    on_the_fly.check_device_memory("cuda:0")
+    assert queried == ["cpu"]
