@@ -237,9 +237,11 @@ def instantiate_cli(cli_class, model_class, data_class, argv: Sequence[str], pro
 
 
 @contextmanager
-def held_startup_output():
+def held_startup_output(shown_from: int = logging.NOTSET):
     """Lightning's start-up lines (GPU available, tips, srun hints: log records and warnings) held back while the
-    checks that need the built trainer run, and shown once they pass: a bad config prints its one-line error only."""
+    block runs, so a bad config prints its one-line error only; shown once it passes (``fit``, ``adapt``: the checks
+    that need the built trainer passed, the run starts), but for log records below level ``shown_from``, dropped
+    (``preview``, which trains nothing: :func:`fractal_pretrain.train.preview.quiet_lightning`)."""
     held: list[logging.LogRecord] = []
 
     class Hold(logging.Handler):
@@ -261,7 +263,8 @@ def held_startup_output():
         for logger, handlers, propagate in saved:
             logger.handlers, logger.propagate = handlers, propagate
     for record in held:  # only reached when the block succeeded
-        logging.getLogger(record.name).handle(record)
+        if record.levelno >= shown_from:
+            logging.getLogger(record.name).handle(record)
     for w in caught:
         warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
