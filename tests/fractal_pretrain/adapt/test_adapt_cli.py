@@ -71,7 +71,8 @@ def test_resume_continues_exactly(tmp_path):
     (["--model.backbone", "/nonexistent/backbone.pt"], "model.backbone"),
     (["--model.layerz", "[layer2]"], "Unrecognized arguments: --model.layerz"),  # was the 75-line usage
     (["--model.size", "abc"], 'Parser key "model.size"'),
-    (["--model.render_device", "gpu"], "model.render_device='gpu'"),  # was checked in setup: config.yaml, logs
+    (["--model.render_device", "gpu"],  # was checked in setup, after config.yaml and logs were written
+     "model.render_device='gpu': must be auto, cpu, cpu-reference, cuda or cuda:N"),
 ])
 def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, extra, message):
     status, root = adapt(tmp_path, "bad", *extra)
