@@ -28,6 +28,7 @@ from ad_eval.methods import get_method, list_methods
 from ad_eval.methods.base import check_layers
 from fractal_pretrain.atomic import atomic_write
 from fractal_pretrain.config import ConfigError, check_range
+from fractal_pretrain.config import check_device as check_device_named
 
 DATASETS = ("mvtec", "visa")
 FAILED_SUFFIX = ".failed.json"
@@ -134,14 +135,9 @@ def write_json_atomic(path: Path, data: dict) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
-DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
-
-
 def check_device(device: str) -> str:
-    """``device`` if it is one of ``DEVICE_FORMS`` (available or not), else a one-line ConfigError."""
-    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-        raise ConfigError(f"device={device!r}: must be {DEVICE_FORMS}")
-    return device
+    """``device`` if it is auto, cpu, cuda or cuda:N (available or not), else a one-line ConfigError."""
+    return check_device_named("device", device)
 
 
 def resolve_device(device: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -40,6 +41,16 @@ def check_pair(name: str, pair, low=None, high=None) -> None:
 def check_choice(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ConfigError(f"{name}={value!r}: must be one of {', '.join(map(str, allowed))}")
+
+
+def check_device(name: str, value, *, also: tuple[str, ...] = ()) -> str:
+    """``value`` if it names a device as configs spell it: auto, cpu, cuda or cuda:N (available or not; that is
+    checked where it is used), or one of ``also`` (``model.render_device``: cpu-reference); else a one-line
+    ConfigError naming ``name`` and the forms allowed."""
+    forms = ["auto", "cpu", *also, "cuda"]
+    if not isinstance(value, str) or not (value in forms or re.fullmatch(r"cuda:\d+", value)):
+        raise ConfigError(f"{name}={value!r}: must be {', '.join(forms)} or cuda:N")
+    return value
 
 
 def _coerce(cls, name: str, value):

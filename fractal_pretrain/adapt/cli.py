@@ -11,7 +11,6 @@ requeue and DDP come from the same callbacks and checks as ``fit`` (``train/cli.
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,9 +25,11 @@ from fractal_pretrain.config import ConfigError, check_range
 from fractal_pretrain.train.callbacks import RequeueOnSignal
 from fractal_pretrain.train.cli import (
     add_run_callbacks,
+    differing_keys,
     fit_resuming,
     held_startup_output,
     instantiate_cli,
+    read_checkpoint,
     run_checkpoint,
     run_directory,
 )
@@ -104,17 +105,11 @@ def check_resume(ckpt: str | None, model: AdaptModule) -> None:
     projector.json, written from this config, misdescribes: refuse it, naming the differing keys."""
     if ckpt is None:
         return
-    try:
-        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001  (any unreadable file: pickle, zip, EOF errors)
-        raise ConfigError(f"checkpoint {ckpt}: cannot read ({type(err).__name__})") from None
-    if not isinstance(saved, dict) or "backbone_seed" not in saved.get("hyper_parameters", {}):
-        raise ConfigError(f"checkpoint {ckpt}: not a checkpoint of fractal-pretrain adapt")
+    saved = read_checkpoint(ckpt, "fractal-pretrain adapt",
+                            lambda saved: "backbone_seed" in (saved.get("hyper_parameters") or {}))
     before, now = saved["hyper_parameters"], dict(model.hparams)
-    plain = lambda value: json.loads(json.dumps(value, default=list))  # noqa: E731  (tuples and lists alike)
     changed = [f"model.{key}: {before.get(key)!r} there, {now.get(key)!r} here"
-               for key in sorted((set(before) | set(now)) - RESUMABLE_KEYS)
-               if plain(before.get(key)) != plain(now.get(key))]
+               for key in differing_keys(before, now, sorted((set(before) | set(now)) - RESUMABLE_KEYS))]
     if saved.get("backbone_digest", model.backbone_digest) != model.backbone_digest:
         changed.insert(0, f"model.backbone weights: digest {saved['backbone_digest']} there, "
                           f"{model.backbone_digest} here")

@@ -16,7 +16,6 @@ patch AUROC of the compressed norm, for the logs only: nothing is selected on it
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 
 import lightning.pytorch as pl
@@ -32,7 +31,7 @@ from fractal_pretrain.adapt.normals import REFERENCE_MODES, crop_copies, crop_of
 from fractal_pretrain.adapt.projector import Projector, ProjectorConfig
 from fractal_pretrain.adapt.residual import residual_features
 from fractal_pretrain.adapt.views import photometric_view
-from fractal_pretrain.config import ConfigError, build_checked, check_choice, check_range
+from fractal_pretrain.config import ConfigError, build_checked, check_choice, check_device, check_range
 from fractal_pretrain.recipes import get_recipe
 from fractal_pretrain.render import make_renderer
 
@@ -116,9 +115,7 @@ class AdaptModule(pl.LightningModule):
         check_range("model.val_classes", val_classes, 1, 1_000_000, integer=True)
         check_range("model.seed", seed, 0, 2**32 - 1, integer=True)
         check_choice("model.references", references, REFERENCE_MODES)
-        if not re.fullmatch(r"auto|cpu|cpu-reference|cuda(:\d+)?", str(render_device)):  # else only in setup
-            raise ConfigError(f"model.render_device={render_device!r}: must be auto, cpu, cpu-reference, cuda "
-                              "or cuda:N")
+        check_device("model.render_device", render_device, also=("cpu-reference",))  # else only in setup
         check_range("model.reference_shift", reference_shift, 0.0, 0.25)
         if not isinstance(jitter_references, bool):
             raise ConfigError(f"model.jitter_references={jitter_references!r}: must be true or false")

@@ -19,6 +19,7 @@ or a Slurm requeue, continues where the run stopped; ``none`` starts fresh; a pa
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import signal
@@ -139,11 +140,31 @@ def check_same_run(saved: dict, ckpt: str, model, datamodule) -> None:
     for section, (stored, keys) in SAME_RUN_KEYS.items():
         recorded = saved.get(stored) or {}
         current = (model if section == "model" else datamodule).hparams
-        for key in keys:
-            if key in recorded and key in current and recorded[key] != current[key]:
-                raise ConfigError(f"{section}.{key}={current[key]!r}: {ckpt} was written by a run with "
-                                  f"{recorded[key]!r}; resume with that value, or use another "
-                                  f"trainer.default_root_dir or --ckpt_path none")
+        both = [key for key in keys if key in recorded and key in current]  # a key older checkpoints lack: not a change
+        for key in differing_keys(recorded, current, both)[:1]:
+            raise ConfigError(f"{section}.{key}={current[key]!r}: {ckpt} was written by a run with "
+                              f"{recorded[key]!r}; resume with that value, or use another "
+                              f"trainer.default_root_dir or --ckpt_path none")
+
+
+def read_checkpoint(ckpt: str, command: str, is_ours) -> dict:
+    """The checkpoint to resume from, loaded for the resume checks (``fit``, ``adapt``) before anything is written:
+    a file that cannot be read (cut short, not a checkpoint at all), or a checkpoint ``is_ours`` refuses (another
+    command's), is a one-line ``ConfigError`` naming the path."""
+    try:
+        saved = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as err:  # noqa: BLE001  (any unreadable file: pickle, zip, EOF errors)
+        raise ConfigError(f"ckpt_path={ckpt!r}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(saved, dict) or not is_ours(saved):
+        raise ConfigError(f"ckpt_path={ckpt!r}: not a checkpoint of {command}")
+    return saved
+
+
+def differing_keys(recorded, current, keys) -> list[str]:
+    """Those of ``keys`` whose value in a checkpoint's hyper-parameters ``recorded`` differs from this config's
+    ``current``, in order (absent: None; a list and a tuple of the same values are the same)."""
+    plain = lambda value: json.loads(json.dumps(value, default=list))  # noqa: E731
+    return [key for key in keys if plain(recorded.get(key)) != plain(current.get(key))]
 
 
 def run_checkpoint(cli: LightningCLI) -> str | None:
@@ -216,9 +237,11 @@ def instantiate_cli(cli_class, model_class, data_class, argv: Sequence[str], pro
 
 
 @contextmanager
-def held_startup_output():
+def held_startup_output(shown_from: int = logging.NOTSET):
     """Lightning's start-up lines (GPU available, tips, srun hints: log records and warnings) held back while the
-    checks that need the built trainer run, and shown once they pass: a bad config prints its one-line error only."""
+    block runs, so a bad config prints its one-line error only; shown once it passes (``fit``, ``adapt``: the checks
+    that need the built trainer passed, the run starts), but for log records below level ``shown_from``, dropped
+    (``preview``, which trains nothing: :func:`fractal_pretrain.train.preview.quiet_lightning`)."""
     held: list[logging.LogRecord] = []
 
     class Hold(logging.Handler):
@@ -240,7 +263,8 @@ def held_startup_output():
         for logger, handlers, propagate in saved:
             logger.handlers, logger.propagate = handlers, propagate
     for record in held:  # only reached when the block succeeded
-        logging.getLogger(record.name).handle(record)
+        if record.levelno >= shown_from:
+            logging.getLogger(record.name).handle(record)
     for w in caught:
         warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
@@ -282,12 +306,9 @@ def check_resumable(ckpt: str | None, model, datamodule) -> None:
     Lightning would fail later with a traceback, or silently continue a different run."""
     if ckpt is None:
         return
-    try:
-        saved = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False)
-        theirs = saved["state_dict"]
-    except Exception as err:  # a cut-short file, not a checkpoint at all...
-        raise ConfigError(f"ckpt_path={ckpt!r}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+    saved = read_checkpoint(ckpt, "fractal-pretrain fit", lambda saved: isinstance(saved.get("state_dict"), dict))
     check_same_run(saved, ckpt, model, datamodule)
+    theirs = saved["state_dict"]
     ours = model.state_dict()
     for key in sorted(set(ours) | set(theirs)):
         if key not in theirs or key not in ours or theirs[key].shape != ours[key].shape:

@@ -222,21 +222,14 @@ def _check_epoch(trainer, epoch: int) -> None:
 
 @contextlib.contextmanager
 def quiet_lightning():
-    """A preview trains nothing: Lightning's start-up lines (seed, accelerators, tips, the srun hint) are
-    noise there. Its warnings and errors still show."""
-    import lightning.pytorch  # noqa: F401  (its import sets its loggers' levels: import first, then lower them)
+    """``fit``'s :func:`~fractal_pretrain.train.cli.held_startup_output` for a preview: a bad config prints its
+    one-line error only, as ``fit``; but a preview trains nothing, so on success Lightning's start-up info lines
+    (accelerators, tips) and the srun hint are dropped instead of shown. Its warnings still show (at the end)."""
+    from fractal_pretrain.train.cli import held_startup_output
 
-    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
-    levels = [logger.level for logger in loggers]
-    with warnings.catch_warnings():
+    with held_startup_output(shown_from=logging.WARNING), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*`srun` command is available.*")
-        for logger in loggers:
-            logger.setLevel(logging.WARNING)
-        try:
-            yield
-        finally:
-            for logger, level in zip(loggers, levels, strict=True):
-                logger.setLevel(level)
+        yield
 
 
 def parsed_cli(make, command: str, argv: Sequence[str]):

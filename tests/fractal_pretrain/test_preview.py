@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -212,6 +215,26 @@ def test_bad_key_in_the_config_file_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "batch_sise" in err[0]
     assert not (tmp_path / "batch.png").exists()
+
+
+def test_lightnings_start_up_output_is_held_as_fits_and_its_info_lines_dropped(tmp_path):
+    """preview holds Lightning's start-up output as ``fit`` does (``held_startup_output``): a warning from building
+    the trainer (deterministic with benchmark) used to print before a bad --epoch's error line. On success the
+    warning shows; the info lines (GPU available, tips) and the srun hint do not: a preview trains nothing."""
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "fractal_pretrain", "preview", "--config", SMOKE,
+                               "--trainer.deterministic", "true", "--trainer.benchmark", "true",
+                               "--out", str(tmp_path / "batch.png"), *extra],
+                              cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+
+    bad = run("--trainer.max_epochs", "2", "--epoch", "2")
+    assert bad.returncode == 2 and not bad.stdout, bad
+    assert bad.stderr.splitlines() == ["fractal-pretrain: error: --epoch 2: the run trains epochs 0..1 "
+                                       "(trainer.max_epochs=2)"], bad.stderr
+    good = run("--data.batch_size", "4")
+    assert good.returncode == 0 and "`deterministic=True` and `benchmark=True`" in good.stderr, good
+    assert "GPU available" not in good.stdout + good.stderr and "srun" not in good.stderr, good
+    assert good.stdout.splitlines()[-1].startswith(f"wrote {tmp_path / 'batch.png'}: epoch 0 step 0")
 
 
 def test_bad_out_is_one_line(tmp_path, capsys):

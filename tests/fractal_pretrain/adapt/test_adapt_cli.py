@@ -71,7 +71,8 @@ def test_resume_continues_exactly(tmp_path):
     (["--model.backbone", "/nonexistent/backbone.pt"], "model.backbone"),
     (["--model.layerz", "[layer2]"], "Unrecognized arguments: --model.layerz"),  # was the 75-line usage
     (["--model.size", "abc"], 'Parser key "model.size"'),
-    (["--model.render_device", "gpu"], "model.render_device='gpu'"),  # was checked in setup: config.yaml, logs
+    (["--model.render_device", "gpu"],  # was checked in setup, after config.yaml and logs were written
+     "model.render_device='gpu': must be auto, cpu, cpu-reference, cuda or cuda:N"),
 ])
 def test_bad_input_is_one_line_and_status_2(tmp_path, capsys, extra, message):
     status, root = adapt(tmp_path, "bad", *extra)
@@ -206,9 +207,28 @@ def test_ckpt_path_that_is_not_an_adapt_checkpoint(tmp_path, capsys):
     assert status == 0
     (tmp_path / "junk.ckpt").write_text("not a checkpoint")
     for path, message in ((root / "projector.pt", "not a checkpoint of fractal-pretrain adapt"),
-                          (tmp_path / "junk.ckpt", "cannot read")):
+                          (tmp_path / "junk.ckpt", "not a readable checkpoint")):
         capsys.readouterr()
         assert adapt(tmp_path, "other", "--ckpt_path", str(path))[0] == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]
-        assert err.startswith(f"fractal-pretrain: error: checkpoint {path}: {message}"), err
+        assert err.startswith(f"fractal-pretrain: error: ckpt_path={str(path)!r}: {message}"), err
         assert not (tmp_path / "other").exists()
+
+
+def test_fit_and_adapt_report_a_cut_short_checkpoint_in_the_same_line(tmp_path, capsys):
+    """Each command had its own words for a checkpoint it cannot read; now both say it alike, naming the path."""
+    whole = tmp_path / "whole.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}, "hyper_parameters": {"backbone_seed": 0}}, whole)
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(whole.read_bytes()[:1000])
+    lines = []
+    for command, config in (("fit", "jobs/pretrain/smoke.yaml"), ("adapt", SMOKE)):
+        capsys.readouterr()
+        assert main([command, "--config", config, "--trainer.default_root_dir", str(tmp_path / command),
+                     "--ckpt_path", str(cut)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
+        lines.append(err[0])
+        assert not (tmp_path / command).exists()
+    assert lines[0] == lines[1], lines
+    assert lines[0].startswith(f"fractal-pretrain: error: ckpt_path={str(cut)!r}: not a readable checkpoint (")
