@@ -169,74 +169,24 @@ def export_shards(
         ValueError: non-positive ``num``, ``size``, ``shard_size`` or ``batch_size``, or
             negative ``start``/``epoch``.
     """
-    import webdataset as wds
-    from tqdm import tqdm
-
-    from fractal_pretrain.recipes import get_recipe
     from fractal_pretrain.render import make_renderer
 
-    for name, value in (
-        ("num", num),
-        ("size", size),
-        ("shard_size", shard_size),
-        ("batch_size", batch_size),
-    ):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    for name, value in (("start", start), ("epoch", epoch)):
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
+    _check_export_args(num=num, size=size, shard_size=shard_size, batch_size=batch_size, start=start, epoch=epoch)
     overrides = dict(overrides or {})
-    recipe = get_recipe(recipe_name, overrides or None)
-    if getattr(recipe, "views", 0):
-        from fractal_pretrain.config import ConfigError
-
-        raise ConfigError(f"recipe {recipe_name!r} has views={recipe.views}: shards hold one image per sample; "
-                          "two-view recipes are rendered on the fly only")
+    recipe = _single_view_recipe(recipe_name, overrides)
     renderer = make_renderer(recipe, size=size, seed=seed, device=device, num_threads=num_threads)
-
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
-    for old in out_dir.glob(SHARD_GLOB):
-        old.unlink()
-
-    shards: list[str] = []
-
-    def _record_shard(fname: str) -> None:  # ShardWriter calls this after closing each shard
-        shards.append(Path(fname).name)
-
-    count = 0
-    render_seconds = 0.0
-    with (
-        # the bar's rate is images/s written; the postfix is images/s of the renderer alone
-        tqdm(total=num, unit="img", desc=f"export {recipe.name}", disable=not progress) as bar,
-        ThreadPoolExecutor(max_workers=getattr(renderer, "num_threads", 1)) as encoder,
-        wds.ShardWriter(
-            str(out_dir / SHARD_PATTERN), maxcount=shard_size, verbose=0, post=_record_shard
-        ) as sink,
-    ):
-        for lo in range(start, start + num, batch_size):
-            indices = np.arange(lo, min(lo + batch_size, start + num), dtype=np.int64)
-            tick = time.perf_counter()
-            batch = renderer.render(indices, epoch=epoch)
-            render_seconds += time.perf_counter() - tick
-            pngs = list(encoder.map(encode_png, batch.images))
-            for j, index in enumerate(indices.tolist()):
-                sample: dict[str, Any] = {
-                    "__key__": sample_key(index),
-                    "png": pngs[j],
-                    "json": _json_bytes(batch.metadata(j)),
-                }
-                if recipe.multi_label:
-                    sample["multihot.npy"] = _npy_bytes(np.asarray(batch.labels[j], np.uint8))
-                else:
-                    sample["cls"] = str(int(batch.labels[j])).encode("ascii")
-                sink.write(sample)
-                count += 1
-            bar.set_postfix_str(f"render {count / max(render_seconds, 1e-9):.0f} img/s", refresh=False)
-            bar.update(len(indices))
-
+    _clear_export_dir(out_dir)
+    shards, count = _write_shards(
+        renderer,
+        recipe,
+        out_dir,
+        range(start, start + num),
+        epoch=epoch,
+        shard_size=shard_size,
+        batch_size=batch_size,
+        progress=progress,
+    )
     manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
         "recipe": recipe.name,
@@ -254,10 +204,100 @@ def export_shards(
         "shards": shards,
         "count": count,
     }
+    _write_manifest(out_dir, manifest)  # the manifest appears only when all shards are done
+    return manifest
+
+
+def _check_export_args(*, num: int, size: int, shard_size: int, batch_size: int, start: int, epoch: int) -> None:
+    """ValueError naming the first count below 1 or index below 0."""
+    for name, value in (("num", num), ("size", size), ("shard_size", shard_size), ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    for name, value in (("start", start), ("epoch", epoch)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def _single_view_recipe(recipe_name: str, overrides: dict[str, Any]) -> Any:
+    """The recipe with ``overrides``; a ConfigError for a two-view recipe (a shard sample holds one image)."""
+    from fractal_pretrain.recipes import get_recipe
+
+    recipe = get_recipe(recipe_name, overrides or None)
+    if getattr(recipe, "views", 0):
+        from fractal_pretrain.config import ConfigError
+
+        raise ConfigError(f"recipe {recipe_name!r} has views={recipe.views}: shards hold one image per sample; "
+                          "two-view recipes are rendered on the fly only")
+    return recipe
+
+
+def _clear_export_dir(out_dir: Path) -> None:
+    """Creates ``out_dir`` and removes the manifest first, so that a half-replaced export is never taken for done."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    for old in out_dir.glob(SHARD_GLOB):
+        old.unlink()
+
+
+def _write_shards(
+    renderer: Any,
+    recipe: Any,
+    out_dir: Path,
+    indices: range,
+    *,
+    epoch: int,
+    shard_size: int,
+    batch_size: int,
+    progress: bool,
+) -> tuple[list[str], int]:
+    """Renders ``indices`` batch by batch into ``shard-*.tar`` files; returns (shard names, samples written)."""
+    import webdataset as wds
+    from tqdm import tqdm
+
+    shards: list[str] = []
+
+    def _record_shard(fname: str) -> None:  # ShardWriter calls this after closing each shard
+        shards.append(Path(fname).name)
+
+    count = 0
+    render_seconds = 0.0
+    with (
+        # the bar's rate is images/s written; the postfix is images/s of the renderer alone
+        tqdm(total=len(indices), unit="img", desc=f"export {recipe.name}", disable=not progress) as bar,
+        ThreadPoolExecutor(max_workers=getattr(renderer, "num_threads", 1)) as encoder,
+        wds.ShardWriter(
+            str(out_dir / SHARD_PATTERN), maxcount=shard_size, verbose=0, post=_record_shard
+        ) as sink,
+    ):
+        for lo in range(indices.start, indices.stop, batch_size):
+            batch_indices = np.arange(lo, min(lo + batch_size, indices.stop), dtype=np.int64)
+            tick = time.perf_counter()
+            batch = renderer.render(batch_indices, epoch=epoch)
+            render_seconds += time.perf_counter() - tick
+            pngs = list(encoder.map(encode_png, batch.images))
+            for j, index in enumerate(batch_indices.tolist()):
+                sink.write(_shard_sample(index, pngs[j], batch.metadata(j), batch.labels[j], recipe.multi_label))
+                count += 1
+            bar.set_postfix_str(f"render {count / max(render_seconds, 1e-9):.0f} img/s", refresh=False)
+            bar.update(len(batch_indices))
+    return shards, count
+
+
+def _shard_sample(index: int, png: bytes, metadata: Any, label: Any, multi_label: bool) -> dict[str, Any]:
+    """One webdataset sample: the PNG, the metadata JSON and the label (multi-hot ``.npy`` or class id text)."""
+    sample: dict[str, Any] = {"__key__": sample_key(index), "png": png, "json": _json_bytes(metadata)}
+    if multi_label:
+        sample["multihot.npy"] = _npy_bytes(np.asarray(label, np.uint8))
+    else:
+        sample["cls"] = str(int(label)).encode("ascii")
+    return sample
+
+
+def _write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
+    """``out_dir/manifest.json``, written to a temporary file and renamed over."""
     tmp = out_dir / (MANIFEST_NAME + ".tmp")
     tmp.write_text(json.dumps(manifest, default=_json_default, indent=2) + "\n")
-    os.replace(tmp, out_dir / MANIFEST_NAME)  # the manifest appears only when all shards are done
-    return manifest
+    os.replace(tmp, out_dir / MANIFEST_NAME)
 
 
 def load_manifest(out_dir: str | Path) -> dict[str, Any]:

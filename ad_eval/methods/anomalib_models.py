@@ -339,55 +339,89 @@ def run_anomalib(
         Scores in the order of ``split.test``: raw ``pred_score`` per image and ``anomaly_map``
         resized (bilinear) to the mask size if needed, float32 (N, H, W), masks bool (N, H, W).
     """
-    from anomalib.engine import Engine
     from lightning.pytorch import seed_everything
 
     names = resolve_layers(method, layers)
     cfg = resolve_config(method, config)
     _check_arch(method, backbone.arch)
-    if device not in _DEVICES:
-        raise ValueError(f"device={device!r}: must be one of {', '.join(_DEVICES)}")
-    accelerator = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    accelerator = _accelerator(device)
 
     train_items = _load_items(split.train, size, crop)
     test_items = _load_items(split.test, size, crop)
     out_size = tuple(test_items[0]["image"].shape[-2:])
 
-    # Lightning's deterministic flags are process-global: restore the caller's afterwards.
+    with _caller_deterministic_flags():
+        seed_everything(seed, workers=True, verbose=False)
+        model = build_model(method, backbone, layers=names, out_size=out_size, config=cfg)
+        project_features(method, model, backbone, names, size, crop)
+        batches = _fit_and_predict(
+            model, train_items, test_items, cfg, accelerator=accelerator, seed=seed, work_dir=Path(work_dir)
+        )
+    return _test_scores(method, batches, split, test_items, out_size)
+
+
+def _accelerator(device: str) -> str:
+    """Lightning's accelerator for ``device``: "auto" is CUDA if available, else CPU."""
+    if device not in _DEVICES:
+        raise ValueError(f"device={device!r}: must be one of {', '.join(_DEVICES)}")
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+@contextlib.contextmanager
+def _caller_deterministic_flags() -> Iterator[None]:
+    """Lightning's deterministic flags are process-global: restore the caller's afterwards."""
     flags = (
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
         torch.backends.cudnn.benchmark,
     )
     try:
-        seed_everything(seed, workers=True, verbose=False)
-        model = build_model(method, backbone, layers=names, out_size=out_size, config=cfg)
-        project_features(method, model, backbone, names, size, crop)
-        train_loader = DataLoader(
-            _Items(train_items),
-            batch_size=cfg["train_batch_size"],
-            shuffle=True,
-            generator=torch.Generator().manual_seed(seed),
-            collate_fn=_collate,
-        )
-        test_loader = DataLoader(
-            _Items(test_items), batch_size=cfg["eval_batch_size"], shuffle=False, collate_fn=_collate
-        )
-        engine = Engine(
-            accelerator=accelerator,
-            devices=1,
-            max_epochs=cfg.get("max_epochs", 1),  # PatchCore and PaDiM force 1 themselves
-            limit_val_batches=0,  # no validation: nothing is selected on held-out data
-            deterministic="warn",
-            barebones=True,  # no checkpoint, logger, progress bar or model summary
-            default_root_dir=Path(work_dir),
-        )
-        engine.fit(model=model, train_dataloaders=train_loader)
-        batches = engine.predict(model=model, dataloaders=test_loader, return_predictions=True)
+        yield
     finally:
         torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
         torch.backends.cudnn.benchmark = flags[2]
 
+
+def _fit_and_predict(
+    model: nn.Module,
+    train_items: list[dict],
+    test_items: list[dict],
+    cfg: dict,
+    *,
+    accelerator: str,
+    seed: int,
+    work_dir: Path,
+) -> list:
+    """Fits ``model`` on the train items with anomalib's ``Engine`` and returns its test batches' predictions."""
+    from anomalib.engine import Engine
+
+    train_loader = DataLoader(
+        _Items(train_items),
+        batch_size=cfg["train_batch_size"],
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+        collate_fn=_collate,
+    )
+    test_loader = DataLoader(
+        _Items(test_items), batch_size=cfg["eval_batch_size"], shuffle=False, collate_fn=_collate
+    )
+    engine = Engine(
+        accelerator=accelerator,
+        devices=1,
+        max_epochs=cfg.get("max_epochs", 1),  # PatchCore and PaDiM force 1 themselves
+        limit_val_batches=0,  # no validation: nothing is selected on held-out data
+        deterministic="warn",
+        barebones=True,  # no checkpoint, logger, progress bar or model summary
+        default_root_dir=work_dir,
+    )
+    engine.fit(model=model, train_dataloaders=train_loader)
+    return engine.predict(model=model, dataloaders=test_loader, return_predictions=True)
+
+
+def _test_scores(
+    method: str, batches: list, split: Split, test_items: list[dict], out_size: tuple[int, int]
+) -> MethodScores:
+    """The predicted batches as ``MethodScores`` in ``split.test`` order (a RuntimeError if they are not)."""
     paths = [path for batch in batches for path in batch.image_path]
     expected = [str(sample.path) for sample in split.test]
     if paths != expected:

@@ -379,31 +379,10 @@ def train_cutpaste(
         The trained ``CutPasteNet`` (its ``backbone`` is ``model``), in eval mode.
     """
     generator = torch.Generator().manual_seed(seed)
-    model = model.to(device).eval()
-    with torch.no_grad():
-        embed_dim = model(torch.zeros(1, 3, *images.shape[-2:], device=device)).shape[1]
-    net = CutPasteNet(
-        model,
-        embed_dim,
-        head_layers=config["head_layers"],
-        head_width=config["head_width"],
-        head_out=config["head_out"],
-        generator=generator,
-    ).to(device)
-    if config["optimizer"] == "sgd":
-        optimizer = torch.optim.SGD(
-            net.parameters(),
-            lr=config["lr"],
-            momentum=config["momentum"],
-            weight_decay=config["weight_decay"],
-        )
-    else:
-        optimizer = torch.optim.Adam(
-            net.parameters(), lr=config["lr"], weight_decay=config["weight_decay"]
-        )
-    images = images.to(device)
-    indices = index_stream(len(images), generator)
-    steps, batch_size = config["steps"], config["batch_size"]
+    net = _make_net(model.to(device).eval(), tuple(images.shape[-2:]), config, device=device, generator=generator)
+    optimizer = _make_optimizer(net, config)
+    batches = _three_way_batches(images.to(device), generator, config=config, mean=mean, std=std, scale=scale)
+    steps = config["steps"]
     net.train()  # the reference trains in train mode throughout, frozen backbone included
     net.freeze_backbone(config["freeze_steps"] > 0)
     with deterministic_torch():
@@ -413,20 +392,74 @@ def train_cutpaste(
             if config["optimizer"] == "sgd":
                 for group in optimizer.param_groups:
                     group["lr"] = reference_lr(step, steps, config["lr"])
-            batch = [next(indices) for _ in range(batch_size)]
-            x, y = make_batch(
-                images, batch, generator, config=config, mean=mean, std=std, scale=scale
-            )
-            optimizer.zero_grad()
-            _, logits = net(x)
-            loss = F.cross_entropy(logits, y)
-            loss.backward()
-            optimizer.step()
+            x, y = next(batches)
+            loss, logits = _update(net, optimizer, x, y)
             if step % 32 == 0 or step == steps - 1:
                 accuracy = (logits.argmax(dim=1) == y).float().mean().item()
                 log.info("CutPaste step %d: loss %.4f, accuracy %.3f", step, loss.item(), accuracy)
     net.freeze_backbone(True)
     return net.eval()
+
+
+def _make_net(
+    model: nn.Module,
+    image_size: tuple[int, int],
+    config: Mapping[str, Any],
+    *,
+    device: str | torch.device,
+    generator: torch.Generator,
+) -> CutPasteNet:
+    """``CutPasteNet`` around ``model`` (on ``device``, in eval mode), its head as wide as ``model``'s embedding."""
+    with torch.no_grad():  # one zero image gives the embedding width
+        embed_dim = model(torch.zeros(1, 3, *image_size, device=device)).shape[1]
+    return CutPasteNet(
+        model,
+        embed_dim,
+        head_layers=config["head_layers"],
+        head_width=config["head_width"],
+        head_out=config["head_out"],
+        generator=generator,
+    ).to(device)
+
+
+def _make_optimizer(net: nn.Module, config: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """SGD with momentum (its lr set per step by ``reference_lr``) or Adam at a constant lr."""
+    if config["optimizer"] == "sgd":
+        return torch.optim.SGD(
+            net.parameters(),
+            lr=config["lr"],
+            momentum=config["momentum"],
+            weight_decay=config["weight_decay"],
+        )
+    return torch.optim.Adam(net.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+
+
+def _three_way_batches(
+    images: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    config: Mapping[str, Any],
+    mean: Sequence[float],
+    std: Sequence[float],
+    scale: float,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless ``make_batch`` batches of ``config["batch_size"]`` images from ``index_stream``, drawn when asked for."""
+    indices = index_stream(len(images), generator)
+    while True:
+        batch = [next(indices) for _ in range(config["batch_size"])]
+        yield make_batch(images, batch, generator, config=config, mean=mean, std=std, scale=scale)
+
+
+def _update(
+    net: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on the cross-entropy of ``net``'s logits for ``x``; returns (loss, logits)."""
+    optimizer.zero_grad()
+    _, logits = net(x)
+    loss = F.cross_entropy(logits, y)
+    loss.backward()
+    optimizer.step()
+    return loss, logits
 
 
 # ----------------------------------------------------------------------------- density

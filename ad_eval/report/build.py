@@ -10,6 +10,7 @@ and, for categories run with ``keep_maps``, ``qualitative_<dataset>_<category>.p
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,21 @@ def _sorted_long(long: pd.DataFrame, datasets: Sequence[str]) -> pd.DataFrame:
     return out.assign(shots=out["shots"].map(shots_label))
 
 
+@dataclass(frozen=True)
+class _Selection:
+    """The records a report is built from, after the backbone selection and duplicates, with what goes with them."""
+
+    records: pd.DataFrame  # one row per used record
+    tabled: pd.DataFrame  # the records with their method's layer set of the tables
+    long: pd.DataFrame  # ``aggregate(records)`` plus ``in_tables``
+    backbones: list[str]  # in cell order
+    layer_sets: dict[str, str]  # method -> layer set of the tables
+    datasets: list[str]  # in the paper's order
+    warnings: list[str]
+    n_read: int  # records read, before the selection
+    done_ids: set[str]  # cell ids with a record, before the selection
+
+
 def build_report(results_dir: str | Path, out_dir: str | Path, backbones: str | Sequence[str] | None = None,
                  metrics: str | Sequence[str] = METRICS, layers: Mapping[str, Any] | None = None, *,
                  spider_metrics: str | Sequence[str] = SPIDER_METRICS) -> dict[str, Any]:
@@ -171,16 +187,42 @@ def build_report(results_dir: str | Path, out_dir: str | Path, backbones: str | 
         record files, skipped the figures not drawn and why, missing the (dataset, method, category, backbone)
         cells (all training images) without a record.
     """
+    metrics, spider_metrics = _check_metrics(metrics, spider_metrics)
+    results_dir, out_dir = Path(results_dir), Path(out_dir)
+    records, problems, failures = load_records(results_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    selection = _select_records(records, _as_list(backbones), layers, results_dir)
+
+    report = _Report(out_dir)
+    for dataset in selection.datasets:
+        _write_dataset(report, selection, dataset, metrics, spider_metrics, results_dir)
+
+    long_path = out_dir / "results_long.csv"
+    _sorted_long(selection.long, selection.datasets).to_csv(long_path, index=False)
+    summary_path = out_dir / "summary.md"
+    summary_path.write_text(_summary(f"Report of `{results_dir}`", _summary_head(selection, problems, failures),
+                                     _summary_sections(selection, problems, failures, report)))
+    return {"tables": report.tables, "figures": report.figures, "results_long": long_path, "summary": summary_path,
+            "problems": problems, "failures": failures, "warnings": selection.warnings, "skipped": report.skipped,
+            "missing": report.missing}
+
+
+def _check_metrics(metrics: str | Sequence[str], spider_metrics: str | Sequence[str]) -> tuple[list[str], list[str]]:
+    """(metrics, spider metrics among them) as lists; a ValueError naming the unknown metrics."""
     metrics = _as_list(metrics) or []
     spider_metrics = [m for m in _as_list(spider_metrics) or [] if m in metrics]
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ValueError(f"metrics={unknown}: unknown (known: {', '.join(METRICS)})")
-    results_dir, out_dir = Path(results_dir), Path(out_dir)
-    records, problems, failures = load_records(results_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    return metrics, spider_metrics
+
+
+def _select_records(records: pd.DataFrame, backbones: list[str] | None, layers: Mapping[str, Any] | None,
+                    results_dir: Path) -> _Selection:
+    """The records of the chosen backbones without duplicates, their seed statistics and the tables' layer sets,
+    with a warning for each thing left out or not found."""
     n_read, done_ids = len(records), set(records["cell_id"])
-    backbones, warnings = select_backbones(records, _as_list(backbones))
+    backbones, warnings = select_backbones(records, backbones)
     if not n_read:  # e.g. --results one folder too high: say so where the user looks, not only in summary.md
         warnings.insert(0, f"no cell record (<cell_id>.json) in {results_dir}")
     records, duplicates = deduplicate(records[records["backbone"].isin(backbones)])
@@ -191,63 +233,90 @@ def build_report(results_dir: str | Path, out_dir: str | Path, backbones: str | 
                  if not ((records["method"] == m) & (records["layer_set"] == s)).any()]
     long["in_tables"] = long["layer_set"] == long["method"].map(layer_sets)
     tabled = records[records["layer_set"] == records["method"].map(layer_sets)]
-
-    report = _Report(out_dir)
     datasets = ordered(records["dataset"], tuple(DATASET_NAMES))
-    few_shots = sorted(set(records["shots"]) - {ALL_SHOTS})
-    for dataset in datasets:
-        in_dataset = records[records["dataset"] == dataset]
-        categories = order_categories(dataset, in_dataset["category"])
-        tabled_here = tabled[tabled["dataset"] == dataset]
-        warnings += [f"{dataset_name(dataset)}: {method_label(m)} has records but none with the tables' layer set "
-                     f"{layer_sets[m]}: no column" for m in order_methods(in_dataset["method"])
-                     if m not in set(tabled_here["method"])]
-        shots_here = sorted(set(in_dataset["shots"]) - {ALL_SHOTS})
-        for shots in ([ALL_SHOTS] if (in_dataset["shots"] == ALL_SHOTS).any() or not shots_here else []) + shots_here:
-            _write_tables(report, tabled_here[tabled_here["shots"] == shots], long[long["shots"] == shots],
-                          in_dataset[in_dataset["shots"] == shots], dataset, shots, categories, backbones, metrics,
-                          spider_metrics)
-        if shots_here:
-            for metric in metrics:
-                report.figure(f"fewshot_{dataset}_{metric}.png", fewshot_figure, tabled_here, dataset, metric,
-                              backbones)
-        if tabled_here["maps"].notna().any():
-            main = tabled_here[tabled_here["shots"] == ALL_SHOTS]
-            for category in categories:
-                name = f"qualitative_{dataset}_{category}.png"
-                written, why = qualitative_figure(main, results_dir, dataset, category, backbones, METHOD_ORDER,
-                                                  out_dir / name)
-                if written:
-                    report.figures.append(out_dir / name)
-                elif main["category"].eq(category).any() and why != ["no cell with kept maps (keep_maps)"]:
-                    report.skipped.append(f"{name}: {'; '.join(why)}")
+    warnings += [w for dataset in datasets for w in _untabled_methods(records, tabled, dataset, layer_sets)]
+    return _Selection(records=records, tabled=tabled, long=long, backbones=backbones, layer_sets=layer_sets,
+                      datasets=datasets, warnings=warnings, n_read=n_read, done_ids=done_ids)
 
-    long_path = out_dir / "results_long.csv"
-    _sorted_long(long, datasets).to_csv(long_path, index=False)
 
+def _untabled_methods(records: pd.DataFrame, tabled: pd.DataFrame, dataset: str,
+                      layer_sets: Mapping[str, str]) -> list[str]:
+    """A warning per method of ``dataset`` with records, none of them with the tables' layer set."""
+    in_tables = set(tabled.loc[tabled["dataset"] == dataset, "method"])
+    return [f"{dataset_name(dataset)}: {method_label(m)} has records but none with the tables' layer set "
+            f"{layer_sets[m]}: no column" for m in order_methods(records.loc[records["dataset"] == dataset, "method"])
+            if m not in in_tables]
+
+
+def _write_dataset(report: _Report, selection: _Selection, dataset: str, metrics: Sequence[str],
+                   spider_metrics: Sequence[str], results_dir: Path) -> None:
+    """The tables and figures of one dataset: per shots value (all training images first, then each K), the
+    few-shot curves, and the qualitative figures of cells run with ``keep_maps``."""
+    in_dataset = selection.records[selection.records["dataset"] == dataset]
+    categories = order_categories(dataset, in_dataset["category"])
+    tabled = selection.tabled[selection.tabled["dataset"] == dataset]
+    long = selection.long
+    shots_here = sorted(set(in_dataset["shots"]) - {ALL_SHOTS})
+    for shots in ([ALL_SHOTS] if (in_dataset["shots"] == ALL_SHOTS).any() or not shots_here else []) + shots_here:
+        _write_tables(report, tabled[tabled["shots"] == shots], long[long["shots"] == shots],
+                      in_dataset[in_dataset["shots"] == shots], dataset, shots, categories, selection.backbones,
+                      metrics, spider_metrics)
+    if shots_here:
+        for metric in metrics:
+            report.figure(f"fewshot_{dataset}_{metric}.png", fewshot_figure, tabled, dataset, metric,
+                          selection.backbones)
+    if tabled["maps"].notna().any():
+        _write_qualitative(report, tabled[tabled["shots"] == ALL_SHOTS], results_dir, dataset, categories,
+                           selection.backbones)
+
+
+def _write_qualitative(report: _Report, tabled: pd.DataFrame, results_dir: Path, dataset: str,
+                       categories: Sequence[str], backbones: Sequence[str]) -> None:
+    """One qualitative figure per category; a category without kept maps is not worth a line in the summary."""
+    for category in categories:
+        name = f"qualitative_{dataset}_{category}.png"
+        written, why = qualitative_figure(tabled, results_dir, dataset, category, backbones, METHOD_ORDER,
+                                          report.out_dir / name)
+        if written:
+            report.figures.append(report.out_dir / name)
+        elif tabled["category"].eq(category).any() and why != ["no cell with kept maps (keep_maps)"]:
+            report.skipped.append(f"{name}: {'; '.join(why)}")
+
+
+def _summary_head(selection: _Selection, problems: Sequence[str], failures: Sequence[dict]) -> list[str]:
+    """The summary's opening bullets: counts, backbone order, layer sets, seeds, few-shot K, absent categories."""
+    records, long, layer_sets = selection.records, selection.long, selection.layer_sets
     n_multi = long.loc[long["n"] > 1, KEY].drop_duplicates().shape[0]
-    head = [f"records read: {n_read}; used: {len(records)} (after the backbone selection and duplicates)",
+    head = [f"records read: {selection.n_read}; used: {len(records)} (after the backbone selection and duplicates)",
             f"failures: {len(failures)}", f"corrupt files skipped: {len(problems)}",
-            f"backbones (order in each cell): {'/'.join(backbones)}",
+            f"backbones (order in each cell): {'/'.join(selection.backbones)}",
             "layer sets of the tables: " + ", ".join(f"{method_label(m)} {layer_sets[m]}"
                                                      for m in order_methods(layer_sets)),
             f"cells averaged over several seeds: {n_multi} (mean, std, n in `results_long.csv`, in fractions; "
             "the tables are in percent)",
             'Model Avg: mean over the table\'s categories, "-" unless every one of them has a value']
+    few_shots = sorted(set(records["shots"]) - {ALL_SHOTS})
     if few_shots:
         head.append(f"few-shot K: {', '.join(map(str, few_shots))} (tables `*_<K>shot.*`, figures `fewshot_*.png`)")
-    for dataset in datasets:
+    for dataset in selection.datasets:
         present = set(records.loc[records["dataset"] == dataset, "category"])
         absent = [c for c in CATEGORY_ORDER.get(dataset, ()) if c not in present]
         if absent:
             head.append(f"{dataset_name(dataset)}: no record for {len(absent)} of "
                         f"{len(CATEGORY_ORDER[dataset])} categories ({', '.join(absent)}); its averages are over "
                         "the categories present only")
-    sections = {
+    return head
+
+
+def _summary_sections(selection: _Selection, problems: Sequence[str], failures: Sequence[dict],
+                      report: _Report) -> dict[str, Sequence[str]]:
+    """The summary's sections, heading -> items (empty ones are left out of the file)."""
+    return {
         "Corrupt files (skipped)": [f"`{p.split(': ', 1)[0]}`: {p.split(': ', 1)[1]}" for p in problems],
         "Failures": [f"`{f.get('cell_id')}` ({f['file']}): {(str(f.get('error', '')).splitlines() or [''])[0]}"
-                     + (" (a result exists too)" if f.get("cell_id") in done_ids else "") for f in failures],
-        "Warnings": warnings,
+                     + (" (a result exists too)" if f.get("cell_id") in selection.done_ids else "")
+                     for f in failures],
+        "Warnings": selection.warnings,
         "Tables written": [p.name for p in report.tables],
         "Figures written": [p.name for p in report.figures],
         "Figure notes": report.notes,
@@ -255,8 +324,3 @@ def build_report(results_dir: str | Path, out_dir: str | Path, backbones: str | 
         "Missing cells (method / category / backbone without a record)": report.missing_lines,
         "Missing values (a record with a null metric)": report.nulls,
     }
-    summary_path = out_dir / "summary.md"
-    summary_path.write_text(_summary(f"Report of `{results_dir}`", head, sections))
-    return {"tables": report.tables, "figures": report.figures, "results_long": long_path, "summary": summary_path,
-            "problems": problems, "failures": failures, "warnings": warnings, "skipped": report.skipped,
-            "missing": report.missing}

@@ -154,6 +154,11 @@ def test_arch_support_by_name():
         am.build_model("rd", resnext, out_size=(SIZE, SIZE))
 
 
+def test_bad_device_is_refused_before_any_image_is_read(backbone, tmp_path):
+    with pytest.raises(ValueError, match=r"device='tpu': must be one of auto, cpu, cuda, gpu"):
+        am.run_anomalib("patchcore", backbone, Split(train=[], test=[]), device="tpu", work_dir=tmp_path)
+
+
 def test_padim_n_features(backbone):
     assert padim_n_features(backbone, ("layer1", "layer2", "layer3")) == 100
     assert padim_n_features(backbone, ("layer1",)) == 64  # capped at the channels
@@ -297,3 +302,14 @@ def test_wide_resnet50_2_cell(method, split, tmp_path):
     config = {} if method == "padim" else {"max_epochs": 1, "train_batch_size": 5}
     scores = _run(method, wide, split, tmp_path, config=config)
     _check_scores(scores, split)
+
+
+def test_predictions_out_of_order_are_an_error(backbone, split, tmp_path, monkeypatch):
+    """The scores are matched to ``split.test`` by position: a reordered prediction must not pass silently."""
+    from anomalib.engine import Engine
+
+    real_predict = Engine.predict
+    monkeypatch.setattr(Engine, "predict", lambda self, **kwargs: real_predict(self, **kwargs)[::-1])
+    small = Split(train=split.train[:4], test=split.test)
+    with pytest.raises(RuntimeError, match="patchcore: predictions came back out of order or incomplete"):
+        _run("patchcore", backbone, small, tmp_path, config={"eval_batch_size": 4})

@@ -207,6 +207,25 @@ def test_frozen_backbone_steps_keep_weights_but_move_batchnorm_statistics():
     )
 
 
+def test_adam_steps_by_its_constant_lr_and_progress_is_logged(caplog):
+    """optimizer="adam": no cosine; Adam's first update moves each bias of the classifier by exactly lr (its
+    gradient normalised by itself). Progress is logged at step 0, every 32nd step and the last."""
+    images = (torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
+    cfg = {**DEFAULTS, "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "steps": 1, "batch_size": 2,
+           "freeze_steps": 1}
+    model = random_resnet18(2)
+    init = CutPasteNet(nn.Identity(), 512, head_layers=cfg["head_layers"], head_width=cfg["head_width"],
+                       head_out=cfg["head_out"], generator=torch.Generator().manual_seed(0))  # train_cutpaste's seed 0
+    net = train_cutpaste(model, images, config=cfg, mean=IMAGENET_MEAN, std=IMAGENET_STD, scale=0.125)
+    step = (net.out.bias - init.out.bias).abs()
+    torch.testing.assert_close(step, torch.full_like(step, cfg["lr"]), rtol=1e-4, atol=0)
+    with caplog.at_level("INFO", logger="ad_eval.methods.cutpaste"):
+        train_cutpaste(random_resnet18(2), images, config={**cfg, "steps": 3}, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    logged = [r.getMessage() for r in caplog.records if r.name == "ad_eval.methods.cutpaste"]
+    assert [m.split(":")[0] for m in logged] == ["CutPaste step 0", "CutPaste step 2"]
+    assert all(", accuracy " in m and ": loss " in m for m in logged)
+
+
 # ---------------------------------------------------------------- density
 
 

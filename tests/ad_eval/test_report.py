@@ -254,3 +254,21 @@ def test_cli_prints_the_warnings(results, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["report", "--results", str(tmp_path / "empty"), "--out", str(tmp_path / "r2")]) == 0
     assert f"warning: no cell record (<cell_id>.json) in {tmp_path / 'empty'}" in capsys.readouterr().err
+
+
+def test_summary_names_what_is_absent_or_unusable(results, tmp_path):
+    """The summary's lines for an unknown layer set of the tables, a method left without a column, categories
+    without a record, a failed cell that also has a result, and a record with a null metric."""
+    done = make_record("patchcore", "grid", "Fractals", None, 0, (0.9, 0.9, None))  # the failed cell, run again
+    (results / f"{done['cell_id']}.json").write_text(json.dumps(done))
+    out = build_report(results, tmp_path / "report", metrics="pixel_AUPRO", layers={"padim": "1,2"})
+    assert out["warnings"] == ["layers['padim'] = 1+2: no record of padim with that layer set",
+                               "MVTec: PaDiM has records but none with the tables' layer set 1+2: no column"]
+    summary = out["summary"].read_text()
+    absent = next(line for line in summary.splitlines() if line.startswith("- MVTec: no record for"))
+    assert absent.startswith("- MVTec: no record for 12 of 15 categories (") and "leather" in absent
+    assert not any(c in absent for c in ("carpet", "grid", "bottle"))
+    assert "`patchcore_mvtec_grid_Fractals_Ldefault_s0` (patchcore_mvtec_grid_Fractals_Ldefault_s0.failed.json): " \
+           "RuntimeError: CUDA out of memory (a result exists too)" in summary
+    assert "## Missing values (a record with a null metric) (1)\n\n- MVTec AUPRO: PatchCore / grid / Fractals\n" \
+        in summary

@@ -11,6 +11,7 @@ import tarfile
 import numpy as np
 import pytest
 
+from fractal_pretrain.config import ConfigError
 from fractal_pretrain.export import (
     MANIFEST_NAME,
     decode_png,
@@ -166,6 +167,16 @@ def test_bad_arguments(tmp_path):
         export_shards("anderson", out_dir=tmp_path, num=2, seed=0, size=SIZE, shard_size=0)
     with pytest.raises(FileNotFoundError):
         list(read_shards(tmp_path / "missing"))
+    for key in ("start", "epoch"):
+        with pytest.raises(ValueError, match=f"{key} must be >= 0, got -1"):
+            export_shards("anderson", out_dir=tmp_path, num=2, seed=0, size=SIZE, shard_size=2, **{key: -1})
+
+
+def test_two_view_recipe_is_refused_before_anything_is_written(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="'selfsup' has views=2: shards hold one image per sample"):
+        export_shards("selfsup", out_dir=out, num=2, seed=0, size=SIZE, shard_size=2, progress=False)
+    assert not out.exists()
 
 
 def test_png_round_trip_any_shape_and_readable_by_pillow():
