@@ -8,8 +8,9 @@
   the two-view recipe ``selfsup`` likewise, every view of every sample;
 * threads: 1, 2, 3 and more threads than samples give the same bytes;
 * the compiled library is cached across processes (a second process runs no compiler);
-* without a compiler, or with an unwritable build cache, ``make_renderer`` says so once on stderr and
-  renders with the reference;
+* without a compiler, with an unwritable build cache, or with a build that fails (its first error line in
+  the note, the compiler run once per process), ``make_renderer`` says so once on stderr and renders with
+  the reference;
 * ``num_threads`` / ``data.num_threads`` validation and the per-rank default of the data module.
 """
 
@@ -181,6 +182,23 @@ def test_without_a_compiler_falls_back_to_the_reference_saying_so_once(tmp_path)
     assert result.stdout.split() == ["ReferenceRenderer", "ReferenceRenderer"]
     notes = [line for line in result.stderr.splitlines() if "fast CPU renderer unavailable" in line]
     assert len(notes) == 1 and "no C++ compiler" in notes[0] and "NumPy reference" in notes[0]
+
+
+def test_failed_build_falls_back_once_naming_the_error_and_is_not_retried(tmp_path):
+    """A compiler that fails: one stderr line with its error, and one compiler run for all renderers."""
+    log = tmp_path / "cxx.log"
+    wrapper = tmp_path / "cxx"
+    wrapper.write_text(f"#!/bin/sh\necho build >> {log}\necho 'In file included from x.cpp:1:' >&2\n"
+                       "echo 'fast_cpu.cpp:9:1: error: broken toolchain' >&2\nexit 1\n")
+    wrapper.chmod(0o755)
+    env = {**os.environ, "CXX": str(wrapper), "FRACTAL_PRETRAIN_CACHE": str(tmp_path / "cache")}
+    result = _run(RENDER_ONE, env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["ReferenceRenderer", "ReferenceRenderer"]
+    notes = [line for line in result.stderr.splitlines() if "fast CPU renderer unavailable" in line]
+    assert len(notes) == 1 and "error: broken toolchain" in notes[0], result.stderr
+    assert log.read_text().splitlines() == ["build"]
+    assert not list((tmp_path / "cache" / "fast_cpu").glob("fast_cpu-*.so"))
 
 
 def test_bad_num_threads_is_a_config_error():
