@@ -1,7 +1,8 @@
 """Tests of the fast CPU renderer (fractal_pretrain.render.fast_cpu, ``device: cpu``).
 
 * byte identity with the NumPy reference (``cpu-reference``): images, labels, point counts and metadata,
-  for every recipe at several sizes (odd ones included) and batch splits, at the full 256 px / 100k points,
+  for every IFS recipe (``list_recipes("ifs")``; the Mandelbulb recipes' compiled path: test_mandelbulb.py)
+  at several sizes (odd ones included) and batch splits, at the full 256 px / 100k points,
   for variants that take other code paths (point patches, binary, grey, dihedral flips, chain counts that
   are not a multiple of the 8 lockstep lanes, no burn-in, systems of more than 4 maps, a zoomed window that
   drops points, blur on a black background) and for degenerate systems that escape at different steps;
@@ -24,12 +25,12 @@ import textwrap
 import numpy as np
 import pytest
 
-from fractal_pretrain.recipes import get_recipe
+from fractal_pretrain.recipes import get_recipe, list_recipes
 from fractal_pretrain.render import make_renderer
 from fractal_pretrain.render.fast_cpu import FastCpuRenderer
 from fractal_pretrain.render.renderer import ReferenceRenderer
 
-NAMES = ("anderson", "fractal4ad", "multiformula", "multiinstance", "fractaldb", "selfsup")
+NAMES = tuple(list_recipes("ifs"))  # every chaos-game recipe, those added later (ofdb, selfsup) included
 SMALL = {"num_classes": 10, "num_points": 3000}
 SEED = 4
 
@@ -146,7 +147,7 @@ def _run(code: str, env: dict) -> subprocess.CompletedProcess:
 RENDER_ONE = """
     import sys
     import numpy as np
-    from fractal_pretrain.recipes import get_recipe
+    from fractal_pretrain.recipes import get_recipe, list_recipes
     from fractal_pretrain.render import make_renderer
     recipe = get_recipe("anderson", {"num_classes": 10, "num_points": 2000})
     first = make_renderer(recipe, size=24, seed=0)
