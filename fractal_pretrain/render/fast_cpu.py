@@ -28,6 +28,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -61,7 +62,8 @@ def library_path() -> Path:
     cxx = emulator.compiler()
     if cxx is None:
         raise FastCpuUnavailable("no C++ compiler (set CXX or install g++)")
-    digest = hashlib.sha256("\0".join([SOURCE.read_text(), COMMON.read_text(), cxx, *CXX_FLAGS,
+    # the machine's architecture too: a cache in a $HOME shared by x86 and ARM nodes keeps one build of each
+    digest = hashlib.sha256("\0".join([SOURCE.read_text(), COMMON.read_text(), cxx, platform.machine(), *CXX_FLAGS,
                                        *define_options()]).encode())
     return cache_dir() / f"fast_cpu-{digest.hexdigest()[:16]}.so"
 

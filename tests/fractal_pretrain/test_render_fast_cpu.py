@@ -8,7 +8,8 @@
   drops points, blur on a black background) and for degenerate systems that escape at different steps;
   the two-view recipe ``selfsup`` likewise, every view of every sample;
 * threads: 1, 2, 3 and more threads than samples give the same bytes;
-* the compiled library is cached across processes (a second process runs no compiler);
+* the compiled library is cached across processes (a second process runs no compiler), one build per
+  machine architecture;
 * without a compiler, with an unwritable build cache, or with a build that fails (its first error line in
   the note, the compiler run once per process), ``make_renderer`` says so once on stderr and renders with
   the reference;
@@ -200,6 +201,20 @@ def test_failed_build_falls_back_once_naming_the_error_and_is_not_retried(tmp_pa
     assert len(notes) == 1 and "error: broken toolchain" in notes[0], result.stderr
     assert log.read_text().splitlines() == ["build"]
     assert not list((tmp_path / "cache" / "fast_cpu").glob("fast_cpu-*.so"))
+
+
+@pytest.mark.parametrize("module", ["fractal_pretrain.render.fast_cpu", "fractal_pretrain.mandelbulb.cpu"])
+def test_builds_are_kept_per_machine_architecture(monkeypatch, module):
+    """A cache shared by x86 and ARM nodes ($HOME on a cluster) holds one build per architecture: a node never
+    finds the other's library under its own name (it would fail to load and fall back to the reference)."""
+    import importlib
+    import platform
+
+    lib = importlib.import_module(module)
+    here = lib.library_path()
+    monkeypatch.setattr(platform, "machine", lambda: "other-arch")
+    there = lib.library_path()
+    assert there != here and there.parent == here.parent
 
 
 def test_bad_num_threads_is_a_config_error():
