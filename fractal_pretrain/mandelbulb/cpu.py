@@ -14,6 +14,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import subprocess
 import tempfile
 from pathlib import Path
@@ -39,7 +40,8 @@ def library_path() -> Path:
     if cxx is None:
         raise FastCpuUnavailable("no C++ compiler (set CXX or install g++)")
     texts = [p.read_text() for p in (SOURCE, KERNEL, COMMON)]
-    digest = hashlib.sha256("\0".join([*texts, cxx, *CXX_FLAGS, *define_options()]).encode())
+    # the machine's architecture too (fast_cpu.library_path: one build per architecture in a shared cache)
+    digest = hashlib.sha256("\0".join([*texts, cxx, platform.machine(), *CXX_FLAGS, *define_options()]).encode())
     return emulator.cache_root() / "mandelbulb_cpu" / f"march_cpu-{digest.hexdigest()[:16]}.so"
 
 

@@ -28,6 +28,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -61,7 +62,8 @@ def library_path() -> Path:
     cxx = emulator.compiler()
     if cxx is None:
         raise FastCpuUnavailable("no C++ compiler (set CXX or install g++)")
-    digest = hashlib.sha256("\0".join([SOURCE.read_text(), COMMON.read_text(), cxx, *CXX_FLAGS,
+    # the machine's architecture too: a cache in a $HOME shared by x86 and ARM nodes keeps one build of each
+    digest = hashlib.sha256("\0".join([SOURCE.read_text(), COMMON.read_text(), cxx, platform.machine(), *CXX_FLAGS,
                                        *define_options()]).encode())
     return cache_dir() / f"fast_cpu-{digest.hexdigest()[:16]}.so"
 
@@ -77,22 +79,40 @@ def build() -> Path:
         result = subprocess.run([emulator.compiler(), *CXX_FLAGS, *define_options(), f"-I{SOURCE.parent}", str(SOURCE),
                                  "-o", str(lib)], capture_output=True, text=True)
         if result.returncode != 0:
-            raise FastCpuUnavailable(f"building {SOURCE.name} failed:\n{result.stderr[-2000:]}")
+            raise FastCpuUnavailable(f"building {SOURCE.name} failed: {first_error(result)}\n{result.stderr[-2000:]}")
         os.replace(lib, out)  # atomic: a concurrent build of the same source writes the same bytes
     return out
 
 
-@functools.cache
+def first_error(result: subprocess.CompletedProcess) -> str:
+    """The compiler's first error line (else its first line, else its exit status): the one-line reason."""
+    lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    return (errors or lines or [f"exit status {result.returncode}"])[0]
+
+
 def load() -> ctypes.CDLL:
     """The library with ``render_batch`` typed (built on first use, once per process)."""
+    lib = _load_once()
+    if isinstance(lib, FastCpuUnavailable):
+        raise FastCpuUnavailable(str(lib))
+    return lib
+
+
+@functools.cache
+def _load_once() -> ctypes.CDLL | FastCpuUnavailable:
+    """The typed library, or why it is unavailable: a failed build is not retried by every renderer of the
+    process (each try costs a compiler run, and the reference already renders since the one stderr note)."""
     try:
         path = build()
+    except FastCpuUnavailable as err:
+        return err
     except OSError as err:  # an unwritable cache, a compiler that cannot run
-        raise FastCpuUnavailable(f"building in {cache_dir()} failed: {err}") from None
+        return FastCpuUnavailable(f"building in {cache_dir()} failed: {err}")
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as err:
-        raise FastCpuUnavailable(f"loading the built library failed: {err}") from None
+        return FastCpuUnavailable(f"loading the built library failed: {err}")
     fn = lib.render_batch
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p,

@@ -87,6 +87,8 @@ def test_def_follows_the_project_conventions():
     post = _section("post")
     assert '"/opt/fractal[gpu]"' in post and "pip install -e" not in post and "--editable" not in post
     assert "--constraint" in post  # the image's torch is kept
+    # the runtime base image has no C++ compiler: without it device cpu would fall back to the NumPy reference
+    assert re.search(r"^\s*(DEBIAN_FRONTEND=\S+\s+)?apt-get install -y .*\bg\+\+", post, re.M)
     for source in ("pyproject.toml", "README.md", "fractal_pretrain", "ad_eval", "jobs", "slurm"):
         assert re.search(rf"^\s+{source} /opt/fractal/{source}$", _section("files"), re.M), source
 
@@ -257,3 +259,15 @@ def test_test_section_render_command_runs(tmp_path):
     result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "render.png").stat().st_size > 0
+
+
+def test_test_section_checks_the_compiled_renderer(tmp_path):
+    """%test fails where the fast CPU renderer cannot be built (no compiler) instead of passing on the reference."""
+    body = _section("test").replace("\\\n", " ")
+    (command,) = [line.strip() for line in body.splitlines() if "fast_cpu.load()" in line]
+    command = command.replace("python3", shlex.quote(sys.executable), 1)
+    env = {**os.environ, "work": str(tmp_path)}
+    assert subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=env).returncode == 0
+    broken = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
+                            env={**env, "CXX": str(tmp_path / "no-such-compiler")})
+    assert broken.returncode != 0 and "no C++ compiler" in broken.stderr

@@ -1,15 +1,18 @@
 """Tests of the fast CPU renderer (fractal_pretrain.render.fast_cpu, ``device: cpu``).
 
 * byte identity with the NumPy reference (``cpu-reference``): images, labels, point counts and metadata,
-  for every recipe at several sizes (odd ones included) and batch splits, at the full 256 px / 100k points,
+  for every IFS recipe (``list_recipes("ifs")``; the Mandelbulb recipes' compiled path: test_mandelbulb.py)
+  at several sizes (odd ones included) and batch splits, at the full 256 px / 100k points,
   for variants that take other code paths (point patches, binary, grey, dihedral flips, chain counts that
   are not a multiple of the 8 lockstep lanes, no burn-in, systems of more than 4 maps, a zoomed window that
   drops points, blur on a black background) and for degenerate systems that escape at different steps;
   the two-view recipe ``selfsup`` likewise, every view of every sample;
 * threads: 1, 2, 3 and more threads than samples give the same bytes;
-* the compiled library is cached across processes (a second process runs no compiler);
-* without a compiler, or with an unwritable build cache, ``make_renderer`` says so once on stderr and
-  renders with the reference;
+* the compiled library is cached across processes (a second process runs no compiler), one build per
+  machine architecture;
+* without a compiler, with an unwritable build cache, or with a build that fails (its first error line in
+  the note, the compiler run once per process), ``make_renderer`` says so once on stderr and renders with
+  the reference;
 * ``num_threads`` / ``data.num_threads`` validation and the per-rank default of the data module.
 """
 
@@ -23,12 +26,12 @@ import textwrap
 import numpy as np
 import pytest
 
-from fractal_pretrain.recipes import get_recipe
+from fractal_pretrain.recipes import get_recipe, list_recipes
 from fractal_pretrain.render import make_renderer
 from fractal_pretrain.render.fast_cpu import FastCpuRenderer
 from fractal_pretrain.render.renderer import ReferenceRenderer
 
-NAMES = ("anderson", "fractal4ad", "multiformula", "multiinstance", "fractaldb", "selfsup")
+NAMES = tuple(list_recipes("ifs"))  # every chaos-game recipe, those added later (ofdb, selfsup) included
 SMALL = {"num_classes": 10, "num_points": 3000}
 SEED = 4
 
@@ -145,7 +148,7 @@ def _run(code: str, env: dict) -> subprocess.CompletedProcess:
 RENDER_ONE = """
     import sys
     import numpy as np
-    from fractal_pretrain.recipes import get_recipe
+    from fractal_pretrain.recipes import get_recipe, list_recipes
     from fractal_pretrain.render import make_renderer
     recipe = get_recipe("anderson", {"num_classes": 10, "num_points": 2000})
     first = make_renderer(recipe, size=24, seed=0)
@@ -181,6 +184,37 @@ def test_without_a_compiler_falls_back_to_the_reference_saying_so_once(tmp_path)
     assert result.stdout.split() == ["ReferenceRenderer", "ReferenceRenderer"]
     notes = [line for line in result.stderr.splitlines() if "fast CPU renderer unavailable" in line]
     assert len(notes) == 1 and "no C++ compiler" in notes[0] and "NumPy reference" in notes[0]
+
+
+def test_failed_build_falls_back_once_naming_the_error_and_is_not_retried(tmp_path):
+    """A compiler that fails: one stderr line with its error, and one compiler run for all renderers."""
+    log = tmp_path / "cxx.log"
+    wrapper = tmp_path / "cxx"
+    wrapper.write_text(f"#!/bin/sh\necho build >> {log}\necho 'In file included from x.cpp:1:' >&2\n"
+                       "echo 'fast_cpu.cpp:9:1: error: broken toolchain' >&2\nexit 1\n")
+    wrapper.chmod(0o755)
+    env = {**os.environ, "CXX": str(wrapper), "FRACTAL_PRETRAIN_CACHE": str(tmp_path / "cache")}
+    result = _run(RENDER_ONE, env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["ReferenceRenderer", "ReferenceRenderer"]
+    notes = [line for line in result.stderr.splitlines() if "fast CPU renderer unavailable" in line]
+    assert len(notes) == 1 and "error: broken toolchain" in notes[0], result.stderr
+    assert log.read_text().splitlines() == ["build"]
+    assert not list((tmp_path / "cache" / "fast_cpu").glob("fast_cpu-*.so"))
+
+
+@pytest.mark.parametrize("module", ["fractal_pretrain.render.fast_cpu", "fractal_pretrain.mandelbulb.cpu"])
+def test_builds_are_kept_per_machine_architecture(monkeypatch, module):
+    """A cache shared by x86 and ARM nodes ($HOME on a cluster) holds one build per architecture: a node never
+    finds the other's library under its own name (it would fail to load and fall back to the reference)."""
+    import importlib
+    import platform
+
+    lib = importlib.import_module(module)
+    here = lib.library_path()
+    monkeypatch.setattr(platform, "machine", lambda: "other-arch")
+    there = lib.library_path()
+    assert there != here and there.parent == here.parent
 
 
 def test_bad_num_threads_is_a_config_error():
