@@ -41,6 +41,9 @@ from fractal_pretrain.train import images as image_sets
 
 SOURCES = ("render", "folder", "webdataset")
 
+RENDER_SIZE = 256  # data.size of fresh renders when not given
+FIXED_SET_SIZE = 512  # data.size of a render-once set when not given (OFDB-4AD rendered its images at 512 px)
+
 VAL_EPOCH = 2**32 - 1  # an epoch number training never reaches: validation keys never meet training keys
 
 
@@ -211,7 +214,8 @@ class FractalDataModule(pl.LightningDataModule):
     Args:
         recipe: Recipe name (``fractal-pretrain recipes`` lists them); with ``source: render``.
         recipe_overrides: Recipe keys to change, e.g. ``{num_classes: 100, num_points: 20000}``.
-        size: Image side in pixels (rendered images; a fixed set's render size).
+        size: Image side in pixels (rendered images; a fixed set's render size); null: 512 for a render-once
+            recipe (``ofdb``, OFDB-4AD's size), else 256.
         batch_size: Samples per rank and step.
         samples_per_epoch: Global samples per epoch, split across ranks (fixed sets: the set's size).
         val_samples: Size of the fixed validation set (0 disables validation).
@@ -233,13 +237,15 @@ class FractalDataModule(pl.LightningDataModule):
     """
 
     def __init__(self, recipe: str = "fractal4ad", recipe_overrides: dict[str, Any] | None = None,
-                 size: int = 256, batch_size: int = 512, samples_per_epoch: int = 1_000_000,
+                 size: int | None = None, batch_size: int = 512, samples_per_epoch: int = 1_000_000,
                  val_samples: int = 10_000, seed: int = 0, mean: tuple[float, float, float] = IMAGENET_MEAN,
                  std: tuple[float, float, float] = IMAGENET_STD, prefetch: bool = True, dtype: str = "auto",
                  num_threads: int | None = None, source: str = "render", path: str | None = None,
                  augment: dict[str, Any] | None = None, resident_gb: float = 16.0, num_workers: int = 4):
         super().__init__()
         self.recipe = get_recipe(recipe, recipe_overrides or {})
+        if size is None:  # resolved before save_hyperparameters, which records it (checkpoints, backbone.json)
+            size = FIXED_SET_SIZE if self.recipe.fixed_images else RENDER_SIZE
         check_range("data.size", size, 8, 4096, integer=True)
         check_range("data.batch_size", batch_size, 1, None, integer=True)
         check_range("data.samples_per_epoch", samples_per_epoch, 1, None, integer=True)
