@@ -10,7 +10,8 @@ Sources (``data.source``):
 
 * ``render``: a recipe with ``images_per_class`` > 0 (``ofdb``): indices ``[0, N)`` of epoch 0, rendered
   on the device (CuPy) or by the NumPy reference on the CPU.
-* ``folder``: ImageFolder layout, ``PATH/<class>/<image>``; classes are the sorted folder names.
+* ``folder``: ImageFolder layout, ``PATH/<class>/<image>`` (images may lie in subfolders of a class folder);
+  classes are the sorted folder names.
 * ``webdataset``: tar shards (a directory of ``*.tar``, e.g. ``fractal-pretrain export``'s, one shard, or
   a brace pattern); each sample needs an image (png, jpg, jpeg, webp, bmp, ppm) and a ``cls`` label.
 
@@ -24,6 +25,7 @@ import hashlib
 import io
 import itertools
 import json
+import os
 import random
 import sys
 import tarfile
@@ -37,7 +39,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from fractal_pretrain import rng
 from fractal_pretrain.config import ConfigError
 
-FOLDER_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+FOLDER_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")  # ImageFolder's
 SHARD_IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm")
 
 
@@ -215,12 +217,21 @@ def list_folder(path: str | Path) -> FolderListing:
         raise ConfigError(f"data.path={str(path)!r}: empty image folder (no class folders)")
     files, labels = [], []
     for label, name in enumerate(classes):
-        images = sorted(f for f in (root / name).iterdir() if f.is_file() and f.suffix.lower() in FOLDER_SUFFIXES)
+        images = _class_images(root / name)
         if not images:
             raise ConfigError(f"{root / name}: class folder without images ({', '.join(FOLDER_SUFFIXES)})")
         files += images
         labels += [label] * len(images)
     return FolderListing(root, tuple(classes), tuple(files), tuple(labels))
+
+
+def _class_images(folder: Path) -> list[Path]:
+    """A class folder's images as torchvision's ImageFolder finds them: the folder walked recursively (links
+    followed), directories and then files in sorted order."""
+    found = []
+    for parent, _, names in sorted(os.walk(folder, followlinks=True)):
+        found += [Path(parent) / n for n in sorted(names) if n.lower().endswith(FOLDER_SUFFIXES)]
+    return found
 
 
 def folder_set(listing: FolderListing, resident_gb: float, mixed_sizes: bool = False) -> ImageSet:

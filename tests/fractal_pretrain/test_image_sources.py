@@ -60,6 +60,21 @@ def test_folder_source_trains_and_records_where_its_images_came_from(tmp_path):
     assert meta["image_size"] == 16 and meta["objective"] == "classification"  # the crops the network saw
 
 
+def test_folder_listing_is_torchvisions_imagefolder(tmp_path):
+    # ImageFolder walks each class folder recursively (sorted, links followed) and reads .pgm too
+    from torchvision.datasets import ImageFolder
+
+    folder = make_folder(tmp_path / "images", classes=2, per_class=2)
+    write_image(folder / "class_0" / "nested" / "deeper" / "a.png", seed=7)
+    write_image(folder / "class_1" / "b.PGM", seed=8)
+    Image.open(folder / "class_1" / "b.PGM").convert("L").save(folder / "class_1" / "b.PGM", "PPM")
+    write_image(folder / "class_2" / "only" / "nested.jpg", seed=9)  # a class whose images are all nested
+    listing = list_folder(folder)
+    reference = ImageFolder(str(folder))
+    assert list(listing.classes) == reference.classes
+    assert [(str(f), label) for f, label in zip(listing.files, listing.labels, strict=True)] == reference.samples
+
+
 def test_shards_from_export_train_resident_and_hold_the_exported_images(tmp_path):
     shards = tmp_path / "shards"
     assert main(["export", "--recipe", "anderson", "--num", "10", "--size", "32", "--out", str(shards),
