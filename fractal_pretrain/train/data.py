@@ -425,7 +425,8 @@ class FractalDataModule(pl.LightningDataModule):
     def train_dataloader(self):
         rank, world = self._world()
         if self.streams:
-            stream = image_sets.ShardStream(self.listing, self.batch_size, self.seed, rank, world, self.num_workers)
+            stream = image_sets.ShardStream(self.listing, self.batch_size, self.seed, rank, world, self.num_workers,
+                                            mixed_sizes=self.augment is not None)  # its crop makes them one size
             if stream.steps < 1:
                 raise ConfigError(f"data.path={self.path!r}: {self.listing.count} samples make no full batch of "
                                   f"{self.batch_size} for {world} rank(s)")
@@ -494,7 +495,8 @@ class FractalDataModule(pl.LightningDataModule):
         return self._finish([(None, images)], labels, batch["split"], epoch, batch["indices"], batch["step"])
 
     def _streamed(self, batch):
-        """A streamed shard batch (uint8 (B, H, W, 3) on the host) -> the device, augmented like any other.
+        """A streamed shard batch (uint8 (B, H, W, 3) on the host, or a list of (H, W, 3) images of several
+        sizes) -> the device, augmented like any other.
 
         Its samples take the global indices a resident set's step would give them (step-major, then rank),
         which key their augmentation draws.
@@ -502,12 +504,22 @@ class FractalDataModule(pl.LightningDataModule):
         import torch
 
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-        images = torch.as_tensor(batch["images"]).permute(0, 3, 1, 2).to(device, non_blocking=True)
         labels = torch.as_tensor(batch["labels"], dtype=torch.int64).to(device, non_blocking=True)
+        if isinstance(batch["images"], (list, tuple)):  # several sizes: one group per size, as ImageSet.gather
+            arrays = [torch.as_tensor(image) for image in batch["images"]]
+            groups = []
+            for shape in sorted({tuple(a.shape) for a in arrays}):
+                where = [k for k, a in enumerate(arrays) if tuple(a.shape) == shape]
+                images = torch.stack([arrays[k] for k in where]).permute(0, 3, 1, 2).to(device, non_blocking=True)
+                groups.append((torch.tensor(where, device=device), images))
+            if len(groups) == 1:
+                groups = [(None, groups[0][1])]
+        else:
+            groups = [(None, torch.as_tensor(batch["images"]).permute(0, 3, 1, 2).to(device, non_blocking=True))]
         rank, world = self._world()
         step = int(batch["step"])
         indices = (step * world + rank) * self.batch_size + np.arange(len(labels), dtype=np.int64)
-        return self._finish([(None, images)], labels, "train", int(batch["epoch"]), indices, step)
+        return self._finish(groups, labels, "train", int(batch["epoch"]), indices, step)
 
     def _finish(self, groups, labels, split: str, epoch: int, indices: np.ndarray, step: int):
         """uint8 image groups (see ImageSet.gather) -> the model's input: augmented (training) or normalised."""

@@ -283,17 +283,17 @@ def shard_label(files: dict[str, bytes], key: str, shard: Path) -> int:
         raise ConfigError(f"{shard}: sample {key!r} has a .cls that is not an integer") from None
 
 
-def decode_sample(sample: dict[str, Any], shape: tuple[int, int]) -> tuple[np.ndarray, int]:
+def decode_sample(sample: dict[str, Any], shape: tuple[int, int] | None) -> tuple[np.ndarray, int]:
     """(uint8 (H, W, 3) RGB pixels, label) of a raw webdataset sample; a bad image, or one of another size
-    than ``shape`` (a streamed batch is one tensor), is an error naming it (streamed images are read only when
-    trained on: the listing checked labels and one image's header)."""
+    than ``shape`` (a streamed batch is one tensor; None: any size), is an error naming it (streamed images
+    are read only when trained on: the listing checked labels and one image's header)."""
     key, url = sample["__key__"], Path(sample["__url__"])
     image = shard_image_key(sample)
     if image is None:
         raise ConfigError(f"{url}: sample {key!r} has no image ({', '.join(SHARD_IMAGE_KEYS)})")
     name = f"{url}:{key}.{image}"
     pixels = decode_image(sample[image], name)
-    if pixels.shape[:2] != tuple(shape):
+    if shape is not None and pixels.shape[:2] != tuple(shape):
         raise ConfigError(f"{name} is {pixels.shape[0]}x{pixels.shape[1]}, the first image {shape[0]}x{shape[1]}: "
                           "streamed shards need images of one size")
     return pixels, shard_label(sample, key, url)
@@ -413,13 +413,16 @@ class ShardStream(IterableDataset):
 
     ``epoch`` and ``start`` (batches of the epoch already consumed) are set before each iteration; every
     DataLoader worker then yields dicts ``{split, epoch, step, images (B, H, W, 3) uint8, labels}`` for its
-    share of the steps ``start...``, in the order the DataLoader's round robin returns them.
+    share of the steps ``start...``, in the order the DataLoader's round robin returns them. With
+    ``mixed_sizes`` (an augmentation that crops or resizes every image to one size) images may differ in
+    size and ``images`` is a list of B (H, W, 3) arrays.
     """
 
     def __init__(self, listing: ShardListing, batch_size: int, seed: int, rank: int, world: int, workers: int,
-                 buffer: int = SHUFFLE_BUFFER):
+                 buffer: int = SHUFFLE_BUFFER, mixed_sizes: bool = False):
         self.listing, self.batch_size, self.seed = listing, batch_size, seed
         self.rank, self.world, self.workers, self.buffer = rank, world, max(1, workers), buffer
+        self.mixed_sizes = mixed_sizes
         self.steps = stream_steps(listing.count, batch_size, world)
         self.epoch, self.start = 0, 0
 
@@ -459,9 +462,17 @@ class ShardStream(IterableDataset):
             wds.shuffle(self.buffer, initial=self.buffer,
                         rng=random.Random(shuffle_seed(self.seed, epoch, self.rank, logical))),
             lambda samples: itertools.islice(samples, skipped * self.batch_size, None),  # consumed: not decoded
-            lambda samples: (decode_sample(sample, self.listing.shape) for sample in samples),
-            wds.batched(self.batch_size, partial=False),
+            lambda samples: (decode_sample(sample, None if self.mixed_sizes else self.listing.shape)
+                             for sample in samples),
+            wds.batched(self.batch_size, partial=False,
+                        collation_fn=_as_lists if self.mixed_sizes else wds.filters.default_collation_fn),
         )
         for k, (images, labels) in enumerate(pipeline):
             yield {"split": "train", "epoch": epoch, "step": start + worker + k * workers, "images": images,
                    "labels": np.asarray(labels, dtype=np.int64)}
+
+
+def _as_lists(samples: list[tuple[np.ndarray, int]]) -> tuple[list[np.ndarray], list[int]]:
+    """A batch of images that may differ in size: (images, labels) as lists, not stacked."""
+    images, labels = zip(*samples, strict=True)
+    return list(images), list(labels)
