@@ -308,3 +308,18 @@ def test_cuda_ops_equal_torchvision_on_cuda(name):
             assert (batched[k] != reference).float().mean() < 1e-3, k
         else:
             assert torch.equal(batched[k], reference), k
+
+
+
+def test_host_preparation_has_no_per_sample_loop(monkeypatch):
+    """A batch's AutoAugment parameters come from per-op tables: one affine matrix per distinct magnitude
+    (a handful per op), not one per sample. (That they are the right ones: the torchvision chain test above.)"""
+    from fractal_pretrain.augment import ops
+
+    calls = []
+    real = ops._inverse_affine
+    monkeypatch.setattr(ops, "_inverse_affine", lambda *args: calls.append(args) or real(*args))
+    images, aug = _images(512, side=32), BatchAugmenter(OFDB, num_classes=5)
+    groups = aug._groups(aug.sample_params(images, seed=0, epoch=0, indices=np.arange(512)), 32, 32)
+    warped = sum(len(chosen) for name, chosen, _ in groups if name in ("Rotate", "ShearX"))
+    assert warped > 50 and len(calls) <= 10  # Rotate: 4 magnitudes x 2 signs at most; ShearX: 1 x 2
