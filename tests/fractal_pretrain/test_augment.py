@@ -199,6 +199,40 @@ def test_cutmix_and_mixup_on_images_and_targets():
     torch.testing.assert_close(out, mix.lam * clean + (1 - mix.lam) * clean[mix.partner])
 
 
+def test_cutmix_and_mixup_equal_torchvisions_for_the_same_parameters():
+    """torchvision.transforms.v2 CutMix / MixUp (which pair sample i with i - 1) against apply_mix with that
+    partner and torchvision's draws: the box from lambda and centre, the recomputed lambda, images, targets."""
+    from torchvision.transforms import v2
+
+    from fractal_pretrain.augment.params import MixParams, cutmix_box
+
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(8, 3, 24, 40, generator=g), torch.tensor([0, 3, 1, 4, 4, 2, 0, 1])
+    onehot, partner = F.one_hot(labels, 5).float(), np.roll(np.arange(8), 1)
+    clipped = 0
+    for seed in range(40):
+        cutmix, mixup = v2.CutMix(num_classes=5), v2.MixUp(num_classes=5)
+        torch.manual_seed(seed)
+        lam, cx, cy = float(cutmix._dist.sample(())), int(torch.randint(40, (1,))), int(torch.randint(24, (1,)))
+        torch.manual_seed(seed)
+        want = cutmix.make_params([images])
+        box, lam_box = cutmix_box(lam, cy, cx, 24, 40)
+        x1, y1, x2, y2 = want["box"]
+        assert box == (y1, y2, x1, x2) and lam_box == want["lam_adjusted"]
+        clipped += (x2 - x1) * (y2 - y1) < 4 * int(0.5 * (1 - lam) ** 0.5 * 40) * int(0.5 * (1 - lam) ** 0.5 * 24)
+        torch.manual_seed(seed)
+        want_images, want_targets = cutmix(images, labels)
+        got_images, got_targets = apply_mix(images, onehot, MixParams("cutmix", lam_box, partner, box))
+        assert torch.equal(got_images, want_images) and torch.equal(got_targets, want_targets)
+        torch.manual_seed(seed)
+        lam = float(mixup._dist.sample(()))
+        torch.manual_seed(seed)
+        want_images, want_targets = mixup(images, labels)
+        got_images, got_targets = apply_mix(images, onehot, MixParams("mixup", lam, partner, (0, 0, 0, 0)))
+        assert torch.equal(got_images, want_images) and torch.equal(got_targets, want_targets)
+    assert clipped > 5  # boxes clipped at the border were among them
+
+
 def test_soft_targets_give_timms_mixup_loss_with_label_smoothing():
     """F.cross_entropy(label_smoothing=eps) on our targets == timm's SoftTargetCrossEntropy on mixup_target."""
     timm_loss = pytest.importorskip("timm.loss")
