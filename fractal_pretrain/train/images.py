@@ -415,7 +415,7 @@ class ShardStream(IterableDataset):
     DataLoader worker then yields dicts ``{split, epoch, step, images (B, H, W, 3) uint8, labels}`` for its
     share of the steps ``start...``, in the order the DataLoader's round robin returns them. With
     ``mixed_sizes`` (an augmentation that crops or resizes every image to one size) images may differ in
-    size and ``images`` is a list of B (H, W, 3) arrays.
+    size and a batch of several sizes has ``images`` as a list of B (H, W, 3) arrays.
     """
 
     def __init__(self, listing: ShardListing, batch_size: int, seed: int, rank: int, world: int, workers: int,
@@ -472,7 +472,9 @@ class ShardStream(IterableDataset):
                    "labels": np.asarray(labels, dtype=np.int64)}
 
 
-def _as_lists(samples: list[tuple[np.ndarray, int]]) -> tuple[list[np.ndarray], list[int]]:
-    """A batch of images that may differ in size: (images, labels) as lists, not stacked."""
+def _as_lists(samples: list[tuple[np.ndarray, int]]) -> tuple[np.ndarray | list[np.ndarray], list[int]]:
+    """A batch of images that may differ in size: stacked (in the worker) when they do not, else a list."""
     images, labels = zip(*samples, strict=True)
+    if len({image.shape for image in images}) == 1:
+        return np.stack(images), list(labels)
     return list(images), list(labels)
