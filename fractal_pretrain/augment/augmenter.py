@@ -16,6 +16,8 @@ from fractal_pretrain.augment.config import AugmentConfig
 from fractal_pretrain.augment.params import MixParams, SampleParams, mix_params, sample_params
 from fractal_pretrain.augment.policy import IMAGENET_POLICY, SIGNED_OPS, magnitude
 
+_POLICY_OPS = np.array([[name for name, _, _ in sub] for sub in IMAGENET_POLICY])  # (25, 2) op names
+
 
 class BatchAugmenter:
     """Augments batches: uint8 (or [0, 1] float) images + labels -> normalised images + soft targets.
@@ -110,7 +112,7 @@ class BatchAugmenter:
         table = self._magnitude_table(height, width)
         groups = []
         for step in (0, 1):
-            names = np.array([IMAGENET_POLICY[p][step][0] if p >= 0 else "" for p in params.policy])
+            names = _POLICY_OPS[np.maximum(params.policy, 0), step]  # an index, not a per-sample loop
             active = params.fire[:, step] & (params.policy >= 0)
             for name in np.unique(names[active]):
                 chosen = np.flatnonzero(active & (names == name))

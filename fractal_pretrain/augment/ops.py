@@ -225,19 +225,27 @@ def _inverse_affine(centre, angle: float, shear_x: float, shear_y: float) -> lis
     return matrix
 
 
+def _by_distinct(values, matrix_of) -> np.ndarray:
+    """(N, 6) ``matrix_of(v)`` of each value, computed once per distinct value: a batch's magnitudes come from
+    a few policy bins and signs, so the host does a handful of evaluations, not one per sample."""
+    distinct, inverse = np.unique(np.ravel(np.asarray(values, dtype=np.float64)), return_inverse=True)
+    return np.array([matrix_of(float(v)) for v in distinct], dtype=np.float64).reshape(-1, 6)[inverse]
+
+
 def rotate_matrices(degrees, height: int, width: int) -> np.ndarray:
     """``rotate(angle)`` about the centre: torchvision first maps the angle to [0, 360), then negates it."""
-    return np.array([_inverse_affine((0.0, 0.0), -(float(d) % 360), 0.0, 0.0) for d in np.ravel(degrees)])
+    return _by_distinct(degrees, lambda d: _inverse_affine((0.0, 0.0), -(d % 360), 0.0, 0.0))
 
 
 def _shear_matrices(magnitude, height: int, width: int, axis: int) -> np.ndarray:
     # AutoAugment: affine(shear=degrees(atan(m)) on one axis, centre = the top-left corner)
     centre = (-width * 0.5, -height * 0.5)
-    matrices = []
-    for m in np.ravel(magnitude):
-        angle = math.degrees(math.atan(float(m)))
-        matrices.append(_inverse_affine(centre, 0.0, angle if axis == 0 else 0.0, angle if axis == 1 else 0.0))
-    return np.array(matrices)
+
+    def matrix(m: float) -> list[float]:
+        angle = math.degrees(math.atan(m))
+        return _inverse_affine(centre, 0.0, angle if axis == 0 else 0.0, angle if axis == 1 else 0.0)
+
+    return _by_distinct(magnitude, matrix)
 
 
 def warp_nearest(images: torch.Tensor, matrices) -> torch.Tensor:

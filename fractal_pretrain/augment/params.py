@@ -171,11 +171,16 @@ def mix_params(cfg: AugmentConfig, seed: int, epoch: int, step: int, rank: int, 
     lam = _beta(float(rng.to_uniform(head[0, 2])), cfg.mix_alpha)
     if float(rng.to_uniform(head[0, 1])) >= cfg.cutmix_p:
         return MixParams("mixup", lam, partner, (0, 0, 0, 0))
-    # CutMix box as OFDB-4AD's rand_bbox: side sqrt(1 - lam) of the image, uniform centre, clipped
+    cy, cx = int(rng.to_int(head[1, 0], height)), int(rng.to_int(head[1, 1], width))
+    box, lam = cutmix_box(lam, cy, cx, height, width)
+    return MixParams("cutmix", lam, partner, box)
+
+
+def cutmix_box(lam: float, cy: int, cx: int, height: int, width: int) -> tuple[tuple[int, int, int, int], float]:
+    """OFDB-4AD's ``rand_bbox`` (and torchvision's CutMix): a box of side sqrt(1 - lam) of the image centred at
+    (cy, cx), clipped; returns ((top, bottom, left, right), lambda recomputed from the clipped area)."""
     cut = math.sqrt(1.0 - lam)
     cut_h, cut_w = int(height * cut), int(width * cut)
-    cy, cx = int(rng.to_int(head[1, 0], height)), int(rng.to_int(head[1, 1], width))
     top, bottom = int(np.clip(cy - cut_h // 2, 0, height)), int(np.clip(cy + cut_h // 2, 0, height))
     left, right = int(np.clip(cx - cut_w // 2, 0, width)), int(np.clip(cx + cut_w // 2, 0, width))
-    lam = 1.0 - (bottom - top) * (right - left) / (height * width)
-    return MixParams("cutmix", lam, partner, (top, bottom, left, right))
+    return (top, bottom, left, right), 1.0 - (bottom - top) * (right - left) / (height * width)

@@ -41,6 +41,9 @@ from fractal_pretrain.train import images as image_sets
 
 SOURCES = ("render", "folder", "webdataset")
 
+RENDER_SIZE = 256  # data.size of fresh renders when not given
+FIXED_SET_SIZE = 512  # data.size of a render-once set when not given (OFDB-4AD rendered its images at 512 px)
+
 VAL_EPOCH = 2**32 - 1  # an epoch number training never reaches: validation keys never meet training keys
 
 
@@ -211,7 +214,8 @@ class FractalDataModule(pl.LightningDataModule):
     Args:
         recipe: Recipe name (``fractal-pretrain recipes`` lists them); with ``source: render``.
         recipe_overrides: Recipe keys to change, e.g. ``{num_classes: 100, num_points: 20000}``.
-        size: Image side in pixels (rendered images; a fixed set's render size).
+        size: Image side in pixels (rendered images; a fixed set's render size); null: 512 for a render-once
+            recipe (``ofdb``, OFDB-4AD's size), else 256.
         batch_size: Samples per rank and step.
         samples_per_epoch: Global samples per epoch, split across ranks (fixed sets: the set's size).
         val_samples: Size of the fixed validation set (0 disables validation).
@@ -233,13 +237,15 @@ class FractalDataModule(pl.LightningDataModule):
     """
 
     def __init__(self, recipe: str = "fractal4ad", recipe_overrides: dict[str, Any] | None = None,
-                 size: int = 256, batch_size: int = 512, samples_per_epoch: int = 1_000_000,
+                 size: int | None = None, batch_size: int = 512, samples_per_epoch: int = 1_000_000,
                  val_samples: int = 10_000, seed: int = 0, mean: tuple[float, float, float] = IMAGENET_MEAN,
                  std: tuple[float, float, float] = IMAGENET_STD, prefetch: bool = True, dtype: str = "auto",
                  num_threads: int | None = None, source: str = "render", path: str | None = None,
                  augment: dict[str, Any] | None = None, resident_gb: float = 16.0, num_workers: int = 4):
         super().__init__()
         self.recipe = get_recipe(recipe, recipe_overrides or {})
+        if size is None:  # resolved before save_hyperparameters, which records it (checkpoints, backbone.json)
+            size = FIXED_SET_SIZE if self.recipe.fixed_images else RENDER_SIZE
         check_range("data.size", size, 8, 4096, integer=True)
         check_range("data.batch_size", batch_size, 1, None, integer=True)
         check_range("data.samples_per_epoch", samples_per_epoch, 1, None, integer=True)
@@ -428,7 +434,8 @@ class FractalDataModule(pl.LightningDataModule):
     def train_dataloader(self):
         rank, world = self._world()
         if self.streams:
-            stream = image_sets.ShardStream(self.listing, self.batch_size, self.seed, rank, world, self.num_workers)
+            stream = image_sets.ShardStream(self.listing, self.batch_size, self.seed, rank, world, self.num_workers,
+                                            mixed_sizes=self.augment is not None)  # its crop makes them one size
             if stream.steps < 1:
                 raise ConfigError(f"data.path={self.path!r}: {self.listing.count} samples make no full batch of "
                                   f"{self.batch_size} for {world} rank(s)")
@@ -497,7 +504,8 @@ class FractalDataModule(pl.LightningDataModule):
         return self._finish([(None, images)], labels, batch["split"], epoch, batch["indices"], batch["step"])
 
     def _streamed(self, batch):
-        """A streamed shard batch (uint8 (B, H, W, 3) on the host) -> the device, augmented like any other.
+        """A streamed shard batch (uint8 (B, H, W, 3) on the host, or a list of (H, W, 3) images of several
+        sizes) -> the device, augmented like any other.
 
         Its samples take the global indices a resident set's step would give them (step-major, then rank),
         which key their augmentation draws.
@@ -505,12 +513,22 @@ class FractalDataModule(pl.LightningDataModule):
         import torch
 
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-        images = torch.as_tensor(batch["images"]).permute(0, 3, 1, 2).to(device, non_blocking=True)
         labels = torch.as_tensor(batch["labels"], dtype=torch.int64).to(device, non_blocking=True)
+        if isinstance(batch["images"], (list, tuple)):  # several sizes: one group per size, as ImageSet.gather
+            arrays = [torch.as_tensor(image) for image in batch["images"]]
+            groups = []
+            for shape in sorted({tuple(a.shape) for a in arrays}):
+                where = [k for k, a in enumerate(arrays) if tuple(a.shape) == shape]
+                images = torch.stack([arrays[k] for k in where]).permute(0, 3, 1, 2).to(device, non_blocking=True)
+                groups.append((torch.tensor(where, device=device), images))
+            if len(groups) == 1:
+                groups = [(None, groups[0][1])]
+        else:
+            groups = [(None, torch.as_tensor(batch["images"]).permute(0, 3, 1, 2).to(device, non_blocking=True))]
         rank, world = self._world()
         step = int(batch["step"])
         indices = (step * world + rank) * self.batch_size + np.arange(len(labels), dtype=np.int64)
-        return self._finish([(None, images)], labels, "train", int(batch["epoch"]), indices, step)
+        return self._finish(groups, labels, "train", int(batch["epoch"]), indices, step)
 
     def _finish(self, groups, labels, split: str, epoch: int, indices: np.ndarray, step: int):
         """uint8 image groups (see ImageSet.gather) -> the model's input: augmented (training) or normalised."""

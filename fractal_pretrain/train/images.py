@@ -10,7 +10,8 @@ Sources (``data.source``):
 
 * ``render``: a recipe with ``images_per_class`` > 0 (``ofdb``): indices ``[0, N)`` of epoch 0, rendered
   on the device (CuPy) or by the NumPy reference on the CPU.
-* ``folder``: ImageFolder layout, ``PATH/<class>/<image>``; classes are the sorted folder names.
+* ``folder``: ImageFolder layout, ``PATH/<class>/<image>`` (images may lie in subfolders of a class folder);
+  classes are the sorted folder names.
 * ``webdataset``: tar shards (a directory of ``*.tar``, e.g. ``fractal-pretrain export``'s, one shard, or
   a brace pattern); each sample needs an image (png, jpg, jpeg, webp, bmp, ppm) and a ``cls`` label.
 
@@ -24,6 +25,7 @@ import hashlib
 import io
 import itertools
 import json
+import os
 import random
 import sys
 import tarfile
@@ -37,7 +39,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from fractal_pretrain import rng
 from fractal_pretrain.config import ConfigError
 
-FOLDER_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+FOLDER_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")  # ImageFolder's
 SHARD_IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm")
 
 
@@ -215,12 +217,21 @@ def list_folder(path: str | Path) -> FolderListing:
         raise ConfigError(f"data.path={str(path)!r}: empty image folder (no class folders)")
     files, labels = [], []
     for label, name in enumerate(classes):
-        images = sorted(f for f in (root / name).iterdir() if f.is_file() and f.suffix.lower() in FOLDER_SUFFIXES)
+        images = _class_images(root / name)
         if not images:
             raise ConfigError(f"{root / name}: class folder without images ({', '.join(FOLDER_SUFFIXES)})")
         files += images
         labels += [label] * len(images)
     return FolderListing(root, tuple(classes), tuple(files), tuple(labels))
+
+
+def _class_images(folder: Path) -> list[Path]:
+    """A class folder's images as torchvision's ImageFolder finds them: the folder walked recursively (links
+    followed), directories and then files in sorted order."""
+    found = []
+    for parent, _, names in sorted(os.walk(folder, followlinks=True)):
+        found += [Path(parent) / n for n in sorted(names) if n.lower().endswith(FOLDER_SUFFIXES)]
+    return found
 
 
 def folder_set(listing: FolderListing, resident_gb: float, mixed_sizes: bool = False) -> ImageSet:
@@ -272,17 +283,17 @@ def shard_label(files: dict[str, bytes], key: str, shard: Path) -> int:
         raise ConfigError(f"{shard}: sample {key!r} has a .cls that is not an integer") from None
 
 
-def decode_sample(sample: dict[str, Any], shape: tuple[int, int]) -> tuple[np.ndarray, int]:
+def decode_sample(sample: dict[str, Any], shape: tuple[int, int] | None) -> tuple[np.ndarray, int]:
     """(uint8 (H, W, 3) RGB pixels, label) of a raw webdataset sample; a bad image, or one of another size
-    than ``shape`` (a streamed batch is one tensor), is an error naming it (streamed images are read only when
-    trained on: the listing checked labels and one image's header)."""
+    than ``shape`` (a streamed batch is one tensor; None: any size), is an error naming it (streamed images
+    are read only when trained on: the listing checked labels and one image's header)."""
     key, url = sample["__key__"], Path(sample["__url__"])
     image = shard_image_key(sample)
     if image is None:
         raise ConfigError(f"{url}: sample {key!r} has no image ({', '.join(SHARD_IMAGE_KEYS)})")
     name = f"{url}:{key}.{image}"
     pixels = decode_image(sample[image], name)
-    if pixels.shape[:2] != tuple(shape):
+    if shape is not None and pixels.shape[:2] != tuple(shape):
         raise ConfigError(f"{name} is {pixels.shape[0]}x{pixels.shape[1]}, the first image {shape[0]}x{shape[1]}: "
                           "streamed shards need images of one size")
     return pixels, shard_label(sample, key, url)
@@ -402,13 +413,16 @@ class ShardStream(IterableDataset):
 
     ``epoch`` and ``start`` (batches of the epoch already consumed) are set before each iteration; every
     DataLoader worker then yields dicts ``{split, epoch, step, images (B, H, W, 3) uint8, labels}`` for its
-    share of the steps ``start...``, in the order the DataLoader's round robin returns them.
+    share of the steps ``start...``, in the order the DataLoader's round robin returns them. With
+    ``mixed_sizes`` (an augmentation that crops or resizes every image to one size) images may differ in
+    size and a batch of several sizes has ``images`` as a list of B (H, W, 3) arrays.
     """
 
     def __init__(self, listing: ShardListing, batch_size: int, seed: int, rank: int, world: int, workers: int,
-                 buffer: int = SHUFFLE_BUFFER):
+                 buffer: int = SHUFFLE_BUFFER, mixed_sizes: bool = False):
         self.listing, self.batch_size, self.seed = listing, batch_size, seed
         self.rank, self.world, self.workers, self.buffer = rank, world, max(1, workers), buffer
+        self.mixed_sizes = mixed_sizes
         self.steps = stream_steps(listing.count, batch_size, world)
         self.epoch, self.start = 0, 0
 
@@ -448,9 +462,19 @@ class ShardStream(IterableDataset):
             wds.shuffle(self.buffer, initial=self.buffer,
                         rng=random.Random(shuffle_seed(self.seed, epoch, self.rank, logical))),
             lambda samples: itertools.islice(samples, skipped * self.batch_size, None),  # consumed: not decoded
-            lambda samples: (decode_sample(sample, self.listing.shape) for sample in samples),
-            wds.batched(self.batch_size, partial=False),
+            lambda samples: (decode_sample(sample, None if self.mixed_sizes else self.listing.shape)
+                             for sample in samples),
+            wds.batched(self.batch_size, partial=False,
+                        collation_fn=_as_lists if self.mixed_sizes else wds.filters.default_collation_fn),
         )
         for k, (images, labels) in enumerate(pipeline):
             yield {"split": "train", "epoch": epoch, "step": start + worker + k * workers, "images": images,
                    "labels": np.asarray(labels, dtype=np.int64)}
+
+
+def _as_lists(samples: list[tuple[np.ndarray, int]]) -> tuple[np.ndarray | list[np.ndarray], list[int]]:
+    """A batch of images that may differ in size: stacked (in the worker) when they do not, else a list."""
+    images, labels = zip(*samples, strict=True)
+    if len({image.shape for image in images}) == 1:
+        return np.stack(images), list(labels)
+    return list(images), list(labels)

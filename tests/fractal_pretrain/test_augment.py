@@ -199,6 +199,40 @@ def test_cutmix_and_mixup_on_images_and_targets():
     torch.testing.assert_close(out, mix.lam * clean + (1 - mix.lam) * clean[mix.partner])
 
 
+def test_cutmix_and_mixup_equal_torchvisions_for_the_same_parameters():
+    """torchvision.transforms.v2 CutMix / MixUp (which pair sample i with i - 1) against apply_mix with that
+    partner and torchvision's draws: the box from lambda and centre, the recomputed lambda, images, targets."""
+    from torchvision.transforms import v2
+
+    from fractal_pretrain.augment.params import MixParams, cutmix_box
+
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(8, 3, 24, 40, generator=g), torch.tensor([0, 3, 1, 4, 4, 2, 0, 1])
+    onehot, partner = F.one_hot(labels, 5).float(), np.roll(np.arange(8), 1)
+    clipped = 0
+    for seed in range(40):
+        cutmix, mixup = v2.CutMix(num_classes=5), v2.MixUp(num_classes=5)
+        torch.manual_seed(seed)
+        lam, cx, cy = float(cutmix._dist.sample(())), int(torch.randint(40, (1,))), int(torch.randint(24, (1,)))
+        torch.manual_seed(seed)
+        want = cutmix.make_params([images])
+        box, lam_box = cutmix_box(lam, cy, cx, 24, 40)
+        x1, y1, x2, y2 = want["box"]
+        assert box == (y1, y2, x1, x2) and lam_box == want["lam_adjusted"]
+        clipped += (x2 - x1) * (y2 - y1) < 4 * int(0.5 * (1 - lam) ** 0.5 * 40) * int(0.5 * (1 - lam) ** 0.5 * 24)
+        torch.manual_seed(seed)
+        want_images, want_targets = cutmix(images, labels)
+        got_images, got_targets = apply_mix(images, onehot, MixParams("cutmix", lam_box, partner, box))
+        assert torch.equal(got_images, want_images) and torch.equal(got_targets, want_targets)
+        torch.manual_seed(seed)
+        lam = float(mixup._dist.sample(()))
+        torch.manual_seed(seed)
+        want_images, want_targets = mixup(images, labels)
+        got_images, got_targets = apply_mix(images, onehot, MixParams("mixup", lam, partner, (0, 0, 0, 0)))
+        assert torch.equal(got_images, want_images) and torch.equal(got_targets, want_targets)
+    assert clipped > 5  # boxes clipped at the border were among them
+
+
 def test_soft_targets_give_timms_mixup_loss_with_label_smoothing():
     """F.cross_entropy(label_smoothing=eps) on our targets == timm's SoftTargetCrossEntropy on mixup_target."""
     timm_loss = pytest.importorskip("timm.loss")
@@ -308,3 +342,18 @@ def test_cuda_ops_equal_torchvision_on_cuda(name):
             assert (batched[k] != reference).float().mean() < 1e-3, k
         else:
             assert torch.equal(batched[k], reference), k
+
+
+
+def test_host_preparation_has_no_per_sample_loop(monkeypatch):
+    """A batch's AutoAugment parameters come from per-op tables: one affine matrix per distinct magnitude
+    (a handful per op), not one per sample. (That they are the right ones: the torchvision chain test above.)"""
+    from fractal_pretrain.augment import ops
+
+    calls = []
+    real = ops._inverse_affine
+    monkeypatch.setattr(ops, "_inverse_affine", lambda *args: calls.append(args) or real(*args))
+    images, aug = _images(512, side=32), BatchAugmenter(OFDB, num_classes=5)
+    groups = aug._groups(aug.sample_params(images, seed=0, epoch=0, indices=np.arange(512)), 32, 32)
+    warped = sum(len(chosen) for name, chosen, _ in groups if name in ("Rotate", "ShearX"))
+    assert warped > 50 and len(calls) <= 10  # Rotate: 4 magnitudes x 2 signs at most; ShearX: 1 x 2

@@ -60,6 +60,21 @@ def test_folder_source_trains_and_records_where_its_images_came_from(tmp_path):
     assert meta["image_size"] == 16 and meta["objective"] == "classification"  # the crops the network saw
 
 
+def test_folder_listing_is_torchvisions_imagefolder(tmp_path):
+    # ImageFolder walks each class folder recursively (sorted, links followed) and reads .pgm too
+    from torchvision.datasets import ImageFolder
+
+    folder = make_folder(tmp_path / "images", classes=2, per_class=2)
+    write_image(folder / "class_0" / "nested" / "deeper" / "a.png", seed=7)
+    write_image(folder / "class_1" / "b.PGM", seed=8)
+    Image.open(folder / "class_1" / "b.PGM").convert("L").save(folder / "class_1" / "b.PGM", "PPM")
+    write_image(folder / "class_2" / "only" / "nested.jpg", seed=9)  # a class whose images are all nested
+    listing = list_folder(folder)
+    reference = ImageFolder(str(folder))
+    assert list(listing.classes) == reference.classes
+    assert [(str(f), label) for f, label in zip(listing.files, listing.labels, strict=True)] == reference.samples
+
+
 def test_shards_from_export_train_resident_and_hold_the_exported_images(tmp_path):
     shards = tmp_path / "shards"
     assert main(["export", "--recipe", "anderson", "--num", "10", "--size", "32", "--out", str(shards),
@@ -192,12 +207,13 @@ def test_a_bad_image_in_streamed_shards_stops_the_run_with_one_line_naming_it(tm
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("fractal-pretrain: error: ") and err.endswith("a.tar:k5.png: unreadable image (OSError: "
                                                                          "image file is truncated)")
-    # the same shard with k5 whole: k1 is 12x12 (k0, the first, 16x16) and fails its batch
+    # the same shard with k5 whole: k1 is 12x12 (k0, the first, 16x16) and, without an augmentation whose crop
+    # makes them one size, fails its batch
     samples[5]["png"], samples[1]["png"] = png_bytes(seed=5), png_bytes(side=12)
     write_shard(tmp_path / "a.tar", samples)
     assert main(fit_args(tmp_path / "run2", "--data.source", "webdataset", "--data.path", str(tmp_path / "a.tar"),
                          "--data.resident_gb", "0", "--data.num_workers", str(workers), "--data.batch_size", "2",
-                         "--model.warmup_epochs", "0")) == 2
+                         "--model.warmup_epochs", "0", "--data.augment", "{enabled: false}")) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.endswith("is 12x12, the first image 16x16: streamed shards need images of one size")
 
@@ -400,3 +416,27 @@ def test_streamed_fit_stopped_mid_epoch_resumes_to_the_same_weights(tmp_path):
     assert_split_run_equals_straight_run(partial(fit_command, OFDB_SMOKE), tmp_path, 4, (), common)
     meta = json.loads((tmp_path / "split" / "backbone.json").read_text())
     assert meta["images"]["streamed"] is True and meta["steps"] == 6
+
+
+def test_streamed_images_of_different_sizes_train_when_the_augmentation_crops_them_to_one(tmp_path):
+    from fractal_pretrain.train.data import FractalDataModule
+
+    samples = [{"__key__": f"k{i}", "png": png_bytes(side=16 if i % 3 else 24, seed=i), "cls": str(i % 2).encode()}
+               for i in range(8)]
+    write_shard(tmp_path / "a.tar", samples)
+    data = FractalDataModule(source="webdataset", path=str(tmp_path / "a.tar"), batch_size=4, seed=3, resident_gb=0,
+                             num_workers=0, augment={"enabled": True, "size": 16, "mix_p": 0.0})
+    data.setup("fit")
+    assert data.streams
+    batch = next(iter(data.train_dataloader()))
+    assert {tuple(image.shape) for image in batch["images"]} == {(16, 16, 3), (24, 24, 3)}
+    images, targets = data.on_before_batch_transfer(batch, 0)
+    assert images.shape == (4, 3, 16, 16) and torch.equal(targets.argmax(1), torch.as_tensor(batch["labels"]))
+    for i, image in enumerate(batch["images"]):  # each sample augmented as it would be alone
+        alone = torch.as_tensor(np.asarray(image)).permute(2, 0, 1)[None]
+        want, _ = data.augmenter(alone, targets[i:i + 1].argmax(1), seed=3, epoch=0, indices=[i], step=0)
+        assert torch.equal(images[i:i + 1], want), i
+    assert main(fit_args(tmp_path / "run", "--data.source", "webdataset", "--data.path", str(tmp_path / "a.tar"),
+                         "--data.resident_gb", "0", "--data.num_workers", "1", "--data.batch_size", "4",
+                         "--data.augment", "{enabled: true, size: 16}", "--trainer.max_epochs", "1")) == 0
+    assert json.loads((tmp_path / "run" / "backbone.json").read_text())["steps"] == 2

@@ -207,3 +207,11 @@ def test_fresh_render_recipes_take_the_augmentation_too(tmp_path):
     header, *rows = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
     assert "val/top1" in header and "train/loss" in header
     assert json.loads((tmp_path / "backbone.json").read_text())["images"]["recipe"] == "anderson"
+
+
+def test_a_render_once_set_is_512_px_unless_data_size_says_otherwise():
+    # OFDB-4AD rendered its 1000 images at 512 px; fresh-render recipes keep the 256 px default.
+    assert FractalDataModule("ofdb", SMALL).size == 512
+    assert FractalDataModule("ofdb", SMALL).hparams["size"] == 512  # what checkpoints and backbone.json see
+    assert FractalDataModule("ofdb", SMALL, size=64).size == 64
+    assert FractalDataModule("anderson", SMALL).size == 256
