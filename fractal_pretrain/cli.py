@@ -67,7 +67,8 @@ def _add_render_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", required=True, help="recipe name (see `fractal-pretrain recipes`)")
     p.add_argument("--num", type=_positive_int, required=True, help="number of images")
     p.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
-    p.add_argument("--size", type=_positive_int, default=256, help="image side in pixels (256)")
+    p.add_argument("--size", type=_positive_int, default=None,
+                   help="image side in pixels (default 256; 512 for a render-once recipe such as ofdb)")
     p.add_argument("--epoch", type=_non_negative_int, default=0, help="epoch (default 0)")
     p.add_argument(
         "--start", type=_non_negative_int, default=0, help="first global sample index (default 0)"
@@ -150,12 +151,12 @@ def _cmd_render(args: argparse.Namespace) -> int:
     import numpy as np
 
     from fractal_pretrain.preview import save_grid
-    from fractal_pretrain.recipes import get_recipe
+    from fractal_pretrain.recipes import default_size, get_recipe
     from fractal_pretrain.render import make_renderer
 
     recipe = get_recipe(args.recipe, overrides(args.overrides) or None)
     renderer = make_renderer(
-        recipe, size=args.size, seed=args.seed, device=args.device, num_threads=args.threads
+        recipe, size=args.size or default_size(recipe), seed=args.seed, device=args.device, num_threads=args.threads
     )
     indices = np.arange(args.start, args.start + args.num, dtype=np.int64)
     batch = renderer.render(indices, epoch=args.epoch)

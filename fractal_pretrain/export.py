@@ -132,7 +132,7 @@ def export_shards(
     out_dir: str | Path,
     num: int,
     seed: int,
-    size: int,
+    size: int | None,
     shard_size: int,
     overrides: dict[str, Any] | None = None,
     epoch: int = 0,
@@ -151,7 +151,7 @@ def export_shards(
         out_dir: directory for the shards and ``manifest.json`` (created if missing).
         num: number of samples, >= 1.
         seed: base seed of the renderer.
-        size: image side in pixels.
+        size: image side in pixels (None: the recipe's default, ``recipes.default_size``).
         shard_size: samples per shard (webdataset ``maxcount``).
         overrides: recipe field overrides, as for :func:`fractal_pretrain.recipes.get_recipe`.
         epoch: epoch passed to the renderer.
@@ -169,11 +169,13 @@ def export_shards(
         ValueError: non-positive ``num``, ``size``, ``shard_size`` or ``batch_size``, or
             negative ``start``/``epoch``.
     """
+    from fractal_pretrain.recipes import default_size
     from fractal_pretrain.render import make_renderer
 
-    _check_export_args(num=num, size=size, shard_size=shard_size, batch_size=batch_size, start=start, epoch=epoch)
     overrides = dict(overrides or {})
     recipe = _single_view_recipe(recipe_name, overrides)
+    size = default_size(recipe) if size is None else size
+    _check_export_args(num=num, size=size, shard_size=shard_size, batch_size=batch_size, start=start, epoch=epoch)
     renderer = make_renderer(recipe, size=size, seed=seed, device=device, num_threads=num_threads)
     out_dir = Path(out_dir)
     _clear_export_dir(out_dir)

@@ -48,6 +48,8 @@ PATCHES = ("none", "image", "point")
 FLIP_BITS = {"none": 0, "hv": 6, "dihedral": 7}  # bits: 1 transpose, 2 flip rows, 4 flip columns
 VIEW_CHOICES = (0, 2)  # views per sample: 0 = one plain image
 MAX_CHAINS = 1024  # chains per fractal = CUDA threads per block
+RENDER_SIZE = 256  # image side of fresh renders when none is given
+FIXED_SET_SIZE = 512  # image side of a render-once set when none is given (OFDB-4AD rendered its images at 512 px)
 
 
 @dataclass(frozen=True)
@@ -257,6 +259,11 @@ def list_recipes(family: str | None = None) -> dict[str, str]:
 def recipe_family(recipe) -> str:
     """"ifs" (Recipe: chaos-game renderers) or "mandelbulb" (MandelbulbRecipe: the ray marcher)."""
     return "mandelbulb" if isinstance(recipe, MandelbulbRecipe) else "ifs"
+
+
+def default_size(recipe: Recipe | MandelbulbRecipe) -> int:
+    """The image side a recipe renders at when ``data.size`` / ``--size`` is not given."""
+    return FIXED_SET_SIZE if recipe.fixed_images else RENDER_SIZE
 
 
 def get_recipe(name: str, overrides: dict[str, Any] | None = None) -> Recipe | MandelbulbRecipe:

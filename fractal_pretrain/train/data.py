@@ -28,7 +28,7 @@ import lightning.pytorch as pl
 import numpy as np
 
 from fractal_pretrain.config import ConfigError, check_choice, check_range
-from fractal_pretrain.recipes import get_recipe, recipe_family
+from fractal_pretrain.recipes import default_size, get_recipe, recipe_family
 from fractal_pretrain.render.fast_cpu import available_cores
 from fractal_pretrain.render.renderer import (
     IMAGENET_MEAN,
@@ -40,9 +40,6 @@ from fractal_pretrain.render.renderer import (
 from fractal_pretrain.train import images as image_sets
 
 SOURCES = ("render", "folder", "webdataset")
-
-RENDER_SIZE = 256  # data.size of fresh renders when not given
-FIXED_SET_SIZE = 512  # data.size of a render-once set when not given (OFDB-4AD rendered its images at 512 px)
 
 VAL_EPOCH = 2**32 - 1  # an epoch number training never reaches: validation keys never meet training keys
 
@@ -245,7 +242,7 @@ class FractalDataModule(pl.LightningDataModule):
         super().__init__()
         self.recipe = get_recipe(recipe, recipe_overrides or {})
         if size is None:  # resolved before save_hyperparameters, which records it (checkpoints, backbone.json)
-            size = FIXED_SET_SIZE if self.recipe.fixed_images else RENDER_SIZE
+            size = default_size(self.recipe)
         check_range("data.size", size, 8, 4096, integer=True)
         check_range("data.batch_size", batch_size, 1, None, integer=True)
         check_range("data.samples_per_epoch", samples_per_epoch, 1, None, integer=True)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from fit_helpers import assert_split_run_equals_straight_run, fit_command, weights
+from PIL import Image
 
 from fractal_pretrain.cli import main
 from fractal_pretrain.recipes import get_recipe
@@ -215,3 +216,18 @@ def test_a_render_once_set_is_512_px_unless_data_size_says_otherwise():
     assert FractalDataModule("ofdb", SMALL).hparams["size"] == 512  # what checkpoints and backbone.json see
     assert FractalDataModule("ofdb", SMALL, size=64).size == 64
     assert FractalDataModule("anderson", SMALL).size == 256
+
+
+def test_render_and_export_without_size_use_the_recipes_default_as_fit_does(tmp_path):
+    # `fractal-pretrain render/export --recipe ofdb` must show and write the images fit trains on (512 px).
+    small = ["--set", "num_classes=2", "--set", "num_points=2000"]
+    png = tmp_path / "grid.png"
+    assert main(["render", "--recipe", "ofdb", "--num", "1", "--out", str(png), "--no-labels", *small]) == 0
+    assert min(Image.open(png).size) >= 512
+    out = tmp_path / "shards"
+    assert main(["export", "--recipe", "ofdb", "--num", "1", "--out", str(out), "--shard-size", "1",
+                 "--no-progress", *small]) == 0
+    assert json.loads((out / "manifest.json").read_text())["size"] == 512
+    assert main(["export", "--recipe", "anderson", "--num", "1", "--out", str(out), "--shard-size", "1",
+                 "--no-progress", "--set", "num_points=2000"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["size"] == 256
