@@ -139,7 +139,7 @@ def mb_marcher_defines() -> dict[str, int | np.float32]:
 
 def kernel_defines() -> dict[str, int | np.float32]:
     """Every generated constant, name -> value."""
-    d: dict[str, int] = {"FRACTAL_CONSTANTS": 1, "MAX_MAPS": P.MAX_MAPS, "ROW": ROW}
+    d: dict[str, int | np.float32] = {"FRACTAL_CONSTANTS": 1, "MAX_MAPS": P.MAX_MAPS, "ROW": ROW}
     d.update({name: int(getattr(rng, name)) for name in dir(rng) if name.startswith("STREAM_")})
     d.update({name: int(getattr(P, name)) for name in dir(P) if name.startswith("DRAW_")})
     d["PATCH_CENTRE_ONLY"] = P.PATCH_CENTRE_ONLY
@@ -164,13 +164,13 @@ UNSIGNED_PREFIXES = ("STREAM_", "DRAW_")  # u32 counter words in the kernels: un
 def literal(name: str, value: int | np.float32) -> str:
     """The C++ literal of a generated constant: a float32 as a hex float (its exact bits: no decimal
     rounding in any compiler), parenthesised when negative; an integer, unsigned for UNSIGNED_PREFIXES."""
-    if isinstance(value, np.float32):
+    if isinstance(value, np.float32) and np.isfinite(value):
         digits, exponent = float(value).hex().split("p")  # 0x1.0624de0000000p-10: drop the trailing zeros
         text = f"{digits.rstrip('0').rstrip('.')}p{exponent}f"
         return f"({text})" if value < 0 else text
     if isinstance(value, int | np.integer) and not isinstance(value, bool):
         return f"{int(value)}{'u' if name.startswith(UNSIGNED_PREFIXES) else ''}"
-    raise TypeError(f"kernel constant {name}: {value!r} is neither an int nor a numpy float32")
+    raise TypeError(f"kernel constant {name}: {value!r} is neither an int nor a finite numpy float32")
 
 
 def define_options() -> tuple[str, ...]:

@@ -180,6 +180,9 @@ def test_mandelbulb_marcher_constants_are_generated_from_python():
     assert mandelbulb_reference.MAX_ITERATIONS is marcher.MAX_ITERATIONS
     with pytest.raises(TypeError, match="MB_X: 0.5"):
         kernel_constants.literal("MB_X", 0.5)  # a Python float: which precision? Say float32 explicitly
+    with pytest.raises(TypeError, match="MB_X: .*inf"):
+        kernel_constants.literal("MB_X", np.float32(np.inf))
+    assert kernel_constants.literal("MB_X", np.float32(4.0)) == "0x1p+2f"
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="no g++")
