@@ -28,7 +28,7 @@ PROBES = (
     ('#include "common.cuh"\n',
      f"static unsigned long long WORK[16];\nstatic int WORK_KIND = 0;\nstatic float RAY_WORK[{MAX_RAYS}];\n"
      "static long long RAYS = 0;\n"),
-    ("  for (int i = 0; i < MB_MAX_ITERATIONS; ++i) {\n    last = r;\n    if (r > 4.0f) break;\n"
+    ("  for (int i = 0; i < MB_MAX_ITERATIONS; ++i) {\n    last = r;\n    if (r > MB_BAILOUT) break;\n"
      "    r = iterate<P>(zx, zy, zz, dr, r, cx, cy, cz, rule, textbook);\n", "    WORK[4 + WORK_KIND]++;\n"),
     ("    r = iterate<P>(zx, zy, zz, dr, r, cx, cy, cz, rule, textbook);\n    const float az", None),
     ("  return ((0.5f * log32(last)) * last) / dr;", None),

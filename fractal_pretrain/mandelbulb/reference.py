@@ -36,6 +36,9 @@ closing |z| is the next one's r; the powers start their product at the lowest se
 ``early_exit`` stops a primary ray once L >= 10 and a shadow ray once L >= 10000: L only grows (a step
 adds DE > threshold > 0), so the outcome is already decided and the image is identical.
 
+The constants (iterations, bailout, steps, thresholds, light, weights, ...) are ``mandelbulb/constants.py``'s,
+the same the kernels get as -D options.
+
 Images: a sprite per object (premultiplied RGB and alpha, uint8, ``supersample``^2 rays per pixel averaged
 with a box filter), pasted in slot order over the background with its own alpha.
 """
@@ -47,22 +50,31 @@ import types
 import numpy as np
 
 from fractal_pretrain.mandelbulb import params as P
+from fractal_pretrain.mandelbulb.constants import (
+    AMBIENT,
+    BAILOUT,
+    DIFFUSE,
+    LIGHT,
+    MAX_ITERATIONS,
+    NORMAL_EPS,
+    POWER_BITS,
+    PRIMARY_LIMIT,
+    PRIMARY_STEPS,
+    PRIMARY_THRESHOLD,
+    SHADOW_LIGHT,
+    SHADOW_LIMIT,
+    SHADOW_OFFSET_DIVISOR,
+    SHADOW_STEPS,
+    SHADOW_THRESHOLD,
+    TRAP_EXPONENT,
+    TRAP_L1_DIVISOR,
+    TRAP_START,
+)
 from fractal_pretrain.mandelbulb.params import MandelbulbItems, MandelbulbSamples
 from fractal_pretrain.mandelbulb.recipe import MandelbulbRecipe
 from fractal_pretrain.render import reference as ifs_reference
 
 F32 = np.float32
-
-MAX_ITERATIONS = 100
-BAILOUT = F32(4.0)
-TRAP_START = F32(1e20)
-PRIMARY_STEPS, PRIMARY_THRESHOLD, PRIMARY_LIMIT = 1000, F32(1e-3), F32(10.0)
-SHADOW_STEPS, SHADOW_THRESHOLD, SHADOW_LIMIT = 10000, F32(1e-4), F32(10000.0)
-SHADOW_OFFSET_DIVISOR = F32(100000.0)
-NORMAL_EPS = F32(1e-3)
-LIGHT = (F32(-10.0), F32(10.0), F32(10.0))
-AMBIENT, DIFFUSE, SHADOW_LIGHT = F32(0.3), F32(0.9), F32(0.2)
-POWER_BITS = 5  # square-and-multiply rounds: powers up to 31
 BACKGROUND_LEVEL = {"white": 255, "black": 0}
 
 # Cephes logf.
@@ -209,7 +221,7 @@ def _orbit(cx, cy, cz, power, rule, textbook: bool, traps: bool):
                 t0[live] = _lt_min(az, t0[live])
                 l1[live] = _lt_min((np.abs(x) + np.abs(y)) + az, l1[live])
                 t2[live] = _lt_min(rr, t2[live])
-        t1 = l1 / F32(1.5)
+        t1 = l1 / TRAP_L1_DIVISOR
     return last, dr, (t0, _lt_min(t1, TRAP_START), t2)
 
 
@@ -276,7 +288,7 @@ def shade(recipe: MandelbulbRecipe, hit, ray, colours, traps, power, rule):
         facing = [-c for c in normal] if recipe.diffuse_normal == "negated" else normal
         d = (light[0] * facing[0] + light[1] * facing[1]) + light[2] * facing[2]
         diffuse = DIFFUSE * np.where(d > F32(0.0), d, F32(0.0))
-        weights = (clamp01(traps[0]), clamp01(ipow(traps[1], 10)), clamp01(ipow(traps[2], 10)))
+        weights = (clamp01(traps[0]), clamp01(ipow(traps[1], TRAP_EXPONENT)), clamp01(ipow(traps[2], TRAP_EXPONENT)))
         col = [((colours[:, 0, c] * weights[0] + colours[:, 1, c] * weights[1]) + colours[:, 2, c] * weights[2])
                for c in range(3)]
         col = [(c * (diffuse + AMBIENT)) * (r * r) for c in col]

@@ -6,7 +6,8 @@ a constant can drift.
 Generated: RNG stream ids (``rng.STREAM_*``), draw numbers (``render/params.DRAW_*``), recipe choices
 (``JITTER_*``, ``PATCH_*`` from ``recipes.py``), the recipe-constant layouts (``RI_*``, ``RF_*``: the order
 of ``RECIPE_INTS`` / ``RECIPE_FLOAT_PAIRS``), the plan layouts (``SAMPLE_FLOATS``, ``ITEM_INTS``,
-``ITEM_FLOATS``, ``IF_*``) and the Mandelbulb kernels' layouts and flags (``MB_*``).
+``ITEM_FLOATS``, ``IF_*``), the Mandelbulb kernels' layouts and flags and the ray marcher's constants
+(``MB_*``, the latter from ``mandelbulb/constants.py``). Floats are float32, written as exact hex-float literals.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from fractal_pretrain import rng
+from fractal_pretrain.mandelbulb import constants as marcher
 from fractal_pretrain.mandelbulb.recipe import POWER_RANGE
 from fractal_pretrain.recipes import FLIP_BITS, JITTERS, PATCHES, Recipe
 from fractal_pretrain.render import params as P
@@ -122,9 +124,22 @@ def _float_offsets() -> dict[str, int]:
     return offsets
 
 
-def kernel_defines() -> dict[str, int]:
+def mb_marcher_defines() -> dict[str, int | np.float32]:
+    """The ray marcher's constants (mandelbulb/constants.py) as MB_<NAME>; LIGHT as MB_LIGHT_X/Y/Z."""
+    out: dict[str, int | np.float32] = {}
+    for name, value in vars(marcher).items():
+        if not name.isupper():
+            continue
+        if isinstance(value, tuple):
+            out.update({f"MB_{name}_{axis}": v for axis, v in zip("XYZ", value, strict=True)})
+        else:
+            out[f"MB_{name}"] = value
+    return out
+
+
+def kernel_defines() -> dict[str, int | np.float32]:
     """Every generated constant, name -> value."""
-    d: dict[str, int] = {"FRACTAL_CONSTANTS": 1, "MAX_MAPS": P.MAX_MAPS, "ROW": ROW}
+    d: dict[str, int | np.float32] = {"FRACTAL_CONSTANTS": 1, "MAX_MAPS": P.MAX_MAPS, "ROW": ROW}
     d.update({name: int(getattr(rng, name)) for name in dir(rng) if name.startswith("STREAM_")})
     d.update({name: int(getattr(P, name)) for name in dir(P) if name.startswith("DRAW_")})
     d["PATCH_CENTRE_ONLY"] = P.PATCH_CENTRE_ONLY
@@ -139,13 +154,25 @@ def kernel_defines() -> dict[str, int]:
     d.update({f"MB_{name}": bit for name, bit in MB_FLAGS.items()})
     d.update(MB_MIN_POWER=MB_MIN_POWER, MB_MAX_POWER=MB_MAX_POWER, MB_TILE_ROWS=MB_TILE_ROWS,
              MB_TILE_COLS=MB_TILE_COLS)
+    d.update(mb_marcher_defines())
     return d
 
 
 UNSIGNED_PREFIXES = ("STREAM_", "DRAW_")  # u32 counter words in the kernels: unsigned literals
 
 
+def literal(name: str, value: int | np.float32) -> str:
+    """The C++ literal of a generated constant: a float32 as a hex float (its exact bits: no decimal
+    rounding in any compiler), parenthesised when negative; an integer, unsigned for UNSIGNED_PREFIXES."""
+    if isinstance(value, np.float32) and np.isfinite(value):
+        digits, exponent = float(value).hex().split("p")  # 0x1.0624de0000000p-10: drop the trailing zeros
+        text = f"{digits.rstrip('0').rstrip('.')}p{exponent}f"
+        return f"({text})" if value < 0 else text
+    if isinstance(value, int | np.integer) and not isinstance(value, bool):
+        return f"{int(value)}{'u' if name.startswith(UNSIGNED_PREFIXES) else ''}"
+    raise TypeError(f"kernel constant {name}: {value!r} is neither an int nor a finite numpy float32")
+
+
 def define_options() -> tuple[str, ...]:
     """``-DNAME=value`` for every generated constant, sorted (part of every build's cache key)."""
-    return tuple(f"-D{name}={value}{'u' if name.startswith(UNSIGNED_PREFIXES) else ''}"
-                 for name, value in sorted(kernel_defines().items()))
+    return tuple(f"-D{name}={literal(name, value)}" for name, value in sorted(kernel_defines().items()))

@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 
 from fractal_pretrain import rng
+from fractal_pretrain.mandelbulb import constants as marcher
+from fractal_pretrain.mandelbulb import reference as mandelbulb_reference
 from fractal_pretrain.mandelbulb import renderer as mandelbulb_renderer
 from fractal_pretrain.recipes import MAX_CHAINS, get_recipe
 from fractal_pretrain.render import cupy_renderer, kernel_constants, params, reference
@@ -144,6 +146,66 @@ def test_kernel_sources_hold_no_copy_of_the_constants(tmp_path):
         text = (KERNELS / f"{name}.cu").read_text() + (KERNELS / "common.cuh").read_text()
         for constant in kernel_constants.kernel_defines():
             assert f"#define {constant} " not in text, f"{name}.cu defines {constant} again"
+
+
+MARCHER_NAMES = {"MAX_ITERATIONS", "BAILOUT", "POWER_BITS", "TRAP_START", "TRAP_L1_DIVISOR", "TRAP_EXPONENT",
+                 "PRIMARY_STEPS", "PRIMARY_THRESHOLD", "PRIMARY_LIMIT", "SHADOW_STEPS", "SHADOW_THRESHOLD",
+                 "SHADOW_LIMIT", "SHADOW_OFFSET_DIVISOR", "NORMAL_EPS", "LIGHT_X", "LIGHT_Y", "LIGHT_Z", "AMBIENT",
+                 "DIFFUSE", "SHADOW_LIGHT"}
+
+
+def _marcher_value(name: str):
+    return marcher.LIGHT["XYZ".index(name[-1])] if name.startswith("LIGHT_") else getattr(marcher, name)
+
+
+def _marcher_literals() -> dict[str, str]:
+    options = dict(d[2:].split("=", 1) for d in DEFINES)
+    return {name: options[f"MB_{name}"] for name in MARCHER_NAMES}
+
+
+def test_mandelbulb_marcher_constants_are_generated_from_python():
+    # mandelbulb/constants.py is the one definition: the reference reads it, the -D options carry it exactly.
+    want = {name: _marcher_value(name) for name in MARCHER_NAMES}
+    generated = {k[3:]: v for k, v in kernel_constants.mb_marcher_defines().items()}
+    assert generated == want and all(type(generated[k]) is type(want[k]) for k in want)
+    for name, text in _marcher_literals().items():
+        value = want[name]
+        if isinstance(value, np.float32):
+            text = text.removeprefix("(").removesuffix(")")
+            assert text.endswith("f") and np.float32(float.fromhex(text[:-1])) == value, name
+        else:
+            assert text == str(value), name
+    assert _marcher_literals()["LIGHT_X"] == "(-0x1.4p+3f)" and _marcher_literals()["DIFFUSE"] == "0x1.ccccccp-1f"
+    assert mandelbulb_reference.PRIMARY_THRESHOLD is marcher.PRIMARY_THRESHOLD
+    assert mandelbulb_reference.MAX_ITERATIONS is marcher.MAX_ITERATIONS
+    with pytest.raises(TypeError, match="MB_X: 0.5"):
+        kernel_constants.literal("MB_X", 0.5)  # a Python float: which precision? Say float32 explicitly
+    with pytest.raises(TypeError, match="MB_X: .*inf"):
+        kernel_constants.literal("MB_X", np.float32(np.inf))
+    assert kernel_constants.literal("MB_X", np.float32(4.0)) == "0x1p+2f"
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no g++")
+def test_compilers_read_the_marcher_floats_as_the_python_bits(tmp_path):
+    floats = sorted(name for name in MARCHER_NAMES if isinstance(_marcher_value(name), np.float32))
+    body = "".join(f'  std::printf("%08x\\n", bits(MB_{name}));\n' for name in floats)
+    src = tmp_path / "bits.cpp"
+    src.write_text("#include <cstdio>\n#include <cstring>\nunsigned bits(float f) { unsigned u; "
+                   "std::memcpy(&u, &f, 4); return u; }\nint main() {\n" + body + "}\n")
+    subprocess.run(["g++", "-std=c++17", *DEFINES, str(src), "-o", str(tmp_path / "bits")], check=True)
+    out = subprocess.run([str(tmp_path / "bits")], capture_output=True, text=True, check=True).stdout.split()
+    assert [int(v, 16) for v in out] == [int(_marcher_value(n).view(np.uint32)) for n in floats]
+
+
+def test_mandelbulb_kernel_writes_no_marcher_number_of_its_own():
+    # After log32 (Cephes' coefficients) only arithmetic identities remain as float literals; a shading or
+    # marching number belongs in mandelbulb/constants.py.
+    text = (KERNELS / "mandelbulb.cu").read_text()
+    body = text[text.index("template <int P>"):]
+    literals = set(re.findall(r"(?<![\w.])\d+\.\d*(?:e[-+]?\d+)?f|(?<![\w.])\d+e[-+]?\d+f", body))
+    assert literals <= {"0.0f", "0.5f", "1.0f", "2.0f", "255.0f"}, literals
+    assert not re.search(r"ipow<\d", body) and "march<P>(cam, ray, rule, textbook, MB_PRIMARY_STEPS" in body
+    assert "MB_LIGHT_X - hit[0]" in body and "MB_MAX_ITERATIONS" in body
 
 
 def test_recipe_ints_encode_the_recipe():

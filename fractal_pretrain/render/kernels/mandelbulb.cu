@@ -15,9 +15,10 @@
 
 // Layouts and flags (MB_ITEM_INTS, MB_ITEM_FLOATS, MB_IF_COLOURS, MB_SHADOW, ...): render/kernel_constants.py.
 // Per object ints: active, power, rule, side, top, left, bank row. Floats: camera (position, side, up,
-// direction), colours. Powers MB_MIN_POWER..MB_MAX_POWER (recipe.POWER_RANGE).
-#define MB_MAX_ITERATIONS 100
-#define MB_POWER_BITS 5
+// direction), colours. Powers MB_MIN_POWER..MB_MAX_POWER (recipe.POWER_RANGE). The marcher's constants
+// (MB_MAX_ITERATIONS, MB_BAILOUT, MB_PRIMARY_STEPS, MB_LIGHT_X, MB_DIFFUSE, ...): mandelbulb/constants.py.
+static_assert(MB_MAX_POWER < (1 << MB_POWER_BITS) && MB_TRAP_EXPONENT < (1 << MB_POWER_BITS),
+              "ipow/cpow take MB_POWER_BITS bits of the power");
 
 struct Traps {
   float t0, t1, t2;
@@ -167,30 +168,30 @@ __device__ inline float distance(float cx, float cy, float cz, const Rule &rule,
   float r = sqrtf((zx * zx + zy * zy) + zz * zz), last = r;
   for (int i = 0; i < MB_MAX_ITERATIONS; ++i) {
     last = r;
-    if (r > 4.0f) break;
+    if (r > MB_BAILOUT) break;
     r = iterate<P>(zx, zy, zz, dr, r, cx, cy, cz, rule, textbook);
   }
   return ((0.5f * log32(last)) * last) / dr;
 }
 
 // The orbit traps of the same iteration: min |z_z|, min |z|_1 / 1.5 and min |z| after each step (1e20 when
-// there is none). |z| is the next iteration's r; the division by 1.5 and the minimum commute (IEEE division
-// is monotonic), so it is done once.
+// there is none: MB_TRAP_L1_DIVISOR, MB_TRAP_START). |z| is the next iteration's r; the division by 1.5 and
+// the minimum commute (IEEE division is monotonic), so it is done once.
 template <int P>
 __device__ inline Traps traps(float cx, float cy, float cz, const Rule &rule, bool textbook) {
   float zx = cx, zy = cy, zz = cz, dr = 1.0f;
   float r = sqrtf((zx * zx + zy * zy) + zz * zz);
-  float t0 = 1e20f, l1 = __int_as_float(0x7f800000), t2 = 1e20f;
+  float t0 = MB_TRAP_START, l1 = __int_as_float(0x7f800000), t2 = MB_TRAP_START;
   for (int i = 0; i < MB_MAX_ITERATIONS; ++i) {
-    if (r > 4.0f) break;
+    if (r > MB_BAILOUT) break;
     r = iterate<P>(zx, zy, zz, dr, r, cx, cy, cz, rule, textbook);
     const float az = fabsf(zz), sum = (fabsf(zx) + fabsf(zy)) + az;
     t0 = az < t0 ? az : t0;
     l1 = sum < l1 ? sum : l1;
     t2 = r < t2 ? r : t2;
   }
-  const float t1 = l1 / 1.5f;
-  return {t0, t1 < 1e20f ? t1 : 1e20f, t2};
+  const float t1 = l1 / MB_TRAP_L1_DIVISOR;
+  return {t0, t1 < MB_TRAP_START ? t1 : MB_TRAP_START, t2};
 }
 
 // Sphere tracing: the distance L where DE <= threshold, or after `steps` steps (or once L >= limit); `probe`
@@ -229,30 +230,33 @@ __device__ inline void shade(const float *hit, const float *colours, const Traps
 #pragma unroll
   for (int a = 0; a < 3; ++a) {
     float plus[3] = {hit[0], hit[1], hit[2]}, minus[3] = {hit[0], hit[1], hit[2]};
-    plus[a] = hit[a] + 1e-3f;
-    minus[a] = hit[a] - 1e-3f;
+    plus[a] = hit[a] + MB_NORMAL_EPS;
+    minus[a] = hit[a] - MB_NORMAL_EPS;
     normal[a] = distance<P>(plus[0], plus[1], plus[2], rule, textbook) -
                 distance<P>(minus[0], minus[1], minus[2], rule, textbook);
   }
   normalise(normal);
-  float light[3] = {-10.0f - hit[0], 10.0f - hit[1], 10.0f - hit[2]};
+  float light[3] = {MB_LIGHT_X - hit[0], MB_LIGHT_Y - hit[1], MB_LIGHT_Z - hit[2]};
   normalise(light);
   const float sign = (flags & MB_NEGATED_NORMAL) ? -1.0f : 1.0f;  // -x and -1 * x are the same float
   const float d = (light[0] * (sign * normal[0]) + light[1] * (sign * normal[1])) + light[2] * (sign * normal[2]);
-  const float diffuse = 0.9f * (d > 0.0f ? d : 0.0f);
-  const float w0 = clamp01(t.t0), w1 = clamp01(ipow<10>(t.t1)), w2 = clamp01(ipow<10>(t.t2));
+  const float diffuse = MB_DIFFUSE * (d > 0.0f ? d : 0.0f);
+  const float w0 = clamp01(t.t0), w1 = clamp01(ipow<MB_TRAP_EXPONENT>(t.t1)),
+              w2 = clamp01(ipow<MB_TRAP_EXPONENT>(t.t2));
   bool lit = false;
   if (flags & MB_SHADOW) {
-    const float start[3] = {hit[0] + normal[0] / 100000.0f, hit[1] + normal[1] / 100000.0f,
-                            hit[2] + normal[2] / 100000.0f};
+    const float start[3] = {hit[0] + normal[0] / MB_SHADOW_OFFSET_DIVISOR,
+                            hit[1] + normal[1] / MB_SHADOW_OFFSET_DIVISOR,
+                            hit[2] + normal[2] / MB_SHADOW_OFFSET_DIVISOR};
     float probe;
-    lit = march<P>(start, light, rule, textbook, 10000, 1e-4f, 10000.0f, flags & MB_EARLY_EXIT, probe) >= 10000.0f;
+    lit = march<P>(start, light, rule, textbook, MB_SHADOW_STEPS, MB_SHADOW_THRESHOLD, MB_SHADOW_LIMIT,
+                   flags & MB_EARLY_EXIT, probe) >= MB_SHADOW_LIMIT;
   }
 #pragma unroll
   for (int c = 0; c < 3; ++c) {
     float v = (colours[c] * w0 + colours[3 + c] * w1) + colours[6 + c] * w2;
-    v = (v * (diffuse + 0.3f)) * (r * r);
-    if (lit) v = v + 0.2f;
+    v = (v * (diffuse + MB_AMBIENT)) * (r * r);
+    if (lit) v = v + MB_SHADOW_LIGHT;
     col[c] = clamp01(v);
   }
 }
@@ -279,9 +283,10 @@ __device__ void march_pixel(int i, int j, int side, int ss, int rule_bits, int f
       for (int k = 0; k < 3; ++k) ray[k] = (cam[3 + k] * px + cam[6 + k] * py) + cam[9 + k];
       normalise(ray);
       float probe;
-      const float L = march<P>(cam, ray, rule, textbook, 1000, 1e-3f, 10.0f, flags & MB_EARLY_EXIT, probe);
+      const float L = march<P>(cam, ray, rule, textbook, MB_PRIMARY_STEPS, MB_PRIMARY_THRESHOLD, MB_PRIMARY_LIMIT,
+                               flags & MB_EARLY_EXIT, probe);
       float col[3] = {0.0f, 0.0f, 0.0f};
-      if (L < 10.0f) {
+      if (L < MB_PRIMARY_LIMIT) {
         const Traps t = traps<P>(cam[0] + probe * ray[0], cam[1] + probe * ray[1], cam[2] + probe * ray[2], rule,
                                  textbook);
         const float hit[3] = {cam[0] + ray[0] * L, cam[1] + ray[1] * L, cam[2] + ray[2] * L};
