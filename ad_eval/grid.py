@@ -305,11 +305,10 @@ def _visible_gpus() -> int:
     return torch.cuda.device_count()
 
 
-def submit(grid: Grid, out_dir: str | Path, cluster: str) -> list:
-    """Submits every pending cell, one job array per method; returns the submitit jobs."""
+def submit(grid: Grid, pending: list[Cell], out_dir: str | Path, cluster: str) -> list:
+    """Submits the ``pending`` cells (``pending_cells``), one job array per method; returns the submitit jobs."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pending = pending_cells(grid, out_dir)
     if (cluster == "local" and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
             and threading.current_thread() is threading.main_thread()):
         # a shell starts `ad-eval grid ... &` with SIGINT ignored, and the tasks inherit that: cancelling them
@@ -460,12 +459,13 @@ def run_grid(config: str | Path, out_dir: str | Path, cluster: str = "local", pr
     """Submit pending cells, wait, and summarise; re-running continues where the last run stopped."""
     grid = load_grid(config)
     out_dir = Path(out_dir)
+    pending = pending_cells(grid, out_dir) if out_dir.exists() else list(grid.cells)  # one scan of the records
     if cluster != "slurm":  # a cluster's data may be visible on its compute nodes only: there each cell checks
         check_datasets(grid)  # its own dataset and projector (the projector's references are train images)
-        check_projectors(grid, pending_cells(grid, out_dir) if out_dir.exists() else grid.cells)
-    before = len(grid.cells) - len(pending_cells(grid, out_dir)) if out_dir.exists() else 0
-    jobs = submit(grid, out_dir, cluster)
-    print(f"{len(grid.cells)} cells: {before} already done, {len(grid.cells) - before} submitted "
+        check_projectors(grid, pending)
+    jobs = submit(grid, pending, out_dir, cluster)
+    before = len(grid.cells) - len(pending)
+    print(f"{len(grid.cells)} cells: {before} already done, {len(pending)} submitted "
           f"in {len(jobs)} task(s) on {cluster}", flush=True)
     with local_tasks_end_with_the_grid(jobs, cluster):
         wait(jobs, out_dir, grid, progress=progress, lost=LostJobs() if cluster == "slurm" else None)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ad_eval import grid as grid_module
 from ad_eval.cell import Cell, read_record
 from ad_eval.cli import main
 from ad_eval.grid import GridError, load_grid, pending_cells, run_grid
@@ -82,7 +83,7 @@ def test_shipped_eval_configs_load(config):
     assert grid.cells and len({c.cell_id for c in grid.cells}) == len(grid.cells)
 
 
-def test_grid_runs_every_cell_once_and_a_rerun_skips_them(tmp_path, realdata):
+def test_grid_runs_every_cell_once_and_a_rerun_skips_them(tmp_path, realdata, monkeypatch):
     config = write_grid(tmp_path / "grid.yaml", realdata)
     out = tmp_path / "results"
     summary = run_grid(config, out, cluster="debug", progress=False)
@@ -93,8 +94,11 @@ def test_grid_runs_every_cell_once_and_a_rerun_skips_them(tmp_path, realdata):
         assert all(0.0 <= r[k] <= 1.0 for k in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO"))
         assert r["backbone"] == "Random" and r["layers"] == ["layer2", "layer3"] and r["wall_time_s"] > 0
     stamps = {r["cell_id"]: r["finished_at"] for r in got}
+    reads = []
+    monkeypatch.setattr(grid_module, "read_record", lambda path: reads.append(path) or read_record(path))
     assert run_grid(config, out, cluster="debug", progress=False)["done"] == 2
     assert {r["cell_id"]: r["finished_at"] for r in records(out)} == stamps  # nothing ran again
+    assert len(reads) == 2 * 2  # each record read once before submitting and once for the summary (was 4 times)
 
 
 def test_one_failing_cell_loses_nothing_and_is_retried(tmp_path, capsys, realdata):
