@@ -394,6 +394,19 @@ def wait(jobs: list, out_dir: Path, grid: Grid, poll_s: float = 2.0, progress: b
     bar.close()
 
 
+def check_backbones(grid: Grid, cells: list[Cell]) -> None:
+    """``check_spec`` (files exist, backbone.json valid) of each backbone of ``cells`` before anything is submitted:
+    a missing file was a failure record per cell, and a corrected path would not reuse them (a cell's id holds
+    its spec). Off Slurm only, like ``check_datasets``: a cluster's weights may be on its compute nodes only."""
+    from ad_eval.backbones import check_spec
+
+    for label, spec, arch in dict.fromkeys((c.backbone_name, c.backbone, c.arch) for c in cells):
+        try:
+            check_spec(spec, arch)
+        except ValueError as err:
+            raise GridError(f"{grid.source}: backbones.{label}: {err}") from None
+
+
 def check_projectors(grid: Grid, cells: list[Cell]) -> None:
     """``preflight`` of one cell per (backbone weights, projector) pair before anything is submitted: a
     projector made for other weights (a random backbone is other weights for every seed) or other layers
@@ -460,8 +473,9 @@ def run_grid(config: str | Path, out_dir: str | Path, cluster: str = "local", pr
     grid = load_grid(config)
     out_dir = Path(out_dir)
     pending = pending_cells(grid, out_dir) if out_dir.exists() else list(grid.cells)  # one scan of the records
-    if cluster != "slurm":  # a cluster's data may be visible on its compute nodes only: there each cell checks
-        check_datasets(grid)  # its own dataset and projector (the projector's references are train images)
+    if cluster != "slurm":  # a cluster's data and weights may be visible on its compute nodes only: there each
+        check_datasets(grid)  # cell checks its own dataset, backbone and projector (whose references are train images)
+        check_backbones(grid, pending)
         check_projectors(grid, pending)
     jobs = submit(grid, pending, out_dir, cluster)
     before = len(grid.cells) - len(pending)

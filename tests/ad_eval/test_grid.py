@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from ad_eval import grid as grid_module
+from ad_eval.backbones import BACKBONE_FORMAT
 from ad_eval.cell import Cell, read_record
 from ad_eval.cli import main
 from ad_eval.grid import GridError, load_grid, pending_cells, run_grid
@@ -102,17 +103,22 @@ def test_grid_runs_every_cell_once_and_a_rerun_skips_them(tmp_path, realdata, mo
 
 
 def test_one_failing_cell_loses_nothing_and_is_retried(tmp_path, capsys, realdata):
-    backbones = {"Random": {"spec": "random", "arch": "resnet18"}, "Missing": {"spec": str(tmp_path / "no.pt")}}
+    # A backbone.pt cut short (its json intact): the grid's up-front check reads the json only, so each cell
+    # fails when it loads the weights, as a missing file does on Slurm (where the grid checks no files).
+    (tmp_path / "cut.json").write_text(json.dumps(
+        {"format": BACKBONE_FORMAT, "arch": "resnet18", "mean": [0.5] * 3, "std": [0.25] * 3}))
+    (tmp_path / "cut.pt").write_bytes(b"PK\x03\x04 cut short")
+    backbones = {"Random": {"spec": "random", "arch": "resnet18"}, "Broken": {"spec": str(tmp_path / "cut.pt")}}
     config = write_grid(tmp_path / "grid.yaml", realdata, backbones=backbones)
     out = tmp_path / "results"
     assert main(["grid", "--config", str(config), "--cluster", "debug", "--out", str(out), "--no-progress"]) == 1
     assert len(records(out)) == 2  # the Random cells
     failed = sorted(out.glob("*.failed.json"))
-    assert len(failed) == 2 and "no.pt" in json.loads(failed[0].read_text())["error"]
+    assert len(failed) == 2 and "cut.pt" in json.loads(failed[0].read_text())["error"]
     assert "2 cell(s) missing" in capsys.readouterr().err
-    # the report shows the missing backbone as "-", never a number
+    # the report shows the failed backbone as "-", never a number
     assert main(["report", "--results", str(out), "--out", str(tmp_path / "report"),
-                 "--backbones", "Random,Missing"]) == 0
+                 "--backbones", "Random,Broken"]) == 0
     table = (tmp_path / "report" / "table_mvtec_image_AUROC.md").read_text()
     assert "/-" in table
 
@@ -213,6 +219,25 @@ def test_grid_bad_dataset_is_one_line_before_submitting(tmp_path, capsys, realda
     assert main(["grid", "--config", str(config), "--cluster", "debug", "--out", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "grid.yaml: datasets.mvtec: " in err
+    assert re.search(message, err), err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("backbone", "message"), [
+    ({"spec": "{tmp}/run/backbone.pt"}, r"backbone file .*run/backbone.pt not found"),
+    ({"spec": "imagenet:{tmp}/wrn50.pth", "arch": "wide_resnet50_2"}, r"imagenet:.*wrn50.pth: file not found"),
+    ({"spec": "random", "arch": "resnet18", "projector": "{tmp}/adapt/projector.pt"},
+     r"projector .*adapt/projector.pt: file not found"),
+], ids=["backbone.pt", "imagenet", "projector"])
+def test_grid_missing_backbone_file_is_one_line_before_submitting(tmp_path, capsys, realdata, backbone, message):
+    """Off Slurm a missing weights file is one line, exit 2, nothing written (was: a failure record per cell)."""
+    backbone = {key: value.replace("{tmp}", str(tmp_path)) for key, value in backbone.items()}
+    config = write_grid(tmp_path / "grid.yaml", realdata, backbones={"Random": {"spec": "random", "arch": "resnet18"},
+                                                                     "Gone": backbone})
+    out = tmp_path / "results"
+    assert main(["grid", "--config", str(config), "--cluster", "debug", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "grid.yaml: backbones.Gone" in err
     assert re.search(message, err), err
     assert not out.exists()
 
