@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import os
 import signal
 import subprocess
 import sys
@@ -320,10 +321,36 @@ def submit(grid: Grid, pending: list[Cell], out_dir: str | Path, cluster: str) -
         if not cells:
             continue
         executor = make_executor(cluster, out_dir / "submitit", grid.resources[method])
-        with executor.batch():
+        log = out_dir / "submitit" / CONTROLLER_LOG
+        quiet = children_stderr_to(log) if cluster == "local" else contextlib.nullcontext()
+        with quiet, executor.batch():  # the batch starts the local controllers when it ends, inside `quiet`
             for chunk in _chunks(cells, grid.cells_per_task):
                 jobs.append(executor.submit(run_cells, chunk, str(out_dir), grid.device, grid.keep_maps))
     return jobs
+
+
+CONTROLLER_LOG = "controllers.err"  # in <out>/submitit: what submitit's local controllers write to stderr
+
+
+@contextlib.contextmanager
+def children_stderr_to(path: Path):
+    """Processes started inside the block write their stderr to ``path``; this process's stderr is restored after.
+
+    submitit starts a local task's controller with the grid's stderr (fd 2) and cancels it with SIGINT, so each
+    cancel printed the controller's KeyboardInterrupt traceback on the terminal, after the grid's own line. The
+    tasks themselves already write to their log files in the same folder.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with path.open("a") as sink:
+            os.dup2(sink.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 LOST_AFTER_S = 60.0  # a job gone from squeue this long without a result file is lost
@@ -369,29 +396,29 @@ def wait(jobs: list, out_dir: Path, grid: Grid, poll_s: float = 2.0, progress: b
     from tqdm import tqdm
 
     total = len(grid.cells)
-    bar = tqdm(total=total, desc="cells", unit="cell", disable=not progress)
-    interactive = sys.stderr.isatty()
-    open_jobs = list(jobs)
-    while open_jobs:
-        for job in [j for j in open_jobs if j.done()]:
-            open_jobs.remove(job)
-            try:
-                for line in job.result():
-                    tqdm.write(line)
-            except Exception as err:  # a crashed or cancelled task: its cells stay pending
-                tqdm.write(f"job {job.job_id}: {type(err).__name__}: {' '.join(str(err).split())[:300]}")
-        for job in lost.check(open_jobs) if lost and open_jobs else []:
-            open_jobs.remove(job)
-            tqdm.write(f"job {job.job_id}: left the Slurm queue without a result file (cancelled or killed, and "
-                       f"no accounting to say so; or {out_dir} is not on a filesystem the compute nodes share)")
-        done = _count_written(grid, out_dir)
-        if done != bar.n:
-            bar.update(done - bar.n)
-        elif interactive:
-            bar.refresh()  # the clock ticks on a terminal; a log file gets a line only when a cell finishes
-        if open_jobs:
-            time.sleep(poll_s)
-    bar.close()
+    # closed also when a stop unwinds through here: the "grid stopped" line then starts a line of its own
+    with tqdm(total=total, desc="cells", unit="cell", disable=not progress) as bar:
+        interactive = sys.stderr.isatty()
+        open_jobs = list(jobs)
+        while open_jobs:
+            for job in [j for j in open_jobs if j.done()]:
+                open_jobs.remove(job)
+                try:
+                    for line in job.result():
+                        tqdm.write(line)
+                except Exception as err:  # a crashed or cancelled task: its cells stay pending
+                    tqdm.write(f"job {job.job_id}: {type(err).__name__}: {' '.join(str(err).split())[:300]}")
+            for job in lost.check(open_jobs) if lost and open_jobs else []:
+                open_jobs.remove(job)
+                tqdm.write(f"job {job.job_id}: left the Slurm queue without a result file (cancelled or killed, and "
+                           f"no accounting to say so; or {out_dir} is not on a filesystem the compute nodes share)")
+            done = _count_written(grid, out_dir)
+            if done != bar.n:
+                bar.update(done - bar.n)
+            elif interactive:
+                bar.refresh()  # the clock ticks on a terminal; a log file gets a line only when a cell finishes
+            if open_jobs:
+                time.sleep(poll_s)
 
 
 def check_backbones(grid: Grid, cells: list[Cell]) -> None:
@@ -446,15 +473,16 @@ def local_tasks_end_with_the_grid(jobs: list, cluster: str):
 
     They used to run on as orphans after ``kill <grid pid>``, and re-running the grid (as documented) started
     their unfinished cells a second time beside them. Slurm jobs outlive the submitting process, as they should.
+    Either signal ends the grid with one line and the shell's status (143, 130), not a KeyboardInterrupt traceback.
     """
     if cluster != "local" or threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def terminate(signum, frame):
-        raise SystemExit(128 + signum)  # unwinds to the cancel below; the shell's status for a SIGTERM
+        raise SystemExit(128 + signum)  # unwinds to the cancel below; the shell's status for the signal
 
-    previous = signal.signal(signal.SIGTERM, terminate)
+    previous = {sig: signal.signal(sig, terminate) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     except BaseException:
@@ -465,7 +493,8 @@ def local_tasks_end_with_the_grid(jobs: list, cluster: str):
               file=sys.stderr, flush=True)
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def run_grid(config: str | Path, out_dir: str | Path, cluster: str = "local", progress: bool = True) -> dict:

@@ -282,6 +282,10 @@ def test_sigterm_to_a_local_grid_ends_its_tasks(tmp_path, realdata, sigint_ignor
         while _task_processes(out / "submitit") and time.time() < deadline:
             time.sleep(0.2)
         assert not _task_processes(out / "submitit")
+        # one line, no traceback: submitit's controller (cancelled by SIGINT) writes its KeyboardInterrupt to a file
+        text = log.read_text()
+        assert "Traceback" not in text and text.count("grid stopped: 1 running task(s) cancelled") == 1, text[-3000:]
+        assert "KeyboardInterrupt" in (out / "submitit" / "controllers.err").read_text()
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the grid and its tasks
