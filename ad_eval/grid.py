@@ -222,6 +222,11 @@ class Grid:
     device: str = "auto"
     keep_maps: bool = False
     source: str = ""
+    backbone_keys: dict[str, str] = dataclasses.field(default_factory=dict)  # a cell's backbone label -> its key
+
+    def backbone_key(self, cell: Cell) -> str:
+        """``backbones.<key>`` of the cell's backbone as the config names it (a projected cell's label adds +adapt)."""
+        return f"backbones.{self.backbone_keys.get(cell.backbone_name, cell.backbone_name)}"
 
 
 def load_grid(path: str | Path, base_dir: str | Path | None = None) -> Grid:
@@ -242,7 +247,7 @@ def load_grid(path: str | Path, base_dir: str | Path | None = None) -> Grid:
 
 def expand(config: GridConfig, base: Path, source: str) -> Grid:
     """Every cell of ``config``: method x dataset x backbone x layer set x seed x shots x category."""
-    cells, resources = [], {}
+    cells, resources, backbone_keys = [], {}, {}
     for method, entry in config.methods.items():
         resources[method] = _resources(config.resources, entry.resources, f"{source}: methods.{method}.resources")
         layer_sets = [None] if not get_method(method).takes_layers else (list(entry.layers or []) or [None])
@@ -259,8 +264,9 @@ def expand(config: GridConfig, base: Path, source: str) -> Grid:
                         projector_shots=bspec.projector_shots))
                 except ValueError as err:
                     raise GridError(f"{source}: methods.{method}: {err}") from None
+                backbone_keys[cells[-1].backbone_name] = label
     return Grid(cells=cells, resources=resources, cells_per_task=config.cells_per_task, device=config.device,
-                keep_maps=config.keep_maps, source=source)
+                keep_maps=config.keep_maps, source=source, backbone_keys=backbone_keys)
 
 
 def _resolve_spec(spec: str, base: Path) -> str:
@@ -427,11 +433,11 @@ def check_backbones(grid: Grid, cells: list[Cell]) -> None:
     its spec). Off Slurm only, like ``check_datasets``: a cluster's weights may be on its compute nodes only."""
     from ad_eval.backbones import check_spec
 
-    for label, spec, arch in dict.fromkeys((c.backbone_name, c.backbone, c.arch) for c in cells):
+    for key, spec, arch in dict.fromkeys((grid.backbone_key(c), c.backbone, c.arch) for c in cells):
         try:
             check_spec(spec, arch)
         except ValueError as err:
-            raise GridError(f"{grid.source}: backbones.{label}: {err}") from None
+            raise GridError(f"{grid.source}: {key}: {err}") from None
 
 
 def check_projectors(grid: Grid, cells: list[Cell]) -> None:
@@ -448,7 +454,7 @@ def check_projectors(grid: Grid, cells: list[Cell]) -> None:
         try:
             preflight(cell)
         except ConfigError as err:
-            raise GridError(f"{grid.source}: backbones.{cell.backbone_name} (seed {cell.seed}): {err}") from None
+            raise GridError(f"{grid.source}: {grid.backbone_key(cell)} (seed {cell.seed}): {err}") from None
 
 
 def check_datasets(grid: Grid) -> None:

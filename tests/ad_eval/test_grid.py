@@ -215,31 +215,31 @@ def test_grid_bad_dataset_is_one_line_before_submitting(tmp_path, capsys, realda
     """A typo in a root or category: one line, exit 2, nothing written (was: a failure record per cell)."""
     datasets = {"mvtec": {"root": str(tmp_path / root) if root else str(realdata), "categories": [category]}}
     config = write_grid(tmp_path / "grid.yaml", realdata, datasets=datasets)
-    out = tmp_path / "results"
+    assert_refused_up_front(config, tmp_path / "results", capsys, "grid.yaml: datasets.mvtec: ", message)
+
+
+def assert_refused_up_front(config: Path, out: Path, capsys, key: str, message: str) -> None:
+    """``ad-eval grid`` (debug) stops before submitting: one line naming ``key``, exit 2, nothing written."""
     assert main(["grid", "--config", str(config), "--cluster", "debug", "--out", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "grid.yaml: datasets.mvtec: " in err
+    assert err.count("\n") == 1 and key in err
     assert re.search(message, err), err
     assert not out.exists()
 
 
 @pytest.mark.parametrize(("backbone", "message"), [
-    ({"spec": "{tmp}/run/backbone.pt"}, r"backbone file .*run/backbone.pt not found"),
-    ({"spec": "imagenet:{tmp}/wrn50.pth", "arch": "wide_resnet50_2"}, r"imagenet:.*wrn50.pth: file not found"),
-    ({"spec": "random", "arch": "resnet18", "projector": "{tmp}/adapt/projector.pt"},
-     r"projector .*adapt/projector.pt: file not found"),
+    ({"spec": "{tmp}/run/backbone.pt"}, r"backbones\.Gone: backbone file .*run/backbone.pt not found"),
+    ({"spec": "imagenet:{tmp}/wrn50.pth", "arch": "wide_resnet50_2"},
+     r"backbones\.Gone: imagenet:.*wrn50.pth: file not found"),
+    ({"spec": "random", "arch": "resnet18", "projector": "{tmp}/adapt/projector.pt"},  # the key, not Gone+adapt
+     r"backbones\.Gone \(seed 0\): projector .*adapt/projector.pt: file not found"),
 ], ids=["backbone.pt", "imagenet", "projector"])
 def test_grid_missing_backbone_file_is_one_line_before_submitting(tmp_path, capsys, realdata, backbone, message):
     """Off Slurm a missing weights file is one line, exit 2, nothing written (was: a failure record per cell)."""
     backbone = {key: value.replace("{tmp}", str(tmp_path)) for key, value in backbone.items()}
     config = write_grid(tmp_path / "grid.yaml", realdata, backbones={"Random": {"spec": "random", "arch": "resnet18"},
                                                                      "Gone": backbone})
-    out = tmp_path / "results"
-    assert main(["grid", "--config", str(config), "--cluster", "debug", "--out", str(out), "--no-progress"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "grid.yaml: backbones.Gone" in err
-    assert re.search(message, err), err
-    assert not out.exists()
+    assert_refused_up_front(config, tmp_path / "results", capsys, "grid.yaml: backbones.Gone", message)
 
 
 def _task_processes(folder: Path) -> list[int]:
