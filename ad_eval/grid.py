@@ -491,16 +491,33 @@ def local_tasks_end_with_the_grid(jobs: list, cluster: str):
     previous = {sig: signal.signal(sig, terminate) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
-    except BaseException:
+    except BaseException as stop:
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not cut the cancel short
         running = [job for job in jobs if not job.done()]
+        if isinstance(stop, SystemExit) and stop.code == 128 + signal.SIGINT:
+            # A terminal's Ctrl-C reaches the controllers too (one process group) and they stop their tasks: a
+            # second SIGINT would cut short the 1 s a controller waits before its SIGKILL, and a task that took
+            # the first one as Lightning's "graceful shutdown" ran on. A plain `kill -INT <grid>` waits this long.
+            _wait_until_done(running, CONTROLLER_STOP_S)
         for job in running:
-            job.cancel()  # SIGINT to submitit's controller, which stops its task (SIGKILL after 1 s)
+            if not job.done():
+                job.cancel()  # SIGINT to submitit's controller, which stops its task (SIGKILL after 1 s)
         print(f"grid stopped: {len(running)} running task(s) cancelled; re-run the same command to continue",
               file=sys.stderr, flush=True)
         raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+CONTROLLER_STOP_S = 2.0  # a local controller stops its task within ~1 s of a SIGINT (SIGINT, 1 s, SIGKILL)
+
+
+def _wait_until_done(jobs: list, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while any(not job.done() for job in jobs) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def run_grid(config: str | Path, out_dir: str | Path, cluster: str = "local", progress: bool = True) -> dict:

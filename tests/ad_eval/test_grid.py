@@ -20,7 +20,8 @@ from ad_eval.cell import Cell, read_record
 from ad_eval.cli import main
 from ad_eval.grid import GridError, load_grid, pending_cells, run_grid
 
-REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
 
 
 def write_grid(path: Path, root: Path, **changes) -> Path:
@@ -255,6 +256,30 @@ def _task_processes(folder: Path) -> list[int]:
     return found
 
 
+def start_local_grid(config: Path, out: Path, log: Path, sigint_ignored: bool = False, **env) -> subprocess.Popen:
+    """``ad-eval grid --cluster local`` as a shell starts it, in a process group of its own (the test's SIGKILL)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env}  # the tasks inherit it
+    with log.open("w") as sink:
+        return subprocess.Popen([sys.executable, "-m", "ad_eval", "grid", "--config", str(config), "--cluster",
+                                 "local", "--out", str(out), "--no-progress"], cwd=config.parent, env=env,
+                                start_new_session=True, stdout=sink, stderr=subprocess.STDOUT,
+                                preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored
+                                else None)
+
+
+def assert_stopped_cleanly(proc: subprocess.Popen, status: int, out: Path, log: Path) -> None:
+    """The grid exits with ``status`` and one line, no traceback; its tasks are gone within seconds."""
+    assert proc.wait(timeout=60) == status
+    deadline = time.time() + 5  # submitit stops a cancelled task with SIGINT, then SIGKILL after 1 s
+    while _task_processes(out / "submitit") and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _task_processes(out / "submitit")
+    # one line, no traceback: submitit's controller (cancelled by SIGINT) writes its KeyboardInterrupt to a file
+    text = log.read_text()
+    assert "Traceback" not in text and text.count("grid stopped: 1 running task(s) cancelled") == 1, text[-3000:]
+    assert "KeyboardInterrupt" in (out / "submitit" / "controllers.err").read_text()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs Linux /proc")
 @pytest.mark.parametrize("sigint_ignored", [False, True], ids=["foreground", "started-with-&"])
@@ -262,32 +287,44 @@ def test_sigterm_to_a_local_grid_ends_its_tasks(tmp_path, realdata, sigint_ignor
     # `kill <grid pid>` used to leave the local tasks running as orphans; a re-run then ran their cells twice.
     # A shell starts `cmd &` with SIGINT ignored, which the tasks inherit; submitit cancels a local task by SIGINT.
     config = write_grid(tmp_path / "grid.yaml", realdata, size=32, seeds=[0, 1, 2], cells_per_task=6)
-    out = tmp_path / "results"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    log = tmp_path / "grid.log"
-    with log.open("w") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "ad_eval", "grid", "--config", str(config), "--cluster",
-                                 "local", "--out", str(out), "--no-progress"], cwd=tmp_path, env=env,
-                                start_new_session=True, stdout=sink, stderr=subprocess.STDOUT,
-                                preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored
-                                else None)
+    out, log = tmp_path / "results", tmp_path / "grid.log"
+    proc = start_local_grid(config, out, log, sigint_ignored)
     try:
         deadline = time.time() + 300
         while not _task_processes(out / "submitit") and time.time() < deadline and proc.poll() is None:
             time.sleep(0.2)
         assert _task_processes(out / "submitit") and not records(out), log.read_text()[-3000:]
         proc.send_signal(signal.SIGTERM)  # the grid process only, as `kill PID` does
-        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
-        deadline = time.time() + 5  # submitit stops a cancelled task with SIGINT, then SIGKILL after 1 s
-        while _task_processes(out / "submitit") and time.time() < deadline:
-            time.sleep(0.2)
-        assert not _task_processes(out / "submitit")
-        # one line, no traceback: submitit's controller (cancelled by SIGINT) writes its KeyboardInterrupt to a file
-        text = log.read_text()
-        assert "Traceback" not in text and text.count("grid stopped: 1 running task(s) cancelled") == 1, text[-3000:]
-        assert "KeyboardInterrupt" in (out / "submitit" / "controllers.err").read_text()
+        assert_stopped_cleanly(proc, 128 + signal.SIGTERM, out, log)
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the grid and its tasks
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs Linux /proc")
+def test_ctrl_c_of_a_local_grid_ends_a_task_deaf_to_sigint(tmp_path, realdata):
+    # Ctrl-C reaches the whole process group: grid, submitit's controller, task. The controller stops its task
+    # (SIGINT, 1 s, SIGKILL); the grid's cancel, a second SIGINT, cut that second short, so a task that did not
+    # stop on SIGINT (Lightning's fit) ran on after "grid stopped".
+    from ad_eval.methods.registry import PLUGIN_ENV
+
+    config = write_grid(tmp_path / "grid.yaml", realdata, methods={"sigintdeaf": {}},
+                        datasets={"mvtec": {"root": str(realdata), "categories": ["hazelnut_reduced"]}})
+    out, log, started = tmp_path / "results", tmp_path / "grid.log", tmp_path / "started"
+    proc = start_local_grid(config, out, log, **{PLUGIN_ENV: "sigint_deaf_method", "SIGINT_DEAF_STARTED": str(started),
+                                                 "PYTHONPATH": os.pathsep.join([str(REPO), str(HERE)])})
+    try:
+        deadline = time.time() + 300
+        while not started.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert started.exists(), log.read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal does to its foreground process group
+        assert_stopped_cleanly(proc, 128 + signal.SIGINT, out, log)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
