@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import os
 import signal
 import subprocess
 import sys
@@ -221,6 +222,11 @@ class Grid:
     device: str = "auto"
     keep_maps: bool = False
     source: str = ""
+    backbone_keys: dict[str, str] = dataclasses.field(default_factory=dict)  # a cell's backbone label -> its key
+
+    def backbone_key(self, cell: Cell) -> str:
+        """``backbones.<key>`` of the cell's backbone as the config names it (a projected cell's label adds +adapt)."""
+        return f"backbones.{self.backbone_keys.get(cell.backbone_name, cell.backbone_name)}"
 
 
 def load_grid(path: str | Path, base_dir: str | Path | None = None) -> Grid:
@@ -241,7 +247,7 @@ def load_grid(path: str | Path, base_dir: str | Path | None = None) -> Grid:
 
 def expand(config: GridConfig, base: Path, source: str) -> Grid:
     """Every cell of ``config``: method x dataset x backbone x layer set x seed x shots x category."""
-    cells, resources = [], {}
+    cells, resources, backbone_keys = [], {}, {}
     for method, entry in config.methods.items():
         resources[method] = _resources(config.resources, entry.resources, f"{source}: methods.{method}.resources")
         layer_sets = [None] if not get_method(method).takes_layers else (list(entry.layers or []) or [None])
@@ -258,8 +264,9 @@ def expand(config: GridConfig, base: Path, source: str) -> Grid:
                         projector_shots=bspec.projector_shots))
                 except ValueError as err:
                     raise GridError(f"{source}: methods.{method}: {err}") from None
+                backbone_keys[cells[-1].backbone_name] = label
     return Grid(cells=cells, resources=resources, cells_per_task=config.cells_per_task, device=config.device,
-                keep_maps=config.keep_maps, source=source)
+                keep_maps=config.keep_maps, source=source, backbone_keys=backbone_keys)
 
 
 def _resolve_spec(spec: str, base: Path) -> str:
@@ -305,11 +312,10 @@ def _visible_gpus() -> int:
     return torch.cuda.device_count()
 
 
-def submit(grid: Grid, out_dir: str | Path, cluster: str) -> list:
-    """Submits every pending cell, one job array per method; returns the submitit jobs."""
+def submit(grid: Grid, pending: list[Cell], out_dir: str | Path, cluster: str) -> list:
+    """Submits the ``pending`` cells (``pending_cells``), one job array per method; returns the submitit jobs."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pending = pending_cells(grid, out_dir)
     if (cluster == "local" and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
             and threading.current_thread() is threading.main_thread()):
         # a shell starts `ad-eval grid ... &` with SIGINT ignored, and the tasks inherit that: cancelling them
@@ -321,10 +327,36 @@ def submit(grid: Grid, out_dir: str | Path, cluster: str) -> list:
         if not cells:
             continue
         executor = make_executor(cluster, out_dir / "submitit", grid.resources[method])
-        with executor.batch():
+        log = out_dir / "submitit" / CONTROLLER_LOG
+        quiet = children_stderr_to(log) if cluster == "local" else contextlib.nullcontext()
+        with quiet, executor.batch():  # the batch starts the local controllers when it ends, inside `quiet`
             for chunk in _chunks(cells, grid.cells_per_task):
                 jobs.append(executor.submit(run_cells, chunk, str(out_dir), grid.device, grid.keep_maps))
     return jobs
+
+
+CONTROLLER_LOG = "controllers.err"  # in <out>/submitit: what submitit's local controllers write to stderr
+
+
+@contextlib.contextmanager
+def children_stderr_to(path: Path):
+    """Processes started inside the block write their stderr to ``path``; this process's stderr is restored after.
+
+    submitit starts a local task's controller with the grid's stderr (fd 2) and cancels it with SIGINT, so each
+    cancel printed the controller's KeyboardInterrupt traceback on the terminal, after the grid's own line. The
+    tasks themselves already write to their log files in the same folder.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with path.open("a") as sink:
+            os.dup2(sink.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 LOST_AFTER_S = 60.0  # a job gone from squeue this long without a result file is lost
@@ -370,29 +402,42 @@ def wait(jobs: list, out_dir: Path, grid: Grid, poll_s: float = 2.0, progress: b
     from tqdm import tqdm
 
     total = len(grid.cells)
-    bar = tqdm(total=total, desc="cells", unit="cell", disable=not progress)
-    interactive = sys.stderr.isatty()
-    open_jobs = list(jobs)
-    while open_jobs:
-        for job in [j for j in open_jobs if j.done()]:
-            open_jobs.remove(job)
-            try:
-                for line in job.result():
-                    tqdm.write(line)
-            except Exception as err:  # a crashed or cancelled task: its cells stay pending
-                tqdm.write(f"job {job.job_id}: {type(err).__name__}: {' '.join(str(err).split())[:300]}")
-        for job in lost.check(open_jobs) if lost and open_jobs else []:
-            open_jobs.remove(job)
-            tqdm.write(f"job {job.job_id}: left the Slurm queue without a result file (cancelled or killed, and "
-                       f"no accounting to say so; or {out_dir} is not on a filesystem the compute nodes share)")
-        done = _count_written(grid, out_dir)
-        if done != bar.n:
-            bar.update(done - bar.n)
-        elif interactive:
-            bar.refresh()  # the clock ticks on a terminal; a log file gets a line only when a cell finishes
-        if open_jobs:
-            time.sleep(poll_s)
-    bar.close()
+    # closed also when a stop unwinds through here: the "grid stopped" line then starts a line of its own
+    with tqdm(total=total, desc="cells", unit="cell", disable=not progress) as bar:
+        interactive = sys.stderr.isatty()
+        open_jobs = list(jobs)
+        while open_jobs:
+            for job in [j for j in open_jobs if j.done()]:
+                open_jobs.remove(job)
+                try:
+                    for line in job.result():
+                        tqdm.write(line)
+                except Exception as err:  # a crashed or cancelled task: its cells stay pending
+                    tqdm.write(f"job {job.job_id}: {type(err).__name__}: {' '.join(str(err).split())[:300]}")
+            for job in lost.check(open_jobs) if lost and open_jobs else []:
+                open_jobs.remove(job)
+                tqdm.write(f"job {job.job_id}: left the Slurm queue without a result file (cancelled or killed, and "
+                           f"no accounting to say so; or {out_dir} is not on a filesystem the compute nodes share)")
+            done = _count_written(grid, out_dir)
+            if done != bar.n:
+                bar.update(done - bar.n)
+            elif interactive:
+                bar.refresh()  # the clock ticks on a terminal; a log file gets a line only when a cell finishes
+            if open_jobs:
+                time.sleep(poll_s)
+
+
+def check_backbones(grid: Grid, cells: list[Cell]) -> None:
+    """``check_spec`` (files exist, backbone.json valid) of each backbone of ``cells`` before anything is submitted:
+    a missing file was a failure record per cell, and a corrected path would not reuse them (a cell's id holds
+    its spec). Off Slurm only, like ``check_datasets``: a cluster's weights may be on its compute nodes only."""
+    from ad_eval.backbones import check_spec
+
+    for key, spec, arch in dict.fromkeys((grid.backbone_key(c), c.backbone, c.arch) for c in cells):
+        try:
+            check_spec(spec, arch)
+        except ValueError as err:
+            raise GridError(f"{grid.source}: {key}: {err}") from None
 
 
 def check_projectors(grid: Grid, cells: list[Cell]) -> None:
@@ -409,7 +454,7 @@ def check_projectors(grid: Grid, cells: list[Cell]) -> None:
         try:
             preflight(cell)
         except ConfigError as err:
-            raise GridError(f"{grid.source}: backbones.{cell.backbone_name} (seed {cell.seed}): {err}") from None
+            raise GridError(f"{grid.source}: {grid.backbone_key(cell)} (seed {cell.seed}): {err}") from None
 
 
 def check_datasets(grid: Grid) -> None:
@@ -434,38 +479,59 @@ def local_tasks_end_with_the_grid(jobs: list, cluster: str):
 
     They used to run on as orphans after ``kill <grid pid>``, and re-running the grid (as documented) started
     their unfinished cells a second time beside them. Slurm jobs outlive the submitting process, as they should.
+    Either signal ends the grid with one line and the shell's status (143, 130), not a KeyboardInterrupt traceback.
     """
     if cluster != "local" or threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def terminate(signum, frame):
-        raise SystemExit(128 + signum)  # unwinds to the cancel below; the shell's status for a SIGTERM
+        raise SystemExit(128 + signum)  # unwinds to the cancel below; the shell's status for the signal
 
-    previous = signal.signal(signal.SIGTERM, terminate)
+    previous = {sig: signal.signal(sig, terminate) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
-    except BaseException:
+    except BaseException as stop:
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not cut the cancel short
         running = [job for job in jobs if not job.done()]
+        if isinstance(stop, SystemExit) and stop.code == 128 + signal.SIGINT:
+            # A terminal's Ctrl-C reaches the controllers too (one process group) and they stop their tasks: a
+            # second SIGINT would cut short the 1 s a controller waits before its SIGKILL, and a task that took
+            # the first one as Lightning's "graceful shutdown" ran on. A plain `kill -INT <grid>` waits this long.
+            _wait_until_done(running, CONTROLLER_STOP_S)
         for job in running:
-            job.cancel()  # SIGINT to submitit's controller, which stops its task (SIGKILL after 1 s)
+            if not job.done():
+                job.cancel()  # SIGINT to submitit's controller, which stops its task (SIGKILL after 1 s)
         print(f"grid stopped: {len(running)} running task(s) cancelled; re-run the same command to continue",
               file=sys.stderr, flush=True)
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+CONTROLLER_STOP_S = 2.0  # a local controller stops its task within ~1 s of a SIGINT (SIGINT, 1 s, SIGKILL)
+
+
+def _wait_until_done(jobs: list, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while any(not job.done() for job in jobs) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def run_grid(config: str | Path, out_dir: str | Path, cluster: str = "local", progress: bool = True) -> dict:
     """Submit pending cells, wait, and summarise; re-running continues where the last run stopped."""
     grid = load_grid(config)
     out_dir = Path(out_dir)
-    if cluster != "slurm":  # a cluster's data may be visible on its compute nodes only: there each cell checks
-        check_datasets(grid)  # its own dataset and projector (the projector's references are train images)
-        check_projectors(grid, pending_cells(grid, out_dir) if out_dir.exists() else grid.cells)
-    before = len(grid.cells) - len(pending_cells(grid, out_dir)) if out_dir.exists() else 0
-    jobs = submit(grid, out_dir, cluster)
-    print(f"{len(grid.cells)} cells: {before} already done, {len(grid.cells) - before} submitted "
+    pending = pending_cells(grid, out_dir) if out_dir.exists() else list(grid.cells)  # one scan of the records
+    if cluster != "slurm":  # a cluster's data and weights may be visible on its compute nodes only: there each
+        check_datasets(grid)  # cell checks its own dataset, backbone and projector (whose references are train images)
+        check_backbones(grid, pending)
+        check_projectors(grid, pending)
+    jobs = submit(grid, pending, out_dir, cluster)
+    before = len(grid.cells) - len(pending)
+    print(f"{len(grid.cells)} cells: {before} already done, {len(pending)} submitted "
           f"in {len(jobs)} task(s) on {cluster}", flush=True)
     with local_tasks_end_with_the_grid(jobs, cluster):
         wait(jobs, out_dir, grid, progress=progress, lost=LostJobs() if cluster == "slurm" else None)

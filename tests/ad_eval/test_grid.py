@@ -14,11 +14,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ad_eval import grid as grid_module
+from ad_eval.backbones import BACKBONE_FORMAT
 from ad_eval.cell import Cell, read_record
 from ad_eval.cli import main
 from ad_eval.grid import GridError, load_grid, pending_cells, run_grid
 
-REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
 
 
 def write_grid(path: Path, root: Path, **changes) -> Path:
@@ -82,7 +85,7 @@ def test_shipped_eval_configs_load(config):
     assert grid.cells and len({c.cell_id for c in grid.cells}) == len(grid.cells)
 
 
-def test_grid_runs_every_cell_once_and_a_rerun_skips_them(tmp_path, realdata):
+def test_grid_runs_every_cell_once_and_a_rerun_skips_them(tmp_path, realdata, monkeypatch):
     config = write_grid(tmp_path / "grid.yaml", realdata)
     out = tmp_path / "results"
     summary = run_grid(config, out, cluster="debug", progress=False)
@@ -93,22 +96,30 @@ def test_grid_runs_every_cell_once_and_a_rerun_skips_them(tmp_path, realdata):
         assert all(0.0 <= r[k] <= 1.0 for k in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO"))
         assert r["backbone"] == "Random" and r["layers"] == ["layer2", "layer3"] and r["wall_time_s"] > 0
     stamps = {r["cell_id"]: r["finished_at"] for r in got}
+    reads = []
+    monkeypatch.setattr(grid_module, "read_record", lambda path: reads.append(path) or read_record(path))
     assert run_grid(config, out, cluster="debug", progress=False)["done"] == 2
     assert {r["cell_id"]: r["finished_at"] for r in records(out)} == stamps  # nothing ran again
+    assert len(reads) == 2 * 2  # each record read once before submitting and once for the summary (was 4 times)
 
 
 def test_one_failing_cell_loses_nothing_and_is_retried(tmp_path, capsys, realdata):
-    backbones = {"Random": {"spec": "random", "arch": "resnet18"}, "Missing": {"spec": str(tmp_path / "no.pt")}}
+    # A backbone.pt cut short (its json intact): the grid's up-front check reads the json only, so each cell
+    # fails when it loads the weights, as a missing file does on Slurm (where the grid checks no files).
+    (tmp_path / "cut.json").write_text(json.dumps(
+        {"format": BACKBONE_FORMAT, "arch": "resnet18", "mean": [0.5] * 3, "std": [0.25] * 3}))
+    (tmp_path / "cut.pt").write_bytes(b"PK\x03\x04 cut short")
+    backbones = {"Random": {"spec": "random", "arch": "resnet18"}, "Broken": {"spec": str(tmp_path / "cut.pt")}}
     config = write_grid(tmp_path / "grid.yaml", realdata, backbones=backbones)
     out = tmp_path / "results"
     assert main(["grid", "--config", str(config), "--cluster", "debug", "--out", str(out), "--no-progress"]) == 1
     assert len(records(out)) == 2  # the Random cells
     failed = sorted(out.glob("*.failed.json"))
-    assert len(failed) == 2 and "no.pt" in json.loads(failed[0].read_text())["error"]
+    assert len(failed) == 2 and "cut.pt" in json.loads(failed[0].read_text())["error"]
     assert "2 cell(s) missing" in capsys.readouterr().err
-    # the report shows the missing backbone as "-", never a number
+    # the report shows the failed backbone as "-", never a number
     assert main(["report", "--results", str(out), "--out", str(tmp_path / "report"),
-                 "--backbones", "Random,Missing"]) == 0
+                 "--backbones", "Random,Broken"]) == 0
     table = (tmp_path / "report" / "table_mvtec_image_AUROC.md").read_text()
     assert "/-" in table
 
@@ -205,12 +216,31 @@ def test_grid_bad_dataset_is_one_line_before_submitting(tmp_path, capsys, realda
     """A typo in a root or category: one line, exit 2, nothing written (was: a failure record per cell)."""
     datasets = {"mvtec": {"root": str(tmp_path / root) if root else str(realdata), "categories": [category]}}
     config = write_grid(tmp_path / "grid.yaml", realdata, datasets=datasets)
-    out = tmp_path / "results"
+    assert_refused_up_front(config, tmp_path / "results", capsys, "grid.yaml: datasets.mvtec: ", message)
+
+
+def assert_refused_up_front(config: Path, out: Path, capsys, key: str, message: str) -> None:
+    """``ad-eval grid`` (debug) stops before submitting: one line naming ``key``, exit 2, nothing written."""
     assert main(["grid", "--config", str(config), "--cluster", "debug", "--out", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "grid.yaml: datasets.mvtec: " in err
+    assert err.count("\n") == 1 and key in err
     assert re.search(message, err), err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("backbone", "message"), [
+    ({"spec": "{tmp}/run/backbone.pt"}, r"backbones\.Gone: backbone file .*run/backbone.pt not found"),
+    ({"spec": "imagenet:{tmp}/wrn50.pth", "arch": "wide_resnet50_2"},
+     r"backbones\.Gone: imagenet:.*wrn50.pth: file not found"),
+    ({"spec": "random", "arch": "resnet18", "projector": "{tmp}/adapt/projector.pt"},  # the key, not Gone+adapt
+     r"backbones\.Gone \(seed 0\): projector .*adapt/projector.pt: file not found"),
+], ids=["backbone.pt", "imagenet", "projector"])
+def test_grid_missing_backbone_file_is_one_line_before_submitting(tmp_path, capsys, realdata, backbone, message):
+    """Off Slurm a missing weights file is one line, exit 2, nothing written (was: a failure record per cell)."""
+    backbone = {key: value.replace("{tmp}", str(tmp_path)) for key, value in backbone.items()}
+    config = write_grid(tmp_path / "grid.yaml", realdata, backbones={"Random": {"spec": "random", "arch": "resnet18"},
+                                                                     "Gone": backbone})
+    assert_refused_up_front(config, tmp_path / "results", capsys, "grid.yaml: backbones.Gone", message)
 
 
 def _task_processes(folder: Path) -> list[int]:
@@ -226,6 +256,30 @@ def _task_processes(folder: Path) -> list[int]:
     return found
 
 
+def start_local_grid(config: Path, out: Path, log: Path, sigint_ignored: bool = False, **env) -> subprocess.Popen:
+    """``ad-eval grid --cluster local`` as a shell starts it, in a process group of its own (the test's SIGKILL)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env}  # the tasks inherit it
+    with log.open("w") as sink:
+        return subprocess.Popen([sys.executable, "-m", "ad_eval", "grid", "--config", str(config), "--cluster",
+                                 "local", "--out", str(out), "--no-progress"], cwd=config.parent, env=env,
+                                start_new_session=True, stdout=sink, stderr=subprocess.STDOUT,
+                                preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored
+                                else None)
+
+
+def assert_stopped_cleanly(proc: subprocess.Popen, status: int, out: Path, log: Path) -> None:
+    """The grid exits with ``status`` and one line, no traceback; its tasks are gone within seconds."""
+    assert proc.wait(timeout=60) == status
+    deadline = time.time() + 5  # submitit stops a cancelled task with SIGINT, then SIGKILL after 1 s
+    while _task_processes(out / "submitit") and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _task_processes(out / "submitit")
+    # one line, no traceback: submitit's controller (cancelled by SIGINT) writes its KeyboardInterrupt to a file
+    text = log.read_text()
+    assert "Traceback" not in text and text.count("grid stopped: 1 running task(s) cancelled") == 1, text[-3000:]
+    assert "KeyboardInterrupt" in (out / "submitit" / "controllers.err").read_text()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs Linux /proc")
 @pytest.mark.parametrize("sigint_ignored", [False, True], ids=["foreground", "started-with-&"])
@@ -233,28 +287,44 @@ def test_sigterm_to_a_local_grid_ends_its_tasks(tmp_path, realdata, sigint_ignor
     # `kill <grid pid>` used to leave the local tasks running as orphans; a re-run then ran their cells twice.
     # A shell starts `cmd &` with SIGINT ignored, which the tasks inherit; submitit cancels a local task by SIGINT.
     config = write_grid(tmp_path / "grid.yaml", realdata, size=32, seeds=[0, 1, 2], cells_per_task=6)
-    out = tmp_path / "results"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    log = tmp_path / "grid.log"
-    with log.open("w") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "ad_eval", "grid", "--config", str(config), "--cluster",
-                                 "local", "--out", str(out), "--no-progress"], cwd=tmp_path, env=env,
-                                start_new_session=True, stdout=sink, stderr=subprocess.STDOUT,
-                                preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored
-                                else None)
+    out, log = tmp_path / "results", tmp_path / "grid.log"
+    proc = start_local_grid(config, out, log, sigint_ignored)
     try:
         deadline = time.time() + 300
         while not _task_processes(out / "submitit") and time.time() < deadline and proc.poll() is None:
             time.sleep(0.2)
         assert _task_processes(out / "submitit") and not records(out), log.read_text()[-3000:]
         proc.send_signal(signal.SIGTERM)  # the grid process only, as `kill PID` does
-        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
-        deadline = time.time() + 5  # submitit stops a cancelled task with SIGINT, then SIGKILL after 1 s
-        while _task_processes(out / "submitit") and time.time() < deadline:
-            time.sleep(0.2)
-        assert not _task_processes(out / "submitit")
+        assert_stopped_cleanly(proc, 128 + signal.SIGTERM, out, log)
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the grid and its tasks
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs Linux /proc")
+def test_ctrl_c_of_a_local_grid_ends_a_task_deaf_to_sigint(tmp_path, realdata):
+    # Ctrl-C reaches the whole process group: grid, submitit's controller, task. The controller stops its task
+    # (SIGINT, 1 s, SIGKILL); the grid's cancel, a second SIGINT, cut that second short, so a task that did not
+    # stop on SIGINT (Lightning's fit) ran on after "grid stopped".
+    from ad_eval.methods.registry import PLUGIN_ENV
+
+    config = write_grid(tmp_path / "grid.yaml", realdata, methods={"sigintdeaf": {}},
+                        datasets={"mvtec": {"root": str(realdata), "categories": ["hazelnut_reduced"]}})
+    out, log, started = tmp_path / "results", tmp_path / "grid.log", tmp_path / "started"
+    proc = start_local_grid(config, out, log, **{PLUGIN_ENV: "sigint_deaf_method", "SIGINT_DEAF_STARTED": str(started),
+                                                 "PYTHONPATH": os.pathsep.join([str(REPO), str(HERE)])})
+    try:
+        deadline = time.time() + 300
+        while not started.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert started.exists(), log.read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal does to its foreground process group
+        assert_stopped_cleanly(proc, 128 + signal.SIGINT, out, log)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass

@@ -25,10 +25,15 @@ def new_figure(width: float, height: float, layout: str | None = "constrained"):
 
 def finish_figure(fig, ax, title: str, path, ncols: int) -> None:
     """The panel figures' common end: the last panel's legend below the panels, the title, a PNG at DPI."""
+    legend_and_title(fig, ax, title, ncols)
+    fig.savefig(path, dpi=DPI)
+
+
+def legend_and_title(fig, ax, title: str, ncols: int) -> None:
+    """The last panel's legend below the panels and the figure's title (``finish_figure`` without the PNG)."""
     import textwrap
 
     fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=ncols)
     # wrapped to the figure's width: a one-panel figure (one method with a layer study, one backbone's spider)
     # is narrower than its title, and the layout engine does not shrink a suptitle (it was cut at both ends)
     fig.suptitle(textwrap.fill(title, max(20, int(fig.get_figwidth() * TITLE_CHARS_PER_INCH))))
-    fig.savefig(path, dpi=DPI)
