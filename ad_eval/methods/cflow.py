@@ -18,13 +18,18 @@ from ad_eval.methods.registry import ANY_LAYER_SET, MethodSpec
 from fractal_pretrain.config import check_choice, check_range
 
 
+# anomalib 2.7's CflowModel stores ``decoder`` but always builds freia's coupling flow (cflow_head): another
+# name would be recorded (and change the cell id) while running the same model.
+DECODERS = ("freia-cflow",)
+
+
 @dataclass(frozen=True)
 class CflowConfig(TrainedConfig):
     """CFlow; B * H * W of every layer's feature map must be >= fiber_batch_size."""
 
     max_epochs: int = 50  # full passes over the train images
     fiber_batch_size: int = 64  # feature vectors per flow step
-    decoder: str = "freia-cflow"  # normalising-flow decoder type
+    decoder: str = "freia-cflow"  # normalising-flow decoder type (anomalib 2.7 builds only this one: DECODERS)
     condition_vector: int = 128  # positional-encoding channels
     coupling_blocks: int = 8  # coupling layers per decoder
     clamp_alpha: float = 1.9  # soft clamp of the coupling scales
@@ -34,6 +39,7 @@ class CflowConfig(TrainedConfig):
     def __post_init__(self):
         super().__post_init__()
         check_range("fiber_batch_size", self.fiber_batch_size, 1, integer=True)
+        check_choice("decoder", self.decoder, DECODERS)
         check_range("condition_vector", self.condition_vector, 1, integer=True)
         check_range("coupling_blocks", self.coupling_blocks, 1, integer=True)
         check_range("clamp_alpha", self.clamp_alpha, 1e-6)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,6 +132,20 @@ def test_every_config_error_names_method_key_and_value(method):
             spec.make_config({key: -7})
         with pytest.raises(ConfigError, match=rf"^{method} config: {key}='x': must be an integer"):
             spec.make_config({key: "x"})
+
+
+@pytest.mark.parametrize("bad", ["x", -7])
+def test_every_field_of_every_method_rejects_a_wrong_value_in_one_line(bad):
+    # cflow's decoder took any value (anomalib builds one decoder whatever the name) and a bad panda trainable
+    # raised a bare TypeError (a traceback) or named "layers" instead of the key.
+    for method in list_methods():
+        spec = get_method(method)
+        for field in dataclasses.fields(spec.config):
+            with pytest.raises(ConfigError) as err:
+                spec.make_config({field.name: bad})
+            value = rf"{bad!r}(\.0)?"  # a float field names the value as it read it: -7.0
+            assert re.match(rf"{method} config: {field.name}={value}: must be", str(err.value)), str(err.value)
+            assert "\n" not in str(err.value)
 
 
 def test_config_values_are_coerced_to_the_field_types():
