@@ -17,7 +17,6 @@ from ad_eval.methods.base import MethodScores, feature_side
 from ad_eval.methods.registry import ANY_LAYER_SET, MethodSpec
 from fractal_pretrain.config import check_choice, check_range
 
-
 # anomalib 2.7's CflowModel stores ``decoder`` but always builds freia's coupling flow (cflow_head): another
 # name would be recorded (and change the cell id) while running the same model.
 DECODERS = ("freia-cflow",)

@@ -212,8 +212,10 @@ def test_image_level_method_has_no_pixel_column(tmp_path):
                   + [make_record("rd", "pcb1", "ImageNet", None, 0, (0.970, 0.996, 0.956), dataset="visa")])
     out = build_report(folder, tmp_path / "report")
     image = (tmp_path / "report" / "table_visa_image_AUROC.md").read_text().splitlines()
-    assert image[2:] == ["| Class     |         RD |             PANDA |", "|:----------|-----------:|------------------:|",
-                         "| candle    |        -/- | **88.4**/**67.9** |", "| pcb1      | **97.0**/- |               -/- |",
+    assert image[2:] == ["| Class     |         RD |             PANDA |",
+                         "|:----------|-----------:|------------------:|",
+                         "| candle    |        -/- | **88.4**/**67.9** |",
+                         "| pcb1      | **97.0**/- |               -/- |",
                          "| Model Avg |        -/- |               -/- |"]
     assert "PANDA" not in (tmp_path / "report" / "table_visa_pixel_AUROC.md").read_text()
     assert any(s.startswith("layers_visa_image_AUROC.png: no method") for s in out["skipped"])
