@@ -283,3 +283,20 @@ def test_best_of_each_row_per_backbone_is_bold_in_markdown_and_latex_only():
     assert r"b & 70.0/\textbf{60.0} & \textbf{80.0}/40.0 \\" in to_latex(table, "t", "tab:t")
     single, note = make_table(stats, ["a", "b"], ["m1"], ["I", "F"])  # one method: nothing to compare
     assert note == "" and "**" not in to_markdown(single, "t") and r"\textbf" not in to_latex(single, "t", "tab:t")
+
+
+def test_cli_layers_choose_the_tables_layer_set(results, tmp_path, capsys):
+    """``--layers METHOD=SET`` is build_report's ``layers``: the table of PatchCore on layers 1+2 (the layer study)."""
+    from ad_eval.cli import main
+
+    assert main(["report", "--results", str(results), "--out", str(tmp_path / "r"), "--layers", "patchcore=1+2"]) == 0
+    assert md_row(tmp_path / "r" / "table_mvtec_image_AUROC.md", "carpet")[0] == "97.0/**70.2**"
+    capsys.readouterr()
+    for bad, message in (("patchcore", "--layers 'patchcore': expected METHOD=SET"),
+                         ("patchcor=1,2", "unknown method 'patchcor'"),
+                         ("fastflow=2", "fastflow only supports layers layer1, layer2, layer3, not layer2"),
+                         ("padim=5", "'5' is not one of 1, 2, 3, 4")):
+        assert main(["report", "--results", str(results), "--out", str(tmp_path / "bad"), "--layers", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("ad-eval: error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "bad").exists()
