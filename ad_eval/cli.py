@@ -7,7 +7,7 @@ Usage::
     ad-eval run ... --backbone imagenet:/weights/wide_resnet50_2-95faca4d.pth --arch wide_resnet50_2
     ad-eval run ... --backbone random --arch resnet18
     ad-eval grid --config jobs/eval/smoke.yaml --cluster local --out results/smoke
-    ad-eval report --results results/smoke --out reports/smoke [--backbones ImageNet,Fractals]
+    ad-eval report --results results/smoke --out reports/smoke [--backbones ImageNet,Fractals] [--layers padim=1,2]
     ad-eval run ... --shots 4                      # few-shot: 4 normal train images (ad_eval.fewshot)
     ad-eval synthetic --out /tmp/synth [--layout mvtec|visa] [--size 128] [--seed 0]
     ad-eval methods                                # the registered methods, their layers and --set keys
@@ -24,6 +24,7 @@ import sys
 from collections.abc import Sequence
 
 from fractal_pretrain.cli_kit import EXIT_USAGE, add_set_option, check_output_dir, overrides, run_main
+from fractal_pretrain.config import ConfigError
 
 PROG = "ad-eval"
 __all__ = ["EXIT_USAGE", "PROG", "build_parser", "main"]
@@ -75,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--backbones", default=None, help="backbone labels in cell order, e.g. ImageNet,Fractals")
+    p.add_argument("--layers", metavar="METHOD=SET", action="append", default=[],
+                   help="the layer set of a method's table column, e.g. patchcore=1,2 (repeatable; default: the set "
+                        "with the most cells, ties: the method's reference set)")
     p.set_defaults(handler=_cmd_report)
 
     from ad_eval.synthetic import add_arguments as add_synthetic_arguments
@@ -130,7 +134,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     check_output_dir(args.out)
     backbones = args.backbones.split(",") if args.backbones else None
-    written = build_report(args.results, args.out, backbones=backbones)
+    written = build_report(args.results, args.out, backbones=backbones, layers=_report_layers(args.layers))
     print(f"report written to {args.out}")
     # the summary's warnings on the terminal too: a --backbones typo or an empty folder is not a silent success
     for problem in [*written["problems"], *written["warnings"]]:
@@ -138,6 +142,20 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if written["failures"]:
         print(f"  warning: {len(written['failures'])} failed cell(s), listed in {written['summary']}", file=sys.stderr)
     return 0
+
+
+def _report_layers(pairs: Sequence[str]) -> dict[str, tuple[str, ...]] | None:
+    """``--layers patchcore=1,2 ...`` -> {"patchcore": ("layer1", "layer2")}; a bad method or set is one line."""
+    from ad_eval.methods import get_method
+
+    layers = {}
+    for pair in pairs:
+        method, sep, layer_set = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--layers {pair!r}: expected METHOD=SET, e.g. patchcore=1,2")
+        spec = get_method(method.strip())
+        layers[spec.name] = spec.resolve_layers(layer_set.replace("+", ","))
+    return layers or None
 
 
 def _cmd_synthetic(args: argparse.Namespace) -> int:

@@ -32,7 +32,7 @@ if [ -d ../shared/realdata/hazelnut_reduced ]; then
   root=$(cd ../shared/realdata && pwd); categories="[hazelnut_reduced, transistor_reduced]"
 else
   echo "== ../shared/realdata not found: generating an MVTec-like dataset"
-  root=$("$PY" -m ad_eval.synthetic --out outputs/synthetic_mvtec --layout mvtec --size 128 --seed 0 | tail -n 1)
+  root=$("$AE" synthetic --out outputs/synthetic_mvtec --layout mvtec --size 128 --seed 0 | tail -n 1)
   categories="[texture, object]"
 fi
 cat > outputs/demo_grid.yaml <<GRID

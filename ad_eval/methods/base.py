@@ -7,6 +7,13 @@ from dataclasses import dataclass
 import numpy as np
 
 LAYER_NAMES = ("layer1", "layer2", "layer3", "layer4")
+LAYER_STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}  # input pixels per feature cell
+
+
+def feature_side(side: int, layer: str) -> int:
+    """The side of a ResNet layer's feature map for a ``side`` x ``side`` input (each stride-2 step rounds up)."""
+    return -(-side // LAYER_STRIDES[layer])
+
 
 @dataclass
 class MethodScores:

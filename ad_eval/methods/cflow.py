@@ -13,9 +13,13 @@ from torch import nn
 
 from ad_eval.backbones import Backbone
 from ad_eval.methods.anomalib_models import AnomalibModel, TrainedConfig, register_anomalib, run_anomalib
-from ad_eval.methods.base import MethodScores
+from ad_eval.methods.base import MethodScores, feature_side
 from ad_eval.methods.registry import ANY_LAYER_SET, MethodSpec
 from fractal_pretrain.config import check_choice, check_range
+
+# anomalib 2.7's CflowModel stores ``decoder`` but always builds freia's coupling flow (cflow_head): another
+# name would be recorded (and change the cell id) while running the same model.
+DECODERS = ("freia-cflow",)
 
 
 @dataclass(frozen=True)
@@ -24,7 +28,7 @@ class CflowConfig(TrainedConfig):
 
     max_epochs: int = 50  # full passes over the train images
     fiber_batch_size: int = 64  # feature vectors per flow step
-    decoder: str = "freia-cflow"  # normalising-flow decoder type
+    decoder: str = "freia-cflow"  # normalising-flow decoder type (anomalib 2.7 builds only this one: DECODERS)
     condition_vector: int = 128  # positional-encoding channels
     coupling_blocks: int = 8  # coupling layers per decoder
     clamp_alpha: float = 1.9  # soft clamp of the coupling scales
@@ -34,6 +38,7 @@ class CflowConfig(TrainedConfig):
     def __post_init__(self):
         super().__post_init__()
         check_range("fiber_batch_size", self.fiber_batch_size, 1, integer=True)
+        check_choice("decoder", self.decoder, DECODERS)
         check_range("condition_vector", self.condition_vector, 1, integer=True)
         check_range("coupling_blocks", self.coupling_blocks, 1, integer=True)
         check_range("clamp_alpha", self.clamp_alpha, 1e-6)
@@ -47,6 +52,15 @@ def construct(backbone: Backbone, layers: tuple[str, ...], hyper: dict, common: 
     return Cflow(backbone=backbone.arch, layers=layers, pre_trained=False, **hyper, **common)
 
 
+def min_train_images(config: CflowConfig, layers: tuple[str, ...], side: int) -> int:
+    """Fewest train images (one batch) whose feature vectors fill one flow step on every layer.
+
+    anomalib's CFlow trains each layer on the batch's B * H * W feature vectors in steps of
+    ``fiber_batch_size`` and raises (mid-fit, a bare ValueError) when there is not one full step.
+    """
+    return max(-(-config.fiber_batch_size // feature_side(side, layer) ** 2) for layer in layers)
+
+
 def run(backbone: Backbone, split, **cell) -> MethodScores:
     """The registry's ``run`` (arguments: ``ad_eval.methods.registry``)."""
     return run_anomalib("cflow", backbone, split, **cell)
@@ -55,5 +69,5 @@ def run(backbone: Backbone, split, **cell) -> MethodScores:
 SPEC = register_anomalib(
     AnomalibModel(construct=construct, extractors={"encoder": "model.encoder.feature_extractor"}),
     MethodSpec(name="cflow", label="C-Flow", config=CflowConfig, run=run, default_layers=("layer2", "layer3", "layer4"),
-               allowed_layer_sets=ANY_LAYER_SET, pixel_maps=True),
+               allowed_layer_sets=ANY_LAYER_SET, pixel_maps=True, min_train_images=min_train_images),
 )

@@ -34,7 +34,7 @@ REFERENCE_KEY = "featurenorm"  # the few-shot ranking key of the references with
 class FeatureNormConfig:
     shots: int = 8  # references without a projector (a projector brings its own K)
     sigma: float = 4.0  # Gaussian smoothing of the map, pixels
-    batch_size: int = 16
+    batch_size: int = 16  # test images per forward pass (memory, not results)
 
     def __post_init__(self):
         check_range("shots", self.shots, 1, 1024, integer=True)

@@ -56,7 +56,7 @@ from ad_eval.methods.features import (
     resolve_backbone,
 )
 from ad_eval.methods.registry import ANY_LAYER_SET, MethodSpec, register
-from fractal_pretrain.config import check_range
+from fractal_pretrain.config import ConfigError, check_range
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,11 @@ class PandaConfig:
         check_range("momentum", self.momentum, 0.0, 1.0)
         check_range("weight_decay", self.weight_decay, 0.0)
         check_range("grad_clip_norm", self.grad_clip_norm, 1e-12)
-        check_layers(self.trainable)
+        try:
+            check_layers(self.trainable)
+        except (TypeError, ValueError):  # an int, a bool, an unknown layer: name the key, not check_layers' "layers"
+            raise ConfigError(f"trainable={self.trainable!r}: must be a list of layers from layer1..layer4 "
+                              "(or 1-4)") from None
 
 
 DEFAULTS: dict[str, Any] = dataclasses.asdict(PandaConfig())

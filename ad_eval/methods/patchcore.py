@@ -14,11 +14,9 @@ from torch import nn
 
 from ad_eval.backbones import Backbone
 from ad_eval.methods.anomalib_models import AnomalibModel, LoaderConfig, register_anomalib, run_anomalib
-from ad_eval.methods.base import MethodScores
+from ad_eval.methods.base import MethodScores, feature_side
 from ad_eval.methods.registry import ANY_LAYER_SET, MethodSpec
 from fractal_pretrain.config import check_range
-
-LAYER_STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}  # input pixels per feature cell
 
 
 @dataclass(frozen=True)
@@ -46,7 +44,7 @@ def min_train_images(config: PatchcoreConfig, layers: tuple[str, ...], side: int
     PatchCore's patch grid is the first layer's feature map; the coreset keeps
     ``int(images * patches * ratio)`` patches.
     """
-    cells = -(-side // LAYER_STRIDES[layers[0]])  # ceil: the feature map's side
+    cells = feature_side(side, layers[0])
     need = 1
     while int(need * cells * cells * config.coreset_sampling_ratio) < config.num_neighbors:
         need += 1

@@ -13,6 +13,7 @@ from ad_eval.cli import main
 from ad_eval.datasets import scan
 from ad_eval.fewshot import parse_shots, select_shots
 from ad_eval.grid import GridError, load_grid
+from ad_eval.methods import get_method
 from ad_eval.synthetic import make_mvtec_like
 from fractal_pretrain.config import ConfigError
 
@@ -83,6 +84,33 @@ def test_too_few_images_for_the_method_is_one_line_naming_k_and_the_minimum(data
     assert err == "ad-eval: error: patchcore cannot run with shots=1: it needs at least 2 train images at this " \
                   "config and image size\n"
     assert not (tmp_path / "out").exists()  # found before the cell starts: nothing written
+
+
+@pytest.mark.parametrize("size, crop, layers, fiber, need", [
+    (256, None, ("layer2", "layer3", "layer4"), 64, 1),  # layer4 8 x 8: one image fills a flow step
+    (256, 224, ("layer2", "layer3", "layer4"), 64, 2),  # 7 x 7 = 49 < 64
+    (64, None, ("layer2", "layer3", "layer4"), 64, 16),  # 2 x 2
+    (64, None, ("layer2",), 64, 1),  # 8 x 8
+    (65, None, ("layer4",), 9, 1),  # 65 px: a 3 x 3 layer4 (each stride-2 step rounds up)
+])
+def test_cflow_minimum_is_one_flow_step_on_every_layer(size, crop, layers, fiber, need):
+    spec = get_method("cflow")
+    assert spec.min_train_images(spec.make_config({"fiber_batch_size": fiber}), layers, crop or size) == need
+
+
+def test_cflow_with_too_few_images_is_one_line_and_the_minimum_runs(data_root, tmp_path, capsys):
+    # anomalib's CFlow needs B * H * W >= fiber_batch_size on every layer; below it the fit failed mid-run with
+    # "Make sure we have enough fibers" and a failure record. At 64 px layer4 is 2 x 2: 8 fibers need 2 images.
+    args = ["run", "--method", "cflow", "--dataset", "mvtec", "--root", str(data_root), "--category", "texture",
+            "--backbone", "random", "--arch", "resnet18", "--size", "64", "--device", "cpu", "--set", "max_epochs=1",
+            "--set", "fiber_batch_size=8", "--out", str(tmp_path / "out")]
+    assert main([*args, "--shots", "1"]) == 2
+    assert capsys.readouterr().err == ("ad-eval: error: cflow cannot run with shots=1: it needs at least 2 train "
+                                       "images at this config and image size\n")
+    assert not (tmp_path / "out").exists()
+    assert main([*args, "--shots", "2"]) == 0
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "out").glob("*.json")]
+    assert record["shots"] == 2 and record["pixel_AUROC"] is not None
 
 
 def test_grid_shots_axis(data_root, tmp_path):

@@ -9,8 +9,10 @@ variable), with this folder on their ``PYTHONPATH``.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,6 +133,42 @@ def test_every_config_error_names_method_key_and_value(method):
             spec.make_config({key: -7})
         with pytest.raises(ConfigError, match=rf"^{method} config: {key}='x': must be an integer"):
             spec.make_config({key: "x"})
+
+
+@pytest.mark.parametrize("bad", ["x", -7])
+def test_every_field_of_every_method_rejects_a_wrong_value_in_one_line(bad):
+    # cflow's decoder took any value (anomalib builds one decoder whatever the name) and a bad panda trainable
+    # raised a bare TypeError (a traceback) or named "layers" instead of the key.
+    for method in list_methods():
+        spec = get_method(method)
+        for field in dataclasses.fields(spec.config):
+            with pytest.raises(ConfigError) as err:
+                spec.make_config({field.name: bad})
+            value = rf"{bad!r}(\.0)?"  # a float field names the value as it read it: -7.0
+            assert re.match(rf"{method} config: {field.name}={value}: must be", str(err.value)), str(err.value)
+            assert "\n" not in str(err.value)
+
+
+def _fields_without_a_comment(cls) -> list[str]:
+    """Fields (own and inherited) whose line, or the line above, has no ``#`` comment."""
+    missing = []
+    for klass in cls.__mro__:
+        if not dataclasses.is_dataclass(klass):
+            continue
+        lines, _ = inspect.getsourcelines(klass)
+        for i, line in enumerate(lines):
+            field = re.match(r"    (\w+): ", line)
+            if field and "#" not in line and not lines[i - 1].strip().startswith("#"):
+                missing.append(f"{klass.__name__}.{field.group(1)}")
+    return missing
+
+
+def test_every_config_field_has_a_comment():
+    from ad_eval import grid
+
+    configs = [get_method(m).config for m in list_methods()]
+    configs += [grid.GridConfig, grid.DatasetEntry, grid.BackboneEntry, grid.MethodEntry, grid.Resources]
+    assert [name for cls in configs for name in _fields_without_a_comment(cls)] == []
 
 
 def test_config_values_are_coerced_to_the_field_types():

@@ -37,14 +37,16 @@ VALUES = {
     ("patchcore", "bottle", "Fractals", ("layer1", "layer2"), 0): (0.903, 0.861, 0.688),
 }
 
+# Bold (as the paper's red/blue): the best value of each row per backbone.
 EXPECTED_IMAGE_MD = """\
-MVTec image-level AUROC (%). Each cell carries the results for ImageNet/Fractals.
+MVTec image-level AUROC (%). Each cell carries the results for ImageNet/Fractals. Bold: the best value of its \
+row per backbone.
 
-| Class     |  PatchCore |     PaDiM |
-|:----------|-----------:|----------:|
-| carpet    |  98.4/65.4 | 99.0/42.5 |
-| bottle    | 100.0/88.2 |    99.8/- |
-| Model Avg |  99.2/76.8 |    99.4/- |
+| Class     |          PatchCore |         PaDiM |
+|:----------|-------------------:|--------------:|
+| carpet    |      98.4/**65.4** | **99.0**/42.5 |
+| bottle    | **100.0**/**88.2** |        99.8/- |
+| Model Avg |      99.2/**76.8** |    **99.4**/- |
 """
 
 EXPECTED_AUPRO_CSV = """\
@@ -66,6 +68,12 @@ def make_record(method, category, backbone, layers, seed, metrics, dataset="mvte
         "pixel_AUPRO": pro, "wall_time_s": 12.5, "peak_memory_mb": 2048.0, "device": "cpu",
         "versions": {"anomalib": "2.7.0"}, "finished_at": "2025-01-01T00:00:00+00:00",
     }
+
+
+def md_row(path, name) -> list[str]:
+    """The cells of row ``name`` of a Markdown table file, stripped."""
+    (row,) = [line for line in path.read_text().splitlines() if line.startswith(f"| {name} ")]
+    return [cell.strip() for cell in row.strip("|").split("|")][1:]
 
 
 def write_records(folder, records):
@@ -124,7 +132,7 @@ def test_latex(report, tmp_path):
     tex = (tmp_path / "report" / "table_mvtec_image_AUROC.tex").read_text()
     assert r"\begin{tabular}{lcc}" in tex
     assert r"Class & PatchCore & PaDiM \\" in tex
-    assert r"Model Avg & 99.2/76.8 & 99.4/- \\" in tex
+    assert r"Model Avg & 99.2/\textbf{76.8} & \textbf{99.4}/- \\" in tex
     assert r"image-level AUROC (\%)" in tex
 
 
@@ -162,9 +170,9 @@ def test_seeds_averaged_in_long_csv(report):
 
 def test_layer_set_of_tables(results, tmp_path):
     default = build_report(results, tmp_path / "a")  # 2+3 and 1+2 have 4 cells each: the reference set wins
-    assert "| carpet    |  98.4/65.4 |" in default["tables"][0].read_text()
+    assert md_row(default["tables"][0], "carpet")[0] == "98.4/**65.4**"
     chosen = build_report(results, tmp_path / "b", layers={"patchcore": "1,2"})
-    assert "| carpet    | 97.0/70.2 |" in chosen["tables"][0].read_text()
+    assert md_row(chosen["tables"][0], "carpet")[0] == "97.0/**70.2**"
 
 
 def test_figures_are_pngs(report, tmp_path):
@@ -185,14 +193,14 @@ def test_layer_study_on_fewer_categories(results, tmp_path):
     assert ("layers_mvtec_image_AUROC.png: PatchCore: bars average the 1 of 2 categories with a value for every "
             "layer set and backbone (carpet)") in out["summary"].read_text()
     # the main table (layer set 2+3) is unaffected
-    assert "| bottle    | 100.0/88.2 |" in out["tables"][0].read_text()
+    assert md_row(out["tables"][0], "bottle")[0] == "**100.0**/**88.2**"
 
 
 def test_backbone_order_and_selection(results, tmp_path):
     out = build_report(results, tmp_path / "r", backbones="Fractals,ImageNet", metrics=["image_AUROC"])
-    assert "| carpet    |  65.4/98.4 | 42.5/99.0 |" in out["tables"][0].read_text()
+    assert md_row(out["tables"][0], "carpet") == ["**65.4**/98.4", "42.5/**99.0**"]
     only = build_report(results, tmp_path / "s", backbones=["ImageNet"], metrics=["image_AUROC"])
-    assert "| bottle    |     100.0 |  99.8 |" in only["tables"][0].read_text()
+    assert md_row(only["tables"][0], "bottle") == ["**100.0**", "99.8"]
     assert only["missing"] == []
     assert any("Fractals left out" in w for w in only["warnings"])
 
@@ -204,9 +212,11 @@ def test_image_level_method_has_no_pixel_column(tmp_path):
                   + [make_record("rd", "pcb1", "ImageNet", None, 0, (0.970, 0.996, 0.956), dataset="visa")])
     out = build_report(folder, tmp_path / "report")
     image = (tmp_path / "report" / "table_visa_image_AUROC.md").read_text().splitlines()
-    assert image[2:] == ["| Class     |     RD |     PANDA |", "|:----------|-------:|----------:|",
-                         "| candle    |    -/- | 88.4/67.9 |", "| pcb1      | 97.0/- |       -/- |",
-                         "| Model Avg |    -/- |       -/- |"]
+    assert image[2:] == ["| Class     |         RD |             PANDA |",
+                         "|:----------|-----------:|------------------:|",
+                         "| candle    |        -/- | **88.4**/**67.9** |",
+                         "| pcb1      | **97.0**/- |               -/- |",
+                         "| Model Avg |        -/- |               -/- |"]
     assert "PANDA" not in (tmp_path / "report" / "table_visa_pixel_AUROC.md").read_text()
     assert any(s.startswith("layers_visa_image_AUROC.png: no method") for s in out["skipped"])
     # neither method has a value in every group (pcb, multi-in) for every backbone: no spider chart, and why
@@ -220,7 +230,7 @@ def test_duplicate_seed_keeps_latest(results, tmp_path):
     older["finished_at"] = "2024-01-01T00:00:00+00:00"
     (results / "padim_old.json").write_text(json.dumps(older))
     out = build_report(results, tmp_path / "report", metrics="image_AUROC")
-    assert "| carpet    |  98.4/65.4 | 99.0/42.5 |" in out["tables"][0].read_text()
+    assert md_row(out["tables"][0], "carpet") == ["98.4/**65.4**", "**99.0**/42.5"]
     assert any(w.startswith("padim_old.json: same cell and seed") for w in out["warnings"])
 
 
@@ -272,3 +282,39 @@ def test_summary_names_what_is_absent_or_unusable(results, tmp_path):
            "RuntimeError: CUDA out of memory (a result exists too)" in summary
     assert "## Missing values (a record with a null metric) (1)\n\n- MVTec AUPRO: PatchCore / grid / Fractals\n" \
         in summary
+
+
+def test_best_of_each_row_per_backbone_is_bold_in_markdown_and_latex_only():
+    from ad_eval.report.stats import Stat
+    from ad_eval.report.tables import make_table, to_latex, to_markdown
+
+    stats = {("a", "m1", "I"): Stat({0: 0.9804}), ("a", "m2", "I"): Stat({0: 0.9796}),  # both print 98.0: a tie
+             ("a", "m1", "F"): Stat({0: 0.5}), ("b", "m1", "I"): Stat({0: 0.7}), ("b", "m2", "I"): Stat({0: 0.8}),
+             ("b", "m1", "F"): Stat({0: 0.6}), ("b", "m2", "F"): Stat({0: 0.4})}
+    table, note = make_table(stats, ["a", "b"], ["m1", "m2"], ["I", "F"])
+    assert note == " Bold: the best value of its row per backbone."
+    assert table.loc["a"].tolist() == ["98.0/50.0", "98.0/-"]  # the CSV's cells stay plain
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")[1:]]
+            for line in to_markdown(table, "t").splitlines()[4:]}
+    assert rows == {"a": ["**98.0**/**50.0**", "**98.0**/-"], "b": ["70.0/**60.0**", "**80.0**/40.0"],
+                    "Model Avg": ["84.0/**55.0**", "**89.0**/-"]}  # a missing value never wins
+    assert r"b & 70.0/\textbf{60.0} & \textbf{80.0}/40.0 \\" in to_latex(table, "t", "tab:t")
+    single, note = make_table(stats, ["a", "b"], ["m1"], ["I", "F"])  # one method: nothing to compare
+    assert note == "" and "**" not in to_markdown(single, "t") and r"\textbf" not in to_latex(single, "t", "tab:t")
+
+
+def test_cli_layers_choose_the_tables_layer_set(results, tmp_path, capsys):
+    """``--layers METHOD=SET`` is build_report's ``layers``: the table of PatchCore on layers 1+2 (the layer study)."""
+    from ad_eval.cli import main
+
+    assert main(["report", "--results", str(results), "--out", str(tmp_path / "r"), "--layers", "patchcore=1+2"]) == 0
+    assert md_row(tmp_path / "r" / "table_mvtec_image_AUROC.md", "carpet")[0] == "97.0/**70.2**"
+    capsys.readouterr()
+    for bad, message in (("patchcore", "--layers 'patchcore': expected METHOD=SET"),
+                         ("patchcor=1,2", "unknown method 'patchcor'"),
+                         ("fastflow=2", "fastflow only supports layers layer1, layer2, layer3, not layer2"),
+                         ("padim=5", "'5' is not one of 1, 2, 3, 4")):
+        assert main(["report", "--results", str(results), "--out", str(tmp_path / "bad"), "--layers", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("ad-eval: error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "bad").exists()
