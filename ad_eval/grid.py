@@ -223,6 +223,7 @@ class Grid:
     keep_maps: bool = False
     source: str = ""
     backbone_keys: dict[str, str] = dataclasses.field(default_factory=dict)  # a cell's backbone label -> its key
+    skipped: tuple[str, ...] = ()  # why cells of the product were left out (a method that cannot fit K images)
 
     def backbone_key(self, cell: Cell) -> str:
         """``backbones.<key>`` of the cell's backbone as the config names it (a projected cell's label adds +adapt)."""
@@ -247,7 +248,7 @@ def load_grid(path: str | Path, base_dir: str | Path | None = None) -> Grid:
 
 def expand(config: GridConfig, base: Path, source: str) -> Grid:
     """Every cell of ``config``: method x dataset x backbone x layer set x seed x shots x category."""
-    cells, resources, backbone_keys = [], {}, {}
+    cells, resources, backbone_keys, skipped = [], {}, {}, {}
     for method, entry in config.methods.items():
         resources[method] = _resources(config.resources, entry.resources, f"{source}: methods.{method}.resources")
         layer_sets = [None] if not get_method(method).takes_layers else (list(entry.layers or []) or [None])
@@ -255,18 +256,38 @@ def expand(config: GridConfig, base: Path, source: str) -> Grid:
                 config.datasets.items(), config.backbones.items(), layer_sets, config.seeds, config.shots):
             for category in dspec.categories:
                 try:
-                    cells.append(Cell(
+                    cell = Cell(
                         method=method, dataset=dataset, root=str((base / dspec.root).resolve()), category=category,
                         backbone=_resolve_spec(bspec.spec, base), backbone_name=label, arch=bspec.arch,
                         layers=tuple(layers) if layers else None, size=config.size, crop=config.crop,
                         seed=seed, config=dict(entry.config or {}), shots=shots,
                         projector=None if bspec.projector is None else _resolve_spec(bspec.projector, base),
-                        projector_shots=bspec.projector_shots))
+                        projector_shots=bspec.projector_shots)
                 except ValueError as err:
                     raise GridError(f"{source}: methods.{method}: {err}") from None
-                backbone_keys[cells[-1].backbone_name] = label
+                backbone_keys[cell.backbone_name] = label
+                reason = too_few_shots(cell)
+                if reason:
+                    skipped.setdefault(f"methods.{method}, shots={shots}: skipped ({reason})", None)
+                else:
+                    cells.append(cell)
     return Grid(cells=cells, resources=resources, cells_per_task=config.cells_per_task, device=config.device,
-                keep_maps=config.keep_maps, source=source, backbone_keys=backbone_keys)
+                keep_maps=config.keep_maps, source=source, backbone_keys=backbone_keys, skipped=tuple(skipped))
+
+
+def too_few_shots(cell: Cell) -> str | None:
+    """Why the cell's method cannot fit its K images whatever the data (PaDiM needs 2), or None. A grid's
+    ``shots`` axis crosses every method: such cells are left out with a note, not run into a failure record
+    that every re-run would retry (``ad-eval run`` with such a K is a one-line error)."""
+    if cell.shots is None:
+        return None
+    spec = get_method(cell.method)
+    try:
+        spec.check_train_images(cell.shots, spec.make_config(cell.config), spec.resolve_layers(cell.layers),
+                                cell.crop or cell.size, shots=cell.shots)
+    except ConfigError as err:
+        return str(err)
+    return None
 
 
 def _resolve_spec(spec: str, base: Path) -> str:
@@ -529,6 +550,8 @@ def run_grid(config: str | Path, out_dir: str | Path, cluster: str = "local", pr
         check_datasets(grid)  # cell checks its own dataset, backbone and projector (whose references are train images)
         check_backbones(grid, pending)
         check_projectors(grid, pending)
+    for note in grid.skipped:
+        print(f"warning: {grid.source}: {note}", file=sys.stderr, flush=True)
     jobs = submit(grid, pending, out_dir, cluster)
     before = len(grid.cells) - len(pending)
     print(f"{len(grid.cells)} cells: {before} already done, {len(pending)} submitted "

@@ -117,13 +117,22 @@ def test_grid_shots_axis(data_root, tmp_path):
     config = {
         "datasets": {"mvtec": {"root": str(data_root), "categories": ["texture"]}},
         "backbones": {"Random": {"spec": "random", "arch": "resnet18"}},
-        "methods": {"padim": {"layers": [[1, 2]]}}, "size": SIZE, "seeds": [0, 1], "shots": [1, 2, "all"],
+        "methods": {"padim": {"layers": [[1, 2]]}}, "size": SIZE, "seeds": [0, 1], "shots": [2, 3, "all"],
     }
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(config))
     cells = load_grid(path).cells
-    assert [(c.seed, c.shots) for c in cells] == [(0, 1), (0, 2), (0, None), (1, 1), (1, 2), (1, None)]
+    assert [(c.seed, c.shots) for c in cells] == [(0, 2), (0, 3), (0, None), (1, 2), (1, 3), (1, None)]
     assert len({c.cell_id for c in cells}) == 6
+    # PaDiM's covariance needs two images, PatchCore's coreset at 32 px six: the cells of a K below a method's
+    # minimum are left out with a note, not run into failure records that every re-run would retry
+    both = {**config, "methods": {"padim": {"layers": [[1, 2]]}, "patchcore": {}}, "seeds": [0], "shots": [1, 2, 6]}
+    path.write_text(yaml.safe_dump(both))
+    grid = load_grid(path)
+    assert [(c.method, c.shots) for c in grid.cells] == [("padim", 2), ("padim", 6), ("patchcore", 6)]
+    why = "{m} cannot run with shots={k}: it needs at least {n} train images at this config and image size"
+    assert grid.skipped == tuple(f"methods.{m}, shots={k}: skipped ({why.format(m=m, k=k, n=n)})"
+                                 for m, k, n in (("padim", 1, 2), ("patchcore", 1, 6), ("patchcore", 2, 6)))
     path.write_text(yaml.safe_dump({**config, "shots": [4, 0]}))
     with pytest.raises(GridError, match=r"grid.yaml: shots=0: must be an integer >= 1 or 'all'"):
         load_grid(path)
