@@ -59,7 +59,7 @@ class AnomalyMix:
     noise_p: float = 0.5  # Gaussian noise inside a pasted patch
     noise_amplitude: float = 10.0  # its standard deviation, in 0-255 units
     mask_systems: int = 256  # N = 2 IFS systems the fractal masks are drawn from
-    mask_points: int = 20_000  # chaos-game points of one mask
+    mask_points: int = 100_000  # chaos-game points of one mask (FractalAD: 100k)
 
     def __post_init__(self):
         check_range("anomaly_p", self.anomaly_p, 0.0, 1.0)

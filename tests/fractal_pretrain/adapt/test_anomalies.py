@@ -67,3 +67,15 @@ def test_views_are_batched_per_sample_and_keyed(normal_images):
     assert batch.shape == normal_images.shape and 0 <= batch.min() and batch.max() <= 1
     assert torch.allclose(batch, alone, atol=1e-6)
     assert not torch.allclose(batch, photometric_view(normal_images, indices, seed=7, view=0))
+
+
+def test_default_mix_has_fractalads_constants():
+    # strong_recipes.md §5 (FractalAD fag.py): patch side U(0.1, 0.5) min(H, W), rotation U(15, 75) degrees,
+    # a 100k-point binary N = 2 IFS mask dilated 3x3 three times, Gaussian noise of amplitude 10 with p 0.5
+    mix = AnomalyMix()
+    assert mix.patch_side == (0.1, 0.5) and mix.rotation == (15.0, 75.0) and mix.dilation == 3
+    assert mix.mask_points == 100_000 and mix.noise_p == 0.5 and mix.noise_amplitude == 10.0
+    from fractal_pretrain.adapt.anomalies import mask_recipe
+
+    recipe = mask_recipe(mix)
+    assert (recipe.min_maps, recipe.max_maps, recipe.render_mode, recipe.num_points) == (2, 2, "binary", 100_000)
