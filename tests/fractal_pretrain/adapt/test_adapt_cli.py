@@ -212,3 +212,27 @@ def test_ckpt_path_that_is_not_an_adapt_checkpoint(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith(f"fractal-pretrain: error: checkpoint {path}: {message}"), err
         assert not (tmp_path / "other").exists()
+
+
+def test_ddp_ranks_train_on_different_batches(tmp_path):
+    """Every rank drew batch number ``step`` (the shared counter), so two DDP ranks trained on the same images
+    and averaged identical gradients: the projector was bit for bit the one-device run's. Now step s of rank r
+    is batch s * world_size + r (one device: batch s, as before)."""
+    import os
+    import subprocess
+    import sys
+
+    repo = ADAPT_JOBS.parents[1]
+    steps = ("--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false")
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    env.pop("SLURM_NTASKS", None)
+    ddp = subprocess.run([sys.executable, "-m", "fractal_pretrain", "adapt", "--config", SMOKE,
+                          "--trainer.default_root_dir", str(tmp_path / "ddp"), "--trainer.devices", "2",
+                          "--trainer.strategy", "ddp", *steps], cwd=repo, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert ddp.returncode == 0, ddp.stdout[-2000:] + ddp.stderr[-2000:]
+    status, one = adapt(tmp_path, "one", *steps)
+    assert status == 0
+    a, b = read_projector(tmp_path / "ddp")[0]["state_dict"], read_projector(one)[0]["state_dict"]
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert read_projector(tmp_path / "ddp")[1]["batches"] == 4 and read_projector(one)[1]["batches"] == 2
