@@ -236,3 +236,18 @@ def test_ddp_ranks_train_on_different_batches(tmp_path):
     a, b = read_projector(tmp_path / "ddp")[0]["state_dict"], read_projector(one)[0]["state_dict"]
     assert any(not torch.equal(a[k], b[k]) for k in a)
     assert read_projector(tmp_path / "ddp")[1]["batches"] == 4 and read_projector(one)[1]["batches"] == 2
+
+
+def test_the_backbone_stays_frozen(tmp_path):
+    """Only the projector trains: the backbone's weights and BatchNorm statistics are untouched by training
+    and validation (it is no submodule, so neither the optimiser nor Lightning's train() reaches it)."""
+    from fractal_pretrain.adapt.cli import make_adapt_cli
+
+    cli = make_adapt_cli(["--config", SMOKE, "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "3",
+                          "--trainer.val_check_interval", "3", "--trainer.enable_progress_bar", "false"])
+    backbone = {k: v.clone() for k, v in cli.model.backbone.state_dict().items()}
+    projector = {k: v.clone() for k, v in cli.model.projector.state_dict().items()}
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert all(torch.equal(backbone[k], v) for k, v in cli.model.backbone.state_dict().items())
+    assert not cli.model.backbone.training and not any(p.requires_grad for p in cli.model.backbone.parameters())
+    assert any(not torch.equal(projector[k], v) for k, v in cli.model.projector.state_dict().items())
