@@ -214,6 +214,7 @@ def test_ckpt_path_that_is_not_an_adapt_checkpoint(tmp_path, capsys):
         assert not (tmp_path / "other").exists()
 
 
+@pytest.mark.slow
 def test_ddp_ranks_train_on_different_batches(tmp_path):
     """Every rank drew batch number ``step`` (the shared counter), so two DDP ranks trained on the same images
     and averaged identical gradients: the projector was bit for bit the one-device run's. Now step s of rank r
