@@ -9,7 +9,9 @@ given one defect of a kind drawn by the ``AnomalyMix`` weights:
   (one of three jitters), flipped h/v with p 0.5 each, rotated U(rotation) degrees, multiplied by a fresh
   binary N = 2 IFS mask rendered *at the patch size* by our renderer, the mask dilated 3x3 ``dilation``
   times, pasted elsewhere, Gaussian noise inside with p ``noise_p``;
-* ``scar``: a CutPaste scar, a thin rotated rectangle of another place, colour-jittered;
+* ``scar``: a CutPaste scar (``CutPasteScar``, ad_methods.md §2.1): a thin rectangle of U(scar_width) x
+  U(scar_height) pixels at 256 px (scaled by min(H, W) / 256) cut from another place of the same image,
+  colour-jittered, flipped as the paste, rotated U(scar_rotation) degrees about its centre, pasted elsewhere;
 * ``blur`` / ``contrast`` / ``colour``: the pixels under a fractal mask at some place blurred, their
   contrast changed, or their colour shifted.
 
@@ -59,7 +61,10 @@ class AnomalyMix:
     noise_p: float = 0.5  # Gaussian noise inside a pasted patch
     noise_amplitude: float = 10.0  # its standard deviation, in 0-255 units
     mask_systems: int = 256  # N = 2 IFS systems the fractal masks are drawn from
-    mask_points: int = 20_000  # chaos-game points of one mask
+    mask_points: int = 100_000  # chaos-game points of one mask (FractalAD: 100k)
+    scar_width: tuple[float, float] = (2.0, 16.0)  # CutPaste scar, pixels at 256 px (scaled to the image)
+    scar_height: tuple[float, float] = (10.0, 25.0)
+    scar_rotation: tuple[float, float] = (-45.0, 45.0)  # degrees
 
     def __post_init__(self):
         check_range("anomaly_p", self.anomaly_p, 0.0, 1.0)
@@ -75,6 +80,9 @@ class AnomalyMix:
         check_range("noise_amplitude", self.noise_amplitude, 0.0, 255.0)
         check_range("mask_systems", self.mask_systems, 1, 1_000_000, integer=True)
         check_range("mask_points", self.mask_points, 100, 2**31 - 1, integer=True)
+        check_pair("scar_width", self.scar_width, 1.0, 256.0)
+        check_pair("scar_height", self.scar_height, 1.0, 256.0)
+        check_pair("scar_rotation", self.scar_rotation, -360.0, 360.0)
 
     @property
     def weights(self) -> tuple[float, ...]:
@@ -89,6 +97,11 @@ def mask_recipe(mix: AnomalyMix) -> Recipe:
     return Recipe(name="anomaly-mask", num_classes=mix.mask_systems, min_maps=2, max_maps=2,
                   num_points=mix.mask_points, jitter="none", render_mode="binary", patch="image",
                   color=False, background=False, blur_p=0.0)
+
+
+def _in(u: np.ndarray, bounds: tuple[float, float]) -> np.ndarray:
+    """Uniforms in [0, 1) mapped to [low, high)."""
+    return bounds[0] + u * (bounds[1] - bounds[0])
 
 
 def sample_words(seed: int, epoch: int, indices: np.ndarray) -> np.ndarray:
@@ -220,14 +233,20 @@ class AnomalySynthesizer:
         u = rng.to_uniform(words).astype(np.float64)
         chosen = np.flatnonzero(u[:, W_ANOMALOUS] < self.mix.anomaly_p)
         w, u = words[chosen], u[chosen]
-        side = self.mask_sides(w[:, W_SIDE], height, width)
+        kind = choose_kinds(w[:, W_KIND], self.mix.weights)
+        scar = kind == KINDS.index("scar")
+        # A scar's window holds its rectangle at any rotation: side = the diagonal (W_SIDE draws its height).
+        scale = min(height, width) / 256.0
+        scar_w = np.maximum(1, np.round(scale * _in(u[:, W_SCAR_ASPECT], self.mix.scar_width))).astype(np.int64)
+        scar_h = np.maximum(1, np.round(scale * _in(u[:, W_SIDE], self.mix.scar_height))).astype(np.int64)
+        scar_side = np.minimum(np.ceil(np.hypot(scar_w, scar_h)).astype(np.int64) + 1, min(height, width))
+        side = np.where(scar, scar_side, self.mask_sides(w[:, W_SIDE], height, width))
         band_y, band_x = int(0.1 * height), int(0.1 * width)
         span_y = np.maximum(0, int(0.9 * height) - side - band_y)
         span_x = np.maximum(0, int(0.9 * width) - side - band_x)
-        low, high = self.mix.rotation
-        theta = np.radians(low + u[:, W_ANGLE] * (high - low))
+        theta = np.radians(np.where(scar, _in(u[:, W_ANGLE], self.mix.scar_rotation),
+                                    _in(u[:, W_ANGLE], self.mix.rotation)))
         amount = u[:, W_JITTER_AMOUNT]
-        kind = choose_kinds(w[:, W_KIND], self.mix.weights)
         noisy = ((kind == KINDS.index("fractal_paste")) & (u[:, W_NOISE] < self.mix.noise_p)
                  & (self.mix.noise_amplitude > 0))
         signs = np.where(u[:, [W_FLIP_H, W_FLIP_V, W_SPARE]] < 0.5, 1.0, -1.0)
@@ -237,11 +256,11 @@ class AnomalySynthesizer:
             "dst_x": (u[:, W_DST_X] * (width - side + 1)).astype(np.int64),
             "src_y": np.minimum(band_y + (u[:, W_SRC_Y] * (span_y + 1)).astype(np.int64), height - side),
             "src_x": np.minimum(band_x + (u[:, W_SRC_X] * (span_x + 1)).astype(np.int64), width - side),
-            "source": rng.to_int(w[:, W_SOURCE], batch),
+            "source": np.where(scar, chosen, rng.to_int(w[:, W_SOURCE], batch)),  # CutPaste: the same image
             "jitter": rng.to_int(w[:, W_JITTER], 3), "factor": jitter_factor(amount.astype(np.float32)),
             "flip_h": u[:, W_FLIP_H] < 0.5, "flip_v": u[:, W_FLIP_V] < 0.5,
             "cos": np.cos(theta).astype(np.float32), "sin": np.sin(theta).astype(np.float32),
-            "thickness": np.maximum(1, np.round(side * (0.1 + 0.15 * u[:, W_SCAR_ASPECT])).astype(np.int64)),
+            "scar_w": np.minimum(scar_w, side), "scar_h": np.minimum(scar_h, side),
             "blur_radius": 1 + (amount * 3).astype(np.int64),
             "shift": (20 + 40 * amount)[:, None] * signs,
         }
@@ -276,7 +295,7 @@ class AnomalySynthesizer:
         noise_row = np.full(len(plan["chosen"]), -1)
         noise_row[noise_rows] = np.arange(len(noise_rows))
         names = ("chosen", "kind", "side", "dst_y", "dst_x", "src_y", "src_x", "source", "jitter", "factor",
-                 "flip_h", "flip_v", "cos", "sin", "thickness", "blur_radius", "shift")
+                 "flip_h", "flip_v", "cos", "sin", "scar_w", "scar_h", "blur_radius", "shift")
         staged = upload([plan[n] for n in names] + [noise_row, noise.reshape(-1)], images.device)
         p = dict(zip(names, staged[:-2], strict=True))
         ints = {n: p[n].long() for n in names if n not in ("factor", "cos", "sin", "shift")}
@@ -353,8 +372,11 @@ class AnomalySynthesizer:
                          + (ly * s + lx)[:, None]).clamp(0, noise.shape[1] - 1)
                 values = noise.index_select(0, noise_row.clamp(min=0)).gather(1, where.flatten(1)).view_as(pasted)
                 pasted = pasted + values * (noise_row >= 0).view(n, 1, 1, 1)
-            start = (s - ints["thickness"].view(n, 1, 1)) // 2
-            scar_region = inside & (iy >= start) & (iy < start + ints["thickness"].view(n, 1, 1)) & in_box
+            # The scar: the centred scar_w x scar_h rectangle of the (rotated) source window.
+            scar_w, scar_h = ints["scar_w"].view(n, 1, 1), ints["scar_h"].view(n, 1, 1)
+            left, top = (s - scar_w) // 2, (s - scar_h) // 2
+            scar_region = (inside & (ix >= left) & (ix < left + scar_w) & (iy >= top) & (iy < top + scar_h)
+                           & in_box)
             pasting = (kind == KINDS.index("fractal_paste")) | (kind == KINDS.index("scar"))
             content = torch.where(pasting[:, None], pasted, content)
             region = torch.where(kind == KINDS.index("scar"), scar_region,

@@ -77,7 +77,8 @@ def norm_loss(e: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def angle_labels(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(B, h, w) bool from (B, H, W) pixel masks: a cell is abnormal when more than 32/196 of it is."""
-    fraction = F.adaptive_avg_pool2d(mask[:, None].float(), size)[:, 0]
+    # float64: a float32 mean of exactly 32 of 196 pixels can round above 32/196 ("more than 32" is strict)
+    fraction = F.adaptive_avg_pool2d(mask[:, None].double(), size)[:, 0]
     return fraction > ANGLE_CELL_FRACTION
 
 

@@ -6,8 +6,9 @@ different renders of one class); K in ``shots`` drawn once per batch, and K refe
 (``normals.py``: by default shifted crops of the image's own render, a normal *instance*; or other renders
 of the same class); synthetic anomalies (``anomalies.py``); two photometric views
 (``views.py``); residual features of each view against its references; the projector; ADPretrain's
-losses. Batches without anomalies are skipped. The batch number is a saved counter, not the optimiser
-step, so a skipped batch does not repeat and a resumed run continues with the next batch.
+losses. Batches without anomalies are skipped. The batch number comes from a saved step counter, not the
+optimiser step, so a skipped batch does not repeat and a resumed run continues with the next batch; with
+DDP, step s of rank r is batch s * world_size + r (each rank its own batch; one device: batch s).
 
 The last ``val_classes`` classes never train: validation renders fixed batches of them (loss and the
 patch AUROC of the compressed norm, for the logs only: nothing is selected on it).
@@ -289,7 +290,8 @@ class AdaptModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ Lightning
     def training_step(self, batch, batch_idx):
-        number = int(self.batches_seen)
+        # batches_seen counts steps (the same on every rank); each rank draws its own batch of the step
+        number = int(self.batches_seen) * self.trainer.world_size + self.trainer.global_rank
         self.batches_seen += 1
         start = time.perf_counter()
         if self._last_start is not None:  # wall time of the whole previous step (forward, backward, optimiser)
@@ -318,7 +320,8 @@ class AdaptModule(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         """The loss on the two views; the scores of the plain anomalous images (``val_scores``)."""
-        residuals, mask, _ = self.make_batch(int(batch_idx), val=True, plain=True)
+        # ``batch`` is the validation batch number (a rank's share under DDP; batch_idx restarts at 0 per rank)
+        residuals, mask, _ = self.make_batch(int(batch), val=True, plain=True)
         e1, e2 = (self.projector(r) for r in residuals[:2])
         loss = total_loss(e1, e2, mask, self.centers())
         if loss is not None:
@@ -373,7 +376,8 @@ class AdaptModule(pl.LightningModule):
             "recipe_config": self.recipe.to_dict(), "anomalies": self.mix.to_dict(), "seed": self.hparams.seed,
             "size": self.hparams.size, "references": self.hparams.references,
             "reference_shift": self.hparams.reference_shift,
-            "jitter_references": self.hparams.jitter_references, "steps": steps, "batches": int(self.batches_seen),
+            "jitter_references": self.hparams.jitter_references, "steps": steps,
+            "batches": int(self.batches_seen) * (self.trainer.world_size if self._trainer is not None else 1),
             "bank_bytes": self.projector.bank_bytes(), "residual_scales": self.projector.scales(),
         }
         write_projector(folder, self.projector.state_dict(), self.centers(), meta)

@@ -32,9 +32,10 @@ def run(dataset, out, method, *extra):
                     "--out", str(out), *extra])
 
 
-@pytest.mark.parametrize("method", ["patchcore", "featurenorm"])
-def test_projected_run_records_its_label_and_references(projector, dataset, tmp_path, method):
-    assert run(dataset, tmp_path, method, "--projector", str(projector)) == 0
+@pytest.mark.parametrize("method, extra", [("patchcore", []), ("featurenorm", []),
+                                           ("padim", ["--layers", "2,3"])])  # PaDiM: the projector's layers
+def test_projected_run_records_its_label_and_references(projector, dataset, tmp_path, method, extra):
+    assert run(dataset, tmp_path, method, "--projector", str(projector), *extra) == 0
     (record_file,) = tmp_path.glob("*.json")
     record = json.loads(record_file.read_text())
     assert record["backbone"] == "random-resnet18+adapt"
@@ -43,9 +44,10 @@ def test_projected_run_records_its_label_and_references(projector, dataset, tmp_
     assert 0.0 <= record["image_AUROC"] <= 1.0 and record["pixel_AUROC"] is not None
 
 
-def test_raw_and_projected_cells_differ(projector, dataset, tmp_path):
-    assert run(dataset, tmp_path / "raw", "patchcore") == 0
-    assert run(dataset, tmp_path / "adapt", "patchcore", "--projector", str(projector)) == 0
+@pytest.mark.parametrize("method, extra", [("patchcore", []), ("padim", ["--layers", "2,3"])])
+def test_raw_and_projected_cells_differ(projector, dataset, tmp_path, method, extra):
+    assert run(dataset, tmp_path / "raw", method, *extra) == 0
+    assert run(dataset, tmp_path / "adapt", method, "--projector", str(projector), *extra) == 0
     raw = json.loads(next((tmp_path / "raw").glob("*.json")).read_text())
     adapted = json.loads(next((tmp_path / "adapt").glob("*.json")).read_text())
     assert raw["cell_id"] != adapted["cell_id"] and "projector" not in raw

@@ -318,3 +318,14 @@ def test_cli_layers_choose_the_tables_layer_set(results, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("ad-eval: error: ") and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "bad").exists()
+
+
+def test_projected_variant_is_its_own_backbone(tmp_path):
+    """Issue 14: records of ``--projector`` cells carry the label ``<backbone>+adapt`` and the report shows them
+    beside the raw backbone, not averaged into it."""
+    folder = tmp_path / "results"
+    write_records(folder, [make_record("patchcore", "carpet", "Fractals", None, 0, (0.654, 0.727, 0.314)),
+                           make_record("patchcore", "carpet", "Fractals+adapt", None, 0, (0.702, 0.741, 0.355))])
+    out = build_report(folder, tmp_path / "r", backbones="Fractals,Fractals+adapt", metrics=["image_AUROC"])
+    table = out["tables"][0].read_text()
+    assert "Fractals/Fractals+adapt" in table and "65.4/70.2" in table

@@ -232,3 +232,43 @@ def test_fit_and_adapt_report_a_cut_short_checkpoint_in_the_same_line(tmp_path, 
         assert not (tmp_path / command).exists()
     assert lines[0] == lines[1], lines
     assert lines[0].startswith(f"fractal-pretrain: error: ckpt_path={str(cut)!r}: not a readable checkpoint (")
+
+
+@pytest.mark.slow
+def test_ddp_ranks_train_on_different_batches(tmp_path):
+    """Every rank drew batch number ``step`` (the shared counter), so two DDP ranks trained on the same images
+    and averaged identical gradients: the projector was bit for bit the one-device run's. Now step s of rank r
+    is batch s * world_size + r (one device: batch s, as before)."""
+    import os
+    import subprocess
+    import sys
+
+    repo = ADAPT_JOBS.parents[1]
+    steps = ("--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false")
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    env.pop("SLURM_NTASKS", None)
+    ddp = subprocess.run([sys.executable, "-m", "fractal_pretrain", "adapt", "--config", SMOKE,
+                          "--trainer.default_root_dir", str(tmp_path / "ddp"), "--trainer.devices", "2",
+                          "--trainer.strategy", "ddp", *steps], cwd=repo, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert ddp.returncode == 0, ddp.stdout[-2000:] + ddp.stderr[-2000:]
+    status, one = adapt(tmp_path, "one", *steps)
+    assert status == 0
+    a, b = read_projector(tmp_path / "ddp")[0]["state_dict"], read_projector(one)[0]["state_dict"]
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert read_projector(tmp_path / "ddp")[1]["batches"] == 4 and read_projector(one)[1]["batches"] == 2
+
+
+def test_the_backbone_stays_frozen(tmp_path):
+    """Only the projector trains: the backbone's weights and BatchNorm statistics are untouched by training
+    and validation (it is no submodule, so neither the optimiser nor Lightning's train() reaches it)."""
+    from fractal_pretrain.adapt.cli import make_adapt_cli
+
+    cli = make_adapt_cli(["--config", SMOKE, "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "3",
+                          "--trainer.val_check_interval", "3", "--trainer.enable_progress_bar", "false"])
+    backbone = {k: v.clone() for k, v in cli.model.backbone.state_dict().items()}
+    projector = {k: v.clone() for k, v in cli.model.projector.state_dict().items()}
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert all(torch.equal(backbone[k], v) for k, v in cli.model.backbone.state_dict().items())
+    assert not cli.model.backbone.training and not any(p.requires_grad for p in cli.model.backbone.parameters())
+    assert any(not torch.equal(projector[k], v) for k, v in cli.model.projector.state_dict().items())

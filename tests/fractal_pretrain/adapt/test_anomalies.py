@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fractal_pretrain.adapt.anomalies import KINDS, AnomalyMix, AnomalySynthesizer
+from fractal_pretrain.adapt.anomalies import KINDS, AnomalyMix, AnomalySynthesizer, sample_words
 from fractal_pretrain.config import ConfigError
 from fractal_pretrain.recipes import get_recipe
 from fractal_pretrain.render import make_renderer
@@ -67,3 +67,33 @@ def test_views_are_batched_per_sample_and_keyed(normal_images):
     assert batch.shape == normal_images.shape and 0 <= batch.min() and batch.max() <= 1
     assert torch.allclose(batch, alone, atol=1e-6)
     assert not torch.allclose(batch, photometric_view(normal_images, indices, seed=7, view=0))
+
+
+def test_default_mix_has_fractalads_constants():
+    # strong_recipes.md §5 (FractalAD fag.py): patch side U(0.1, 0.5) min(H, W), rotation U(15, 75) degrees,
+    # a 100k-point binary N = 2 IFS mask dilated 3x3 three times, Gaussian noise of amplitude 10 with p 0.5
+    mix = AnomalyMix()
+    assert mix.patch_side == (0.1, 0.5) and mix.rotation == (15.0, 75.0) and mix.dilation == 3
+    assert mix.mask_points == 100_000 and mix.noise_p == 0.5 and mix.noise_amplitude == 10.0
+    from fractal_pretrain.adapt.anomalies import mask_recipe
+
+    recipe = mask_recipe(mix)
+    assert (recipe.min_maps, recipe.max_maps, recipe.render_mode, recipe.num_points) == (2, 2, "binary", 100_000)
+
+
+def test_scars_have_cutpaste_sizes_and_come_from_the_same_image():
+    # CutPasteScar (ad_methods.md §2.1): U(2, 16) x U(10, 25) pixels at 256 px, rotated U(-45, 45) degrees,
+    # cut from the image itself; at 64 px the sides scale by 1/4.
+    images = make_renderer(get_recipe("anderson", {"num_classes": 4, "num_points": 4000}), size=256).render_tensor(
+        np.arange(12), 0)[0]
+    synth = AnomalySynthesizer(only("scar"), seed=3)
+    plan = synth.plan(sample_words(3, 0, np.arange(12)), 256, 256, 12)
+    assert np.array_equal(plan["source"], plan["chosen"])
+    assert ((plan["scar_w"] >= 2) & (plan["scar_w"] <= 16) & (plan["scar_h"] >= 10) & (plan["scar_h"] <= 25)).all()
+    degrees = np.degrees(np.arctan2(plan["sin"], plan["cos"]))
+    assert ((degrees >= -45) & (degrees <= 45)).all() and degrees.min() < 0 < degrees.max()
+    out, masks = synth.apply(images, np.arange(12))
+    for i in range(12):
+        ys, xs = np.nonzero(masks[i].numpy())
+        assert 0 < len(ys) <= 16 * 25
+        assert max(ys.max() - ys.min(), xs.max() - xs.min()) + 1 <= np.hypot(16, 25) + 1

@@ -136,3 +136,49 @@ def test_projector_keeps_shapes(kind):
     out = proj({"layer2": torch.randn(2, 32, 8, 8), "layer3": torch.randn(2, 64, 4, 4)})
     assert out["layer2"].shape == (2, 32, 8, 8) and out["layer3"].shape == (2, 64, 4, 4)
     assert proj.bank_bytes() == (0 if kind == "mlp" else (32 + 64) * 8 * 4)
+
+
+def labels_by_hand(mask, grid):
+    """§3.4's patch labels of a (B, H, W) mask on a grid of 14 x 14-pixel cells: angle, more than 32 of the
+    196 pixels abnormal; norm, the mask nearest-resized (a cell takes its top-left pixel)."""
+    angle, norm = [], []
+    for b in range(mask.shape[0]):
+        for y in range(grid):
+            for x in range(grid):
+                angle.append(int(mask[b, 14 * y:14 * y + 14, 14 * x:14 * x + 14].sum()) > 32)
+                norm.append(bool(mask[b, 14 * y, 14 * x]))
+    return angle, norm
+
+
+def test_total_is_angle_plus_both_norms_summed_over_levels_with_their_patch_labels():
+    g = torch.Generator().manual_seed(1)
+    mask = torch.zeros(2, 56, 56, dtype=torch.bool)  # a 4 x 4 grid of 14-pixel cells
+    mask[0, 0:3, 0:11] = True  # cell (0, 0): 33 pixels, top-left set -> abnormal for both losses
+    mask[0, 14:18, 14:22] = True  # cell (1, 1): exactly 32 pixels -> angle normal, norm (top-left set) abnormal
+    mask[1, 30:35, 45:53] = True  # cell (2, 3): 40 pixels, top-left clear -> angle abnormal, norm normal
+    m_angle, m_norm = labels_by_hand(mask, 4)
+    assert sum(m_angle) == 2 and sum(m_norm) == 2 and m_angle != m_norm
+    views1 = {"a": torch.randn(2, 4, 4, 4, generator=g, dtype=torch.float64),
+              "b": 3 * torch.randn(2, 6, 4, 4, generator=g, dtype=torch.float64)}
+    views2 = {k: v + 0.1 * torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in views1.items()}
+    centers = {"a": torch.full((4,), 0.1, dtype=torch.float64), "b": torch.zeros(6, dtype=torch.float64)}
+    expected = 0.0
+    for name in views1:
+        e1, e2 = (v[name].permute(0, 2, 3, 1).reshape(-1, v[name].shape[1]) for v in (views1, views2))
+        expected += angle_by_hand(e1, e2, m_angle, centers[name]) + norm_by_hand(e1, m_norm) + norm_by_hand(e2, m_norm)
+    assert total_loss(views1, views2, mask, centers).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_angle_term_without_an_abnormal_cell_is_zero_and_keeps_gradients_finite():
+    # A defect too small for any angle-loss cell (5 pixels): the angle loss has no negatives (its log is
+    # infinite) and counts 0, as in ADPretrain; the norm loss still sees the defect's top-left cell.
+    mask = torch.zeros(1, 28, 28, dtype=torch.bool)
+    mask[0, 14, 14:19] = True
+    e1 = torch.randn(1, 4, 2, 2, dtype=torch.float64, requires_grad=True)
+    e2 = (e1 * 1.1).detach()
+    loss = total_loss({"a": e1}, {"a": e2}, mask)
+    m_norm = [False, False, False, True]
+    flat = lambda e: e.permute(0, 2, 3, 1).reshape(-1, 4)  # noqa: E731
+    assert loss.item() == pytest.approx(norm_by_hand(flat(e1.detach()), m_norm) + norm_by_hand(flat(e2), m_norm))
+    loss.backward()
+    assert torch.isfinite(e1.grad).all() and e1.grad.abs().sum() > 0

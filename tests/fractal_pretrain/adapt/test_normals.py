@@ -65,7 +65,7 @@ def test_validation_scores_plain_images_and_pools_batches(instance, monkeypatch)
     monkeypatch.setattr(instance, "log", lambda name, value, **_: logged.__setitem__(name, value))
     instance.on_validation_epoch_start()
     for batch in range(3):
-        instance.validation_step(None, batch)
+        instance.validation_step(torch.tensor(batch), batch)  # as AdaptData.val_dataloader yields it
     assert set(instance._val_scores) == {(n, k) for n in ("layer2", "layer3") for k in ("raw", "norm")}
     pooled = {key: torch.cat(parts, dim=1) for key, parts in instance._val_scores.items()}
     # The raw scores are the plain anomalous images' residual norms, not a photometric view's.
