@@ -130,15 +130,20 @@ def add_run_callbacks(config, kwargs: dict, root: Path, callbacks: list) -> None
 
 
 # What a pre-training run learns from and with. Resuming with another value would continue a different run
-# (another recipe's classes, a changed recipe key: silently mixed images; another head size: a traceback).
+# (another recipe's classes, a changed recipe key: silently mixed images; another head size, or another
+# decay_norm_and_bias and so other optimiser groups, whose saved state cannot load: a traceback).
 SAME_RUN_KEYS = {"data": ("datamodule_hyper_parameters", ("recipe", "recipe_overrides", "size", "seed", "source")),
-                 "model": ("hyper_parameters", ("arch", "num_classes", "multi_label", "views", "objective"))}
+                 "model": ("hyper_parameters", ("arch", "num_classes", "multi_label", "views", "objective",
+                                                "decay_norm_and_bias"))}
+# Same-run keys added later: the value a checkpoint written before the key existed ran with.
+SAME_RUN_BEFORE_KEY = {"model": {"decay_norm_and_bias": True}}
 
 
 def check_same_run(saved: dict, ckpt: str, model, datamodule) -> None:
     """A checkpoint written by another run configuration is a one-line error naming the first key that differs."""
     for section, (stored, keys) in SAME_RUN_KEYS.items():
         recorded = saved.get(stored) or {}
+        recorded = {**SAME_RUN_BEFORE_KEY.get(section, {}), **recorded} if recorded else recorded
         current = (model if section == "model" else datamodule).hparams
         both = [key for key in keys if key in recorded and key in current]  # a key older checkpoints lack: not a change
         for key in differing_keys(recorded, current, both)[:1]:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import torchmetrics
 import torchvision
 
-from fractal_pretrain.config import ConfigError, check_choice, check_range
+from fractal_pretrain.config import ConfigError, check_choice, check_range, check_type
 from fractal_pretrain.train import knn
 from fractal_pretrain.train.objectives import LR_REFERENCE_BATCH, OBJECTIVES, TWO_VIEW_OBJECTIVES, build_objective
 
@@ -86,6 +86,33 @@ def keep_fixed_lrs(optimizer) -> None:
             group["lr"] = group["fixed_lr"]
 
 
+# Layers whose parameters (scale and shift) are spared weight decay when model.decay_norm_and_bias is false, as in
+# Anderson & Farrell's optimiser groups (theirs: every module whose class name holds "Norm"; here the torch ones).
+NORM_LAYERS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm,
+               torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d, torch.nn.LayerNorm,
+               torch.nn.GroupNorm, torch.nn.RMSNorm)
+
+
+def undecayed_parameters(module: torch.nn.Module) -> set[int]:
+    """ids of the parameters of ``module`` that decay_norm_and_bias=false spares: every normalisation layer's
+    weights and every bias."""
+    return {id(param) for layer in module.modules() for name, param in layer.named_parameters(recurse=False)
+            if isinstance(layer, NORM_LAYERS) or name == "bias"}
+
+
+def split_weight_decay(groups: list[dict], undecayed: set[int]) -> list[dict]:
+    """Each optimiser group as two: its decayed parameters, then the ``undecayed`` ones with weight_decay 0; a
+    group's other settings (``fixed_lr``) go with both halves, and an empty half is left out."""
+    split = []
+    for group in groups:
+        params = list(group["params"])
+        decayed = [p for p in params if id(p) not in undecayed]
+        spared = [p for p in params if id(p) in undecayed]
+        split += [{**group, "params": decayed}] if decayed else []
+        split += [{**group, "params": spared, "weight_decay": 0.0}] if spared else []
+    return split
+
+
 def multilabel_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """BCE where each positive weighs num_classes / (positives in its sample), negatives 1."""
     targets = targets.float()
@@ -104,6 +131,8 @@ class FractalClassifier(pl.LightningModule):
         lr: Peak SGD learning rate.
         momentum: SGD momentum.
         weight_decay: SGD weight decay.
+        decay_norm_and_bias: Decay every parameter (true; fractal4AD, OFDB-4AD) or spare the normalisation
+            layers' weights and all biases, of the backbone and of every head (false; Anderson & Farrell).
         schedule: ``multistep`` (x gamma at each milestone epoch; fractal4AD), ``onecycle`` (per step over
             the whole run; Anderson & Farrell) or ``constant``.
         milestones: Epochs of the multistep decay.
@@ -137,7 +166,8 @@ class FractalClassifier(pl.LightningModule):
                  cosine_epochs: float | None = None, cosine_steps: int | None = None, min_lr: float = 0.0,
                  warmup_start_lr: float = 0.0, label_smoothing: float = 0.0, channels_last: bool = True,
                  compile: bool = False, objective: str | None = None, views: int = 0, projector_dim: int = 2048,
-                 predictor_dim: int = 512, knn_classes: int = 10, knn_per_class: int = 20, knn_k: int = 10):
+                 predictor_dim: int = 512, knn_classes: int = 10, knn_per_class: int = 20, knn_k: int = 10,
+                 decay_norm_and_bias: bool = True):
         super().__init__()
         objective = objective or ("multilabel" if multi_label else "classification")
         check_objective(objective, multi_label, views)
@@ -152,6 +182,7 @@ class FractalClassifier(pl.LightningModule):
         check_range("model.lr", lr, 0.0, None)
         check_range("model.momentum", momentum, 0.0, 1.0)
         check_range("model.weight_decay", weight_decay, 0.0, None)
+        check_type("model.decay_norm_and_bias", decay_norm_and_bias, bool, "true or false")
         check_choice("model.schedule", schedule, SCHEDULES)
         check_range("model.gamma", gamma, 0.0, 1.0)
         check_range("model.onecycle_pct_start", onecycle_pct_start, 0.0, 1.0)
@@ -278,11 +309,18 @@ class FractalClassifier(pl.LightningModule):
         batch = getattr(data, "batch_size", LR_REFERENCE_BATCH) * (self.trainer.world_size if self.trainer else 1)
         return self.hparams.lr * batch / LR_REFERENCE_BATCH
 
-    def configure_optimizers(self):
+    def build_optimizer(self, lr: float) -> torch.optim.SGD:
+        """SGD at ``lr`` over the objective's groups (one for classification), each split in two when
+        ``decay_norm_and_bias`` is false."""
         hp = self.hparams
+        groups = self.objective.param_groups(self.net, lr) if self.two_view else [{"params": list(self.parameters())}]
+        if not hp.decay_norm_and_bias:
+            groups = split_weight_decay(groups, undecayed_parameters(self))
+        return torch.optim.SGD(groups, lr=lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+
+    def configure_optimizers(self):
         lr = self.effective_lr()
-        groups = self.objective.param_groups(self.net, lr) if self.two_view else self.parameters()
-        optimizer = torch.optim.SGD(groups, lr=lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        optimizer = self.build_optimizer(lr)
         config = self._schedule(optimizer, lr)
         keep_fixed_lrs(optimizer)  # OneCycleLR sets every group's starting lr on construction
         return config

@@ -11,7 +11,11 @@ SimSiam (Chen & He 2021, as in Anderson & Farrell's ``model/selfsupervised.yaml`
              the last BN without affine parameters);
   predictor  dim -> pred_dim -> dim, a bottleneck MLP (Linear, BN, ReLU, Linear);
   loss       D(p1, stopgrad(z2)) / 2 + D(p2, stopgrad(z1)) / 2 with D(p, z) = -cos(p, z);
-  optimiser  lr scaled by batch / 256; the predictor keeps its learning rate fixed (no schedule).
+  optimiser  lr scaled by batch / 256; the predictor keeps its learning rate fixed (no schedule). With
+             model.decay_norm_and_bias false (the anchor's), norm weights and biases get no weight decay, the
+             predictor's too. (The anchor's yaml names a predictor group without a weight_decay, so its
+             base.py decays all of the predictor's parameters, its BN and last bias included: 3,072 values at
+             the default widths; not copied here.)
 """
 
 from __future__ import annotations

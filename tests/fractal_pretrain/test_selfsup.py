@@ -82,8 +82,10 @@ def test_smoke_config_end_to_end_to_a_backbone_ad_eval_loads(tmp_path):
 
     assert main(fit_args(tmp_path)) == 0
     rows = metrics(tmp_path)
+    # decay_norm_and_bias false (the anchor's): backbone + projector decayed, spared; predictor decayed, spared
     body = [float(r["lr-SGD/pg1"]) for r in rows if r.get("lr-SGD/pg1")]
-    head = [float(r["lr-SGD/pg2"]) for r in rows if r.get("lr-SGD/pg2")]
+    assert body == [float(r["lr-SGD/pg2"]) for r in rows if r.get("lr-SGD/pg2")]
+    head = [float(r[f"lr-SGD/pg{g}"]) for g in (3, 4) for r in rows if r.get(f"lr-SGD/pg{g}")]
     scaled = 0.05 * 8 / 256  # model.lr x batch / 256
     assert len(body) >= 3 and body[0] > body[-1] and max(body) <= scaled + 1e-12  # one-cycle decay
     assert head == [pytest.approx(scaled)] * len(head)  # the predictor's lr is fixed
@@ -110,8 +112,9 @@ def test_resumed_two_view_run_equals_uninterrupted_run(tmp_path):
         torch.testing.assert_close(ca[key], cb[key], rtol=1e-6, atol=1e-7, msg=key)
     # under the cosine too, the predictor keeps lr x batch / 256 while the rest decays
     groups = torch.load(tmp_path / "split" / "checkpoints" / "last.ckpt", weights_only=False)["optimizer_states"][0]
-    lrs = [g["lr"] for g in groups["param_groups"]]
-    assert lrs[1] == pytest.approx(0.05 * 8 / 256) and lrs[0] < lrs[1]
+    fixed = [g["lr"] for g in groups["param_groups"] if g.get("fixed_lr") is not None]
+    scheduled = [g["lr"] for g in groups["param_groups"] if g.get("fixed_lr") is None]
+    assert fixed == [pytest.approx(0.05 * 8 / 256)] * 2 and scheduled and max(scheduled) < fixed[0]
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -200,3 +203,16 @@ def test_a_run_resumed_after_a_requeue_stop_writes_its_backbone(tmp_path, capsys
     assert main(args) == 0
     assert not (tmp_path / "REQUEUE").exists()
     assert json.loads((tmp_path / "backbone.json").read_text())["steps"] == 4
+
+
+def test_the_fixed_lr_groups_hold_exactly_the_predictor_whether_norms_and_biases_decay_or_not():
+    from fractal_pretrain.train.model import FractalClassifier
+
+    for decay in (True, False):
+        model = FractalClassifier(arch="resnet18", num_classes=4, objective="simsiam", views=2, projector_dim=32,
+                                  predictor_dim=8, decay_norm_and_bias=decay)
+        groups = model.build_optimizer(0.02).param_groups
+        fixed = [id(p) for g in groups if g.get("fixed_lr") is not None for p in g["params"]]
+        assert sorted(fixed) == sorted(id(p) for p in model.objective.predictor.parameters())
+        assert all(g["fixed_lr"] == 0.02 for g in groups if g.get("fixed_lr") is not None)
+        assert len(groups) == (2 if decay else 4)

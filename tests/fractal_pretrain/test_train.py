@@ -11,6 +11,7 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,7 +24,9 @@ from fractal_pretrain.config import ConfigError
 from fractal_pretrain.recipes import get_recipe
 from fractal_pretrain.render import make_renderer
 from fractal_pretrain.train.backbone import BackboneExportError, export_checkpoint
+from fractal_pretrain.train.cli import check_same_run
 from fractal_pretrain.train.data import KeyBatches, rank_slice, steps_per_epoch
+from fractal_pretrain.train.model import FractalClassifier
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # on 2 shared cores, 2 threads took twice as long
 
@@ -160,6 +163,7 @@ def test_bad_value_names_the_key(tmp_path, capsys):
      "data.recipe='mandelbulbvar'"),
     (("--data.recipe_overrides", "{num_classes: 10, num_points: 4000}"), "data.recipe_overrides="),
     (("--model.arch", "resnet34"), "model.arch='resnet34'"),
+    (("--model.decay_norm_and_bias", "false"), "model.decay_norm_and_bias=False"),  # other optimiser groups
 ])
 def test_resuming_a_checkpoint_of_another_run_is_one_line_naming_the_key(tmp_path, capsys, change, named):
     common = ("--data.size", "16", "--data.batch_size", "2", "--data.samples_per_epoch", "8", "--data.val_samples",
@@ -357,3 +361,71 @@ def test_a_config_error_found_after_the_trainer_is_built_is_the_only_line_on_std
     assert not any("GPU available" in r.getMessage() for r in caplog.records)
     assert main(fit_args(tmp_path / "good", "--trainer.max_steps", "1", "--data.val_samples", "0")) == 0
     assert any("GPU available: False" in r.getMessage() for r in caplog.records)
+
+
+TWO_VIEW = {"objective": "simsiam", "views": 2, "projector_dim": 32, "predictor_dim": 8}
+
+
+def param_ids(groups) -> list[int]:
+    return [id(p) for group in groups for p in group["params"]]
+
+
+@pytest.mark.parametrize("kwargs", [{}, TWO_VIEW], ids=["classification", "simsiam"])
+def test_sparing_norms_and_biases_splits_the_groups_and_decays_exactly_the_rest(kwargs):
+    spare = FractalClassifier(arch="resnet18", num_classes=4, weight_decay=1e-3, decay_norm_and_bias=False, **kwargs)
+    groups = spare.build_optimizer(0.1).param_groups
+    ids = param_ids(groups)
+    assert len(ids) == len(set(ids)) and set(ids) == {id(p) for p in spare.parameters()}  # each exactly once
+    # in a ResNet and these heads the 1-D parameters are exactly the norm weights and the biases
+    for group in groups:
+        assert all(group["weight_decay"] == (0.0 if p.ndim == 1 else 1e-3) for p in group["params"])
+    names = {id(p): name for name, p in spare.named_parameters()}
+    spared = {names[id(p)] for group in groups if group["weight_decay"] == 0 for p in group["params"]}
+    head_bias = "objective.predictor.3.bias" if kwargs else "net.fc.bias"
+    assert {head_bias, "net.bn1.weight", "net.layer1.0.bn2.bias"} <= spared
+    if kwargs:
+        assert "objective.projector.1.weight" in spared
+
+    decay = FractalClassifier(arch="resnet18", num_classes=4, weight_decay=1e-3, **kwargs)  # default: as before
+    groups = decay.build_optimizer(0.1).param_groups
+    before = (decay.objective.param_groups(decay.net, 0.1) if kwargs else [{"params": list(decay.parameters())}])
+    assert [param_ids([g]) for g in groups] == [param_ids([g]) for g in before]
+    assert all(group["weight_decay"] == 1e-3 for group in groups)
+
+
+@pytest.mark.parametrize("decay_norm_and_bias", [False, True])
+def test_one_sgd_step_with_zero_gradients_leaves_spared_parameters_unchanged(decay_norm_and_bias):
+    model = FractalClassifier(arch="resnet18", num_classes=4, momentum=0.9, weight_decay=0.01,
+                              decay_norm_and_bias=decay_norm_and_bias)
+    net = model.net
+    with torch.no_grad():
+        net.fc.bias.fill_(0.5)
+    before = {name: p.detach().clone() for name, p in net.named_parameters()}
+    optimizer = model.build_optimizer(0.1)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    shrunk = 1 - 0.1 * 0.01  # the first momentum step is lr x weight_decay x p
+    torch.testing.assert_close(net.conv1.weight, before["conv1.weight"] * shrunk)
+    for name in ("fc.bias", "bn1.weight"):
+        now = net.get_parameter(name)
+        if decay_norm_and_bias:
+            torch.testing.assert_close(now, before[name] * shrunk, msg=name)
+            assert not torch.equal(now, before[name]), name
+        else:
+            assert torch.equal(now, before[name]), name
+
+
+def test_decay_norm_and_bias_must_be_a_bool():
+    with pytest.raises(ConfigError, match=r"model.decay_norm_and_bias='no': must be true or false"):
+        FractalClassifier(arch="resnet18", num_classes=4, decay_norm_and_bias="no")
+
+
+def test_a_checkpoint_from_before_decay_norm_and_bias_resumes_only_with_it_true():
+    # checkpoints written before the key existed decayed every parameter: one optimiser group layout
+    old = {"hyper_parameters": {"arch": "resnet18", "num_classes": 4}, "datamodule_hyper_parameters": {}}
+    data = SimpleNamespace(hparams={})
+    check_same_run(old, "old.ckpt", FractalClassifier(arch="resnet18", num_classes=4), data)
+    with pytest.raises(ConfigError, match=r"^model.decay_norm_and_bias=False: old.ckpt was written by a run with True"):
+        check_same_run(old, "old.ckpt", FractalClassifier(arch="resnet18", num_classes=4, decay_norm_and_bias=False),
+                       data)
