@@ -3,28 +3,24 @@ built for the host (``march_cpu.cpp``), byte-identical to the reference and the 
 
 Only the sprites are compiled (where the time goes); planning, the bank's resize and the composition are
 the reference's NumPy code (``reference.render(..., march=...)``). Built with the host C++ compiler on first
-use (~10-30 s), cached by content hash under ``$FRACTAL_PRETRAIN_CACHE/mandelbulb_cpu``, loaded in
-milliseconds after that. Where no compiler is found or the build fails, ``make_mandelbulb_renderer`` says so
-once on stderr and renders with the NumPy reference.
+use (~10-30 s), cached as ``fast_cpu.py``'s build is (``cxx_build.py``) under
+``$FRACTAL_PRETRAIN_CACHE/mandelbulb_cpu``, loaded in milliseconds after that. Where no compiler is found
+or the build fails, ``make_mandelbulb_renderer`` says so once on stderr and renders with the NumPy reference.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from fractal_pretrain.cache import cache_root
 from fractal_pretrain.mandelbulb import reference
 from fractal_pretrain.mandelbulb.recipe import MandelbulbRecipe
-from fractal_pretrain.render import emulator
-from fractal_pretrain.render.fast_cpu import FastCpuUnavailable, available_cores
+from fractal_pretrain.render import cxx_build, emulator
+from fractal_pretrain.render.fast_cpu import FastCpuUnavailable, available_cores, compile_library
 from fractal_pretrain.render.kernel_constants import MB_TILE_COLS, MB_TILE_ROWS, define_options, mb_march_threads
 
 SOURCE = Path(__file__).resolve().parent / "march_cpu.cpp"
@@ -35,33 +31,28 @@ CXX_FLAGS = ("-std=c++17", "-O2", "-ffp-contract=off", "-fno-fast-math", "-fPIC"
 
 
 def library_path() -> Path:
-    """Where the build of the current sources, compiler and flags lives (it may not exist yet)."""
-    cxx = emulator.compiler()
+    """Where the build of the current sources, compiler, flags and kind of machine lives (it may not exist yet)."""
+    cxx = cxx_build.compiler()
     if cxx is None:
         raise FastCpuUnavailable("no C++ compiler (set CXX or install g++)")
-    texts = [p.read_text() for p in (SOURCE, KERNEL, COMMON)]
-    # the machine's architecture too (fast_cpu.library_path: one build per architecture in a shared cache)
-    digest = hashlib.sha256("\0".join([*texts, cxx, platform.machine(), *CXX_FLAGS, *define_options()]).encode())
-    return emulator.cache_root() / "mandelbulb_cpu" / f"march_cpu-{digest.hexdigest()[:16]}.so"
+    return cxx_build.library_path(cache_root() / "mandelbulb_cpu", "march_cpu", cxx,
+                                  [p.read_text() for p in (SOURCE, KERNEL, COMMON)], [*CXX_FLAGS, *define_options()])
 
 
-@functools.cache
+def build(out: Path) -> None:
+    """Compile the library into ``out`` (atomically)."""
+    compile_library(out, SOURCE, [*CXX_FLAGS, *define_options(), f"-I{KERNEL.parent}"])
+
+
+@cxx_build.once_per_process(FastCpuUnavailable)
 def load() -> ctypes.CDLL:
-    """The library with ``march`` typed, built now if these sources have no cached build."""
+    """The library with ``march`` typed: the cached build (rebuilt once where it does not load), built on first
+    use. Once per process, a failure included."""
     out = library_path()
     try:
-        if not out.exists():
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-                lib = Path(tmp) / out.name
-                result = subprocess.run([emulator.compiler(), *CXX_FLAGS, *define_options(), f"-I{KERNEL.parent}",
-                                         str(SOURCE), "-o", str(lib)], capture_output=True, text=True)
-                if result.returncode != 0:
-                    raise FastCpuUnavailable(f"building {SOURCE.name} failed:\n{result.stderr[-2000:]}")
-                os.replace(lib, out)  # atomic: a concurrent build of the same sources writes the same bytes
-        lib = ctypes.CDLL(str(out))
-    except OSError as err:  # an unwritable cache, a compiler that cannot run, a library that does not load
-        raise FastCpuUnavailable(f"building or loading {out} failed: {err}") from None
+        lib = cxx_build.load(out, lambda: build(out))
+    except OSError as err:
+        raise FastCpuUnavailable(f"loading {out} failed: {err}") from None
     lib.march.restype = ctypes.c_int
     lib.march.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
                           ctypes.c_int, ctypes.c_void_p, ctypes.c_int]

@@ -4,7 +4,8 @@
 the host C++ compiler against ``emulator_runtime.h`` (every CUDA thread a fiber, blocks in sequence; see
 that header for what is and is not emulated) and returns an object used like ``cupy.RawModule``:
 ``get_function(name)`` gives a kernel called as ``kernel(grid, block, args, shared_mem=...)`` with the
-same numpy-scalar arguments (device pointers become host pointers of CPU tensors). Builds are cached by content hash.
+same numpy-scalar arguments (device pointers become host pointers of CPU tensors). Builds are cached by content hash
+(``cxx_build``: one per compiler and kind of machine; a cached build that does not load is rebuilt once).
 
 The emulator reproduces the kernels' float32 results bit for bit (no contraction, IEEE division and
 square root, as NVRTC with ``--fmad=false``), so ``CupyRenderer(..., emulate=True)`` must give the NumPy
@@ -21,14 +22,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import hashlib
 import itertools
 import os
 import re
-import shutil
 import struct
 import subprocess
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from fractal_pretrain.cache import cache_root
+from fractal_pretrain.render import cxx_build
+from fractal_pretrain.render.cxx_build import compiler
 
 RENDER_DIR = Path(__file__).resolve().parent
 KERNEL_DIR = RENDER_DIR / "kernels"
@@ -71,11 +71,6 @@ class Param:
     @property
     def fmt(self) -> str:
         return POINTER_FORMAT if "*" in self.ctype else SCALAR_FORMATS[self.ctype.replace("const ", "").strip()]
-
-
-def compiler() -> str | None:
-    """The host C++ compiler ($CXX or g++), or None."""
-    return shutil.which(os.environ.get("CXX", "g++"))
 
 
 def cxx_flags() -> tuple[str, ...]:
@@ -139,36 +134,27 @@ extern "C" __attribute__((visibility("default"))) int emu_launch_{name}(
 """
 
 
-def _build(path: Path) -> tuple[Path, dict[str, list[Param]]]:
+def _load(path: Path) -> tuple[ctypes.CDLL, dict[str, list[Param]]]:
+    """The ``.cu`` file translated, built (cached on disk, ``cxx_build``) and loaded, and its kernels' parameters."""
     cxx = compiler()
     if cxx is None:
         raise EmulatorError("no C++ compiler (set CXX or install g++): the CUDA emulator cannot build kernels")
-    name = path.stem
     source, kernels = translate(path.read_text())
     # #line: compiler errors and sanitizer reports name the .cu file and its lines
     unit = f'#include "emulator_runtime.h"\n#line 1 "{path}"\n' + source + "".join(
         launcher_source(k, p) for k, p in kernels.items())
     from fractal_pretrain.render.kernel_constants import define_options
 
-    defines = define_options()  # the constants shared with Python, as for NVRTC
-    digest = hashlib.sha256("\0".join(
-        [unit, (KERNEL_DIR / "common.cuh").read_text(), RUNTIME_HEADER.read_text(), cxx, *cxx_flags(),
-         *defines]).encode())
-    out = cache_dir() / f"{name}-{digest.hexdigest()[:16]}.so"
-    if out.exists():
-        return out, kernels
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        cpp, lib = Path(tmp) / f"{name}.cpp", Path(tmp) / f"{name}.so"
-        cpp.write_text(unit)
-        result = subprocess.run(
-            [cxx, *cxx_flags(), *defines, f"-I{RENDER_DIR}", f"-I{KERNEL_DIR}", f"-I{path.parent}", str(cpp), "-o",
-             str(lib)],
-            capture_output=True, text=True)
+    options = [*cxx_flags(), *define_options()]  # the defines: the constants shared with Python, as for NVRTC
+    out = cxx_build.library_path(cache_dir(), path.stem, cxx, [unit, (KERNEL_DIR / "common.cuh").read_text(),
+                                                                RUNTIME_HEADER.read_text()], options)
+
+    def build() -> None:
+        result = cxx_build.build(out, [cxx, *options, f"-I{RENDER_DIR}", f"-I{KERNEL_DIR}", f"-I{path.parent}"], unit)
         if result.returncode != 0:
             raise EmulatorError(f"building {path} for the CPU failed:\n{result.stderr[-4000:]}")
-        os.replace(lib, out)  # atomic: a concurrent build of the same source writes the same bytes
-    return out, kernels
+
+    return cxx_build.load(out, build), kernels
 
 
 _options = threading.local()
@@ -236,8 +222,7 @@ class EmulatedKernel:
 
 class EmulatedModule:
     def __init__(self, source: Path):
-        path, self._kernels = _build(source)
-        self._lib = ctypes.CDLL(str(path))
+        self._lib, self._kernels = _load(source)
         self._functions: dict[str, EmulatedKernel] = {}
 
     def get_function(self, name: str) -> EmulatedKernel:

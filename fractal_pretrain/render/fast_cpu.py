@@ -16,29 +16,27 @@ and ~0.5 s of import to every process; the project already builds ``.cu`` files 
 emulator), the Philox, plan layouts and HSV code are shared with the CUDA kernels through
 ``kernels/common.cuh`` instead of written a third time, and float32 semantics are explicit (numba
 promotes float32 * Python float or int to float64 silently). First use compiles for ~2-5 s (one g++
-call on the 2-core development machine, loaded); the library is cached by content hash under
-``$FRACTAL_PRETRAIN_CACHE/fast_cpu`` (default ``~/.cache/fractal_pretrain``), so later processes load
-it in milliseconds. Where no compiler is found or the build fails, ``make_renderer`` says so once on
-stderr and renders with the reference.
+call on the 2-core development machine, loaded); the library is cached under
+``$FRACTAL_PRETRAIN_CACHE/fast_cpu`` (default ``~/.cache/fractal_pretrain``) by a hash of the sources, the
+compiler and its version, the flags and the machine's architecture and C library (``cxx_build.py``), so
+later processes load it in milliseconds; a cached build that does not load is rebuilt once. Where no
+compiler is found or the build fails, ``make_renderer`` says so once on stderr and renders with the reference.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
-import hashlib
 import os
-import platform
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from fractal_pretrain.cache import cache_root
 from fractal_pretrain.config import check_range
 from fractal_pretrain.recipes import Recipe
-from fractal_pretrain.render import emulator
+from fractal_pretrain.render import cxx_build
 from fractal_pretrain.render.base import MAX_THREADS, RenderedBatch, Renderer, make_labels
 from fractal_pretrain.render.kernel_constants import ITEM_FLOATS, ITEM_INTS, SAMPLE_FLOATS, define_options, recipe_ints
 from fractal_pretrain.render.params import ItemPlan, SamplePlan
@@ -54,34 +52,32 @@ class FastCpuUnavailable(RuntimeError):
 
 
 def cache_dir() -> Path:
-    return emulator.cache_root() / "fast_cpu"
+    return cache_root() / "fast_cpu"
 
 
 def library_path() -> Path:
-    """Where the build of the current source, compiler and flags lives (it may not exist yet)."""
-    cxx = emulator.compiler()
+    """Where the build of the current source, compiler, flags and kind of machine lives (it may not exist yet)."""
+    cxx = cxx_build.compiler()
     if cxx is None:
         raise FastCpuUnavailable("no C++ compiler (set CXX or install g++)")
-    # the machine's architecture too: a cache in a $HOME shared by x86 and ARM nodes keeps one build of each
-    digest = hashlib.sha256("\0".join([SOURCE.read_text(), COMMON.read_text(), cxx, platform.machine(), *CXX_FLAGS,
-                                       *define_options()]).encode())
-    return cache_dir() / f"fast_cpu-{digest.hexdigest()[:16]}.so"
+    return cxx_build.library_path(cache_dir(), "fast_cpu", cxx, [SOURCE.read_text(), COMMON.read_text()],
+                                  [*CXX_FLAGS, *define_options()])
 
 
-def build() -> Path:
-    """The compiled library, built now if this source has no cached build."""
-    out = library_path()
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        lib = Path(tmp) / out.name
-        result = subprocess.run([emulator.compiler(), *CXX_FLAGS, *define_options(), f"-I{SOURCE.parent}", str(SOURCE),
-                                 "-o", str(lib)], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise FastCpuUnavailable(f"building {SOURCE.name} failed: {first_error(result)}\n{result.stderr[-2000:]}")
-        os.replace(lib, out)  # atomic: a concurrent build of the same source writes the same bytes
-    return out
+def build(out: Path) -> None:
+    """Compile the library into ``out`` (atomically)."""
+    compile_library(out, SOURCE, [*CXX_FLAGS, *define_options(), f"-I{SOURCE.parent}"])
+
+
+def compile_library(out: Path, source: Path, options: list[str]) -> None:
+    """``source`` compiled with ``options`` into ``out`` (atomically, ``cxx_build.build``); where that fails,
+    FastCpuUnavailable whose first line is the reason (the compiler's first error line)."""
+    try:
+        result = cxx_build.build(out, [cxx_build.compiler(), *options, str(source)])
+    except OSError as err:  # an unwritable cache, a compiler that cannot run
+        raise FastCpuUnavailable(f"building in {out.parent} failed: {err}") from None
+    if result.returncode != 0:
+        raise FastCpuUnavailable(f"building {source.name} failed: {first_error(result)}\n{result.stderr[-2000:]}")
 
 
 def first_error(result: subprocess.CompletedProcess) -> str:
@@ -91,28 +87,15 @@ def first_error(result: subprocess.CompletedProcess) -> str:
     return (errors or lines or [f"exit status {result.returncode}"])[0]
 
 
+@cxx_build.once_per_process(FastCpuUnavailable)
 def load() -> ctypes.CDLL:
-    """The library with ``render_batch`` typed (built on first use, once per process)."""
-    lib = _load_once()
-    if isinstance(lib, FastCpuUnavailable):
-        raise FastCpuUnavailable(str(lib))
-    return lib
-
-
-@functools.cache
-def _load_once() -> ctypes.CDLL | FastCpuUnavailable:
-    """The typed library, or why it is unavailable: a failed build is not retried by every renderer of the
-    process (each try costs a compiler run, and the reference already renders since the one stderr note)."""
+    """The library with ``render_batch`` typed: the cached build (rebuilt once where it does not load), built
+    on first use. Once per process, a failure included (``cxx_build.once_per_process``)."""
+    out = library_path()
     try:
-        path = build()
-    except FastCpuUnavailable as err:
-        return err
-    except OSError as err:  # an unwritable cache, a compiler that cannot run
-        return FastCpuUnavailable(f"building in {cache_dir()} failed: {err}")
-    try:
-        lib = ctypes.CDLL(str(path))
+        lib = cxx_build.load(out, lambda: build(out))
     except OSError as err:
-        return FastCpuUnavailable(f"loading the built library failed: {err}")
+        raise FastCpuUnavailable(f"loading the built library failed: {err}") from None
     fn = lib.render_batch
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p,

@@ -144,6 +144,37 @@ def test_compiled_cpu_march_equals_the_reference_on_any_thread_count(case):
 
 
 @needs_compiler
+def test_compiled_cpu_march_rebuilds_a_cached_library_that_does_not_load(monkeypatch, tmp_path):
+    """Garbage where the marcher's build is cached (as one built against a newer glibc on another node of a
+    shared $HOME): a new process rebuilds it once in place and marches the reference's bytes, not the
+    ~10x slower reference."""
+    import os
+    import subprocess
+    import sys
+
+    from fractal_pretrain.mandelbulb import cpu
+
+    monkeypatch.setenv("FRACTAL_PRETRAIN_CACHE", str(tmp_path))  # the subprocess's cache too
+    path = cpu.library_path()
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"\x7fELF\x01 not a loadable library " * 64)
+    code = (
+        "import sys, numpy as np\n"
+        "from fractal_pretrain.mandelbulb.renderer import MandelbulbCpuRenderer, make_mandelbulb_renderer\n"
+        "from fractal_pretrain.recipes import get_recipe\n"
+        f"recipe = get_recipe('mandelbulbvar', {FLY!r})\n"
+        "fast = make_mandelbulb_renderer(recipe, size=12, seed=3)\n"
+        "ref = make_mandelbulb_renderer(recipe, size=12, seed=3, device='cpu-reference')\n"
+        "assert isinstance(fast, MandelbulbCpuRenderer), type(fast)\n"
+        "assert (fast.render(np.arange(3)).images == ref.render(np.arange(3)).images).all()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=dict(os.environ), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and "unavailable" not in result.stderr, result.stderr
+    assert path.read_bytes()[:5] == b"\x7fELF\x02" and b"not a loadable" not in path.read_bytes()
+
+
+@needs_compiler
 def test_emulated_kernels_do_not_depend_on_thread_order():
     recipe = get_recipe("multimandelbulb", {**FLY, "background": "plasma"})
     kernels = MandelbulbKernelRenderer(recipe, size=16, seed=0, emulate=True)

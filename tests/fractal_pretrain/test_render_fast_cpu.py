@@ -8,8 +8,9 @@
   drops points, blur on a black background) and for degenerate systems that escape at different steps;
   the two-view recipe ``selfsup`` likewise, every view of every sample;
 * threads: 1, 2, 3 and more threads than samples give the same bytes;
-* the compiled library is cached across processes (a second process runs no compiler), one build per
-  machine architecture;
+* the compiled library is cached across processes (a second process only asks the compiler's version), one
+  build per architecture, C library and compiler identity (fast_cpu and the Mandelbulb marcher); a cached
+  build that does not load is rebuilt once in place (else the reference, saying why);
 * without a compiler, with an unwritable build cache, or with a build that fails (its first error line in
   the note, the compiler run once per process), ``make_renderer`` says so once on stderr and renders with
   the reference;
@@ -161,20 +162,72 @@ RENDER_ONE = """
 """
 
 
-def test_compiled_library_is_cached_across_processes(tmp_path):
-    """A compiler wrapper logs each call: the first process builds once, the second loads the cached build."""
-    log = tmp_path / "cxx.log"
-    wrapper = tmp_path / "cxx"
-    wrapper.write_text(f"#!/bin/sh\necho build >> {log}\nexec g++ \"$@\"\n")
+def _logging_compiler(tmp_path, body: str = 'exec g++ "$@"\n'):
+    """(log, wrapper): a compiler wrapper that logs its first argument on each call (``--version``: the
+    compiler identity the cache key holds; ``-std=c++17``: a build), then runs ``body``."""
+    log, wrapper = tmp_path / "cxx.log", tmp_path / "cxx"
+    wrapper.write_text(f"#!/bin/sh\necho \"$1\" >> {log}\n{body}")
     wrapper.chmod(0o755)
-    env = {**os.environ, "CXX": str(wrapper), "FRACTAL_PRETRAIN_CACHE": str(tmp_path / "cache")}
+    return log, wrapper
+
+
+def _compiler_env(tmp_path, wrapper) -> dict:
+    return {**os.environ, "CXX": str(wrapper), "FRACTAL_PRETRAIN_CACHE": str(tmp_path / "cache")}
+
+
+def test_compiled_library_is_cached_across_processes(tmp_path):
+    """The first process asks the compiler its version and builds once; the second only asks its version and
+    loads the cached build."""
+    log, wrapper = _logging_compiler(tmp_path)
+    expected = [["--version", "-std=c++17"], ["--version", "-std=c++17", "--version"]]
     for run in range(2):
-        result = _run(RENDER_ONE, env)
+        result = _run(RENDER_ONE, _compiler_env(tmp_path, wrapper))
         assert result.returncode == 0, result.stderr
         assert result.stdout.split() == ["FastCpuRenderer", "FastCpuRenderer"]
         assert "unavailable" not in result.stderr
-        assert log.read_text().splitlines() == ["build"], f"run {run}"
+        assert log.read_text().splitlines() == expected[run], f"run {run}"
     assert len(list((tmp_path / "cache" / "fast_cpu").glob("fast_cpu-*.so"))) == 1
+
+
+def _unloadable_build_at_the_expected_name(monkeypatch, tmp_path, wrapper):
+    """Garbage where the build of this compiler (as a subprocess with ``_compiler_env`` finds it) is cached: a
+    library that does not load, as one built against a newer glibc or for another ELF class."""
+    from fractal_pretrain.render import fast_cpu
+
+    monkeypatch.setenv("CXX", str(wrapper))
+    monkeypatch.setenv("FRACTAL_PRETRAIN_CACHE", str(tmp_path / "cache"))
+    path = fast_cpu.library_path()
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"\x7fELF\x01 not a loadable library " * 64)
+    return path
+
+
+def test_a_cached_library_that_does_not_load_is_rebuilt_once_in_place(monkeypatch, tmp_path):
+    """A node that cannot load the cached build rebuilds it once under the same name and renders the
+    reference's bytes with it (not the ~10x slower reference); the next process loads the rebuilt one."""
+    log, wrapper = _logging_compiler(tmp_path)
+    path = _unloadable_build_at_the_expected_name(monkeypatch, tmp_path, wrapper)
+    for run in range(2):
+        result = _run(RENDER_ONE, _compiler_env(tmp_path, wrapper))  # asserts fast == reference images
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == ["FastCpuRenderer", "FastCpuRenderer"], result.stderr
+        assert "unavailable" not in result.stderr
+        assert log.read_text().splitlines().count("-std=c++17") == 1, f"run {run}"
+    assert path.read_bytes()[:5] == b"\x7fELF\x02" and b"not a loadable" not in path.read_bytes()
+    assert list(path.parent.iterdir()) == [path]  # no temporary build left beside it
+
+
+def test_a_cached_library_that_does_not_load_nor_rebuild_falls_back_once_naming_the_error(monkeypatch, tmp_path):
+    log, wrapper = _logging_compiler(tmp_path, "[ \"$1\" = --version ] && exec g++ --version\n"
+                                               "echo 'fast_cpu.cpp:9:1: error: broken toolchain' >&2\nexit 1\n")
+    path = _unloadable_build_at_the_expected_name(monkeypatch, tmp_path, wrapper)
+    result = _run(RENDER_ONE, _compiler_env(tmp_path, wrapper))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["ReferenceRenderer", "ReferenceRenderer"]
+    notes = [line for line in result.stderr.splitlines() if "fast CPU renderer unavailable" in line]
+    assert len(notes) == 1 and "error: broken toolchain" in notes[0], result.stderr
+    assert log.read_text().splitlines().count("-std=c++17") == 1
+    assert b"not a loadable" in path.read_bytes()  # a failed rebuild leaves what was there
 
 
 def test_without_a_compiler_falls_back_to_the_reference_saying_so_once(tmp_path):
@@ -188,33 +241,50 @@ def test_without_a_compiler_falls_back_to_the_reference_saying_so_once(tmp_path)
 
 def test_failed_build_falls_back_once_naming_the_error_and_is_not_retried(tmp_path):
     """A compiler that fails: one stderr line with its error, and one compiler run for all renderers."""
-    log = tmp_path / "cxx.log"
-    wrapper = tmp_path / "cxx"
-    wrapper.write_text(f"#!/bin/sh\necho build >> {log}\necho 'In file included from x.cpp:1:' >&2\n"
-                       "echo 'fast_cpu.cpp:9:1: error: broken toolchain' >&2\nexit 1\n")
-    wrapper.chmod(0o755)
-    env = {**os.environ, "CXX": str(wrapper), "FRACTAL_PRETRAIN_CACHE": str(tmp_path / "cache")}
-    result = _run(RENDER_ONE, env)
+    log, wrapper = _logging_compiler(tmp_path, "[ \"$1\" = --version ] && exec g++ --version\n"
+                                               "echo 'In file included from x.cpp:1:' >&2\n"
+                                               "echo 'fast_cpu.cpp:9:1: error: broken toolchain' >&2\nexit 1\n")
+    result = _run(RENDER_ONE, _compiler_env(tmp_path, wrapper))
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["ReferenceRenderer", "ReferenceRenderer"]
     notes = [line for line in result.stderr.splitlines() if "fast CPU renderer unavailable" in line]
     assert len(notes) == 1 and "error: broken toolchain" in notes[0], result.stderr
-    assert log.read_text().splitlines() == ["build"]
+    assert log.read_text().splitlines() == ["--version", "-std=c++17"]
     assert not list((tmp_path / "cache" / "fast_cpu").glob("fast_cpu-*.so"))
 
 
+def _version_wrapper(path, version: str):
+    """A compiler wrapper at ``path`` (the same path each time) whose ``--version`` says ``version``."""
+    path.write_text(f"#!/bin/sh\n[ \"$1\" = --version ] && {{ echo '{version}'; exit 0; }}\nexec g++ \"$@\"\n")
+    path.chmod(0o755)
+
+
 @pytest.mark.parametrize("module", ["fractal_pretrain.render.fast_cpu", "fractal_pretrain.mandelbulb.cpu"])
-def test_builds_are_kept_per_machine_architecture(monkeypatch, module):
-    """A cache shared by x86 and ARM nodes ($HOME on a cluster) holds one build per architecture: a node never
-    finds the other's library under its own name (it would fail to load and fall back to the reference)."""
+@pytest.mark.parametrize("differs", ["architecture", "C library", "compiler identity"])
+def test_builds_are_kept_per_kind_of_node(monkeypatch, tmp_path, module, differs):
+    """A cache shared by cluster nodes ($HOME) holds one build per architecture (x86, ARM), C library (a build
+    against a newer glibc does not load on an older node) and compiler (another module-loaded g++ found at
+    the same path): a node never finds another kind's library under its own name."""
     import importlib
     import platform
 
+    from fractal_pretrain.render import cxx_build
+
     lib = importlib.import_module(module)
+    _version_wrapper(tmp_path / "g++", "g++ (GCC) 12.2.0")
+    monkeypatch.setenv("CXX", str(tmp_path / "g++"))
     here = lib.library_path()
-    monkeypatch.setattr(platform, "machine", lambda: "other-arch")
+    if differs == "architecture":
+        monkeypatch.setattr(platform, "machine", lambda: "other-arch")
+    elif differs == "C library":
+        glibc, version = platform.libc_ver()
+        monkeypatch.setattr(platform, "libc_ver", lambda: (glibc, version + ".1"))
+    else:
+        _version_wrapper(tmp_path / "g++", "g++ (GCC) 14.1.0")
+        cxx_build.compiler_identity.cache_clear()  # it is asked once per process: this test plays a second one
     there = lib.library_path()
     assert there != here and there.parent == here.parent
+    assert lib.library_path() == there  # the same node finds its own build again
 
 
 def test_bad_num_threads_is_a_config_error():
