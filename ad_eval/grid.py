@@ -271,6 +271,8 @@ def expand(config: GridConfig, base: Path, source: str) -> Grid:
                     skipped.setdefault(f"methods.{method}, shots={shots}: skipped ({reason})", None)
                 else:
                     cells.append(cell)
+    if not cells and skipped:
+        raise GridError(f"{source}: no cell left to run: {'; '.join(skipped)}")
     return Grid(cells=cells, resources=resources, cells_per_task=config.cells_per_task, device=config.device,
                 keep_maps=config.keep_maps, source=source, backbone_keys=backbone_keys, skipped=tuple(skipped))
 

@@ -133,6 +133,9 @@ def test_grid_shots_axis(data_root, tmp_path):
     why = "{m} cannot run with shots={k}: it needs at least {n} train images at this config and image size"
     assert grid.skipped == tuple(f"methods.{m}, shots={k}: skipped ({why.format(m=m, k=k, n=n)})"
                                  for m, k, n in (("padim", 1, 2), ("patchcore", 1, 6), ("patchcore", 2, 6)))
+    path.write_text(yaml.safe_dump({**both, "shots": [1]}))
+    with pytest.raises(GridError, match=r"grid.yaml: no cell left to run: methods.padim, shots=1: skipped \(padim "):
+        load_grid(path)
     path.write_text(yaml.safe_dump({**config, "shots": [4, 0]}))
     with pytest.raises(GridError, match=r"grid.yaml: shots=0: must be an integer >= 1 or 'all'"):
         load_grid(path)
