@@ -40,6 +40,8 @@ MAX_SHOTS = 64
 # Render epochs (the renderer's key word) of each use: no two uses share a key.
 EPOCH_TRAIN, EPOCH_TRAIN_REFS, EPOCH_VAL, EPOCH_VAL_REFS, EPOCH_CENTER, EPOCH_CENTER_REFS = range(6)
 CENTER_VIEW = 2  # photometric view draw slot of the centre pass (training uses views 0 and 1)
+# View draws are keyed (seed, render epoch of the batch, key): training EPOCH_TRAIN, validation EPOCH_VAL, so
+# validation batch n never redraws training batch n's views; the centre pass draws with EPOCH_TRAIN, slot CENTER_VIEW.
 
 
 def check_normal_classes(recipe, val_classes: int) -> None:
@@ -200,8 +202,9 @@ class AdaptModule(pl.LightningModule):
         return out
 
     def photometric_views(self, images: torch.Tensor, refs: torch.Tensor, keys: np.ndarray, k: int,
-                          slots: tuple[int, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Photometric views (draw ``slots``) of the images and the references each is matched against.
+                          slots: tuple[int, ...], epoch: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Photometric views (draw ``slots``, key epoch word ``epoch``) of the images and the references each is
+        matched against.
 
         With ``jitter_references`` (the default) an image's K references get the very draw of its view (same
         brightness, contrast, saturation, greyscale and blur), as a test image and the category's train
@@ -211,11 +214,11 @@ class AdaptModule(pl.LightningModule):
         the projector learns to find defects among jitter residuals, which transfers to unjittered test
         images not at all (RESULTS.md, "Can the projector learn?")."""
         seed = self.hparams.seed
-        views = [photometric_view(images, keys, seed, v) for v in slots]
+        views = [photometric_view(images, keys, seed, v, epoch=epoch) for v in slots]
         if not self.hparams.jitter_references:
             return views, [refs.float() / 255.0] * len(slots)
         ref_keys = np.repeat(np.asarray(keys), k)  # reference i of image b draws with b's key
-        return views, [photometric_view(refs, ref_keys, seed, v) for v in slots]
+        return views, [photometric_view(refs, ref_keys, seed, v, epoch=epoch) for v in slots]
 
     def normal_images(self, classes: np.ndarray, keys: np.ndarray, k: int, epochs: tuple[int, int]):
         """(images (B, 3, H, W), references (B K, 3, H, W)) uint8 of the normal classes (``normals.py``):
@@ -243,7 +246,7 @@ class AdaptModule(pl.LightningModule):
         keys = batch * size + np.arange(size)
         images, refs = self.normal_images(classes, keys, k, epochs)
         anomalous, mask = self._synth.apply(images, keys, epochs[0])
-        views, ref_views = self.photometric_views(anomalous, refs, keys, k, (0, 1))
+        views, ref_views = self.photometric_views(anomalous, refs, keys, k, (0, 1), epochs[0])
         return AdaptBatch(k, classes, keys, epochs[0], images, refs, anomalous, mask, tuple(views), tuple(ref_views))
 
     def make_batch(self, batch: int, *, val: bool, plain: bool = False):
@@ -274,7 +277,7 @@ class AdaptModule(pl.LightningModule):
             classes, keys = classes[:n], done + np.arange(n)
             k = self.hparams.center_shots
             images, refs = self.normal_images(classes, keys, k, (EPOCH_CENTER, EPOCH_CENTER_REFS))
-            (res,) = self.residuals(*self.photometric_views(images, refs, keys, k, (CENTER_VIEW,)), k)
+            (res,) = self.residuals(*self.photometric_views(images, refs, keys, k, (CENTER_VIEW,), EPOCH_TRAIN), k)
             for name, r in res.items():
                 total[name] += r.double().sum(dim=(0, 2, 3))
                 norms[name] += torch.linalg.vector_norm(r.double(), dim=1).sum()

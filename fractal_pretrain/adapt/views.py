@@ -2,7 +2,9 @@
 
 Per view: with p 0.8 brightness, contrast and saturation factors U(0.6, 1.4) (ColorJitter 0.4; the hue
 jitter 0.1 is left out), with p 0.2 greyscale, with p 0.5 a Gaussian blur of sigma U(0.1, 2). Only
-photometric, so one anomaly mask serves both views. Draws: ``rng.STREAM_VIEWS``, slot = view number.
+photometric, so one anomaly mask serves both views. Draws: ``rng.STREAM_VIEWS`` with the key (seed, epoch,
+sample index), slot = view number; the caller's epoch word keeps its uses apart (``adapt/model.py``: training,
+validation).
 """
 
 from __future__ import annotations
@@ -36,15 +38,20 @@ def grey(images: torch.Tensor) -> torch.Tensor:
     return (0.299 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2])[:, None]
 
 
-def photometric_view(images: torch.Tensor, indices, seed: int, view: int) -> torch.Tensor:
-    """(B, 3, H, W) float [0, 1] view of (B, 3, H, W) uint8 ``images`` keyed by (seed, index, view).
+def view_draws(seed: int, epoch: int, indices, view: int) -> np.ndarray:
+    """(B, 8) float32 uniforms of view ``view`` of the samples ``indices``: a pure function of the key."""
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    words = np.stack([np.stack(rng.draw_words(seed, epoch, indices, rng.STREAM_VIEWS, d, slot=view), -1)
+                      for d in range(2)], axis=1).reshape(len(indices), 8)
+    return rng.to_uniform(words)
+
+
+def photometric_view(images: torch.Tensor, indices, seed: int, view: int, *, epoch: int) -> torch.Tensor:
+    """(B, 3, H, W) float [0, 1] view of (B, 3, H, W) uint8 ``images`` keyed by (seed, epoch, index, view).
 
     The draws are made on the host and go to the images' device in one copy; the view is batched tensor
     ops (no per-sample loop)."""
-    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-    words = np.stack([np.stack(rng.draw_words(seed, 0, indices, rng.STREAM_VIEWS, d, slot=view), -1)
-                      for d in range(2)], axis=1).reshape(len(indices), 8)
-    u = rng.to_uniform(words)
+    u = view_draws(seed, epoch, indices, view)
     height, width = images.shape[-2:]
     sigma = BLUR_SIGMA[0] + u[:, 6].astype(np.float64) * (BLUR_SIGMA[1] - BLUR_SIGMA[0])
     radius = np.minimum(np.maximum(1, np.ceil(3 * sigma)), min(height, width) - 1)

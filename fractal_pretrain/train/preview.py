@@ -31,11 +31,14 @@ error) goes to :func:`preview_adapt`:
     fractal-pretrain preview --config jobs/adapt/cpu_r18.yaml --batch 0 --val --out adapt_val.png
 
 It builds the module with ``adapt``'s own command line (``adapt/cli.py`` ``make_adapt_cli``, on the CPU as
-above) and draws ``AdaptModule.batch_inputs`` of batch number ``--batch N`` (the run's step N; with ``--val``
-validation batch N): the images ``make_batch`` gives the backbone, one row per sample: the first
+above) and draws ``AdaptModule.batch_inputs`` of batch number ``--batch N`` (with ``--val`` validation batch N):
+the images ``make_batch`` gives the backbone, one row per sample: the first
 MAX_REFERENCE_TILES of its K references (``ref 1/K``), the normal image (``i: class c``), the anomalous image
 (captioned with the defect kind drawn, or ``none``), the anomalous image with its exact mask in half red
-(``mask 3.2%`` of the pixels), the two photometric views.
+(``mask 3.2%`` of the pixels), the two photometric views. Training batch N is step N // W of rank N % W of a
+run of world size W (``AdaptModule.training_step``; one device: step N); W is the config's, as for ``fit``
+(``trainer.devices`` x ``trainer.num_nodes``; pass ``--trainer.devices 4`` to number a 4-GPU run's batches),
+and the output line says which step and rank the batch is.
 
 The sheet-independent parts (options, output check, writing) are ``preview_options``, ``parse_preview``,
 ``Sheet`` and ``write_sheet``, shared by :func:`preview_fit` and :func:`preview_adapt`.
@@ -117,7 +120,9 @@ def preview_options(prog: str, command: str) -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output PNG (its folder must exist)")
     if command == "adapt":  # one batch counter over the whole run, and fixed validation batches
         parser.add_argument("--batch", "--step", dest="step", metavar="N", type=_non_negative, default=0,
-                            help="batch number N: the run's step N (default 0); with --val, validation batch N")
+                            help="batch number N (default 0): step N // W of rank N %% W at the config's world size "
+                                 "W = trainer.devices x trainer.num_nodes (one device: step N); with --val, "
+                                 "validation batch N")
         parser.add_argument("--val", action="store_true", help="a held-out validation batch, not a training one")
     else:
         parser.add_argument("--epoch", type=_non_negative, default=0, help="epoch (default 0)")
@@ -319,10 +324,16 @@ def _check_batch(cli, options: PreviewOptions) -> None:
                               f"(data.val_batches={val_batches})" if val_batches else
                               "--val: validation has no batches (data.val_batches=0)")
         return
-    max_steps = cli.trainer.max_steps
-    if options.step >= max_steps:
-        raise ConfigError(f"--batch {options.step}: the run trains batches 0..{max_steps - 1} "
-                          f"(trainer.max_steps={max_steps})")
+    max_steps, world = cli.trainer.max_steps, cli.trainer.world_size
+    if options.step >= max_steps * world:
+        raise ConfigError(f"--batch {options.step}: the run trains batches 0..{max_steps * world - 1} "
+                          f"(trainer.max_steps={max_steps} x world size {world})")
+
+
+def batch_origin(batch: int, world_size: int) -> str:
+    """Which step and rank train batch number ``batch`` (``AdaptModule.training_step``: s * world_size + r)."""
+    step, rank = divmod(batch, world_size)
+    return f"step {step}, rank {rank} of world size {world_size}"
 
 
 def preview_adapt(argv: Sequence[str]) -> int:
@@ -338,7 +349,9 @@ def preview_adapt(argv: Sequence[str]) -> int:
     sheet = adapt_sheet(inputs, kinds, options.num)
     path, factor = write_sheet(sheet, options.out, options.zoom)
     batch = len(inputs.images)
-    print(f"wrote {path}: {'validation' if options.val else 'training'} batch {options.step}, K={inputs.k}, "
+    which = (f"validation batch {options.step}" if options.val else
+             f"training batch {options.step} ({batch_origin(options.step, cli.trainer.world_size)})")
+    print(f"wrote {path}: {which}, K={inputs.k}, "
           f"{len(sheet.captions) // sheet.group} of {batch} samples ({sum(k != 'none' for k in kinds)} anomalous) "
           f"on {module.device}, {inputs.images.shape[-1]} px x{factor}", flush=True)
     return 0

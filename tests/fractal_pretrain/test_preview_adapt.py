@@ -57,7 +57,7 @@ def test_rows_are_the_tensors_make_batch_uses(tmp_path, capsys):
     module = module_of()
     inputs = module.batch_inputs(3, val=False)
     k, classes = inputs.k, inputs.classes
-    assert f"training batch 3, K={k}, 4 of 4 samples" in capsys.readouterr().out
+    assert f"training batch 3 (step 3, rank 0 of world size 1), K={k}, 4 of 4 samples" in capsys.readouterr().out
 
     # make_batch feeds the backbone exactly these images: residuals of the views vs the references in the same light.
     residuals, mask, k_made = module.make_batch(3, val=False)
@@ -110,6 +110,18 @@ def test_same_command_same_bytes_validation_and_other_batches_differ(tmp_path, c
     np.testing.assert_array_equal(got[:, 3], zoom(hwc(inputs.anomalous[:2]), 2))
 
 
+def test_a_ddp_config_numbers_batches_as_its_ranks_draw_them(tmp_path, capsys):
+    """Under DDP step s of rank r trains batch s * W + r (W: trainer.devices x trainer.num_nodes): at W = 2,
+    --batch 7 is step 3 of rank 1, a batch the 6-step run does train; the sheet is batch 7 itself."""
+    out = tmp_path / "ddp.png"
+    assert preview(out, "--batch", "7", "--trainer.devices", "2", "--zoom", "1") == 0
+    assert "training batch 7 (step 3, rank 1 of world size 2), K=" in capsys.readouterr().out
+    inputs = module_of().batch_inputs(7, val=False)
+    got = tiles(out, 4, inputs.k + 5, 64)
+    np.testing.assert_array_equal(got[:, inputs.k], hwc(inputs.images))
+    np.testing.assert_array_equal(got[:, inputs.k + 1], hwc(inputs.anomalous))
+
+
 def test_at_most_four_references_of_k():
     module = module_of("--model.shots", "[6]")
     inputs = module.batch_inputs(0, val=False)
@@ -148,7 +160,8 @@ def test_configs_are_told_apart_by_their_keys(tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (("--batch", "6"), "--batch 6: the run trains batches 0..5 (trainer.max_steps=6)"),
+    (("--batch", "6"), "--batch 6: the run trains batches 0..5 (trainer.max_steps=6 x world size 1)"),
+    (("--batch", "12", "--trainer.devices", "2"), "batches 0..11 (trainer.max_steps=6 x world size 2)"),
     (("--batch", "1", "--val"), "--batch 1 --val: validation has batches 0..0 (data.val_batches=1)"),
     (("--val", "--data.val_batches", "0"), "--val: validation has no batches (data.val_batches=0)"),
     (("--model.shotz", "[1]"), "shotz"),

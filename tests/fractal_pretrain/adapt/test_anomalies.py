@@ -58,15 +58,18 @@ def test_mix_weights_must_sum_to_something_positive():
 
 
 def test_views_are_batched_per_sample_and_keyed(normal_images):
-    """The batched view of an image is the view of that image alone (no leak across the batch), and keyed."""
+    """The batched view of an image is the view of that image alone (no leak across the batch), and keyed
+    (view and epoch)."""
     from fractal_pretrain.adapt.views import photometric_view
 
     indices = np.arange(20, 26)
-    batch = photometric_view(normal_images, indices, seed=7, view=1)
-    alone = torch.cat([photometric_view(normal_images[i:i + 1], indices[i:i + 1], seed=7, view=1) for i in range(6)])
+    batch = photometric_view(normal_images, indices, seed=7, view=1, epoch=0)
+    alone = torch.cat([photometric_view(normal_images[i:i + 1], indices[i:i + 1], seed=7, view=1, epoch=0)
+                       for i in range(6)])
     assert batch.shape == normal_images.shape and 0 <= batch.min() and batch.max() <= 1
     assert torch.allclose(batch, alone, atol=1e-6)
-    assert not torch.allclose(batch, photometric_view(normal_images, indices, seed=7, view=0))
+    assert not torch.allclose(batch, photometric_view(normal_images, indices, seed=7, view=0, epoch=0))
+    assert not torch.allclose(batch, photometric_view(normal_images, indices, seed=7, view=1, epoch=1))
 
 
 def test_default_mix_has_fractalads_constants():

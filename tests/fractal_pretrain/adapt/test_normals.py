@@ -1,12 +1,14 @@
-"""Normal instances and references (``adapt/normals.py``), validation scoring and the per-step skip metric."""
+"""Normal instances and references (``adapt/normals.py``), the view keys of validation, validation scoring and
+the per-step skip metric."""
 
 import numpy as np
 import pytest
 import torch
 
 from fractal_pretrain.adapt.losses import compressed_norm, norm_labels
-from fractal_pretrain.adapt.model import EPOCH_VAL, EPOCH_VAL_REFS, AdaptModule, patch_auroc
+from fractal_pretrain.adapt.model import EPOCH_TRAIN, EPOCH_VAL, EPOCH_VAL_REFS, AdaptModule, patch_auroc
 from fractal_pretrain.adapt.normals import crop_copies, crop_offsets, split_copies
+from fractal_pretrain.adapt.views import photometric_view, view_draws
 from fractal_pretrain.config import ConfigError
 
 
@@ -58,6 +60,25 @@ def test_instance_references_cover_a_normal_image_better_than_other_renders(inst
         return float(compressed_norm(res["layer2"].movedim(1, -1)).mean())
 
     assert normal_residual(instance) < 0.7 * normal_residual(other)
+
+
+def test_validation_views_never_redraw_training_views(instance):
+    """Training and validation batch n share their sample keys; the view key's epoch word (the batch's render
+    epoch) keeps them apart. Training views are the draws of the training key, as before the validation split."""
+    seed, k = instance.hparams.seed, instance.hparams.eval_shots
+    train, val = instance.batch_inputs(1, val=False), instance.batch_inputs(1, val=True)
+    assert np.array_equal(train.keys, val.keys)
+    for v in (0, 1):
+        assert torch.equal(train.views[v], photometric_view(train.anomalous, train.keys, seed, v, epoch=EPOCH_TRAIN))
+        ref_keys = np.repeat(train.keys, train.k)
+        assert torch.equal(train.reference_views[v],
+                           photometric_view(train.references, ref_keys, seed, v, epoch=EPOCH_TRAIN))
+        # the validation images under the training batch's draws are not the validation views
+        assert not torch.equal(val.views[v], photometric_view(val.anomalous, val.keys, seed, v, epoch=EPOCH_TRAIN))
+        assert torch.equal(val.views[v], photometric_view(val.anomalous, val.keys, seed, v, epoch=EPOCH_VAL))
+        assert torch.equal(val.reference_views[v],
+                           photometric_view(val.references, np.repeat(val.keys, k), seed, v, epoch=EPOCH_VAL))
+        assert (view_draws(seed, EPOCH_VAL, val.keys, v) != view_draws(seed, EPOCH_TRAIN, train.keys, v)).all()
 
 
 def test_validation_scores_plain_images_and_pools_batches(instance, monkeypatch):
