@@ -267,8 +267,10 @@ def start_local_grid(config: Path, out: Path, log: Path, sigint_ignored: bool = 
                                 else None)
 
 
-def assert_stopped_cleanly(proc: subprocess.Popen, status: int, out: Path, log: Path) -> None:
-    """The grid exits with ``status`` and one line, no traceback; its tasks are gone within seconds."""
+def assert_stopped_cleanly(proc: subprocess.Popen, status: int, out: Path, log: Path,
+                           controllers_interrupted: bool = True) -> None:
+    """The grid exits with ``status`` and one line, no traceback; its tasks are gone within seconds.
+    ``controllers_interrupted``: submitit's controllers take SIGINT (not when started with it ignored, by `&`)."""
     assert proc.wait(timeout=60) == status
     deadline = time.time() + 5  # submitit stops a cancelled task with SIGINT, then SIGKILL after 1 s
     while _task_processes(out / "submitit") and time.time() < deadline:
@@ -277,7 +279,9 @@ def assert_stopped_cleanly(proc: subprocess.Popen, status: int, out: Path, log: 
     # one line, no traceback: submitit's controller (cancelled by SIGINT) writes its KeyboardInterrupt to a file
     text = log.read_text()
     assert "Traceback" not in text and text.count("grid stopped: 1 running task(s) cancelled") == 1, text[-3000:]
-    assert "KeyboardInterrupt" in (out / "submitit" / "controllers.err").read_text()
+    controllers = (out / "submitit" / "controllers.err").read_text()  # exists: their stderr went there
+    if controllers_interrupted:  # with SIGINT ignored they may end without a traceback: timing, not a defect
+        assert "KeyboardInterrupt" in controllers
 
 
 @pytest.mark.slow
@@ -295,7 +299,7 @@ def test_sigterm_to_a_local_grid_ends_its_tasks(tmp_path, realdata, sigint_ignor
             time.sleep(0.2)
         assert _task_processes(out / "submitit") and not records(out), log.read_text()[-3000:]
         proc.send_signal(signal.SIGTERM)  # the grid process only, as `kill PID` does
-        assert_stopped_cleanly(proc, 128 + signal.SIGTERM, out, log)
+        assert_stopped_cleanly(proc, 128 + signal.SIGTERM, out, log, controllers_interrupted=not sigint_ignored)
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the grid and its tasks
