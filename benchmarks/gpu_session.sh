@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Device-machine calls for the GPU checks, one stage per call (each well inside the 10-minute call limit).
 # Run from the repo root on the GPU machine, carrying .whl (../shared/gpu/README.md) and, for `pretrain`,
-# .gpu_data (a copy of ../shared/realdata); everything worth keeping lands in $OUT (./gpu-logs without it).
+# `ofdb-pretrain` and `adapt`, .gpu_data holding .gpu_data/realdata (the jobs/eval configs' root:
+# `mkdir -p .gpu_data && cp -r ../shared/realdata .gpu_data/`); everything worth keeping lands in $OUT
+# (./gpu-logs without it).
 #
 #   bash benchmarks/gpu_session.sh kernels    # GPU tests, render images/s + per-kernel ms, train throughput (~5 min)
 #   bash benchmarks/gpu_session.sh pretrain   # short resnet18 pre-training, then AD eval vs random init (~8 min)
@@ -58,6 +60,19 @@ pretrain_and_report() {
   tar czf "$out/$name.tar.gz" "$run"/logs/version_*/metrics.csv "$run"/backbone.json "results/$name" \
     "reports/$name"
 }
+
+# The stages that end in an evaluation on the real samples stop here, not after minutes of training
+case "$stage" in
+  pretrain|ofdb-pretrain|adapt)
+    for category in hazelnut_reduced transistor_reduced; do
+      if [ ! -d ".gpu_data/realdata/$category" ]; then
+        echo "gpu_session.sh $stage: .gpu_data/realdata/$category is missing: carry .gpu_data" \
+          "(mkdir -p .gpu_data && cp -r ../shared/realdata .gpu_data/)" | tee -a "$out/device.txt" >&2
+        exit 2
+      fi
+    done
+    ;;
+esac
 
 case "$stage" in
   kernels)

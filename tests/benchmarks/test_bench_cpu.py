@@ -267,6 +267,41 @@ def test_pretrain_stages_leave_in_out_what_the_device_tool_brings_back(tmp_path,
         assert "too large to bring back" in (out / "pretrain.log").read_text()
 
 
+def stubbed_path(tmp_path) -> dict:
+    """An environment whose python3 and nvidia-smi do nothing and succeed (no GPU, no wheels here)."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir(exist_ok=True)
+    for name in ("python3", "nvidia-smi"):
+        (stubs / name).write_text("#!/bin/sh\nexit 0\n")
+        (stubs / name).chmod(0o755)
+    return {**os.environ, "PATH": f"{stubs}{os.pathsep}{os.environ['PATH']}", "OUT": str(tmp_path / "out")}
+
+
+@pytest.mark.parametrize("stage, config", [("pretrain", "short_r18"), ("ofdb-pretrain", "ofdb_short_r50"),
+                                           ("adapt", "adapt_short_r18")])
+def test_stages_that_evaluate_on_the_real_samples_stop_at_once_without_them(tmp_path, stage, config):
+    """Without .gpu_data/realdata (the eval config's root) the stage stops before training, one line, status 2;
+    with the config's categories there it goes on (adapt then wants the pretrain stage's backbone)."""
+    import yaml
+
+    env = stubbed_path(tmp_path)
+    work = tmp_path / "repo"
+    work.mkdir()
+    done = subprocess.run(["bash", str(GPU_SESSION), stage], cwd=work, env=env, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"gpu_session.sh {stage}: .gpu_data/realdata/hazelnut_reduced is missing: carry .gpu_data "
+        "(mkdir -p .gpu_data && cp -r ../shared/realdata .gpu_data/)"]
+    mvtec = yaml.safe_load((ROOT / "jobs" / "eval" / f"{config}.yaml").read_text())["datasets"]["mvtec"]
+    assert mvtec["root"] == ".gpu_data/realdata"
+    for category in mvtec["categories"]:
+        (work / mvtec["root"] / category).mkdir(parents=True)
+    done = subprocess.run(["bash", str(GPU_SESSION), stage], cwd=work, env=env, capture_output=True, text=True)
+    assert ".gpu_data/realdata" not in done.stderr
+    if stage == "adapt":
+        assert done.returncode == 2 and "runs/short_r18/backbone.pt is missing" in done.stderr
+
+
 SHELL_VALUES = {"label": "working tree"}  # variables the commands use outside a for loop
 # $name, ${name} or ${name:-default} (an unset variable with a default takes the default)
 SHELL_VARIABLE = re.compile(r"\$\{(?P<name>\w+)(?::-(?P<default>[^}]*))?\}|\$(?P<bare>\w+)")
