@@ -14,7 +14,8 @@
 #   bash benchmarks/gpu_session.sh selfsup    # selfsup GPU tests, SimSiam two-view step vs its ceiling (~3 min)
 #   bash benchmarks/gpu_session.sh adapt      # adapt step cost (wrn50), then the short_r18 projector, raw vs
 #                                             # projected PatchCore/FeatureNorm (needs runs/short_r18 from
-#                                             # `pretrain` on the same warm machine; ~8 min)
+#                                             # `pretrain` on the same warm machine, or .gpu_data/short_r18/
+#                                             # backbone.pt + backbone.json carried; ~8 min)
 #
 # `versions` needs .bench-versions (bash benchmarks/kernel_versions.sh [COMMIT...], then carry it too): anderson
 # and fractal4ad images/s with per-kernel ms for every version and the working tree, and an image digest per
