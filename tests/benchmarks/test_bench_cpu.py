@@ -11,6 +11,7 @@ every row must come out of summarise.py as a table line.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -176,9 +177,30 @@ def test_render_mandelbulb_rows_on_the_emulated_kernels(mode, run):
 
 
 def kernel_versions_commits() -> list[str]:
-    """The commits PENDING_GPU.md has kernel_versions.sh copy for the versions stage."""
-    found = re.search(r"kernel_versions\.sh((?: [0-9a-f]{7,40})+)", PENDING.read_text())
-    return found.group(1).split() if found else []
+    """The commits PENDING_GPU.md has kernel_versions.sh copy for the versions stage (every such command: the IFS
+    kernels' A/B and the ray marcher's)."""
+    found = re.findall(r"kernel_versions\.sh((?: [0-9a-f]{7,40})+)", PENDING.read_text())
+    return list(dict.fromkeys(commit for commits in found for commit in commits.split()))
+
+
+# What the versions stage renders with each old package: the IFS default, and the ray marcher as PENDING_GPU.md's
+# VERSION_RECIPES=mandelbulbvar VERSION_ARGS="--set mode=on_the_fly ..." call does (tiny sizes)
+VERSION_RUNS = {"anderson": ["--size", "32", *IFS_TINY],
+                "mandelbulbvar": ["--size", "16", "--set", "mode=on_the_fly", *MANDELBULB_TINY]}
+
+
+def emulated_version_row(package: Path, recipe: str, label: str) -> dict:
+    """render_throughput.py's row for ``recipe`` on the emulator with ``package``'s fractal_pretrain first."""
+    done = subprocess.run([sys.executable, str(BENCH / "render_throughput.py"), "--device", "emulator", "--recipes",
+                           recipe, "--batch", "2", "--repeats", "1", "--label", label, *VERSION_RUNS[recipe]],
+                          env={**os.environ, "PYTHONPATH": str(package)}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@functools.cache
+def tree_digest(recipe: str) -> str:
+    return emulated_version_row(ROOT, recipe, "tree")["digest"]
 
 
 @pytest.mark.parametrize("commit", kernel_versions_commits())
@@ -196,13 +218,12 @@ def test_render_runs_against_the_old_packages_of_the_versions_stage(commit, tmp_
     assert subprocess.run([*script, "--help"], env=env, capture_output=True).returncode == 0
     if "emulate" not in (tmp_path / "fractal_pretrain/render/cupy_renderer.py").read_text():
         return  # before the emulator: importing and the options are all that can be checked here
-    done = subprocess.run([*script, "--device", "emulator", "--recipes", "anderson", "--size", "32", "--batch",
-                           "2", "--repeats", "1", "--label", commit, *IFS_TINY], env=env, capture_output=True,
-                          text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    row = json.loads(done.stdout.splitlines()[-1])
-    check_render_row(row)
-    assert row["version"] == commit
+    recipes = ["anderson"] + (["mandelbulbvar"] if (tmp_path / "fractal_pretrain/mandelbulb").is_dir() else [])
+    for recipe in recipes:
+        row = emulated_version_row(tmp_path, recipe, commit)
+        check_render_row(row)
+        assert row["version"] == commit
+        assert row["digest"] == tree_digest(recipe)  # every version draws the same images (the stage's check)
 
 
 # --- augment_throughput -------------------------------------------------------------------------------------
