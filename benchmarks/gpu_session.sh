@@ -42,7 +42,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 pretrain_and_report() {
   local name=$1 backbones=$2 run=runs/$1
   python3 -m fractal_pretrain fit --config "jobs/pretrain/$name.yaml" --trainer.enable_progress_bar false \
-    --ckpt_path none 2>&1 | tail -n 200 > "$out/pretrain.log"
+    --ckpt_path none > "$out/pretrain.log" 2>&1  # streamed: a run cut at the limit still brings its log back
   # $OUT comes back only within 8 files and 64 MiB: backbone.pt in parts if it leaves room for the other four
   # files (resnet18: 43 MiB, 3 parts); a resnet50's (~90 MiB) stays on the machine, in $run
   if [ ! -f "$run"/backbone.pt ]; then
@@ -144,11 +144,11 @@ case "$stage" in
     python3 -m fractal_pretrain adapt --config jobs/adapt/short_gpu.yaml --model.backbone random \
       --model.arch wide_resnet50_2 --trainer.max_steps 200 --trainer.val_check_interval 200 --trainer.log_every_n_steps 1 \
       --trainer.enable_progress_bar false --trainer.default_root_dir runs/adapt_bench_wrn50 --ckpt_path none \
-      2>&1 | tail -n 50 > "$out/adapt_bench.log"
+      > "$out/adapt_bench.log" 2>&1
     python3 benchmarks/adapt_step_share.py runs/adapt_bench_wrn50 | tee -a "$out/adapt_bench.log"
     # 2. the short resnet18's projector, then raw vs projected on the real samples
     python3 -m fractal_pretrain adapt --config jobs/adapt/short_gpu.yaml --trainer.enable_progress_bar false \
-      --ckpt_path none 2>&1 | tail -n 100 > "$out/adapt.log"
+      --ckpt_path none > "$out/adapt.log" 2>&1
     python3 -m ad_eval grid --config jobs/eval/adapt_short_r18.yaml --cluster local \
       --out results/adapt_short_r18 > "$out/eval.log" 2>&1
     python3 -m ad_eval report --results results/adapt_short_r18 --out reports/adapt_short_r18 \
