@@ -512,12 +512,8 @@ class FractalDataModule(pl.LightningDataModule):
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         labels = torch.as_tensor(batch["labels"], dtype=torch.int64).to(device, non_blocking=True)
         if isinstance(batch["images"], (list, tuple)):  # several sizes: one group per size, as ImageSet.gather
-            arrays = [torch.as_tensor(image) for image in batch["images"]]
-            groups = []
-            for shape in sorted({tuple(a.shape) for a in arrays}):
-                where = [k for k, a in enumerate(arrays) if tuple(a.shape) == shape]
-                images = torch.stack([arrays[k] for k in where]).permute(0, 3, 1, 2).to(device, non_blocking=True)
-                groups.append((torch.tensor(where, device=device), images))
+            groups = [(torch.tensor(where, device=device), images.to(device, non_blocking=True))
+                      for where, images in image_sets.size_groups([np.asarray(a) for a in batch["images"]])]
             if len(groups) == 1:
                 groups = [(None, groups[0][1])]
         else:

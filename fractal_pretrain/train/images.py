@@ -138,11 +138,18 @@ def build_set(arrays: list[np.ndarray], names: list[str], labels, num_classes: i
             f"images of different sizes: {names[0]} is {arrays[0].shape[0]}x{arrays[0].shape[1]}, {names[other]} is "
             f"{arrays[other].shape[0]}x{arrays[other].shape[1]}; without data.augment (its crop or resize makes "
             f"them one size) a training set needs one size")
-    buckets = []
-    for shape in shapes:
-        ids = [i for i, a in enumerate(arrays) if a.shape == shape]
-        buckets.append((torch.tensor(ids, dtype=torch.int64), _to_tensor([arrays[i] for i in ids])))
+    buckets = [(torch.tensor(ids, dtype=torch.int64), images) for ids, images in size_groups(arrays)]
     return ImageSet(None, labels, num_classes, record, buckets)
+
+
+def size_groups(arrays: list[np.ndarray]) -> list[tuple[list[int], Any]]:
+    """(H, W, 3) images of several sizes as one group per size, sizes sorted: [(positions in ``arrays``,
+    uint8 (n, 3, H, W) tensor)] (resident sets' buckets, streamed batches of mixed sizes)."""
+    groups = []
+    for shape in sorted({a.shape for a in arrays}):
+        ids = [i for i, a in enumerate(arrays) if a.shape == shape]
+        groups.append((ids, _to_tensor([arrays[i] for i in ids])))
+    return groups
 
 
 def _to_tensor(arrays: list[np.ndarray]):
