@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ad_eval.methods import get_method, list_methods
-from ad_eval.methods.base import check_layers
+from ad_eval.methods.base import check_layers, layer_set_label
 from fractal_pretrain.atomic import atomic_write
 from fractal_pretrain.config import ConfigError, check_range
 from fractal_pretrain.config import check_device as check_device_named
@@ -91,7 +91,7 @@ class Cell:
 
     @property
     def cell_id(self) -> str:
-        layers = "+".join(name[-1] for name in self.layers) if self.layers else "default"
+        layers = layer_set_label(self.layers) if self.layers else "default"
         shots = "" if self.shots is None else f"_k{self.shots}"
         readable = f"{self.method}_{self.dataset}_{self.category}_{self.backbone_name}_L{layers}_s{self.seed}{shots}"
         digest = hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:8]

@@ -31,6 +31,11 @@ class MethodScores:
     masks: np.ndarray | None = None
 
 
+def layer_set_label(layers) -> str:
+    """("layer1", "layer2") -> "1+2", the paper's j in {1, 2} (cell ids, reports, ``ad-eval methods``)."""
+    return "+".join(name[5:] if name.startswith("layer") and name[5:].isdigit() else name for name in layers)
+
+
 def check_layers(layers) -> tuple[str, ...]:
     """Normalise a layer set: (2, 3), "2,3", ["layer2", "layer3"] -> ("layer2", "layer3"), sorted, no repeats."""
     if isinstance(layers, str):

@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ad_eval.methods.base import LAYER_NAMES, MethodScores, check_layers
+from ad_eval.methods.base import LAYER_NAMES, MethodScores, check_layers, layer_set_label
 from fractal_pretrain.config import ConfigError, build_checked
 
 # One line per method module (list_methods keeps this order); the anomalib ones share anomalib_models.py.
@@ -165,17 +165,13 @@ def get_method(name: str) -> MethodSpec:
 
 def describe(spec: MethodSpec) -> str:
     """Two lines for ``ad-eval methods``: name, label, layers, what it gives; its config keys and defaults."""
-
-    def layer_set(names) -> str:
-        return "+".join(name[-1] for name in names)
-
     if not spec.takes_layers:
         layers = "no layers"
     elif spec.allowed_layer_sets == ANY_LAYER_SET:
-        layers = f"layers {layer_set(spec.default_layers)} (any of 1-4)"
+        layers = f"layers {layer_set_label(spec.default_layers)} (any of 1-4)"
     else:
-        layers = f"layers {layer_set(spec.default_layers)} (allowed: " + ", ".join(
-            layer_set(s) for s in spec.allowed_layer_sets) + ")"
+        layers = f"layers {layer_set_label(spec.default_layers)} (allowed: " + ", ".join(
+            layer_set_label(s) for s in spec.allowed_layer_sets) + ")"
     gives = "pixel maps" if spec.pixel_maps else "image scores only"
     projector = ", accepts --projector" if spec.accepts_projector else ""
     config = spec.config()

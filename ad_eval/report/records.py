@@ -29,7 +29,7 @@ import pandas as pd
 
 from ad_eval.cell import FAILED_SUFFIX
 from ad_eval.methods import get_method
-from ad_eval.methods.base import check_layers
+from ad_eval.methods.base import check_layers, layer_set_label
 from fractal_pretrain.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def layer_label(layers: Sequence[str] | None) -> str:
     """("layer1", "layer2") -> "1+2" (the paper's j in {1, 2}); None -> "default"."""
     if not layers:
         return NO_LAYERS
-    return "+".join(name[5:] if name.startswith("layer") and name[5:].isdigit() else name for name in layers)
+    return layer_set_label(layers)
 
 
 def normalize_layers(layers: str | Sequence[str | int] | None) -> tuple[str, ...] | None:
