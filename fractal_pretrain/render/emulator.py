@@ -181,6 +181,18 @@ def _dims(value, what: str, most: int) -> tuple[int, ...]:
     return tuple((dims + [1] * most)[:most])
 
 
+# CUDA's grid limits (every architecture since sm_30): a launch beyond them fails on a GPU.
+MAX_GRID = (2**31 - 1, 65535, 65535)
+
+
+def check_grid(grid) -> None:
+    """A grid a GPU would refuse is an error here too (the emulator itself could run it)."""
+    dims = [int(d) for d in (grid if isinstance(grid, tuple | list) else (grid,))]
+    for axis, (d, most) in enumerate(zip(dims, MAX_GRID, strict=False)):
+        if not 1 <= d <= most:
+            raise EmulatorError(f"grid={tuple(dims)}: gridDim.{'xyz'[axis]}={d} is not in 1..{most} (CUDA's limit)")
+
+
 class EmulatedKernel:
     """One kernel of an emulated module, called like a CuPy RawKernel."""
 
@@ -201,12 +213,28 @@ class EmulatedKernel:
             if isinstance(value, np.generic) and value.nbytes != size:
                 raise EmulatorError(f"kernel {self.name}: argument {param.name} ({param.ctype}) is "
                                     f"{value.dtype} ({value.nbytes} bytes), expected {size} bytes")
+            self._check_scalar_type(param, value)
             scalar = value.item() if isinstance(value, np.generic) else value
             buffers.append(ctypes.create_string_buffer(struct.pack(param.fmt, scalar), size))
         pointers = (ctypes.c_void_p * len(buffers))(*(ctypes.addressof(b) for b in buffers))
         return pointers, buffers
 
+    def _check_scalar_type(self, param: Param, value) -> None:
+        """A value CuPy would pass with other bytes than the parameter's is an error here too: CuPy sends a
+        NumPy scalar as its own dtype and a Python int, float or bool as int64, float64 or bool (it never
+        looks at the kernel's signature), so only a NumPy scalar of the parameter's kind is safe. Pointers
+        may be any 8-byte integer (``backend.ptr``, or a Python int: int64)."""
+        if "*" in param.ctype:
+            return
+        kind = "f" if param.fmt in "fd" else "iu"
+        if not isinstance(value, np.generic) or value.dtype.kind not in kind:
+            what = f"a Python {type(value).__name__}" if not isinstance(value, np.generic) else str(value.dtype)
+            want = "np.float32" if param.fmt == "f" else ("np.float64" if param.fmt == "d" else "a NumPy integer")
+            raise EmulatorError(f"kernel {self.name}: argument {param.name} ({param.ctype}) is {what}, which CuPy "
+                                f"would not pass as {param.ctype}; pass {want} of {struct.calcsize(param.fmt)} bytes")
+
     def __call__(self, grid, block, args, shared_mem: int = 0) -> None:
+        check_grid(grid)
         if shared_mem > self.max_dynamic_shared_size_bytes:
             raise EmulatorError(f"kernel {self.name}: {shared_mem} bytes of dynamic shared memory exceed "
                                 f"max_dynamic_shared_size_bytes={self.max_dynamic_shared_size_bytes}")

@@ -108,6 +108,34 @@ def test_bad_launches_are_clear_errors(kernels):
         kernels.get_function("nope")
 
 
+def test_arguments_cupy_would_pass_with_other_bytes_are_errors(kernels):
+    # CuPy packs a Python int as int64, a Python float as float64 and a NumPy scalar as its own dtype, whatever
+    # the kernel's signature: the emulator must not accept what would reach a GPU kernel as other bytes.
+    out = torch.zeros(4, dtype=torch.int32)
+    fn = kernels.get_function("barrier_and")
+    for bad, what in ((0, "a Python int"), (True, "a Python bool"), (np.float32(0), "float32")):
+        with pytest.raises(emulator.EmulatorError, match=f"argument first .int. is {what}, which CuPy would not"):
+            fn((1,), (4,), (bad, ptr(out)))
+    fn((1,), (4,), (np.uint32(0), ptr(out)))  # the same 4 bytes: allowed
+    assert out.tolist() == [1] * 4
+    value = torch.zeros(1, dtype=torch.float32)
+    store = kernels.get_function("store_float")
+    for bad in (1.5, np.int32(1)):
+        with pytest.raises(emulator.EmulatorError, match="argument value .float. .*pass np.float32 of 4 bytes"):
+            store((1,), (1,), (bad, ptr(value)))
+    store((1,), (1,), (np.float32(1.5), value.data_ptr()))  # a pointer may be a Python int (int64 for CuPy too)
+    assert value.item() == 1.5
+
+
+def test_grids_beyond_cuda_limits_are_errors(kernels):
+    out = torch.zeros(4, dtype=torch.int32)
+    fn = kernels.get_function("barrier_and")
+    with pytest.raises(emulator.EmulatorError, match=r"gridDim.y=65536 is not in 1..65535"):
+        fn((1, 65536), (4,), (np.int32(0), ptr(out)))
+    with pytest.raises(emulator.EmulatorError, match=r"gridDim.x=0 is not in 1..2147483647"):
+        fn((0,), (4,), (np.int32(0), ptr(out)))
+
+
 def test_translate_rewrites_shared_declarations_and_reads_signatures():
     source, kernels = emulator.translate(
         'extern "C" __global__ void k(const long long *indices, u32 seed, void *out) {\n'

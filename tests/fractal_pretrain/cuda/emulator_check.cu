@@ -57,3 +57,8 @@ extern "C" __global__ void vote_without_a_returned_lane(u32 *out) {
   if (threadIdx.x < 3) out[threadIdx.x] = __ballot_sync(0xfu, 1);
   __syncthreads();
 }
+
+// out[0] = value: a float argument arrives as the float it was.
+extern "C" __global__ void store_float(float value, float *out) {
+  if (threadIdx.x == 0) out[0] = value;
+}
