@@ -93,8 +93,12 @@ case "$stage" in
   versions)
     for dir in .bench-versions/*/ .; do
       label=$([ "$dir" = . ] && echo "working tree" || cat "$dir/LABEL")
+      # one CuPy kernel cache per version: its key ignores included headers, so two versions with the same
+      # .cu files and options but another common.cuh would share a cubin (the tree's backend adds a header
+      # digest to its options; older versions do not)
       # shellcheck disable=SC2086 # VERSION_ARGS: extra options, word-split on purpose
-      PYTHONPATH="/tmp/site:$dir" python3 benchmarks/render_throughput.py --device cuda --profile \
+      CUPY_CACHE_DIR="/tmp/cupy-cache/$(basename "$(realpath "$dir")")" PYTHONPATH="/tmp/site:$dir" \
+        python3 benchmarks/render_throughput.py --device cuda --profile \
         --recipes "${VERSION_RECIPES:-anderson,fractal4ad}" --repeats 10 --label "$label" ${VERSION_ARGS:-} 2>&1 \
         | tee -a "$out/versions.jsonl"
     done

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,9 @@ from fractal_pretrain.render.kernel_constants import define_options
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
 NVRTC_OPTIONS = ("--std=c++17", "--fmad=false")  # fmad off: float32 ops round like NumPy's
+# What CuPy adds after our options in every NVRTC build (cupy/cuda/compiler.py, _compile_with_cache_cuda); the
+# last -ftz wins, so on the GPU float32 denormals flush to zero, unlike NumPy, the emulator and nvcc's default.
+CUPY_APPENDED_OPTIONS = ("-ftz=true",)
 H100_SHARED_OPTIN = 232_448  # bytes of shared memory a block may opt in to: the emulator mirrors the H100
 
 
@@ -43,13 +47,25 @@ def kernel_source(name: str) -> str:
     return (KERNEL_DIR / f"{name}.cu").read_text()
 
 
+def nvrtc_options() -> tuple[str, ...]:
+    """The options CuPy compiles ``kernels/*.cu`` with: ``NVRTC_OPTIONS``, the constants (``-D``), the include
+    folder and a digest of the headers there. CuPy's kernel cache (``~/.cupy/kernel_cache``) is keyed by the
+    source string and the options, not by the headers it includes: without the digest, a ``.cu`` file whose
+    ``common.cuh`` changed (an edit between two calls on a warm machine, another package version in
+    benchmarks/kernel_versions.sh) would load the cubin built from the old header."""
+    digest = hashlib.sha256()
+    for header in sorted(KERNEL_DIR.glob("*.cuh")):
+        digest.update(header.name.encode() + b"\0" + header.read_bytes())
+    headers = f"-DFRACTAL_HEADERS_SHA256=0x{digest.hexdigest()[:16]}"  # read by no kernel: part of the cache key
+    return NVRTC_OPTIONS + define_options() + (f"-I{KERNEL_DIR}", headers)
+
+
 @functools.cache
 def cupy_module(name: str, device_id: int):
     import cupy
 
     with cupy.cuda.Device(device_id):
-        return cupy.RawModule(code=kernel_source(name),
-                              options=NVRTC_OPTIONS + define_options() + (f"-I{KERNEL_DIR}",))
+        return cupy.RawModule(code=kernel_source(name), options=nvrtc_options())
 
 
 class KernelBackend:

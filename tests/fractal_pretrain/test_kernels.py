@@ -24,7 +24,7 @@ from fractal_pretrain.mandelbulb import constants as marcher
 from fractal_pretrain.mandelbulb import reference as mandelbulb_reference
 from fractal_pretrain.mandelbulb import renderer as mandelbulb_renderer
 from fractal_pretrain.recipes import MAX_CHAINS, get_recipe
-from fractal_pretrain.render import cupy_renderer, kernel_constants, params, reference
+from fractal_pretrain.render import backend, cupy_renderer, kernel_constants, params, reference
 
 KERNELS = cupy_renderer.KERNEL_DIR
 KERNEL_FILES = (*cupy_renderer.KERNEL_FILES, "mandelbulb")
@@ -67,7 +67,8 @@ def test_every_kernel_launches_with_its_largest_block_and_uses_no_local_memory(a
     usage = {}
     for name in KERNEL_FILES:
         result = subprocess.run(
-            [NVCC, f"-arch={arch}", "-cubin", "-fmad=false", "-std=c++17", *DEFINES, f"-I{KERNELS}", "-Xptxas", "-v",
+            [NVCC, f"-arch={arch}", "-cubin", "-fmad=false", *backend.CUPY_APPENDED_OPTIONS, "-std=c++17", *DEFINES,
+             f"-I{KERNELS}", "-Xptxas", "-v",
              "-o", str(tmp_path / f"{name}.cubin"), str(KERNELS / f"{name}.cu")], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
         for entry, body in re.findall(r"Compiling entry function '(\w+)'(.*?)(?=Compiling entry|\Z)",
@@ -108,13 +109,31 @@ def test_kernel_compiles_with_nvrtc_options_of_the_renderer(name):
     prog = ctypes.c_void_p()
     assert lib.nvrtcCreateProgram(ctypes.byref(prog), (KERNELS / f"{name}.cu").read_bytes(), name.encode(), 1,
                                   (ctypes.c_char_p * 1)(header), (ctypes.c_char_p * 1)(b"common.cuh")) == 0
-    options = [o.encode() for o in cupy_renderer.NVRTC_OPTIONS + DEFINES] + [b"--gpu-architecture=compute_90"]
+    # exactly what CuPy hands NVRTC: the backend's options, then what CuPy appends, then the architecture
+    options = [o.encode() for o in backend.nvrtc_options() + backend.CUPY_APPENDED_OPTIONS]
+    options += [b"--gpu-architecture=compute_90"]
     rc = lib.nvrtcCompileProgram(prog, len(options), (ctypes.c_char_p * len(options))(*options))
     size = ctypes.c_size_t()
     lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
     log = ctypes.create_string_buffer(size.value)
     lib.nvrtcGetProgramLog(prog, log)
     assert rc == 0, log.value.decode()
+
+
+def test_cupy_options_change_with_the_included_header(tmp_path, monkeypatch):
+    # CuPy's on-disk kernel cache keys on the .cu source and the options, not on included headers: the options
+    # carry a digest of common.cuh, so an edited header cannot load the cubin built from the old one.
+    kernels = tmp_path / "kernels"
+    shutil.copytree(KERNELS, kernels)
+    monkeypatch.setattr(backend, "KERNEL_DIR", kernels)
+    before = backend.nvrtc_options()
+    assert before[:len(backend.NVRTC_OPTIONS)] == backend.NVRTC_OPTIONS and f"-I{kernels}" in before
+    assert set(DEFINES) <= set(before) and before == backend.nvrtc_options()
+    header = kernels / "common.cuh"
+    header.write_text(header.read_text() + "\n// one more line\n")
+    after = backend.nvrtc_options()
+    assert [o for o in before if o not in after] == [o for o in before if o.startswith("-DFRACTAL_HEADERS_SHA256=")]
+    assert len(set(after) - set(before)) == 1
 
 
 def _defines(prefix: str) -> dict[str, int]:
