@@ -48,6 +48,7 @@ import contextlib
 import dataclasses
 import operator
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -331,7 +332,7 @@ def run_anomalib(
         size, crop: resize target and optional centre crop (as ``ADImageDataset``); the model
             input and the evaluation size are ``crop or size``.
         config: the method's config dataclass, or overrides of ``DEFAULTS[method]``.
-        device: "auto" (CUDA if available, else CPU), "cpu", "cuda" or "gpu".
+        device: "auto" (CUDA if available, else CPU), "cpu", "cuda", "gpu" or "cuda:N".
         seed: seeds everything before construction (PaDiM subset, coreset, inits, shuffling).
         work_dir: Lightning's default_root_dir (anomalib creates versioned folders there).
 
@@ -344,7 +345,7 @@ def run_anomalib(
     names = resolve_layers(method, layers)
     cfg = resolve_config(method, config)
     _check_arch(method, backbone.arch)
-    accelerator = _accelerator(device)
+    accelerator, devices = _accelerator(device)
 
     train_items = _load_items(split.train, size, crop)
     test_items = _load_items(split.test, size, crop)
@@ -355,16 +356,21 @@ def run_anomalib(
         model = build_model(method, backbone, layers=names, out_size=out_size, config=cfg)
         project_features(method, model, backbone, names, size, crop)
         batches = _fit_and_predict(
-            model, train_items, test_items, cfg, accelerator=accelerator, seed=seed, work_dir=Path(work_dir)
+            model, train_items, test_items, cfg, accelerator=accelerator, devices=devices, seed=seed,
+            work_dir=Path(work_dir)
         )
     return _test_scores(method, batches, split, test_items, out_size)
 
 
-def _accelerator(device: str) -> str:
-    """Lightning's accelerator for ``device``: "auto" is CUDA if available, else CPU."""
+def _accelerator(device: str) -> tuple[str, int | list[int]]:
+    """Lightning's (accelerator, devices) for ``device``: "auto" is CUDA if available, else CPU; "cuda:N" is GPU
+    N alone (ad_eval.cell resolves a cell's device to "cuda" or "cuda:N", which Lightning takes as devices)."""
+    index = re.fullmatch(r"cuda:(\d+)", device)
+    if index:
+        return "cuda", [int(index[1])]
     if device not in _DEVICES:
-        raise ValueError(f"device={device!r}: must be one of {', '.join(_DEVICES)}")
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        raise ValueError(f"device={device!r}: must be one of {', '.join(_DEVICES)} or cuda:N")
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device, 1
 
 
 @contextlib.contextmanager
@@ -389,6 +395,7 @@ def _fit_and_predict(
     cfg: dict,
     *,
     accelerator: str,
+    devices: int | list[int],
     seed: int,
     work_dir: Path,
 ) -> list:
@@ -407,7 +414,7 @@ def _fit_and_predict(
     )
     engine = Engine(
         accelerator=accelerator,
-        devices=1,
+        devices=devices,
         max_epochs=cfg.get("max_epochs", 1),  # PatchCore and PaDiM force 1 themselves
         limit_val_batches=0,  # no validation: nothing is selected on held-out data
         deterministic="warn",

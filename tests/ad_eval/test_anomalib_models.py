@@ -155,8 +155,16 @@ def test_arch_support_by_name():
 
 
 def test_bad_device_is_refused_before_any_image_is_read(backbone, tmp_path):
-    with pytest.raises(ValueError, match=r"device='tpu': must be one of auto, cpu, cuda, gpu"):
+    with pytest.raises(ValueError, match=r"device='tpu': must be one of auto, cpu, cuda, gpu or cuda:N"):
         am.run_anomalib("patchcore", backbone, Split(train=[], test=[]), device="tpu", work_dir=tmp_path)
+
+
+def test_a_numbered_cuda_device_is_that_gpu_alone_for_lightning():
+    # ad_eval.cell accepts and resolves device cuda:N; Lightning's accelerator takes no index, its devices do
+    assert am._accelerator("cuda:1") == ("cuda", [1])
+    assert am._accelerator("cpu") == ("cpu", 1) and am._accelerator("cuda") == ("cuda", 1)
+    with pytest.raises(ValueError, match=r"device='cuda:x'"):
+        am._accelerator("cuda:x")
 
 
 def test_padim_n_features(backbone):
