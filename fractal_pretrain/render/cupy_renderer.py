@@ -188,12 +188,14 @@ class CupyRenderer(Renderer):
                         points=torch.empty(views * b, dtype=torch.int32, device=dev),
                         canvas=torch.empty((views * b, size, size, 3), dtype=torch.uint8, device=dev))
         seed, ep = np.uint32(self.seed), np.uint32(epoch)
-        look_ints = [ITEM_INTS - 6 + k for k in range(6)]  # flips, sat8, val8, side, top, left (plan.cu oi[6:12])
+        # flips, sat8, val8, side, top, left (plan.cu oi[6:12]): the last six columns, as a slice (a list would
+        # index through a host-made index tensor: a pageable copy that synchronises the render's stream)
+        looks = slice(ITEM_INTS - 6, ITEM_INTS)
         with self._on_stream(stream):
             self._plan_device(fractal.indices, seed, ep, fractal)
             self._plan_device(keys, seed, ep, t)  # view canvases and looks
             item_i, item_f = fractal.item_i.repeat(views, 1), fractal.item_f.repeat(views, 1)
-            item_i[:, look_ints] = t.item_i[:, look_ints]
+            item_i[:, looks] = t.item_i[:, looks]
             item_f[:, ITEM_FLOATS - 1] = t.item_f[:, ITEM_FLOATS - 1]  # the hue shift (IF_HUE, the last float)
             t.item_i, t.item_f, t.label, t.num_objects = item_i, item_f, fractal.label, fractal.num_objects
             if self.recipe.background:
