@@ -185,3 +185,19 @@ def test_every_output_pixel_is_written():
     del poison
     b = gpu.render(np.arange(12)).images
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(list_recipes("ifs")))
+def test_render_tensor_never_synchronises_the_host(name):
+    """Training renders a batch on a side stream while the step runs: a host sync inside render_tensor (a pageable
+    copy, an index list, .item()) would stall the loop. After a warm-up call (compiles, caches), none may occur."""
+    gpu = CupyRenderer(get_recipe(name, SMALL), size=64, seed=0)
+    gpu.render_tensor(np.arange(8), dtype="bfloat16", channels_last=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        images, labels = gpu.render_tensor(np.arange(8, 16), dtype="bfloat16", channels_last=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert images.is_cuda and labels.is_cuda
