@@ -34,6 +34,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   date -u
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c "import cupy, torch; print('cupy', cupy.__version__, 'torch', torch.__version__)"
+  # where CuPy finds the CUDA headers and NVRTC its kernels compile with (a RawModule build fails without them)
+  python3 -c "import cupy; cupy.show_config()"
 } > "$out/device.txt" 2>&1
 
 # pretrain_and_report NAME BACKBONES: jobs/pretrain/NAME.yaml, its backbone in parts, then jobs/eval/NAME.yaml
