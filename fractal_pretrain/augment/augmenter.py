@@ -15,6 +15,7 @@ from fractal_pretrain.augment import ops
 from fractal_pretrain.augment.config import AugmentConfig
 from fractal_pretrain.augment.params import MixParams, SampleParams, mix_params, sample_params
 from fractal_pretrain.augment.policy import IMAGENET_POLICY, SIGNED_OPS, magnitude
+from fractal_pretrain.transfer import host_to_device
 
 _POLICY_OPS = np.array([[name for name, _, _ in sub] for sub in IMAGENET_POLICY])  # (25, 2) op names
 
@@ -160,12 +161,8 @@ def upload(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]
 
     float64 holds every value exactly (indices, box corners, bit masks, float32 magnitudes).
     """
-    device = torch.device(device)
     flat = [np.asarray(a, dtype=np.float64).reshape(-1) for a in arrays]
-    host = torch.from_numpy(np.concatenate(flat))
-    if device.type == "cuda":
-        host = host.pin_memory()  # pageable copies may synchronise with the device
-    staged = host.to(device, non_blocking=True)
+    staged = host_to_device(np.concatenate(flat), device)  # pinned: a pageable copy would synchronise
     out, offset = [], 0
     for array, values in zip(arrays, flat, strict=True):
         out.append(staged[offset:offset + len(values)].view(np.shape(array)))

@@ -18,6 +18,7 @@ import numpy as np
 
 from fractal_pretrain.config import ConfigError
 from fractal_pretrain.render.kernel_constants import define_options
+from fractal_pretrain.transfer import host_to_device
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
 NVRTC_OPTIONS = ("--std=c++17", "--fmad=false")  # fmad off: float32 ops round like NumPy's
@@ -89,8 +90,9 @@ class KernelBackend:
         yield
 
     def upload(self, array: np.ndarray):
-        """A host array as a device tensor, without a host sync."""
-        raise NotImplementedError
+        """A host array as a device tensor, without a host sync (``transfer.host_to_device``: pinned and
+        non-blocking on CUDA, so a side-stream render never stalls the training loop)."""
+        return host_to_device(array, self.torch_device)
 
     def shared_optin(self) -> int:
         """Bytes of shared memory a block may opt in to."""
@@ -113,11 +115,6 @@ class EmulatorBackend(KernelBackend):
         from fractal_pretrain.render import emulator
 
         return emulator.load_module(module).get_function(name)
-
-    def upload(self, array: np.ndarray):
-        import torch
-
-        return torch.from_numpy(np.ascontiguousarray(array))
 
     def shared_optin(self) -> int:
         return H100_SHARED_OPTIN
@@ -154,12 +151,6 @@ class CupyBackend(KernelBackend):
 
         with cupy.cuda.Device(self.device_id), stream:
             yield
-
-    def upload(self, array: np.ndarray):
-        import torch
-
-        # pinned + non_blocking: no host sync, so a side-stream render never stalls the training loop
-        return torch.from_numpy(np.ascontiguousarray(array)).pin_memory().to(self.torch_device, non_blocking=True)
 
     def shared_optin(self) -> int:
         import cupy

@@ -38,6 +38,7 @@ from fractal_pretrain.render.renderer import (
     make_renderer,
 )
 from fractal_pretrain.train import images as image_sets
+from fractal_pretrain.transfer import host_to_device
 
 SOURCES = ("render", "folder", "webdataset")
 
@@ -173,8 +174,8 @@ def normalise(images, mean, std, dtype: str, channels_last: bool):
     """uint8 (B, 3, H, W) on any device -> ``(x / 255 - mean) / std`` in ``dtype`` (the renderer's arithmetic)."""
     import torch
 
-    m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    m = host_to_device(np.asarray(mean, dtype=np.float32), images.device).view(1, 3, 1, 1)  # no host sync
+    s = host_to_device(np.asarray(std, dtype=np.float32), images.device).view(1, 3, 1, 1)
     out = ((images.float() * np.float32(1.0 / 255.0) - m) / s).to(getattr(torch, dtype))
     return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
@@ -470,9 +471,7 @@ class FractalDataModule(pl.LightningDataModule):
     def _take(self, split: str, epoch: int, indices: np.ndarray):
         """Image groups (one per image size; see ImageSet.gather) and labels of a fixed set at these epoch
         positions (validation: in set order)."""
-        import torch
-
-        positions = torch.from_numpy(np.ascontiguousarray(indices)).to(self.image_set.labels.device)
+        positions = host_to_device(indices, self.image_set.labels.device)  # every step: no host sync
         ids = positions if split == "val" else self.epoch_order(epoch)[positions]
         return self.image_set.gather(ids), self.image_set.labels[ids]
 
@@ -512,7 +511,8 @@ class FractalDataModule(pl.LightningDataModule):
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         labels = torch.as_tensor(batch["labels"], dtype=torch.int64).to(device, non_blocking=True)
         if isinstance(batch["images"], (list, tuple)):  # several sizes: one group per size, as ImageSet.gather
-            groups = [(torch.tensor(where, device=device), images.to(device, non_blocking=True))
+            groups = [(host_to_device(np.asarray(where, dtype=np.int64), device),
+                       images.to(device, non_blocking=True))
                       for where, images in image_sets.size_groups([np.asarray(a) for a in batch["images"]])]
             if len(groups) == 1:
                 groups = [(None, groups[0][1])]
