@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from fractal_pretrain import rng
+from fractal_pretrain.transfer import host_to_device
 
 REFERENCE_MODES = ("instance", "class")
 
@@ -52,8 +53,8 @@ def crop_copies(renders: torch.Tensor, offsets: np.ndarray, size: int) -> torch.
     """(B copies, C, size, size) crops of (B, C, S, S) ``renders`` at (B, copies, 2) offsets, one gather."""
     batch, copies = offsets.shape[:2]
     device = renders.device
-    top = torch.as_tensor(offsets[..., 0].reshape(-1), device=device)
-    left = torch.as_tensor(offsets[..., 1].reshape(-1), device=device)
+    top = host_to_device(offsets[..., 0].reshape(-1), device)  # pinned: a pageable copy would sync the host
+    left = host_to_device(offsets[..., 1].reshape(-1), device)
     local = torch.arange(size, device=device)
     source = torch.arange(batch, device=device).repeat_interleave(copies)
     rows = (top[:, None] + local)[:, :, None]  # (N, size, 1)
