@@ -95,11 +95,13 @@ case "$stage" in
   versions)
     for dir in .bench-versions/*/ .; do
       label=$([ "$dir" = . ] && echo "working tree" || cat "$dir/LABEL")
-      # one CuPy kernel cache per version: its key ignores included headers, so two versions with the same
-      # .cu files and options but another common.cuh would share a cubin (the tree's backend adds a header
-      # digest to its options; older versions do not)
+      # one CuPy kernel cache per old version: its key ignores included headers, so two versions with the same
+      # .cu files and options but another common.cuh would share a cubin (the tree's own options carry a
+      # header digest, so it keeps the usual cache and the kernels stage's builds)
+      cache="${CUPY_CACHE_DIR:-${HOME:-/root}/.cupy/kernel_cache}"
+      [ "$dir" = . ] || cache="/tmp/cupy-cache/$(basename "$dir")"
       # shellcheck disable=SC2086 # VERSION_ARGS: extra options, word-split on purpose
-      CUPY_CACHE_DIR="/tmp/cupy-cache/$(basename "$(realpath "$dir")")" PYTHONPATH="/tmp/site:$dir" \
+      CUPY_CACHE_DIR="$cache" PYTHONPATH="/tmp/site:$dir" \
         python3 benchmarks/render_throughput.py --device cuda --profile \
         --recipes "${VERSION_RECIPES:-anderson,fractal4ad}" --repeats 10 --label "$label" ${VERSION_ARGS:-} 2>&1 \
         | tee -a "$out/versions.jsonl"
