@@ -12,7 +12,9 @@ square root, as NVRTC with ``--fmad=false``), so ``CupyRenderer(..., emulate=Tru
 reference's images exactly. It says nothing about speed: a 20k-point 64 px fractal takes ~30 ms.
 Launch options expose two classes of kernel bug a sequential run would hide: ``reverse=True`` resumes a
 block's threads in the opposite order (a result that changes has a race) and ``poison`` is the byte
-shared memory starts with (a result that changes reads shared memory it never wrote). A third class,
+shared memory starts with (a result that changes reads shared memory it never wrote); ``ftz=True`` flushes
+float32 denormals to zero, as the GPU build does (CuPy appends ``-ftz=true``): a result that changes would
+differ between the GPU and the NumPy reference. A third class,
 out-of-bounds and freed-memory accesses, is caught by building with AddressSanitizer: run a process
 with ``asan_environment()`` (tests/fractal_pretrain/test_emulator_asan.py).
 """
@@ -125,8 +127,8 @@ def launcher_source(name: str, params: list[Param]) -> str:
     return f"""
 extern "C" __attribute__((visibility("default"))) int emu_launch_{name}(
     unsigned grid_x, unsigned grid_y, unsigned block, unsigned long long shared, unsigned poison, int reverse,
-    void **args, char *error, unsigned long long error_len) {{
-  std::string e = emu::launch(grid_x, grid_y, block, shared, (unsigned char)poison, reverse != 0,
+    int ftz, void **args, char *error, unsigned long long error_len) {{
+  std::string e = emu::launch(grid_x, grid_y, block, shared, (unsigned char)poison, reverse != 0, ftz != 0,
                               [&] {{ {name}({call}); }});
   snprintf(error, error_len, "%s", e.c_str());
   return e.empty() ? 0 : 1;
@@ -161,12 +163,13 @@ _options = threading.local()
 
 
 @contextlib.contextmanager
-def launch_options(*, reverse: bool = False, poison: int = 0xCD):
-    """Thread order and shared-memory poison byte of the launches inside the ``with`` block."""
+def launch_options(*, reverse: bool = False, poison: int = 0xCD, ftz: bool = False):
+    """Thread order, shared-memory poison byte and denormal flushing (``ftz``: as CuPy's builds on the GPU,
+    x86 only) of the launches inside the ``with`` block."""
     if not 0 <= poison <= 255:
         raise ValueError(f"poison={poison}: must be a byte value 0..255")
     previous = getattr(_options, "value", None)
-    _options.value = (bool(reverse), int(poison))
+    _options.value = (bool(reverse), int(poison), bool(ftz))
     try:
         yield
     finally:
@@ -202,7 +205,7 @@ class EmulatedKernel:
         self._fn = getattr(lib, f"emu_launch_{name}")
         self._fn.restype = ctypes.c_int
         self._fn.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_ulonglong, ctypes.c_uint,
-                             ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_ulonglong]
+                             ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_ulonglong]
 
     def _pack(self, args) -> tuple:
         if len(args) != len(self.params):
@@ -238,12 +241,12 @@ class EmulatedKernel:
         if shared_mem > self.max_dynamic_shared_size_bytes:
             raise EmulatorError(f"kernel {self.name}: {shared_mem} bytes of dynamic shared memory exceed "
                                 f"max_dynamic_shared_size_bytes={self.max_dynamic_shared_size_bytes}")
-        reverse, poison = getattr(_options, "value", None) or (False, 0xCD)
+        reverse, poison, ftz = getattr(_options, "value", None) or (False, 0xCD, False)
         pointers, _keep = self._pack(args)
         error = ctypes.create_string_buffer(512)
         with _launch_lock:
             rc = self._fn(*_dims(grid, "grid", 2), *_dims(block, "block", 1), shared_mem, poison, int(reverse),
-                          pointers, error, len(error))
+                          int(ftz), pointers, error, len(error))
         if rc != 0:
             raise EmulatorError(f"kernel {self.name}: {error.value.decode()}")
 

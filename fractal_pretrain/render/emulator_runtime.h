@@ -8,6 +8,8 @@
 // another option, at the start of every block: output that depends on it reads shared memory it never
 // wrote. Float arithmetic is IEEE float32 without contraction (-ffp-contract=off, like nvcc -fmad=false),
 // so results are bit-comparable with the GPU's.
+// A third option flushes float32 denormals to zero (x86 MXCSR FTZ + DAZ) for the launch, as CuPy's NVRTC builds
+// do on the GPU (it appends -ftz=true to every build): a kernel whose output changes with it differs on a GPU.
 // Not emulated: divergence inside a warp (__activemask() is every live lane of the warp), races between
 // blocks (they run in sequence), multi-dimensional blocks (grids may be 2-D), and anything to do with time.
 #pragma once
@@ -17,6 +19,9 @@
 #include <stdio.h>
 #include <string.h>
 #include <ucontext.h>
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 
 #include <functional>
 #include <memory>
@@ -184,10 +189,16 @@ inline void run_block(unsigned bx, unsigned by) {
 
 // Runs `body` as a kernel of (grid_x, grid_y) blocks of `block` threads; returns "" or the error.
 inline std::string launch(unsigned grid_x, unsigned grid_y, unsigned block, size_t shared_bytes,
-                          unsigned char poison, bool reverse, const std::function<void()> &body) {
+                          unsigned char poison, bool reverse, bool ftz, const std::function<void()> &body) {
   Runtime &r = runtime;
   r.error.clear();
   if (block == 0 || block > 1024) return "block size " + std::to_string(block) + " is not in 1..1024";
+#if defined(__SSE__)
+  const unsigned csr = _mm_getcsr();  // every fiber's context is taken in run_block, so it inherits this
+  if (ftz) _mm_setcsr(csr | 0x8040u);  // FTZ (bit 15) and DAZ (bit 6)
+#else
+  if (ftz) return "ftz: flushing denormals is only emulated on x86 (MXCSR)";
+#endif
   if (r.stacks_for < block) {
     r.stacks.reset(new char[block * r.stack_bytes]);
     r.stacks_for = block;
@@ -201,6 +212,9 @@ inline std::string launch(unsigned grid_x, unsigned grid_y, unsigned block, size
   r.body = &body;
   for (unsigned y = 0; y < grid_y && r.error.empty(); ++y)
     for (unsigned x = 0; x < grid_x && r.error.empty(); ++x) run_block(x, y);
+#if defined(__SSE__)
+  _mm_setcsr(csr);
+#endif
   return r.error;
 }
 

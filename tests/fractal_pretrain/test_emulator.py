@@ -6,6 +6,7 @@ a GPU would give, or that a bug the emulator exists to expose is exposed.
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,22 @@ def test_grids_beyond_cuda_limits_are_errors(kernels):
         fn((1, 65536), (4,), (np.int32(0), ptr(out)))
     with pytest.raises(emulator.EmulatorError, match=r"gridDim.x=0 is not in 1..2147483647"):
         fn((0,), (4,), (np.int32(0), ptr(out)))
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64", "i686"), reason="ftz: x86 MXCSR only")
+def test_ftz_flushes_denormals_for_the_launch_only(kernels):
+    # CuPy's GPU builds flush float32 denormals (-ftz=true); launch_options(ftz=True) does the same on the CPU.
+    out = torch.zeros(4, dtype=torch.float32)
+    product = kernels.get_function("product")
+    args = (np.float32(1e-30), np.float32(1e-10), ptr(out))
+    product((1,), (4,), args)
+    denormal = out[0].item()
+    assert 0.0 < denormal < np.finfo(np.float32).tiny
+    with emulator.launch_options(ftz=True):
+        product((1,), (4,), args)
+    assert out.tolist() == [0.0] * 4
+    product((1,), (4,), args)  # the thread's own floating-point mode is back
+    assert out.tolist() == [denormal] * 4 and np.float32(1e-30) * np.float32(1e-10) == np.float32(denormal)
 
 
 def test_translate_rewrites_shared_declarations_and_reads_signatures():

@@ -183,6 +183,29 @@ def test_emulated_kernels_do_not_depend_on_thread_order():
         np.testing.assert_array_equal(kernels.render(np.arange(3)).images, base)
 
 
+# The textbook estimator (derivative r^(p-1)) meets denormals: dr <- p r^(p-1) dr + 1 underflows for small r
+# and high powers, and with them flushed a few pixels change (5 of 6912 here, by up to 54 grey levels; none
+# at test_kernel_images_equal_the_reference's 12 px). On a GPU that option therefore differs from the reference
+# at such pixels. strict: once the marcher no longer depends on denormals this passes and must be moved up.
+TEXTBOOK_FTZ = pytest.mark.xfail(strict=True, reason="r^(p-1) meets float32 denormals, which the GPU build flushes")
+
+
+@needs_compiler
+@pytest.mark.parametrize("case", ["mandelbulbvar", "multi-bank-back-supersample", "multimandelbulb-back-supersample",
+                                  pytest.param("var-supersample-degrees-outward-textbook", marks=TEXTBOOK_FTZ)])
+def test_emulated_kernels_do_not_change_when_denormals_flush_to_zero(case):
+    # CuPy builds the marcher with -ftz=true (render/backend.py CUPY_APPENDED_OPTIONS); the reference does not
+    # flush, and test_kernel_images_equal_the_reference asserts equal bytes on the GPU too
+    name, overrides = KERNEL_CASES[case]
+    kernels = MandelbulbKernelRenderer(get_recipe(name, overrides), size=24, seed=3, emulate=True)
+    indices = np.arange(0, 12) * 97
+    base = kernels.render(indices, epoch=4).images
+    with emulator.launch_options(ftz=True):
+        flushed = MandelbulbKernelRenderer(get_recipe(name, overrides), size=24, seed=3, emulate=True).render(
+            indices, epoch=4).images  # a new renderer: a view bank is marched under the option too
+    np.testing.assert_array_equal(flushed, base)
+
+
 @pytest.mark.gpu
 def test_every_output_pixel_is_written_on_the_gpu():
     kernels = MandelbulbKernelRenderer(get_recipe("multimandelbulb", FLY), size=32, seed=0)

@@ -173,6 +173,19 @@ def test_emulated_images_do_not_depend_on_thread_order_or_unwritten_shared_memor
         np.testing.assert_array_equal(kernels.render(np.arange(6)).images, base)
 
 
+@needs_compiler
+@pytest.mark.parametrize("name", list(list_recipes("ifs")))
+def test_emulated_images_do_not_change_when_denormals_flush_to_zero(name):
+    # CuPy builds every kernel with -ftz=true (render/backend.py CUPY_APPENDED_OPTIONS); the reference does not
+    # flush. Bit-identical GPU images need kernels whose results do not depend on it.
+    kernels = kernel_renderer("emulated", get_recipe(name, SMALL), size=64, seed=3)
+    base = kernels.render(INDICES, epoch=4)
+    with emulator.launch_options(ftz=True):
+        flushed = kernels.render(INDICES, epoch=4)
+    np.testing.assert_array_equal(flushed.images, base.images)
+    np.testing.assert_array_equal(flushed.points, base.points)
+
+
 @pytest.mark.gpu
 def test_every_output_pixel_is_written():
     recipe = get_recipe("multiinstance", SMALL)
