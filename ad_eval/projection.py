@@ -65,7 +65,9 @@ def load_projection(path: str, backbone: Backbone, train: Sequence[Sample], *, s
     data, meta = read_projector(path)
     digest = weights_digest(backbone.state_dict)
     if meta["backbone_digest"] != digest:
-        made_for = f"{meta.get('backbone')!r} {meta.get('arch')} seed {meta.get('backbone_seed')}"
+        seed_of = meta.get("backbone_seed")  # None for a file backbone (older projectors recorded 0 for any)
+        made_for = f"{meta.get('backbone')!r} {meta.get('arch')}" + (
+            f" seed {seed_of}" if meta.get("backbone") == "random" and seed_of is not None else "")
         # A random init is other weights for every seed: say which seed this one is and what to do.
         random = backbone.source == "random"
         this = f"{backbone.source!r} {backbone.arch}" + (f" seed {seed}" if random else "")

@@ -371,7 +371,9 @@ class AdaptModule(pl.LightningModule):
         """projector.pt + projector.json (see ``export.py``)."""
         meta = {
             "backbone": self.hparams.backbone, "backbone_digest": self.backbone_digest,
-            "arch": self.backbone_info.arch, "backbone_seed": self.hparams.backbone_seed,
+            "arch": self.backbone_info.arch,
+            # a seed names weights only for a random init; a file's weights ignore it
+            "backbone_seed": self.hparams.backbone_seed if self.hparams.backbone == "random" else None,
             "layers": list(self.layers), "channels": self.channels,
             "projector": self.projector_config.to_dict(), "shots": self.hparams.eval_shots,
             "train_shots": list(self.hparams.shots), "center_shots": self.hparams.center_shots,

@@ -113,3 +113,27 @@ def test_grid_refuses_a_projector_of_another_seed_before_submitting(projector, d
     with pytest.raises(GridError, match=seed_1):
         run_grid(config, tmp_path / "out", cluster="debug", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_file_backbone_projector_names_no_seed(dataset, tmp_path, capsys):
+    """A seed names weights only for a random init: projector.json records none for a file backbone, and the
+    digest error for another file does not say "seed 0" (it did, whatever the file)."""
+    import torch
+    import torchvision
+
+    weights = {}
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        weights[seed] = tmp_path / f"r18_{seed}.pth"
+        torch.save(torchvision.models.resnet18().state_dict(), weights[seed])
+    root = tmp_path / "adapt"
+    assert fractal_pretrain(["adapt", "--config", "jobs/adapt/smoke.yaml", "--trainer.max_steps", "1",
+                             "--model.backbone", f"imagenet:{weights[0]}", "--trainer.default_root_dir", str(root),
+                             "--trainer.enable_progress_bar", "false"]) == 0
+    assert json.loads((root / "projector.json").read_text())["backbone_seed"] is None
+    capsys.readouterr()
+    assert ad_eval(["run", "--method", "patchcore", "--dataset", "mvtec", "--root", str(dataset), "--category",
+                    "texture", "--backbone", f"imagenet:{weights[1]}", "--arch", "resnet18", "--size", "64",
+                    "--device", "cpu", "--out", str(tmp_path / "out"), "--projector", str(root / "projector.pt")]) == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert f"made for backbone 'imagenet:{weights[0]}' resnet18 (weights digest" in err and "seed" not in err
