@@ -37,6 +37,13 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   # where CuPy finds the CUDA headers and NVRTC its kernels compile with (a RawModule build fails without them)
   python3 -c "import cupy; cupy.show_config()"
 } > "$out/device.txt" 2>&1
+# Every stage renders on the GPU through CuPy: without it the gpu tests all skip and each command fails on its
+# own, minutes of the session for nothing; one line now (why: device.txt)
+if ! python3 -c "import cupy; assert cupy.cuda.runtime.getDeviceCount() > 0" >> "$out/device.txt" 2>&1; then
+  echo "gpu_session.sh $stage: CuPy cannot use a GPU here (import or device count failed: see device.txt)" \
+    | tee -a "$out/device.txt" >&2
+  exit 2
+fi
 
 # pretrain_and_report NAME BACKBONES: jobs/pretrain/NAME.yaml, its backbone in parts, then jobs/eval/NAME.yaml
 # and the report comparing BACKBONES; one archive: training curve, backbone.json, evaluation records and the

@@ -394,3 +394,17 @@ def test_every_session_command_runs_at_tiny_sizes_and_summarises(where, script, 
          "augment_throughput": check_augment_row,
          "train_throughput": lambda r: check_train_row(r, "cpu" if "--ofdb" in argv else "emulator")}[script](row)
     assert len(table_lines(rows)) == len(rows)
+
+
+def test_every_stage_stops_at_once_when_cupy_cannot_use_a_gpu(tmp_path):
+    """A machine whose CuPy import or device count fails stops the stage before any test or benchmark runs,
+    one line on stderr, status 2 (else every gpu test skips and every command fails on its own)."""
+    env = stubbed_path(tmp_path)
+    stubs = Path(env["PATH"].split(os.pathsep)[0])
+    (stubs / "python3").write_text('#!/bin/sh\ncase "$*" in *getDeviceCount*) exit 1;; esac\nexit 0\n')
+    done = subprocess.run(["bash", str(GPU_SESSION), "kernels"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "gpu_session.sh kernels: CuPy cannot use a GPU here (import or device count failed: see device.txt)"]
+    assert not (tmp_path / "out" / "gpu-tests.log").exists()
