@@ -143,6 +143,7 @@ class AdaptModule(pl.LightningModule):
         self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
         self.train_classes = self.recipe.num_classes - val_classes
         self._renderer = self._synth = self._last_start = None
+        self._steps_done: int | None = None  # host copy of batches_seen: reading the buffer each step would sync
         self._val_scores: dict[tuple[str, str], list[torch.Tensor]] = {}
         self._mean = torch.tensor(self.backbone_info.mean).view(1, 3, 1, 1)
         self._std = torch.tensor(self.backbone_info.std).view(1, 3, 1, 1)
@@ -294,8 +295,7 @@ class AdaptModule(pl.LightningModule):
     # ------------------------------------------------------------------ Lightning
     def training_step(self, batch, batch_idx):
         # batches_seen counts steps (the same on every rank); each rank draws its own batch of the step
-        number = int(self.batches_seen) * self.trainer.world_size + self.trainer.global_rank
-        self.batches_seen += 1
+        number = self._next_step() * self.trainer.world_size + self.trainer.global_rank
         start = time.perf_counter()
         if self._last_start is not None:  # wall time of the whole previous step (forward, backward, optimiser)
             self.log("train/step_s", start - self._last_start, on_step=True)
@@ -317,6 +317,18 @@ class AdaptModule(pl.LightningModule):
             return None  # one device: no backward, no update (the batch still counts towards max_steps)
         self.log("train/loss", loss, on_step=True, prog_bar=True)
         return loss
+
+    def _next_step(self) -> int:
+        """This step's number, counted on the host: the buffer (in checkpoints) is read once per run, since
+        reading a CUDA tensor waits for the previous step's backward and stops the host preparing the batch."""
+        if self._steps_done is None:
+            self._steps_done = int(self.batches_seen)
+        step, self._steps_done = self._steps_done, self._steps_done + 1
+        self.batches_seen += 1  # on the device, queued: no sync
+        return step
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._steps_done = None  # the restored buffer is the count now
 
     def on_validation_epoch_start(self) -> None:
         self._val_scores = {}
