@@ -22,6 +22,7 @@ validation uses the first ``val_samples`` images of the set, resized to the augm
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import lightning.pytorch as pl
@@ -174,10 +175,16 @@ def normalise(images, mean, std, dtype: str, channels_last: bool):
     """uint8 (B, 3, H, W) on any device -> ``(x / 255 - mean) / std`` in ``dtype`` (the renderer's arithmetic)."""
     import torch
 
-    m = host_to_device(np.asarray(mean, dtype=np.float32), images.device).view(1, 3, 1, 1)  # no host sync
-    s = host_to_device(np.asarray(std, dtype=np.float32), images.device).view(1, 3, 1, 1)
+    m, s = channel_stats(tuple(mean), tuple(std), images.device)
     out = ((images.float() * np.float32(1.0 / 255.0) - m) / s).to(getattr(torch, dtype))
     return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@functools.cache
+def channel_stats(mean: tuple[float, ...], std: tuple[float, ...], device) -> tuple:
+    """``mean`` and ``std`` as float32 (1, 3, 1, 1) tensors on ``device``, uploaded once (as BatchAugmenter's):
+    ``normalise`` runs on every batch."""
+    return tuple(host_to_device(np.asarray(v, dtype=np.float32), device).view(1, 3, 1, 1) for v in (mean, std))
 
 
 def augment_config(augment: dict[str, Any] | None, mean, std):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fractal_pretrain.train.data import normalise
+from fractal_pretrain.train.data import channel_stats, normalise
 from fractal_pretrain.transfer import host_to_device
 
 
@@ -18,6 +18,18 @@ def test_values_dtype_and_shape_arrive_unchanged_on_the_cpu(array):
     assert out.device.type == "cpu" and out.is_contiguous()
     assert out.dtype == torch.from_numpy(np.ascontiguousarray(want)).dtype and tuple(out.shape) == want.shape
     np.testing.assert_array_equal(out.numpy(), want)
+
+
+def test_data_module_normalisation_uploads_its_statistics_once_per_device():
+    images = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    first = normalise(images, mean, std, "float32", channels_last=False)
+    stats = channel_stats(mean, std, images.device)
+    second = normalise(images, list(mean), list(std), "float32", channels_last=False)
+    assert all(a is b for a, b in zip(channel_stats(mean, std, images.device), stats, strict=True))
+    want = (images.float() * np.float32(1 / 255) - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(
+        1, 3, 1, 1)
+    assert torch.equal(first, second) and torch.equal(first, want)
 
 
 @pytest.mark.gpu
