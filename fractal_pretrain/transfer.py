@@ -13,11 +13,12 @@ import numpy as np
 
 
 def host_to_device(array, device):
-    """``array`` (NumPy or anything ``np.asarray`` takes) as a tensor on ``device``, same dtype and shape: on
-    CUDA a pinned, non-blocking copy; elsewhere the array itself as a tensor (no copy when already contiguous)."""
+    """``array`` (a CPU tensor, NumPy or anything ``np.asarray`` takes) as a tensor on ``device``, same dtype
+    and shape: on CUDA a non-blocking copy from pinned memory (a tensor already pinned, e.g. by a DataLoader,
+    is not copied on the host); elsewhere the array itself as a tensor (no copy when already contiguous)."""
     import torch
 
-    host = torch.from_numpy(np.ascontiguousarray(array))
+    host = array if isinstance(array, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(array))
     if torch.device(device).type != "cuda":
         return host
-    return host.pin_memory().to(device, non_blocking=True)
+    return (host if host.is_pinned() else host.pin_memory()).to(device, non_blocking=True)

@@ -122,16 +122,18 @@ class StreamBatches(ResumableBatches):
     """One rank's batches of a streamed shard set (``images.ShardStream``): a DataLoader per epoch whose
     workers read the shards; each batch is a pure function of (seed, epoch, step, rank, world, workers)."""
 
-    def __init__(self, stream: image_sets.ShardStream, num_workers: int, epoch_fn):
+    def __init__(self, stream: image_sets.ShardStream, num_workers: int, epoch_fn, pin_memory: bool = False):
         super().__init__(epoch_fn)
         self.stream, self.num_workers, self.steps = stream, num_workers, stream.steps
+        self.pin_memory = pin_memory  # CUDA: batches arrive pinned (the loader's thread), their upload is async
 
     def __iter__(self):
         from torch.utils.data import DataLoader
 
         self.stream.epoch, self.stream.start = self._begin()  # read by the workers this DataLoader starts
         try:
-            yield from DataLoader(self.stream, batch_size=None, num_workers=self.num_workers)
+            yield from DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
+                                  pin_memory=self.pin_memory)
         except ConfigError as err:  # from a worker, torch wraps the message in the worker's traceback
             raise ConfigError(str(err).rstrip().rsplit("ConfigError: ", 1)[-1]) from None
 
@@ -412,6 +414,11 @@ class FractalDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
+    def _device(self):
+        import torch
+
+        return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+
     def _epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
 
@@ -444,7 +451,8 @@ class FractalDataModule(pl.LightningDataModule):
             if stream.steps < 1:
                 raise ConfigError(f"data.path={self.path!r}: {self.listing.count} samples make no full batch of "
                                   f"{self.batch_size} for {world} rank(s)")
-            self._loaders["train"] = StreamBatches(stream, self.num_workers, self._epoch)
+            self._loaders["train"] = StreamBatches(stream, self.num_workers, self._epoch,
+                                                   pin_memory=self._device().type == "cuda")
             return self._loaders["train"]
         total = self._train_total()
         if total < world:
@@ -515,16 +523,16 @@ class FractalDataModule(pl.LightningDataModule):
         """
         import torch
 
-        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-        labels = torch.as_tensor(batch["labels"], dtype=torch.int64).to(device, non_blocking=True)
+        device = self._device()
+        labels = host_to_device(np.asarray(batch["labels"], dtype=np.int64), device)
         if isinstance(batch["images"], (list, tuple)):  # several sizes: one group per size, as ImageSet.gather
-            groups = [(host_to_device(np.asarray(where, dtype=np.int64), device),
-                       images.to(device, non_blocking=True))
+            # positions stay on the host (known there; _merge uploads them): the draws index by them
+            groups = [(np.asarray(where, dtype=np.int64), host_to_device(images, device))
                       for where, images in image_sets.size_groups([np.asarray(a) for a in batch["images"]])]
             if len(groups) == 1:
                 groups = [(None, groups[0][1])]
-        else:
-            groups = [(None, torch.as_tensor(batch["images"]).permute(0, 3, 1, 2).to(device, non_blocking=True))]
+        else:  # pinned by the loader on CUDA (StreamBatches): an asynchronous upload
+            groups = [(None, host_to_device(torch.as_tensor(batch["images"]), device).permute(0, 3, 1, 2))]
         rank, world = self._world()
         step = int(batch["step"])
         indices = (step * world + rank) * self.batch_size + np.arange(len(labels), dtype=np.int64)
@@ -557,7 +565,7 @@ class FractalDataModule(pl.LightningDataModule):
         aug = self.augmenter
         parts = []
         for where, images in groups:
-            own = indices[where.cpu().numpy()]
+            own = indices[where if isinstance(where, np.ndarray) else where.cpu().numpy()]
             parts.append((where, aug.transform(images, aug.sample_params(images, self.seed, epoch, own))))
         images = self._merge(parts, len(labels))
         mix = mix_params(aug.config, self.seed, epoch, step, rank, len(images), *images.shape[-2:])
@@ -577,13 +585,14 @@ class FractalDataModule(pl.LightningDataModule):
 
     @staticmethod
     def _merge(groups, n: int):
-        """One batch tensor from groups of one size each, in batch order."""
+        """One batch tensor from groups of one size each, in batch order (positions: a tensor on the images'
+        device, or a host array)."""
         if len(groups) == 1 and groups[0][0] is None:
             return groups[0][1]
         first = groups[0][1]
         out = first.new_empty((n, *first.shape[1:]))
         for where, images in groups:
-            out[where] = images
+            out[host_to_device(where, out.device) if isinstance(where, np.ndarray) else where] = images
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -440,3 +440,52 @@ def test_streamed_images_of_different_sizes_train_when_the_augmentation_crops_th
                          "--data.resident_gb", "0", "--data.num_workers", "1", "--data.batch_size", "4",
                          "--data.augment", "{enabled: true, size: 16}", "--trainer.max_epochs", "1")) == 0
     assert json.loads((tmp_path / "run" / "backbone.json").read_text())["steps"] == 2
+
+
+def streamed_module(tmp_path: Path, sides: tuple[int, ...], device: str):
+    """A set-up webdataset data module on ``device`` (a stand-in trainer names it) and its two batches."""
+    from types import SimpleNamespace
+
+    from fractal_pretrain.train.data import FractalDataModule
+
+    samples = [{"__key__": f"k{i}", "png": png_bytes(side=side, seed=i), "cls": str(i % 2).encode()}
+               for i, side in enumerate(sides * 2)]
+    write_shard(tmp_path / "a.tar", samples)
+    data = FractalDataModule(source="webdataset", path=str(tmp_path / "a.tar"), batch_size=4, seed=3, resident_gb=0,
+                             num_workers=1, augment={"enabled": True, "size": 16, "mix_p": 0.0})
+    data.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)), global_rank=0,
+                                   world_size=1, current_epoch=0, is_global_zero=True, precision="32-true",
+                                   num_devices=1)
+    data.setup("fit")
+    loader = data.train_dataloader()
+    return data, loader, list(loader)
+
+
+SIDES = pytest.mark.parametrize("sides", [(16, 16, 16, 16), (16, 24, 16, 24)], ids=["one_size", "mixed_sizes"])
+
+
+@SIDES
+def test_streamed_batches_are_pinned_only_for_cuda_and_reach_the_cpu_model_augmented(tmp_path, sides):
+    data, loader, batches = streamed_module(tmp_path, sides, "cpu")
+    assert not loader.pin_memory and len(batches) == 2
+    for batch in batches:
+        images, targets = data.on_before_batch_transfer(batch, 0)
+        assert images.shape == (4, 3, 16, 16) and torch.equal(targets.argmax(1), torch.as_tensor(batch["labels"]))
+
+
+@pytest.mark.gpu
+@SIDES
+def test_on_cuda_a_streamed_batch_goes_to_the_device_without_a_host_sync(tmp_path, sides):
+    """Pinned by the loader (one size) or stacked per size on the host (several): labels, images and group
+    positions uploaded from pinned memory, the positions of each group's draws read on the host."""
+    data, loader, (first, second) = streamed_module(tmp_path, sides, "cuda")
+    assert loader.pin_memory
+    data.on_before_batch_transfer(first, 0)  # warm-up: the pinned pool, the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        images, targets = data.on_before_batch_transfer(second, 0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert images.is_cuda and images.shape == (4, 3, 16, 16)
+    assert torch.equal(targets.argmax(1).cpu(), torch.as_tensor(second["labels"]))

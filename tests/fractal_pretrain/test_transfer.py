@@ -20,6 +20,12 @@ def test_values_dtype_and_shape_arrive_unchanged_on_the_cpu(array):
     np.testing.assert_array_equal(out.numpy(), want)
 
 
+def test_a_cpu_tensor_is_passed_through_on_the_cpu():
+    # a DataLoader's batch (pinned on CUDA machines) is a tensor, possibly a strided view: kept as it is
+    batch = torch.arange(24, dtype=torch.uint8).reshape(2, 3, 4).permute(0, 2, 1)
+    assert host_to_device(batch, "cpu") is batch
+
+
 def test_data_module_normalisation_uploads_its_statistics_once_per_device():
     images = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
@@ -47,3 +53,4 @@ def test_on_cuda_neither_the_copy_nor_the_data_module_normalisation_syncs():
         torch.cuda.set_sync_debug_mode("default")
     assert out.is_cuda and torch.equal(out.cpu(), torch.from_numpy(positions))
     assert torch.equal(got, want)
+
