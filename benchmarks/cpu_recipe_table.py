@@ -1,0 +1,62 @@
+"""Tables of ``benchmarks/cpu_recipe_study.sh``: per backbone and method, the mean over seeds of the two
+categories' mean (image AUROC / pixel AUROC / AUPRO) with its standard error, and the paired difference to the
+random-init control (same seed: the same training shots; for the control the seed is also the init).
+
+    python3 benchmarks/cpu_recipe_table.py runs/recipe_study
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+METRICS = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")
+ORDER = ("random", "anderson", "selfsup", "ofdb", "mandelbulbvar")
+
+
+def load(folder: Path) -> pd.DataFrame:
+    rows = [json.loads(p.read_text()) for p in sorted(folder.glob("eval/*.json"))]
+    if not rows:
+        sys.exit(f"cpu_recipe_table: no results in {folder / 'eval'}")
+    return pd.DataFrame(rows)[["method", "backbone", "category", "seed", *METRICS]]
+
+
+def cell(values: pd.Series) -> str:
+    se = values.std(ddof=1) / len(values) ** 0.5 if len(values) > 1 else float("nan")
+    return f"{values.mean():.3f} ({se:.3f})"
+
+
+def tables(frame: pd.DataFrame) -> str:
+    per_seed = frame.groupby(["method", "backbone", "seed"])[list(METRICS)].mean()
+    lines = []
+    for method in sorted(frame["method"].unique()):
+        lines += [f"### {method}", "", "| backbone | seeds | " + " | ".join(METRICS)
+                  + " | " + " | ".join(f"{m} - random" for m in METRICS) + " |", "|---" * (2 + 2 * len(METRICS)) + "|"]
+        seeds = per_seed.loc[method]
+        present = seeds.index.get_level_values(0)
+        for backbone in [b for b in ORDER if b in present] + sorted(set(present) - set(ORDER)):
+            own = seeds.loc[backbone]
+            paired = backbone != "random" and "random" in present
+            diff = (own - seeds.loc["random"]).dropna() if paired else None  # seeds both have
+            lines.append(f"| {backbone} | {len(own)} | " + " | ".join(cell(own[m]) for m in METRICS) + " | "
+                         + " | ".join(cell(diff[m]) if paired else "" for m in METRICS) + " |")
+        per_category = frame[frame["method"] == method].groupby(["backbone", "category"])[list(METRICS)].mean()
+        lines += ["", "| backbone | category | " + " | ".join(METRICS) + " |", "|---" * (2 + len(METRICS)) + "|"]
+        for (backbone, category), row in per_category.iterrows():
+            lines.append(f"| {backbone} | {category} | " + " | ".join(f"{row[m]:.3f}" for m in METRICS) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path)
+    print(tables(load(parser.parse_args().folder)))
+
+
+if __name__ == "__main__":
+    main()
