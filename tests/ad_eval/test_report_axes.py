@@ -257,3 +257,25 @@ def test_figure_title_fits_the_figure(tmp_path, panels):
     assert box.x0 >= 0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height
     assert " ".join(fig._suptitle.get_text().split()) == title  # wrapped, nothing dropped
     assert (tmp_path / "bars.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("labels", [("ImageNet", "Fractals"),
+                                    ("random", "anderson", "selfsup", "ofdb", "mandelbulbvar"),
+                                    tuple(f"fractal backbone {i}" for i in range(8))])
+def test_legend_fits_the_figure_in_as_few_rows_as_fit(tmp_path, labels):
+    """A few-shot figure of one method is 4.5 inches wide: one row of five backbones was cut at both ends."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from ad_eval.report.figures.common import finish_figure, new_figure
+
+    fig = new_figure(4.5, 3.6)
+    ax = fig.add_subplot(1, 1, 1)
+    for i, label in enumerate(labels):
+        ax.plot([0, 1], [i, i + 1], label=label)
+    finish_figure(fig, ax, "MVTec: AUPRO against K", tmp_path / "fewshot.png", ncols=len(labels))
+    (legend,) = fig.legends
+    box = legend.get_window_extent(FigureCanvasAgg(fig).get_renderer())
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width and box.y0 >= 0
+    assert [t.get_text() for t in legend.get_texts()] == list(labels)  # every backbone, once
+    if len(labels) == 2:
+        assert legend._ncols == 2  # short labels keep one row

@@ -30,10 +30,19 @@ def finish_figure(fig, ax, title: str, path, ncols: int) -> None:
 
 
 def legend_and_title(fig, ax, title: str, ncols: int) -> None:
-    """The last panel's legend below the panels and the figure's title (``finish_figure`` without the PNG)."""
+    """The last panel's legend below the panels (in up to ``ncols`` columns: as many as fit the figure's width)
+    and the figure's title (``finish_figure`` without the PNG)."""
     import textwrap
 
-    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=ncols)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    handles, labels = ax.get_legend_handles_labels()
+    renderer = FigureCanvasAgg(fig).get_renderer()  # the PNG's canvas: measures the legend as it will be drawn
+    for columns in range(max(1, ncols), 0, -1):  # one row of five backbones was cut at both ends
+        legend = fig.legend(handles, labels, loc="outside lower center", ncols=columns)
+        if columns == 1 or legend.get_window_extent(renderer).width <= fig.bbox.width:
+            break
+        legend.remove()
     # wrapped to the figure's width: a one-panel figure (one method with a layer study, one backbone's spider)
     # is narrower than its title, and the layout engine does not shrink a suptitle (it was cut at both ends)
     fig.suptitle(textwrap.fill(title, max(20, int(fig.get_figwidth() * TITLE_CHARS_PER_INCH))))
