@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Recipes at equal CPU budget: ResNet-18 pre-trained ~15 min on 2 cores by each recipe (classification on
-# Anderson IFS, SimSiam on fractal pairs, OFDB-4AD's 1000 fixed fractals + augmentation, MandelbulbVAR-1k on the
-# fly), then PatchCore (STUDY_METHODS) on ../shared/realdata (hazelnut, transistor; 10 training shots, seeds 0-5)
-# against a random-init control. benchmarks/RESULTS.md "Recipes at equal CPU budget" reports its output;
-# `python3 benchmarks/cpu_recipe_table.py runs/recipe_study` prints the tables (paired by seed), and the
-# script ends with `ad-eval report` of all cells in runs/recipe_study/report.
+# Recipes at equal CPU budget: ResNet-18 pre-trained on 15,360 images by each recipe, 3-15 min on 2 cores
+# (classification on Anderson IFS, SimSiam on fractal pairs, OFDB-4AD's 1000 fixed fractals + augmentation,
+# MandelbulbVAR-1k on the fly), then PatchCore (STUDY_METHODS) on ../shared/realdata (hazelnut, transistor;
+# 10 training shots, seeds 0-5) against a random-init control. benchmarks/RESULTS.md, "Recipes at equal CPU
+# budget", reports its output; `python3 benchmarks/cpu_recipe_table.py runs/recipe_study` prints the tables
+# (paired by seed), and the script ends with `ad-eval report` of all cells in runs/recipe_study/report.
 #   bash benchmarks/cpu_recipe_study.sh [recipe ...]     # default: random anderson selfsup ofdb mandelbulbvar
 # STUDY_SCALE=4 trains each backbone 4x the configs' steps (same schedules, stretched); STUDY_OUT names the folder.
 set -euo pipefail
