@@ -16,7 +16,8 @@ SEEDS=${STUDY_SEEDS:-0 1 2 3 4 5}
 ROOT=${STUDY_ROOT:-../shared/realdata}
 METHODS=${STUDY_METHODS:-patchcore}
 SCALE=${STUDY_SCALE:-1}
-declare -A CONFIG=([anderson]=cpu_r18 [selfsup]=cpu_selfsup_r18 [ofdb]=cpu_ofdb_r18 [mandelbulbvar]=cpu_mandelbulbvar_r18)
+declare -A CONFIG=([anderson]=cpu_r18 [selfsup]=cpu_selfsup_r18 [ofdb]=cpu_ofdb_r18
+                  [mandelbulbvar]=cpu_mandelbulbvar_r18)
 
 steps_of() {  # the config's trainer.max_steps
   sed -n 's/^  max_steps: *\([0-9]*\).*/\1/p' "$1"
@@ -33,7 +34,10 @@ recipes=("$@")
 [[ ${#recipes[@]} -gt 0 ]] || recipes=(random anderson selfsup ofdb mandelbulbvar)
 for name in "${recipes[@]}"; do
   if [[ $name == random ]]; then evaluate random random; continue; fi
-  [[ -n ${CONFIG[$name]:-} ]] || { echo "cpu_recipe_study.sh: unknown recipe $name (random ${!CONFIG[*]})" >&2; exit 2; }
+  if [[ -z ${CONFIG[$name]:-} ]]; then
+    echo "cpu_recipe_study.sh: unknown recipe $name (random ${!CONFIG[*]})" >&2
+    exit 2
+  fi
   folder=$OUT/pretrain_$name
   config=jobs/pretrain/${CONFIG[$name]}.yaml
   [[ -f $folder/backbone.pt ]] || nice -n 5 "$PY" -m fractal_pretrain fit --config "$config" \
@@ -41,5 +45,8 @@ for name in "${recipes[@]}"; do
   evaluate "$name" "$folder/backbone.pt"
 done
 # the paper-shaped tables and figures of every cell so far (mean and sd over seeds per category)
-labels=$(for b in random anderson selfsup ofdb mandelbulbvar; do ls "$OUT"/eval/*_"$b"_* >/dev/null 2>&1 && echo "$b"; done | paste -sd,)
+labels=""
+for b in random anderson selfsup ofdb mandelbulbvar; do  # those with cells, in this order
+  if compgen -G "$OUT/eval/*_${b}_*" >/dev/null; then labels+=${labels:+,}$b; fi
+done
 "$PY" -m ad_eval report --results "$OUT/eval" --out "$OUT/report" --backbones "$labels"
