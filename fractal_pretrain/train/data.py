@@ -342,8 +342,8 @@ class FractalDataModule(pl.LightningDataModule):
     def setup(self, stage: str) -> None:
         if self.record:  # set up already (fit, then validate or test)
             return
-        device = self.trainer.strategy.root_device if self.trainer is not None else None
-        name = f"cuda:{device.index or 0}" if device is not None and device.type == "cuda" else "cpu"
+        device = self._device()
+        name = f"cuda:{device.index or 0}" if device.type == "cuda" else "cpu"
         self.device_name = name
         self.channels_last = name != "cpu"
         self.input_dtype = self._input_dtype(on_cuda=name != "cpu")

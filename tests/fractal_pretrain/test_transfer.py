@@ -53,4 +53,3 @@ def test_on_cuda_neither_the_copy_nor_the_data_module_normalisation_syncs():
         torch.cuda.set_sync_debug_mode("default")
     assert out.is_cuda and torch.equal(out.cpu(), torch.from_numpy(positions))
     assert torch.equal(got, want)
-
