@@ -1,8 +1,10 @@
 """Tables of ``benchmarks/cpu_recipe_study.sh``: per backbone and method, the mean over seeds of the two
 categories' mean (image AUROC / pixel AUROC / AUPRO) with its standard error, and the paired difference to the
 random-init control (same seed: the same training shots; for the control the seed is also the init).
+``--control NAME`` pairs against another backbone label instead (cpu_adapt_bar.sh: NAME+adapt against NAME).
 
     python3 benchmarks/cpu_recipe_table.py runs/recipe_study
+    python3 benchmarks/cpu_recipe_table.py runs/adapt_bar_anderson4x --control anderson4x
 """
 
 from __future__ import annotations
@@ -30,18 +32,20 @@ def cell(values: pd.Series) -> str:
     return f"{values.mean():.3f} ({se:.3f})"
 
 
-def tables(frame: pd.DataFrame) -> str:
+def tables(frame: pd.DataFrame, control: str = "random") -> str:
     per_seed = frame.groupby(["method", "backbone", "seed"])[list(METRICS)].mean()
     lines = []
     for method in sorted(frame["method"].unique()):
-        lines += [f"### {method}", "", "| backbone | seeds | " + " | ".join(METRICS)
-                  + " | " + " | ".join(f"{m} - random" for m in METRICS) + " |", "|---" * (2 + 2 * len(METRICS)) + "|"]
+        differences = " | ".join(f"{m} - {control}" for m in METRICS)
+        lines += [f"### {method}", "", "| backbone | seeds | " + " | ".join(METRICS) + f" | {differences} |",
+                  "|---" * (2 + 2 * len(METRICS)) + "|"]
         seeds = per_seed.loc[method]
         present = seeds.index.get_level_values(0)
-        for backbone in [b for b in ORDER if b in present] + sorted(set(present) - set(ORDER)):
+        order = (control, *ORDER)
+        for backbone in dict.fromkeys([b for b in order if b in present] + sorted(set(present) - set(order))):
             own = seeds.loc[backbone]
-            paired = backbone != "random" and "random" in present
-            diff = (own - seeds.loc["random"]).dropna() if paired else None  # seeds both have
+            paired = backbone != control and control in present
+            diff = (own - seeds.loc[control]).dropna() if paired else None  # seeds both have
             lines.append(f"| {backbone} | {len(own)} | " + " | ".join(cell(own[m]) for m in METRICS) + " | "
                          + " | ".join(cell(diff[m]) if paired else "" for m in METRICS) + " |")
         per_category = frame[frame["method"] == method].groupby(["backbone", "category"])[list(METRICS)].mean()
@@ -55,7 +59,9 @@ def tables(frame: pd.DataFrame) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
-    print(tables(load(parser.parse_args().folder)))
+    parser.add_argument("--control", default="random", help="backbone label the others are paired against")
+    args = parser.parse_args()
+    print(tables(load(args.folder), args.control))
 
 
 if __name__ == "__main__":

@@ -33,3 +33,16 @@ def test_means_over_seeds_and_differences_paired_by_seed(tmp_path, bench_script)
 def test_an_empty_folder_is_a_one_line_error(tmp_path, bench_script):
     with pytest.raises(SystemExit, match="no results in"):
         bench_script("cpu_recipe_table").load(tmp_path)
+
+
+def test_another_control_is_paired_against_and_listed_first(tmp_path, bench_script):
+    # cpu_adapt_bar.sh: the projected cells NAME+adapt against the same backbone's raw cells NAME
+    write_cells(tmp_path, "random", {("a", 0): 0.1, ("b", 0): 0.1})
+    write_cells(tmp_path, "frac", {("a", 0): 0.5, ("b", 0): 0.7})
+    write_cells(tmp_path, "frac+adapt", {("a", 0): 0.4, ("b", 0): 0.6})
+    table = bench_script("cpu_recipe_table")
+    lines = table.tables(table.load(tmp_path), control="frac").splitlines()
+    rows = [line for line in lines if line.split(" | ")[1:2] == ["1"]]
+    assert [row.split(" | ")[0] for row in rows] == ["| frac", "| random", "| frac+adapt"]
+    assert rows[2].startswith("| frac+adapt | 1 | 0.500 (nan) | 0.900 (nan) | 0.500 (nan) | -0.100 (nan) |")
+    assert "image_AUROC - frac" in lines[2]
