@@ -54,6 +54,7 @@ class Cell:
     shots: int | None = None  # train on this many normal images (ad_eval.fewshot); None: all of them
     projector: str | None = None  # a projector.pt (fractal-pretrain adapt): the method sees projected residuals
     projector_shots: int | None = None  # its K references; None: the projector's own ``shots``
+    bn_stats: str = "source"  # BatchNorm statistics: the backbone's own, or "train": AdaBN on the train images
 
     def __post_init__(self):
         try:
@@ -84,10 +85,22 @@ class Cell:
                                                  or not isinstance(self.projector_shots, int)
                                                  or self.projector_shots < 1):
             raise ConfigError(f"projector_shots={self.projector_shots!r}: must be an integer >= 1")
+        if self.bn_stats != "source":
+            self._check_bn_stats()
         if not isinstance(self.size, int) or self.size < 8:
             raise ValueError(f"size={self.size!r}: must be an integer >= 8")
         if self.crop is not None:  # as the grid checks it: a bad crop must not reach the method (failure record)
             check_range("crop", self.crop, 8, self.size, integer=True)
+
+    def _check_bn_stats(self) -> None:
+        from ad_eval.adabn import BN_STATS, adabn_label
+
+        if self.bn_stats not in BN_STATS:
+            raise ConfigError(f"bn_stats={self.bn_stats!r}: must be one of {', '.join(BN_STATS)}")
+        if self.projector is not None:  # its references and centres were made under the backbone's own statistics
+            raise ConfigError("bn_stats='train' with a projector: the projector was adapted on the backbone's own "
+                              "BatchNorm statistics (use bn_stats='source')")
+        object.__setattr__(self, "backbone_name", adabn_label(self.backbone_name))
 
     @property
     def cell_id(self) -> str:
@@ -104,6 +117,8 @@ class Cell:
         for key in ("shots", "projector", "projector_shots"):  # unset: ids and records as before they existed
             if data[key] is None:
                 del data[key]
+        if data["bn_stats"] == "source":
+            del data["bn_stats"]
         return data
 
 
@@ -235,7 +250,8 @@ def compute_scores(cell: Cell, device: str, work_dir: Path):
 
     The dataset and the backbone are checked before any model is built. The added fields: the
     backbone's pre-training (``backbone_recipe``, ``backbone_seed``, ``backbone_steps`` for our
-    backbone.pt files) and, for a few-shot cell, the names of its ``train_images``.
+    backbone.pt files), for a few-shot cell the names of its ``train_images``, and with ``bn_stats='train'``
+    the number of images the BatchNorm statistics were estimated on (``bn_images``: the cell's train images).
     """
     from ad_eval.backbones import load_backbone, provenance
 
@@ -248,6 +264,11 @@ def compute_scores(cell: Cell, device: str, work_dir: Path):
         extra["train_images"] = [sample.path.name for sample in split.train]
     backbone = load_backbone(cell.backbone, cell.arch, seed=cell.seed)
     extra.update(provenance(backbone))
+    if cell.bn_stats == "train":
+        from ad_eval.adabn import recalibrated
+
+        backbone = recalibrated(backbone, split.train, size=cell.size, crop=cell.crop, device=device)
+        extra["bn_images"] = len(split.train)
     if cell.projector is not None:
         from ad_eval.projection import attach
 

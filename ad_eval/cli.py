@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="projector.pt of `fractal-pretrain adapt` for this backbone: projected residual features")
     p.add_argument("--projector-shots", type=int, default=None, metavar="K",
                    help="reference images of the projector (default: its projector.json shots)")
+    p.add_argument("--bn-stats", default="source", choices=("source", "train"),
+                   help="BatchNorm running statistics: the backbone's own (default) or re-estimated on the cell's "
+                        "normal train images (AdaBN; label +adabn)")
     add_set_option(p, "method hyper-parameter override (YAML value), repeatable")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--keep-maps", action="store_true", help="also save the anomaly maps (npz) for figures")
@@ -97,7 +100,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cell = Cell(method=args.method, dataset=args.dataset, root=args.root, category=args.category,
                 backbone=args.backbone, backbone_name=args.name, arch=args.arch, layers=args.layers,
                 size=args.size, crop=args.crop, seed=args.seed, config=overrides(args.overrides),
-                shots=parse_shots(args.shots), projector=args.projector, projector_shots=args.projector_shots)
+                shots=parse_shots(args.shots), projector=args.projector, projector_shots=args.projector_shots,
+                bn_stats=args.bn_stats)
     device = resolve_device(args.device)  # a bad or absent device: one line, no failure record
     preflight(cell)  # a bad dataset or backbone path: one line, no failure record
     record = run_cell(cell, args.out, device=device, keep_maps=args.keep_maps)

@@ -7,6 +7,7 @@ Config (``jobs/eval/*.yaml``)::
     backbones:                    # report label -> spec (a backbone.pt, imagenet:/path.pth, random)
       ImageNet: {spec: "imagenet:/weights/wide_resnet50_2-95faca4d.pth", arch: wide_resnet50_2}
       Fractals: {spec: runs/paper_wrn50/backbone.pt}
+      Fractals+adabn: {spec: runs/paper_wrn50/backbone.pt, bn_stats: train}   # AdaBN (ad_eval/adabn.py)
     methods:                      # method -> layer sets, hyper-parameter overrides, resources
       patchcore: {layers: [[2, 3]], config: {}, resources: {timeout_min: 60, gpus_per_node: 1}}
     size: 256                     # image side; crop: optional centre crop
@@ -43,6 +44,7 @@ from typing import Any
 
 import yaml
 
+from ad_eval.adabn import BN_STATS
 from ad_eval.cell import DATASETS, Cell, check_device, preflight, read_record, record_path, run_cells
 from ad_eval.fewshot import parse_shots
 from ad_eval.methods import get_method, list_methods
@@ -105,11 +107,14 @@ class BackboneEntry:
     arch: str | None = None  # architecture; required for imagenet: and random
     projector: str | None = None  # projector.pt of fractal-pretrain adapt: cells use projected residuals
     projector_shots: int | None = None  # its K references; None: the projector's own
+    bn_stats: str = "source"  # BatchNorm statistics: the backbone's own, or train (AdaBN on the train images)
 
     def __post_init__(self):
         check_type("spec", self.spec, str, "a backbone.pt path, imagenet:/path/file.pth or random")
         if self.projector is not None:
             check_type("projector", self.projector, str, "a projector.pt path")
+        if self.bn_stats not in BN_STATS:
+            raise ConfigError(f"bn_stats={self.bn_stats!r}: must be one of {', '.join(BN_STATS)}")
 
 
 @dataclass(frozen=True)
@@ -262,7 +267,7 @@ def expand(config: GridConfig, base: Path, source: str) -> Grid:
                         layers=tuple(layers) if layers else None, size=config.size, crop=config.crop,
                         seed=seed, config=dict(entry.config or {}), shots=shots,
                         projector=None if bspec.projector is None else _resolve_spec(bspec.projector, base),
-                        projector_shots=bspec.projector_shots)
+                        projector_shots=bspec.projector_shots, bn_stats=bspec.bn_stats)
                 except ValueError as err:
                     raise GridError(f"{source}: methods.{method}: {err}") from None
                 backbone_keys[cell.backbone_name] = label
