@@ -7,6 +7,8 @@
 # (paired by seed), and the script ends with `ad-eval report` of all cells in runs/recipe_study/report.
 #   bash benchmarks/cpu_recipe_study.sh [recipe ...]     # default: random anderson selfsup ofdb mandelbulbvar
 # STUDY_SCALE=4 trains each backbone 4x the configs' steps (same schedules, stretched); STUDY_OUT names the folder.
+# STUDY_BN_STATS=train evaluates with AdaBN (`ad-eval run --bn-stats train`, cells labelled NAME+adabn) the
+# backbones of STUDY_OUT (those a previous run left are not trained again).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -16,6 +18,7 @@ SEEDS=${STUDY_SEEDS:-0 1 2 3 4 5}
 ROOT=${STUDY_ROOT:-../shared/realdata}
 METHODS=${STUDY_METHODS:-patchcore}
 SCALE=${STUDY_SCALE:-1}
+BN_STATS=${STUDY_BN_STATS:-source}
 declare -A CONFIG=([anderson]=cpu_r18 [selfsup]=cpu_selfsup_r18 [ofdb]=cpu_ofdb_r18
                   [mandelbulbvar]=cpu_mandelbulbvar_r18)
 
@@ -26,7 +29,8 @@ steps_of() {  # the config's trainer.max_steps
 evaluate() {  # evaluate NAME BACKBONE
   for seed in $SEEDS; do for category in hazelnut_reduced transistor_reduced; do for method in $METHODS; do
     nice -n 5 "$PY" -m ad_eval run --method "$method" --dataset mvtec --root "$ROOT" --category "$category" \
-      --backbone "$2" --arch resnet18 --name "$1" --seed "$seed" --shots 10 --device cpu --out "$OUT/eval"
+      --backbone "$2" --arch resnet18 --name "$1" --seed "$seed" --shots 10 --device cpu --out "$OUT/eval" \
+      --bn-stats "$BN_STATS"
   done; done; done
 }
 
@@ -46,7 +50,7 @@ for name in "${recipes[@]}"; do
 done
 # the paper-shaped tables and figures of every cell so far (mean and sd over seeds per category)
 labels=""
-for b in random anderson selfsup ofdb mandelbulbvar; do  # those with cells, in this order
-  if compgen -G "$OUT/eval/*_${b}_*" >/dev/null; then labels+=${labels:+,}$b; fi
-done
+for b in random anderson selfsup ofdb mandelbulbvar; do for label in "$b" "$b+adabn"; do  # those with cells
+  if compgen -G "$OUT/eval/*_${label}_*" >/dev/null; then labels+=${labels:+,}$label; fi
+done; done
 "$PY" -m ad_eval report --results "$OUT/eval" --out "$OUT/report" --backbones "$labels"

@@ -41,7 +41,7 @@ def tables(frame: pd.DataFrame, control: str = "random") -> str:
                   "|---" * (2 + 2 * len(METRICS)) + "|"]
         seeds = per_seed.loc[method]
         present = seeds.index.get_level_values(0)
-        order = (control, *ORDER)
+        order = (control, *(label for b in ORDER for label in (b, b + "+adabn")))  # AdaBN cells beside their own
         for backbone in dict.fromkeys([b for b in order if b in present] + sorted(set(present) - set(order))):
             own = seeds.loc[backbone]
             paired = backbone != control and control in present

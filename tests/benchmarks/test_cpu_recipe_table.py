@@ -46,3 +46,12 @@ def test_another_control_is_paired_against_and_listed_first(tmp_path, bench_scri
     assert [row.split(" | ")[0] for row in rows] == ["| frac", "| random", "| frac+adapt"]
     assert rows[2].startswith("| frac+adapt | 1 | 0.500 (nan) | 0.900 (nan) | 0.500 (nan) | -0.100 (nan) |")
     assert "image_AUROC - frac" in lines[2]
+
+
+def test_adabn_cells_follow_their_own_backbone(tmp_path, bench_script):
+    for backbone in ("ofdb+adabn", "random", "ofdb", "anderson", "random+adabn"):
+        write_cells(tmp_path, backbone, {("a", 0): 0.5})
+    table = bench_script("cpu_recipe_table")
+    lines = table.tables(table.load(tmp_path)).splitlines()
+    rows = [line.split(" | ")[0][2:] for line in lines if line.split(" | ")[1:2] == ["1"]]
+    assert rows == ["random", "random+adabn", "anderson", "ofdb", "ofdb+adabn"]
