@@ -8,12 +8,14 @@ import json
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from fit_helpers import assert_split_run_equals_straight_run, fit_command
 
 from fractal_pretrain.cli import main
+from fractal_pretrain.recipes import get_recipe
 from fractal_pretrain.train.knn import knn_top1
 from fractal_pretrain.train.objectives import SimSiam, normalised_std
 
@@ -216,3 +218,21 @@ def test_the_fixed_lr_groups_hold_exactly_the_predictor_whether_norms_and_biases
         assert sorted(fixed) == sorted(id(p) for p in model.objective.predictor.parameters())
         assert all(g["fixed_lr"] == 0.02 for g in groups if g.get("fixed_lr") is not None)
         assert len(groups) == (2 if decay else 4)
+
+
+def test_knn_probe_systems_are_held_out_from_the_training_bank():
+    from fractal_pretrain.ifs.bank import cached_bank
+    from fractal_pretrain.train.knn import probe_seed, render_probe_images
+
+    spec = get_recipe("anderson", {"num_classes": 3, "num_points": 2000}).bank_spec()
+    assert probe_seed(0) != 0 and probe_seed(2**32 - 1) != 2**32 - 1
+    training, probe = cached_bank(spec, 0), cached_bank(spec, probe_seed(0))
+    assert not any(np.array_equal(training.system(k), probe.system(j)) for k in range(3) for j in range(3))
+    settings = dict(size=32, seed=0, device="cpu-reference", num_points=2000, chains=64, dtype="float32",
+                    channels_last=False, mean=(0.5,) * 3, std=(0.25,) * 3)
+    images, labels = render_probe_images(3, 2, **settings)
+    assert images.shape == (6, 3, 32, 32) and sorted(labels.tolist()) == [0, 0, 1, 1, 2, 2]
+    again, _ = render_probe_images(3, 2, **settings)
+    assert torch.equal(images, again)  # one fixed set per run seed
+    other, _ = render_probe_images(3, 2, **{**settings, "seed": 1})
+    assert not torch.equal(images, other)
