@@ -305,7 +305,7 @@ def _write_control(report: _Report, selection: _Selection, dataset: str, metrics
         report.uncompared += [f"{where}: {method_label(m)} / {b}: {why}" for m, b, why in left_out]
         name = f"control_{dataset}" + ("" if shots == ALL_SHOTS else f"_{shots}shot")
         if not comparisons:
-            report.skipped.append(f"{name}: no backbone shares a pair with the control {control}")
+            report.skipped.append(f"{name}: no backbone other than the control {control} shares a pair with it")
             continue
         text = control_caption(where, control, comparisons, random_control)
         report.tables += write_control_table(comparisons, metrics, text, report.out_dir, name)
