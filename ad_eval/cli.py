@@ -8,6 +8,7 @@ Usage::
     ad-eval run ... --backbone random --arch resnet18
     ad-eval grid --config jobs/eval/smoke.yaml --cluster local --out results/smoke
     ad-eval report --results results/smoke --out reports/smoke [--backbones ImageNet,Fractals] [--layers padim=1,2]
+    ad-eval report --results results/smoke --out reports/smoke --control random-resnet18  # differences to a control
     ad-eval run ... --shots 4                      # few-shot: 4 normal train images (ad_eval.fewshot)
     ad-eval synthetic --out /tmp/synth [--layout mvtec|visa] [--size 128] [--seed 0]
     ad-eval methods                                # the registered methods, their layers and --set keys
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", metavar="METHOD=SET", action="append", default=[],
                    help="the layer set of a method's table column, e.g. patchcore=1,2 (repeatable; default: the set "
                         "with the most cells, ties: the method's reference set)")
+    p.add_argument("--control", default=None, metavar="LABEL",
+                   help="backbone label of the control (e.g. random-resnet18): every other backbone's difference "
+                        "to it, paired by seed, with its standard error (control_<dataset>.{md,csv,png})")
     p.set_defaults(handler=_cmd_report)
 
     from ad_eval.synthetic import add_arguments as add_synthetic_arguments
@@ -138,7 +142,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     check_output_dir(args.out)
     backbones = args.backbones.split(",") if args.backbones else None
-    written = build_report(args.results, args.out, backbones=backbones, layers=_report_layers(args.layers))
+    written = build_report(args.results, args.out, backbones=backbones, layers=_report_layers(args.layers),
+                           control=args.control)
     print(f"report written to {args.out}")
     # the summary's warnings on the terminal too: a --backbones typo or an empty folder is not a silent success
     for problem in [*written["problems"], *written["warnings"]]:

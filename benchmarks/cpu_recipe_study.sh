@@ -4,7 +4,8 @@
 # MandelbulbVAR-1k on the fly), then PatchCore (STUDY_METHODS) on ../shared/realdata (hazelnut, transistor;
 # 10 training shots, seeds 0-5) against a random-init control. benchmarks/RESULTS.md, "Recipes at equal CPU
 # budget", reports its output; `python3 benchmarks/cpu_recipe_table.py runs/recipe_study` prints the tables
-# (paired by seed), and the script ends with `ad-eval report` of all cells in runs/recipe_study/report.
+# (paired by seed), and the script ends with `ad-eval report --control random` of all cells in
+# runs/recipe_study/report (the same differences to the control in control_mvtec_10shot.{md,csv,png}).
 #   bash benchmarks/cpu_recipe_study.sh [recipe ...]     # default: random anderson selfsup ofdb mandelbulbvar
 # STUDY_SCALE=4 trains each backbone 4x the configs' steps (same schedules, stretched); STUDY_OUT names the folder.
 # STUDY_BN_STATS=train evaluates with AdaBN (`ad-eval run --bn-stats train`, cells labelled NAME+adabn) the
@@ -53,4 +54,7 @@ labels=""
 for b in random anderson selfsup ofdb mandelbulbvar; do for label in "$b" "$b+adabn"; do  # those with cells
   if compgen -G "$OUT/eval/*_${label}_*" >/dev/null; then labels+=${labels:+,}$label; fi
 done; done
-"$PY" -m ad_eval report --results "$OUT/eval" --out "$OUT/report" --backbones "$labels"
+# and each backbone's difference to the random-init control, paired by seed (control_mvtec_10shot.*)
+control=()
+[[ ,$labels, == *,random,* ]] && control=(--control random)
+"$PY" -m ad_eval report --results "$OUT/eval" --out "$OUT/report" --backbones "$labels" "${control[@]}"

@@ -2,6 +2,9 @@
 categories' mean (image AUROC / pixel AUROC / AUPRO) with its standard error, and the paired difference to the
 random-init control (same seed: the same training shots; for the control the seed is also the init).
 ``--control NAME`` pairs against another backbone label instead (cpu_adapt_bar.sh: NAME+adapt against NAME).
+`ad-eval report --results FOLDER/eval --out REPORT --control NAME` gives the same differences and standard errors
+(control_mvtec_10shot.{md,csv,png}; on runs/recipe_study_x4 they agree to the printed digits) where every seed has
+both categories; a seed lacking a category is dropped there, while this script averages the categories it has.
 
     python3 benchmarks/cpu_recipe_table.py runs/recipe_study
     python3 benchmarks/cpu_recipe_table.py runs/adapt_bar_anderson4x --control anderson4x

@@ -4,7 +4,8 @@ Per dataset present: ``table_<dataset>_<metric>.{md,csv,tex}`` (all training ima
 ``table_<dataset>_<metric>_<K>shot.*``; figures ``spider_*``, ``layers_*``, ``fewshot_<dataset>_<metric>.png``
 and, for categories run with ``keep_maps``, ``qualitative_<dataset>_<category>.png``; then
 ``results_long.csv`` (every cell, layer set and shots value: mean, std, n, seeds) and ``summary.md``
-(what was read, skipped, failed, missing, and why a figure was not drawn).
+(what was read, skipped, failed, missing, and why a figure was not drawn). With a ``control`` backbone, per
+dataset and shots value ``control_<dataset>[_<K>shot].{md,csv}`` and ``.png`` (``ad_eval.report.control``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ad_eval.report.figures import fewshot_figure, layers_figure, qualitative_figure, spider_figure
+from ad_eval.report.control import caption as control_caption
+from ad_eval.report.control import compare_all, write_control_table
+from ad_eval.report.figures import control_figure, fewshot_figure, layers_figure, qualitative_figure, spider_figure
 from ad_eval.report.order import (
     CATEGORY_ORDER,
     DATASET_NAMES,
@@ -75,6 +78,7 @@ class _Report:
         self.missing: list[tuple[str, str, str, str]] = []
         self.missing_lines: list[str] = []
         self.nulls: list[str] = []
+        self.uncompared: list[str] = []  # (method, backbone) rows of the control tables left out, and why
 
     def figure(self, name: str, draw, *args) -> None:
         """Calls ``draw(*args, path) -> (written, notes)`` and files the outcome."""
@@ -167,7 +171,7 @@ class _Selection:
 
 def build_report(results_dir: str | Path, out_dir: str | Path, backbones: str | Sequence[str] | None = None,
                  metrics: str | Sequence[str] = METRICS, layers: Mapping[str, Any] | None = None, *,
-                 spider_metrics: str | Sequence[str] = SPIDER_METRICS) -> dict[str, Any]:
+                 spider_metrics: str | Sequence[str] = SPIDER_METRICS, control: str | None = None) -> dict[str, Any]:
     """Writes the paper's tables and figures for the records in ``results_dir`` into ``out_dir``.
 
     Args:
@@ -180,6 +184,9 @@ def build_report(results_dir: str | Path, out_dir: str | Path, backbones: str | 
         layers: method -> layer set of the tables (e.g. ``{"padim": "1,2,3"}``); default per method: the set with
             the most cells (ties: the reference set).
         spider_metrics: metrics with a spider chart (the paper: image-level AUROC only); only those in ``metrics``.
+        control: a backbone label (e.g. "random-resnet18"): every other backbone's difference to it, paired by
+            seed, in ``control_<dataset>[_<K>shot].{md,csv,png}`` (``ad_eval.report.control``). A ValueError,
+            before anything is written, when it has no record or is not among ``backbones``.
 
     Returns:
         ``{"tables": [paths], "figures": [paths], "results_long": path, "summary": path, "problems": [...],
@@ -190,17 +197,23 @@ def build_report(results_dir: str | Path, out_dir: str | Path, backbones: str | 
     metrics, spider_metrics = _check_metrics(metrics, spider_metrics)
     results_dir, out_dir = Path(results_dir), Path(out_dir)
     records, problems, failures = load_records(results_dir)
+    control = control or None
+    if control:
+        _check_control(records, _as_list(backbones), control)
     out_dir.mkdir(parents=True, exist_ok=True)
     selection = _select_records(records, _as_list(backbones), layers, results_dir)
 
     report = _Report(out_dir)
     for dataset in selection.datasets:
         _write_dataset(report, selection, dataset, metrics, spider_metrics, results_dir)
+        if control:
+            _write_control(report, selection, dataset, metrics, control)
 
     long_path = out_dir / "results_long.csv"
     _sorted_long(selection.long, selection.datasets).to_csv(long_path, index=False)
     summary_path = out_dir / "summary.md"
-    summary_path.write_text(_summary(f"Report of `{results_dir}`", _summary_head(selection, problems, failures),
+    head = _summary_head(selection, problems, failures) + ([_control_line(control)] if control else [])
+    summary_path.write_text(_summary(f"Report of `{results_dir}`", head,
                                      _summary_sections(selection, problems, failures, report)))
     return {"tables": report.tables, "figures": report.figures, "results_long": long_path, "summary": summary_path,
             "problems": problems, "failures": failures, "warnings": selection.warnings, "skipped": report.skipped,
@@ -215,6 +228,16 @@ def _check_metrics(metrics: str | Sequence[str], spider_metrics: str | Sequence[
     if unknown:
         raise ValueError(f"metrics={unknown}: unknown (known: {', '.join(METRICS)})")
     return metrics, spider_metrics
+
+
+def _check_control(records: pd.DataFrame, backbones: list[str] | None, control: str) -> None:
+    """A ValueError naming the control and the backbones found when it has no record or is not asked for."""
+    found = default_backbones(records["backbone"])
+    if control not in found:
+        raise ValueError(f"control {control!r}: no record of that backbone (backbones found: "
+                         f"{', '.join(found) or 'none'})")
+    if backbones and control not in backbones:
+        raise ValueError(f"control {control!r}: not among the backbones asked for ({', '.join(backbones)})")
 
 
 def _select_records(records: pd.DataFrame, backbones: list[str] | None, layers: Mapping[str, Any] | None,
@@ -270,6 +293,33 @@ def _write_dataset(report: _Report, selection: _Selection, dataset: str, metrics
                            selection.backbones)
 
 
+def _write_control(report: _Report, selection: _Selection, dataset: str, metrics: Sequence[str],
+                   control: str) -> None:
+    """Per shots value of ``dataset`` (all training images, then each K): the control table and forest plot."""
+    tabled = selection.tabled[selection.tabled["dataset"] == dataset]
+    control_records = tabled[tabled["backbone"] == control]
+    random_control = bool(len(control_records)) and (control_records["backbone_spec"] == "random").all()
+    for shots in sorted(set(tabled["shots"]), key=lambda k: (k != ALL_SHOTS, k)):  # all images first, then K up
+        comparisons, left_out = compare_all(tabled[tabled["shots"] == shots], selection.backbones, control, metrics)
+        where = dataset_name(dataset) + ("" if shots == ALL_SHOTS else f" K={shots}")
+        report.uncompared += [f"{where}: {method_label(m)} / {b}: {why}" for m, b, why in left_out]
+        name = f"control_{dataset}" + ("" if shots == ALL_SHOTS else f"_{shots}shot")
+        if not comparisons:
+            report.skipped.append(f"{name}: no backbone other than the control {control} shares a pair with it")
+            continue
+        text = control_caption(where, control, comparisons, random_control)
+        report.tables += write_control_table(comparisons, metrics, text, report.out_dir, name)
+        title = f"{where}: difference to {control} (mean ± 1.96 se, paired by seed)"
+        report.figure(f"{name}.png", control_figure, comparisons, metrics, selection.backbones, title)
+
+
+def _control_line(control: str) -> str:
+    """The summary's bullet on the control tables."""
+    return (f"control: {control}; `control_<dataset>[_<K>shot].{{md,csv,png}}`: each backbone - {control} per "
+            "method (the tables' layer set), paired by (category, seed); mean over seeds of the per-seed mean over "
+            "categories, standard error over seeds (one seed: over categories)")
+
+
 def _write_qualitative(report: _Report, tabled: pd.DataFrame, results_dir: Path, dataset: str,
                        categories: Sequence[str], backbones: Sequence[str]) -> None:
     """One qualitative figure per category; a category without kept maps is not worth a line in the summary."""
@@ -323,4 +373,5 @@ def _summary_sections(selection: _Selection, problems: Sequence[str], failures: 
         "Not written": report.skipped,
         "Missing cells (method / category / backbone without a record)": report.missing_lines,
         "Missing values (a record with a null metric)": report.nulls,
+        "Not compared with the control": report.uncompared,
     }

@@ -32,8 +32,6 @@ def finish_figure(fig, ax, title: str, path, ncols: int) -> None:
 def legend_and_title(fig, ax, title: str, ncols: int) -> None:
     """The last panel's legend below the panels (in up to ``ncols`` columns: as many as fit the figure's width)
     and the figure's title (``finish_figure`` without the PNG)."""
-    import textwrap
-
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     handles, labels = ax.get_legend_handles_labels()
@@ -43,6 +41,13 @@ def legend_and_title(fig, ax, title: str, ncols: int) -> None:
         if columns == 1 or legend.get_window_extent(renderer).width <= fig.bbox.width:
             break
         legend.remove()
-    # wrapped to the figure's width: a one-panel figure (one method with a layer study, one backbone's spider)
-    # is narrower than its title, and the layout engine does not shrink a suptitle (it was cut at both ends)
+    wrapped_title(fig, title)
+
+
+def wrapped_title(fig, title: str) -> None:
+    """The figure's title, wrapped to the figure's width: a one-panel figure (one method with a layer study, one
+    backbone's spider) is narrower than its title, and the layout engine does not shrink a suptitle (it was cut
+    at both ends)."""
+    import textwrap
+
     fig.suptitle(textwrap.fill(title, max(20, int(fig.get_figwidth() * TITLE_CHARS_PER_INCH))))
