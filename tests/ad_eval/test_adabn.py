@@ -12,11 +12,8 @@ from ad_eval.datasets import ADImageDataset, scan
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    assert ad_eval(["synthetic", "--out", str(root), "--categories", "texture", "--size", "64", "--n-train", "6",
-                    "--n-test-good", "3", "--n-test-defect", "2"]) == 0
-    return root
+def dataset(texture_dataset):
+    return texture_dataset
 
 
 def first_layer_inputs(backbone, samples, size=64):

@@ -19,11 +19,8 @@ def projector(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    assert ad_eval(["synthetic", "--out", str(root), "--categories", "texture", "--size", "64", "--n-train", "6",
-                    "--n-test-good", "3", "--n-test-defect", "2"]) == 0
-    return root
+def dataset(texture_dataset):
+    return texture_dataset
 
 
 def run(dataset, out, method, *extra):
