@@ -46,7 +46,7 @@ if ! python3 -c "import cupy; assert cupy.cuda.runtime.getDeviceCount() > 0" >> 
 fi
 
 # pretrain_and_report NAME BACKBONES: jobs/pretrain/NAME.yaml, its backbone in parts, then jobs/eval/NAME.yaml
-# and the report comparing BACKBONES; one archive: training curve, backbone.json, evaluation records and the
+# and the report comparing BACKBONES (the first one the control); one archive: training curve, backbone.json, evaluation records and the
 # report (tables, figures)
 pretrain_and_report() {
   local name=$1 backbones=$2 run=runs/$1
@@ -65,8 +65,8 @@ pretrain_and_report() {
   python3 -m ad_eval grid --config "jobs/eval/$name.yaml" --cluster local --out "results/$name" \
     > "$out/eval.log" 2>&1
   python3 -m ad_eval report --results "results/$name" --out "reports/$name" --backbones "$backbones" \
-    >> "$out/eval.log" 2>&1
-  cat "reports/$name"/table_*AUROC*.md >> "$out/eval.log" 2>/dev/null
+    --control "${backbones%%,*}" >> "$out/eval.log" 2>&1
+  cat "reports/$name"/table_*AUROC*.md "reports/$name"/control_*.md >> "$out/eval.log" 2>/dev/null
   tar czf "$out/$name.tar.gz" "$run"/logs/version_*/metrics.csv "$run"/backbone.json "results/$name" \
     "reports/$name"
 }
@@ -167,8 +167,8 @@ case "$stage" in
     python3 -m ad_eval grid --config jobs/eval/adapt_short_r18.yaml --cluster local \
       --out results/adapt_short_r18 > "$out/eval.log" 2>&1
     python3 -m ad_eval report --results results/adapt_short_r18 --out reports/adapt_short_r18 \
-      --backbones Fractals,Fractals+adapt >> "$out/eval.log" 2>&1
-    cat reports/adapt_short_r18/table_*.md >> "$out/eval.log" 2>/dev/null
+      --backbones Fractals,Fractals+adapt --control Fractals >> "$out/eval.log" 2>&1
+    cat reports/adapt_short_r18/table_*.md reports/adapt_short_r18/control_*.md >> "$out/eval.log" 2>/dev/null
     tar czf "$out/adapt_short_r18.tar.gz" runs/adapt_short_r18/logs/version_*/metrics.csv \
       runs/adapt_short_r18/projector.json runs/adapt_bench_wrn50/logs/version_*/metrics.csv \
       results/adapt_short_r18 reports/adapt_short_r18

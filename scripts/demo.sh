@@ -58,10 +58,11 @@ rm -rf results/demo
 # the same cores made it several times slower on 2 cores).
 threads=$(( $(nproc) / 2 )); [ "$threads" -ge 1 ] || threads=1
 OMP_NUM_THREADS="${OMP_NUM_THREADS:-$threads}" "$AE" grid --config outputs/demo_grid.yaml --cluster local --out results/demo
-"$AE" report --results results/demo --out reports/demo --backbones Random,Fractals
+"$AE" report --results results/demo --out reports/demo --backbones Random,Fractals --control Random
 
 echo
 for metric in image_AUROC pixel_AUROC pixel_AUPRO; do cat "reports/demo/table_mvtec_${metric}.md"; echo; done
+cat reports/demo/control_mvtec.md; echo
 echo "Outputs:"
 echo "  preview grid: $(pwd)/outputs/preview_anderson.png"
 echo "  first batch:  $(pwd)/outputs/preview_smoke_batch.png (what the smoke config trains on)"
@@ -72,3 +73,4 @@ for figure in reports/demo/qualitative_*.png; do
   [ -e "$figure" ] || continue
   echo "  qualitative:  $(pwd)/$figure"
 done
+echo "  vs random:    $(pwd)/reports/demo/control_mvtec.png (difference to the random init, mean ± 1.96 se)"
