@@ -31,6 +31,9 @@ from ad_eval.datasets import ADImageDataset, Sample
 BN_STATS = ("source", "train")  # source: the backbone's own running statistics; train: re-estimated here
 LABEL_SUFFIX = "+adabn"  # records' backbone label: Fractals -> Fractals+adabn
 BATCH = 32  # images per statistics batch: every few-shot cell of up to 32 images is one exact batch
+# its references and centres were made under the backbone's own statistics
+PROJECTOR_NEEDS_SOURCE_STATS = ("bn_stats='train' with a projector: the projector was adapted on the backbone's own "
+                                "BatchNorm statistics (use bn_stats='source')")
 
 
 def adabn_label(name: str) -> str:

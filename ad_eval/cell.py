@@ -93,13 +93,12 @@ class Cell:
             check_range("crop", self.crop, 8, self.size, integer=True)
 
     def _check_bn_stats(self) -> None:
-        from ad_eval.adabn import BN_STATS, adabn_label
+        from ad_eval.adabn import BN_STATS, PROJECTOR_NEEDS_SOURCE_STATS, adabn_label
 
         if self.bn_stats not in BN_STATS:
             raise ConfigError(f"bn_stats={self.bn_stats!r}: must be one of {', '.join(BN_STATS)}")
-        if self.projector is not None:  # its references and centres were made under the backbone's own statistics
-            raise ConfigError("bn_stats='train' with a projector: the projector was adapted on the backbone's own "
-                              "BatchNorm statistics (use bn_stats='source')")
+        if self.projector is not None:
+            raise ConfigError(PROJECTOR_NEEDS_SOURCE_STATS)
         object.__setattr__(self, "backbone_name", adabn_label(self.backbone_name))
 
     @property

@@ -44,7 +44,7 @@ from typing import Any
 
 import yaml
 
-from ad_eval.adabn import BN_STATS
+from ad_eval.adabn import BN_STATS, PROJECTOR_NEEDS_SOURCE_STATS
 from ad_eval.cell import DATASETS, Cell, check_device, preflight, read_record, record_path, run_cells
 from ad_eval.fewshot import parse_shots
 from ad_eval.methods import get_method, list_methods
@@ -115,6 +115,8 @@ class BackboneEntry:
             check_type("projector", self.projector, str, "a projector.pt path")
         if self.bn_stats not in BN_STATS:
             raise ConfigError(f"bn_stats={self.bn_stats!r}: must be one of {', '.join(BN_STATS)}")
+        if self.bn_stats != "source" and self.projector is not None:  # named here, not by the first method's cell
+            raise ConfigError(PROJECTOR_NEEDS_SOURCE_STATS)
 
 
 @dataclass(frozen=True)

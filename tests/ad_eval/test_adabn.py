@@ -109,6 +109,9 @@ def test_grid_backbones_take_bn_stats(dataset, tmp_path):
     assert {c.backbone_name: c.bn_stats for c in grid.cells} == {
         "Random": "source", "AdaBN+adabn": "train", "Both+adabn": "train"}
     assert grid.backbone_key(next(c for c in grid.cells if c.backbone_name == "AdaBN+adabn")) == "backbones.AdaBN"
+    data["backbones"]["AdaBN"]["projector"] = "p/projector.pt"
+    with pytest.raises(ConfigError, match=r"grid.yaml: backbones\.AdaBN: bn_stats='train' with a projector"):
+        parse_grid(data, "grid.yaml")
     data["backbones"]["AdaBN"]["bn_stats"] = "target"
     with pytest.raises(ConfigError, match=r"grid.yaml: backbones\.AdaBN: bn_stats='target': must be one of source"):
         parse_grid(data, "grid.yaml")
