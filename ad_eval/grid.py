@@ -272,7 +272,11 @@ def expand(config: GridConfig, base: Path, source: str) -> Grid:
                         projector_shots=bspec.projector_shots, bn_stats=bspec.bn_stats)
                 except ValueError as err:
                     raise GridError(f"{source}: methods.{method}: {err}") from None
-                backbone_keys[cell.backbone_name] = label
+                owner = backbone_keys.setdefault(cell.backbone_name, label)
+                if owner != label:  # the report would take them for one backbone and keep one record per seed
+                    raise GridError(f"{source}: backbones.{owner} and backbones.{label} both give the report "
+                                    f"label {cell.backbone_name!r} (+adapt: projector, +adabn: bn_stats train); "
+                                    "rename one")
                 reason = too_few_shots(cell)
                 if reason:
                     skipped.setdefault(f"methods.{method}, shots={shots}: skipped ({reason})", None)

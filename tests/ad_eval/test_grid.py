@@ -71,6 +71,12 @@ def test_bad_cells_are_one_line_errors(bad, message):
     ({"methods": {"patchcore": {"layers": [2, 3]}}}, r"patchcore: layers=\[2, 3\]: must be a list of layer sets"),
     ({"methods": {"patchcore": {"layers": "2,3"}}}, r"methods.patchcore: layers='2,3': must be a list of layer sets"),
     ({"methods": {"patchcore": {"layers": [[]]}}}, r"layers=\[\[\]\]: must be a list of layer sets"),
+    ({"backbones": {"R": {"spec": "random", "arch": "resnet18", "bn_stats": "train"},
+                    "R+adabn": {"spec": "random", "arch": "resnet34"}}},
+     r"backbones\.R and backbones\.R\+adabn both give the report label 'R\+adabn'"),
+    ({"backbones": {"R+adapt": {"spec": "random", "arch": "resnet18"},
+                    "R": {"spec": "random", "arch": "resnet18", "projector": "p/projector.pt"}}},
+     r"backbones\.R and backbones\.R\+adapt both give the report label 'R\+adapt'"),
 ])
 def test_grid_config_errors_name_file_and_key(tmp_path, changes, message):
     path = write_grid(tmp_path / "grid.yaml", tmp_path, **changes)
