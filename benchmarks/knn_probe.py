@@ -14,14 +14,16 @@ import sys
 
 import torch
 
-from ad_eval.backbones import BackboneError, load_backbone
+from ad_eval.backbones import IMAGENET_PREFIX, RANDOM_SPEC, BackboneError, load_backbone
 from fractal_pretrain.train.knn import embed, knn_top1, probe_seed, render_probe_images
 
 
 def probe(backbones: list[str], *, arch: str | None, classes: int, per_class: int, size: int, seed: int,
           num_points: int, k: int, device: str) -> list[tuple[str, float]]:
     """(backbone, k-NN top-1) per backbone, each normalised with its own mean/std."""
-    loaded = [load_backbone(spec, arch if spec == "random" else None, seed=seed) for spec in backbones]
+    # --arch names what a file cannot: random and imagenet: specs; a backbone.pt's json names its own
+    loaded = [load_backbone(spec, arch if spec == RANDOM_SPEC or spec.startswith(IMAGENET_PREFIX) else None,
+                            seed=seed) for spec in backbones]
     results = []
     for spec, backbone in zip(backbones, loaded, strict=True):
         images, labels = render_probe_images(classes, per_class, size=size, seed=seed, device=device,
