@@ -59,12 +59,17 @@ def tables(frame: pd.DataFrame, control: str = "random") -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
-    parser.add_argument("--control", default="random", help="backbone label the others are paired against")
-    args = parser.parse_args()
-    print(tables(load(args.folder), args.control))
+    parser.add_argument("--control", default=None, help="backbone label the others are paired against (random)")
+    args = parser.parse_args(argv)
+    frame = load(args.folder)
+    found = sorted(set(frame["backbone"]))
+    if args.control is not None and args.control not in found:  # else every difference column would stay empty
+        sys.exit(f"cpu_recipe_table: --control {args.control}: no results of that backbone in {args.folder / 'eval'} "
+                 f"(backbones: {', '.join(found)})")
+    print(tables(frame, args.control or "random"))
 
 
 if __name__ == "__main__":

@@ -55,3 +55,14 @@ def test_adabn_cells_follow_their_own_backbone(tmp_path, bench_script):
     lines = table.tables(table.load(tmp_path)).splitlines()
     rows = [line.split(" | ")[0][2:] for line in lines if line.split(" | ")[1:2] == ["1"]]
     assert rows == ["random", "random+adabn", "anderson", "ofdb", "ofdb+adabn"]
+
+
+def test_an_unknown_control_is_a_one_line_error(tmp_path, bench_script, capsys):
+    write_cells(tmp_path, "frac", {("a", 0): 0.5})
+    write_cells(tmp_path, "frac+adapt", {("a", 0): 0.4})
+    with pytest.raises(SystemExit, match=r"--control farc: no results of that backbone .* \(backbones: frac, "
+                                         r"frac\+adapt\)"):
+        bench_script("cpu_recipe_table").main([str(tmp_path), "--control", "farc"])
+    assert capsys.readouterr().out == ""  # no table with empty difference columns
+    bench_script("cpu_recipe_table").main([str(tmp_path)])  # no random: the means, no differences, as before
+    assert "| frac | 1 | 0.500 (nan) |" in capsys.readouterr().out
