@@ -12,13 +12,15 @@ on; the records' backbone label gets ``+adabn`` so reports keep it apart from th
 The estimate is PyTorch's cumulative average (``momentum=None``) of each BatchNorm layer's batch statistics in
 training mode, over the cell's train images in their listed order in batches of ``BATCH``: with up to
 ``BATCH`` images (few-shot cells) it is the exact mean and unbiased variance of each layer's input over all
-images and positions; with more, the mean of per-batch values. A layer's input is what the layers before it
+images and positions; with more, the mean of per-batch values over the fewest batches of at most ``BATCH``,
+equal in size to one image (50 images: 25 + 25). A layer's input is what the layers before it
 give in training mode (batch-normalised), as in AdaBN. Deterministic for a given image list and device.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import torch
@@ -30,7 +32,7 @@ from ad_eval.datasets import ADImageDataset, Sample
 
 BN_STATS = ("source", "train")  # source: the backbone's own running statistics; train: re-estimated here
 LABEL_SUFFIX = "+adabn"  # records' backbone label: Fractals -> Fractals+adabn
-BATCH = 32  # images per statistics batch: every few-shot cell of up to 32 images is one exact batch
+BATCH = 32  # most images per statistics batch: every few-shot cell of up to 32 images is one exact batch
 # its references and centres were made under the backbone's own statistics
 PROJECTOR_NEEDS_SOURCE_STATS = ("bn_stats='train' with a projector: the projector was adapted on the backbone's own "
                                 "BatchNorm statistics (use bn_stats='source')")
@@ -57,7 +59,10 @@ def recalibrated(backbone: Backbone, images: Sequence[Sample], *, size: int, cro
         norm.momentum = None  # cumulative average over the batches, not an exponential one
         norm.train()
     data = ADImageDataset(images, size=size, crop=crop, mean=backbone.mean, std=backbone.std)
-    for batch in DataLoader(data, batch_size=batch_size, shuffle=False):
+    # batches of equal size (to one image): the average over batches then weighs every image alike, and no last
+    # batch of one image (33 images: 17 + 16, not 32 + 1) has half the weight or a 1x1 layer4 BatchNorm can't use
+    equal = math.ceil(len(data) / math.ceil(len(data) / batch_size))
+    for batch in DataLoader(data, batch_size=equal, shuffle=False):
         model(batch["image"].to(device))
     state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
     return dataclasses.replace(backbone, state_dict={key: state[key] for key in backbone.state_dict})

@@ -55,6 +55,16 @@ def test_several_batches_average_the_batch_statistics(dataset):
                           sum(h.var(dim=(0, 2, 3), unbiased=True) for h in halves) / 2, rtol=1e-4)
 
 
+def test_batches_are_equal_in_size_so_no_image_weighs_more(dataset):
+    backbone = load_backbone("random", "resnet18", seed=2)
+    train = scan("mvtec", dataset, "texture").train[:5]
+    # at 32 px layer4 is 1x1: a last batch of one image (4 + 1) cannot be batch-normalised in training mode
+    adapted = recalibrated(backbone, train, size=32, crop=None, batch_size=4)
+    x = first_layer_inputs(backbone, train, size=32)
+    assert torch.allclose(adapted.state_dict["bn1.running_mean"],
+                          (x[:3].mean(dim=(0, 2, 3)) + x[3:].mean(dim=(0, 2, 3))) / 2, atol=1e-5)  # 3 + 2
+
+
 def test_images_are_preprocessed_as_the_methods_see_them(dataset):
     backbone = load_backbone("random", "resnet18", seed=0)
     train = scan("mvtec", dataset, "texture").train
