@@ -32,6 +32,7 @@ __all__ = ["EXIT_USAGE", "PROG", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ad_eval.adabn import BN_STATS
     from ad_eval.cell import DATASETS
     from ad_eval.grid import CLUSTERS
     from ad_eval.methods import list_methods
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="projector.pt of `fractal-pretrain adapt` for this backbone: projected residual features")
     p.add_argument("--projector-shots", type=int, default=None, metavar="K",
                    help="reference images of the projector (default: its projector.json shots)")
-    p.add_argument("--bn-stats", default="source", choices=("source", "train"),
+    p.add_argument("--bn-stats", default="source", choices=BN_STATS,
                    help="BatchNorm running statistics: the backbone's own (default) or re-estimated on the cell's "
                         "normal train images (AdaBN; label +adabn)")
     add_set_option(p, "method hyper-parameter override (YAML value), repeatable")
