@@ -73,4 +73,4 @@ for figure in reports/demo/qualitative_*.png; do
   [ -e "$figure" ] || continue
   echo "  qualitative:  $(pwd)/$figure"
 done
-echo "  vs random:    $(pwd)/reports/demo/control_mvtec.png (difference to the random init, mean ± 1.96 se)"
+echo "  vs random:    $(pwd)/reports/demo/control_mvtec.png (difference to the random init, 95% intervals)"

@@ -309,7 +309,7 @@ def _write_control(report: _Report, selection: _Selection, dataset: str, metrics
             continue
         text = control_caption(where, control, comparisons, random_control)
         report.tables += write_control_table(comparisons, metrics, text, report.out_dir, name)
-        title = f"{where}: difference to {control} (mean ± 1.96 se, paired by seed)"
+        title = f"{where}: difference to {control} (mean and 95% t-interval, paired by seed)"
         report.figure(f"{name}.png", control_figure, comparisons, metrics, selection.backbones, title)
 
 

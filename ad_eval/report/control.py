@@ -64,6 +64,19 @@ class Comparison:
         return OVER_CATEGORIES if len(self.categories) > 1 else NO_SE
 
     @property
+    def units(self) -> int:
+        """How many values the standard error is taken over (seeds or categories; 1: no standard error)."""
+        return {OVER_SEEDS: len(self.seeds), OVER_CATEGORIES: len(self.categories)}.get(self.over, 1)
+
+    @property
+    def t95(self) -> float:
+        """Half-width factor of a two-sided 95% Student-t interval on ``units - 1`` degrees of freedom (NaN
+        without a standard error): with 3 seeds 4.30, with 6 2.57; the normal 1.96 would overstate certainty."""
+        from scipy.stats import t
+
+        return float(t.ppf(0.975, self.units - 1)) if self.units > 1 else float("nan")
+
+    @property
     def label(self) -> str:
         return f"{method_label(self.method)} · {self.backbone}"
 

@@ -8,6 +8,8 @@ Run: ``python -m pytest -q tests/ad_eval/test_report_control.py``
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 import pytest
 from test_report import PNG_MAGIC, make_record, md_row, write_records
@@ -184,3 +186,15 @@ def test_unknown_control_is_one_line_and_writes_nothing(results, tmp_path, capsy
 def test_cli_control(results, tmp_path):
     assert main(["report", "--results", str(results), "--out", str(tmp_path / "r"), "--control", "random"]) == 0
     assert md_row(tmp_path / "r" / "control_mvtec.md", PATCHCORE_ROW)[:2] == ["+6.7 ± 2.0", "4/1"]
+
+
+def test_interval_factor_is_students_t_on_the_units_of_the_se():
+    from ad_eval.report.control import Comparison
+
+    def comparison(seeds, categories):
+        return Comparison("patchcore", "Fractals", tuple(range(seeds)), tuple("abcdef"[:categories]), {})
+
+    assert comparison(3, 2).t95 == pytest.approx(4.303, abs=1e-3)  # over 3 seeds: 2 degrees of freedom
+    assert comparison(6, 1).t95 == pytest.approx(2.571, abs=1e-3)
+    assert comparison(1, 5).t95 == pytest.approx(2.776, abs=1e-3)  # one seed: over 5 categories
+    assert math.isnan(comparison(1, 1).t95)
