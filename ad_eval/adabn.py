@@ -9,7 +9,7 @@ set is used and the protocol stays one-class. Only ``running_mean``/``running_va
 weight stays as pre-trained. ``ad-eval run --bn-stats train`` (grid: a backbone's ``bn_stats: train``) turns it
 on; the records' backbone label gets ``+adabn`` so reports keep it apart from the backbone's own statistics.
 Off by default: in the CPU recipe study it lowered PatchCore's pixel AUROC for every backbone but MandelbulbVAR
-(0.614 -> 0.775), helping on hazelnut and hurting on transistor throughout (benchmarks/RESULTS.md, "AdaBN").
+(0.614 -> 0.775); hazelnut mostly gained, transistor lost throughout (benchmarks/RESULTS.md, "AdaBN").
 
 The estimate is PyTorch's cumulative average (``momentum=None``) of each BatchNorm layer's batch statistics in
 training mode, over the cell's train images in their listed order in batches of ``BATCH``: with up to
