@@ -71,3 +71,5 @@ def test_eval_headers_report_what_their_grid_wrote():
         labels = set(yaml.safe_load(text)["backbones"])
         for listed in re.findall(r"--backbones (\S+)", text):
             assert set(listed.split(",")) <= labels, f"{config.name}: --backbones {listed}, config has {labels}"
+        for control in re.findall(r"--control (\S+)", text):
+            assert control in labels, f"{config.name}: --control {control}, config has {labels}"
