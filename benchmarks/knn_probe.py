@@ -15,6 +15,7 @@ import sys
 import torch
 
 from ad_eval.backbones import IMAGENET_PREFIX, RANDOM_SPEC, BackboneError, load_backbone
+from fractal_pretrain.train.data import normalise
 from fractal_pretrain.train.knn import embed, knn_top1, probe_seed, render_probe_images
 
 
@@ -24,11 +25,13 @@ def probe(backbones: list[str], *, arch: str | None, classes: int, per_class: in
     # --arch names what a file cannot: random and imagenet: specs; a backbone.pt's json names its own
     loaded = [load_backbone(spec, arch if spec == RANDOM_SPEC or spec.startswith(IMAGENET_PREFIX) else None,
                             seed=seed) for spec in backbones]
+    # rendered once as uint8; each backbone's normalisation then in the renderer's own arithmetic
+    pixels, labels = render_probe_images(classes, per_class, size=size, seed=seed, device=device,
+                                         num_points=num_points, chains=256, dtype="uint8", channels_last=False,
+                                         mean=(0.0,) * 3, std=(1.0,) * 3)
     results = []
     for spec, backbone in zip(backbones, loaded, strict=True):
-        images, labels = render_probe_images(classes, per_class, size=size, seed=seed, device=device,
-                                             num_points=num_points, chains=256, dtype="float32",
-                                             channels_last=False, mean=backbone.mean, std=backbone.std)
+        images = normalise(pixels, backbone.mean, backbone.std, "float32", channels_last=False)
         features = embed(backbone.build().to(images.device), images)
         results.append((spec, knn_top1(features, labels, k, classes)))
     return results
