@@ -70,8 +70,10 @@ class Cell:
         if self.shots is not None and (isinstance(self.shots, bool) or not isinstance(self.shots, int)
                                        or self.shots < 1):
             raise ConfigError(f"shots={self.shots!r}: must be an integer >= 1 (or all)")
-        if not self.backbone_name:
+        named = bool(self.backbone_name)
+        if not named:
             object.__setattr__(self, "backbone_name", default_backbone_name(self.backbone, self.arch))
+        check_label(self.backbone_name, projector=self.projector, bn_stats=self.bn_stats, derived=not named)
         if self.projector is not None:
             if not spec.accepts_projector:
                 raise ConfigError(f"method={self.method!r} does not accept a projector (only "
@@ -119,6 +121,24 @@ class Cell:
         if data["bn_stats"] == "source":
             del data["bn_stats"]
         return data
+
+
+def check_label(name: str, *, projector: str | None, bn_stats: str, derived: bool = False) -> None:
+    """A backbone name that claims a projector or AdaBN its cells do not have would mislabel every report row.
+
+    ``derived``: the name was taken from the backbone's path, not given (the error then says how to give one).
+    """
+    if "+" not in name:
+        return
+    from ad_eval.adabn import LABEL_SUFFIX as ADABN_SUFFIX
+    from ad_eval.projection import LABEL_SUFFIX as ADAPT_SUFFIX
+
+    for suffix, option, given in ((ADAPT_SUFFIX, "a projector", projector is not None),
+                                  (ADABN_SUFFIX, "bn_stats='train'", bn_stats != "source")):
+        if re.search(re.escape(suffix) + r"(?![A-Za-z0-9])", name) and not given:  # +adapt, not +adaptive
+            fix = "name it with --name" if derived else "rename it"
+            raise ConfigError(f"backbone name {name!r}{' (from its path)' if derived else ''}: {suffix!r} marks cells "
+                              f"run with {option}, and these are not ({fix})")
 
 
 def default_backbone_name(spec: str, arch: str | None) -> str:

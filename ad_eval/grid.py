@@ -45,7 +45,7 @@ from typing import Any
 import yaml
 
 from ad_eval.adabn import BN_STATS, PROJECTOR_NEEDS_SOURCE_STATS
-from ad_eval.cell import DATASETS, Cell, check_device, preflight, read_record, record_path, run_cells
+from ad_eval.cell import DATASETS, Cell, check_device, check_label, preflight, read_record, record_path, run_cells
 from ad_eval.fewshot import parse_shots
 from ad_eval.methods import get_method, list_methods
 from fractal_pretrain.config import ConfigError, build_checked, check_range, check_type
@@ -188,6 +188,11 @@ def parse_grid(data: Any, where: str) -> GridConfig:
             raise ConfigError(f"{where}: {key}: must be a mapping, got {type(value).__name__}")
         if value:
             data[key] = {name: build_checked(cls, spec, f"{where}: {key}.{name}") for name, spec in value.items()}
+    for name, entry in (data.get("backbones") or {}).items():
+        try:
+            check_label(name, projector=entry.projector, bn_stats=entry.bn_stats)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: backbones.{name}: {err}") from None
     for dataset in data.get("datasets") or {}:
         if dataset not in DATASETS:
             raise ConfigError(f"{where}: datasets.{dataset}: unknown dataset (known: {', '.join(DATASETS)})")

@@ -125,3 +125,24 @@ def test_grid_backbones_take_bn_stats(dataset, tmp_path):
     data["backbones"]["AdaBN"]["bn_stats"] = "target"
     with pytest.raises(ConfigError, match=r"grid.yaml: backbones\.AdaBN: bn_stats='target': must be one of source"):
         parse_grid(data, "grid.yaml")
+
+
+def test_a_name_claiming_adabn_without_it_is_one_line_and_writes_nothing(dataset, tmp_path, capsys):
+    assert run(dataset, tmp_path / "out", "--name", "Fractals+adabn") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'Fractals+adabn': '+adabn' marks cells run with bn_stats='train'" in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert run(dataset, tmp_path / "out", "--name", "Fractals+adabn", "--bn-stats", "train") == 0  # as claimed
+
+
+def test_label_check_reads_suffixes_as_words_and_says_how_to_name_a_path_derived_label():
+    from ad_eval.cell import check_label
+    from fractal_pretrain.config import ConfigError
+
+    check_label("Fractals+adaptive", projector=None, bn_stats="source")  # another word, not the +adapt marker
+    check_label("Fractals+adabn", projector=None, bn_stats="train")
+    derived = r"'runs\+adapt' \(from its path\): '\+adapt' marks .*\(name it with --name\)"
+    with pytest.raises(ConfigError, match=derived):
+        check_label("runs+adapt", projector=None, bn_stats="source", derived=True)
+    with pytest.raises(ConfigError, match=r"'X\+adabn-v2': '\+adabn' marks .*\(rename it\)"):
+        check_label("X+adabn-v2", projector=None, bn_stats="source")

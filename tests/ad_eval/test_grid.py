@@ -72,11 +72,16 @@ def test_bad_cells_are_one_line_errors(bad, message):
     ({"methods": {"patchcore": {"layers": "2,3"}}}, r"methods.patchcore: layers='2,3': must be a list of layer sets"),
     ({"methods": {"patchcore": {"layers": [[]]}}}, r"layers=\[\[\]\]: must be a list of layer sets"),
     ({"backbones": {"R": {"spec": "random", "arch": "resnet18", "bn_stats": "train"},
-                    "R+adabn": {"spec": "random", "arch": "resnet34"}}},
+                    "R+adabn": {"spec": "random", "arch": "resnet34", "bn_stats": "train"}}},
      r"backbones\.R and backbones\.R\+adabn both give the report label 'R\+adabn'"),
-    ({"backbones": {"R+adapt": {"spec": "random", "arch": "resnet18"},
+    ({"backbones": {"R+adapt": {"spec": "random", "arch": "resnet18", "projector": "q/projector.pt"},
                     "R": {"spec": "random", "arch": "resnet18", "projector": "p/projector.pt"}}},
      r"backbones\.R and backbones\.R\+adapt both give the report label 'R\+adapt'"),
+    # a label claiming what its cells do not do
+    ({"backbones": {"R+adabn": {"spec": "random", "arch": "resnet18"}}},
+     r"backbones\.R\+adabn.*'\+adabn' marks cells run with bn_stats='train', and these are not"),
+    ({"backbones": {"R+adapt": {"spec": "random", "arch": "resnet18", "bn_stats": "train"}}},
+     r"backbones\.R\+adapt.*'\+adapt' marks cells run with a projector, and these are not"),
 ])
 def test_grid_config_errors_name_file_and_key(tmp_path, changes, message):
     path = write_grid(tmp_path / "grid.yaml", tmp_path, **changes)
