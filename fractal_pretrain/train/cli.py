@@ -288,6 +288,7 @@ def fit(argv: Sequence[str]) -> int:
         cli.datamodule.check_device_memory(cli.trainer.strategy.root_device)  # so is a view bank that cannot fit
         cli.model.check_schedule(cli.trainer, cli.datamodule)  # so is a schedule that does not fit the run
         steps = cli.datamodule.train_steps_per_epoch(cli.trainer.world_size)  # and a batch split that cannot train
+        cli.datamodule.val_steps_per_epoch(cli.trainer.world_size)  # or validate
         check_val_interval(cli.trainer, steps)
         ckpt = run_checkpoint(cli)
         check_resumable(ckpt, cli.model, cli.datamodule)

@@ -53,16 +53,18 @@ def rank_slice(step: int, total: int, batch_size: int, rank: int, world: int) ->
     return np.array_split(np.arange(lo, hi, dtype=np.int64), world)[rank]
 
 
-def steps_per_epoch(total: int, batch_size: int, world: int, per_rank: int = 1) -> int:
+def steps_per_epoch(total: int, batch_size: int, world: int, per_rank: int = 1, split: str = "train") -> int:
     """Steps that cover ``total`` samples; a short last step must still give every rank ``per_rank`` samples
-    (two-view training: 2, the objective's heads batch-normalise)."""
+    (two views: 2; training: the objective's heads batch-normalise; validation: its statistics compare a pair
+    with the others, and every rank must log them for the cross-rank mean)."""
     global_batch = batch_size * world
     steps = -(-total // global_batch)
     tail = total - (steps - 1) * global_batch
     if tail < world * per_rank:
-        need = f"; two-view training needs {per_rank} per rank" if per_rank > 1 else ""
+        name, stage = ("samples_per_epoch", "training") if split == "train" else ("val_samples", "validation")
+        need = f"; two-view {stage} needs {per_rank} per rank" if per_rank > 1 else ""
         raise ConfigError(
-            f"samples_per_epoch={total}: the last step would hold {tail} sample(s) for {world} ranks{need}; "
+            f"{name}={total}: the last step would hold {tail} sample(s) for {world} ranks{need}; "
             f"use a multiple of batch_size * world_size = {global_batch}")
     return steps
 
@@ -109,7 +111,7 @@ class KeyBatches(ResumableBatches):
     def __init__(self, split: str, total: int, batch_size: int, rank: int, world: int, epoch_fn, per_rank: int = 1):
         super().__init__(epoch_fn)
         self.split, self.total, self.batch_size, self.rank, self.world = split, total, batch_size, rank, world
-        self.steps = steps_per_epoch(total, batch_size, world, per_rank)
+        self.steps = steps_per_epoch(total, batch_size, world, per_rank, split)
 
     def __iter__(self):
         epoch, start = self._begin()
@@ -436,11 +438,21 @@ class FractalDataModule(pl.LightningDataModule):
         world = world or self._world()[1]
         if self.streams:
             return image_sets.stream_steps(self.listing.count, self.batch_size, world)
-        return steps_per_epoch(self._train_total(), self.batch_size, world, self._train_per_rank)
+        return steps_per_epoch(self._train_total(), self.batch_size, world, self._per_rank)
+
+    def val_steps_per_epoch(self, world: int | None = None) -> int:
+        """Steps of this rank's validation loader (0: no validation), without building it; as above."""
+        world = world or self._world()[1]
+        if self.val_samples == 0 or self.streams:
+            return 0
+        return steps_per_epoch(self._val_total(), self.batch_size, world, self._per_rank, "val")
+
+    def _val_total(self) -> int:
+        return self.val_samples if not self.fixed_set else min(self.val_samples, self._train_total())
 
     @property
-    def _train_per_rank(self) -> int:
-        """Fewest samples a rank's training batch may hold: two views train heads with BatchNorm (2)."""
+    def _per_rank(self) -> int:
+        """Fewest samples a rank's batch may hold: two views need 2 (see steps_per_epoch)."""
         return 2 if self.views else 1
 
     def train_dataloader(self):
@@ -458,15 +470,15 @@ class FractalDataModule(pl.LightningDataModule):
         if total < world:
             raise ConfigError(f"data.samples_per_epoch={total}: fewer samples than ranks ({world})")
         self._loaders["train"] = KeyBatches("train", total, self.batch_size, rank, world, self._epoch,
-                                            self._train_per_rank)
+                                            self._per_rank)
         return self._loaders["train"]
 
     def val_dataloader(self):
-        if self.val_samples == 0 or self.streams:
-            return []
         rank, world = self._world()
-        total = self.val_samples if not self.fixed_set else min(self.val_samples, self._train_total())
-        self._loaders["val"] = KeyBatches("val", total, self.batch_size, rank, world, lambda: VAL_EPOCH)
+        if not self.val_steps_per_epoch(world):
+            return []
+        self._loaders["val"] = KeyBatches("val", self._val_total(), self.batch_size, rank, world, lambda: VAL_EPOCH,
+                                          self._per_rank)
         return self._loaders["val"]
 
     def _render(self, indices: np.ndarray, epoch: int):
