@@ -8,11 +8,13 @@ Farrell's positive weighting (each positive of a sample weighs ``num_classes / p
 Validation reports top-1/top-5 accuracy, or mean average precision for multi-label recipes.
 
 ``objective`` picks the loss: ``classification`` and ``multilabel`` (the default follows the recipe's label)
-as above, or a two-view self-supervised objective (``simsiam``; ``objectives.py``, where BYOL or DINO would go)
+as above, or a two-view self-supervised objective (``simsiam``, ``byol``; ``objectives.py``, where more would go)
 on a two-view recipe such as ``selfsup``: batches hold 2B images (all first views, then all second views),
-the backbone's ``fc`` is the identity, the objective's heads train beside it and are never exported.
-Two-view runs log ``*/loss``, ``*/z_std`` (std of the normalised projector output, collapse: ~0) and, at
-each validation, ``val/knn_top1`` of the frozen backbone on a fixed labelled fractal set (``knn.py``).
+the backbone's ``fc`` is the identity, the objective's heads train beside it (BYOL's momentum target follows
+it) and none of them is exported.
+Two-view runs log ``*/loss``, ``*/z_std`` (std of the normalised projector output, collapse: ~0), on validation
+batches ``val/z_rank`` (dimensional collapse) and ``val/pair_gap`` (is the loss about the pairs?), and at each
+validation ``val/knn_top1`` of the frozen backbone on a fixed labelled fractal set (``knn.py``).
 """
 
 from __future__ import annotations
@@ -149,11 +151,13 @@ class FractalClassifier(pl.LightningModule):
         channels_last: Use the NHWC memory format on CUDA (the renderer emits it directly).
         compile: ``torch.compile`` the network (in place: checkpoint keys are unchanged).
         objective: ``classification``, ``multilabel`` (default: whichever the recipe's label needs) or a
-            two-view objective (``simsiam``) on a two-view recipe; two-view ``lr`` is per 256 samples of the
+            two-view objective (``simsiam``, ``byol``) on a two-view recipe; two-view ``lr`` is per 256 samples of the
             global batch (the optimiser runs at ``lr * batch * world / 256``).
         views: Views per sample of the recipe; linked from the data module.
-        projector_dim: Two-view: output width of the projector (SimSiam: 2048).
-        predictor_dim: Two-view: bottleneck width of the predictor (SimSiam: 512).
+        projector_dim: Two-view: output width of the projector; default the objective's (SimSiam: 2048,
+            BYOL: 256).
+        predictor_dim: Two-view: hidden width of the predictor; default the objective's (SimSiam: 512, a
+            bottleneck; BYOL: 4096, also the projector's).
         knn_classes: Two-view: classes (systems) of the k-NN probe set; 0 disables the probe.
         knn_per_class: Two-view: probe images per class.
         knn_k: Two-view: neighbours that vote.
@@ -165,14 +169,15 @@ class FractalClassifier(pl.LightningModule):
                  onecycle_final_div_factor: float = 1e3, warmup_epochs: float = 0.0, warmup_steps: int = 0,
                  cosine_epochs: float | None = None, cosine_steps: int | None = None, min_lr: float = 0.0,
                  warmup_start_lr: float = 0.0, label_smoothing: float = 0.0, channels_last: bool = True,
-                 compile: bool = False, objective: str | None = None, views: int = 0, projector_dim: int = 2048,
-                 predictor_dim: int = 512, knn_classes: int = 10, knn_per_class: int = 20, knn_k: int = 10,
+                 compile: bool = False, objective: str | None = None, views: int = 0, projector_dim: int | None = None,
+                 predictor_dim: int | None = None, knn_classes: int = 10, knn_per_class: int = 20, knn_k: int = 10,
                  decay_norm_and_bias: bool = True):
         super().__init__()
         objective = objective or ("multilabel" if multi_label else "classification")
         check_objective(objective, multi_label, views)
-        check_range("model.projector_dim", projector_dim, 1, None, integer=True)
-        check_range("model.predictor_dim", predictor_dim, 1, None, integer=True)
+        for name, width in (("model.projector_dim", projector_dim), ("model.predictor_dim", predictor_dim)):
+            if width is not None:
+                check_range(name, width, 1, None, integer=True)
         check_range("model.knn_classes", knn_classes, 0, None, integer=True)
         if knn_classes == 1:
             raise ConfigError("model.knn_classes=1: must be 0 (no probe) or >= 2")
@@ -214,7 +219,7 @@ class FractalClassifier(pl.LightningModule):
         if self.two_view:
             features = self.net.fc.in_features
             self.net.fc = torch.nn.Identity()
-            self.objective = build_objective(objective, features, projector_dim, predictor_dim)
+            self.objective = build_objective(objective, self.net, features, projector_dim, predictor_dim)
             self._probe_set = None
         elif multi_label:
             self.val_map = torchmetrics.classification.MultilabelAveragePrecision(num_labels=num_classes)
@@ -224,8 +229,12 @@ class FractalClassifier(pl.LightningModule):
                 num_classes=num_classes, top_k=min(5, num_classes))
 
     def configure_model(self) -> None:
-        if self.hparams.channels_last and self.device.type == "cuda":
+        # Lightning calls this before the strategy moves the module to its device: ask the strategy, not
+        # self.device (still the CPU here); the move keeps the memory format
+        if self.hparams.channels_last and self.trainer.strategy.root_device.type == "cuda":
             self.net.to(memory_format=torch.channels_last)
+            if self.two_view:  # a momentum copy of the backbone (BYOL) too; heads are 2-D: unchanged
+                self.objective.to(memory_format=torch.channels_last)
         if self.hparams.compile and not getattr(self, "_compiled", False):
             self.net.compile()
             self._compiled = True
@@ -243,7 +252,8 @@ class FractalClassifier(pl.LightningModule):
     def two_view_step(self, batch, split: str) -> torch.Tensor:
         images, _ = batch  # labels (the systems) are unused: the probe has its own labelled set
         view1, view2 = images.chunk(2)
-        loss, stats = self.objective(self.net, view1, view2)
+        # validation batches hold >= 2 pairs per rank (data.steps_per_epoch): a pair has others to compare with
+        loss, stats = self.objective(self.net, view1, view2, diagnostics=split == "val")
         samples = len(view1)
         self.log(f"{split}/loss", loss, prog_bar=True, sync_dist=split == "val", batch_size=samples)
         for name, value in stats.items():
@@ -268,9 +278,15 @@ class FractalClassifier(pl.LightningModule):
             self.log("train/acc", (logits.argmax(1) == labels).float().mean(), prog_bar=True)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        step = self.global_step
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # here, not in on_train_batch_end: callbacks (checkpoints, the SIGTERM stop) run that hook before the
+        # module's, so a checkpoint of this step would miss this step's update and a resume would differ
         if self.two_view:
-            self.objective.after_step(self.net)
+            follows = self.objective.follows_progress  # only then does the run need a length (check_schedule)
+            run_steps = self._run_steps(self.trainer, self.trainer.datamodule)[1] if follows else None
+            self.objective.after_step(self.net, (step + 1) / run_steps if follows else 0.0)
 
     def on_validation_epoch_end(self) -> None:
         """Two-view runs: k-NN top-1 of the frozen backbone on the probe set (rendered once, rank 0 logs it)."""
@@ -359,6 +375,20 @@ class FractalClassifier(pl.LightningModule):
             self._cosine_steps(trainer, data)
         elif self.hparams.schedule == "onecycle":
             self._run_steps(trainer, data)
+        if self.two_view and self.objective.follows_progress:
+            self._check_progress_objective(trainer, data)
+
+    def _check_progress_objective(self, trainer, data) -> None:
+        """An objective with a momentum target needs the run's length and a float32 target."""
+        name = self.hparams.objective
+        try:
+            self._run_steps(trainer, data)
+        except ConfigError:
+            raise ConfigError(f"model.objective={name}: its momentum schedule needs the run's length; set "
+                              "trainer.max_steps or trainer.max_epochs") from None
+        if str(trainer.precision) in ("bf16-true", "16-true"):
+            raise ConfigError(f"trainer.precision={trainer.precision}: model.objective={name} would keep its momentum "
+                              "target in half precision, where an update of 0.4% rounds away; use bf16-mixed")
 
     def _cosine_steps(self, trainer, data) -> tuple[int, int]:
         """(warm-up steps, cosine length in steps) of the run; a warm-up longer than the cosine is an error."""

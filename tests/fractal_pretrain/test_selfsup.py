@@ -17,7 +17,7 @@ from fit_helpers import assert_split_run_equals_straight_run, fit_command
 from fractal_pretrain.cli import main
 from fractal_pretrain.recipes import get_recipe
 from fractal_pretrain.train.knn import knn_top1
-from fractal_pretrain.train.objectives import SimSiam, normalised_std
+from fractal_pretrain.train.objectives import BYOL, SimSiam, effective_rank, normalised_std, pair_gap
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = str(REPO / "jobs" / "pretrain" / "selfsup_smoke.yaml")
@@ -71,6 +71,112 @@ def test_normalised_std_shows_collapse():
     assert normalised_std(collapsed).item() < 1e-4
 
 
+def test_byol_loss_targets_the_momentum_copy_and_trains_only_the_online_side():
+    torch.manual_seed(2)
+    backbone = torch.nn.Sequential(torch.nn.Linear(5, 12), torch.nn.BatchNorm1d(12))
+    objective = BYOL(features=12, dim=6, pred_dim=10, backbone=backbone).train()
+    x1, x2 = torch.randn(7, 5), torch.randn(7, 5)
+    loss, stats = objective(backbone, x1, x2, diagnostics=True)
+    # at the start the target equals the online network: its projections are the online z, without gradient
+    z1, z2 = objective.projector(backbone(x1)), objective.projector(backbone(x2))
+    p1, p2 = objective.predictor(z1), objective.predictor(z2)
+
+    def d(p, z):
+        return -(F.normalize(p, dim=1) * F.normalize(z.detach(), dim=1)).sum(dim=1).mean()
+
+    torch.testing.assert_close(loss, d(p1, z2) / 2 + d(p2, z1) / 2)
+    assert set(stats) == {"z_std", "z_rank", "pair_gap"}
+    loss.backward()
+    target = [*objective.target_backbone.parameters(), *objective.target_projector.parameters()]
+    assert target and all(p.grad is None and not p.requires_grad for p in target)
+    assert all(p.grad is not None for p in [*backbone.parameters(), *objective.predictor.parameters()])
+    grouped = {id(p) for g in objective.param_groups(backbone, 0.1) for p in g["params"]}
+    assert not grouped & {id(p) for p in target}  # the optimiser never sees the target
+    assert len(grouped) == len([*backbone.parameters(), *objective.projector.parameters(),
+                                *objective.predictor.parameters()])
+
+
+@pytest.mark.parametrize("progress,tau", [(0.0, 0.996), (0.5, 0.998), (1.0, 1.0)])
+def test_byol_target_moves_toward_the_online_network_by_the_cosine_momentum(progress, tau):
+    torch.manual_seed(3)
+    backbone = torch.nn.Linear(4, 8)
+    objective = BYOL(features=8, dim=3, pred_dim=5, backbone=backbone)
+    before = [p.clone() for p in objective.target_backbone.parameters()]
+    with torch.no_grad():
+        for p in backbone.parameters():
+            p.add_(torch.randn_like(p))  # an optimiser step
+    objective.after_step(backbone, progress)
+    for old, new, online in zip(before, objective.target_backbone.parameters(), backbone.parameters(), strict=True):
+        torch.testing.assert_close(new, tau * old + (1 - tau) * online)
+    assert BYOL.BASE_MOMENTUM == 0.996  # BYOL's tau_base
+
+
+def test_byol_needs_the_backbone():
+    with pytest.raises(ValueError, match="BYOL needs the backbone"):
+        BYOL(features=8)
+
+
+def test_head_widths_default_to_each_objective_s_own():
+    from fractal_pretrain.train.model import FractalClassifier
+
+    def widths(**kwargs):
+        predictor = FractalClassifier(arch="resnet18", views=2, **kwargs).objective.predictor
+        return predictor[-1].out_features, predictor[0].out_features  # (output, hidden) of either objective
+
+    assert widths(objective="simsiam") == (2048, 512)
+    assert widths(objective="byol") == (256, 4096)  # BYOL's paper, not SimSiam's
+    assert widths(objective="byol", projector_dim=64) == (64, 4096)  # one given, the other the objective's
+
+
+def test_effective_rank_of_non_finite_outputs_is_nan_not_a_linalg_error():
+    z = torch.randn(8, 4)
+    z[3, 1] = float("inf")
+    assert torch.isnan(effective_rank(z))
+
+
+def test_a_byol_run_stopped_and_resumed_equals_the_straight_run_target_included(tmp_path):
+    common = ("--model.objective", "byol", "--trainer.max_steps", "4", "--checkpoint_every_n_steps", "1",
+              "--data.val_samples", "0", "--model.knn_classes", "0")
+    assert main(fit_args(tmp_path / "straight", *common)) == 0
+    split = fit_args(tmp_path / "split", *common)
+    assert main([*split, "--trainer.callbacks+=fit_helpers.SignalAtStep"]) == 143  # SIGTERM at step 2
+    assert main(split) == 0
+    a, b = (torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+            for run in ("straight", "split"))
+    assert any(k.startswith("objective.target_backbone.") for k in a)
+    for key in a:  # backbone, heads and the momentum target
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7, msg=key)
+    exported = torch.load(tmp_path / "split" / "backbone.pt", map_location="cpu", weights_only=True)
+    assert not any("target" in k or k.startswith("objective.") for k in exported)
+    online = {k.removeprefix("net."): v for k, v in a.items() if k.startswith("net.") and not k.startswith("net.fc")}
+    assert exported.keys() == online.keys()  # the online backbone, not the target
+    assert json.loads((tmp_path / "split" / "backbone.json").read_text())["objective"] == "byol"
+
+
+def test_effective_rank_sees_the_dimensional_collapse_normalised_std_misses():
+    g = torch.Generator().manual_seed(0)
+    # three heavy-tailed directions, each output dimension standardised over the batch like the projector's last BN
+    z = torch.empty(512, 3).exponential_(generator=g) ** 2 @ torch.randn(3, 64, generator=g)
+    z = (z - z.mean(0)) / z.std(0)
+    assert normalised_std(z).item() > 0.85 * 64 ** -0.5  # reads nearly healthy
+    assert effective_rank(z).item() < 3.0  # three directions at most
+    assert effective_rank(torch.randn(512, 64, generator=g)).item() > 60  # isotropic: close to min(512, 64)
+    basis = torch.linalg.qr(torch.randn(64, 64, generator=g))[0]
+    equal = torch.cat([basis[:5], -basis[:5]])  # centred, five equal singular values
+    assert effective_rank(equal).item() == pytest.approx(5.0, rel=1e-5)
+    assert effective_rank(torch.ones(8, 64)).item() == pytest.approx(1.0)  # no variance at all: no nan
+
+
+def test_pair_gap_is_zero_without_pair_information_and_large_with_it():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(64, 32, generator=g)
+    assert pair_gap(z + 0.1 * torch.randn(64, 32, generator=g), z).item() > 0.9  # each points at its own target
+    shared = torch.randn(1, 32, generator=g)
+    assert pair_gap(shared.expand(64, 32), z + 3 * shared).item() == pytest.approx(0.0, abs=1e-6)
+    # a high mean cosine from what every sample shares is no pair information
+    assert F.cosine_similarity(shared.expand(64, 32), z + 3 * shared).mean() > 0.8
+
+
 def test_knn_top1_on_separable_and_random_features():
     labels = torch.arange(4).repeat_interleave(5)
     clustered = F.one_hot(labels, 4).float() + 0.01 * torch.randn(20, 4)
@@ -95,6 +201,11 @@ def test_smoke_config_end_to_end_to_a_backbone_ad_eval_loads(tmp_path):
     assert z_std and all(0.02 < v < 0.2 for v in z_std)  # ~1/sqrt(256) = 0.0625, not collapsed
     knn = [float(r["val/knn_top1"]) for r in rows if r.get("val/knn_top1")]
     assert len(knn) == 1 and 0.0 <= knn[0] <= 1.0
+    # the validation diagnostics, one each per validation; the batch (8 pairs) bounds the rank
+    z_rank = [float(r["val/z_rank"]) for r in rows if r.get("val/z_rank")]
+    gap = [float(r["val/pair_gap"]) for r in rows if r.get("val/pair_gap")]
+    assert len(z_rank) == 1 and 1.0 <= z_rank[0] <= 8.0 and len(gap) == 1 and -2.0 <= gap[0] <= 2.0
+    assert not any(r.get("train/z_rank") for r in rows)  # no SVD in training steps
     state = torch.load(tmp_path / "backbone.pt", map_location="cpu", weights_only=True)
     assert not any(k.startswith(("fc.", "objective.", "projector", "predictor")) for k in state)
     backbone = load_backbone(str(tmp_path / "backbone.pt"))
@@ -123,7 +234,8 @@ def test_resumed_two_view_run_equals_uninterrupted_run(tmp_path):
     (("--data.recipe", "anderson", "--data.recipe_overrides", "{num_classes: 4, num_points: 2000}"),
      "model.objective=simsiam: needs a two-view recipe"),
     (("--model.projector_dim", "0"), "model.projector_dim=0"),
-    (("--model.objective", "byol"), "model.objective='byol': must be one of classification, multilabel, simsiam"),
+    (("--model.objective", "dino"),
+     "model.objective='dino': must be one of classification, multilabel, simsiam, byol"),
     (("--model.objective", "classification"), "model.objective=classification: a two-view recipe"),
     (("--model.label_smoothing", "0.1"), "model.label_smoothing=0.1: model.objective=simsiam has no labels"),
     (("--data.source", "folder", "--data.path", "images"),  # was: simsiam 'needs a two-view recipe', of selfsup
@@ -140,6 +252,15 @@ def test_bad_two_view_config_is_one_line(tmp_path, capsys, extra, message):
     (("--data.batch_size", "1"), "data.batch_size=1: two-view training needs at least 2 samples per rank"),
     (("--data.samples_per_epoch", "9"), "samples_per_epoch=9: the last step would hold 1 sample(s) for 1 ranks; "
                                         "two-view training needs 2 per rank"),
+    # a rank's validation batch of one pair has no pair_gap, and the ranks would log different keys (DDP hang)
+    (("--data.val_samples", "9"), "val_samples=9: the last step would hold 1 sample(s) for 1 ranks; "
+                                  "two-view validation needs 2 per rank"),
+    # BYOL's momentum target: the run's length, and no half-precision weights
+    (("--model.objective", "byol", "--model.schedule", "constant", "--trainer.max_steps", "-1",
+      "--trainer.max_epochs", "-1", "--trainer.max_time", "00:00:01:00"),
+     "model.objective=byol: its momentum schedule needs the run's length"),
+    (("--model.objective", "byol", "--trainer.precision", "bf16-true"),
+     "trainer.precision=bf16-true: model.objective=byol would keep its momentum target in half precision"),
 ])
 def test_a_batch_of_one_pair_is_refused_before_anything_is_written(tmp_path, capsys, extra, message):
     # the projector's BatchNorm cannot train on one sample: a traceback mid-run before this check

@@ -278,6 +278,20 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     assert meta["steps"] == 3
 
 
+def test_byol_ddp_on_two_cpu_processes_keeps_its_target_out_of_the_gradient_sync(tmp_path):
+    # the target's parameters take no gradient: DDP must neither wait for them nor fail on them
+    selfsup = str(REPO / "jobs" / "pretrain" / "selfsup_smoke.yaml")
+    proc = _run_cli(fit_command(selfsup, tmp_path, "--model.objective", "byol", "--trainer.max_steps", "3",
+                                "--trainer.devices", "2", "--trainer.strategy", "ddp", "--data.val_samples", "0",
+                                "--model.knn_classes", "0"))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    online, target = state["net.conv1.weight"], state["objective.target_backbone.conv1.weight"]
+    assert not torch.equal(online, target)  # three steps of an EMA at 0.996: behind the online network
+    assert json.loads((tmp_path / "backbone.json").read_text())["objective"] == "byol"
+
+
 @pytest.mark.gpu
 def test_fit_on_gpu_renders_on_the_device(tmp_path):
     args = fit_args(tmp_path, "--trainer.max_steps", "3", "--trainer.accelerator", "gpu", "--trainer.precision",
@@ -370,12 +384,14 @@ def param_ids(groups) -> list[int]:
     return [id(p) for group in groups for p in group["params"]]
 
 
-@pytest.mark.parametrize("kwargs", [{}, TWO_VIEW], ids=["classification", "simsiam"])
+@pytest.mark.parametrize("kwargs", [{}, TWO_VIEW, {**TWO_VIEW, "objective": "byol"}],
+                         ids=["classification", "simsiam", "byol"])
 def test_sparing_norms_and_biases_splits_the_groups_and_decays_exactly_the_rest(kwargs):
     spare = FractalClassifier(arch="resnet18", num_classes=4, weight_decay=1e-3, decay_norm_and_bias=False, **kwargs)
     groups = spare.build_optimizer(0.1).param_groups
     ids = param_ids(groups)
-    assert len(ids) == len(set(ids)) and set(ids) == {id(p) for p in spare.parameters()}  # each exactly once
+    trained = {id(p) for p in spare.parameters() if p.requires_grad}  # not BYOL's momentum target
+    assert len(ids) == len(set(ids)) and set(ids) == trained  # each exactly once
     # in a ResNet and these heads the 1-D parameters are exactly the norm weights and the biases
     for group in groups:
         assert all(group["weight_decay"] == (0.0 if p.ndim == 1 else 1e-3) for p in group["params"])
@@ -429,3 +445,17 @@ def test_a_checkpoint_from_before_decay_norm_and_bias_resumes_only_with_it_true(
     with pytest.raises(ConfigError, match=r"^model.decay_norm_and_bias=False: old.ckpt was written by a run with True"):
         check_same_run(old, "old.ckpt", FractalClassifier(arch="resnet18", num_classes=4, decay_norm_and_bias=False),
                        data)
+
+
+@pytest.mark.parametrize("device,objective", [("cuda", None), ("cuda", "byol"), ("cpu", None)])
+def test_channels_last_follows_the_strategy_device_before_the_module_is_moved(device, objective):
+    # Lightning calls configure_model before the strategy moves the module: self.device is still the CPU there,
+    # so asking it never converted anything on a GPU. The CUDA device is only named (nothing runs on it).
+    extra = {"objective": objective, "views": 2} if objective else {}
+    model = FractalClassifier(arch="resnet18", num_classes=4, **extra)
+    model._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
+    model.configure_model()
+    nets = [model.net, model.objective.target_backbone] if objective else [model.net]
+    for net in nets:
+        weight = net.conv1.weight
+        assert weight.is_contiguous(memory_format=torch.channels_last) == (device == "cuda")
