@@ -16,7 +16,7 @@ AE=.venv/bin/ad-eval
 PY=.venv/bin/python
 mkdir -p outputs
 
-echo "== 1. fractal-pretrain render (16 anderson fractals, 256 px, CPU reference)"
+echo "== 1. fractal-pretrain render (16 anderson fractals, 256 px, compiled CPU renderer)"
 "$FP" render --recipe anderson --num 16 --seed 0 --size 256 --device cpu --out outputs/preview_anderson.png
 echo "== 1b. fractal-pretrain preview (the first batch jobs/pretrain/smoke.yaml trains on, exactly as the model sees it)"
 "$FP" preview --config jobs/pretrain/smoke.yaml --num 16 --out outputs/preview_smoke_batch.png

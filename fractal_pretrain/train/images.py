@@ -9,7 +9,7 @@ function of (seed, epoch) for a given world size and worker count, so their resu
 Sources (``data.source``):
 
 * ``render``: a recipe with ``images_per_class`` > 0 (``ofdb``): indices ``[0, N)`` of epoch 0, rendered
-  on the device (CuPy) or by the NumPy reference on the CPU.
+  on the device (CuPy) or by the compiled CPU renderer (the NumPy reference without a compiler).
 * ``folder``: ImageFolder layout, ``PATH/<class>/<image>`` (images may lie in subfolders of a class folder);
   classes are the sorted folder names.
 * ``webdataset``: tar shards (a directory of ``*.tar``, e.g. ``fractal-pretrain export``'s, one shard, or
