@@ -27,7 +27,6 @@ import io
 import json
 import os
 import struct
-import tarfile
 import time
 import zlib
 from collections.abc import Iterator
@@ -320,13 +319,6 @@ def _shard_paths(out_dir: Path) -> list[Path]:
     return paths
 
 
-def _split_member_name(name: str) -> tuple[str, str]:
-    """``"d/000000012.multihot.npy"`` -> ``("d/000000012", "multihot.npy")`` (webdataset split)."""
-    head, _, base = name.rpartition("/")
-    key, _, ext = base.partition(".")
-    return (f"{head}/{key}" if head else key), ext
-
-
 def _to_sample(key: str, files: dict[str, bytes]) -> ExportedSample:
     if "multihot.npy" in files:
         label: int | np.ndarray = np.load(io.BytesIO(files["multihot.npy"]), allow_pickle=False)
@@ -344,23 +336,16 @@ def _to_sample(key: str, files: dict[str, bytes]) -> ExportedSample:
 
 
 def tar_samples(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) of each sample of one tar shard, grouped by key as webdataset groups them."""
-    with tarfile.open(path, "r") as tar:
-        key: str | None = None
-        files: dict[str, bytes] = {}
-        for member in tar:
-            if not member.isfile():
-                continue
-            member_key, ext = _split_member_name(member.name)
-            if key is not None and member_key != key:
-                yield key, files
-                files = {}
-            key = member_key
-            fobj = tar.extractfile(member)
-            assert fobj is not None  # regular file
-            files[ext] = fobj.read()
-        if key is not None:
-            yield key, files
+    """(key, {extension: bytes}) of each sample of one tar shard, grouped by webdataset's own functions (keys,
+    lower-cased extensions, skipped ``__meta__`` files), so a listing counts exactly what a stream reads. A
+    duplicate member in one sample raises ValueError, as in webdataset."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    with open(path, "rb") as stream:
+        for sample in group_by_keys({**f, "__url__": str(path)} for f in tar_file_iterator(stream)):
+            key = sample.pop("__key__")
+            sample.pop("__url__")
+            yield key, sample
 
 
 def read_shards(out_dir: str | Path) -> Iterator[ExportedSample]:

@@ -100,9 +100,10 @@ def make_adapt_cli(argv: Sequence[str], prog: str = "fractal-pretrain adapt", **
 RESUMABLE_KEYS = frozenset({"render_device", "backbone", "_instantiator"})
 
 
-def check_resume(ckpt: str | None, model: AdaptModule) -> None:
+def check_resume(ckpt: str | None, model: AdaptModule, world: int = 1) -> None:
     """A checkpoint of another model config would continue (or, at max_steps, export) a projector that its
-    projector.json, written from this config, misdescribes: refuse it, naming the differing keys."""
+    projector.json, written from this config, misdescribes: refuse it, naming the differing keys; so would one
+    written with another world size (its steps drew other batch numbers, and ``batches`` would be miscounted)."""
     if ckpt is None:
         return
     saved = read_checkpoint(ckpt, "fractal-pretrain adapt",
@@ -113,6 +114,8 @@ def check_resume(ckpt: str | None, model: AdaptModule) -> None:
     if saved.get("backbone_digest", model.backbone_digest) != model.backbone_digest:
         changed.insert(0, f"model.backbone weights: digest {saved['backbone_digest']} there, "
                           f"{model.backbone_digest} here")
+    if saved.get("world_size", world) != world:
+        changed.append(f"world size (trainer.devices x trainer.num_nodes): {saved['world_size']} there, {world} here")
     if changed:
         raise ConfigError(f"checkpoint {ckpt} was written by another adapt config ({'; '.join(changed)}): use "
                           "another trainer.default_root_dir, or --ckpt_path none to start afresh")
@@ -123,7 +126,7 @@ def adapt(argv: Sequence[str]) -> int:
     with held_startup_output():
         cli = make_adapt_cli(argv)
         ckpt = run_checkpoint(cli)
-        check_resume(ckpt, cli.model)
+        check_resume(ckpt, cli.model, cli.trainer.world_size)
     with warnings.catch_warnings():
         # Lightning warns that a mid-epoch resume with a stateless loader is "unreliable": the loader only
         # yields batch numbers, the batch counter is the module's (in the checkpoint), the resume is exact.

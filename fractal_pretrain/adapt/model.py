@@ -369,6 +369,7 @@ class AdaptModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["backbone_digest"] = self.backbone_digest  # a resume refuses other weights (adapt/cli.py)
+        checkpoint["world_size"] = self.trainer.world_size  # and other ranks: step s draws batches s * W + r
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.projector.parameters(), lr=self.hparams.lr,

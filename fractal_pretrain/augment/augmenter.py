@@ -51,7 +51,8 @@ class BatchAugmenter:
                 long as a resume gives the same number again) and this process's rank (< 65536).
 
         Returns:
-            images (N, C, size, size) normalised, ``out_dtype``; targets (N, num_classes) float32,
+            images (N, C, size, size) normalised, ``out_dtype`` (C = 3 where ``mean`` has three values: a grey
+            batch is repeated over them); targets (N, num_classes) float32,
             rows summing to the label mass (1 for class labels). The loss is
             ``cross_entropy(logits, targets)``, which equals lam * CE(y) + (1 - lam) * CE(y_partner).
         """
@@ -89,7 +90,10 @@ class BatchAugmenter:
         cfg = self.config
         if images.device not in self._stats:
             self._stats[images.device] = upload([np.array(cfg.mean), np.array(cfg.std)], images.device)
-        x = ops.normalise(self.autoaugment(images, params), *self._stats[images.device])
+        pixels = self.autoaugment(images, params)
+        if pixels.shape[1] == 1 and len(cfg.mean) == 3:  # grey images for an RGB network, as PIL's convert("RGB")
+            pixels = pixels.expand(-1, 3, -1, -1)
+        x = ops.normalise(pixels, *self._stats[images.device])
         if params.erase[:, 2].any():
             (boxes,) = upload([params.erase], images.device)
             x = ops.erase(x, boxes, cfg.erase_value)

@@ -132,7 +132,8 @@ def add_run_callbacks(config, kwargs: dict, root: Path, callbacks: list) -> None
 # What a pre-training run learns from and with. Resuming with another value would continue a different run
 # (another recipe's classes, a changed recipe key: silently mixed images; another head size, or another
 # decay_norm_and_bias and so other optimiser groups, whose saved state cannot load: a traceback).
-SAME_RUN_KEYS = {"data": ("datamodule_hyper_parameters", ("recipe", "recipe_overrides", "size", "seed", "source")),
+SAME_RUN_KEYS = {"data": ("datamodule_hyper_parameters", ("recipe", "recipe_overrides", "size", "seed", "source",
+                                                          "batch_size", "samples_per_epoch", "augment")),
                  "model": ("hyper_parameters", ("arch", "num_classes", "multi_label", "views", "objective",
                                                 "decay_norm_and_bias"))}
 # Same-run keys added later: the value a checkpoint written before the key existed ran with.
@@ -150,6 +151,34 @@ def check_same_run(saved: dict, ckpt: str, model, datamodule) -> None:
             raise ConfigError(f"{section}.{key}={current[key]!r}: {ckpt} was written by a run with "
                               f"{recorded[key]!r}; resume with that value, or use another "
                               f"trainer.default_root_dir or --ckpt_path none")
+
+
+def check_same_images(saved: dict, ckpt: str, datamodule) -> None:
+    """An image folder or shard set is the run's by its file list (names and sizes, not its path: a copy on
+    node-local scratch resumes); another set would continue the run on other images."""
+    if datamodule.listing is None:  # rendered: the recipe keys (check_same_run) say which images
+        return
+    recorded = (saved.get(type(datamodule).__qualname__) or {}).get("images") or {}
+    current = datamodule.listing.record()
+    if recorded.get("source") != current["source"]:  # another source altogether: check_same_run names it
+        return
+    for key in differing_keys(recorded, current, [k for k in ("count", "digest") if k in recorded])[:1]:
+        raise ConfigError(f"data.path={datamodule.path!r}: {key} {current[key]!r} of its images, but "
+                          f"{ckpt} was trained on images with {key} {recorded[key]!r} (another file list); resume "
+                          f"with those images, or use another trainer.default_root_dir or --ckpt_path none")
+
+
+def check_same_geometry(saved: dict, ckpt: str, datamodule, world: int) -> None:
+    """A mid-epoch position counts batches of the world size (and, streamed, the loader workers) that wrote it;
+    under others the rest of the epoch would skip or repeat samples."""
+    loaders = ((saved.get("loops") or {}).get("fit_loop") or {}).get("state_dict", {}).get("combined_loader") or []
+    recorded = loaders[0] if loaders and isinstance(loaders[0], dict) else {}  # absent: written before it was saved
+    current = {"world": world, "workers": max(1, datamodule.num_workers)}
+    names = {"world": "world size (trainer.devices x trainer.num_nodes)", "workers": "data.num_workers"}
+    for key in differing_keys(recorded, current, [k for k in ("world", "workers") if k in recorded])[:1]:
+        raise ConfigError(f"{names[key]}={current[key]}: {ckpt} was written with {recorded[key]}, and a resume with "
+                          "another would skip or repeat samples of its epoch; resume with that value, or use another "
+                          "trainer.default_root_dir or --ckpt_path none")
 
 
 def read_checkpoint(ckpt: str, command: str, is_ours) -> dict:
@@ -291,7 +320,7 @@ def fit(argv: Sequence[str]) -> int:
         cli.datamodule.val_steps_per_epoch(cli.trainer.world_size)  # or validate
         check_val_interval(cli.trainer, steps)
         ckpt = run_checkpoint(cli)
-        check_resumable(ckpt, cli.model, cli.datamodule)
+        check_resumable(ckpt, cli.model, cli.datamodule, cli.trainer.world_size)
     return fit_resuming(cli, ckpt)
 
 
@@ -306,14 +335,16 @@ def check_val_interval(trainer, steps: int) -> None:
                           "lower it, or set trainer.check_val_every_n_epoch null to count steps across epochs")
 
 
-def check_resumable(ckpt: str | None, model, datamodule) -> None:
-    """A checkpoint of another run (recipe, size, seed, source, arch, classes...) or whose weights this config's
-    model cannot take is an error naming the key, before the run directory (and its config.yaml) is rewritten;
-    Lightning would fail later with a traceback, or silently continue a different run."""
+def check_resumable(ckpt: str | None, model, datamodule, world: int = 1) -> None:
+    """A checkpoint of another run (recipe, size, seed, source, arch, classes, images, batch geometry...) or whose
+    weights this config's model cannot take is an error naming the key, before the run directory (and its
+    config.yaml) is rewritten; Lightning would fail later with a traceback, or silently continue a different run."""
     if ckpt is None:
         return
     saved = read_checkpoint(ckpt, "fractal-pretrain fit", lambda saved: isinstance(saved.get("state_dict"), dict))
     check_same_run(saved, ckpt, model, datamodule)
+    check_same_images(saved, ckpt, datamodule)
+    check_same_geometry(saved, ckpt, datamodule, world)
     theirs = saved["state_dict"]
     ours = model.state_dict()
     for key in sorted(set(ours) | set(theirs)):

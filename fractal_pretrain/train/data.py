@@ -99,7 +99,12 @@ class ResumableBatches:
         self.consumed = step + 1
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "consumed": self.consumed}
+        return {"epoch": self.epoch, "consumed": self.consumed, **self.geometry()}
+
+    def geometry(self) -> dict[str, int]:
+        """What else the position ``consumed`` depends on (ranks, stream workers): a resume under other values
+        would skip or repeat samples, so ``fit`` refuses it (train/cli.py check_same_geometry)."""
+        return {}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._resume = {int(state["epoch"]): int(state["consumed"])}
@@ -112,6 +117,9 @@ class KeyBatches(ResumableBatches):
         super().__init__(epoch_fn)
         self.split, self.total, self.batch_size, self.rank, self.world = split, total, batch_size, rank, world
         self.steps = steps_per_epoch(total, batch_size, world, per_rank, split)
+
+    def geometry(self) -> dict[str, int]:
+        return {"world": self.world}
 
     def __iter__(self):
         epoch, start = self._begin()
@@ -128,6 +136,9 @@ class StreamBatches(ResumableBatches):
         super().__init__(epoch_fn)
         self.stream, self.num_workers, self.steps = stream, num_workers, stream.steps
         self.pin_memory = pin_memory  # CUDA: batches arrive pinned (the loader's thread), their upload is async
+
+    def geometry(self) -> dict[str, int]:
+        return {"world": self.stream.world, "workers": self.stream.workers}
 
     def __iter__(self):
         from torch.utils.data import DataLoader

@@ -112,15 +112,36 @@ def list_digest(entries: list[tuple[str, int]]) -> str:
 
 
 def decode_image(data: bytes | Path, name: str) -> np.ndarray:
-    """uint8 (H, W, 3) RGB pixels; an unreadable or truncated image is an error naming it."""
+    """uint8 (H, W, 3) RGB pixels; an unreadable or truncated image, or one of float pixels, is an error naming it."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
             im.load()
-            return np.asarray(im.convert("RGB"))
+            return rgb8(im, name)
+    except ConfigError:
+        raise
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for bad files
         raise ConfigError(f"{name}: unreadable image ({type(err).__name__}: {err})") from None
+
+
+WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit grey (PNG, TIFF, PGM with maxval > 255)
+
+
+def rgb8(im, name: str) -> np.ndarray:
+    """Pillow's ``convert("RGB")`` (torchvision's ImageFolder loader), except for wide grey pixels, which it
+    clips at 255 (a 16-bit image turns almost white): those are scaled to 8 bits by their top byte, as
+    torchvision's ``to_dtype(uint8, scale=True)`` does; float pixels have no range to scale from."""
+    if im.mode in WIDE_GREY_MODES:
+        pixels = np.asarray(im).astype(np.int64)
+        if pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
+            raise ConfigError(f"{name}: {im.mode} pixels from {pixels.min()} to {pixels.max()}, outside the 16-bit "
+                              "range 0..65535; convert it to 8 or 16 bits")
+        return np.repeat((pixels >> 8).astype(np.uint8)[..., None], 3, axis=2)
+    if im.mode.startswith("F"):
+        raise ConfigError(f"{name}: float pixels (mode {im.mode}) have no fixed range to scale to 8 bits; "
+                          "convert it to 8 or 16 bits")
+    return np.asarray(im.convert("RGB"))
 
 
 def build_set(arrays: list[np.ndarray], names: list[str], labels, num_classes: int, record: dict[str, Any],
@@ -264,13 +285,18 @@ def shard_paths(path: str) -> list[Path]:
                 names = json.loads(manifest.read_text())["shards"]
             except (OSError, ValueError, KeyError, TypeError) as err:
                 raise ConfigError(f"{manifest}: not a readable manifest ({type(err).__name__}: {err})") from None
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise ConfigError(f"{manifest}: 'shards' must be a list of shard file names, got {names!r:.80}")
             paths = [root / n for n in names]
         else:
             paths = sorted(root.glob("*.tar"))
         if not paths:
             raise ConfigError(f"data.path={path!r}: no .tar shards in the directory")
     else:
-        paths = [Path(p) for p in braceexpand.braceexpand(path)]
+        try:
+            paths = [Path(p) for p in braceexpand.braceexpand(path)]
+        except braceexpand.UnbalancedBracesError as err:
+            raise ConfigError(f"data.path={path!r}: {err}") from None
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise ConfigError(f"data.path={path!r}: shard {missing[0]} not found")
@@ -345,7 +371,9 @@ def list_shards(path: str) -> ShardListing:
                 if shape is None:
                     shape = image_shape(files[image], f"{shard}:{key}.{image}")
                 n += 1
-        except (OSError, EOFError, tarfile.TarError) as err:  # not a tar, or cut short
+        except ConfigError:
+            raise
+        except (OSError, EOFError, tarfile.TarError, ValueError) as err:  # not a tar, cut short, a duplicate member
             raise ConfigError(f"{shard}: unreadable shard ({type(err).__name__}: {err})") from None
         counts.append(n)
     if not labels:

@@ -357,3 +357,14 @@ def test_host_preparation_has_no_per_sample_loop(monkeypatch):
     groups = aug._groups(aug.sample_params(images, seed=0, epoch=0, indices=np.arange(512)), 32, 32)
     warped = sum(len(chosen) for name, chosen, _ in groups if name in ("Rotate", "ShearX"))
     assert warped > 50 and len(calls) <= 10  # Rotate: 4 magnitudes x 2 signs at most; ShearX: 1 x 2
+
+
+def test_a_grey_batch_is_augmented_as_its_rgb_copy_for_an_rgb_network():
+    # AugmentConfig's mean and std have three values (the backbones take RGB): one channel is repeated over
+    # them, as PIL's convert("RGB") does for a grey image
+    grey = _images(6)[:, :1]
+    aug = BatchAugmenter(OFDB, num_classes=5)
+    kwargs = dict(seed=1, epoch=0, indices=np.arange(6), step=0)
+    out, targets = aug(grey, torch.arange(6) % 5, **kwargs)
+    expected, expected_targets = aug(grey.expand(-1, 3, -1, -1), torch.arange(6) % 5, **kwargs)
+    assert out.shape == (6, 3, 32, 32) and torch.equal(out, expected) and torch.equal(targets, expected_targets)

@@ -489,3 +489,88 @@ def test_on_cuda_a_streamed_batch_goes_to_the_device_without_a_host_sync(tmp_pat
         torch.cuda.set_sync_debug_mode("default")
     assert images.is_cuda and images.shape == (4, 3, 16, 16)
     assert torch.equal(targets.argmax(1).cpu(), torch.as_tensor(second["labels"]))
+
+
+def test_16_bit_grey_images_are_scaled_not_clipped_and_float_images_are_named(tmp_path):
+    from fractal_pretrain.config import ConfigError
+    from fractal_pretrain.train.images import decode_image
+
+    wide = (np.arange(64, dtype=np.uint16) * 1000).reshape(8, 8)  # 0 .. 63,000
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    assert Image.open(tmp_path / "wide.png").mode in ("I;16", "I")  # Pillow's 16-bit grey
+    pixels = decode_image(tmp_path / "wide.png", "wide.png")
+    expected = (wide >> 8).astype(np.uint8)  # torchvision's to_dtype(uint8, scale=True): the top byte
+    assert pixels.shape == (8, 8, 3) and all(np.array_equal(pixels[..., c], expected) for c in range(3))
+    assert (pixels == 255).mean() < 0.05  # convert("RGB") clipped 98% of these to 255
+    Image.fromarray(np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)).save(tmp_path / "float.tif")
+    with pytest.raises(ConfigError, match=r"^\S*float.tif: float pixels \(mode F\)"):
+        decode_image(tmp_path / "float.tif", str(tmp_path / "float.tif"))
+    Image.fromarray(np.full((4, 4), 7, np.uint8)).save(tmp_path / "grey.png")  # 8-bit grey: as convert("RGB")
+    assert np.array_equal(decode_image(tmp_path / "grey.png", "grey.png"), np.full((4, 4, 3), 7, np.uint8))
+
+
+@pytest.mark.parametrize("path,expected", [
+    ("manifest:null", "manifest.json: 'shards' must be a list of shard file names, got None"),
+    ("manifest:[1, 2]", "manifest.json: 'shards' must be a list of shard file names"),
+    ("s-{0..3.tar", "data.path='s-{0..3.tar': "),
+], ids=["null-shards", "number-shards", "unbalanced-braces"])
+def test_a_bad_manifest_or_brace_pattern_is_one_line(tmp_path, capsys, path, expected):
+    if path.startswith("manifest:"):
+        (tmp_path / "manifest.json").write_text(f'{{"shards": {path.removeprefix("manifest:")}}}')
+        path = str(tmp_path)
+    run = tmp_path / "run"
+    assert main(fit_args(run, "--data.source", "webdataset", "--data.path", path)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fractal-pretrain: error:") and expected in err[0]
+    assert not run.exists()
+
+
+def test_shard_listing_groups_members_as_webdataset_does(tmp_path):
+    # upper-case extensions, a __meta__ member and one without an extension: webdataset lower-cases the first and
+    # skips the others; the listing must count what the stream reads
+    import webdataset as wds
+
+    samples = [{"__key__": f"k{i}", "PNG": png_bytes(seed=i), "Cls": str(i).encode()} for i in range(3)]
+    write_shard(tmp_path / "a.tar", samples)
+    with tarfile.open(tmp_path / "a.tar", "a") as tar:
+        for name in ("__meta__", "README"):
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"{}"))
+    listing = list_shards(str(tmp_path / "a.tar"))
+    streamed = list(wds.WebDataset(str(tmp_path / "a.tar"), shardshuffle=False, empty_check=False))
+    assert listing.count == len(streamed) == 3 and listing.labels == (0, 1, 2)
+    assert all({"png", "cls"} <= set(sample) for sample in streamed)
+
+
+@pytest.mark.parametrize("change,expected", [
+    (("--data.batch_size", "2"), "data.batch_size=2: "),
+    (("--trainer.devices", "2", "--trainer.strategy", "ddp"),
+     "world size (trainer.devices x trainer.num_nodes)=2: "),
+], ids=["batch-size", "world-size"])
+def test_a_mid_epoch_resume_under_another_batch_geometry_is_refused(tmp_path, capsys, change, expected):
+    # the checkpoint's position counts batches of 4 on one rank; under another geometry the rest of the epoch
+    # would skip or repeat samples
+    run = tmp_path / "run"
+    args = ("--data.batch_size", "4", "--model.warmup_epochs", "0")
+    assert main(fit_args(run, *args, "--trainer.max_steps", "1", "--checkpoint_every_n_steps", "1")) == 0
+    config = (run / "config.yaml").read_bytes()
+    capsys.readouterr()
+    assert main(fit_args(run, *args, "--trainer.max_steps", "2", *change)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0] and "last.ckpt was written" in err[0], err
+    assert (run / "config.yaml").read_bytes() == config
+
+
+def test_another_image_set_under_the_same_path_is_refused_a_moved_copy_resumes(tmp_path, capsys):
+    folder = make_folder(tmp_path / "images")
+    run = tmp_path / "run"
+    args = ("--data.source", "folder", "--data.batch_size", "2", "--model.warmup_epochs", "0")
+    assert main(fit_args(run, *args, "--data.path", str(folder), "--trainer.max_steps", "1")) == 0
+    moved = folder.rename(tmp_path / "scratch_copy")  # node-local scratch: same files, another path
+    assert main(fit_args(run, *args, "--data.path", str(moved), "--trainer.max_steps", "2")) == 0
+    write_image(moved / "class_0" / "img_9.png", seed=99)  # one more image: another file list
+    capsys.readouterr()
+    assert main(fit_args(run, *args, "--data.path", str(moved), "--trainer.max_steps", "3")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "count 7 of its images" in err[0] and "with count 6" in err[0], err

@@ -66,7 +66,7 @@ def test_key_batches_resume_mid_epoch_from_consumed_not_prefetched():
     first, second = next(it), next(it)  # the second one is only prefetched
     keys.mark_consumed(first["step"])
     state = keys.state_dict()
-    assert state == {"epoch": 3, "consumed": 1}
+    assert state == {"epoch": 3, "consumed": 1, "world": 2}  # the world size: a resume under another is refused
     resumed = KeyBatches("train", 40, 4, 0, 2, lambda: epoch["value"])
     resumed.load_state_dict(state)
     steps = [b["step"] for b in resumed]

@@ -147,6 +147,9 @@ def test_a_requeue_stop_writes_no_projector(tmp_path, monkeypatch):
 @pytest.mark.parametrize("extra, message", [
     (["--model.backbone_seed", "1"], "model.backbone_seed: 0 there, 1 here"),
     (["--model.anomalies", "{anomaly_p: 0.5}"], "model.anomalies:"),
+    # step s drew batches s * W + r: under another world size batches would repeat or be skipped
+    (["--trainer.devices", "2", "--trainer.strategy", "ddp"],
+     "world size (trainer.devices x trainer.num_nodes): 1 there, 2 here"),
 ])
 def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, capsys, extra, message):
     """Re-running into a run directory with another config used to continue the old checkpoint (or, at
