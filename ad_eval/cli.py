@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control", default=None, metavar="LABEL",
                    help="backbone label of the control (e.g. random-resnet18): every other backbone's difference "
                         "to it, paired by seed, with its standard error (control_<dataset>.{md,csv,png})")
+    p.add_argument("--grid", default=None, metavar="CONFIG",
+                   help="report only the cells of this grid config (jobs/eval/*.yaml; paths resolve as for "
+                        "`ad-eval grid`), e.g. when --results also holds records of an earlier version of it")
     p.set_defaults(handler=_cmd_report)
 
     from ad_eval.synthetic import add_arguments as add_synthetic_arguments
@@ -143,8 +146,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     check_output_dir(args.out)
     backbones = args.backbones.split(",") if args.backbones else None
+    cells = None
+    if args.grid:
+        from ad_eval.grid import load_grid
+
+        cells = {cell.cell_id for cell in load_grid(args.grid).cells}
     written = build_report(args.results, args.out, backbones=backbones, layers=_report_layers(args.layers),
-                           control=args.control)
+                           control=args.control, cells=cells)
     print(f"report written to {args.out}")
     # the summary's warnings on the terminal too: a --backbones typo or an empty folder is not a silent success
     for problem in [*written["problems"], *written["warnings"]]:

@@ -10,7 +10,7 @@ dataset and shots value ``control_<dataset>[_<K>shot].{md,csv}`` and ``.png`` (`
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,7 +171,8 @@ class _Selection:
 
 def build_report(results_dir: str | Path, out_dir: str | Path, backbones: str | Sequence[str] | None = None,
                  metrics: str | Sequence[str] = METRICS, layers: Mapping[str, Any] | None = None, *,
-                 spider_metrics: str | Sequence[str] = SPIDER_METRICS, control: str | None = None) -> dict[str, Any]:
+                 spider_metrics: str | Sequence[str] = SPIDER_METRICS, control: str | None = None,
+                 cells: Collection[str] | None = None) -> dict[str, Any]:
     """Writes the paper's tables and figures for the records in ``results_dir`` into ``out_dir``.
 
     Args:
@@ -187,6 +188,9 @@ def build_report(results_dir: str | Path, out_dir: str | Path, backbones: str | 
         control: a backbone label (e.g. "random-resnet18"): every other backbone's difference to it, paired by
             seed, in ``control_<dataset>[_<K>shot].{md,csv,png}`` (``ad_eval.report.control``). A ValueError,
             before anything is written, when it has no record or is not among ``backbones``.
+        cells: the cell ids to report (``ad-eval report --grid``: one grid config's cells), when the folder also
+            holds records of other cells, e.g. of an earlier version of the grid; the others are left out (a
+            warning counts them). Default: every record.
 
     Returns:
         ``{"tables": [paths], "figures": [paths], "results_long": path, "summary": path, "problems": [...],
@@ -197,11 +201,14 @@ def build_report(results_dir: str | Path, out_dir: str | Path, backbones: str | 
     metrics, spider_metrics = _check_metrics(metrics, spider_metrics)
     results_dir, out_dir = Path(results_dir), Path(out_dir)
     records, problems, failures = load_records(results_dir)
+    records, failures, other_cells = _only_cells(records, failures, cells)
     control = control or None
     if control:
         _check_control(records, _as_list(backbones), control)
     out_dir.mkdir(parents=True, exist_ok=True)
     selection = _select_records(records, _as_list(backbones), layers, results_dir)
+    if other_cells:
+        selection.warnings.insert(0, f"{other_cells} record(s) and failure(s) of cells not in the grid left out")
 
     report = _Report(out_dir)
     for dataset in selection.datasets:
@@ -228,6 +235,17 @@ def _check_metrics(metrics: str | Sequence[str], spider_metrics: str | Sequence[
     if unknown:
         raise ValueError(f"metrics={unknown}: unknown (known: {', '.join(METRICS)})")
     return metrics, spider_metrics
+
+
+def _only_cells(records: pd.DataFrame, failures: list[dict], cells: Collection[str] | None
+                ) -> tuple[pd.DataFrame, list[dict], int]:
+    """The records and failures of ``cells`` (None: all), and how many others there were."""
+    if cells is None:
+        return records, failures, 0
+    cells = set(cells)
+    kept = records[records["cell_id"].isin(cells)]
+    kept_failures = [f for f in failures if f.get("cell_id") in cells]
+    return kept, kept_failures, len(records) - len(kept) + len(failures) - len(kept_failures)
 
 
 def _check_control(records: pd.DataFrame, backbones: list[str] | None, control: str) -> None:

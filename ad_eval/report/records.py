@@ -194,7 +194,8 @@ def deduplicate(records: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     records = records.sort_values(["finished_at", "file"], kind="stable")
     warnings = []
     for _, group in records.groupby(KEY + ["seed"], sort=False):
-        warnings += [f"{name}: same cell and seed as {group['file'].iloc[-1]} (finished later), ignored"
+        warnings += [f"{name}: same cell and seed as {group['file'].iloc[-1]} (finished later), ignored (report "
+                     "--grid CONFIG reports only that grid's cells)"
                      for name in group["file"].iloc[:-1]]
     return records.drop_duplicates(KEY + ["seed"], keep="last").sort_index(), sorted(warnings)
 

@@ -343,3 +343,33 @@ def test_ctrl_c_of_a_local_grid_ends_a_task_deaf_to_sigint(tmp_path, realdata):
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_report_grid_reports_that_grid_s_cells_not_a_newer_record_of_an_earlier_version(tmp_path, capsys):
+    # size 256, then 224, then 256 again: the third grid run finds its records and runs nothing, and a plain
+    # report keeps the newest record of each report cell (224's); --grid reports the grid's own cells
+    from ad_eval.cell import record_path
+
+    out = tmp_path / "results"
+    out.mkdir()
+    paths = {}
+    for size, day, auroc in ((256, 1, 0.9), (224, 2, 0.7)):
+        paths[size] = write_grid(tmp_path / f"grid{size}.yaml", tmp_path / "data", size=size)
+        for cell in load_grid(paths[size]).cells:  # the records the grid would write
+            record = {**cell.to_dict(), "cell_id": cell.cell_id, "backbone": cell.backbone_name,
+                      "image_AUROC": auroc, "pixel_AUROC": None, "pixel_AUPRO": None,
+                      "finished_at": f"2026-01-0{day}T00:00:00+00:00"}
+            record.pop("backbone_name")
+            record_path(out, cell).write_text(json.dumps(record))
+    assert not pending_cells(load_grid(paths[256]), out)  # back at 256: nothing to run
+    for extra, expected in (([], 0.7), (["--grid", str(paths[256])], 0.9)):
+        report = tmp_path / f"report{len(extra)}"
+        assert main(["report", "--results", str(out), "--out", str(report), *extra]) == 0
+        long = (report / "results_long.csv").read_text().splitlines()
+        header = long[0].split(",")
+        values = {float(row.split(",")[header.index("mean")]) for row in long[1:]
+                  if row.split(",")[header.index("metric")] == "image_AUROC"}
+        assert values == {expected}, (extra, long[:3])
+    err = capsys.readouterr().err
+    assert "report --grid CONFIG reports only that grid's cells" in err  # the plain report's duplicate warning
+    assert "2 record(s) and failure(s) of cells not in the grid left out" in err
