@@ -252,12 +252,13 @@ def cell_projection(cell: Cell, backbone):
 
 
 def cell_split(cell: Cell, spec, config, layers):
-    """The cell's dataset split, its train images reduced to the few-shot choice (checked against the method)."""
+    """The cell's dataset split, its train images reduced to the few-shot choice, checked against the method."""
     from ad_eval.datasets import Split, scan
     from ad_eval.fewshot import select_shots
 
     split = scan(cell.dataset, cell.root, cell.category)
-    if cell.shots is None:
+    if cell.shots is None:  # too few images for the method (or its batches) is one line, not a mid-fit crash
+        spec.check_train_images(len(split.train), config, layers, cell.crop or cell.size)
         return split
     train = select_shots(split.train, cell.shots, seed=cell.seed, category=cell.category)
     spec.check_train_images(len(train), config, layers, cell.crop or cell.size, shots=cell.shots)
