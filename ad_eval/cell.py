@@ -142,11 +142,18 @@ def check_label(name: str, *, projector: str | None, bn_stats: str, derived: boo
 
 
 def default_backbone_name(spec: str, arch: str | None) -> str:
+    """The label of a backbone given without a name: runs/fractalA/backbone.pt and runs/fractalA are "fractalA".
+
+    A spec is a folder (holding backbone.pt) when its name has no suffix or it is a folder on disk (run.v2):
+    decided from the text where possible, so the name, and the cell id, do not depend on the host.
+    """
     if spec == "random":
         return f"random-{arch}"
     if spec.startswith("imagenet:"):
         return f"imagenet-{arch}"
-    path = Path(spec)
+    path = Path(spec).expanduser()
+    if path.name and (not path.suffix or path.is_dir()):
+        return path.name
     return path.parent.name or path.stem
 
 

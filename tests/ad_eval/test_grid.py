@@ -50,6 +50,24 @@ def test_cell_ids_are_stable_and_distinct():
     assert len(others) == 5
 
 
+@pytest.mark.parametrize("spec,name", [
+    ("runs/fractalA/backbone.pt", "fractalA"), ("runs/fractalA", "fractalA"), ("runs/fractalB/", "fractalB"),
+    ("backbone.pt", "backbone"),
+])
+def test_a_backbone_folder_is_named_after_itself_not_its_parent(spec, name):
+    """backbone.pt's folder names it, whether the spec is the file or the folder (runs/fractalA was 'runs',
+    so every run under runs/ got one report label)."""
+    base = dict(method="panda", dataset="mvtec", root="/d", category="bottle")
+    assert Cell(**base, backbone=spec).backbone_name == name
+
+
+def test_a_backbone_folder_with_a_dot_is_a_folder_where_it_exists(tmp_path):
+    folder = tmp_path / "run.v2"
+    folder.mkdir()
+    cell = Cell(method="panda", dataset="mvtec", root="/d", category="c", backbone=str(folder))
+    assert cell.backbone_name == "run.v2"
+
+
 @pytest.mark.parametrize("bad,message", [
     ({"method": "patchcorr"}, "method='patchcorr'"),
     ({"layers": "2,5"}, "'5' is not one of"),
