@@ -170,6 +170,15 @@ def read_record(path: Path) -> dict | None:
     return record if isinstance(record, dict) and "image_AUROC" in record else None
 
 
+def is_done(cell: Cell, out_dir: Path, keep_maps: bool = False) -> bool:
+    """Whether ``cell`` has a finished record in ``out_dir`` with what this run asks for: with ``keep_maps``, its
+    anomaly maps too (a grid first run without keep_maps is run again for them) unless its method gives none."""
+    record = read_record(record_path(out_dir, cell))
+    if record is None:
+        return False
+    return "maps" in record or not keep_maps or not get_method(cell.method).pixel_maps
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
@@ -360,7 +369,7 @@ def run_cells(cells: list[Cell], out_dir: str | Path, device: str = "auto", keep
     """
     status = []
     for cell in cells:
-        if read_record(record_path(Path(out_dir), cell)) is not None:
+        if is_done(cell, Path(out_dir), keep_maps):
             status.append(f"{cell.cell_id}: already done")
             continue
         try:

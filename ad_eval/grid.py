@@ -24,7 +24,8 @@ checked by that method's config dataclass (``ad_eval.methods``).
 
 Each (method, resources) group becomes one job array of ``ceil(cells / cells_per_task)`` tasks.
 Re-running the same command skips cells with a valid record and re-submits the rest (failed,
-cancelled, never run), so a killed grid loses nothing and no cell runs twice once done.
+cancelled, never run), so a killed grid loses nothing and no cell runs twice once done. With
+``keep_maps: true`` a record without maps (a run with it off) is not done: that cell runs again.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from typing import Any
 import yaml
 
 from ad_eval.adabn import BN_STATS, PROJECTOR_NEEDS_SOURCE_STATS
-from ad_eval.cell import DATASETS, Cell, check_device, check_label, preflight, read_record, record_path, run_cells
+from ad_eval.cell import DATASETS, Cell, check_device, check_label, is_done, preflight, record_path, run_cells
 from ad_eval.fewshot import parse_shots
 from ad_eval.methods import get_method, list_methods
 from fractal_pretrain.config import ConfigError, build_checked, check_range, check_type
@@ -317,8 +318,8 @@ def _resolve_spec(spec: str, base: Path) -> str:
 
 
 def pending_cells(grid: Grid, out_dir: Path) -> list[Cell]:
-    """Cells without a valid record in out_dir."""
-    return [cell for cell in grid.cells if read_record(record_path(out_dir, cell)) is None]
+    """Cells without a valid record in out_dir, or, when the grid keeps maps, without their maps (``is_done``)."""
+    return [cell for cell in grid.cells if not is_done(cell, out_dir, grid.keep_maps)]
 
 
 def _count_written(grid: Grid, out_dir: Path) -> int:

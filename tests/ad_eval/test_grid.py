@@ -68,6 +68,30 @@ def test_a_backbone_folder_with_a_dot_is_a_folder_where_it_exists(tmp_path):
     assert cell.backbone_name == "run.v2"
 
 
+def test_switching_keep_maps_on_reruns_the_cells_without_maps(tmp_path, monkeypatch):
+    """A grid first run without keep_maps left records without maps: with keep_maps on they are pending, and
+    run_cells runs them (it skipped them as done, so no maps were ever written); cutpaste gives no maps."""
+    from ad_eval import cell as cell_module
+    from ad_eval.grid import expand, parse_grid
+
+    data = {"datasets": {"mvtec": {"root": "/d", "categories": ["bottle"]}},
+            "backbones": {"R": {"spec": "random", "arch": "resnet18"}}, "methods": {"patchcore": {}, "cutpaste": {}}}
+    without = expand(parse_grid({**data, "keep_maps": False}, "g.yaml"), Path("/"), "g.yaml")
+    for cell in without.cells:
+        (tmp_path / f"{cell.cell_id}.json").write_text(json.dumps({"cell_id": cell.cell_id, "image_AUROC": 0.9}))
+    assert pending_cells(without, tmp_path) == []
+    keeping = expand(parse_grid({**data, "keep_maps": True}, "g.yaml"), Path("/"), "g.yaml")
+    assert [c.method for c in pending_cells(keeping, tmp_path)] == ["patchcore"]
+    ran = []
+    monkeypatch.setattr(cell_module, "run_cell", lambda cell, out, device, keep_maps: ran.append(cell.method) or
+                        {"image_AUROC": 0.5, "wall_time_s": 0.0})
+    cell_module.run_cells(keeping.cells, tmp_path, keep_maps=True)
+    assert ran == ["patchcore"]
+    patchcore = next(c for c in keeping.cells if c.method == "patchcore")
+    (tmp_path / f"{patchcore.cell_id}.json").write_text(json.dumps({"image_AUROC": 0.9, "maps": "m.npz"}))
+    assert pending_cells(keeping, tmp_path) == []
+
+
 @pytest.mark.parametrize("bad,message", [
     ({"method": "patchcorr"}, "method='patchcorr'"),
     ({"layers": "2,5"}, "'5' is not one of"),
