@@ -124,6 +124,15 @@ def test_bad_cells_are_one_line_errors(bad, message):
      r"backbones\.R\+adabn.*'\+adabn' marks cells run with bn_stats='train', and these are not"),
     ({"backbones": {"R+adapt": {"spec": "random", "arch": "resnet18", "bn_stats": "train"}}},
      r"backbones\.R\+adapt.*'\+adapt' marks cells run with a projector, and these are not"),
+    # equivalent entries of one axis: cells with one cell id, run twice (concurrently)
+    ({"methods": {"panda": {"layers": [[3, 4], [4, 3], ["layer3", "layer4"]]}}},
+     r"grid.yaml: methods\.panda\.layers: \[3, 4\] and \[4, 3\] are the same layer set: list it once"),
+    ({"methods": {"patchcore": {"layers": [[2, 3], ["layer2", "layer3"]]}}},
+     r"methods\.patchcore\.layers: \[2, 3\] and \['layer2', 'layer3'\] are the same layer set"),
+    ({"seeds": [0, 1, 0]}, r"grid.yaml: seeds: 0 and 0 are the same seed: list it once"),
+    ({"shots": [4, "all", None]}, r"grid.yaml: shots: 'all' and 'all' are the same K: list it once"),
+    ({"datasets": {"mvtec": {"root": "/d", "categories": ["a", "b", "a"]}}},
+     r"datasets\.mvtec\.categories: 'a' and 'a' are the same category"),
 ])
 def test_grid_config_errors_name_file_and_key(tmp_path, changes, message):
     path = write_grid(tmp_path / "grid.yaml", tmp_path, **changes)
