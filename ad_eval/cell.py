@@ -213,11 +213,47 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _peak_memory_mb(device: str) -> float:
+def reset_peak_memory(device: str) -> str:
+    """Starts counting the cell's peak memory; returns what ``peak_memory_mb`` will measure (``peak_memory_of``).
+
+    CUDA: the allocator's peak on the cell's device ("cell"). CPU on Linux: the process's peak resident set
+    (VmHWM), reset to the current one by writing 5 to /proc/self/clear_refs ("cell", though what the process
+    held before the cell is part of it). Where that is not possible (not Linux, no permission) it is
+    ``ru_maxrss``, the peak since the process started: with several cells in one process (``run_cells``) a later
+    cell's value can be an earlier one's ("process").
+    """
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        return "cell"
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return "process"
+    return "cell" if _vm_hwm_kib() is not None else "process"
+
+
+def _vm_hwm_kib() -> int | None:
+    """The process's peak resident set (KiB) from /proc/self/status, or None where there is none."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _peak_memory_mb(device: str, of: str = "cell") -> float:
+    """The peak counted since ``reset_peak_memory`` returned ``of`` (see there), in MiB."""
     import torch
 
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
+    hwm = _vm_hwm_kib() if of == "cell" else None
+    if hwm is not None:
+        return hwm / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -318,7 +354,11 @@ def compute_scores(cell: Cell, device: str, work_dir: Path):
 
 
 def run_cell(cell: Cell, out_dir: str | Path, device: str = "auto", keep_maps: bool = False) -> dict:
-    """Evaluates one cell and writes its record; returns the record (raises after writing a failure record)."""
+    """Evaluates one cell and writes its record; returns the record (raises after writing a failure record).
+
+    The record's ``peak_memory_mb`` is the cell's peak (GPU: allocated on its device; CPU: resident set) when
+    ``peak_memory_of`` is "cell", and the whole process's peak so far when it is "process" (``reset_peak_memory``).
+    """
     import numpy as np
     import torch
 
@@ -330,15 +370,15 @@ def run_cell(cell: Cell, out_dir: str | Path, device: str = "auto", keep_maps: b
     return_large_frees_to_the_os()
     try:
         device = resolve_device(device)
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
+        memory_of = reset_peak_memory(device)
         with tempfile.TemporaryDirectory(prefix="ad_eval_") as work:
             scores, extra = compute_scores(cell, device, Path(work))
         metrics = compute_all(scores.image_scores, scores.image_labels, scores.anomaly_maps, scores.masks)
         record = {
             "cell_id": cell.cell_id, **cell.to_dict(), "backbone_spec": cell.backbone, "backbone": cell.backbone_name,
             **extra, **metrics, "num_test": int(len(scores.image_labels)),
-            "wall_time_s": round(time.perf_counter() - start, 3), "peak_memory_mb": round(_peak_memory_mb(device), 1),
+            "wall_time_s": round(time.perf_counter() - start, 3),
+            "peak_memory_mb": round(_peak_memory_mb(device, memory_of), 1), "peak_memory_of": memory_of,
             "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)",
             "versions": _versions(), "host": platform.node(),
             "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
