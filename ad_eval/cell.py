@@ -225,7 +225,7 @@ def reset_peak_memory(device: str) -> str:
     import torch
 
     if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(torch.device(device))
         return "cell"
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -245,12 +245,21 @@ def _vm_hwm_kib() -> int | None:
     return None
 
 
+def _device_name(device: str) -> str:
+    """The record's ``device``: the cell's GPU's name (cuda:1's, not the current GPU's), or the CPU cores."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({os.cpu_count()} cores)"
+
+
 def _peak_memory_mb(device: str, of: str = "cell") -> float:
     """The peak counted since ``reset_peak_memory`` returned ``of`` (see there), in MiB."""
     import torch
 
     if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
+        return torch.cuda.max_memory_allocated(torch.device(device)) / 2**20
     hwm = _vm_hwm_kib() if of == "cell" else None
     if hwm is not None:
         return hwm / 1024
@@ -360,7 +369,6 @@ def run_cell(cell: Cell, out_dir: str | Path, device: str = "auto", keep_maps: b
     ``peak_memory_of`` is "cell", and the whole process's peak so far when it is "process" (``reset_peak_memory``).
     """
     import numpy as np
-    import torch
 
     from ad_eval.metrics import compute_all
 
@@ -379,7 +387,7 @@ def run_cell(cell: Cell, out_dir: str | Path, device: str = "auto", keep_maps: b
             **extra, **metrics, "num_test": int(len(scores.image_labels)),
             "wall_time_s": round(time.perf_counter() - start, 3),
             "peak_memory_mb": round(_peak_memory_mb(device, memory_of), 1), "peak_memory_of": memory_of,
-            "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)",
+            "device": _device_name(device),
             "versions": _versions(), "host": platform.node(),
             "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }

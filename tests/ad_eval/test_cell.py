@@ -50,3 +50,19 @@ def test_without_a_resettable_peak_the_record_says_it_is_the_process_peak(tmp_pa
     monkeypatch.setattr(cell_module, "_vm_hwm_kib", lambda: None)  # not Linux
     record = run_cell(CELL, tmp_path, device="cpu")
     assert record["peak_memory_of"] == "process" and record["peak_memory_mb"] > 0
+
+
+def test_gpu_memory_and_name_are_read_from_the_cells_own_device(tmp_path, monkeypatch):
+    """Called without a device, torch.cuda's peak-memory and name functions read the current GPU (0): a cell
+    on cuda:1 recorded GPU 0's. No GPU here: the torch.cuda functions are stand-ins that record their argument."""
+    import torch
+
+    seen = []
+    monkeypatch.setattr(cell_module, "resolve_device", lambda device: device)
+    monkeypatch.setattr(cell_module, "compute_scores", _fit_allocating(0))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: seen.append(("reset", device)))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: seen.append(("peak", device)) or 2**20)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: seen.append(("name", device)) or "GPU 1")
+    record = run_cell(CELL, tmp_path, device="cuda:1")
+    assert seen == [(call, torch.device("cuda:1")) for call in ("reset", "peak", "name")]
+    assert record["device"] == "GPU 1" and record["peak_memory_mb"] == 1.0
