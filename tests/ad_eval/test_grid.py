@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ad_eval import grid as grid_module
+from ad_eval import cell as cell_module
 from ad_eval.backbones import BACKBONE_FORMAT
 from ad_eval.cell import Cell, read_record
 from ad_eval.cli import main
@@ -71,7 +71,6 @@ def test_a_backbone_folder_with_a_dot_is_a_folder_where_it_exists(tmp_path):
 def test_switching_keep_maps_on_reruns_the_cells_without_maps(tmp_path, monkeypatch):
     """A grid first run without keep_maps left records without maps: with keep_maps on they are pending, and
     run_cells runs them (it skipped them as done, so no maps were ever written); cutpaste gives no maps."""
-    from ad_eval import cell as cell_module
     from ad_eval.grid import expand, parse_grid
 
     data = {"datasets": {"mvtec": {"root": "/d", "categories": ["bottle"]}},
@@ -159,7 +158,7 @@ def test_grid_runs_every_cell_once_and_a_rerun_skips_them(tmp_path, realdata, mo
         assert r["backbone"] == "Random" and r["layers"] == ["layer2", "layer3"] and r["wall_time_s"] > 0
     stamps = {r["cell_id"]: r["finished_at"] for r in got}
     reads = []
-    monkeypatch.setattr(grid_module, "read_record", lambda path: reads.append(path) or read_record(path))
+    monkeypatch.setattr(cell_module, "read_record", lambda path: reads.append(path) or read_record(path))
     assert run_grid(config, out, cluster="debug", progress=False)["done"] == 2
     assert {r["cell_id"]: r["finished_at"] for r in records(out)} == stamps  # nothing ran again
     assert len(reads) == 2 * 2  # each record read once before submitting and once for the summary (was 4 times)
