@@ -17,8 +17,9 @@ Specs:
   ``{"state_dict": ...}`` wrapper and ``module.``/``backbone.`` prefixes removed); ``arch`` is
   required, mean/std are ImageNet's. Nothing is downloaded: a missing file is an error naming the
   torchvision file to fetch.
-- ``random``: torchvision's initialisation of ``arch`` under ``torch.manual_seed(seed)``, in a
-  forked RNG so the caller's random state is untouched; ImageNet mean/std.
+- ``random``: torchvision's initialisation of ``arch`` under the CPU generator seeded with ``seed`` (the
+  weights ``torch.manual_seed(seed)`` gives), in a forked RNG so the caller's random state is untouched
+  (CUDA generators included: only the CPU one is seeded); ImageNet mean/std.
 
 Every state dict must hold exactly the keys of the torchvision model minus ``fc.*`` (``fc.*`` is
 ignored; BatchNorm ``num_batches_tracked`` counters, absent from some old torchvision files, are
@@ -130,8 +131,10 @@ def load_backbone(spec: str, arch: str | None = None, seed: int = 0) -> Backbone
 
 
 def _random_backbone(arch: str, seed: int) -> Backbone:
+    # fork_rng(devices=[]) restores only the CPU generator: torch.manual_seed would also reseed every CUDA one for
+    # good. Module initialisation runs on the CPU, so the CPU generator alone decides the weights.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.random.default_generator.manual_seed(seed)
         model = _builder(arch)()
     state_dict = {k: v for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIX)}
     return Backbone(

@@ -142,11 +142,18 @@ def check_label(name: str, *, projector: str | None, bn_stats: str, derived: boo
 
 
 def default_backbone_name(spec: str, arch: str | None) -> str:
+    """The label of a backbone given without a name: runs/fractalA/backbone.pt and runs/fractalA are "fractalA".
+
+    A spec is a folder (holding backbone.pt) when its name has no suffix or it is a folder on disk (run.v2):
+    decided from the text where possible, so the name, and the cell id, do not depend on the host.
+    """
     if spec == "random":
         return f"random-{arch}"
     if spec.startswith("imagenet:"):
         return f"imagenet-{arch}"
-    path = Path(spec)
+    path = Path(spec).expanduser()
+    if path.name and (not path.suffix or path.is_dir()):
+        return path.name
     return path.parent.name or path.stem
 
 
@@ -161,6 +168,15 @@ def read_record(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) and "image_AUROC" in record else None
+
+
+def is_done(cell: Cell, out_dir: Path, keep_maps: bool = False) -> bool:
+    """Whether ``cell`` has a finished record in ``out_dir`` with what this run asks for: with ``keep_maps``, its
+    anomaly maps too (a grid first run without keep_maps is run again for them) unless its method gives none."""
+    record = read_record(record_path(out_dir, cell))
+    if record is None:
+        return False
+    return "maps" in record or not keep_maps or not get_method(cell.method).pixel_maps
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -197,11 +213,56 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _peak_memory_mb(device: str) -> float:
+def reset_peak_memory(device: str) -> str:
+    """Starts counting the cell's peak memory; returns what ``peak_memory_mb`` will measure (``peak_memory_of``).
+
+    CUDA: the allocator's peak on the cell's device ("cell"). CPU on Linux: the process's peak resident set
+    (VmHWM), reset to the current one by writing 5 to /proc/self/clear_refs ("cell", though what the process
+    held before the cell is part of it). Where that is not possible (not Linux, no permission) it is
+    ``ru_maxrss``, the peak since the process started: with several cells in one process (``run_cells``) a later
+    cell's value can be an earlier one's ("process").
+    """
     import torch
 
     if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats(torch.device(device))
+        return "cell"
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return "process"
+    return "cell" if _vm_hwm_kib() is not None else "process"
+
+
+def _vm_hwm_kib() -> int | None:
+    """The process's peak resident set (KiB) from /proc/self/status, or None where there is none."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _device_name(device: str) -> str:
+    """The record's ``device``: the cell's GPU's name (cuda:1's, not the current GPU's), or the CPU cores."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def _peak_memory_mb(device: str, of: str = "cell") -> float:
+    """The peak counted since ``reset_peak_memory`` returned ``of`` (see there), in MiB."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(torch.device(device)) / 2**20
+    hwm = _vm_hwm_kib() if of == "cell" else None
+    if hwm is not None:
+        return hwm / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -252,12 +313,13 @@ def cell_projection(cell: Cell, backbone):
 
 
 def cell_split(cell: Cell, spec, config, layers):
-    """The cell's dataset split, its train images reduced to the few-shot choice (checked against the method)."""
+    """The cell's dataset split, its train images reduced to the few-shot choice, checked against the method."""
     from ad_eval.datasets import Split, scan
     from ad_eval.fewshot import select_shots
 
     split = scan(cell.dataset, cell.root, cell.category)
-    if cell.shots is None:
+    if cell.shots is None:  # too few images for the method (or its batches) is one line, not a mid-fit crash
+        spec.check_train_images(len(split.train), config, layers, cell.crop or cell.size)
         return split
     train = select_shots(split.train, cell.shots, seed=cell.seed, category=cell.category)
     spec.check_train_images(len(train), config, layers, cell.crop or cell.size, shots=cell.shots)
@@ -301,9 +363,12 @@ def compute_scores(cell: Cell, device: str, work_dir: Path):
 
 
 def run_cell(cell: Cell, out_dir: str | Path, device: str = "auto", keep_maps: bool = False) -> dict:
-    """Evaluates one cell and writes its record; returns the record (raises after writing a failure record)."""
+    """Evaluates one cell and writes its record; returns the record (raises after writing a failure record).
+
+    The record's ``peak_memory_mb`` is the cell's peak (GPU: allocated on its device; CPU: resident set) when
+    ``peak_memory_of`` is "cell", and the whole process's peak so far when it is "process" (``reset_peak_memory``).
+    """
     import numpy as np
-    import torch
 
     from ad_eval.metrics import compute_all
 
@@ -313,16 +378,16 @@ def run_cell(cell: Cell, out_dir: str | Path, device: str = "auto", keep_maps: b
     return_large_frees_to_the_os()
     try:
         device = resolve_device(device)
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
+        memory_of = reset_peak_memory(device)
         with tempfile.TemporaryDirectory(prefix="ad_eval_") as work:
             scores, extra = compute_scores(cell, device, Path(work))
         metrics = compute_all(scores.image_scores, scores.image_labels, scores.anomaly_maps, scores.masks)
         record = {
             "cell_id": cell.cell_id, **cell.to_dict(), "backbone_spec": cell.backbone, "backbone": cell.backbone_name,
             **extra, **metrics, "num_test": int(len(scores.image_labels)),
-            "wall_time_s": round(time.perf_counter() - start, 3), "peak_memory_mb": round(_peak_memory_mb(device), 1),
-            "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)",
+            "wall_time_s": round(time.perf_counter() - start, 3),
+            "peak_memory_mb": round(_peak_memory_mb(device, memory_of), 1), "peak_memory_of": memory_of,
+            "device": _device_name(device),
             "versions": _versions(), "host": platform.node(),
             "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
@@ -352,7 +417,7 @@ def run_cells(cells: list[Cell], out_dir: str | Path, device: str = "auto", keep
     """
     status = []
     for cell in cells:
-        if read_record(record_path(Path(out_dir), cell)) is not None:
+        if is_done(cell, Path(out_dir), keep_maps):
             status.append(f"{cell.cell_id}: already done")
             continue
         try:

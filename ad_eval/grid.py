@@ -24,7 +24,8 @@ checked by that method's config dataclass (``ad_eval.methods``).
 
 Each (method, resources) group becomes one job array of ``ceil(cells / cells_per_task)`` tasks.
 Re-running the same command skips cells with a valid record and re-submits the rest (failed,
-cancelled, never run), so a killed grid loses nothing and no cell runs twice once done.
+cancelled, never run), so a killed grid loses nothing and no cell runs twice once done. With
+``keep_maps: true`` a record without maps (a run with it off) is not done: that cell runs again.
 """
 
 from __future__ import annotations
@@ -45,9 +46,10 @@ from typing import Any
 import yaml
 
 from ad_eval.adabn import BN_STATS, PROJECTOR_NEEDS_SOURCE_STATS
-from ad_eval.cell import DATASETS, Cell, check_device, check_label, preflight, read_record, record_path, run_cells
+from ad_eval.cell import DATASETS, Cell, check_device, check_label, is_done, preflight, record_path, run_cells
 from ad_eval.fewshot import parse_shots
 from ad_eval.methods import get_method, list_methods
+from ad_eval.methods.base import check_layers
 from fractal_pretrain.config import ConfigError, build_checked, check_range, check_type
 
 CLUSTERS = ("slurm", "local", "debug")
@@ -261,9 +263,15 @@ def load_grid(path: str | Path, base_dir: str | Path | None = None) -> Grid:
 def expand(config: GridConfig, base: Path, source: str) -> Grid:
     """Every cell of ``config``: method x dataset x backbone x layer set x seed x shots x category."""
     cells, resources, backbone_keys, skipped = [], {}, {}, {}
+    _check_repeats(source, "seeds", config.seeds, "seed")
+    _check_repeats(source, "shots", ["all" if k is None else k for k in config.shots], "K")
+    for dataset, dspec in config.datasets.items():
+        _check_repeats(source, f"datasets.{dataset}.categories", dspec.categories, "category")
     for method, entry in config.methods.items():
         resources[method] = _resources(config.resources, entry.resources, f"{source}: methods.{method}.resources")
         layer_sets = [None] if not get_method(method).takes_layers else (list(entry.layers or []) or [None])
+        _check_repeats(source, f"methods.{method}.layers", [_plain(s) for s in layer_sets if s], "layer set",
+                       _layer_set_or_itself)
         for (dataset, dspec), (label, bspec), layers, seed, shots in itertools.product(
                 config.datasets.items(), config.backbones.items(), layer_sets, config.seeds, config.shots):
             for category in dspec.categories:
@@ -293,6 +301,26 @@ def expand(config: GridConfig, base: Path, source: str) -> Grid:
                 keep_maps=config.keep_maps, source=source, backbone_keys=backbone_keys, skipped=tuple(skipped))
 
 
+def _check_repeats(source: str, key: str, values, what: str, same=lambda value: value) -> None:
+    """Two entries of one axis that are ``same`` would give cells with one cell id, run twice (concurrently)."""
+    seen = {}
+    for value in values:
+        norm = same(value)
+        if norm in seen:
+            raise GridError(f"{source}: {key}: {seen[norm]!r} and {value!r} are the same {what}: list it once "
+                            "(each would run the same cells)")
+        seen[norm] = value
+
+
+def _layer_set_or_itself(layers: list) -> tuple | str:
+    """The sorted layer names of a set ([4, 3], [layer3, layer4] -> layer3, layer4); a bad set as written (its
+    cells then say what is wrong)."""
+    try:
+        return check_layers(layers)
+    except ValueError:
+        return repr(layers)
+
+
 def too_few_shots(cell: Cell) -> str | None:
     """Why the cell's method cannot fit its K images whatever the data (PaDiM needs 2), or None. A grid's
     ``shots`` axis crosses every method: such cells are left out with a note, not run into a failure record
@@ -317,8 +345,8 @@ def _resolve_spec(spec: str, base: Path) -> str:
 
 
 def pending_cells(grid: Grid, out_dir: Path) -> list[Cell]:
-    """Cells without a valid record in out_dir."""
-    return [cell for cell in grid.cells if read_record(record_path(out_dir, cell)) is None]
+    """Cells without a valid record in out_dir, or, when the grid keeps maps, without their maps (``is_done``)."""
+    return [cell for cell in grid.cells if not is_done(cell, out_dir, grid.keep_maps)]
 
 
 def _count_written(grid: Grid, out_dir: Path) -> int:

@@ -19,7 +19,8 @@ equal). ``frozen_extractors`` returns them.
 Data: the images are decoded, resized (and centre-cropped) once by ``ADImageDataset`` -- the same
 code and pixels every other ad_eval method sees -- with identity normalisation, kept in memory,
 and fed through plain ``DataLoader``s as anomalib ``ImageBatch``es (train shuffled with a seeded
-generator). The model's ``PreProcessor`` is ``Resize(out_size) + Normalize(backbone mean/std)``:
+generator, in balanced batches of at most ``train_batch_size``: 17 images at 16 are 9 + 8, not 16 + 1).
+The model's ``PreProcessor`` is ``Resize(out_size) + Normalize(backbone mean/std)``:
 the resize is an exact no-op on images already at ``out_size`` (torchvision returns the input
 unchanged) and is there because FastFlow and RD read their input size from it; normalisation
 therefore happens exactly once, with the backbone's statistics. No anomalib datamodule is used:
@@ -59,11 +60,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ad_eval.backbones import Backbone, inject
 from ad_eval.datasets import ADImageDataset, Sample, Split
-from ad_eval.methods.base import LAYER_NAMES, MethodScores
+from ad_eval.methods.base import LAYER_NAMES, MethodScores, balanced_batch_sizes
 from ad_eval.methods.registry import MethodSpec, get_method, list_methods, register
 from fractal_pretrain.config import ConfigError, check_range
 
@@ -388,6 +389,36 @@ def _caller_deterministic_flags() -> Iterator[None]:
         torch.backends.cudnn.benchmark = flags[2]
 
 
+class BalancedBatches(Sampler[list[int]]):
+    """Shuffled batches of ``balanced_batch_sizes(count, batch_size)``: no short last batch (17 at 16: 9 + 8).
+
+    The order is ``torch.randperm(count, generator=generator)``, as a shuffled DataLoader draws it, so a count that
+    ``batch_size`` divides gives the very batches of ``DataLoader(batch_size=..., shuffle=True, generator=...)``.
+    """
+
+    def __init__(self, count: int, batch_size: int, generator: torch.Generator) -> None:
+        self.sizes = balanced_batch_sizes(count, batch_size)
+        self.count = count
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(self.count, generator=self.generator).tolist()
+        start = 0
+        for size in self.sizes:
+            yield order[start:start + size]
+            start += size
+
+
+def train_loader_of(items: list[dict], batch_size: int, seed: int) -> DataLoader:
+    """The train images in shuffled, seeded batches of at most ``batch_size``, balanced (see ``BalancedBatches``)."""
+    generator = torch.Generator().manual_seed(seed)  # the loader draws its worker seed from it first, as before
+    return DataLoader(_Items(items), batch_sampler=BalancedBatches(len(items), batch_size, generator),
+                      generator=generator, collate_fn=_collate)
+
+
 def _fit_and_predict(
     model: nn.Module,
     train_items: list[dict],
@@ -402,13 +433,7 @@ def _fit_and_predict(
     """Fits ``model`` on the train items with anomalib's ``Engine`` and returns its test batches' predictions."""
     from anomalib.engine import Engine
 
-    train_loader = DataLoader(
-        _Items(train_items),
-        batch_size=cfg["train_batch_size"],
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
-        collate_fn=_collate,
-    )
+    train_loader = train_loader_of(train_items, cfg["train_batch_size"], seed)
     test_loader = DataLoader(
         _Items(test_items), batch_size=cfg["eval_batch_size"], shuffle=False, collate_fn=_collate
     )

@@ -31,6 +31,15 @@ class MethodScores:
     masks: np.ndarray | None = None
 
 
+def balanced_batch_sizes(count: int, batch_size: int) -> list[int]:
+    """Sizes of the fewest batches of at most ``batch_size`` holding ``count`` items, differing by at most one.
+
+    17 at 16: [9, 8], not [16, 1] -- no short last batch (CFlow needs enough feature vectors in every batch).
+    """
+    batches = -(-count // batch_size)
+    return [count // batches + (i < count % batches) for i in range(batches)]
+
+
 def layer_set_label(layers) -> str:
     """("layer1", "layer2") -> "1+2", the paper's j in {1, 2} (cell ids, reports, ``ad-eval methods``)."""
     return "+".join(name[5:] if name.startswith("layer") and name[5:].isdigit() else name for name in layers)

@@ -53,10 +53,11 @@ def construct(backbone: Backbone, layers: tuple[str, ...], hyper: dict, common: 
 
 
 def min_train_images(config: CflowConfig, layers: tuple[str, ...], side: int) -> int:
-    """Fewest train images (one batch) whose feature vectors fill one flow step on every layer.
+    """Fewest images of one training batch whose feature vectors fill one flow step on every layer.
 
     anomalib's CFlow trains each layer on the batch's B * H * W feature vectors in steps of
-    ``fiber_batch_size`` and raises (mid-fit, a bare ValueError) when there is not one full step.
+    ``fiber_batch_size`` and raises (mid-fit, a bare ValueError) when there is not one full step: every batch
+    needs this many (the spec's ``min_batch_images``; the train batches are balanced, so none is short).
     """
     return max(-(-config.fiber_batch_size // feature_side(side, layer) ** 2) for layer in layers)
 
@@ -69,5 +70,6 @@ def run(backbone: Backbone, split, **cell) -> MethodScores:
 SPEC = register_anomalib(
     AnomalibModel(construct=construct, extractors={"encoder": "model.encoder.feature_extractor"}),
     MethodSpec(name="cflow", label="C-Flow", config=CflowConfig, run=run, default_layers=("layer2", "layer3", "layer4"),
-               allowed_layer_sets=ANY_LAYER_SET, pixel_maps=True, min_train_images=min_train_images),
+               allowed_layer_sets=ANY_LAYER_SET, pixel_maps=True, min_train_images=min_train_images,
+               min_batch_images=min_train_images),
 )

@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ad_eval.methods.base import LAYER_NAMES, MethodScores, check_layers, layer_set_label
+from ad_eval.methods.base import LAYER_NAMES, MethodScores, balanced_batch_sizes, check_layers, layer_set_label
 from fractal_pretrain.config import ConfigError, build_checked
 
 # One line per method module (list_methods keeps this order); the anomalib ones share anomalib_models.py.
@@ -64,6 +64,9 @@ class MethodSpec:
     pixel_maps: bool = True  # gives anomaly maps (pixel AUROC, AUPRO); False: image scores only
     # (config, layers, image side) -> the fewest train images it can fit on; None: 1
     min_train_images: Callable[[Any, tuple[str, ...] | None, int], int] | None = None
+    # (config, layers, image side) -> the fewest images every training batch must hold; the batches are
+    # ``balanced_batch_sizes(count, config.train_batch_size)``; None: no per-batch need
+    min_batch_images: Callable[[Any, tuple[str, ...] | None, int], int] | None = None
     accepts_projector: bool = False  # runs on projected residual features (``--projector``, ad_eval/projection.py)
 
     def __post_init__(self):
@@ -104,10 +107,17 @@ class MethodSpec:
                            shots: int | None = None) -> None:
         """A one-line error when ``count`` train images are too few for this method and config."""
         need = self.min_train_images(config, layers, side) if self.min_train_images else 1
+        what = f"shots={shots}" if shots is not None else f"{count} train image(s)"
         if count < need:
-            what = f"shots={shots}" if shots is not None else f"{count} train image(s)"
             raise ConfigError(f"{self.name} cannot run with {what}: it needs at least {need} train images "
                               f"at this config and image size")
+        if self.min_batch_images is not None:
+            per_batch = self.min_batch_images(config, layers, side)
+            smallest = min(balanced_batch_sizes(count, config.train_batch_size))
+            if smallest < per_batch:
+                raise ConfigError(f"{self.name} cannot run with {what} at train_batch_size={config.train_batch_size}: "
+                                  f"its smallest training batch has {smallest} images, every batch needs at least "
+                                  f"{per_batch} at this config and image size")
 
 
 _REGISTRY: dict[str, MethodSpec] = {}

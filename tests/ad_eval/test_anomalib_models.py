@@ -26,6 +26,7 @@ from ad_eval.backbones import load_backbone
 from ad_eval.datasets import ADImageDataset, Split, scan
 from ad_eval.methods import anomalib_models as am
 from ad_eval.methods.padim import padim_n_features
+from fractal_pretrain.config import ConfigError
 
 CATEGORY = "hazelnut_reduced"
 SIZE = 64
@@ -321,3 +322,39 @@ def test_predictions_out_of_order_are_an_error(backbone, split, tmp_path, monkey
     small = Split(train=split.train[:4], test=split.test)
     with pytest.raises(RuntimeError, match="patchcore: predictions came back out of order or incomplete"):
         _run("patchcore", backbone, small, tmp_path, config={"eval_batch_size": 4})
+
+
+def test_train_batches_are_balanced():
+    """No short last batch (17 at 16: 9 + 8, not 16 + 1); a count the batch size divides keeps the batches of a
+    shuffled DataLoader with the same seed, so earlier records stay reproducible."""
+    loader = am.train_loader_of([{"i": i} for i in range(17)], 16, seed=3)
+    loader.collate_fn = list
+    batches = [[item["i"] for item in batch] for batch in loader]
+    assert [len(batch) for batch in batches] == [9, 8]
+    assert sorted(i for batch in batches for i in batch) == list(range(17))
+    items = [{"i": i} for i in range(32)]
+    balanced = am.train_loader_of(items, 16, seed=3)
+    plain = torch.utils.data.DataLoader(items, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(3))
+    balanced.collate_fn = list
+    assert [[x["i"] for x in b] for b in balanced] == [b["i"].tolist() for b in plain]
+
+
+def test_cflow_runs_with_a_batch_size_that_leaves_one_image_over(backbone, texture_dataset, tmp_path):
+    """6 train images at train_batch_size 5 were 5 + 1, and 1 image's layer4 (2x2 at 64 px) is too few vectors
+    for a flow step of 12: anomalib's "Make sure we have enough fibers" mid-fit. Balanced: 3 + 3."""
+    split = scan("mvtec", texture_dataset, "texture")
+    assert len(split.train) == 6
+    config = {"max_epochs": 1, "train_batch_size": 5, "fiber_batch_size": 12, "coupling_blocks": 1}
+    _check_scores(_run("cflow", backbone, split, tmp_path, config=config), split)
+
+
+def test_cflow_too_small_batches_are_one_line_before_fitting(texture_dataset):
+    """Full-data cells are checked too: 6 images are enough for one flow step of 16 (4 images: layer4 is 2x2 at
+    64 px), but not in batches of at most 5 (balanced: 3 + 3)."""
+    from ad_eval.cell import Cell, preflight
+
+    cell = Cell(method="cflow", dataset="mvtec", root=str(texture_dataset), category="texture", backbone="random",
+                arch="resnet18", size=64, config={"train_batch_size": 5, "fiber_batch_size": 16})
+    with pytest.raises(ConfigError, match=r"cflow cannot run with 6 train image\(s\) at train_batch_size=5: its "
+                                          r"smallest training batch has 3 images, every batch needs at least 4 "):
+        preflight(cell)

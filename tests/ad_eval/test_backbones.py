@@ -244,6 +244,23 @@ def test_random_is_seeded_and_leaves_global_rng_alone():
     _assert_same(a.state_dict, _no_fc(resnet18().state_dict()))
 
 
+
+def test_random_leaves_cuda_generators_alone_and_keeps_its_weights(monkeypatch):
+    """torch.manual_seed inside fork_rng(devices=[]) also reseeded every CUDA generator (not restored); only
+    the CPU generator may be seeded, and the same seed still gives the weights the old code gave."""
+    with torch.random.fork_rng(devices=[]):  # the old code path, for reference
+        torch.manual_seed(5)
+        old = _no_fc(resnet18().state_dict())
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: reseeded.append(seed))
+    state = torch.get_rng_state()
+    backbone = load_backbone("random", arch="resnet18", seed=5)
+    assert reseeded == []
+    assert torch.equal(torch.get_rng_state(), state)
+    _assert_same(backbone.state_dict, old)
+
+
 # ----------------------------------------------------------------------------- inject
 
 

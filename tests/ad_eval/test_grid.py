@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ad_eval import grid as grid_module
+from ad_eval import cell as cell_module
 from ad_eval.backbones import BACKBONE_FORMAT
 from ad_eval.cell import Cell, read_record
 from ad_eval.cli import main
@@ -50,6 +50,47 @@ def test_cell_ids_are_stable_and_distinct():
     assert len(others) == 5
 
 
+@pytest.mark.parametrize("spec,name", [
+    ("runs/fractalA/backbone.pt", "fractalA"), ("runs/fractalA", "fractalA"), ("runs/fractalB/", "fractalB"),
+    ("backbone.pt", "backbone"),
+])
+def test_a_backbone_folder_is_named_after_itself_not_its_parent(spec, name):
+    """backbone.pt's folder names it, whether the spec is the file or the folder (runs/fractalA was 'runs',
+    so every run under runs/ got one report label)."""
+    base = dict(method="panda", dataset="mvtec", root="/d", category="bottle")
+    assert Cell(**base, backbone=spec).backbone_name == name
+
+
+def test_a_backbone_folder_with_a_dot_is_a_folder_where_it_exists(tmp_path):
+    folder = tmp_path / "run.v2"
+    folder.mkdir()
+    cell = Cell(method="panda", dataset="mvtec", root="/d", category="c", backbone=str(folder))
+    assert cell.backbone_name == "run.v2"
+
+
+def test_switching_keep_maps_on_reruns_the_cells_without_maps(tmp_path, monkeypatch):
+    """A grid first run without keep_maps left records without maps: with keep_maps on they are pending, and
+    run_cells runs them (it skipped them as done, so no maps were ever written); cutpaste gives no maps."""
+    from ad_eval.grid import expand, parse_grid
+
+    data = {"datasets": {"mvtec": {"root": "/d", "categories": ["bottle"]}},
+            "backbones": {"R": {"spec": "random", "arch": "resnet18"}}, "methods": {"patchcore": {}, "cutpaste": {}}}
+    without = expand(parse_grid({**data, "keep_maps": False}, "g.yaml"), Path("/"), "g.yaml")
+    for cell in without.cells:
+        (tmp_path / f"{cell.cell_id}.json").write_text(json.dumps({"cell_id": cell.cell_id, "image_AUROC": 0.9}))
+    assert pending_cells(without, tmp_path) == []
+    keeping = expand(parse_grid({**data, "keep_maps": True}, "g.yaml"), Path("/"), "g.yaml")
+    assert [c.method for c in pending_cells(keeping, tmp_path)] == ["patchcore"]
+    ran = []
+    monkeypatch.setattr(cell_module, "run_cell", lambda cell, out, device, keep_maps: ran.append(cell.method) or
+                        {"image_AUROC": 0.5, "wall_time_s": 0.0})
+    cell_module.run_cells(keeping.cells, tmp_path, keep_maps=True)
+    assert ran == ["patchcore"]
+    patchcore = next(c for c in keeping.cells if c.method == "patchcore")
+    (tmp_path / f"{patchcore.cell_id}.json").write_text(json.dumps({"image_AUROC": 0.9, "maps": "m.npz"}))
+    assert pending_cells(keeping, tmp_path) == []
+
+
 @pytest.mark.parametrize("bad,message", [
     ({"method": "patchcorr"}, "method='patchcorr'"),
     ({"layers": "2,5"}, "'5' is not one of"),
@@ -82,6 +123,15 @@ def test_bad_cells_are_one_line_errors(bad, message):
      r"backbones\.R\+adabn.*'\+adabn' marks cells run with bn_stats='train', and these are not"),
     ({"backbones": {"R+adapt": {"spec": "random", "arch": "resnet18", "bn_stats": "train"}}},
      r"backbones\.R\+adapt.*'\+adapt' marks cells run with a projector, and these are not"),
+    # equivalent entries of one axis: cells with one cell id, run twice (concurrently)
+    ({"methods": {"panda": {"layers": [[3, 4], [4, 3], ["layer3", "layer4"]]}}},
+     r"grid.yaml: methods\.panda\.layers: \[3, 4\] and \[4, 3\] are the same layer set: list it once"),
+    ({"methods": {"patchcore": {"layers": [[2, 3], ["layer2", "layer3"]]}}},
+     r"methods\.patchcore\.layers: \[2, 3\] and \['layer2', 'layer3'\] are the same layer set"),
+    ({"seeds": [0, 1, 0]}, r"grid.yaml: seeds: 0 and 0 are the same seed: list it once"),
+    ({"shots": [4, "all", None]}, r"grid.yaml: shots: 'all' and 'all' are the same K: list it once"),
+    ({"datasets": {"mvtec": {"root": "/d", "categories": ["a", "b", "a"]}}},
+     r"datasets\.mvtec\.categories: 'a' and 'a' are the same category"),
 ])
 def test_grid_config_errors_name_file_and_key(tmp_path, changes, message):
     path = write_grid(tmp_path / "grid.yaml", tmp_path, **changes)
@@ -108,7 +158,7 @@ def test_grid_runs_every_cell_once_and_a_rerun_skips_them(tmp_path, realdata, mo
         assert r["backbone"] == "Random" and r["layers"] == ["layer2", "layer3"] and r["wall_time_s"] > 0
     stamps = {r["cell_id"]: r["finished_at"] for r in got}
     reads = []
-    monkeypatch.setattr(grid_module, "read_record", lambda path: reads.append(path) or read_record(path))
+    monkeypatch.setattr(cell_module, "read_record", lambda path: reads.append(path) or read_record(path))
     assert run_grid(config, out, cluster="debug", progress=False)["done"] == 2
     assert {r["cell_id"]: r["finished_at"] for r in records(out)} == stamps  # nothing ran again
     assert len(reads) == 2 * 2  # each record read once before submitting and once for the summary (was 4 times)
