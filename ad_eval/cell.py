@@ -303,13 +303,14 @@ def preflight(cell: Cell) -> None:
 
 
 def cell_projection(cell: Cell, backbone):
-    """The cell's projector checked against ``backbone``, references from the category's full train set."""
+    """The cell's projector checked against ``backbone``; its references are train images of the cell (a few-shot
+    cell's among its K, see ``load_projection``)."""
     from ad_eval.datasets import scan
     from ad_eval.projection import load_projection
 
     train = scan(cell.dataset, cell.root, cell.category).train
     return load_projection(cell.projector, backbone, train, seed=cell.seed, category=cell.category,
-                           shots=cell.projector_shots)
+                           shots=cell.projector_shots, cell_shots=cell.shots)
 
 
 def cell_split(cell: Cell, spec, config, layers):

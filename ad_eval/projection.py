@@ -4,7 +4,8 @@ A projector (``fractal-pretrain adapt``, format in ``fractal_pretrain/adapt/expo
 backbone: its json carries a digest of the backbone weights, and ``load_projection`` refuses any other
 backbone (one line naming the file). The references are K normal train images of the category, chosen
 by ``ad_eval.fewshot.select_shots`` with the cell's seed (K: the cell's ``projector_shots``, else the
-projector's ``shots``), so the choice is a pure function of (seed, category, K) and is recorded.
+projector's ``shots``; in a few-shot cell at most its K, and among its K images), so the choice is a pure
+function of (seed, category, K) and is recorded.
 
 ``ProjectedExtractor`` wraps a feature extractor returning ``{layer: (B, C, h, w)}`` (anomalib's timm
 extractor, or ``stage_features``): every layer's output becomes projector(f - nearest reference patch),
@@ -60,8 +61,12 @@ class ProjectedBackbone(Backbone):
 
 
 def load_projection(path: str, backbone: Backbone, train: Sequence[Sample], *, seed: int, category: str,
-                    shots: int | None = None) -> Projection:
-    """The projector of ``path`` checked against ``backbone``, with its K references from ``train``."""
+                    shots: int | None = None, cell_shots: int | None = None) -> Projection:
+    """The projector of ``path`` checked against ``backbone``, with its K references from ``train``.
+
+    ``cell_shots``: a few-shot cell's K. Its references must be among its K images: K' <= K references drawn
+    with the cell's seed are (``select_shots`` takes a prefix of one ranking); the projector's own default is
+    lowered to K, a ``shots`` above it is an error."""
     data, meta = read_projector(path)
     digest = weights_digest(backbone.state_dict)
     if meta["backbone_digest"] != digest:
@@ -78,6 +83,11 @@ def load_projection(path: str, backbone: Backbone, train: Sequence[Sample], *, s
     k = meta["shots"] if shots is None else shots
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError(f"projector_shots={k!r}: must be an integer >= 1")
+    if cell_shots is not None and k > cell_shots:
+        if shots is not None:
+            raise ConfigError(f"projector_shots={k}: more references than the cell's shots={cell_shots} (a few-shot "
+                              "cell sees only its own images); use at most that many")
+        k = cell_shots
     if k > len(train):
         raise ConfigError(f"projector_shots={k}: category {category!r} has only {len(train)} train images")
     config = build_checked(ProjectorConfig, meta["projector"], f"projector {path}: projector")

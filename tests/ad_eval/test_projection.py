@@ -134,3 +134,22 @@ def test_file_backbone_projector_names_no_seed(dataset, tmp_path, capsys):
                     "--device", "cpu", "--out", str(tmp_path / "out"), "--projector", str(root / "projector.pt")]) == 2
     (err,) = capsys.readouterr().err.strip().splitlines()
     assert f"made for backbone 'imagenet:{weights[0]}' resnet18 (weights digest" in err and "seed" not in err
+
+
+def test_a_few_shot_cell_s_references_are_among_its_own_shots(projector, dataset, tmp_path, capsys):
+    # the projector's default is 2 references; a 1-shot cell may use only its one image (featurenorm: it fits on one)
+    from ad_eval.datasets import scan
+    from ad_eval.fewshot import select_shots
+
+    train = scan("mvtec", str(dataset), "texture").train
+    for shots, references in ((1, 1), (3, 2)):
+        out = tmp_path / str(shots)
+        assert run(dataset, out, "featurenorm", "--projector", str(projector), "--shots", str(shots)) == 0
+        record = json.loads(next(out.glob("*.json")).read_text())
+        own = {s.path.name for s in select_shots(train, shots, seed=0, category="texture")}
+        assert record["projector_shots"] == references == len(record["projector_references"])
+        assert set(record["projector_references"]) <= own
+    capsys.readouterr()
+    assert run(dataset, tmp_path / "bad", "featurenorm", "--projector", str(projector), "--shots", "1",
+               "--projector-shots", "2") == 2
+    assert "projector_shots=2: more references than the cell's shots=1" in capsys.readouterr().err
