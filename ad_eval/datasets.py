@@ -130,14 +130,14 @@ def scan_visa(root: str | Path, category: str) -> Split:
     root = _existing_root(root)
     if (root / VISA_SPLIT_CSV).is_file():
         return scan_visa_raw(root, category)
+    bases = [root / name for name in VISA_SPLIT_DIRS] + [root]
+    for base in bases:  # a split copy beside raw folders without their csv (anomalib writes visa_pytorch/ there)
+        if (base / category / "train").is_dir():
+            return scan_visa_split(base, category)
     if (root / category / "Data").is_dir():
         raise DatasetError(
             f"raw VisA category {root / category} needs the split file {root / VISA_SPLIT_CSV}"
         )
-    bases = [root / name for name in VISA_SPLIT_DIRS] + [root]
-    for base in bases:
-        if (base / category / "train").is_dir():
-            return scan_visa_split(base, category)
     available = sorted({name for base in bases for name in _category_dirs(base)})
     raise _unknown_category(category, root / category, available)
 

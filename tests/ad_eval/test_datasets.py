@@ -365,6 +365,13 @@ def test_visa_split_missing_mask_and_unknown(tmp_path: Path) -> None:
     assert _error(scan_visa, tmp_path, "fryum").endswith("available: candle")
 
 
+def test_visa_split_copy_is_used_when_the_raw_folders_lack_their_csv(tmp_path: Path) -> None:
+    _make_visa_raw(tmp_path)
+    (tmp_path / "split_csv/1cls.csv").unlink()
+    cat = _make_visa_split(tmp_path / "visa_pytorch")
+    assert all(cat in s.path.parents for s in scan("visa", tmp_path, "candle").test)
+
+
 def test_visa_prefers_raw_when_both_exist(tmp_path: Path) -> None:
     _make_visa_raw(tmp_path)
     _make_visa_split(tmp_path / "visa_pytorch")
