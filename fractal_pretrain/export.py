@@ -217,6 +217,8 @@ def _check_export_args(*, num: int, size: int, shard_size: int, batch_size: int,
     for name, value in (("start", start), ("epoch", epoch)):
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
+    if epoch > 2**32 - 1:  # the renderer's bound, checked before an existing export is cleared
+        raise ValueError(f"epoch must be <= {2**32 - 1}, got {epoch}")
 
 
 def _single_view_recipe(recipe_name: str, overrides: dict[str, Any]) -> Any:

@@ -194,3 +194,11 @@ def test_progress_bar_shows_images_per_second(tmp_path, capsys):
                   overrides=dict(OVERRIDES), batch_size=2, progress=True)
     err = capsys.readouterr().err
     assert "img/s" in err and "render " in err
+
+
+def test_an_epoch_past_32_bits_is_refused_before_an_existing_export_is_cleared(tmp_path):
+    export_shards("anderson", out_dir=tmp_path, num=2, seed=0, size=SIZE, shard_size=1, progress=False)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ValueError, match=f"epoch must be <= {2**32 - 1}, got {2**32}"):
+        export_shards("anderson", out_dir=tmp_path, num=2, seed=0, size=SIZE, shard_size=1, epoch=2**32)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and len(list(read_shards(tmp_path))) == 2
